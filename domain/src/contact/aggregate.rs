@@ -1,0 +1,181 @@
+use cqrs_es::event_sink::EventSink;
+use cqrs_es::Aggregate;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::commands::ContactCommand;
+use super::events::{ContactChanges, ContactEvent, ContactField, ContactProfile};
+
+/// Why a contact command was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ContactError {
+    #[error("contact already exists")]
+    AlreadyExists,
+    #[error("contact not found")]
+    NotFound,
+    #[error("contact is archived")]
+    Archived,
+    #[error("a contact needs at least one field")]
+    EmptyProfile,
+}
+
+/// Current state of one contact, rebuilt from its events.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Contact {
+    pub id: Option<Uuid>,
+    pub org_id: Option<Uuid>,
+    pub profile: ContactProfile,
+    pub archived: bool,
+}
+
+impl Contact {
+    pub fn exists(&self) -> bool {
+        self.id.is_some()
+    }
+
+    /// The part of `requested` that differs from the current profile.
+    fn effective_changes(&self, requested: ContactChanges) -> ContactChanges {
+        let cur = &self.profile;
+        let mut out = ContactChanges::default();
+        let set = requested.set;
+        macro_rules! diff {
+            ($($field:ident),*) => {$(
+                if set.$field.is_some() && set.$field != cur.$field {
+                    out.set.$field = set.$field;
+                }
+            )*};
+        }
+        diff!(given_name, family_name, email, phone, address, company, title);
+        for (key, value) in set.custom {
+            if cur.custom.get(&key) != Some(&value) {
+                out.set.custom.insert(key, value);
+            }
+        }
+        for field in requested.cleared {
+            let present = match field {
+                ContactField::GivenName => cur.given_name.is_some(),
+                ContactField::FamilyName => cur.family_name.is_some(),
+                ContactField::Email => cur.email.is_some(),
+                ContactField::Phone => cur.phone.is_some(),
+                ContactField::Address => cur.address.is_some(),
+                ContactField::Company => cur.company.is_some(),
+                ContactField::Title => cur.title.is_some(),
+            };
+            if present && !out.cleared.contains(&field) {
+                out.cleared.push(field);
+            }
+        }
+        for key in requested.cleared_custom {
+            if cur.custom.contains_key(&key) && !out.cleared_custom.contains(&key) {
+                out.cleared_custom.push(key);
+            }
+        }
+        out
+    }
+}
+
+/// Applies an update to a profile; shared by the aggregate and the read models.
+pub fn apply_changes(profile: &mut ContactProfile, changes: &ContactChanges) {
+    let set = &changes.set;
+    macro_rules! set {
+        ($($field:ident),*) => {$(
+            if set.$field.is_some() {
+                profile.$field = set.$field.clone();
+            }
+        )*};
+    }
+    set!(given_name, family_name, email, phone, address, company, title);
+    for (k, v) in &set.custom {
+        profile.custom.insert(k.clone(), v.clone());
+    }
+    for field in &changes.cleared {
+        match field {
+            ContactField::GivenName => profile.given_name = None,
+            ContactField::FamilyName => profile.family_name = None,
+            ContactField::Email => profile.email = None,
+            ContactField::Phone => profile.phone = None,
+            ContactField::Address => profile.address = None,
+            ContactField::Company => profile.company = None,
+            ContactField::Title => profile.title = None,
+        }
+    }
+    for key in &changes.cleared_custom {
+        profile.custom.remove(key);
+    }
+}
+
+impl Aggregate for Contact {
+    const TYPE: &'static str = "contact";
+    type Command = ContactCommand;
+    type Event = ContactEvent;
+    type Error = ContactError;
+    type Services = ();
+
+    async fn handle(
+        &mut self,
+        command: ContactCommand,
+        _services: &(),
+        sink: &EventSink<Self>,
+    ) -> Result<(), ContactError> {
+        match command {
+            ContactCommand::Create {
+                contact_id,
+                org_id,
+                profile,
+            } => {
+                if self.exists() {
+                    return Err(ContactError::AlreadyExists);
+                }
+                if profile.is_empty() {
+                    return Err(ContactError::EmptyProfile);
+                }
+                let event = ContactEvent::ContactCreated {
+                    contact_id,
+                    org_id,
+                    profile,
+                };
+                sink.write(event, self).await;
+            }
+            ContactCommand::Update { changes } => {
+                self.must_be_active()?;
+                let changes = self.effective_changes(changes);
+                if !changes.is_empty() {
+                    sink.write(ContactEvent::ContactUpdated { changes }, self).await;
+                }
+            }
+            ContactCommand::Archive => {
+                self.must_be_active()?;
+                sink.write(ContactEvent::ContactArchived {}, self).await;
+            }
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, event: ContactEvent) {
+        match event {
+            ContactEvent::ContactCreated {
+                contact_id,
+                org_id,
+                profile,
+            } => {
+                self.id = Some(contact_id);
+                self.org_id = Some(org_id);
+                self.profile = profile;
+            }
+            ContactEvent::ContactUpdated { changes } => apply_changes(&mut self.profile, &changes),
+            ContactEvent::ContactArchived {} => self.archived = true,
+        }
+    }
+}
+
+impl Contact {
+    fn must_be_active(&self) -> Result<(), ContactError> {
+        if !self.exists() {
+            Err(ContactError::NotFound)
+        } else if self.archived {
+            Err(ContactError::Archived)
+        } else {
+            Ok(())
+        }
+    }
+}

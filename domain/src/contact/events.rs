@@ -1,0 +1,133 @@
+use std::collections::BTreeMap;
+
+use cqrs_es::DomainEvent;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::values::{Address, CustomFieldKey, CustomFieldValue, Email, Line, Name, Phone};
+use crate::PersonalData;
+
+/// The standard and custom fields of a contact. Every member is personal data.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContactProfile {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub given_name: Option<Name>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub family_name: Option<Name>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<Email>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phone: Option<Phone>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<Address>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub company: Option<Line>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<Line>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub custom: BTreeMap<CustomFieldKey, CustomFieldValue>,
+}
+
+impl ContactProfile {
+    pub fn is_empty(&self) -> bool {
+        self == &Self::default()
+    }
+}
+
+/// A standard field of a contact, named for clearing and for errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ContactField {
+    GivenName,
+    FamilyName,
+    Email,
+    Phone,
+    Address,
+    Company,
+    Title,
+}
+
+impl ContactField {
+    pub const ALL: [ContactField; 7] = [
+        Self::GivenName,
+        Self::FamilyName,
+        Self::Email,
+        Self::Phone,
+        Self::Address,
+        Self::Company,
+        Self::Title,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::GivenName => "given_name",
+            Self::FamilyName => "family_name",
+            Self::Email => "email",
+            Self::Phone => "phone",
+            Self::Address => "address",
+            Self::Company => "company",
+            Self::Title => "title",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|f| f.name() == name)
+    }
+}
+
+/// What an update changes: fields set to new values, fields and custom fields cleared.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct ContactChanges {
+    #[serde(default)]
+    pub set: ContactProfile,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cleared: Vec<ContactField>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cleared_custom: Vec<CustomFieldKey>,
+}
+
+impl ContactChanges {
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.cleared.is_empty() && self.cleared_custom.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ContactEvent {
+    ContactCreated {
+        contact_id: Uuid,
+        org_id: Uuid,
+        profile: ContactProfile,
+    },
+    ContactUpdated {
+        #[serde(flatten)]
+        changes: ContactChanges,
+    },
+    ContactArchived {},
+}
+
+impl DomainEvent for ContactEvent {
+    fn event_type(&self) -> String {
+        match self {
+            Self::ContactCreated { .. } => "ContactCreated",
+            Self::ContactUpdated { .. } => "ContactUpdated",
+            Self::ContactArchived { .. } => "ContactArchived",
+        }
+        .to_owned()
+    }
+
+    fn event_version(&self) -> String {
+        "1".to_owned()
+    }
+}
+
+impl PersonalData for ContactEvent {
+    fn personal_sections(&self) -> &'static [&'static str] {
+        match self {
+            Self::ContactCreated { .. } => &["profile"],
+            Self::ContactUpdated { .. } => &["set"],
+            Self::ContactArchived { .. } => &[],
+        }
+    }
+}

@@ -1,0 +1,335 @@
+//! Runs cqrs-es aggregates against the event store: load, decide, encrypt, append.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use cqrs_es::event_sink::EventSink;
+use cqrs_es::{Aggregate, DomainEvent};
+use crm_domain::metadata::EventMetadata;
+use crm_domain::PersonalData;
+use deadpool_postgres::Pool;
+use serde::Serialize;
+use serde_json::Value;
+use deadpool_postgres::GenericClient;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::crypto::Crypto;
+use crate::event_store::{self, PendingEvent, StoreError, StoredEvent, StreamHead, StreamId};
+use crate::metrics::METRICS;
+
+/// Snapshot a stream every this many events.
+const SNAPSHOT_EVERY: i64 = 50;
+
+/// What a successful command wrote.
+#[derive(Debug, Clone, Serialize)]
+pub struct CommandOutcome {
+    pub id: String,
+    /// The stream's version after the command.
+    pub version: i64,
+    /// Global positions of the events written, in order (empty when nothing changed).
+    pub positions: Vec<i64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError<E: std::error::Error> {
+    #[error(transparent)]
+    Domain(E),
+    #[error("version conflict: expected version {expected}, the stream is at {actual}")]
+    VersionMismatch { expected: i64, actual: i64 },
+    #[error("version conflict: another command changed this record first")]
+    Conflict,
+    #[error(transparent)]
+    Store(StoreError),
+}
+
+impl<E: std::error::Error> From<StoreError> for CommandError<E> {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict => Self::Conflict,
+            other => Self::Store(other),
+        }
+    }
+}
+
+/// An event read back from the store with its personal data decrypted.
+#[derive(Debug, Clone)]
+pub struct DecodedEvent {
+    pub stored: StoredEvent,
+    /// Decrypted payload (personal members whose key was destroyed are `null`).
+    pub payload: Value,
+    pub metadata: EventMetadata,
+}
+
+impl DecodedEvent {
+    pub fn typed<E: serde::de::DeserializeOwned>(&self) -> Result<E, StoreError> {
+        serde_json::from_value(self.payload.clone())
+            .map_err(|e| StoreError::Corrupt(self.stored.global_position, e.to_string()))
+    }
+}
+
+/// Decrypts a stored event.
+pub async fn decode(
+    crypto: &Crypto,
+    client: &impl GenericClient,
+    stored: StoredEvent,
+) -> Result<DecodedEvent, StoreError> {
+    let mut payload = stored.payload.clone();
+    let mut metadata = stored.metadata.clone();
+    crypto
+        .decrypt_event(client, &stored.org_id, &stored.aggregate_id, &mut payload, &mut metadata)
+        .await?;
+    let metadata = serde_json::from_value(metadata)
+        .map_err(|e| StoreError::Corrupt(stored.global_position, e.to_string()))?;
+    Ok(DecodedEvent {
+        stored,
+        payload,
+        metadata,
+    })
+}
+
+/// An aggregate with the head of its stream.
+pub struct Loaded<A> {
+    pub aggregate: A,
+    pub head: StreamHead,
+}
+
+/// Executes commands: the only way events enter the store.
+#[derive(Clone)]
+pub struct Executor {
+    pool: Pool,
+    crypto: Arc<Crypto>,
+}
+
+impl Executor {
+    pub fn new(pool: Pool, crypto: Arc<Crypto>) -> Self {
+        Self { pool, crypto }
+    }
+
+    pub fn crypto(&self) -> &Arc<Crypto> {
+        &self.crypto
+    }
+
+    /// Rebuilds an aggregate from its snapshot and the events after it.
+    pub async fn load<A>(
+        &self,
+        client: &impl GenericClient,
+        org_id: Uuid,
+        id: &str,
+    ) -> Result<Loaded<A>, StoreError>
+    where
+        A: Aggregate,
+    {
+        let stream = StreamId {
+            org_id,
+            aggregate_type: A::TYPE,
+            aggregate_id: id,
+        };
+        let (mut aggregate, mut head) = self
+            .load_snapshot::<A>(client, &stream)
+            .await?
+            .unwrap_or_default();
+        for stored in event_store::read_stream(client, &stream, head.version, None).await? {
+            head.version = stored.sequence;
+            head.last_hash = Some(hex::decode(&stored.hash).unwrap_or_default());
+            let decoded = decode(&self.crypto, client, stored).await?;
+            aggregate.apply(decoded.typed::<A::Event>()?);
+        }
+        Ok(Loaded { aggregate, head })
+    }
+
+    async fn load_snapshot<A: Aggregate>(
+        &self,
+        client: &impl GenericClient,
+        stream: &StreamId<'_>,
+    ) -> Result<Option<(A, StreamHead)>, StoreError> {
+        let row = client
+            .query_opt(
+                "SELECT last_sequence, last_hash, state FROM snapshots \
+                 WHERE aggregate_type = $1 AND aggregate_id = $2 AND org_id = $3",
+                &[&stream.aggregate_type, &stream.aggregate_id, &stream.org_id],
+            )
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let Some(key) = self
+            .crypto
+            .key_for_reading(client, &stream.org_id, stream.aggregate_id)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let sealed: Vec<u8> = row.get(2);
+        let state = Crypto::open_bytes(&key, &stream.org_id, stream.aggregate_id, "snapshot", &sealed)
+            .and_then(|bytes| serde_json::from_slice::<A>(&bytes).ok());
+        Ok(state.map(|a| {
+            (
+                a,
+                StreamHead {
+                    version: row.get(0),
+                    last_hash: Some(row.get(1)),
+                },
+            )
+        }))
+    }
+
+    async fn save_snapshot<A: Aggregate>(
+        &self,
+        client: &impl GenericClient,
+        stream: &StreamId<'_>,
+        aggregate: &A,
+        head: &StreamHead,
+    ) -> Result<(), StoreError> {
+        let key = self
+            .crypto
+            .key_for_writing(client, &stream.org_id, stream.aggregate_id)
+            .await?;
+        let bytes = serde_json::to_vec(aggregate)
+            .map_err(|e| StoreError::Corrupt(head.version, e.to_string()))?;
+        let sealed = Crypto::seal_bytes(&key, &stream.org_id, stream.aggregate_id, "snapshot", &bytes)?;
+        client
+            .execute(
+                "INSERT INTO snapshots (aggregate_type, aggregate_id, org_id, last_sequence, last_hash, state) \
+                 VALUES ($1, $2, $3, $4, $5, $6) \
+                 ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE \
+                 SET last_sequence = EXCLUDED.last_sequence, last_hash = EXCLUDED.last_hash, \
+                     state = EXCLUDED.state, taken_at = now() \
+                 WHERE snapshots.last_sequence < EXCLUDED.last_sequence",
+                &[
+                    &stream.aggregate_type,
+                    &stream.aggregate_id,
+                    &stream.org_id,
+                    &head.version,
+                    &head.last_hash,
+                    &sealed,
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Loads the aggregate, lets it decide, and appends what it decided in one
+    /// transaction. `expected_version`, when given, must equal the stream's version.
+    pub async fn execute<A>(
+        &self,
+        org_id: Uuid,
+        id: &str,
+        command: A::Command,
+        metadata: &EventMetadata,
+        expected_version: Option<i64>,
+    ) -> Result<CommandOutcome, CommandError<A::Error>>
+    where
+        A: Aggregate<Services = ()>,
+        A::Event: PersonalData,
+    {
+        let span = tracing::info_span!("command", aggregate = A::TYPE, id = %id, org = %org_id);
+        let started = Instant::now();
+        let result = self
+            .execute_inner::<A>(org_id, id, command, metadata, expected_version)
+            .instrument(span)
+            .await;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(CommandError::Domain(_)) => "rejected",
+            Err(CommandError::Conflict | CommandError::VersionMismatch { .. }) => {
+                METRICS.conflicts.with_label_values(&[A::TYPE]).inc();
+                "conflict"
+            }
+            Err(CommandError::Store(_)) => "error",
+        };
+        METRICS
+            .commands
+            .with_label_values(&[A::TYPE, outcome])
+            .inc();
+        METRICS
+            .command_seconds
+            .with_label_values(&[A::TYPE])
+            .observe(started.elapsed().as_secs_f64());
+        if let Err(CommandError::Store(e)) = &result {
+            tracing::error!(error = %e, "command failed in the store");
+        }
+        result
+    }
+
+    async fn execute_inner<A>(
+        &self,
+        org_id: Uuid,
+        id: &str,
+        command: A::Command,
+        metadata: &EventMetadata,
+        expected_version: Option<i64>,
+    ) -> Result<CommandOutcome, CommandError<A::Error>>
+    where
+        A: Aggregate<Services = ()>,
+        A::Event: PersonalData,
+    {
+        let mut client = self.pool.get().await.map_err(StoreError::from)?;
+        let Loaded { mut aggregate, head } = self.load::<A>(&client, org_id, id).await?;
+        if let Some(expected) = expected_version {
+            if expected != head.version {
+                return Err(CommandError::VersionMismatch {
+                    expected,
+                    actual: head.version,
+                });
+            }
+        }
+        let sink = EventSink::<A>::default();
+        aggregate
+            .handle(command, &(), &sink)
+            .await
+            .map_err(CommandError::Domain)?;
+        let events = sink.collect().await;
+        if events.is_empty() {
+            return Ok(CommandOutcome {
+                id: id.to_owned(),
+                version: head.version,
+                positions: vec![],
+            });
+        }
+        let meta_json = serde_json::to_value(metadata)
+            .map_err(|e| StoreError::Corrupt(0, e.to_string()))?;
+        let mut pending = Vec::with_capacity(events.len());
+        for event in &events {
+            let mut payload = serde_json::to_value(event)
+                .map_err(|e| StoreError::Corrupt(0, e.to_string()))?;
+            let mut meta = meta_json.clone();
+            self.crypto
+                .encrypt_event(&client, &org_id, id, event.personal_sections(), &mut payload, &mut meta)
+                .await
+                .map_err(StoreError::from)?;
+            pending.push(PendingEvent {
+                event_type: event.event_type(),
+                event_version: event.event_version(),
+                payload,
+                metadata: meta,
+            });
+        }
+        let stream = StreamId {
+            org_id,
+            aggregate_type: A::TYPE,
+            aggregate_id: id,
+        };
+        let append_started = Instant::now();
+        let appended = event_store::append(&mut client, &stream, &head, pending).await?;
+        METRICS
+            .append_seconds
+            .observe(append_started.elapsed().as_secs_f64());
+        let new_head = StreamHead {
+            version: head.version + appended.len() as i64,
+            last_hash: None,
+        };
+        if new_head.version / SNAPSHOT_EVERY > head.version / SNAPSHOT_EVERY {
+            // A snapshot is a cache: failing to write one never fails the command.
+            let reloaded = self.load::<A>(&client, org_id, id).await;
+            if let Ok(l) = reloaded {
+                if let Err(e) = self.save_snapshot(&client, &stream, &l.aggregate, &l.head).await {
+                    tracing::warn!(error = %e, "snapshot not written");
+                }
+            }
+        }
+        Ok(CommandOutcome {
+            id: id.to_owned(),
+            version: new_head.version,
+            positions: appended.iter().map(|a| a.global_position).collect(),
+        })
+    }
+}

@@ -1,0 +1,88 @@
+//! Connection pool and migrations.
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use secrecy::ExposeSecret;
+use tokio_postgres::NoTls;
+
+use crate::settings::DatabaseSettings;
+
+mod embedded {
+    refinery::embed_migrations!("../migrations");
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("invalid database URL: {0}")]
+    Config(String),
+    #[error("could not build the connection pool: {0}")]
+    Pool(String),
+    #[error("database: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error("database pool: {0}")]
+    Checkout(#[from] deadpool_postgres::PoolError),
+    #[error("migration failed: {0}")]
+    Migration(#[from] refinery::Error),
+}
+
+/// Parses the configured URL.
+pub fn pg_config(settings: &DatabaseSettings) -> Result<tokio_postgres::Config, DbError> {
+    settings
+        .url
+        .expose_secret()
+        .parse::<tokio_postgres::Config>()
+        .map_err(|e| DbError::Config(e.to_string()))
+}
+
+/// The service's pool: every connection acts as the application role and never idles
+/// inside a transaction for long (that would hold back the relay's visibility horizon).
+pub fn app_pool(settings: &DatabaseSettings) -> Result<Pool, DbError> {
+    build_pool(app_config(settings)?, settings.pool_size)
+}
+
+/// Connection settings of the application role (for dedicated connections).
+pub fn app_config(settings: &DatabaseSettings) -> Result<tokio_postgres::Config, DbError> {
+    let mut cfg = pg_config(settings)?;
+    let mut options = String::from("-c idle_in_transaction_session_timeout=30000");
+    if !settings.app_role.is_empty() {
+        options.push_str(&format!(" -c role={}", settings.app_role));
+    }
+    cfg.options(&options);
+    if cfg.get_application_name().is_none() {
+        cfg.application_name("crm");
+    }
+    Ok(cfg)
+}
+
+/// A pool with the configured identity, for operator work (migrations, rebuilds).
+pub fn admin_pool(settings: &DatabaseSettings) -> Result<Pool, DbError> {
+    let mut cfg = pg_config(settings)?;
+    cfg.application_name("crm-admin");
+    build_pool(cfg, 4)
+}
+
+fn build_pool(cfg: tokio_postgres::Config, size: usize) -> Result<Pool, DbError> {
+    let manager = Manager::from_config(
+        cfg,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(size.max(1))
+        .build()
+        .map_err(|e| DbError::Pool(e.to_string()))
+}
+
+/// Applies the SQL migrations in `migrations/`; returns how many were applied now.
+pub async fn migrate(settings: &DatabaseSettings) -> Result<usize, DbError> {
+    let cfg = pg_config(settings)?;
+    let (mut client, connection) = cfg.connect(NoTls).await?;
+    let conn = tokio::spawn(connection);
+    let report = embedded::migrations::runner()
+        .run_async(&mut client)
+        .await?;
+    drop(client);
+    let _ = conn.await;
+    Ok(report.applied_migrations().len())
+}

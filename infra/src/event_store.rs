@@ -1,0 +1,296 @@
+//! The event store on PostgreSQL: append with optimistic concurrency, read by stream,
+//! read in commit order.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio_postgres::error::SqlState;
+use deadpool_postgres::GenericClient;
+use tokio_postgres::Row;
+use uuid::Uuid;
+
+use crate::hash_chain::{event_hash, HashedFields};
+
+/// Channel the store notifies on after every append; only a wake-up, never the data.
+pub const NOTIFY_CHANNEL: &str = "crm_events";
+
+/// An event as stored: personal members are ciphertext. This is also the body of the
+/// JetStream message the relay publishes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredEvent {
+    pub global_position: i64,
+    pub tx_id: i64,
+    pub event_id: Uuid,
+    pub org_id: Uuid,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub sequence: i64,
+    pub event_type: String,
+    pub event_version: String,
+    pub payload: Value,
+    pub metadata: Value,
+    pub recorded_at: DateTime<Utc>,
+    pub prev_hash: Option<String>,
+    pub hash: String,
+}
+
+impl StoredEvent {
+    /// Position in commit order: the relay's and the projectors' checkpoint key.
+    pub fn commit_key(&self) -> CommitKey {
+        CommitKey {
+            tx_id: self.tx_id,
+            position: self.global_position,
+        }
+    }
+}
+
+/// A point in commit order: (transaction id, global position).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, Serialize, Deserialize)]
+pub struct CommitKey {
+    pub tx_id: i64,
+    pub position: i64,
+}
+
+pub(crate) const COLUMNS: &str = "global_position, tx_id::text::bigint, event_id, org_id, \
+    aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, \
+    recorded_at, prev_hash, hash";
+
+pub(crate) fn from_row(row: &Row) -> StoredEvent {
+    StoredEvent {
+        global_position: row.get(0),
+        tx_id: row.get(1),
+        event_id: row.get(2),
+        org_id: row.get(3),
+        aggregate_type: row.get(4),
+        aggregate_id: row.get(5),
+        sequence: row.get(6),
+        event_type: row.get(7),
+        event_version: row.get(8),
+        payload: row.get(9),
+        metadata: row.get(10),
+        recorded_at: row.get(11),
+        prev_hash: row.get::<_, Option<Vec<u8>>>(12).map(hex::encode),
+        hash: hex::encode(row.get::<_, Vec<u8>>(13)),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("stream version conflict: another command changed this stream first")]
+    Conflict,
+    #[error("stored event {0} could not be decoded: {1}")]
+    Corrupt(i64, String),
+    #[error("database: {0}")]
+    Db(#[from] tokio_postgres::Error),
+    #[error("database pool: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error(transparent)]
+    Crypto(#[from] crate::crypto::CryptoError),
+}
+
+/// Identifies one stream.
+#[derive(Debug, Clone)]
+pub struct StreamId<'a> {
+    pub org_id: Uuid,
+    pub aggregate_type: &'a str,
+    pub aggregate_id: &'a str,
+}
+
+/// The version and last hash of a stream, as loaded before a command.
+#[derive(Debug, Clone, Default)]
+pub struct StreamHead {
+    pub version: i64,
+    pub last_hash: Option<Vec<u8>>,
+}
+
+/// An event ready to append: payload and metadata already encrypted.
+#[derive(Debug, Clone)]
+pub struct PendingEvent {
+    pub event_type: String,
+    pub event_version: String,
+    pub payload: Value,
+    pub metadata: Value,
+}
+
+/// What an append wrote.
+#[derive(Debug, Clone, Serialize)]
+pub struct Appended {
+    pub event_id: Uuid,
+    pub sequence: i64,
+    pub global_position: i64,
+}
+
+/// Appends events to one stream in one transaction. Fails with `Conflict` when the
+/// stream moved past `head.version` meanwhile (unique (type, id, sequence)); takes no
+/// lock wider than that one stream.
+pub async fn append(
+    client: &mut deadpool_postgres::Object,
+    stream: &StreamId<'_>,
+    head: &StreamHead,
+    events: Vec<PendingEvent>,
+) -> Result<Vec<Appended>, StoreError> {
+    let tx = client.transaction().await?;
+    let insert = tx
+        .prepare_cached(
+            "INSERT INTO events (event_id, org_id, aggregate_type, aggregate_id, sequence, \
+             event_type, event_version, payload, metadata, prev_hash, hash) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING global_position",
+        )
+        .await?;
+    let mut prev = head.last_hash.clone();
+    let mut out = Vec::with_capacity(events.len());
+    for (i, e) in events.into_iter().enumerate() {
+        let event_id = Uuid::now_v7();
+        let sequence = head.version + 1 + i as i64;
+        let hash = event_hash(
+            prev.as_deref(),
+            &HashedFields {
+                event_id: &event_id,
+                org_id: &stream.org_id,
+                aggregate_type: stream.aggregate_type,
+                aggregate_id: stream.aggregate_id,
+                sequence,
+                event_type: &e.event_type,
+                event_version: &e.event_version,
+                payload: &e.payload,
+                metadata: &e.metadata,
+            },
+        );
+        let row = tx
+            .query_one(
+                &insert,
+                &[
+                    &event_id,
+                    &stream.org_id,
+                    &stream.aggregate_type,
+                    &stream.aggregate_id,
+                    &sequence,
+                    &e.event_type,
+                    &e.event_version,
+                    &e.payload,
+                    &e.metadata,
+                    &prev,
+                    &hash.as_slice(),
+                ],
+            )
+            .await
+            .map_err(conflict_or_db)?;
+        out.push(Appended {
+            event_id,
+            sequence,
+            global_position: row.get(0),
+        });
+        prev = Some(hash.to_vec());
+    }
+    tx.execute(&format!("NOTIFY {NOTIFY_CHANNEL}"), &[]).await?;
+    tx.commit().await.map_err(conflict_or_db)?;
+    Ok(out)
+}
+
+fn conflict_or_db(e: tokio_postgres::Error) -> StoreError {
+    if e.code() == Some(&SqlState::UNIQUE_VIOLATION) {
+        StoreError::Conflict
+    } else {
+        StoreError::Db(e)
+    }
+}
+
+/// The events of one stream after `after_sequence`, optionally only those recorded up to
+/// `as_of`. Scoped by organisation: another organisation's stream reads as empty.
+pub async fn read_stream(
+    client: &impl GenericClient,
+    stream: &StreamId<'_>,
+    after_sequence: i64,
+    as_of: Option<DateTime<Utc>>,
+) -> Result<Vec<StoredEvent>, StoreError> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM events WHERE aggregate_type = $1 AND aggregate_id = $2 \
+         AND org_id = $3 AND sequence > $4 AND ($5::timestamptz IS NULL OR recorded_at <= $5) \
+         ORDER BY sequence"
+    );
+    let stmt = client.prepare_cached(&sql).await?;
+    let rows = client
+        .query(
+            &stmt,
+            &[&stream.aggregate_type, &stream.aggregate_id, &stream.org_id, &after_sequence, &as_of],
+        )
+        .await?;
+    Ok(rows.iter().map(from_row).collect())
+}
+
+/// Committed events after `after` in commit order, only below the visibility horizon:
+/// no transaction that could still commit an earlier event is running, so nothing read
+/// here can later be overtaken by an event that sorts before it.
+pub async fn read_committed(
+    client: &impl GenericClient,
+    after: CommitKey,
+    limit: i64,
+) -> Result<Vec<StoredEvent>, StoreError> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM events \
+         WHERE tx_id < pg_snapshot_xmin(pg_current_snapshot()) \
+           AND (tx_id, global_position) > ($1::bigint::text::xid8, $2) \
+         ORDER BY tx_id, global_position LIMIT $3"
+    );
+    let stmt = client.prepare_cached(&sql).await?;
+    let rows = client
+        .query(&stmt, &[&after.tx_id, &after.position, &limit])
+        .await?;
+    Ok(rows.iter().map(from_row).collect())
+}
+
+/// Whether any event sorts strictly between `a` and `b` in commit order.
+pub async fn any_between(
+    client: &impl GenericClient,
+    a: CommitKey,
+    b: CommitKey,
+) -> Result<bool, StoreError> {
+    let stmt = client
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM events \
+             WHERE (tx_id, global_position) > ($1::bigint::text::xid8, $2) \
+               AND (tx_id, global_position) < ($3::bigint::text::xid8, $4))",
+        )
+        .await?;
+    let row = client
+        .query_one(&stmt, &[&a.tx_id, &a.position, &b.tx_id, &b.position])
+        .await?;
+    Ok(row.get(0))
+}
+
+/// Number of committed events after `after` in commit order (capped at `cap`).
+pub async fn count_after(
+    client: &impl GenericClient,
+    after: CommitKey,
+    cap: i64,
+) -> Result<i64, StoreError> {
+    let stmt = client
+        .prepare_cached(
+            "SELECT count(*) FROM (SELECT 1 FROM events \
+             WHERE (tx_id, global_position) > ($1::bigint::text::xid8, $2) LIMIT $3) t",
+        )
+        .await?;
+    let row = client
+        .query_one(&stmt, &[&after.tx_id, &after.position, &cap])
+        .await?;
+    Ok(row.get(0))
+}
+
+/// The commit key of the event at `position`, if it exists.
+pub async fn commit_key_of(
+    client: &impl GenericClient,
+    position: i64,
+) -> Result<Option<CommitKey>, StoreError> {
+    let stmt = client
+        .prepare_cached(
+            "SELECT tx_id::text::bigint FROM events WHERE global_position = $1",
+        )
+        .await?;
+    Ok(client
+        .query_opt(&stmt, &[&position])
+        .await?
+        .map(|r| CommitKey {
+            tx_id: r.get(0),
+            position,
+        }))
+}

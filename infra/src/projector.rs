@@ -1,0 +1,282 @@
+//! The projector runtime: durable JetStream pull consumers feeding read models.
+//!
+//! Each projection has one durable consumer (one `filter_subject`: nats-server 2.9
+//! ignores `filter_subjects`) with explicit acks. A batch of messages is applied in one
+//! PostgreSQL transaction together with the projection's checkpoint, a commit key
+//! (tx_id, global_position) in the relay's publishing order. An event is applied only if
+//! it is the next one after the checkpoint: at or below it, it is a redelivery and is
+//! acked without effect; if an event between the checkpoint and it exists in the store,
+//! another worker holds that one, so this message is nak'ed and comes back later. With
+//! the checkpoint row locked for the transaction, several processes of one projection
+//! share a consumer without applying anything twice or out of order.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+use async_nats::jetstream::AckKind;
+use async_trait::async_trait;
+use deadpool_postgres::{Pool, Transaction};
+use futures::StreamExt;
+use deadpool_postgres::GenericClient;
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::Bus;
+use crate::commands::{decode, DecodedEvent};
+use crate::crypto::Crypto;
+use crate::event_store::{self, CommitKey, StoreError, StoredEvent};
+use crate::metrics::METRICS;
+
+const BATCH: usize = 500;
+const RETRY_DELAY: Duration = Duration::from_millis(200);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectionError {
+    #[error("database: {0}")]
+    Db(#[from] tokio_postgres::Error),
+    #[error("database pool: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("read model out of order: {0}")]
+    OutOfOrder(String),
+    #[error("JetStream: {0}")]
+    Bus(String),
+}
+
+/// A read model fed by events.
+#[async_trait]
+pub trait Projection: Send + Sync + 'static {
+    /// Name of the projection: consumer name, checkpoint name, `crm project NAME`.
+    fn name(&self) -> &'static str;
+    /// The read-model table it owns (rebuilds shadow and swap it).
+    fn table(&self) -> &'static str;
+    /// Applies one event to `table` inside `tx`.
+    async fn apply(
+        &self,
+        tx: &Transaction<'_>,
+        table: &str,
+        event: &DecodedEvent,
+    ) -> Result<(), ProjectionError>;
+    /// An in-memory fold for rebuilds.
+    fn rebuilder(&self) -> Box<dyn Rebuilder>;
+}
+
+/// Folds events in memory during a rebuild and writes them out in bulk.
+#[async_trait]
+pub trait Rebuilder: Send {
+    fn fold(&mut self, event: &DecodedEvent) -> Result<(), ProjectionError>;
+    /// Whether enough has piled up to flush before the end.
+    fn wants_flush(&self) -> bool;
+    async fn flush(&mut self, client: &tokio_postgres::Client, table: &str) -> Result<u64, ProjectionError>;
+}
+
+/// The checkpoint of a projection (zero when it has none yet).
+pub async fn checkpoint(client: &impl GenericClient, name: &str) -> Result<CommitKey, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT tx_id::text::bigint, global_position FROM projection_checkpoints WHERE name = $1",
+            &[&name],
+        )
+        .await?;
+    Ok(row.map_or(CommitKey::default(), |r| CommitKey {
+        tx_id: r.get(0),
+        position: r.get(1),
+    }))
+}
+
+/// Sets a projection's checkpoint (inside the caller's transaction).
+pub async fn set_checkpoint(client: &impl GenericClient, name: &str, key: CommitKey) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            "INSERT INTO projection_checkpoints (name, tx_id, global_position) \
+             VALUES ($1, $2::bigint::text::xid8, $3) \
+             ON CONFLICT (name) DO UPDATE SET tx_id = EXCLUDED.tx_id, \
+             global_position = EXCLUDED.global_position, updated_at = now()",
+            &[&name, &key.tx_id, &key.position],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Whether projection `name` has applied the event at global `position`, and if not,
+/// how many events it is behind.
+pub async fn progress(
+    client: &impl GenericClient,
+    name: &str,
+    position: i64,
+) -> Result<Option<(bool, i64)>, StoreError> {
+    let Some(target) = event_store::commit_key_of(client, position).await? else {
+        return Ok(None);
+    };
+    let ck = checkpoint(client, name).await?;
+    if ck >= target {
+        return Ok(Some((true, 0)));
+    }
+    let behind = event_store::count_after(client, ck, 1_000_000).await?;
+    Ok(Some((false, behind)))
+}
+
+/// A worker of one projection.
+pub struct ProjectorWorker {
+    pub pool: Pool,
+    pub crypto: Arc<Crypto>,
+    pub bus: Bus,
+    pub projection: Arc<dyn Projection>,
+}
+
+enum Verdict {
+    Applied,
+    Duplicate,
+    Deferred,
+}
+
+impl ProjectorWorker {
+    /// Runs until `shutdown`; reconnects after errors.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let name = self.projection.name();
+        while !shutdown.is_cancelled() {
+            match self.session(&shutdown).await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!(projection = name, error = %e, "projector session ended; retrying in 1s");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        }
+        tracing::info!(projection = name, "projector stopped");
+    }
+
+    async fn session(&self, shutdown: &CancellationToken) -> Result<(), ProjectionError> {
+        let name = self.projection.name();
+        let consumer: async_nats::jetstream::consumer::Consumer<pull::Config> = self
+            .bus
+            .stream
+            .get_or_create_consumer(
+                name,
+                pull::Config {
+                    durable_name: Some(name.to_owned()),
+                    filter_subject: self.bus.settings.all_subjects(),
+                    ack_policy: AckPolicy::Explicit,
+                    deliver_policy: DeliverPolicy::All,
+                    ack_wait: Duration::from_secs(30),
+                    max_ack_pending: 10_000,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| ProjectionError::Bus(e.to_string()))?;
+        let messages = consumer
+            .messages()
+            .await
+            .map_err(|e| ProjectionError::Bus(e.to_string()))?;
+        let mut batches = messages.ready_chunks(BATCH);
+        loop {
+            let batch = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                b = batches.next() => b,
+            };
+            let Some(batch) = batch else {
+                return Err(ProjectionError::Bus("message stream ended".into()));
+            };
+            let mut msgs = Vec::with_capacity(batch.len());
+            for m in batch {
+                msgs.push(m.map_err(|e| ProjectionError::Bus(e.to_string()))?);
+            }
+            self.handle_batch(msgs).await?;
+        }
+    }
+
+    async fn handle_batch(&self, msgs: Vec<async_nats::jetstream::Message>) -> Result<(), ProjectionError> {
+        let mut parsed = Vec::with_capacity(msgs.len());
+        for m in msgs {
+            match serde_json::from_slice::<StoredEvent>(&m.payload) {
+                Ok(e) => parsed.push((e, m)),
+                Err(e) => {
+                    tracing::error!(subject = %m.subject, error = %e, "not an event; terminated");
+                    let _ = m.ack_with(AckKind::Term).await;
+                }
+            }
+        }
+        parsed.sort_by_key(|(e, _)| e.commit_key());
+        let result = self.apply_batch(&parsed).await;
+        match result {
+            Ok(verdicts) => {
+                let mut applied = 0u64;
+                for ((_, m), v) in parsed.iter().zip(verdicts) {
+                    let r = match v {
+                        Verdict::Applied => {
+                            applied += 1;
+                            m.ack().await
+                        }
+                        Verdict::Duplicate => m.ack().await,
+                        Verdict::Deferred => m.ack_with(AckKind::Nak(Some(RETRY_DELAY))).await,
+                    };
+                    if let Err(e) = r {
+                        // Not acked: it will be redelivered and recognised as applied.
+                        tracing::warn!(error = %e, "ack failed");
+                    }
+                }
+                METRICS
+                    .projector_applied
+                    .with_label_values(&[self.projection.name()])
+                    .inc_by(applied);
+                Ok(())
+            }
+            Err(e) => {
+                for (_, m) in &parsed {
+                    let _ = m.ack_with(AckKind::Nak(Some(RETRY_DELAY))).await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn apply_batch(
+        &self,
+        batch: &[(StoredEvent, async_nats::jetstream::Message)],
+    ) -> Result<Vec<Verdict>, ProjectionError> {
+        let name = self.projection.name();
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        tx.execute(
+            "INSERT INTO projection_checkpoints (name, tx_id, global_position) \
+             VALUES ($1, '0'::xid8, 0) ON CONFLICT DO NOTHING",
+            &[&name],
+        )
+        .await?;
+        tx.execute(
+            "SELECT 1 FROM projection_checkpoints WHERE name = $1 FOR UPDATE",
+            &[&name],
+        )
+        .await?;
+        let mut ck = checkpoint(&tx, name).await?;
+        let start = ck;
+        let mut verdicts = Vec::with_capacity(batch.len());
+        let mut blocked = false;
+        for (event, _) in batch {
+            let key = event.commit_key();
+            if key <= ck {
+                verdicts.push(Verdict::Duplicate);
+                continue;
+            }
+            if blocked || event_store::any_between(&tx, ck, key).await? {
+                blocked = true;
+                verdicts.push(Verdict::Deferred);
+                continue;
+            }
+            let decoded = decode(&self.crypto, &tx, event.clone()).await?;
+            self.projection.apply(&tx, self.projection.table(), &decoded).await?;
+            ck = key;
+            verdicts.push(Verdict::Applied);
+        }
+        if ck != start {
+            set_checkpoint(&tx, name, ck).await?;
+        }
+        tx.commit().await?;
+        Ok(verdicts)
+    }
+}

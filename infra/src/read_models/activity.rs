@@ -1,0 +1,178 @@
+//! The `activity` table: persistence of `crm_projections::activity`.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use crm_projections::activity::{entry, ActivityEntry};
+use deadpool_postgres::Transaction;
+use futures::pin_mut;
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::Type;
+use deadpool_postgres::GenericClient;
+use tokio_postgres::Row;
+use uuid::Uuid;
+
+use super::envelope;
+use crate::commands::DecodedEvent;
+use crate::projector::{Projection, ProjectionError, Rebuilder};
+
+pub struct ActivityProjection;
+
+const COLUMNS: &str = "org_id, event_id, global_position, occurred_at, recorded_at, actor_kind, \
+    actor_id, action, entity_type, entity_id, request_id, correlation_id";
+
+fn from_row(r: &Row) -> ActivityEntry {
+    ActivityEntry {
+        org_id: r.get(0),
+        event_id: r.get(1),
+        global_position: r.get(2),
+        occurred_at: r.get(3),
+        recorded_at: r.get(4),
+        actor_kind: r.get(5),
+        actor_id: r.get(6),
+        action: r.get(7),
+        entity_type: r.get(8),
+        entity_id: r.get(9),
+        request_id: r.get(10),
+        correlation_id: r.get(11),
+    }
+}
+
+#[async_trait]
+impl Projection for ActivityProjection {
+    fn name(&self) -> &'static str {
+        "activity"
+    }
+
+    fn table(&self) -> &'static str {
+        "activity"
+    }
+
+    async fn apply(&self, tx: &Transaction<'_>, table: &str, event: &DecodedEvent) -> Result<(), ProjectionError> {
+        let e = entry(&envelope(event), &event.metadata);
+        let sql = format!(
+            "INSERT INTO {table} ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
+             ON CONFLICT DO NOTHING"
+        );
+        let stmt = tx.prepare_cached(&sql).await?;
+        tx.execute(
+            &stmt,
+            &[
+                &e.org_id,
+                &e.event_id,
+                &e.global_position,
+                &e.occurred_at,
+                &e.recorded_at,
+                &e.actor_kind,
+                &e.actor_id,
+                &e.action,
+                &e.entity_type,
+                &e.entity_id,
+                &e.request_id,
+                &e.correlation_id,
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    fn rebuilder(&self) -> Box<dyn Rebuilder> {
+        Box::new(ActivityRebuilder::default())
+    }
+}
+
+#[derive(Default)]
+struct ActivityRebuilder {
+    pending: Vec<ActivityEntry>,
+}
+
+#[async_trait]
+impl Rebuilder for ActivityRebuilder {
+    fn fold(&mut self, event: &DecodedEvent) -> Result<(), ProjectionError> {
+        self.pending.push(entry(&envelope(event), &event.metadata));
+        Ok(())
+    }
+
+    fn wants_flush(&self) -> bool {
+        self.pending.len() >= 20_000
+    }
+
+    async fn flush(&mut self, client: &tokio_postgres::Client, table: &str) -> Result<u64, ProjectionError> {
+        let sink = client
+            .copy_in(&format!("COPY {table} ({COLUMNS}) FROM STDIN (FORMAT binary)"))
+            .await?;
+        let writer = BinaryCopyInWriter::new(
+            sink,
+            &[
+                Type::UUID,
+                Type::UUID,
+                Type::INT8,
+                Type::TIMESTAMPTZ,
+                Type::TIMESTAMPTZ,
+                Type::TEXT,
+                Type::TEXT,
+                Type::TEXT,
+                Type::TEXT,
+                Type::TEXT,
+                Type::TEXT,
+                Type::TEXT,
+            ],
+        );
+        pin_mut!(writer);
+        for e in self.pending.drain(..) {
+            writer
+                .as_mut()
+                .write(&[
+                    &e.org_id,
+                    &e.event_id,
+                    &e.global_position,
+                    &e.occurred_at,
+                    &e.recorded_at,
+                    &e.actor_kind,
+                    &e.actor_id,
+                    &e.action,
+                    &e.entity_type,
+                    &e.entity_id,
+                    &e.request_id,
+                    &e.correlation_id,
+                ])
+                .await?;
+        }
+        Ok(writer.finish().await?)
+    }
+}
+
+/// Filters of the activity log.
+#[derive(Debug, Clone, Default)]
+pub struct ActivityFilter {
+    pub actor_id: Option<String>,
+    pub action: Option<String>,
+    pub entity_type: Option<String>,
+    pub entity_id: Option<String>,
+    pub since: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
+    /// Keyset pagination: entries before this global position (newest first).
+    pub before: Option<i64>,
+    pub limit: i64,
+}
+
+/// A page of an organisation's activity, newest first.
+pub async fn list(client: &impl GenericClient, org_id: Uuid, f: &ActivityFilter) -> Result<Vec<ActivityEntry>, ProjectionError> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM activity WHERE org_id = $1 \
+         AND ($2::text IS NULL OR actor_id = $2) \
+         AND ($3::text IS NULL OR action = $3) \
+         AND ($4::text IS NULL OR entity_type = $4) \
+         AND ($5::text IS NULL OR entity_id = $5) \
+         AND ($6::timestamptz IS NULL OR occurred_at >= $6) \
+         AND ($7::timestamptz IS NULL OR occurred_at < $7) \
+         AND ($8::bigint IS NULL OR global_position < $8) \
+         ORDER BY global_position DESC LIMIT $9"
+    );
+    let rows = client
+        .query(
+            &sql,
+            &[&org_id, &f.actor_id, &f.action, &f.entity_type, &f.entity_id, &f.since, &f.until, &f.before, &f.limit],
+        )
+        .await?;
+    Ok(rows.iter().map(from_row).collect())
+}

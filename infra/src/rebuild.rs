@@ -1,0 +1,127 @@
+//! Rebuilding a read model from the event store (never from NATS).
+//!
+//! The projection is folded in memory from every committed event, in commit order, and
+//! written in bulk into a shadow table. Then, in one transaction that holds the
+//! projection's checkpoint row (so live workers pause), the shadow catches up with
+//! whatever committed meanwhile, is swapped in by rename, and the checkpoint is moved
+//! to the last event it reflects. Queries keep reading the old table until the swap.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use deadpool_postgres::Pool;
+use futures::{pin_mut, TryStreamExt};
+
+use crate::commands::decode;
+use crate::crypto::Crypto;
+use crate::event_store::{self, from_row, CommitKey, COLUMNS};
+use crate::projector::{set_checkpoint, Projection, ProjectionError};
+
+#[derive(Debug, Clone)]
+pub struct RebuildReport {
+    pub events: u64,
+    pub seconds: f64,
+}
+
+/// Rebuilds `projection`; `progress(done, total)` is called as events are folded.
+pub async fn rebuild(
+    admin: &Pool,
+    crypto: &Crypto,
+    projection: Arc<dyn Projection>,
+    app_role: &str,
+    progress: impl Fn(u64, u64),
+) -> Result<RebuildReport, ProjectionError> {
+    let started = Instant::now();
+    let table = projection.table();
+    let shadow = format!("{table}_rebuild");
+    let reader = admin.get().await?;
+    let writer = admin.get().await?;
+    writer
+        .batch_execute(&format!(
+            "DROP TABLE IF EXISTS {shadow}; CREATE TABLE {shadow} (LIKE {table} INCLUDING ALL)"
+        ))
+        .await?;
+    crypto.preload(&writer).await.map_err(event_store::StoreError::from)?;
+
+    let total: i64 = reader
+        .query_one(
+            "SELECT count(*) FROM events WHERE tx_id < pg_snapshot_xmin(pg_current_snapshot())",
+            &[],
+        )
+        .await?
+        .get(0);
+    // One snapshot for the whole scan: the horizon is taken once, at its start.
+    reader
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await?;
+    let sql = format!(
+        "SELECT {COLUMNS} FROM events WHERE tx_id < pg_snapshot_xmin(pg_current_snapshot()) \
+         ORDER BY tx_id, global_position"
+    );
+    let rows = reader.query_raw(&sql, Vec::<i64>::new()).await?;
+    pin_mut!(rows);
+    let mut fold = projection.rebuilder();
+    let mut last = CommitKey::default();
+    let mut done = 0u64;
+    while let Some(row) = rows.try_next().await? {
+        let stored = from_row(&row);
+        last = stored.commit_key();
+        let decoded = decode(crypto, &writer, stored).await?;
+        fold.fold(&decoded)?;
+        done += 1;
+        if fold.wants_flush() {
+            fold.flush(&writer, &shadow).await?;
+        }
+        if done % 5000 == 0 {
+            progress(done, total.max(done as i64) as u64);
+        }
+    }
+    reader.batch_execute("COMMIT").await?;
+    fold.flush(&writer, &shadow).await?;
+    progress(done, done.max(total as u64));
+
+    // Catch up and swap, holding the checkpoint so live workers wait.
+    let mut client = admin.get().await?;
+    let tx = client.transaction().await?;
+    let name = projection.name();
+    tx.execute(
+        "INSERT INTO projection_checkpoints (name, tx_id, global_position) \
+         VALUES ($1, '0'::xid8, 0) ON CONFLICT DO NOTHING",
+        &[&name],
+    )
+    .await?;
+    tx.execute(
+        "SELECT 1 FROM projection_checkpoints WHERE name = $1 FOR UPDATE",
+        &[&name],
+    )
+    .await?;
+    loop {
+        let batch = event_store::read_committed(&tx, last, 1000).await?;
+        if batch.is_empty() {
+            break;
+        }
+        for stored in batch {
+            last = stored.commit_key();
+            let decoded = decode(crypto, &tx, stored).await?;
+            projection.apply(&tx, &shadow, &decoded).await?;
+            done += 1;
+        }
+    }
+    let mut swap = format!(
+        "ALTER TABLE {table} RENAME TO {table}_old; \
+         ALTER TABLE {shadow} RENAME TO {table}; \
+         DROP TABLE {table}_old;"
+    );
+    if !app_role.is_empty() {
+        swap.push_str(&format!(
+            "GRANT SELECT, INSERT, UPDATE, DELETE ON {table} TO {app_role};"
+        ));
+    }
+    tx.batch_execute(&swap).await?;
+    set_checkpoint(&tx, name, last).await?;
+    tx.commit().await?;
+    Ok(RebuildReport {
+        events: done,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}

@@ -1,0 +1,188 @@
+//! The relay: publishes committed events to JetStream in commit order.
+//!
+//! It reads below the visibility horizon (see `event_store::read_committed`), publishes
+//! each event with `Nats-Msg-Id = event_id`, awaits every ack, then checkpoints. It wakes
+//! on LISTEN/NOTIFY and polls as a fallback. Running two relays is safe: a session-level
+//! advisory lock makes one active and the other a standby; and should both ever publish,
+//! JetStream's duplicate window drops the repeats.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use deadpool_postgres::Pool;
+use futures::StreamExt;
+use tokio::sync::Notify;
+use deadpool_postgres::GenericClient;
+use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::Bus;
+use crate::event_store::{self, CommitKey, StoredEvent, NOTIFY_CHANNEL};
+use crate::metrics::METRICS;
+
+const BATCH: i64 = 1000;
+const POLL_EVERY: Duration = Duration::from_millis(100);
+const LAG_EVERY: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("database: {0}")]
+    Db(#[from] tokio_postgres::Error),
+    #[error(transparent)]
+    Store(#[from] event_store::StoreError),
+    #[error("publish to JetStream: {0}")]
+    Publish(String),
+}
+
+pub struct Relay {
+    pub name: String,
+    pub pg: tokio_postgres::Config,
+    pub pool: Pool,
+    pub bus: Bus,
+}
+
+/// The relay's checkpoint.
+pub async fn checkpoint(
+    client: &impl GenericClient,
+    name: &str,
+) -> Result<CommitKey, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT tx_id::text::bigint, global_position FROM relay_checkpoints WHERE name = $1",
+            &[&name],
+        )
+        .await?;
+    Ok(row.map_or(CommitKey::default(), |r| CommitKey {
+        tx_id: r.get(0),
+        position: r.get(1),
+    }))
+}
+
+impl Relay {
+    /// Runs until `shutdown`; reconnects after errors.
+    pub async fn run(self, shutdown: CancellationToken) {
+        while !shutdown.is_cancelled() {
+            match self.session(&shutdown).await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "relay session ended; retrying in 1s");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        }
+        tracing::info!("relay stopped");
+    }
+
+    async fn session(&self, shutdown: &CancellationToken) -> Result<(), RelayError> {
+        let (client, mut connection) = self.pg.connect(NoTls).await?;
+        let wake = Arc::new(Notify::new());
+        let wake_tx = wake.clone();
+        let driver = tokio::spawn(async move {
+            let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(msg) = messages.next().await {
+                match msg {
+                    Ok(AsyncMessage::Notification(_)) => wake_tx.notify_one(),
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "relay connection lost");
+                        break;
+                    }
+                }
+            }
+        });
+        let _guard = AbortOnDrop(driver);
+        client.batch_execute(&format!("LISTEN {NOTIFY_CHANNEL}")).await?;
+
+        // Leadership: one active relay per name, the others wait.
+        let lock_key = format!("crm-relay:{}", self.name);
+        loop {
+            let got: bool = client
+                .query_one("SELECT pg_try_advisory_lock(hashtext($1))", &[&lock_key])
+                .await?
+                .get(0);
+            if got {
+                break;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+        tracing::info!(relay = %self.name, "relay active");
+
+        // Reads and checkpoints go through a pooled connection; the dedicated one above
+        // holds the lock and the LISTEN.
+        let db = self.pool.get().await.map_err(|e| RelayError::Publish(format!("pool: {e}")))?;
+        let mut ck = checkpoint(&db, &self.name).await?;
+        let mut last_lag = Instant::now() - LAG_EVERY;
+        loop {
+            if shutdown.is_cancelled() {
+                return Ok(());
+            }
+            let batch = event_store::read_committed(&db, ck, BATCH).await?;
+            if !batch.is_empty() {
+                self.publish(&batch).await?;
+                ck = batch.last().expect("non-empty").commit_key();
+                db.execute(
+                        "INSERT INTO relay_checkpoints (name, tx_id, global_position) \
+                         VALUES ($1, $2::bigint::text::xid8, $3) \
+                         ON CONFLICT (name) DO UPDATE SET tx_id = EXCLUDED.tx_id, \
+                         global_position = EXCLUDED.global_position, updated_at = now()",
+                        &[&self.name, &ck.tx_id, &ck.position],
+                    )
+                    .await?;
+                METRICS.relay_published.inc_by(batch.len() as u64);
+            }
+            if last_lag.elapsed() >= LAG_EVERY {
+                METRICS
+                    .relay_lag_events
+                    .set(event_store::count_after(&db, ck, 1_000_000).await?);
+                last_lag = Instant::now();
+            }
+            if (batch.len() as i64) < BATCH {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = wake.notified() => {}
+                    _ = tokio::time::sleep(POLL_EVERY) => {}
+                }
+            }
+        }
+    }
+
+    /// Publishes a batch in order and waits for every ack.
+    async fn publish(&self, batch: &[StoredEvent]) -> Result<(), RelayError> {
+        let mut acks = Vec::with_capacity(batch.len());
+        for e in batch {
+            let subject = self
+                .bus
+                .settings
+                .subject(&e.org_id, &e.aggregate_type, &e.aggregate_id);
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(async_nats::header::NATS_MESSAGE_ID, e.event_id.to_string().as_str());
+            let body = serde_json::to_vec(e).map_err(|e| RelayError::Publish(e.to_string()))?;
+            let ack = self
+                .bus
+                .jetstream
+                .publish_with_headers(subject, headers, Bytes::from(body))
+                .await
+                .map_err(|e| RelayError::Publish(e.to_string()))?;
+            acks.push(ack);
+        }
+        for ack in acks {
+            ack.await.map_err(|e| RelayError::Publish(e.to_string()))?;
+        }
+        Ok(())
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
