@@ -1,1 +1,16 @@
+//! The HTTP API and the `crm` binary's commands.
+//!
+//! This crate owns the edge: authentication (JWT, bcrypt), parsing requests into domain
+//! commands, turning every error into one JSON shape with one status mapping
+//! ([`error`]), request ids and spans, and process wiring ([`startup`]): the API server
+//! plus, by default, the relay and the projectors in the same process.
 
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod context;
+pub mod error;
+pub mod routes;
+pub mod startup;
+pub mod state;
+pub mod telemetry;

@@ -1,0 +1,188 @@
+//! Authentication: bcrypt passwords without the 72-byte truncation, and HS256 JWTs.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use jsonwebtoken::{decode, encode, Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use secrecy::ExposeSecret;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use crate::config::JwtSettings;
+
+/// bcrypt work factor.
+pub const BCRYPT_COST: u32 = 12;
+/// Passwords are between these lengths (in characters / bytes).
+pub const MIN_PASSWORD_CHARS: usize = 12;
+pub const MAX_PASSWORD_BYTES: usize = 1024;
+
+/// bcrypt reads only 72 bytes. Every byte of the password counts because bcrypt is
+/// given the base64 of its SHA-256 (44 bytes) instead of the password itself.
+fn prehash(password: &str) -> String {
+    B64.encode(Sha256::digest(password.as_bytes()))
+}
+
+pub fn hash_password(password: &str) -> Result<String, bcrypt::BcryptError> {
+    bcrypt::hash(prehash(password), BCRYPT_COST)
+}
+
+pub fn verify_password(password: &str, hash: &str) -> bool {
+    bcrypt::verify(prehash(password), hash).unwrap_or(false)
+}
+
+/// A hash to verify against when the account does not exist, so that an unknown
+/// email costs the same time as a known one.
+pub fn dummy_hash() -> &'static str {
+    static DUMMY: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        hash_password("not-a-real-password-but-same-cost").expect("bcrypt works")
+    });
+    &DUMMY
+}
+
+/// Checks a new password's length; the message names the rule.
+pub fn check_password_policy(password: &str) -> Result<(), String> {
+    if password.chars().count() < MIN_PASSWORD_CHARS {
+        return Err(format!("must be at least {MIN_PASSWORD_CHARS} characters"));
+    }
+    if password.len() > MAX_PASSWORD_BYTES {
+        return Err(format!("must be at most {MAX_PASSWORD_BYTES} bytes"));
+    }
+    Ok(())
+}
+
+/// Token types: staff tokens here; portal tokens come later and are refused by staff routes.
+pub const TYP_STAFF: &str = "staff";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Claims {
+    pub sub: String,
+    pub org: String,
+    pub typ: String,
+    pub iat: u64,
+    pub exp: u64,
+    pub jti: String,
+    pub aud: String,
+    pub iss: String,
+}
+
+/// An authenticated staff caller.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub user_id: Uuid,
+    pub org_id: Uuid,
+}
+
+pub struct Tokens {
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    validation: Validation,
+    settings: JwtSettings,
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Tokens {
+    pub fn new(settings: &JwtSettings) -> Result<Self, String> {
+        let secret = settings.secret.expose_secret().as_bytes();
+        if secret.len() < 32 {
+            return Err("the JWT secret must be at least 32 bytes".into());
+        }
+        // Only HS256 is accepted: `alg: none` and any other algorithm are refused.
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.set_audience(&[settings.audience.as_str()]);
+        validation.set_issuer(&[settings.issuer.as_str()]);
+        validation.set_required_spec_claims(&["exp", "iat", "sub", "aud", "iss"]);
+        validation.leeway = 5;
+        Ok(Self {
+            encoding: EncodingKey::from_secret(secret),
+            decoding: DecodingKey::from_secret(secret),
+            validation,
+            settings: settings.clone(),
+        })
+    }
+
+    pub fn ttl_secs(&self) -> u64 {
+        self.settings.ttl.as_secs()
+    }
+
+    /// Issues a staff token.
+    pub fn issue(&self, user_id: Uuid, org_id: Uuid) -> Result<String, jsonwebtoken::errors::Error> {
+        let iat = now();
+        let claims = Claims {
+            sub: user_id.to_string(),
+            org: org_id.to_string(),
+            typ: TYP_STAFF.into(),
+            iat,
+            exp: iat + self.settings.ttl.as_secs(),
+            jti: Uuid::now_v7().to_string(),
+            aud: self.settings.audience.clone(),
+            iss: self.settings.issuer.clone(),
+        };
+        encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
+    }
+
+    /// Verifies a staff token; every failure reads the same to the caller.
+    pub fn verify_staff(&self, token: &str) -> Option<Caller> {
+        let data = decode::<Claims>(token, &self.decoding, &self.validation).ok()?;
+        if data.claims.typ != TYP_STAFF {
+            return None;
+        }
+        Some(Caller {
+            user_id: data.claims.sub.parse().ok()?,
+            org_id: data.claims.org.parse().ok()?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_after_the_72nd_count() {
+        let base = "a".repeat(72);
+        let (p1, p2) = (format!("{base}1"), format!("{base}2"));
+        let h1 = hash_password(&p1).unwrap();
+        assert!(verify_password(&p1, &h1));
+        assert!(!verify_password(&p2, &h1), "bcrypt must not truncate at 72 bytes");
+        assert!(h1.starts_with("$2b$12$"), "cost 12");
+    }
+
+    #[test]
+    fn policy_names_the_rule() {
+        assert!(check_password_policy("short").is_err());
+        assert!(check_password_policy(&"x".repeat(2000)).is_err());
+        assert!(check_password_policy("correct horse battery").is_ok());
+    }
+
+    fn tokens(secret: &str) -> Tokens {
+        Tokens::new(&JwtSettings {
+            secret: secret.to_owned().into(),
+            ttl: std::time::Duration::from_secs(60),
+            audience: "crm-api".into(),
+            issuer: "crm".into(),
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn tokens_round_trip_and_forgeries_fail() {
+        let t = tokens(&"s".repeat(32));
+        let (u, o) = (Uuid::now_v7(), Uuid::now_v7());
+        let jwt = t.issue(u, o).unwrap();
+        let caller = t.verify_staff(&jwt).unwrap();
+        assert_eq!((caller.user_id, caller.org_id), (u, o));
+        assert!(tokens(&"t".repeat(32)).verify_staff(&jwt).is_none(), "other key");
+        // alg=none: header {"alg":"none","typ":"JWT"} with the same claims, no signature.
+        let claims = jwt.split('.').nth(1).unwrap();
+        let none = format!("eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.{claims}.");
+        assert!(t.verify_staff(&none).is_none(), "alg=none");
+    }
+}

@@ -1,0 +1,321 @@
+//! The `crm` command line: `serve`, `relay`, `project`, `rebuild`, `migrate`, `admin`,
+//! `audit`. Every setting is a flag or an environment variable.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use base64::Engine;
+use clap::{Args, Parser, Subcommand};
+use crm_domain::metadata::EventMetadata;
+use crm_domain::user::Role;
+use crm_domain::values::{Email, Name};
+use crm_infra::settings::{DatabaseSettings, KeySettings, NatsSettings};
+use crm_infra::{accounts, db, read_models, rebuild, verify};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::RngCore;
+use secrecy::SecretString;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::config::{HttpSettings, JwtSettings, Settings};
+use crate::startup::{self, Application, Background};
+
+#[derive(Parser, Debug)]
+#[command(name = "crm", version, about = "Event-sourced compliance core for CRMs")]
+pub struct Cli {
+    #[command(flatten)]
+    pub common: Common,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Common {
+    /// PostgreSQL URL (an owner of the schema; the service acts as --db-app-role).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true, default_value = "postgres://postgres@127.0.0.1:5432/crm")]
+    pub database_url: String,
+    /// Role every pooled connection switches to; empty to stay as the URL's user.
+    #[arg(long, env = "CRM_DB_APP_ROLE", global = true, default_value = "crm_app")]
+    pub db_app_role: String,
+    #[arg(long, env = "CRM_DB_POOL_SIZE", global = true, default_value_t = 48)]
+    pub db_pool_size: usize,
+    #[arg(long, env = "NATS_URL", global = true, default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    #[arg(long, env = "CRM_NATS_STREAM", global = true, default_value = "CRM_EVENTS")]
+    pub nats_stream: String,
+    #[arg(long, env = "CRM_NATS_SUBJECT_PREFIX", global = true, default_value = "crm.evt")]
+    pub nats_subject_prefix: String,
+    /// Key-encryption key: 32 bytes, base64.
+    #[arg(long, env = "CRM_KEK", hide_env_values = true, global = true)]
+    pub kek: Option<String>,
+    #[arg(long, env = "CRM_KEK_ID", global = true, default_value = "kek-1")]
+    pub kek_id: String,
+    /// HS256 secret for JWTs (at least 32 bytes).
+    #[arg(long, env = "CRM_JWT_SECRET", hide_env_values = true, global = true)]
+    pub jwt_secret: Option<String>,
+    #[arg(long, env = "CRM_JWT_TTL_SECS", global = true, default_value_t = 3600)]
+    pub jwt_ttl_secs: u64,
+    #[arg(long, env = "CRM_BIND", global = true, default_value = "127.0.0.1:8080")]
+    pub bind: SocketAddr,
+    #[arg(long, env = "CRM_MAX_BODY_BYTES", global = true, default_value_t = 64 * 1024)]
+    pub max_body_bytes: u64,
+    #[arg(long, env = "CRM_MAX_CONSISTENCY_WAIT_MS", global = true, default_value_t = 5000)]
+    pub max_consistency_wait_ms: u64,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the HTTP API (and, unless disabled, the relay and every projector).
+    Serve {
+        #[arg(long, env = "CRM_NO_RELAY")]
+        no_relay: bool,
+        #[arg(long, env = "CRM_NO_PROJECTORS")]
+        no_projectors: bool,
+    },
+    /// Run only the relay (Postgres → JetStream).
+    Relay,
+    /// Run only the projector of one read model (`contacts`, `activity`).
+    Project { name: String },
+    /// Rebuild a read model from the event store and swap it in.
+    Rebuild { name: String },
+    /// Apply database migrations.
+    Migrate,
+    /// Operator commands.
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+    /// Audit commands.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AdminCommand {
+    /// Create an organisation; prints its id.
+    CreateOrg {
+        #[arg(long)]
+        name: String,
+    },
+    /// Create a staff user. The password comes from CRM_NEW_PASSWORD or is generated
+    /// and printed once.
+    CreateUser {
+        #[arg(long)]
+        org: Uuid,
+        #[arg(long)]
+        email: String,
+        #[arg(long, default_value = "Owner")]
+        name: String,
+        #[arg(long, default_value = "owner")]
+        role: String,
+    },
+    /// On an empty store: create a first organisation and owner, print the login.
+    Bootstrap {
+        #[arg(long, default_value = "Example Org")]
+        org_name: String,
+        #[arg(long, default_value = "owner@example.com")]
+        email: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AuditCommand {
+    /// Walk every stream's hash chain; exit status 1 if any link is broken.
+    Verify {
+        #[arg(long)]
+        org: Option<Uuid>,
+    },
+}
+
+impl Common {
+    pub fn database(&self) -> DatabaseSettings {
+        DatabaseSettings {
+            url: SecretString::from(self.database_url.clone()),
+            app_role: self.db_app_role.clone(),
+            pool_size: self.db_pool_size,
+        }
+    }
+
+    pub fn settings(&self) -> anyhow::Result<Settings> {
+        let kek = self
+            .kek
+            .clone()
+            .context("CRM_KEK is not set: 32 random bytes, base64 (scripts/run makes one)")?;
+        let jwt = self
+            .jwt_secret
+            .clone()
+            .context("CRM_JWT_SECRET is not set (scripts/run makes one)")?;
+        Ok(Settings {
+            database: self.database(),
+            nats: NatsSettings {
+                url: self.nats_url.clone(),
+                stream: self.nats_stream.clone(),
+                subject_prefix: self.nats_subject_prefix.clone(),
+            },
+            keys: KeySettings {
+                kek_id: self.kek_id.clone(),
+                kek: SecretString::from(kek),
+            },
+            http: HttpSettings {
+                bind: self.bind,
+                max_body_bytes: self.max_body_bytes,
+                max_consistency_wait: Duration::from_millis(self.max_consistency_wait_ms),
+            },
+            jwt: JwtSettings {
+                secret: SecretString::from(jwt),
+                ttl: Duration::from_secs(self.jwt_ttl_secs),
+                audience: "crm-api".into(),
+                issuer: "crm".into(),
+            },
+            run_relay: true,
+            run_projectors: true,
+        })
+    }
+}
+
+/// A random password: 24 characters of base64url.
+fn generate_password() -> String {
+    let mut bytes = [0u8; 18];
+    rand::thread_rng().fill_bytes(&mut bytes);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+async fn run_workers(workers: Vec<Background>, shutdown: impl Future<Output = ()>) {
+    let token = CancellationToken::new();
+    let handle = tokio::spawn(startup::run_background(workers, token.clone()));
+    shutdown.await;
+    token.cancel();
+    let _ = handle.await;
+}
+
+pub async fn run(cli: Cli, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    let common = cli.common;
+    match cli.command {
+        Command::Migrate => {
+            let n = db::migrate(&common.database()).await?;
+            println!("migrations applied: {n}");
+        }
+        Command::Serve { no_relay, no_projectors } => {
+            let mut settings = common.settings()?;
+            settings.run_relay = !no_relay;
+            settings.run_projectors = !no_projectors;
+            let app = Application::build(settings).await?;
+            tracing::info!(addr = %app.local_addr(), "listening");
+            app.run_until_stopped(shutdown).await;
+        }
+        Command::Relay => {
+            let state = startup::connect(&common.settings()?).await?;
+            run_workers(vec![Background::Relay(startup::relay(&state)?)], shutdown).await;
+        }
+        Command::Project { name } => {
+            let projection = read_models::by_name(&name).with_context(|| unknown_projection(&name))?;
+            let state = startup::connect(&common.settings()?).await?;
+            run_workers(vec![Background::Projector(startup::projector(&state, projection))], shutdown).await;
+        }
+        Command::Rebuild { name } => {
+            let projection = read_models::by_name(&name).with_context(|| unknown_projection(&name))?;
+            let settings = common.settings()?;
+            let admin = db::admin_pool(&settings.database)?;
+            let crypto = crm_infra::crypto::Crypto::new(&settings.keys)?;
+            let bar = ProgressBar::new(0);
+            bar.set_style(
+                ProgressStyle::with_template("{spinner} rebuild {msg} [{bar:40}] {pos}/{len} events ({per_sec}, eta {eta})")
+                    .expect("valid template")
+                    .progress_chars("=> "),
+            );
+            bar.set_message(name.clone());
+            let report = rebuild::rebuild(&admin, &crypto, projection, &settings.database.app_role, |done, total| {
+                bar.set_length(total);
+                bar.set_position(done);
+            })
+            .await?;
+            bar.finish();
+            println!(
+                "rebuilt {name}: {} events in {:.2}s ({:.0} events/s)",
+                report.events,
+                report.seconds,
+                report.events as f64 / report.seconds.max(1e-9)
+            );
+        }
+        Command::Admin { command } => admin(common, command).await?,
+        Command::Audit {
+            command: AuditCommand::Verify { org },
+        } => {
+            let admin = db::admin_pool(&common.database())?;
+            let client = admin.get().await?;
+            let report = verify::verify_chains(&client, org).await?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            if !report.ok() {
+                bail!("{} broken link(s) in the hash chains", report.breaks.len());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn unknown_projection(name: &str) -> String {
+    let names: Vec<_> = read_models::all().iter().map(|p| p.name()).collect();
+    format!("unknown projection `{name}`; known: {}", names.join(", "))
+}
+
+async fn admin(common: Common, command: AdminCommand) -> anyhow::Result<()> {
+    let settings = common.settings()?;
+    let state = startup::connect(&settings).await?;
+    match command {
+        AdminCommand::CreateOrg { name } => {
+            let name = Name::parse(&name).map_err(|e| anyhow::anyhow!("--name {e}"))?;
+            let org = accounts::create_organization(&state.executor, name).await?;
+            println!("org_id={org}");
+        }
+        AdminCommand::CreateUser { org, email, name, role } => {
+            let email = Email::parse(&email).map_err(|e| anyhow::anyhow!("--email {e}"))?;
+            let name = Name::parse(&name).map_err(|e| anyhow::anyhow!("--name {e}"))?;
+            let role = Role::parse(&role).with_context(|| format!("--role `{role}` is not a built-in role"))?;
+            let (password, generated) = match std::env::var("CRM_NEW_PASSWORD") {
+                Ok(p) => (p, false),
+                Err(_) => (generate_password(), true),
+            };
+            crate::auth::check_password_policy(&password).map_err(|e| anyhow::anyhow!("password {e}"))?;
+            let hash = crate::auth::hash_password(&password)?;
+            let meta = EventMetadata::system(org, "operator");
+            let user = accounts::create_user(&state.executor, &state.pool, org, email.clone(), name, role, &hash, &meta).await?;
+            println!("user_id={user}");
+            println!("email={email}");
+            if generated {
+                println!("password={password}");
+            }
+        }
+        AdminCommand::Bootstrap { org_name, email } => {
+            let client = state.pool.get().await?;
+            if !accounts::store_is_empty(&client).await? {
+                println!("already bootstrapped");
+                return Ok(());
+            }
+            let name = Name::parse(&org_name).map_err(|e| anyhow::anyhow!("--org-name {e}"))?;
+            let email = Email::parse(&email).map_err(|e| anyhow::anyhow!("--email {e}"))?;
+            let org = accounts::create_organization(&state.executor, name).await?;
+            let password = generate_password();
+            let hash = crate::auth::hash_password(&password)?;
+            let meta = EventMetadata::system(org, "bootstrap");
+            accounts::create_user(
+                &state.executor,
+                &state.pool,
+                org,
+                email.clone(),
+                Name::parse("Owner").expect("static name"),
+                Role::Owner,
+                &hash,
+                &meta,
+            )
+            .await?;
+            println!("org_id={org}");
+            println!("email={email}");
+            println!("password={password}");
+        }
+    }
+    Ok(())
+}

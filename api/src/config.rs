@@ -1,0 +1,38 @@
+//! The service's settings, assembled from flags and environment by [`crate::cli`].
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crm_infra::settings::{DatabaseSettings, KeySettings, NatsSettings};
+use secrecy::SecretString;
+
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub database: DatabaseSettings,
+    pub nats: NatsSettings,
+    pub keys: KeySettings,
+    pub http: HttpSettings,
+    pub jwt: JwtSettings,
+    /// Run the relay inside `serve`.
+    pub run_relay: bool,
+    /// Run every projector inside `serve`.
+    pub run_projectors: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct HttpSettings {
+    pub bind: SocketAddr,
+    /// Largest accepted request body.
+    pub max_body_bytes: u64,
+    /// Longest a query waits for a projection to reach a requested position.
+    pub max_consistency_wait: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct JwtSettings {
+    /// HS256 secret, at least 32 bytes.
+    pub secret: SecretString,
+    pub ttl: Duration,
+    pub audience: String,
+    pub issuer: String,
+}

@@ -1,0 +1,258 @@
+//! Errors become HTTP here and only here: one JSON shape,
+//! `{"code", "message", "request_id", "fields"?, ...}`, one status mapping.
+
+use std::convert::Infallible;
+
+use serde::Serialize;
+use serde_json::{json, Value};
+use warp::http::StatusCode;
+use warp::reply::Response;
+use warp::{Rejection, Reply};
+
+use crm_domain::contact::ContactError;
+use crm_infra::commands::CommandError;
+use crm_infra::event_store::StoreError;
+
+/// A problem with one input field.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{message}")]
+    BadRequest { code: &'static str, message: String },
+    #[error("the request has invalid fields")]
+    Validation(Vec<FieldError>),
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    #[error("{0}")]
+    NotFound(&'static str),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("request body is too large")]
+    PayloadTooLarge,
+    #[error("request body must be application/json")]
+    UnsupportedMediaType,
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("the {projection} view has not reached position {position} yet")]
+    NotCaughtUp {
+        projection: &'static str,
+        position: i64,
+        behind: i64,
+    },
+    #[error("service unavailable: {0}")]
+    Unavailable(String),
+    /// Anything unexpected: logged with its cause, answered without it.
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::BadRequest {
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn internal(e: impl std::fmt::Display) -> Self {
+        Self::Internal(e.to_string())
+    }
+
+    fn status(&self) -> StatusCode {
+        match self {
+            Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            Self::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::Conflict(_) => StatusCode::CONFLICT,
+            Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::NotCaughtUp { .. } | Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            Self::BadRequest { code, .. } => code,
+            Self::Validation(_) => "validation_failed",
+            Self::Unauthorized(_) => "unauthorized",
+            Self::NotFound(_) => "not_found",
+            Self::Conflict(_) => "version_conflict",
+            Self::PayloadTooLarge => "payload_too_large",
+            Self::UnsupportedMediaType => "unsupported_media_type",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::NotCaughtUp { .. } => "projection_behind",
+            Self::Unavailable(_) => "unavailable",
+            Self::Internal(_) => "internal",
+        }
+    }
+
+    /// The JSON error response, tagged with the request id.
+    pub fn into_response(self, request_id: &str) -> Response {
+        if let Self::Internal(cause) = &self {
+            tracing::error!(request_id, cause = %cause, "internal error");
+        }
+        let mut body = json!({
+            "code": self.code(),
+            "message": self.to_string(),
+            "request_id": request_id,
+        });
+        match &self {
+            Self::Validation(fields) => body["fields"] = json!(fields),
+            Self::NotCaughtUp {
+                projection,
+                position,
+                behind,
+            } => {
+                body["projection"] = json!(projection);
+                body["position"] = json!(position);
+                body["behind_by_events"] = json!(behind);
+            }
+            _ => {}
+        }
+        let mut resp = warp::reply::with_status(warp::reply::json(&body), self.status()).into_response();
+        let headers = resp.headers_mut();
+        if let Ok(v) = request_id.parse() {
+            headers.insert("x-request-id", v);
+        }
+        match &self {
+            Self::Unauthorized(_) => {
+                headers.insert("www-authenticate", "Bearer".parse().expect("static header"));
+            }
+            Self::NotCaughtUp { .. } | Self::Unavailable(_) => {
+                headers.insert("retry-after", "1".parse().expect("static header"));
+            }
+            _ => {}
+        }
+        resp
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict => Self::Conflict("another command changed this record first; reload and retry".into()),
+            other => Self::internal(other),
+        }
+    }
+}
+
+impl From<crm_infra::projector::ProjectionError> for ApiError {
+    fn from(e: crm_infra::projector::ProjectionError) -> Self {
+        Self::internal(e)
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for ApiError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        Self::Unavailable(format!("database: {e}"))
+    }
+}
+
+impl From<tokio_postgres::Error> for ApiError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        Self::internal(e)
+    }
+}
+
+impl From<CommandError<ContactError>> for ApiError {
+    fn from(e: CommandError<ContactError>) -> Self {
+        match e {
+            CommandError::Domain(ContactError::NotFound) => Self::NotFound("contact not found"),
+            CommandError::Domain(ContactError::AlreadyExists) => Self::Conflict("contact already exists".into()),
+            CommandError::Domain(ContactError::Archived) => Self::Conflict("contact is archived and cannot change".into()),
+            CommandError::Domain(ContactError::EmptyProfile) => {
+                Self::Validation(vec![FieldError::new("profile", "a contact needs at least one field")])
+            }
+            CommandError::VersionMismatch { expected, actual } => Self::Conflict(format!(
+                "expected version {expected}, but the contact is at version {actual}"
+            )),
+            CommandError::Conflict => Self::Conflict("another command changed this contact first; reload and retry".into()),
+            CommandError::Store(e) => e.into(),
+        }
+    }
+}
+
+/// A rejection carrying an [`ApiError`] (raised by filters such as authentication).
+#[derive(Debug)]
+pub struct ApiRejection(pub ApiError, pub String);
+
+impl warp::reject::Reject for ApiRejection {}
+
+/// Turns every rejection into the JSON error shape.
+pub async fn recover(rejection: Rejection) -> Result<Response, Infallible> {
+    let rid = crate::context::new_request_id();
+    if let Some(ApiRejection(e, request_id)) = rejection.find::<ApiRejection>() {
+        let e = match e {
+            ApiError::Unauthorized(m) => ApiError::Unauthorized(m),
+            ApiError::NotFound(m) => ApiError::NotFound(m),
+            other => ApiError::Internal(other.to_string()),
+        };
+        return Ok(e.into_response(request_id));
+    }
+    let err = if rejection.is_not_found() {
+        ApiError::NotFound("no such route")
+    } else if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
+        ApiError::PayloadTooLarge
+    } else if rejection.find::<warp::reject::UnsupportedMediaType>().is_some() {
+        ApiError::UnsupportedMediaType
+    } else if rejection.find::<warp::reject::LengthRequired>().is_some() {
+        ApiError::bad_request("length_required", "a Content-Length header is required")
+    } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
+        ApiError::MethodNotAllowed
+    } else if let Some(e) = rejection.find::<warp::reject::InvalidHeader>() {
+        ApiError::bad_request("invalid_header", e.to_string())
+    } else if let Some(e) = rejection.find::<warp::reject::MissingHeader>() {
+        ApiError::bad_request("missing_header", e.to_string())
+    } else if let Some(e) = rejection.find::<warp::reject::InvalidQuery>() {
+        ApiError::bad_request("invalid_query", e.to_string())
+    } else {
+        ApiError::Internal(format!("unhandled rejection: {rejection:?}"))
+    };
+    Ok(err.into_response(&rid))
+}
+
+/// Parses a JSON body with a message that names what is wrong.
+pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    if body.is_empty() {
+        return Err(ApiError::bad_request("invalid_json", "the request body is empty"));
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        let code = if e.is_syntax() || e.is_eof() { "invalid_json" } else { "invalid_body" };
+        ApiError::bad_request(code, e.to_string())
+    })
+}
+
+/// A JSON success response with the request id header.
+pub fn json_response(status: StatusCode, body: &impl Serialize, request_id: &str) -> Response {
+    let mut resp = warp::reply::with_status(warp::reply::json(body), status).into_response();
+    if let Some(v) = Some(request_id).filter(|r| !r.is_empty()).and_then(|r| r.parse().ok()) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
+}
+
+/// Either response, for handlers that never fail at the warp level.
+pub fn finish(result: Result<Response, ApiError>, request_id: &str) -> Result<Response, Infallible> {
+    Ok(result.unwrap_or_else(|e| e.into_response(request_id)))
+}
+
+pub fn value_or_null<T: Serialize>(v: &T) -> Value {
+    serde_json::to_value(v).unwrap_or(Value::Null)
+}

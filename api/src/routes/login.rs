@@ -1,0 +1,72 @@
+//! `POST /v1/auth/login`: email and password for a staff JWT.
+
+use serde::Deserialize;
+use serde_json::json;
+use warp::filters::BoxedFilter;
+use warp::http::StatusCode;
+use warp::reply::Response;
+use warp::Filter;
+
+use super::{body, require_json, with_state};
+use crate::auth::{dummy_hash, verify_password};
+use crate::context::{request_context, RequestContext};
+use crate::error::{finish, json_response, parse_json, ApiError};
+use crate::state::AppState;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoginRequest {
+    email: String,
+    password: String,
+}
+
+pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
+    warp::path!("v1" / "auth" / "login")
+        .and(warp::post())
+        .and(with_state(state.clone()))
+        .and(request_context())
+        .and(body(16 * 1024))
+        .and_then(|state: AppState, ctx: RequestContext, ct: Option<String>, body: bytes::Bytes| async move {
+            finish(login(state, ct, body).await, &ctx.request_id).map(|mut r| {
+                if let Ok(v) = ctx.request_id.parse() {
+                    r.headers_mut().insert("x-request-id", v);
+                }
+                r
+            })
+        })
+        .boxed()
+}
+
+const BAD_LOGIN: &str = "invalid email or password";
+
+async fn login(state: AppState, ct: Option<String>, body: bytes::Bytes) -> Result<Response, ApiError> {
+    require_json(ct.as_deref())?;
+    let req: LoginRequest = parse_json(&body)?;
+    if req.password.len() > crate::auth::MAX_PASSWORD_BYTES || req.email.len() > 320 {
+        return Err(ApiError::Unauthorized(BAD_LOGIN));
+    }
+    let client = state.pool.get().await?;
+    let credential = crm_infra::accounts::find_credential(&client, &req.email).await?;
+    drop(client);
+    // Always run bcrypt once, so that unknown and known emails cost the same.
+    let hash = credential
+        .as_ref()
+        .map_or_else(|| dummy_hash().to_owned(), |c| c.password_hash.clone());
+    let password = req.password;
+    let ok = tokio::task::spawn_blocking(move || verify_password(&password, &hash))
+        .await
+        .map_err(ApiError::internal)?;
+    let Some(c) = credential.filter(|c| ok && c.active) else {
+        return Err(ApiError::Unauthorized(BAD_LOGIN));
+    };
+    let token = state.tokens.issue(c.user_id, c.org_id).map_err(ApiError::internal)?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({
+            "access_token": token,
+            "token_type": "Bearer",
+            "expires_in": state.tokens.ttl_secs(),
+        }),
+        "",
+    ))
+}

@@ -1,0 +1,187 @@
+//! Routes. Every `/v1` route except login is built on [`staff`]: deny by default.
+
+pub mod activity;
+pub mod contacts;
+pub mod health;
+pub mod login;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use crm_domain::metadata::{EventMetadata, Principal, PrincipalKind};
+use crm_infra::metrics::METRICS;
+use warp::filters::BoxedFilter;
+use warp::reply::Response;
+use warp::{Filter, Rejection};
+
+use crate::auth::Caller;
+use crate::context::{request_context, RequestContext};
+use crate::error::{ApiError, ApiRejection};
+use crate::state::AppState;
+
+/// An authenticated staff request.
+#[derive(Debug, Clone)]
+pub struct Authed {
+    pub caller: Caller,
+    pub ctx: RequestContext,
+}
+
+impl Authed {
+    /// Metadata for the events this request causes.
+    pub fn metadata(&self) -> EventMetadata {
+        EventMetadata {
+            org_id: self.caller.org_id,
+            principal: Principal {
+                kind: PrincipalKind::User,
+                id: self.caller.user_id.to_string(),
+            },
+            on_behalf_of: None,
+            ip: self.ctx.ip.clone(),
+            user_agent: self.ctx.user_agent.clone(),
+            request_id: Some(self.ctx.request_id.clone()),
+            correlation_id: self.ctx.correlation_id.clone(),
+            causation_id: self.ctx.causation_id.clone(),
+            occurred_at: chrono::Utc::now(),
+        }
+    }
+}
+
+pub fn with_state(state: AppState) -> impl Filter<Extract = (AppState,), Error = std::convert::Infallible> + Clone {
+    warp::any().map(move || state.clone())
+}
+
+/// Requires a valid staff bearer token.
+pub fn staff(state: AppState) -> impl Filter<Extract = (Authed,), Error = Rejection> + Clone {
+    warp::header::optional::<String>("authorization")
+        .and(request_context())
+        .and_then(move |header: Option<String>, ctx: RequestContext| {
+            let state = state.clone();
+            async move {
+                let token = header
+                    .as_deref()
+                    .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
+                    .map(str::trim);
+                let Some(token) = token else {
+                    return Err(warp::reject::custom(ApiRejection(
+                        ApiError::Unauthorized("a bearer token is required"),
+                        ctx.request_id,
+                    )));
+                };
+                match state.tokens.verify_staff(token) {
+                    Some(caller) => Ok(Authed { caller, ctx }),
+                    None => Err(warp::reject::custom(ApiRejection(
+                        ApiError::Unauthorized("the token is invalid or expired"),
+                        ctx.request_id,
+                    ))),
+                }
+            }
+        })
+}
+
+/// A request body (bounded) and its content type.
+pub fn body(limit: u64) -> impl Filter<Extract = (Option<String>, bytes::Bytes), Error = Rejection> + Clone {
+    warp::body::content_length_limit(limit)
+        .and(warp::header::optional::<String>("content-type"))
+        .and(warp::body::bytes())
+}
+
+/// Insists on a JSON content type.
+pub fn require_json(content_type: Option<&str>) -> Result<(), ApiError> {
+    match content_type {
+        Some(ct) if ct.trim().to_ascii_lowercase().starts_with("application/json") => Ok(()),
+        _ => Err(ApiError::UnsupportedMediaType),
+    }
+}
+
+/// The raw query string (empty when absent).
+pub fn raw_query() -> impl Filter<Extract = (String,), Error = std::convert::Infallible> + Clone {
+    warp::query::raw().or(warp::any().map(String::new)).unify()
+}
+
+/// Query parameters; unknown names are refused by name.
+pub fn parse_query(raw: &str, allowed: &[&str]) -> Result<HashMap<String, String>, ApiError> {
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw)
+        .map_err(|e| ApiError::bad_request("invalid_query", e.to_string()))?;
+    let mut out = HashMap::new();
+    for (k, v) in pairs {
+        if !allowed.contains(&k.as_str()) {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                format!("unknown query parameter `{k}`; allowed: {}", allowed.join(", ")),
+            ));
+        }
+        if out.insert(k.clone(), v).is_some() {
+            return Err(ApiError::bad_request("invalid_query", format!("`{k}` is given twice")));
+        }
+    }
+    Ok(out)
+}
+
+/// `min_position` and `wait_ms`: the read-your-writes parameters of every query.
+pub fn consistency(q: &HashMap<String, String>) -> Result<(Option<i64>, Option<Duration>), ApiError> {
+    let pos = q
+        .get("min_position")
+        .map(|v| {
+            v.parse::<i64>().ok().filter(|p| *p > 0).ok_or_else(|| {
+                ApiError::bad_request("invalid_query", "`min_position` must be a positive integer")
+            })
+        })
+        .transpose()?;
+    let wait = q
+        .get("wait_ms")
+        .map(|v| {
+            v.parse::<u64>()
+                .map(Duration::from_millis)
+                .map_err(|_| ApiError::bad_request("invalid_query", "`wait_ms` must be a number of milliseconds"))
+        })
+        .transpose()?;
+    Ok((pos, wait))
+}
+
+pub fn parse_time(name: &str, v: &str) -> Result<chrono::DateTime<chrono::Utc>, ApiError> {
+    chrono::DateTime::parse_from_rfc3339(v)
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .map_err(|_| ApiError::bad_request("invalid_query", format!("`{name}` must be an RFC 3339 time, e.g. 2026-01-31T12:00:00Z")))
+}
+
+pub fn parse_limit(q: &HashMap<String, String>) -> Result<i64, ApiError> {
+    match q.get("limit") {
+        None => Ok(50),
+        Some(v) => v
+            .parse::<i64>()
+            .ok()
+            .filter(|l| (1..=500).contains(l))
+            .ok_or_else(|| ApiError::bad_request("invalid_query", "`limit` must be between 1 and 500")),
+    }
+}
+
+/// Every route of the service, with errors recovered into JSON and requests logged.
+pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
+    let api = login::routes(state.clone())
+        .or(contacts::routes(state.clone()))
+        .unify()
+        .or(activity::routes(state.clone()))
+        .unify()
+        .or(health::routes(state))
+        .unify()
+        .boxed();
+    api.recover(crate::error::recover)
+        .unify()
+        .with(warp::log::custom(|info| {
+            let status = info.status().as_u16();
+            METRICS
+                .http_requests
+                .with_label_values(&[info.method().as_str(), &status.to_string()])
+                .inc();
+            tracing::info!(
+                method = %info.method(),
+                path = info.path(),
+                status,
+                elapsed_ms = info.elapsed().as_secs_f64() * 1000.0,
+                "request"
+            );
+        }))
+        .with(warp::trace::request())
+        .map(warp::Reply::into_response)
+        .boxed()
+}

@@ -1,0 +1,140 @@
+//! Process wiring: build the application, run it until a shutdown signal.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use crm_infra::bus::Bus;
+use crm_infra::commands::Executor;
+use crm_infra::crypto::Crypto;
+use crm_infra::projector::{Projection, ProjectorWorker};
+use crm_infra::relay::Relay;
+use crm_infra::{db, read_models};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Tokens;
+use crate::config::Settings;
+use crate::state::AppState;
+
+/// A built, bound application: the API, and the relay and projectors it runs in-process.
+pub struct Application {
+    listener: TcpListener,
+    state: AppState,
+    background: Vec<Background>,
+}
+
+/// A worker that runs beside the API.
+pub enum Background {
+    Relay(Relay),
+    Projector(ProjectorWorker),
+}
+
+/// Connections and services every process of the service needs.
+pub async fn connect(settings: &Settings) -> anyhow::Result<AppState> {
+    let pool = db::app_pool(&settings.database).context("database settings")?;
+    let _probe = pool.get()
+        .await
+        .context("cannot connect to PostgreSQL (is DATABASE_URL right, and `crm migrate` done?)")?;
+    let crypto = Arc::new(Crypto::new(&settings.keys).context("CRM_KEK")?);
+    let bus = Bus::connect(&settings.nats).await?;
+    let tokens = Arc::new(Tokens::new(&settings.jwt).map_err(anyhow::Error::msg)?);
+    Ok(AppState {
+        executor: Executor::new(pool.clone(), crypto.clone()),
+        pool,
+        crypto,
+        bus,
+        tokens,
+        settings: Arc::new(settings.clone()),
+    })
+}
+
+pub fn relay(state: &AppState) -> anyhow::Result<Relay> {
+    Ok(Relay {
+        name: "main".into(),
+        pg: db::app_config(&state.settings.database)?,
+        pool: state.pool.clone(),
+        bus: state.bus.clone(),
+    })
+}
+
+pub fn projector(state: &AppState, projection: Arc<dyn Projection>) -> ProjectorWorker {
+    ProjectorWorker {
+        pool: state.pool.clone(),
+        crypto: state.crypto.clone(),
+        bus: state.bus.clone(),
+        projection,
+    }
+}
+
+/// Runs background workers until `shutdown`, then waits for them to finish.
+pub async fn run_background(workers: Vec<Background>, shutdown: CancellationToken) {
+    let mut handles = Vec::new();
+    for w in workers {
+        let token = shutdown.clone();
+        handles.push(tokio::spawn(async move {
+            match w {
+                Background::Relay(r) => r.run(token).await,
+                Background::Projector(p) => p.run(token).await,
+            }
+        }));
+    }
+    for h in handles {
+        let _ = h.await;
+    }
+}
+
+impl Application {
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let state = connect(&settings).await?;
+        let mut background = Vec::new();
+        if settings.run_relay {
+            background.push(Background::Relay(relay(&state)?));
+        }
+        if settings.run_projectors {
+            for p in read_models::all() {
+                background.push(Background::Projector(projector(&state, p)));
+            }
+        }
+        let listener = TcpListener::bind(settings.http.bind)
+            .await
+            .with_context(|| format!("cannot listen on {}", settings.http.bind))?;
+        Ok(Self {
+            listener,
+            state,
+            background,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("a bound listener has an address")
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until `shutdown` resolves; then stops accepting, finishes in-flight
+    /// requests and stops the workers (each finishes its current batch).
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) {
+        let token = CancellationToken::new();
+        let workers = tokio::spawn(run_background(self.background, token.clone()));
+        let routes = crate::routes::routes(self.state.clone());
+        let server_token = token.clone();
+        let server = warp::serve(routes)
+            .incoming(self.listener)
+            .graceful(async move { server_token.cancelled().await })
+            .run();
+        tokio::pin!(server);
+        tokio::select! {
+            _ = &mut server => {},
+            _ = shutdown => {
+                token.cancel();
+                server.await;
+            }
+        }
+        token.cancel();
+        let _ = workers.await;
+    }
+}

@@ -1,0 +1,61 @@
+//! Shared state of the API's handlers.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crm_infra::bus::Bus;
+use crm_infra::commands::Executor;
+use crm_infra::crypto::Crypto;
+use crm_infra::projector;
+use deadpool_postgres::Pool;
+
+use crate::auth::Tokens;
+use crate::config::Settings;
+use crate::error::ApiError;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: Pool,
+    pub executor: Executor,
+    pub crypto: Arc<Crypto>,
+    pub bus: Bus,
+    pub tokens: Arc<Tokens>,
+    pub settings: Arc<Settings>,
+}
+
+impl AppState {
+    /// Read-your-writes: waits (bounded) until `projection` has applied the event at
+    /// `position`, or says how far behind it is.
+    pub async fn await_projection(
+        &self,
+        projection: &'static str,
+        position: Option<i64>,
+        wait: Option<Duration>,
+    ) -> Result<(), ApiError> {
+        let Some(position) = position else { return Ok(()) };
+        let max = self.settings.http.max_consistency_wait;
+        let deadline = Instant::now() + wait.unwrap_or(max).min(max);
+        let client = self.pool.get().await?;
+        loop {
+            match projector::progress(&client, projection, position).await? {
+                None => {
+                    return Err(ApiError::bad_request(
+                        "unknown_position",
+                        format!("no event has position {position}"),
+                    ))
+                }
+                Some((true, _)) => return Ok(()),
+                Some((false, behind)) => {
+                    if Instant::now() >= deadline {
+                        return Err(ApiError::NotCaughtUp {
+                            projection,
+                            position,
+                            behind,
+                        });
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
