@@ -113,7 +113,11 @@ impl Tokens {
     }
 
     /// Issues a staff token.
-    pub fn issue(&self, user_id: Uuid, org_id: Uuid) -> Result<String, jsonwebtoken::errors::Error> {
+    pub fn issue(
+        &self,
+        user_id: Uuid,
+        org_id: Uuid,
+    ) -> Result<String, jsonwebtoken::errors::Error> {
         let iat = now();
         let claims = Claims {
             sub: user_id.to_string(),
@@ -151,7 +155,10 @@ mod tests {
         let (p1, p2) = (format!("{base}1"), format!("{base}2"));
         let h1 = hash_password(&p1).unwrap();
         assert!(verify_password(&p1, &h1));
-        assert!(!verify_password(&p2, &h1), "bcrypt must not truncate at 72 bytes");
+        assert!(
+            !verify_password(&p2, &h1),
+            "bcrypt must not truncate at 72 bytes"
+        );
         assert!(h1.starts_with("$2b$12$"), "cost 12");
     }
 
@@ -179,7 +186,10 @@ mod tests {
         let jwt = t.issue(u, o).unwrap();
         let caller = t.verify_staff(&jwt).unwrap();
         assert_eq!((caller.user_id, caller.org_id), (u, o));
-        assert!(tokens(&"t".repeat(32)).verify_staff(&jwt).is_none(), "other key");
+        assert!(
+            tokens(&"t".repeat(32)).verify_staff(&jwt).is_none(),
+            "other key"
+        );
         // alg=none: header {"alg":"none","typ":"JWT"} with the same claims, no signature.
         let claims = jwt.split('.').nth(1).unwrap();
         let none = format!("eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.{claims}.");

@@ -23,7 +23,11 @@ use crate::config::{HttpSettings, JwtSettings, Settings};
 use crate::startup::{self, Application, Background};
 
 #[derive(Parser, Debug)]
-#[command(name = "crm", version, about = "Event-sourced compliance core for CRMs")]
+#[command(
+    name = "crm",
+    version,
+    about = "Event-sourced compliance core for CRMs"
+)]
 pub struct Cli {
     #[command(flatten)]
     pub common: Common,
@@ -34,18 +38,44 @@ pub struct Cli {
 #[derive(Args, Debug, Clone)]
 pub struct Common {
     /// PostgreSQL URL (an owner of the schema; the service acts as --db-app-role).
-    #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true, default_value = "postgres://postgres@127.0.0.1:5432/crm")]
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        hide_env_values = true,
+        global = true,
+        default_value = "postgres://postgres@127.0.0.1:5432/crm"
+    )]
     pub database_url: String,
     /// Role every pooled connection switches to; empty to stay as the URL's user.
-    #[arg(long, env = "CRM_DB_APP_ROLE", global = true, default_value = "crm_app")]
+    #[arg(
+        long,
+        env = "CRM_DB_APP_ROLE",
+        global = true,
+        default_value = "crm_app"
+    )]
     pub db_app_role: String,
     #[arg(long, env = "CRM_DB_POOL_SIZE", global = true, default_value_t = 48)]
     pub db_pool_size: usize,
-    #[arg(long, env = "NATS_URL", global = true, default_value = "nats://127.0.0.1:4222")]
+    #[arg(
+        long,
+        env = "NATS_URL",
+        global = true,
+        default_value = "nats://127.0.0.1:4222"
+    )]
     pub nats_url: String,
-    #[arg(long, env = "CRM_NATS_STREAM", global = true, default_value = "CRM_EVENTS")]
+    #[arg(
+        long,
+        env = "CRM_NATS_STREAM",
+        global = true,
+        default_value = "CRM_EVENTS"
+    )]
     pub nats_stream: String,
-    #[arg(long, env = "CRM_NATS_SUBJECT_PREFIX", global = true, default_value = "crm.evt")]
+    #[arg(
+        long,
+        env = "CRM_NATS_SUBJECT_PREFIX",
+        global = true,
+        default_value = "crm.evt"
+    )]
     pub nats_subject_prefix: String,
     /// Key-encryption key: 32 bytes, base64.
     #[arg(long, env = "CRM_KEK", hide_env_values = true, global = true)]
@@ -57,11 +87,21 @@ pub struct Common {
     pub jwt_secret: Option<String>,
     #[arg(long, env = "CRM_JWT_TTL_SECS", global = true, default_value_t = 3600)]
     pub jwt_ttl_secs: u64,
-    #[arg(long, env = "CRM_BIND", global = true, default_value = "127.0.0.1:8080")]
+    #[arg(
+        long,
+        env = "CRM_BIND",
+        global = true,
+        default_value = "127.0.0.1:8080"
+    )]
     pub bind: SocketAddr,
     #[arg(long, env = "CRM_MAX_BODY_BYTES", global = true, default_value_t = 64 * 1024)]
     pub max_body_bytes: u64,
-    #[arg(long, env = "CRM_MAX_CONSISTENCY_WAIT_MS", global = true, default_value_t = 5000)]
+    #[arg(
+        long,
+        env = "CRM_MAX_CONSISTENCY_WAIT_MS",
+        global = true,
+        default_value_t = 5000
+    )]
     pub max_consistency_wait_ms: u64,
 }
 
@@ -192,14 +232,20 @@ async fn run_workers(workers: Vec<Background>, shutdown: impl Future<Output = ()
     let _ = handle.await;
 }
 
-pub async fn run(cli: Cli, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+pub async fn run(
+    cli: Cli,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let common = cli.common;
     match cli.command {
         Command::Migrate => {
             let n = db::migrate(&common.database()).await?;
             println!("migrations applied: {n}");
         }
-        Command::Serve { no_relay, no_projectors } => {
+        Command::Serve {
+            no_relay,
+            no_projectors,
+        } => {
             let mut settings = common.settings()?;
             settings.run_relay = !no_relay;
             settings.run_projectors = !no_projectors;
@@ -212,26 +258,42 @@ pub async fn run(cli: Cli, shutdown: impl Future<Output = ()> + Send + 'static) 
             run_workers(vec![Background::Relay(startup::relay(&state)?)], shutdown).await;
         }
         Command::Project { name } => {
-            let projection = read_models::by_name(&name).with_context(|| unknown_projection(&name))?;
+            let projection =
+                read_models::by_name(&name).with_context(|| unknown_projection(&name))?;
             let state = startup::connect(&common.settings()?).await?;
-            run_workers(vec![Background::Projector(startup::projector(&state, projection))], shutdown).await;
+            run_workers(
+                vec![Background::Projector(startup::projector(
+                    &state, projection,
+                ))],
+                shutdown,
+            )
+            .await;
         }
         Command::Rebuild { name } => {
-            let projection = read_models::by_name(&name).with_context(|| unknown_projection(&name))?;
+            let projection =
+                read_models::by_name(&name).with_context(|| unknown_projection(&name))?;
             let settings = common.settings()?;
             let admin = db::admin_pool(&settings.database)?;
             let crypto = crm_infra::crypto::Crypto::new(&settings.keys)?;
             let bar = ProgressBar::new(0);
             bar.set_style(
-                ProgressStyle::with_template("{spinner} rebuild {msg} [{bar:40}] {pos}/{len} events ({per_sec}, eta {eta})")
-                    .expect("valid template")
-                    .progress_chars("=> "),
+                ProgressStyle::with_template(
+                    "{spinner} rebuild {msg} [{bar:40}] {pos}/{len} events ({per_sec}, eta {eta})",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
             );
             bar.set_message(name.clone());
-            let report = rebuild::rebuild(&admin, &crypto, projection, &settings.database.app_role, |done, total| {
-                bar.set_length(total);
-                bar.set_position(done);
-            })
+            let report = rebuild::rebuild(
+                &admin,
+                &crypto,
+                projection,
+                &settings.database.app_role,
+                |done, total| {
+                    bar.set_length(total);
+                    bar.set_position(done);
+                },
+            )
             .await?;
             bar.finish();
             println!(
@@ -271,18 +333,35 @@ async fn admin(common: Common, command: AdminCommand) -> anyhow::Result<()> {
             let org = accounts::create_organization(&state.executor, name).await?;
             println!("org_id={org}");
         }
-        AdminCommand::CreateUser { org, email, name, role } => {
+        AdminCommand::CreateUser {
+            org,
+            email,
+            name,
+            role,
+        } => {
             let email = Email::parse(&email).map_err(|e| anyhow::anyhow!("--email {e}"))?;
             let name = Name::parse(&name).map_err(|e| anyhow::anyhow!("--name {e}"))?;
-            let role = Role::parse(&role).with_context(|| format!("--role `{role}` is not a built-in role"))?;
+            let role = Role::parse(&role)
+                .with_context(|| format!("--role `{role}` is not a built-in role"))?;
             let (password, generated) = match std::env::var("CRM_NEW_PASSWORD") {
                 Ok(p) => (p, false),
                 Err(_) => (generate_password(), true),
             };
-            crate::auth::check_password_policy(&password).map_err(|e| anyhow::anyhow!("password {e}"))?;
+            crate::auth::check_password_policy(&password)
+                .map_err(|e| anyhow::anyhow!("password {e}"))?;
             let hash = crate::auth::hash_password(&password)?;
             let meta = EventMetadata::system(org, "operator");
-            let user = accounts::create_user(&state.executor, &state.pool, org, email.clone(), name, role, &hash, &meta).await?;
+            let user = accounts::create_user(
+                &state.executor,
+                &state.pool,
+                org,
+                email.clone(),
+                name,
+                role,
+                &hash,
+                &meta,
+            )
+            .await?;
             println!("user_id={user}");
             println!("email={email}");
             if generated {

@@ -19,7 +19,8 @@ fn clean_id(v: Option<String>) -> Option<String> {
     v.filter(|s| {
         !s.is_empty()
             && s.len() <= 128
-            && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
     })
 }
 
@@ -28,7 +29,8 @@ pub fn new_request_id() -> String {
 }
 
 /// Extracts the request context; never rejects.
-pub fn request_context() -> impl Filter<Extract = (RequestContext,), Error = std::convert::Infallible> + Clone {
+pub fn request_context(
+) -> impl Filter<Extract = (RequestContext,), Error = std::convert::Infallible> + Clone {
     warp::addr::remote()
         .and(warp::header::optional::<String>("user-agent"))
         .and(warp::header::optional::<String>("x-request-id"))

@@ -126,7 +126,8 @@ impl ApiError {
             }
             _ => {}
         }
-        let mut resp = warp::reply::with_status(warp::reply::json(&body), self.status()).into_response();
+        let mut resp =
+            warp::reply::with_status(warp::reply::json(&body), self.status()).into_response();
         let headers = resp.headers_mut();
         if let Ok(v) = request_id.parse() {
             headers.insert("x-request-id", v);
@@ -147,7 +148,9 @@ impl ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::Conflict => Self::Conflict("another command changed this record first; reload and retry".into()),
+            StoreError::Conflict => {
+                Self::Conflict("another command changed this record first; reload and retry".into())
+            }
             other => Self::internal(other),
         }
     }
@@ -175,15 +178,24 @@ impl From<CommandError<ContactError>> for ApiError {
     fn from(e: CommandError<ContactError>) -> Self {
         match e {
             CommandError::Domain(ContactError::NotFound) => Self::NotFound("contact not found"),
-            CommandError::Domain(ContactError::AlreadyExists) => Self::Conflict("contact already exists".into()),
-            CommandError::Domain(ContactError::Archived) => Self::Conflict("contact is archived and cannot change".into()),
+            CommandError::Domain(ContactError::AlreadyExists) => {
+                Self::Conflict("contact already exists".into())
+            }
+            CommandError::Domain(ContactError::Archived) => {
+                Self::Conflict("contact is archived and cannot change".into())
+            }
             CommandError::Domain(ContactError::EmptyProfile) => {
-                Self::Validation(vec![FieldError::new("profile", "a contact needs at least one field")])
+                Self::Validation(vec![FieldError::new(
+                    "profile",
+                    "a contact needs at least one field",
+                )])
             }
             CommandError::VersionMismatch { expected, actual } => Self::Conflict(format!(
                 "expected version {expected}, but the contact is at version {actual}"
             )),
-            CommandError::Conflict => Self::Conflict("another command changed this contact first; reload and retry".into()),
+            CommandError::Conflict => Self::Conflict(
+                "another command changed this contact first; reload and retry".into(),
+            ),
             CommandError::Store(e) => e.into(),
         }
     }
@@ -210,7 +222,10 @@ pub async fn recover(rejection: Rejection) -> Result<Response, Infallible> {
         ApiError::NotFound("no such route")
     } else if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
         ApiError::PayloadTooLarge
-    } else if rejection.find::<warp::reject::UnsupportedMediaType>().is_some() {
+    } else if rejection
+        .find::<warp::reject::UnsupportedMediaType>()
+        .is_some()
+    {
         ApiError::UnsupportedMediaType
     } else if rejection.find::<warp::reject::LengthRequired>().is_some() {
         ApiError::bad_request("length_required", "a Content-Length header is required")
@@ -231,10 +246,17 @@ pub async fn recover(rejection: Rejection) -> Result<Response, Infallible> {
 /// Parses a JSON body with a message that names what is wrong.
 pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     if body.is_empty() {
-        return Err(ApiError::bad_request("invalid_json", "the request body is empty"));
+        return Err(ApiError::bad_request(
+            "invalid_json",
+            "the request body is empty",
+        ));
     }
     serde_json::from_slice(body).map_err(|e| {
-        let code = if e.is_syntax() || e.is_eof() { "invalid_json" } else { "invalid_body" };
+        let code = if e.is_syntax() || e.is_eof() {
+            "invalid_json"
+        } else {
+            "invalid_body"
+        };
         ApiError::bad_request(code, e.to_string())
     })
 }
@@ -242,14 +264,20 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiE
 /// A JSON success response with the request id header.
 pub fn json_response(status: StatusCode, body: &impl Serialize, request_id: &str) -> Response {
     let mut resp = warp::reply::with_status(warp::reply::json(body), status).into_response();
-    if let Some(v) = Some(request_id).filter(|r| !r.is_empty()).and_then(|r| r.parse().ok()) {
+    if let Some(v) = Some(request_id)
+        .filter(|r| !r.is_empty())
+        .and_then(|r| r.parse().ok())
+    {
         resp.headers_mut().insert("x-request-id", v);
     }
     resp
 }
 
 /// Either response, for handlers that never fail at the warp level.
-pub fn finish(result: Result<Response, ApiError>, request_id: &str) -> Result<Response, Infallible> {
+pub fn finish(
+    result: Result<Response, ApiError>,
+    request_id: &str,
+) -> Result<Response, Infallible> {
     Ok(result.unwrap_or_else(|e| e.into_response(request_id)))
 }
 

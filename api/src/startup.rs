@@ -34,7 +34,8 @@ pub enum Background {
 /// Connections and services every process of the service needs.
 pub async fn connect(settings: &Settings) -> anyhow::Result<AppState> {
     let pool = db::app_pool(&settings.database).context("database settings")?;
-    let _probe = pool.get()
+    let _probe = pool
+        .get()
         .await
         .context("cannot connect to PostgreSQL (is DATABASE_URL right, and `crm migrate` done?)")?;
     let crypto = Arc::new(Crypto::new(&settings.keys).context("CRM_KEK")?);
@@ -108,7 +109,9 @@ impl Application {
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().expect("a bound listener has an address")
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
     }
 
     pub fn state(&self) -> &AppState {

@@ -32,7 +32,9 @@ impl AppState {
         position: Option<i64>,
         wait: Option<Duration>,
     ) -> Result<(), ApiError> {
-        let Some(position) = position else { return Ok(()) };
+        let Some(position) = position else {
+            return Ok(());
+        };
         let max = self.settings.http.max_consistency_wait;
         let deadline = Instant::now() + wait.unwrap_or(max).min(max);
         let client = self.pool.get().await?;

@@ -63,8 +63,11 @@ impl Aggregate for Organization {
                 if self.id.is_some() {
                     return Err(OrganizationError::AlreadyExists);
                 }
-                sink.write(OrganizationEvent::OrganizationCreated { org_id, name }, self)
-                    .await;
+                sink.write(
+                    OrganizationEvent::OrganizationCreated { org_id, name },
+                    self,
+                )
+                .await;
             }
         }
         Ok(())

@@ -209,7 +209,15 @@ mod tests {
             Email::parse(" Ada@Example.COM ").unwrap().as_str(),
             "Ada@example.com"
         );
-        for bad in ["", "ada", "ada@", "@example.com", "ada@example", "a..b@example.com", "ada@-x.com"] {
+        for bad in [
+            "",
+            "ada",
+            "ada@",
+            "@example.com",
+            "ada@example",
+            "a..b@example.com",
+            "ada@-x.com",
+        ] {
             assert!(Email::parse(bad).is_err(), "{bad} should be rejected");
         }
     }
@@ -217,7 +225,13 @@ mod tests {
     #[test]
     fn phone_must_be_e164() {
         assert!(Phone::parse("+14155550123").is_ok());
-        for bad in ["14155550123", "+0123456789", "+1-415-555", "+1234567", "+1234567890123456"] {
+        for bad in [
+            "14155550123",
+            "+0123456789",
+            "+1-415-555",
+            "+1234567",
+            "+1234567890123456",
+        ] {
             assert!(Phone::parse(bad).is_err(), "{bad} should be rejected");
         }
     }

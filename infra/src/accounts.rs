@@ -5,9 +5,9 @@ use crm_domain::metadata::EventMetadata;
 use crm_domain::organization::{Organization, OrganizationCommand, OrganizationError};
 use crm_domain::user::{Person, Role, User, UserCommand, UserError};
 use crm_domain::values::{Email, Name};
+use deadpool_postgres::GenericClient;
 use deadpool_postgres::Pool;
 use tokio_postgres::error::SqlState;
-use deadpool_postgres::GenericClient;
 use uuid::Uuid;
 
 use crate::commands::{CommandError, Executor};
@@ -55,7 +55,11 @@ pub async fn create_organization(executor: &Executor, name: Name) -> Result<Uuid
     Ok(org_id)
 }
 
-pub async fn organization_exists(executor: &Executor, pool: &Pool, org_id: Uuid) -> Result<bool, AccountError> {
+pub async fn organization_exists(
+    executor: &Executor,
+    pool: &Pool,
+    org_id: Uuid,
+) -> Result<bool, AccountError> {
     let client = pool.get().await?;
     let loaded = executor
         .load::<Organization>(&client, org_id, &org_id.to_string())
@@ -100,7 +104,10 @@ pub async fn create_user(
             UserCommand::Register {
                 user_id,
                 org_id,
-                person: Person { email, display_name },
+                person: Person {
+                    email,
+                    display_name,
+                },
                 role,
             },
             meta,
@@ -117,7 +124,10 @@ pub async fn create_user(
 }
 
 /// The login stored for an email address, if any.
-pub async fn find_credential(client: &impl GenericClient, email: &str) -> Result<Option<Credential>, tokio_postgres::Error> {
+pub async fn find_credential(
+    client: &impl GenericClient,
+    email: &str,
+) -> Result<Option<Credential>, tokio_postgres::Error> {
     let row = client
         .query_opt(
             "SELECT user_id, org_id, password_hash, active FROM credentials WHERE email_lower = $1",

@@ -7,10 +7,10 @@ use cqrs_es::event_sink::EventSink;
 use cqrs_es::{Aggregate, DomainEvent};
 use crm_domain::metadata::EventMetadata;
 use crm_domain::PersonalData;
+use deadpool_postgres::GenericClient;
 use deadpool_postgres::Pool;
 use serde::Serialize;
 use serde_json::Value;
-use deadpool_postgres::GenericClient;
 use tracing::Instrument;
 use uuid::Uuid;
 
@@ -77,7 +77,13 @@ pub async fn decode(
     let mut payload = stored.payload.clone();
     let mut metadata = stored.metadata.clone();
     crypto
-        .decrypt_event(client, &stored.org_id, &stored.aggregate_id, &mut payload, &mut metadata)
+        .decrypt_event(
+            client,
+            &stored.org_id,
+            &stored.aggregate_id,
+            &mut payload,
+            &mut metadata,
+        )
         .await?;
     let metadata = serde_json::from_value(metadata)
         .map_err(|e| StoreError::Corrupt(stored.global_position, e.to_string()))?;
@@ -159,8 +165,14 @@ impl Executor {
             return Ok(None);
         };
         let sealed: Vec<u8> = row.get(2);
-        let state = Crypto::open_bytes(&key, &stream.org_id, stream.aggregate_id, "snapshot", &sealed)
-            .and_then(|bytes| serde_json::from_slice::<A>(&bytes).ok());
+        let state = Crypto::open_bytes(
+            &key,
+            &stream.org_id,
+            stream.aggregate_id,
+            "snapshot",
+            &sealed,
+        )
+        .and_then(|bytes| serde_json::from_slice::<A>(&bytes).ok());
         Ok(state.map(|a| {
             (
                 a,
@@ -185,7 +197,13 @@ impl Executor {
             .await?;
         let bytes = serde_json::to_vec(aggregate)
             .map_err(|e| StoreError::Corrupt(head.version, e.to_string()))?;
-        let sealed = Crypto::seal_bytes(&key, &stream.org_id, stream.aggregate_id, "snapshot", &bytes)?;
+        let sealed = Crypto::seal_bytes(
+            &key,
+            &stream.org_id,
+            stream.aggregate_id,
+            "snapshot",
+            &bytes,
+        )?;
         client
             .execute(
                 "INSERT INTO snapshots (aggregate_type, aggregate_id, org_id, last_sequence, last_hash, state) \
@@ -263,7 +281,10 @@ impl Executor {
         A::Event: PersonalData,
     {
         let mut client = self.pool.get().await.map_err(StoreError::from)?;
-        let Loaded { mut aggregate, head } = self.load::<A>(&client, org_id, id).await?;
+        let Loaded {
+            mut aggregate,
+            head,
+        } = self.load::<A>(&client, org_id, id).await?;
         if let Some(expected) = expected_version {
             if expected != head.version {
                 return Err(CommandError::VersionMismatch {
@@ -285,15 +306,22 @@ impl Executor {
                 positions: vec![],
             });
         }
-        let meta_json = serde_json::to_value(metadata)
-            .map_err(|e| StoreError::Corrupt(0, e.to_string()))?;
+        let meta_json =
+            serde_json::to_value(metadata).map_err(|e| StoreError::Corrupt(0, e.to_string()))?;
         let mut pending = Vec::with_capacity(events.len());
         for event in &events {
-            let mut payload = serde_json::to_value(event)
-                .map_err(|e| StoreError::Corrupt(0, e.to_string()))?;
+            let mut payload =
+                serde_json::to_value(event).map_err(|e| StoreError::Corrupt(0, e.to_string()))?;
             let mut meta = meta_json.clone();
             self.crypto
-                .encrypt_event(&client, &org_id, id, event.personal_sections(), &mut payload, &mut meta)
+                .encrypt_event(
+                    &client,
+                    &org_id,
+                    id,
+                    event.personal_sections(),
+                    &mut payload,
+                    &mut meta,
+                )
                 .await
                 .map_err(StoreError::from)?;
             pending.push(PendingEvent {
@@ -321,7 +349,10 @@ impl Executor {
             // A snapshot is a cache: failing to write one never fails the command.
             let reloaded = self.load::<A>(&client, org_id, id).await;
             if let Ok(l) = reloaded {
-                if let Err(e) = self.save_snapshot(&client, &stream, &l.aggregate, &l.head).await {
+                if let Err(e) = self
+                    .save_snapshot(&client, &stream, &l.aggregate, &l.head)
+                    .await
+                {
                     tracing::warn!(error = %e, "snapshot not written");
                 }
             }

@@ -15,10 +15,10 @@ use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
+use deadpool_postgres::GenericClient;
 use rand::RngCore;
 use secrecy::ExposeSecret;
 use serde_json::Value;
-use deadpool_postgres::GenericClient;
 use uuid::Uuid;
 
 use crate::settings::KeySettings;
@@ -57,7 +57,13 @@ fn seal(cipher: &Aes256Gcm, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, Cry
     let mut nonce = [0u8; 12];
     rand::thread_rng().fill_bytes(&mut nonce);
     let ct = cipher
-        .encrypt(&Nonce::from(nonce), Payload { msg: plaintext, aad })
+        .encrypt(
+            &Nonce::from(nonce),
+            Payload {
+                msg: plaintext,
+                aad,
+            },
+        )
         .map_err(|_| CryptoError::Encrypt)?;
     let mut out = Vec::with_capacity(12 + ct.len());
     out.extend_from_slice(&nonce);
@@ -71,7 +77,10 @@ fn open(cipher: &Aes256Gcm, aad: &[u8], sealed: &[u8]) -> Option<Vec<u8>> {
     }
     let (nonce, ct) = sealed.split_at(12);
     cipher
-        .decrypt(&Nonce::from(<[u8; 12]>::try_from(nonce).ok()?), Payload { msg: ct, aad })
+        .decrypt(
+            &Nonce::from(<[u8; 12]>::try_from(nonce).ok()?),
+            Payload { msg: ct, aad },
+        )
         .ok()
 }
 
@@ -116,7 +125,12 @@ impl Crypto {
         cache.remove(&(*org, subject.to_owned()));
     }
 
-    fn unwrap_key(&self, org: &Uuid, subject: &str, wrapped: &[u8]) -> Result<DataKey, CryptoError> {
+    fn unwrap_key(
+        &self,
+        org: &Uuid,
+        subject: &str,
+        wrapped: &[u8],
+    ) -> Result<DataKey, CryptoError> {
         let aad = format!("crm-dek|{org}|{subject}");
         let raw = open(&self.kek, aad.as_bytes(), wrapped).ok_or(CryptoError::Unwrap)?;
         let cipher = Aes256Gcm::new_from_slice(&raw).map_err(|_| CryptoError::Unwrap)?;
@@ -183,7 +197,10 @@ impl Crypto {
     ) -> Result<Value, CryptoError> {
         let plaintext = serde_json::to_vec(value).map_err(|_| CryptoError::Encrypt)?;
         let sealed = seal(&key.0, &field_aad(org, subject, field), &plaintext)?;
-        Ok(Value::String(format!("{ENCRYPTED_PREFIX}{}", B64.encode(sealed))))
+        Ok(Value::String(format!(
+            "{ENCRYPTED_PREFIX}{}",
+            B64.encode(sealed)
+        )))
     }
 
     /// Decrypts an `enc:v1:` string; `None` when the key is gone or the value was tampered.
@@ -201,18 +218,34 @@ impl Crypto {
     }
 
     /// Encrypts opaque bytes (snapshots) under the subject's key.
-    pub fn seal_bytes(key: &DataKey, org: &Uuid, subject: &str, what: &str, bytes: &[u8]) -> Result<Vec<u8>, CryptoError> {
+    pub fn seal_bytes(
+        key: &DataKey,
+        org: &Uuid,
+        subject: &str,
+        what: &str,
+        bytes: &[u8],
+    ) -> Result<Vec<u8>, CryptoError> {
         seal(&key.0, &field_aad(org, subject, what), bytes)
     }
 
-    pub fn open_bytes(key: &DataKey, org: &Uuid, subject: &str, what: &str, sealed: &[u8]) -> Option<Vec<u8>> {
+    pub fn open_bytes(
+        key: &DataKey,
+        org: &Uuid,
+        subject: &str,
+        what: &str,
+        sealed: &[u8],
+    ) -> Option<Vec<u8>> {
         open(&key.0, &field_aad(org, subject, what), sealed)
     }
 }
 
 /// Names the personal members of an event so they can be encrypted: the event's
 /// `sections` (objects inside the variant body) and the personal metadata fields.
-pub fn personal_paths(payload: &Value, sections: &[&str], metadata: &Value) -> Vec<(Vec<String>, String)> {
+pub fn personal_paths(
+    payload: &Value,
+    sections: &[&str],
+    metadata: &Value,
+) -> Vec<(Vec<String>, String)> {
     let mut paths = Vec::new();
     if let Some((variant, body)) = payload.as_object().and_then(|o| o.iter().next()) {
         for section in sections {
@@ -257,7 +290,11 @@ impl Crypto {
         }
         let key = self.key_for_writing(client, org, subject).await?;
         for (path, field) in paths {
-            let root = if field.starts_with("metadata.") { &mut *metadata } else { &mut *payload };
+            let root = if field.starts_with("metadata.") {
+                &mut *metadata
+            } else {
+                &mut *payload
+            };
             if let Some(slot) = get_mut(root, &path) {
                 *slot = Self::encrypt_value(&key, org, subject, &field, slot)?;
             }
@@ -307,9 +344,14 @@ impl Crypto {
         }
         let key = self.key_for_reading(client, org, subject).await?;
         for (is_meta, path, field) in targets {
-            let root = if is_meta { &mut *metadata } else { &mut *payload };
+            let root = if is_meta {
+                &mut *metadata
+            } else {
+                &mut *payload
+            };
             if let Some(slot) = get_mut(root, &path) {
-                *slot = Self::decrypt_value(key.as_ref(), org, subject, &field, slot).unwrap_or(Value::Null);
+                *slot = Self::decrypt_value(key.as_ref(), org, subject, &field, slot)
+                    .unwrap_or(Value::Null);
             }
         }
         Ok(())
@@ -332,15 +374,38 @@ mod tests {
     #[test]
     fn values_are_bound_to_their_field_and_subject() {
         let c = crypto();
-        let key = c.unwrap_key(&Uuid::nil(), "s", &seal(&c.kek, b"crm-dek|00000000-0000-0000-0000-000000000000|s", &[1u8; 32]).unwrap()).unwrap();
+        let key = c
+            .unwrap_key(
+                &Uuid::nil(),
+                "s",
+                &seal(
+                    &c.kek,
+                    b"crm-dek|00000000-0000-0000-0000-000000000000|s",
+                    &[1u8; 32],
+                )
+                .unwrap(),
+            )
+            .unwrap();
         let org = Uuid::nil();
         let v = serde_json::json!("ada@example.com");
         let enc = Crypto::encrypt_value(&key, &org, "s", "profile.email", &v).unwrap();
         assert!(!enc.as_str().unwrap().contains("ada"));
-        assert_eq!(Crypto::decrypt_value(Some(&key), &org, "s", "profile.email", &enc), Some(v));
-        assert_eq!(Crypto::decrypt_value(Some(&key), &org, "s", "profile.phone", &enc), None);
-        assert_eq!(Crypto::decrypt_value(Some(&key), &org, "t", "profile.email", &enc), None);
-        assert_eq!(Crypto::decrypt_value(None, &org, "s", "profile.email", &enc), None);
+        assert_eq!(
+            Crypto::decrypt_value(Some(&key), &org, "s", "profile.email", &enc),
+            Some(v)
+        );
+        assert_eq!(
+            Crypto::decrypt_value(Some(&key), &org, "s", "profile.phone", &enc),
+            None
+        );
+        assert_eq!(
+            Crypto::decrypt_value(Some(&key), &org, "t", "profile.email", &enc),
+            None
+        );
+        assert_eq!(
+            Crypto::decrypt_value(None, &org, "s", "profile.email", &enc),
+            None
+        );
     }
 
     #[test]

@@ -2,10 +2,10 @@
 //! read in commit order.
 
 use chrono::{DateTime, Utc};
+use deadpool_postgres::GenericClient;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio_postgres::error::SqlState;
-use deadpool_postgres::GenericClient;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
@@ -212,7 +212,13 @@ pub async fn read_stream(
     let rows = client
         .query(
             &stmt,
-            &[&stream.aggregate_type, &stream.aggregate_id, &stream.org_id, &after_sequence, &as_of],
+            &[
+                &stream.aggregate_type,
+                &stream.aggregate_id,
+                &stream.org_id,
+                &after_sequence,
+                &as_of,
+            ],
         )
         .await?;
     Ok(rows.iter().map(from_row).collect())
@@ -282,9 +288,7 @@ pub async fn commit_key_of(
     position: i64,
 ) -> Result<Option<CommitKey>, StoreError> {
     let stmt = client
-        .prepare_cached(
-            "SELECT tx_id::text::bigint FROM events WHERE global_position = $1",
-        )
+        .prepare_cached("SELECT tx_id::text::bigint FROM events WHERE global_position = $1")
         .await?;
     Ok(client
         .query_opt(&stmt, &[&position])

@@ -73,8 +73,15 @@ mod tests {
         let p2: Value = serde_json::from_str(r#"{"b": {"y": 2, "x": 1}, "a": 1}"#).unwrap();
         let m = serde_json::json!({});
         let f = |p| HashedFields {
-            event_id: &id, org_id: &id, aggregate_type: "contact", aggregate_id: "c",
-            sequence: 1, event_type: "E", event_version: "1", payload: p, metadata: &m,
+            event_id: &id,
+            org_id: &id,
+            aggregate_type: "contact",
+            aggregate_id: "c",
+            sequence: 1,
+            event_type: "E",
+            event_version: "1",
+            payload: p,
+            metadata: &m,
         };
         assert_eq!(event_hash(None, &f(&p1)), event_hash(None, &f(&p2)));
         assert_ne!(event_hash(None, &f(&p1)), event_hash(Some(&[1]), &f(&p1)));

@@ -27,17 +27,24 @@ const BUCKETS: &[f64] = &[
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let registry = Registry::new();
     let commands = IntCounterVec::new(
-        Opts::new("crm_commands_total", "Commands handled, by aggregate and outcome"),
+        Opts::new(
+            "crm_commands_total",
+            "Commands handled, by aggregate and outcome",
+        ),
         &["aggregate", "outcome"],
     )
     .expect("metric");
     let conflicts = IntCounterVec::new(
-        Opts::new("crm_command_conflicts_total", "Optimistic concurrency conflicts"),
+        Opts::new(
+            "crm_command_conflicts_total",
+            "Optimistic concurrency conflicts",
+        ),
         &["aggregate"],
     )
     .expect("metric");
     let command_seconds = HistogramVec::new(
-        HistogramOpts::new("crm_command_duration_seconds", "Command latency").buckets(BUCKETS.to_vec()),
+        HistogramOpts::new("crm_command_duration_seconds", "Command latency")
+            .buckets(BUCKETS.to_vec()),
         &["aggregate"],
     )
     .expect("metric");
@@ -55,17 +62,26 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     )
     .expect("metric");
     let projector_applied = IntCounterVec::new(
-        Opts::new("crm_projector_applied_total", "Events applied, by projection"),
+        Opts::new(
+            "crm_projector_applied_total",
+            "Events applied, by projection",
+        ),
         &["projection"],
     )
     .expect("metric");
     let projector_lag_events = IntGaugeVec::new(
-        Opts::new("crm_projector_lag_events", "Committed events a projection has not applied"),
+        Opts::new(
+            "crm_projector_lag_events",
+            "Committed events a projection has not applied",
+        ),
         &["projection"],
     )
     .expect("metric");
     let http_requests = IntCounterVec::new(
-        Opts::new("crm_http_requests_total", "HTTP requests, by method and status"),
+        Opts::new(
+            "crm_http_requests_total",
+            "HTTP requests, by method and status",
+        ),
         &["method", "status"],
     )
     .expect("metric");

@@ -16,9 +16,9 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::AckKind;
 use async_trait::async_trait;
+use deadpool_postgres::GenericClient;
 use deadpool_postgres::{Pool, Transaction};
 use futures::StreamExt;
-use deadpool_postgres::GenericClient;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::Bus;
@@ -68,11 +68,18 @@ pub trait Rebuilder: Send {
     fn fold(&mut self, event: &DecodedEvent) -> Result<(), ProjectionError>;
     /// Whether enough has piled up to flush before the end.
     fn wants_flush(&self) -> bool;
-    async fn flush(&mut self, client: &tokio_postgres::Client, table: &str) -> Result<u64, ProjectionError>;
+    async fn flush(
+        &mut self,
+        client: &tokio_postgres::Client,
+        table: &str,
+    ) -> Result<u64, ProjectionError>;
 }
 
 /// The checkpoint of a projection (zero when it has none yet).
-pub async fn checkpoint(client: &impl GenericClient, name: &str) -> Result<CommitKey, tokio_postgres::Error> {
+pub async fn checkpoint(
+    client: &impl GenericClient,
+    name: &str,
+) -> Result<CommitKey, tokio_postgres::Error> {
     let row = client
         .query_opt(
             "SELECT tx_id::text::bigint, global_position FROM projection_checkpoints WHERE name = $1",
@@ -86,7 +93,11 @@ pub async fn checkpoint(client: &impl GenericClient, name: &str) -> Result<Commi
 }
 
 /// Sets a projection's checkpoint (inside the caller's transaction).
-pub async fn set_checkpoint(client: &impl GenericClient, name: &str, key: CommitKey) -> Result<(), tokio_postgres::Error> {
+pub async fn set_checkpoint(
+    client: &impl GenericClient,
+    name: &str,
+    key: CommitKey,
+) -> Result<(), tokio_postgres::Error> {
     client
         .execute(
             "INSERT INTO projection_checkpoints (name, tx_id, global_position) \
@@ -190,7 +201,10 @@ impl ProjectorWorker {
         }
     }
 
-    async fn handle_batch(&self, msgs: Vec<async_nats::jetstream::Message>) -> Result<(), ProjectionError> {
+    async fn handle_batch(
+        &self,
+        msgs: Vec<async_nats::jetstream::Message>,
+    ) -> Result<(), ProjectionError> {
         let mut parsed = Vec::with_capacity(msgs.len());
         for m in msgs {
             match serde_json::from_slice::<StoredEvent>(&m.payload) {
@@ -269,7 +283,9 @@ impl ProjectorWorker {
                 continue;
             }
             let decoded = decode(&self.crypto, &tx, event.clone()).await?;
-            self.projection.apply(&tx, self.projection.table(), &decoded).await?;
+            self.projection
+                .apply(&tx, self.projection.table(), &decoded)
+                .await?;
             ck = key;
             verdicts.push(Verdict::Applied);
         }

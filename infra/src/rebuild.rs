@@ -41,7 +41,10 @@ pub async fn rebuild(
             "DROP TABLE IF EXISTS {shadow}; CREATE TABLE {shadow} (LIKE {table} INCLUDING ALL)"
         ))
         .await?;
-    crypto.preload(&writer).await.map_err(event_store::StoreError::from)?;
+    crypto
+        .preload(&writer)
+        .await
+        .map_err(event_store::StoreError::from)?;
 
     let total: i64 = reader
         .query_one(

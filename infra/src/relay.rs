@@ -10,10 +10,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use deadpool_postgres::GenericClient;
 use deadpool_postgres::Pool;
 use futures::StreamExt;
 use tokio::sync::Notify;
-use deadpool_postgres::GenericClient;
 use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 
@@ -95,7 +95,9 @@ impl Relay {
             }
         });
         let _guard = AbortOnDrop(driver);
-        client.batch_execute(&format!("LISTEN {NOTIFY_CHANNEL}")).await?;
+        client
+            .batch_execute(&format!("LISTEN {NOTIFY_CHANNEL}"))
+            .await?;
 
         // Leadership: one active relay per name, the others wait.
         let lock_key = format!("crm-relay:{}", self.name);
@@ -116,7 +118,11 @@ impl Relay {
 
         // Reads and checkpoints go through a pooled connection; the dedicated one above
         // holds the lock and the LISTEN.
-        let db = self.pool.get().await.map_err(|e| RelayError::Publish(format!("pool: {e}")))?;
+        let db = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| RelayError::Publish(format!("pool: {e}")))?;
         let mut ck = checkpoint(&db, &self.name).await?;
         let mut last_lag = Instant::now() - LAG_EVERY;
         loop {
@@ -128,13 +134,13 @@ impl Relay {
                 self.publish(&batch).await?;
                 ck = batch.last().expect("non-empty").commit_key();
                 db.execute(
-                        "INSERT INTO relay_checkpoints (name, tx_id, global_position) \
+                    "INSERT INTO relay_checkpoints (name, tx_id, global_position) \
                          VALUES ($1, $2::bigint::text::xid8, $3) \
                          ON CONFLICT (name) DO UPDATE SET tx_id = EXCLUDED.tx_id, \
                          global_position = EXCLUDED.global_position, updated_at = now()",
-                        &[&self.name, &ck.tx_id, &ck.position],
-                    )
-                    .await?;
+                    &[&self.name, &ck.tx_id, &ck.position],
+                )
+                .await?;
                 METRICS.relay_published.inc_by(batch.len() as u64);
             }
             if last_lag.elapsed() >= LAG_EVERY {
@@ -162,7 +168,10 @@ impl Relay {
                 .settings
                 .subject(&e.org_id, &e.aggregate_type, &e.aggregate_id);
             let mut headers = async_nats::HeaderMap::new();
-            headers.insert(async_nats::header::NATS_MESSAGE_ID, e.event_id.to_string().as_str());
+            headers.insert(
+                async_nats::header::NATS_MESSAGE_ID,
+                e.event_id.to_string().as_str(),
+            );
             let body = serde_json::to_vec(e).map_err(|e| RelayError::Publish(e.to_string()))?;
             let ack = self
                 .bus

@@ -23,7 +23,10 @@ pub struct NatsSettings {
 impl NatsSettings {
     /// `crm.evt.<org>.<aggregate_type>.<aggregate_id>`
     pub fn subject(&self, org_id: &uuid::Uuid, aggregate_type: &str, aggregate_id: &str) -> String {
-        format!("{}.{org_id}.{aggregate_type}.{aggregate_id}", self.subject_prefix)
+        format!(
+            "{}.{org_id}.{aggregate_type}.{aggregate_id}",
+            self.subject_prefix
+        )
     }
     pub fn all_subjects(&self) -> String {
         format!("{}.>", self.subject_prefix)

@@ -1,8 +1,8 @@
 //! Verification of the per-stream hash chains: detects any change to stored events.
 
+use deadpool_postgres::GenericClient;
 use futures::{pin_mut, TryStreamExt};
 use serde::Serialize;
-use deadpool_postgres::GenericClient;
 
 use crate::event_store::{from_row, COLUMNS};
 use crate::hash_chain::{event_hash, HashedFields};
@@ -39,7 +39,9 @@ pub async fn verify_chains(
         "SELECT {COLUMNS} FROM events WHERE ($1::uuid IS NULL OR org_id = $1) \
          ORDER BY aggregate_type, aggregate_id, sequence"
     );
-    let rows = client.query_raw(&sql, [&org as &(dyn tokio_postgres::types::ToSql + Sync)]).await?;
+    let rows = client
+        .query_raw(&sql, [&org as &(dyn tokio_postgres::types::ToSql + Sync)])
+        .await?;
     pin_mut!(rows);
     let mut report = VerifyReport::default();
     let mut current: Option<(String, String)> = None;
@@ -65,9 +67,15 @@ pub async fn verify_chains(
             })
         };
         if e.sequence != expected_seq {
-            broken(format!("expected sequence {expected_seq}, found {}", e.sequence));
+            broken(format!(
+                "expected sequence {expected_seq}, found {}",
+                e.sequence
+            ));
         }
-        let stored_prev = e.prev_hash.as_deref().map(|h| hex::decode(h).unwrap_or_default());
+        let stored_prev = e
+            .prev_hash
+            .as_deref()
+            .map(|h| hex::decode(h).unwrap_or_default());
         if stored_prev != prev {
             broken("prev_hash does not match the previous event's hash".into());
         }

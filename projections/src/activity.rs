@@ -66,8 +66,14 @@ mod tests {
             recorded_at: Utc::now(),
         };
         let e = entry(&env, &meta);
-        assert_eq!((e.actor_kind.as_str(), e.actor_id.as_str()), ("system", "cli"));
-        assert_eq!((e.action.as_str(), e.entity_id.as_str()), ("ContactCreated", "c1"));
+        assert_eq!(
+            (e.actor_kind.as_str(), e.actor_id.as_str()),
+            ("system", "cli")
+        );
+        assert_eq!(
+            (e.action.as_str(), e.entity_id.as_str()),
+            ("ContactCreated", "c1")
+        );
         assert!(!serde_json::to_string(&e).unwrap().contains("203.0.113.9"));
     }
 }

@@ -120,7 +120,9 @@ mod tests {
 
     #[test]
     fn create_update_archive_and_redelivery() {
-        let Update::Changed(v1) = update(None, &env(1), &created()) else { panic!() };
+        let Update::Changed(v1) = update(None, &env(1), &created()) else {
+            panic!()
+        };
         assert_eq!(v1.version, 1);
         let changes = ContactChanges {
             set: ContactProfile {
@@ -130,11 +132,17 @@ mod tests {
             ..Default::default()
         };
         let upd = ContactEvent::ContactUpdated { changes };
-        let Update::Changed(v2) = update(Some(&v1), &env(2), &upd) else { panic!() };
-        assert_eq!(v2.profile.email.as_ref().unwrap().as_str(), "ada@example.com");
+        let Update::Changed(v2) = update(Some(&v1), &env(2), &upd) else {
+            panic!()
+        };
+        assert_eq!(
+            v2.profile.email.as_ref().unwrap().as_str(),
+            "ada@example.com"
+        );
         assert_eq!(v2.profile.given_name, v1.profile.given_name);
         assert_eq!(update(Some(&v2), &env(2), &upd), Update::AlreadyApplied);
-        let Update::Changed(v3) = update(Some(&v2), &env(3), &ContactEvent::ContactArchived {}) else {
+        let Update::Changed(v3) = update(Some(&v2), &env(3), &ContactEvent::ContactArchived {})
+        else {
             panic!()
         };
         assert!(v3.archived);
@@ -143,7 +151,9 @@ mod tests {
 
     #[test]
     fn a_gap_is_reported() {
-        let Update::Changed(v1) = update(None, &env(1), &created()) else { panic!() };
+        let Update::Changed(v1) = update(None, &env(1), &created()) else {
+            panic!()
+        };
         assert_eq!(
             update(Some(&v1), &env(3), &ContactEvent::ContactArchived {}),
             Update::OutOfOrder { have: 1, got: 3 }

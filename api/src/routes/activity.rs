@@ -7,7 +7,9 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::Filter;
 
-use super::{consistency, parse_limit, parse_query, parse_time, raw_query, staff, with_state, Authed};
+use super::{
+    consistency, parse_limit, parse_query, parse_time, raw_query, staff, with_state, Authed,
+};
 use crate::error::{finish, json_response, ApiError};
 use crate::state::AppState;
 
@@ -27,7 +29,18 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
 async fn list(s: AppState, a: Authed, raw: String) -> Result<Response, ApiError> {
     let q = parse_query(
         &raw,
-        &["actor_id", "action", "entity_type", "entity_id", "since", "until", "before", "limit", "min_position", "wait_ms"],
+        &[
+            "actor_id",
+            "action",
+            "entity_type",
+            "entity_id",
+            "since",
+            "until",
+            "before",
+            "limit",
+            "min_position",
+            "wait_ms",
+        ],
     )?;
     let (pos, wait) = consistency(&q)?;
     let limit = parse_limit(&q)?;
@@ -40,14 +53,20 @@ async fn list(s: AppState, a: Authed, raw: String) -> Result<Response, ApiError>
         until: q.get("until").map(|v| parse_time("until", v)).transpose()?,
         before: q
             .get("before")
-            .map(|v| v.parse::<i64>().map_err(|_| ApiError::bad_request("invalid_query", "`before` must be a position")))
+            .map(|v| {
+                v.parse::<i64>().map_err(|_| {
+                    ApiError::bad_request("invalid_query", "`before` must be a position")
+                })
+            })
             .transpose()?,
         limit,
     };
     s.await_projection("activity", pos, wait).await?;
     let client = s.pool.get().await?;
     let items = activity_rm::list(&client, a.caller.org_id, &filter).await?;
-    let next = (items.len() as i64 == limit).then(|| items.last().map(|e| e.global_position)).flatten();
+    let next = (items.len() as i64 == limit)
+        .then(|| items.last().map(|e| e.global_position))
+        .flatten();
     let items: Vec<_> = items
         .iter()
         .map(|e| {
@@ -64,5 +83,9 @@ async fn list(s: AppState, a: Authed, raw: String) -> Result<Response, ApiError>
             })
         })
         .collect();
-    Ok(json_response(StatusCode::OK, &json!({ "items": items, "next_before": next }), &a.ctx.request_id))
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({ "items": items, "next_before": next }),
+        &a.ctx.request_id,
+    ))
 }

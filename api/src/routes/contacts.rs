@@ -3,8 +3,13 @@
 use std::collections::BTreeMap;
 
 use cqrs_es::Aggregate;
-use crm_domain::contact::{Contact, ContactChanges, ContactCommand, ContactEvent, ContactField, ContactProfile};
-use crm_domain::values::{Address, CountryCode, CustomFieldKey, CustomFieldValue, Email, InvalidValue, Line, Name, Phone, Text};
+use crm_domain::contact::{
+    Contact, ContactChanges, ContactCommand, ContactEvent, ContactField, ContactProfile,
+};
+use crm_domain::values::{
+    Address, CountryCode, CustomFieldKey, CustomFieldValue, Email, InvalidValue, Line, Name, Phone,
+    Text,
+};
 use crm_infra::commands::{decode, CommandOutcome};
 use crm_infra::event_store::{self, StreamId};
 use crm_infra::read_models::contacts::{self as contacts_rm, ContactFilter};
@@ -17,7 +22,10 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::Filter;
 
-use super::{body, consistency, parse_limit, parse_query, parse_time, raw_query, require_json, staff, with_state, Authed};
+use super::{
+    body, consistency, parse_limit, parse_query, parse_time, raw_query, require_json, staff,
+    with_state, Authed,
+};
 use crate::error::{finish, json_response, parse_json, ApiError, FieldError};
 use crate::state::AppState;
 
@@ -99,9 +107,16 @@ fn field<T>(
 }
 
 fn parse_address(errors: &mut Vec<FieldError>, a: AddressInput) -> Option<Address> {
-    fn part<T>(errors: &mut Vec<FieldError>, name: &str, v: Option<String>, p: impl Fn(&str) -> Result<T, InvalidValue>) -> Option<T> {
+    fn part<T>(
+        errors: &mut Vec<FieldError>,
+        name: &str,
+        v: Option<String>,
+        p: impl Fn(&str) -> Result<T, InvalidValue>,
+    ) -> Option<T> {
         v.and_then(|v| {
-            p(&v).map_err(|e| errors.push(FieldError::new(format!("address.{name}"), e.0))).ok()
+            p(&v)
+                .map_err(|e| errors.push(FieldError::new(format!("address.{name}"), e.0)))
+                .ok()
         })
     }
     let addr = Address {
@@ -124,11 +139,41 @@ fn parse_input(input: ContactInput) -> Result<Parsed, ApiError> {
     let mut cleared = Vec::new();
     let mut cleared_custom = Vec::new();
     let mut set = ContactProfile {
-        given_name: field(&mut errors, "given_name", input.given_name, Name::parse, &mut cleared),
-        family_name: field(&mut errors, "family_name", input.family_name, Name::parse, &mut cleared),
-        email: field(&mut errors, "email", input.email, Email::parse, &mut cleared),
-        phone: field(&mut errors, "phone", input.phone, Phone::parse, &mut cleared),
-        company: field(&mut errors, "company", input.company, Line::parse, &mut cleared),
+        given_name: field(
+            &mut errors,
+            "given_name",
+            input.given_name,
+            Name::parse,
+            &mut cleared,
+        ),
+        family_name: field(
+            &mut errors,
+            "family_name",
+            input.family_name,
+            Name::parse,
+            &mut cleared,
+        ),
+        email: field(
+            &mut errors,
+            "email",
+            input.email,
+            Email::parse,
+            &mut cleared,
+        ),
+        phone: field(
+            &mut errors,
+            "phone",
+            input.phone,
+            Phone::parse,
+            &mut cleared,
+        ),
+        company: field(
+            &mut errors,
+            "company",
+            input.company,
+            Line::parse,
+            &mut cleared,
+        ),
         title: field(&mut errors, "title", input.title, Line::parse, &mut cleared),
         ..Default::default()
     };
@@ -173,7 +218,12 @@ fn parse_input(input: ContactInput) -> Result<Parsed, ApiError> {
 }
 
 fn parse_id(raw: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(raw).map_err(|_| ApiError::bad_request("invalid_id", format!("`{raw}` is not a valid contact id (a UUID)")))
+    Uuid::parse_str(raw).map_err(|_| {
+        ApiError::bad_request(
+            "invalid_id",
+            format!("`{raw}` is not a valid contact id (a UUID)"),
+        )
+    })
 }
 
 /// The JSON of a contact: its fields side by side with id, version and state.
@@ -206,19 +256,23 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
         .and(with_state(state.clone()))
         .and(staff(state.clone()))
         .and(body(limit))
-        .and_then(|s: AppState, a: Authed, ct: Option<String>, b: bytes::Bytes| async move {
-            let rid = a.ctx.request_id.clone();
-            finish(create(s, a, ct, b).await, &rid)
-        });
+        .and_then(
+            |s: AppState, a: Authed, ct: Option<String>, b: bytes::Bytes| async move {
+                let rid = a.ctx.request_id.clone();
+                finish(create(s, a, ct, b).await, &rid)
+            },
+        );
     let update = warp::path!("v1" / "contacts" / String)
         .and(warp::patch())
         .and(with_state(state.clone()))
         .and(staff(state.clone()))
         .and(body(limit))
-        .and_then(|id: String, s: AppState, a: Authed, ct: Option<String>, b: bytes::Bytes| async move {
-            let rid = a.ctx.request_id.clone();
-            finish(update(s, a, id, ct, b).await, &rid)
-        });
+        .and_then(
+            |id: String, s: AppState, a: Authed, ct: Option<String>, b: bytes::Bytes| async move {
+                let rid = a.ctx.request_id.clone();
+                finish(update(s, a, id, ct, b).await, &rid)
+            },
+        );
     let archive = warp::path!("v1" / "contacts" / String / "archive")
         .and(warp::post())
         .and(with_state(state.clone()))
@@ -267,7 +321,12 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
         .boxed()
 }
 
-async fn create(s: AppState, a: Authed, ct: Option<String>, body: bytes::Bytes) -> Result<Response, ApiError> {
+async fn create(
+    s: AppState,
+    a: Authed,
+    ct: Option<String>,
+    body: bytes::Bytes,
+) -> Result<Response, ApiError> {
     require_json(ct.as_deref())?;
     let input: ContactInput = parse_json(&body)?;
     if input.expected_version.is_some() {
@@ -283,7 +342,12 @@ async fn create(s: AppState, a: Authed, ct: Option<String>, body: bytes::Bytes) 
             .iter()
             .map(|f| FieldError::new(f.name(), "must not be null"))
             .collect();
-        fields.extend(parsed.cleared_custom.iter().map(|k| FieldError::new(format!("custom.{}", k.as_str()), "must not be null")));
+        fields.extend(
+            parsed
+                .cleared_custom
+                .iter()
+                .map(|k| FieldError::new(format!("custom.{}", k.as_str()), "must not be null")),
+        );
         return Err(ApiError::Validation(fields));
     }
     let id = Uuid::now_v7();
@@ -294,22 +358,41 @@ async fn create(s: AppState, a: Authed, ct: Option<String>, body: bytes::Bytes) 
     };
     let outcome = s
         .executor
-        .execute::<Contact>(a.caller.org_id, &id.to_string(), command, &a.metadata(), Some(0))
+        .execute::<Contact>(
+            a.caller.org_id,
+            &id.to_string(),
+            command,
+            &a.metadata(),
+            Some(0),
+        )
         .await?;
-    let mut resp = json_response(StatusCode::CREATED, &outcome_json(&outcome), &a.ctx.request_id);
+    let mut resp = json_response(
+        StatusCode::CREATED,
+        &outcome_json(&outcome),
+        &a.ctx.request_id,
+    );
     if let Ok(v) = format!("/v1/contacts/{id}").parse() {
         resp.headers_mut().insert("location", v);
     }
     Ok(resp)
 }
 
-async fn update(s: AppState, a: Authed, id: String, ct: Option<String>, body: bytes::Bytes) -> Result<Response, ApiError> {
+async fn update(
+    s: AppState,
+    a: Authed,
+    id: String,
+    ct: Option<String>,
+    body: bytes::Bytes,
+) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
     require_json(ct.as_deref())?;
     let input: ContactInput = parse_json(&body)?;
     let expected = input.expected_version;
     if expected.is_some_and(|v| v < 1) {
-        return Err(ApiError::Validation(vec![FieldError::new("expected_version", "must be 1 or more")]));
+        return Err(ApiError::Validation(vec![FieldError::new(
+            "expected_version",
+            "must be 1 or more",
+        )]));
     }
     let parsed = parse_input(input)?;
     let changes = ContactChanges {
@@ -318,22 +401,45 @@ async fn update(s: AppState, a: Authed, id: String, ct: Option<String>, body: by
         cleared_custom: parsed.cleared_custom,
     };
     if changes.is_empty() {
-        return Err(ApiError::Validation(vec![FieldError::new("body", "names no field to change")]));
+        return Err(ApiError::Validation(vec![FieldError::new(
+            "body",
+            "names no field to change",
+        )]));
     }
     let outcome = s
         .executor
-        .execute::<Contact>(a.caller.org_id, &id.to_string(), ContactCommand::Update { changes }, &a.metadata(), expected)
+        .execute::<Contact>(
+            a.caller.org_id,
+            &id.to_string(),
+            ContactCommand::Update { changes },
+            &a.metadata(),
+            expected,
+        )
         .await?;
-    Ok(json_response(StatusCode::OK, &outcome_json(&outcome), &a.ctx.request_id))
+    Ok(json_response(
+        StatusCode::OK,
+        &outcome_json(&outcome),
+        &a.ctx.request_id,
+    ))
 }
 
 async fn archive(s: AppState, a: Authed, id: String) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
     let outcome = s
         .executor
-        .execute::<Contact>(a.caller.org_id, &id.to_string(), ContactCommand::Archive, &a.metadata(), None)
+        .execute::<Contact>(
+            a.caller.org_id,
+            &id.to_string(),
+            ContactCommand::Archive,
+            &a.metadata(),
+            None,
+        )
         .await?;
-    Ok(json_response(StatusCode::OK, &outcome_json(&outcome), &a.ctx.request_id))
+    Ok(json_response(
+        StatusCode::OK,
+        &outcome_json(&outcome),
+        &a.ctx.request_id,
+    ))
 }
 
 async fn get_one(s: AppState, a: Authed, id: String, raw: String) -> Result<Response, ApiError> {
@@ -349,11 +455,20 @@ async fn get_one(s: AppState, a: Authed, id: String, raw: String) -> Result<Resp
     let view = contacts_rm::get(&client, a.caller.org_id, id)
         .await?
         .ok_or(ApiError::NotFound("contact not found"))?;
-    Ok(json_response(StatusCode::OK, &view_json(&view), &a.ctx.request_id))
+    Ok(json_response(
+        StatusCode::OK,
+        &view_json(&view),
+        &a.ctx.request_id,
+    ))
 }
 
 /// The contact as it was at `as_of`, rebuilt from its events.
-async fn as_of_read(s: AppState, a: Authed, id: Uuid, as_of: chrono::DateTime<chrono::Utc>) -> Result<Response, ApiError> {
+async fn as_of_read(
+    s: AppState,
+    a: Authed,
+    id: Uuid,
+    as_of: chrono::DateTime<chrono::Utc>,
+) -> Result<Response, ApiError> {
     let client = s.pool.get().await?;
     let sid = id.to_string();
     let stream = StreamId {
@@ -413,13 +528,27 @@ async fn history(s: AppState, a: Authed, id: String) -> Result<Response, ApiErro
             "hash": d.stored.hash,
         }));
     }
-    Ok(json_response(StatusCode::OK, &json!({ "id": id, "events": items }), &a.ctx.request_id))
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({ "id": id, "events": items }),
+        &a.ctx.request_id,
+    ))
 }
 
 async fn list(s: AppState, a: Authed, raw: String) -> Result<Response, ApiError> {
     let q = parse_query(
         &raw,
-        &["limit", "after", "email", "company", "q", "archived", "updated_since", "min_position", "wait_ms"],
+        &[
+            "limit",
+            "after",
+            "email",
+            "company",
+            "q",
+            "archived",
+            "updated_since",
+            "min_position",
+            "wait_ms",
+        ],
     )?;
     let (pos, wait) = consistency(&q)?;
     let limit = parse_limit(&q)?;
@@ -427,24 +556,42 @@ async fn list(s: AppState, a: Authed, raw: String) -> Result<Response, ApiError>
         None | Some("false") => Some(false),
         Some("true") => Some(true),
         Some("any") => None,
-        Some(_) => return Err(ApiError::bad_request("invalid_query", "`archived` must be true, false or any")),
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                "`archived` must be true, false or any",
+            ))
+        }
     };
     let filter = ContactFilter {
         email: q.get("email").cloned(),
         company: q.get("company").cloned(),
         q: q.get("q").cloned().filter(|v| !v.is_empty()),
         archived,
-        updated_since: q.get("updated_since").map(|v| parse_time("updated_since", v)).transpose()?,
+        updated_since: q
+            .get("updated_since")
+            .map(|v| parse_time("updated_since", v))
+            .transpose()?,
         after: q
             .get("after")
-            .map(|v| Uuid::parse_str(v).map_err(|_| ApiError::bad_request("invalid_query", "`after` must be a contact id")))
+            .map(|v| {
+                Uuid::parse_str(v).map_err(|_| {
+                    ApiError::bad_request("invalid_query", "`after` must be a contact id")
+                })
+            })
             .transpose()?,
         limit,
     };
     s.await_projection("contacts", pos, wait).await?;
     let client = s.pool.get().await?;
     let views = contacts_rm::list(&client, a.caller.org_id, &filter).await?;
-    let next = (views.len() as i64 == limit).then(|| views.last().map(|v| v.id)).flatten();
+    let next = (views.len() as i64 == limit)
+        .then(|| views.last().map(|v| v.id))
+        .flatten();
     let items: Vec<Value> = views.iter().map(view_json).collect();
-    Ok(json_response(StatusCode::OK, &json!({ "items": items, "next_after": next }), &a.ctx.request_id))
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({ "items": items, "next_after": next }),
+        &a.ctx.request_id,
+    ))
 }

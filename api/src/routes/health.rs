@@ -31,12 +31,20 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
 /// Events the relay and each projection have not processed yet.
 async fn lags(state: &AppState) -> Result<(i64, Vec<(&'static str, i64)>), String> {
     let client = state.pool.get().await.map_err(|e| e.to_string())?;
-    let ck = relay::checkpoint(&client, "main").await.map_err(|e| e.to_string())?;
-    let relay_lag = event_store::count_after(&client, ck, 1_000_000).await.map_err(|e| e.to_string())?;
+    let ck = relay::checkpoint(&client, "main")
+        .await
+        .map_err(|e| e.to_string())?;
+    let relay_lag = event_store::count_after(&client, ck, 1_000_000)
+        .await
+        .map_err(|e| e.to_string())?;
     let mut out = Vec::new();
     for p in read_models::all() {
-        let ck = projector::checkpoint(&client, p.name()).await.map_err(|e| e.to_string())?;
-        let lag = event_store::count_after(&client, ck, 1_000_000).await.map_err(|e| e.to_string())?;
+        let ck = projector::checkpoint(&client, p.name())
+            .await
+            .map_err(|e| e.to_string())?;
+        let lag = event_store::count_after(&client, ck, 1_000_000)
+            .await
+            .map_err(|e| e.to_string())?;
         out.push((p.name(), lag));
     }
     Ok((relay_lag, out))
@@ -57,7 +65,11 @@ async fn readyz(state: AppState) -> Response {
         "relay_lag_events": lag.as_ref().map(|l| l.0),
         "projector_lag_events": lag.as_ref().map(|l| l.1.iter().map(|(n, v)| (n.to_string(), json!(v))).collect::<serde_json::Map<_, _>>()),
     });
-    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     json_response(status, &body, "")
 }
 
@@ -65,7 +77,10 @@ async fn metrics(state: AppState) -> Response {
     if let Ok((relay_lag, projections)) = lags(&state).await {
         METRICS.relay_lag_events.set(relay_lag);
         for (name, lag) in projections {
-            METRICS.projector_lag_events.with_label_values(&[name]).set(lag);
+            METRICS
+                .projector_lag_events
+                .with_label_values(&[name])
+                .set(lag);
         }
     }
     warp::reply::with_header(render(), "content-type", "text/plain; version=0.0.4").into_response()

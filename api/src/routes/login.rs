@@ -39,7 +39,11 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
 
 const BAD_LOGIN: &str = "invalid email or password";
 
-async fn login(state: AppState, ct: Option<String>, body: bytes::Bytes) -> Result<Response, ApiError> {
+async fn login(
+    state: AppState,
+    ct: Option<String>,
+    body: bytes::Bytes,
+) -> Result<Response, ApiError> {
     require_json(ct.as_deref())?;
     let req: LoginRequest = parse_json(&body)?;
     if req.password.len() > crate::auth::MAX_PASSWORD_BYTES || req.email.len() > 320 {
@@ -59,7 +63,10 @@ async fn login(state: AppState, ct: Option<String>, body: bytes::Bytes) -> Resul
     let Some(c) = credential.filter(|c| ok && c.active) else {
         return Err(ApiError::Unauthorized(BAD_LOGIN));
     };
-    let token = state.tokens.issue(c.user_id, c.org_id).map_err(ApiError::internal)?;
+    let token = state
+        .tokens
+        .issue(c.user_id, c.org_id)
+        .map_err(ApiError::internal)?;
     Ok(json_response(
         StatusCode::OK,
         &json!({

@@ -46,7 +46,9 @@ impl Authed {
     }
 }
 
-pub fn with_state(state: AppState) -> impl Filter<Extract = (AppState,), Error = std::convert::Infallible> + Clone {
+pub fn with_state(
+    state: AppState,
+) -> impl Filter<Extract = (AppState,), Error = std::convert::Infallible> + Clone {
     warp::any().map(move || state.clone())
 }
 
@@ -59,7 +61,10 @@ pub fn staff(state: AppState) -> impl Filter<Extract = (Authed,), Error = Reject
             async move {
                 let token = header
                     .as_deref()
-                    .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
+                    .and_then(|h| {
+                        h.strip_prefix("Bearer ")
+                            .or_else(|| h.strip_prefix("bearer "))
+                    })
                     .map(str::trim);
                 let Some(token) = token else {
                     return Err(warp::reject::custom(ApiRejection(
@@ -79,7 +84,9 @@ pub fn staff(state: AppState) -> impl Filter<Extract = (Authed,), Error = Reject
 }
 
 /// A request body (bounded) and its content type.
-pub fn body(limit: u64) -> impl Filter<Extract = (Option<String>, bytes::Bytes), Error = Rejection> + Clone {
+pub fn body(
+    limit: u64,
+) -> impl Filter<Extract = (Option<String>, bytes::Bytes), Error = Rejection> + Clone {
     warp::body::content_length_limit(limit)
         .and(warp::header::optional::<String>("content-type"))
         .and(warp::body::bytes())
@@ -88,7 +95,14 @@ pub fn body(limit: u64) -> impl Filter<Extract = (Option<String>, bytes::Bytes),
 /// Insists on a JSON content type.
 pub fn require_json(content_type: Option<&str>) -> Result<(), ApiError> {
     match content_type {
-        Some(ct) if ct.trim().to_ascii_lowercase().starts_with("application/json") => Ok(()),
+        Some(ct)
+            if ct
+                .trim()
+                .to_ascii_lowercase()
+                .starts_with("application/json") =>
+        {
+            Ok(())
+        }
         _ => Err(ApiError::UnsupportedMediaType),
     }
 }
@@ -107,18 +121,26 @@ pub fn parse_query(raw: &str, allowed: &[&str]) -> Result<HashMap<String, String
         if !allowed.contains(&k.as_str()) {
             return Err(ApiError::bad_request(
                 "invalid_query",
-                format!("unknown query parameter `{k}`; allowed: {}", allowed.join(", ")),
+                format!(
+                    "unknown query parameter `{k}`; allowed: {}",
+                    allowed.join(", ")
+                ),
             ));
         }
         if out.insert(k.clone(), v).is_some() {
-            return Err(ApiError::bad_request("invalid_query", format!("`{k}` is given twice")));
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                format!("`{k}` is given twice"),
+            ));
         }
     }
     Ok(out)
 }
 
 /// `min_position` and `wait_ms`: the read-your-writes parameters of every query.
-pub fn consistency(q: &HashMap<String, String>) -> Result<(Option<i64>, Option<Duration>), ApiError> {
+pub fn consistency(
+    q: &HashMap<String, String>,
+) -> Result<(Option<i64>, Option<Duration>), ApiError> {
     let pos = q
         .get("min_position")
         .map(|v| {
@@ -130,9 +152,12 @@ pub fn consistency(q: &HashMap<String, String>) -> Result<(Option<i64>, Option<D
     let wait = q
         .get("wait_ms")
         .map(|v| {
-            v.parse::<u64>()
-                .map(Duration::from_millis)
-                .map_err(|_| ApiError::bad_request("invalid_query", "`wait_ms` must be a number of milliseconds"))
+            v.parse::<u64>().map(Duration::from_millis).map_err(|_| {
+                ApiError::bad_request(
+                    "invalid_query",
+                    "`wait_ms` must be a number of milliseconds",
+                )
+            })
         })
         .transpose()?;
     Ok((pos, wait))
@@ -141,7 +166,12 @@ pub fn consistency(q: &HashMap<String, String>) -> Result<(Option<i64>, Option<D
 pub fn parse_time(name: &str, v: &str) -> Result<chrono::DateTime<chrono::Utc>, ApiError> {
     chrono::DateTime::parse_from_rfc3339(v)
         .map(|t| t.with_timezone(&chrono::Utc))
-        .map_err(|_| ApiError::bad_request("invalid_query", format!("`{name}` must be an RFC 3339 time, e.g. 2026-01-31T12:00:00Z")))
+        .map_err(|_| {
+            ApiError::bad_request(
+                "invalid_query",
+                format!("`{name}` must be an RFC 3339 time, e.g. 2026-01-31T12:00:00Z"),
+            )
+        })
 }
 
 pub fn parse_limit(q: &HashMap<String, String>) -> Result<i64, ApiError> {
@@ -151,7 +181,9 @@ pub fn parse_limit(q: &HashMap<String, String>) -> Result<i64, ApiError> {
             .parse::<i64>()
             .ok()
             .filter(|l| (1..=500).contains(l))
-            .ok_or_else(|| ApiError::bad_request("invalid_query", "`limit` must be between 1 and 500")),
+            .ok_or_else(|| {
+                ApiError::bad_request("invalid_query", "`limit` must be between 1 and 500")
+            }),
     }
 }
 

@@ -45,7 +45,15 @@ impl Contact {
                 }
             )*};
         }
-        diff!(given_name, family_name, email, phone, address, company, title);
+        diff!(
+            given_name,
+            family_name,
+            email,
+            phone,
+            address,
+            company,
+            title
+        );
         for (key, value) in set.custom {
             if cur.custom.get(&key) != Some(&value) {
                 out.set.custom.insert(key, value);
@@ -84,7 +92,15 @@ pub fn apply_changes(profile: &mut ContactProfile, changes: &ContactChanges) {
             }
         )*};
     }
-    set!(given_name, family_name, email, phone, address, company, title);
+    set!(
+        given_name,
+        family_name,
+        email,
+        phone,
+        address,
+        company,
+        title
+    );
     for (k, v) in &set.custom {
         profile.custom.insert(k.clone(), v.clone());
     }
@@ -140,7 +156,8 @@ impl Aggregate for Contact {
                 self.must_be_active()?;
                 let changes = self.effective_changes(changes);
                 if !changes.is_empty() {
-                    sink.write(ContactEvent::ContactUpdated { changes }, self).await;
+                    sink.write(ContactEvent::ContactUpdated { changes }, self)
+                        .await;
                 }
             }
             ContactCommand::Archive => {

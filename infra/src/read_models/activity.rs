@@ -3,11 +3,11 @@
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use crm_projections::activity::{entry, ActivityEntry};
+use deadpool_postgres::GenericClient;
 use deadpool_postgres::Transaction;
 use futures::pin_mut;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::Type;
-use deadpool_postgres::GenericClient;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
@@ -47,7 +47,12 @@ impl Projection for ActivityProjection {
         "activity"
     }
 
-    async fn apply(&self, tx: &Transaction<'_>, table: &str, event: &DecodedEvent) -> Result<(), ProjectionError> {
+    async fn apply(
+        &self,
+        tx: &Transaction<'_>,
+        table: &str,
+        event: &DecodedEvent,
+    ) -> Result<(), ProjectionError> {
         let e = entry(&envelope(event), &event.metadata);
         let sql = format!(
             "INSERT INTO {table} ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
@@ -96,9 +101,15 @@ impl Rebuilder for ActivityRebuilder {
         self.pending.len() >= 20_000
     }
 
-    async fn flush(&mut self, client: &tokio_postgres::Client, table: &str) -> Result<u64, ProjectionError> {
+    async fn flush(
+        &mut self,
+        client: &tokio_postgres::Client,
+        table: &str,
+    ) -> Result<u64, ProjectionError> {
         let sink = client
-            .copy_in(&format!("COPY {table} ({COLUMNS}) FROM STDIN (FORMAT binary)"))
+            .copy_in(&format!(
+                "COPY {table} ({COLUMNS}) FROM STDIN (FORMAT binary)"
+            ))
             .await?;
         let writer = BinaryCopyInWriter::new(
             sink,
@@ -156,7 +167,11 @@ pub struct ActivityFilter {
 }
 
 /// A page of an organisation's activity, newest first.
-pub async fn list(client: &impl GenericClient, org_id: Uuid, f: &ActivityFilter) -> Result<Vec<ActivityEntry>, ProjectionError> {
+pub async fn list(
+    client: &impl GenericClient,
+    org_id: Uuid,
+    f: &ActivityFilter,
+) -> Result<Vec<ActivityEntry>, ProjectionError> {
     let sql = format!(
         "SELECT {COLUMNS} FROM activity WHERE org_id = $1 \
          AND ($2::text IS NULL OR actor_id = $2) \
@@ -171,7 +186,17 @@ pub async fn list(client: &impl GenericClient, org_id: Uuid, f: &ActivityFilter)
     let rows = client
         .query(
             &sql,
-            &[&org_id, &f.actor_id, &f.action, &f.entity_type, &f.entity_id, &f.since, &f.until, &f.before, &f.limit],
+            &[
+                &org_id,
+                &f.actor_id,
+                &f.action,
+                &f.entity_type,
+                &f.entity_id,
+                &f.since,
+                &f.until,
+                &f.before,
+                &f.limit,
+            ],
         )
         .await?;
     Ok(rows.iter().map(from_row).collect())

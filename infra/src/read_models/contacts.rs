@@ -7,11 +7,11 @@ use chrono::{DateTime, Utc};
 use cqrs_es::Aggregate;
 use crm_domain::contact::{Contact, ContactEvent, ContactProfile};
 use crm_projections::contacts::{update, ContactView, Update};
+use deadpool_postgres::GenericClient;
 use deadpool_postgres::Transaction;
 use futures::pin_mut;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::Type;
-use deadpool_postgres::GenericClient;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
@@ -53,7 +53,12 @@ impl Projection for ContactsProjection {
         "contacts"
     }
 
-    async fn apply(&self, tx: &Transaction<'_>, table: &str, event: &DecodedEvent) -> Result<(), ProjectionError> {
+    async fn apply(
+        &self,
+        tx: &Transaction<'_>,
+        table: &str,
+        event: &DecodedEvent,
+    ) -> Result<(), ProjectionError> {
         if event.stored.aggregate_type != Contact::TYPE {
             return Ok(());
         }
@@ -63,7 +68,8 @@ impl Projection for ContactsProjection {
             .aggregate_id
             .parse()
             .map_err(|_| ProjectionError::OutOfOrder("contact id is not a UUID".into()))?;
-        let sql = format!("SELECT {VIEW_COLUMNS} FROM {table} WHERE org_id = $1 AND id = $2 FOR UPDATE");
+        let sql =
+            format!("SELECT {VIEW_COLUMNS} FROM {table} WHERE org_id = $1 AND id = $2 FOR UPDATE");
         let row = tx.query_opt(&sql, &[&event.stored.org_id, &id]).await?;
         let current = row.as_ref().map(view_from_row).transpose()?;
         match update(current.as_ref(), &envelope(event), &typed) {
@@ -136,9 +142,15 @@ impl Rebuilder for ContactsRebuilder {
         false
     }
 
-    async fn flush(&mut self, client: &tokio_postgres::Client, table: &str) -> Result<u64, ProjectionError> {
+    async fn flush(
+        &mut self,
+        client: &tokio_postgres::Client,
+        table: &str,
+    ) -> Result<u64, ProjectionError> {
         let sink = client
-            .copy_in(&format!("COPY {table} ({VIEW_COLUMNS}) FROM STDIN (FORMAT binary)"))
+            .copy_in(&format!(
+                "COPY {table} ({VIEW_COLUMNS}) FROM STDIN (FORMAT binary)"
+            ))
             .await?;
         let writer = BinaryCopyInWriter::new(
             sink,
@@ -189,7 +201,11 @@ pub struct ContactFilter {
 }
 
 /// One contact of an organisation.
-pub async fn get(client: &impl GenericClient, org_id: Uuid, id: Uuid) -> Result<Option<ContactView>, ProjectionError> {
+pub async fn get(
+    client: &impl GenericClient,
+    org_id: Uuid,
+    id: Uuid,
+) -> Result<Option<ContactView>, ProjectionError> {
     let row = client
         .query_opt(
             &format!("SELECT {VIEW_COLUMNS} FROM contacts WHERE org_id = $1 AND id = $2"),
@@ -200,9 +216,17 @@ pub async fn get(client: &impl GenericClient, org_id: Uuid, id: Uuid) -> Result<
 }
 
 /// A page of an organisation's contacts, ordered by id (creation order: UUID v7).
-pub async fn list(client: &impl GenericClient, org_id: Uuid, f: &ContactFilter) -> Result<Vec<ContactView>, ProjectionError> {
+pub async fn list(
+    client: &impl GenericClient,
+    org_id: Uuid,
+    f: &ContactFilter,
+) -> Result<Vec<ContactView>, ProjectionError> {
     let like = f.q.as_ref().map(|q| {
-        let escaped = q.to_lowercase().replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_");
+        let escaped = q
+            .to_lowercase()
+            .replace('\\', "\\\\")
+            .replace('%', "\\%")
+            .replace('_', "\\_");
         format!("%{escaped}%")
     });
     let email = f.email.as_ref().map(|e| e.to_lowercase());
@@ -219,7 +243,16 @@ pub async fn list(client: &impl GenericClient, org_id: Uuid, f: &ContactFilter) 
     let rows = client
         .query(
             &sql,
-            &[&org_id, &email, &f.company, &like, &f.archived, &f.updated_since, &f.after, &f.limit],
+            &[
+                &org_id,
+                &email,
+                &f.company,
+                &like,
+                &f.archived,
+                &f.updated_since,
+                &f.after,
+                &f.limit,
+            ],
         )
         .await?;
     rows.iter().map(view_from_row).collect()

@@ -1,1 +1,4 @@
+//! Black-box tests against real PostgreSQL and NATS JetStream. One binary; each test
+//! spawns its own database, stream and server (see `crm_tests::harness`).
 
+mod contacts;

@@ -1,0 +1,289 @@
+//! `TestApp::spawn()` gives each test its own database (migrated), its own JetStream
+//! stream and subject prefix, and the service listening on a free port, with an
+//! organisation and a staff user whose token is ready to use.
+//!
+//! The servers come from `DATABASE_URL` (a superuser URL; default the local server) and
+//! `NATS_URL` (default nats://127.0.0.1:4222), as `scripts/test` sets them.
+
+use std::time::Duration;
+
+use base64::Engine;
+use crm_api::config::{HttpSettings, JwtSettings, Settings};
+use crm_api::startup::Application;
+use crm_api::state::AppState;
+use crm_domain::metadata::EventMetadata;
+use crm_domain::user::Role;
+use crm_domain::values::{Email, Name};
+use crm_infra::settings::{DatabaseSettings, KeySettings, NatsSettings};
+use secrecy::SecretString;
+use serde_json::Value;
+use tokio_postgres::NoTls;
+use uuid::Uuid;
+
+pub fn admin_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+pub fn nats_url() -> String {
+    std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
+/// `url` with its database name replaced.
+pub fn with_database(url: &str, db: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, format!("?{q}")),
+        None => (url, String::new()),
+    };
+    let cut = base
+        .rfind('/')
+        .filter(|i| base[..*i].contains("//") && *i > base.find("//").unwrap() + 1);
+    match cut {
+        Some(i) => format!("{}/{db}{query}", &base[..i]),
+        None => format!("{base}/{db}{query}"),
+    }
+}
+
+/// Connects with a plain client (spawning its connection).
+pub async fn connect(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, NoTls)
+        .await
+        .expect("connect to PostgreSQL");
+    tokio::spawn(conn);
+    client
+}
+
+/// Options for [`TestApp::spawn_with`].
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub run_relay: bool,
+    pub run_projectors: bool,
+    pub max_body_bytes: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            run_relay: true,
+            run_projectors: true,
+            max_body_bytes: 64 * 1024,
+        }
+    }
+}
+
+pub struct TestApp {
+    pub base: String,
+    pub http: reqwest::Client,
+    pub settings: Settings,
+    pub state: AppState,
+    pub db_name: String,
+    /// Superuser URL of this test's database.
+    pub db_url: String,
+    pub org_id: Uuid,
+    pub user_id: Uuid,
+    pub token: String,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestApp {
+    pub async fn spawn() -> Self {
+        Self::spawn_with(Options::default()).await
+    }
+
+    pub async fn spawn_with(opts: Options) -> Self {
+        let id = Uuid::new_v4().simple().to_string();
+        let db_name = format!("crm_test_{id}");
+        let admin = connect(&admin_url()).await;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {db_name}"))
+            .await
+            .expect("create test database");
+        let db_url = with_database(&admin_url(), &db_name);
+        let mut kek = [0u8; 32];
+        kek.iter_mut()
+            .enumerate()
+            .for_each(|(i, b)| *b = (i as u8).wrapping_mul(31) ^ id.as_bytes()[i % id.len()]);
+        let settings = Settings {
+            database: DatabaseSettings {
+                url: SecretString::from(db_url.clone()),
+                app_role: "crm_app".into(),
+                pool_size: 40,
+            },
+            nats: NatsSettings {
+                url: nats_url(),
+                stream: format!("T_{id}"),
+                subject_prefix: format!("t{id}.evt"),
+            },
+            keys: KeySettings {
+                kek_id: "test".into(),
+                kek: SecretString::from(base64::engine::general_purpose::STANDARD.encode(kek)),
+            },
+            http: HttpSettings {
+                bind: "127.0.0.1:0".parse().unwrap(),
+                max_body_bytes: opts.max_body_bytes,
+                max_consistency_wait: Duration::from_secs(10),
+            },
+            jwt: JwtSettings {
+                secret: SecretString::from(format!("test-secret-{id}")),
+                ttl: Duration::from_secs(600),
+                audience: "crm-api".into(),
+                issuer: "crm".into(),
+            },
+            run_relay: opts.run_relay,
+            run_projectors: opts.run_projectors,
+        };
+        crm_infra::db::migrate(&settings.database)
+            .await
+            .expect("migrate");
+        let app = Application::build(settings.clone())
+            .await
+            .expect("build application");
+        let addr = app.local_addr();
+        let state = app.state().clone();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(app.run_until_stopped(async move {
+            let _ = rx.await;
+        }));
+        let (org_id, user_id) =
+            create_org_and_user(&state, "Acme", &format!("owner-{id}@example.com")).await;
+        let token = state.tokens.issue(user_id, org_id).unwrap();
+        Self {
+            base: format!("http://{addr}"),
+            http: reqwest::Client::new(),
+            settings,
+            state,
+            db_name,
+            db_url,
+            org_id,
+            user_id,
+            token,
+            shutdown: Some(tx),
+            server: Some(server),
+        }
+    }
+
+    /// Another organisation with its own user; returns (org, user, token).
+    pub async fn another_org(&self, name: &str) -> (Uuid, Uuid, String) {
+        let email = format!("{}@other.example.com", Uuid::new_v4().simple());
+        let (org, user) = create_org_and_user(&self.state, name, &email).await;
+        (org, user, self.state.tokens.issue(user, org).unwrap())
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.http
+            .post(self.url(path))
+            .bearer_auth(&self.token)
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn patch(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.http
+            .patch(self.url(path))
+            .bearer_auth(&self.token)
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.http
+            .get(self.url(path))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Creates a contact; returns (id, position of its event).
+    pub async fn create_contact(&self, body: &Value) -> (Uuid, i64) {
+        let r = self.post("/v1/contacts", body).await;
+        assert_eq!(
+            r.status(),
+            201,
+            "create contact: {}",
+            r.text().await.unwrap()
+        );
+        let v: Value = r.json().await.unwrap();
+        (
+            v["id"].as_str().unwrap().parse().unwrap(),
+            v["positions"][0].as_i64().unwrap(),
+        )
+    }
+
+    /// A superuser connection to this test's database.
+    pub async fn db(&self) -> tokio_postgres::Client {
+        connect(&self.db_url).await
+    }
+
+    /// Stops the service, deletes the stream and drops the database.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(h) = self.server.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), h).await;
+        }
+        let _ = self
+            .state
+            .bus
+            .jetstream
+            .delete_stream(&self.settings.nats.stream)
+            .await;
+        drop(self.state);
+        let admin = connect(&admin_url()).await;
+        let _ = admin
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.db_name
+            ))
+            .await;
+    }
+}
+
+/// Creates an organisation and an owner without bcrypt's cost (tests mint tokens).
+pub async fn create_org_and_user(state: &AppState, org_name: &str, email: &str) -> (Uuid, Uuid) {
+    let org =
+        crm_infra::accounts::create_organization(&state.executor, Name::parse(org_name).unwrap())
+            .await
+            .unwrap();
+    let user = crm_infra::accounts::create_user(
+        &state.executor,
+        &state.pool,
+        org,
+        Email::parse(email).unwrap(),
+        Name::parse("Owner").unwrap(),
+        Role::Owner,
+        "$2b$04$invalidinvalidinvalidinvalidinvalidinvalidinvalidinvali",
+        &EventMetadata::system(org, "test"),
+    )
+    .await
+    .unwrap();
+    (org, user)
+}
+
+/// Polls `check` until it returns `Some` or `timeout` passes.
+pub async fn eventually<T, F, Fut>(timeout: Duration, mut check: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return Some(v);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
