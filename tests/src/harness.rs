@@ -224,6 +224,16 @@ impl TestApp {
         connect(&self.db_url).await
     }
 
+    /// A superuser pool on this test's database (for infra calls that take a pooled client).
+    pub fn admin_pool(&self) -> deadpool_postgres::Pool {
+        crm_infra::db::admin_pool(&DatabaseSettings {
+            url: SecretString::from(self.db_url.clone()),
+            app_role: String::new(),
+            pool_size: 4,
+        })
+        .unwrap()
+    }
+
     /// Stops the service, deletes the stream and drops the database.
     pub async fn stop(mut self) {
         if let Some(tx) = self.shutdown.take() {

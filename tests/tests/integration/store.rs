@@ -1,0 +1,166 @@
+//! The event store's guarantees: append-only, tamper-evident, and no personal data in
+//! clear in the events table or on the bus.
+
+use std::time::Duration;
+
+use crm_infra::event_store::StoredEvent;
+use crm_infra::verify::verify_chains;
+use crm_tests::harness::{eventually, TestApp};
+use serde_json::json;
+use uuid::Uuid;
+
+#[tokio::test]
+async fn events_cannot_be_updated_deleted_or_truncated() {
+    let app = TestApp::spawn().await;
+    app.create_contact(&json!({"given_name": "Ada"})).await;
+    let db = app.db().await;
+    // As the application role: no privilege. As the superuser: the trigger refuses.
+    for role in ["SET ROLE crm_app", "RESET ROLE"] {
+        db.batch_execute(role).await.unwrap();
+        for sql in [
+            "UPDATE events SET event_type = 'Forged'",
+            "DELETE FROM events",
+            "TRUNCATE events",
+            "DELETE FROM events WHERE false",
+        ] {
+            let err = db.batch_execute(sql).await.expect_err(sql);
+            let msg = err.as_db_error().map(|e| e.message().to_owned()).unwrap_or_default();
+            assert!(
+                msg.contains("permission denied") || msg.contains("append-only"),
+                "{role}: {sql}: {msg}"
+            );
+        }
+    }
+    let n: i64 = db.query_one("SELECT count(*) FROM events", &[]).await.unwrap().get(0);
+    assert!(n >= 3, "events are still there");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn verify_reports_a_tampered_event() {
+    let app = TestApp::spawn().await;
+    let (id, _) = app.create_contact(&json!({"given_name": "Ada"})).await;
+    let r = app.patch(&format!("/v1/contacts/{id}"), &json!({"title": "Countess"})).await;
+    assert_eq!(r.status(), 200);
+    let pool = app.admin_pool();
+    let db = pool.get().await.unwrap();
+    let clean = verify_chains(&db, None).await.unwrap();
+    assert!(clean.ok(), "{:?}", clean.breaks);
+    assert!(clean.events >= 4);
+
+    db.batch_execute(&format!(
+        "ALTER TABLE events DISABLE TRIGGER events_append_only; \
+         UPDATE events SET payload = jsonb_set(payload, '{{ContactUpdated,cleared}}', '[\"title\"]') \
+           WHERE aggregate_id = '{id}' AND sequence = 2; \
+         ALTER TABLE events ENABLE TRIGGER events_append_only;"
+    ))
+    .await
+    .unwrap();
+    let report = verify_chains(&db, None).await.unwrap();
+    assert_eq!(report.breaks.len(), 1, "{:?}", report.breaks);
+    let b = &report.breaks[0];
+    assert_eq!((b.aggregate_id.as_str(), b.sequence), (id.to_string().as_str(), 2));
+    assert!(b.reason.contains("altered"), "{}", b.reason);
+
+    // Removing an event from the middle of a chain is reported too.
+    let (id2, _) = app.create_contact(&json!({"given_name": "Bob"})).await;
+    for t in ["Dr", "Prof"] {
+        app.patch(&format!("/v1/contacts/{id2}"), &json!({"title": t})).await;
+    }
+    db.batch_execute(&format!(
+        "ALTER TABLE events DISABLE TRIGGER events_append_only; \
+         DELETE FROM events WHERE aggregate_id = '{id2}' AND sequence = 2; \
+         ALTER TABLE events ENABLE TRIGGER events_append_only;"
+    ))
+    .await
+    .unwrap();
+    let report = verify_chains(&db, None).await.unwrap();
+    assert!(report.breaks.iter().any(|b| b.aggregate_id == id2.to_string() && b.sequence == 3));
+    app.stop().await;
+}
+
+/// Reads every message of the test's stream.
+async fn stream_messages(app: &TestApp) -> Vec<Vec<u8>> {
+    let mut stream = app
+        .state
+        .bus
+        .jetstream
+        .get_stream(&app.settings.nats.stream)
+        .await
+        .unwrap();
+    let info = stream.info().await.unwrap();
+    let mut out = Vec::new();
+    for seq in info.state.first_sequence..=info.state.last_sequence {
+        if let Ok(m) = stream.get_raw_message(seq).await {
+            out.push(m.payload.to_vec());
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn personal_data_is_not_in_the_events_table_nor_on_the_bus() {
+    let app = TestApp::spawn().await;
+    let canary = format!("canary{}", Uuid::new_v4().simple());
+    let email = format!("{canary}@example.com");
+    let agent = format!("agent-{canary}");
+    let r = app
+        .http
+        .post(app.url("/v1/contacts"))
+        .bearer_auth(&app.token)
+        .header("user-agent", &agent)
+        .json(&json!({
+            "given_name": format!("Name{canary}"),
+            "email": email,
+            "phone": "+14155550123",
+            "address": {"line1": format!("1 {canary} Street"), "country": "GB"},
+            "custom": {"note": format!("note {canary}")}
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let v: serde_json::Value = r.json().await.unwrap();
+    let id = v["id"].as_str().unwrap().to_owned();
+    let pos = v["positions"][0].as_i64().unwrap();
+
+    // The service itself can read it back.
+    let r = app.get(&format!("/v1/contacts/{id}?min_position={pos}")).await;
+    let got: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(got["email"], email.as_str());
+
+    let db = app.db().await;
+    for table in ["events", "snapshots", "data_keys"] {
+        let n: i64 = db
+            .query_one(
+                &format!("SELECT count(*) FROM {table} t WHERE t::text ILIKE '%' || $1 || '%'"),
+                &[&canary],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 0, "plaintext found in {table}");
+    }
+    let n: i64 = db
+        .query_one("SELECT count(*) FROM events t WHERE t::text LIKE '%14155550123%'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0, "phone in clear");
+
+    let messages = eventually(Duration::from_secs(20), || async {
+        let m = stream_messages(&app).await;
+        let has_contact = m.iter().any(|b| {
+            serde_json::from_slice::<StoredEvent>(b).is_ok_and(|e| e.aggregate_id == id)
+        });
+        has_contact.then_some(m)
+    })
+    .await
+    .expect("the contact's event reached JetStream");
+    for body in &messages {
+        let text = String::from_utf8_lossy(body);
+        assert!(!text.to_lowercase().contains(&canary), "plaintext in a JetStream message");
+        assert!(!text.contains("14155550123"));
+    }
+    app.stop().await;
+}
