@@ -29,6 +29,9 @@ use crate::metrics::METRICS;
 
 const BATCH: usize = 500;
 const RETRY_DELAY: Duration = Duration::from_millis(200);
+/// How long a delivered message may stay unacknowledged before JetStream hands it to
+/// another worker: the time a killed worker's batch takes to come back.
+pub const ACK_WAIT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProjectionError {
@@ -173,7 +176,7 @@ impl ProjectorWorker {
                     filter_subject: self.bus.settings.all_subjects(),
                     ack_policy: AckPolicy::Explicit,
                     deliver_policy: DeliverPolicy::All,
-                    ack_wait: Duration::from_secs(30),
+                    ack_wait: ACK_WAIT,
                     max_ack_pending: 10_000,
                     ..Default::default()
                 },

@@ -92,6 +92,9 @@ impl TestApp {
     }
 
     pub async fn spawn_with(opts: Options) -> Self {
+        if std::env::var_os("CRM_LOG").is_some() {
+            crm_api::telemetry::init();
+        }
         let id = Uuid::new_v4().simple().to_string();
         let db_name = format!("crm_test_{id}");
         let admin = connect(&admin_url()).await;
