@@ -33,7 +33,11 @@ async fn fifty_concurrent_updates_each_version_won_once() {
     for t in tasks {
         let (i, status, body) = t.await.unwrap();
         match status {
-            200 => won.push((i, body["version"].as_i64().unwrap(), body["positions"][0].as_i64().unwrap())),
+            200 => won.push((
+                i,
+                body["version"].as_i64().unwrap(),
+                body["positions"][0].as_i64().unwrap(),
+            )),
             409 => {
                 assert_eq!(body["code"], "version_conflict");
                 conflicts += 1;
@@ -56,11 +60,24 @@ async fn fifty_concurrent_updates_each_version_won_once() {
     let keys: BTreeSet<String> = v["custom"].as_object().unwrap().keys().cloned().collect();
     let expected: BTreeSet<String> = won.iter().map(|w| format!("k{}", w.0)).collect();
     assert_eq!(keys, expected);
-    let h: Value = app.get(&format!("{path}/history")).await.json().await.unwrap();
+    let h: Value = app
+        .get(&format!("{path}/history"))
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(h["events"].as_array().unwrap().len(), 1 + won.len());
 
     // The conflicts are counted.
-    let metrics = app.http.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let metrics = app
+        .http
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     if conflicts > 0 {
         assert!(metrics.contains("crm_command_conflicts_total"));
     }
@@ -72,9 +89,13 @@ async fn a_stale_expected_version_is_a_409() {
     let app = TestApp::spawn().await;
     let (id, _) = app.create_contact(&json!({"given_name": "Ada"})).await;
     let path = format!("/v1/contacts/{id}");
-    let r = app.patch(&path, &json!({"title": "Dr", "expected_version": 1})).await;
+    let r = app
+        .patch(&path, &json!({"title": "Dr", "expected_version": 1}))
+        .await;
     assert_eq!(r.status(), 200);
-    let r = app.patch(&path, &json!({"title": "Prof", "expected_version": 1})).await;
+    let r = app
+        .patch(&path, &json!({"title": "Prof", "expected_version": 1}))
+        .await;
     assert_eq!(r.status(), 409);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["code"], "version_conflict");

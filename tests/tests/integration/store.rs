@@ -24,14 +24,21 @@ async fn events_cannot_be_updated_deleted_or_truncated() {
             "DELETE FROM events WHERE false",
         ] {
             let err = db.batch_execute(sql).await.expect_err(sql);
-            let msg = err.as_db_error().map(|e| e.message().to_owned()).unwrap_or_default();
+            let msg = err
+                .as_db_error()
+                .map(|e| e.message().to_owned())
+                .unwrap_or_default();
             assert!(
                 msg.contains("permission denied") || msg.contains("append-only"),
                 "{role}: {sql}: {msg}"
             );
         }
     }
-    let n: i64 = db.query_one("SELECT count(*) FROM events", &[]).await.unwrap().get(0);
+    let n: i64 = db
+        .query_one("SELECT count(*) FROM events", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert!(n >= 3, "events are still there");
     app.stop().await;
 }
@@ -40,7 +47,9 @@ async fn events_cannot_be_updated_deleted_or_truncated() {
 async fn verify_reports_a_tampered_event() {
     let app = TestApp::spawn().await;
     let (id, _) = app.create_contact(&json!({"given_name": "Ada"})).await;
-    let r = app.patch(&format!("/v1/contacts/{id}"), &json!({"title": "Countess"})).await;
+    let r = app
+        .patch(&format!("/v1/contacts/{id}"), &json!({"title": "Countess"}))
+        .await;
     assert_eq!(r.status(), 200);
     let pool = app.admin_pool();
     let db = pool.get().await.unwrap();
@@ -59,13 +68,17 @@ async fn verify_reports_a_tampered_event() {
     let report = verify_chains(&db, None).await.unwrap();
     assert_eq!(report.breaks.len(), 1, "{:?}", report.breaks);
     let b = &report.breaks[0];
-    assert_eq!((b.aggregate_id.as_str(), b.sequence), (id.to_string().as_str(), 2));
+    assert_eq!(
+        (b.aggregate_id.as_str(), b.sequence),
+        (id.to_string().as_str(), 2)
+    );
     assert!(b.reason.contains("altered"), "{}", b.reason);
 
     // Removing an event from the middle of a chain is reported too.
     let (id2, _) = app.create_contact(&json!({"given_name": "Bob"})).await;
     for t in ["Dr", "Prof"] {
-        app.patch(&format!("/v1/contacts/{id2}"), &json!({"title": t})).await;
+        app.patch(&format!("/v1/contacts/{id2}"), &json!({"title": t}))
+            .await;
     }
     db.batch_execute(&format!(
         "ALTER TABLE events DISABLE TRIGGER events_append_only; \
@@ -75,7 +88,10 @@ async fn verify_reports_a_tampered_event() {
     .await
     .unwrap();
     let report = verify_chains(&db, None).await.unwrap();
-    assert!(report.breaks.iter().any(|b| b.aggregate_id == id2.to_string() && b.sequence == 3));
+    assert!(report
+        .breaks
+        .iter()
+        .any(|b| b.aggregate_id == id2.to_string() && b.sequence == 3));
     app.stop().await;
 }
 
@@ -125,7 +141,9 @@ async fn personal_data_is_not_in_the_events_table_nor_on_the_bus() {
     let pos = v["positions"][0].as_i64().unwrap();
 
     // The service itself can read it back.
-    let r = app.get(&format!("/v1/contacts/{id}?min_position={pos}")).await;
+    let r = app
+        .get(&format!("/v1/contacts/{id}?min_position={pos}"))
+        .await;
     let got: serde_json::Value = r.json().await.unwrap();
     assert_eq!(got["email"], email.as_str());
 
@@ -142,7 +160,10 @@ async fn personal_data_is_not_in_the_events_table_nor_on_the_bus() {
         assert_eq!(n, 0, "plaintext found in {table}");
     }
     let n: i64 = db
-        .query_one("SELECT count(*) FROM events t WHERE t::text LIKE '%14155550123%'", &[])
+        .query_one(
+            "SELECT count(*) FROM events t WHERE t::text LIKE '%14155550123%'",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
@@ -150,16 +171,19 @@ async fn personal_data_is_not_in_the_events_table_nor_on_the_bus() {
 
     let messages = eventually(Duration::from_secs(20), || async {
         let m = stream_messages(&app).await;
-        let has_contact = m.iter().any(|b| {
-            serde_json::from_slice::<StoredEvent>(b).is_ok_and(|e| e.aggregate_id == id)
-        });
+        let has_contact = m
+            .iter()
+            .any(|b| serde_json::from_slice::<StoredEvent>(b).is_ok_and(|e| e.aggregate_id == id));
         has_contact.then_some(m)
     })
     .await
     .expect("the contact's event reached JetStream");
     for body in &messages {
         let text = String::from_utf8_lossy(body);
-        assert!(!text.to_lowercase().contains(&canary), "plaintext in a JetStream message");
+        assert!(
+            !text.to_lowercase().contains(&canary),
+            "plaintext in a JetStream message"
+        );
         assert!(!text.contains("14155550123"));
     }
     app.stop().await;
