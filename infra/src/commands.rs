@@ -105,11 +105,17 @@ pub struct Loaded<A> {
 pub struct Executor {
     pool: Pool,
     crypto: Arc<Crypto>,
+    notifier: event_store::Notifier,
 }
 
 impl Executor {
+    /// Must be called inside a tokio runtime (it starts the append notifier).
     pub fn new(pool: Pool, crypto: Arc<Crypto>) -> Self {
-        Self { pool, crypto }
+        Self {
+            notifier: event_store::Notifier::spawn(pool.clone()),
+            pool,
+            crypto,
+        }
     }
 
     pub fn crypto(&self) -> &Arc<Crypto> {
@@ -338,6 +344,7 @@ impl Executor {
         };
         let append_started = Instant::now();
         let appended = event_store::append(&mut client, &stream, &head, pending).await?;
+        self.notifier.poke();
         METRICS
             .append_seconds
             .observe(append_started.elapsed().as_secs_f64());

@@ -11,8 +11,45 @@ use uuid::Uuid;
 
 use crate::hash_chain::{event_hash, HashedFields};
 
-/// Channel the store notifies on after every append; only a wake-up, never the data.
+/// Channel the store notifies on after appends; only a wake-up, never the data.
+///
+/// The NOTIFY is not sent inside the appending transaction: PostgreSQL serializes the
+/// commits of notifying transactions on one lock held across the commit's WAL flush,
+/// which would defeat group commit. [`Notifier`] sends it right after, coalescing
+/// bursts into one notification.
 pub const NOTIFY_CHANNEL: &str = "crm_events";
+
+/// Sends `NOTIFY crm_events` after appends, at most one pending per process; the task
+/// ends when the last handle is dropped.
+#[derive(Clone)]
+pub struct Notifier {
+    wake: tokio::sync::mpsc::Sender<()>,
+}
+
+impl Notifier {
+    /// Starts the notifying task on `pool`.
+    pub fn spawn(pool: deadpool_postgres::Pool) -> Self {
+        let (wake, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+        tokio::spawn(async move {
+            while rx.recv().await.is_some() {
+                match pool.get().await {
+                    Ok(c) => {
+                        if let Err(e) = c.batch_execute(&format!("NOTIFY {NOTIFY_CHANNEL}")).await {
+                            tracing::debug!(error = %e, "notify failed; the relay's poll covers it");
+                        }
+                    }
+                    Err(e) => tracing::debug!(error = %e, "notify skipped"),
+                }
+            }
+        });
+        Self { wake }
+    }
+
+    /// Asks for a notification (coalesced with any pending one).
+    pub fn poke(&self) {
+        let _ = self.wake.try_send(());
+    }
+}
 
 /// An event as stored: personal members are ciphertext. This is also the body of the
 /// JetStream message the relay publishes.
@@ -182,7 +219,6 @@ pub async fn append(
         });
         prev = Some(hash.to_vec());
     }
-    tx.execute(&format!("NOTIFY {NOTIFY_CHANNEL}"), &[]).await?;
     tx.commit().await.map_err(conflict_or_db)?;
     Ok(out)
 }
