@@ -245,7 +245,13 @@ impl Executor {
         A: Aggregate<Services = ()>,
         A::Event: PersonalData,
     {
-        let span = tracing::info_span!("command", aggregate = A::TYPE, id = %id, org = %org_id);
+        let span = tracing::info_span!(
+            "command",
+            aggregate = A::TYPE,
+            id = %id,
+            org = %org_id,
+            request_id = metadata.request_id.as_deref().unwrap_or(""),
+        );
         let started = Instant::now();
         let result = self
             .execute_inner::<A>(org_id, id, command, metadata, expected_version)
