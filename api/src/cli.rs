@@ -255,16 +255,20 @@ pub async fn run(
         }
         Command::Relay => {
             let state = startup::connect(&common.settings()?).await?;
-            run_workers(vec![Background::Relay(startup::relay(&state)?)], shutdown).await;
+            run_workers(
+                vec![Background::Relay(Box::new(startup::relay(&state)?))],
+                shutdown,
+            )
+            .await;
         }
         Command::Project { name } => {
             let projection =
                 read_models::by_name(&name).with_context(|| unknown_projection(&name))?;
             let state = startup::connect(&common.settings()?).await?;
             run_workers(
-                vec![Background::Projector(startup::projector(
+                vec![Background::Projector(Box::new(startup::projector(
                     &state, projection,
-                ))],
+                )))],
                 shutdown,
             )
             .await;
@@ -351,17 +355,14 @@ async fn admin(common: Common, command: AdminCommand) -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!("password {e}"))?;
             let hash = crate::auth::hash_password(&password)?;
             let meta = EventMetadata::system(org, "operator");
-            let user = accounts::create_user(
-                &state.executor,
-                &state.pool,
-                org,
-                email.clone(),
-                name,
+            let new_user = accounts::NewUser {
+                org_id: org,
+                email: email.clone(),
+                display_name: name,
                 role,
-                &hash,
-                &meta,
-            )
-            .await?;
+                password_hash: hash,
+            };
+            let user = accounts::create_user(&state.executor, &state.pool, new_user, &meta).await?;
             println!("user_id={user}");
             println!("email={email}");
             if generated {
@@ -380,17 +381,14 @@ async fn admin(common: Common, command: AdminCommand) -> anyhow::Result<()> {
             let password = generate_password();
             let hash = crate::auth::hash_password(&password)?;
             let meta = EventMetadata::system(org, "bootstrap");
-            accounts::create_user(
-                &state.executor,
-                &state.pool,
-                org,
-                email.clone(),
-                Name::parse("Owner").expect("static name"),
-                Role::Owner,
-                &hash,
-                &meta,
-            )
-            .await?;
+            let owner = accounts::NewUser {
+                org_id: org,
+                email: email.clone(),
+                display_name: Name::parse("Owner").expect("static name"),
+                role: Role::Owner,
+                password_hash: hash,
+            };
+            accounts::create_user(&state.executor, &state.pool, owner, &meta).await?;
             println!("org_id={org}");
             println!("email={email}");
             println!("password={password}");

@@ -27,8 +27,8 @@ pub struct Application {
 
 /// A worker that runs beside the API.
 pub enum Background {
-    Relay(Relay),
-    Projector(ProjectorWorker),
+    Relay(Box<Relay>),
+    Projector(Box<ProjectorWorker>),
 }
 
 /// Connections and services every process of the service needs.
@@ -91,11 +91,11 @@ impl Application {
         let state = connect(&settings).await?;
         let mut background = Vec::new();
         if settings.run_relay {
-            background.push(Background::Relay(relay(&state)?));
+            background.push(Background::Relay(Box::new(relay(&state)?)));
         }
         if settings.run_projectors {
             for p in read_models::all() {
-                background.push(Background::Projector(projector(&state, p)));
+                background.push(Background::Projector(Box::new(projector(&state, p))));
             }
         }
         let listener = TcpListener::bind(settings.http.bind)

@@ -67,17 +67,30 @@ pub async fn organization_exists(
     Ok(loaded.aggregate.id.is_some())
 }
 
-/// Registers a staff user with an already hashed password.
+/// A staff user to register; the password is already hashed.
+#[derive(Debug, Clone)]
+pub struct NewUser {
+    pub org_id: Uuid,
+    pub email: Email,
+    pub display_name: Name,
+    pub role: Role,
+    pub password_hash: String,
+}
+
+/// Registers a staff user.
 pub async fn create_user(
     executor: &Executor,
     pool: &Pool,
-    org_id: Uuid,
-    email: Email,
-    display_name: Name,
-    role: Role,
-    password_hash: &str,
+    user: NewUser,
     meta: &EventMetadata,
 ) -> Result<Uuid, AccountError> {
+    let NewUser {
+        org_id,
+        email,
+        display_name,
+        role,
+        password_hash,
+    } = user;
     if !organization_exists(executor, pool, org_id).await? {
         return Err(AccountError::NoSuchOrganization);
     }

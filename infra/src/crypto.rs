@@ -358,6 +358,27 @@ impl Crypto {
     }
 }
 
+impl Crypto {
+    /// Unwraps every live data key into the cache (before a rebuild reads everything).
+    pub async fn preload(&self, client: &impl GenericClient) -> Result<usize, CryptoError> {
+        let rows = client
+            .query(
+                "SELECT org_id, subject_id, wrapped_key FROM data_keys WHERE wrapped_key IS NOT NULL",
+                &[],
+            )
+            .await?;
+        let mut n = 0;
+        for r in rows.iter().take(CACHE_MAX) {
+            let (org, subject, wrapped): (Uuid, String, Vec<u8>) = (r.get(0), r.get(1), r.get(2));
+            if let Ok(key) = self.unwrap_key(&org, &subject, &wrapped) {
+                self.remember(&org, &subject, &key);
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -415,26 +436,5 @@ mod tests {
             kek: SecretString::from(B64.encode([7u8; 16])),
         });
         assert!(matches!(bad, Err(CryptoError::BadKek)));
-    }
-}
-
-impl Crypto {
-    /// Unwraps every live data key into the cache (before a rebuild reads everything).
-    pub async fn preload(&self, client: &impl GenericClient) -> Result<usize, CryptoError> {
-        let rows = client
-            .query(
-                "SELECT org_id, subject_id, wrapped_key FROM data_keys WHERE wrapped_key IS NOT NULL",
-                &[],
-            )
-            .await?;
-        let mut n = 0;
-        for r in rows.iter().take(CACHE_MAX) {
-            let (org, subject, wrapped): (Uuid, String, Vec<u8>) = (r.get(0), r.get(1), r.get(2));
-            if let Ok(key) = self.unwrap_key(&org, &subject, &wrapped) {
-                self.remember(&org, &subject, &key);
-                n += 1;
-            }
-        }
-        Ok(n)
     }
 }

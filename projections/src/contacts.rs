@@ -24,7 +24,7 @@ pub struct ContactView {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Update {
     /// The view changed (or was created).
-    Changed(ContactView),
+    Changed(Box<ContactView>),
     /// The event was already reflected (its sequence is not above the view's version).
     AlreadyApplied,
     /// The event does not follow the view's version: an earlier one is missing.
@@ -80,12 +80,12 @@ pub fn update(view: Option<&ContactView>, env: &Envelope<'_>, event: &ContactEve
             }
         }
     };
-    Update::Changed(ContactView {
+    Update::Changed(Box::new(ContactView {
         version: env.sequence,
         updated_at: env.recorded_at,
         last_position: env.global_position,
         ..next
-    })
+    }))
 }
 
 #[cfg(test)]

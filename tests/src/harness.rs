@@ -268,19 +268,33 @@ pub async fn create_org_and_user(state: &AppState, org_name: &str, email: &str) 
         crm_infra::accounts::create_organization(&state.executor, Name::parse(org_name).unwrap())
             .await
             .unwrap();
-    let user = crm_infra::accounts::create_user(
+    let user = create_user(
+        state,
+        org,
+        email,
+        "$2b$04$invalidinvalidinvalidinvalidinvalidinvalidinvalidinvali",
+    )
+    .await;
+    (org, user)
+}
+
+/// Registers a staff user (owner) of `org` with the given bcrypt hash.
+pub async fn create_user(state: &AppState, org: Uuid, email: &str, password_hash: &str) -> Uuid {
+    let user = crm_infra::accounts::NewUser {
+        org_id: org,
+        email: Email::parse(email).unwrap(),
+        display_name: Name::parse("Owner").unwrap(),
+        role: Role::Owner,
+        password_hash: password_hash.to_owned(),
+    };
+    crm_infra::accounts::create_user(
         &state.executor,
         &state.pool,
-        org,
-        Email::parse(email).unwrap(),
-        Name::parse("Owner").unwrap(),
-        Role::Owner,
-        "$2b$04$invalidinvalidinvalidinvalidinvalidinvalidinvalidinvali",
+        user,
         &EventMetadata::system(org, "test"),
     )
     .await
-    .unwrap();
-    (org, user)
+    .unwrap()
 }
 
 /// Polls `check` until it returns `Some` or `timeout` passes.

@@ -214,9 +214,9 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
             );
         }))
         // A span per request; the client's address stays out of logs (personal data).
-        .with(warp::trace(|info| {
-            tracing::info_span!("request", method = %info.method(), path = %info.path())
-        }))
+        .with(warp::trace(
+            |info| tracing::info_span!("request", method = %info.method(), path = %info.path()),
+        ))
         .map(warp::Reply::into_response)
         .boxed()
 }

@@ -127,7 +127,7 @@ impl Rebuilder for ContactsRebuilder {
         let key = (event.stored.org_id, id);
         match update(self.views.get(&key), &envelope(event), &typed) {
             Update::Changed(v) => {
-                self.views.insert(key, v);
+                self.views.insert(key, *v);
                 Ok(())
             }
             Update::AlreadyApplied => Ok(()),
