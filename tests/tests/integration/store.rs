@@ -188,3 +188,44 @@ async fn personal_data_is_not_in_the_events_table_nor_on_the_bus() {
     }
     app.stop().await;
 }
+
+#[tokio::test]
+async fn long_streams_load_from_an_encrypted_snapshot() {
+    let app = TestApp::spawn().await;
+    let canary = format!("snap{}", Uuid::new_v4().simple());
+    let (id, _) = app.create_contact(&json!({"given_name": canary})).await;
+    let path = format!("/v1/contacts/{id}");
+    for i in 0..55 {
+        let r = app.patch(&path, &json!({"custom": {"n": i}})).await;
+        assert_eq!(r.status(), 200);
+    }
+    let db = app.db().await;
+    let row = db
+        .query_one(
+            "SELECT last_sequence, s::text LIKE '%' || $2 || '%' FROM snapshots s WHERE aggregate_id = $1",
+            &[&id.to_string(), &canary],
+        )
+        .await
+        .expect("a snapshot was taken");
+    assert_eq!(row.get::<_, i64>(0), 50);
+    assert!(!row.get::<_, bool>(1), "snapshot holds plaintext");
+    // Commands after the snapshot see the right version and state.
+    let r = app
+        .patch(&path, &json!({"title": "Dr", "expected_version": 56}))
+        .await;
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["version"], 57);
+    let pos = v["positions"][0].as_i64().unwrap();
+    let got: serde_json::Value = app
+        .get(&format!("{path}?min_position={pos}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (got["given_name"].as_str(), got["custom"]["n"].as_i64()),
+        (Some(canary.as_str()), Some(54))
+    );
+    app.stop().await;
+}
