@@ -320,20 +320,23 @@ impl Executor {
         }
         let meta_json =
             serde_json::to_value(metadata).map_err(|e| StoreError::Corrupt(0, e.to_string()))?;
+        let stream = StreamId {
+            org_id,
+            aggregate_type: A::TYPE,
+            aggregate_id: id,
+        };
+        let append_started = Instant::now();
+        // One transaction, one commit: a new subject's data key is stored together with
+        // the events it encrypts.
+        let tx = client.transaction().await.map_err(StoreError::from)?;
         let mut pending = Vec::with_capacity(events.len());
         for event in &events {
             let mut payload =
                 serde_json::to_value(event).map_err(|e| StoreError::Corrupt(0, e.to_string()))?;
             let mut meta = meta_json.clone();
+            let sections = event.personal_sections();
             self.crypto
-                .encrypt_event(
-                    &client,
-                    &org_id,
-                    id,
-                    event.personal_sections(),
-                    &mut payload,
-                    &mut meta,
-                )
+                .encrypt_event(&tx, &org_id, id, sections, &mut payload, &mut meta)
                 .await
                 .map_err(StoreError::from)?;
             pending.push(PendingEvent {
@@ -343,13 +346,8 @@ impl Executor {
                 metadata: meta,
             });
         }
-        let stream = StreamId {
-            org_id,
-            aggregate_type: A::TYPE,
-            aggregate_id: id,
-        };
-        let append_started = Instant::now();
-        let appended = event_store::append(&mut client, &stream, &head, pending).await?;
+        let appended = event_store::append(&tx, &stream, &head, pending).await?;
+        tx.commit().await.map_err(event_store::conflict_or_db)?;
         self.notifier.poke();
         METRICS
             .append_seconds

@@ -138,6 +138,9 @@ impl Crypto {
     }
 
     /// The subject's data key; created on first use. Fails with `Erased` once destroyed.
+    ///
+    /// A key created here is not cached: it only exists once the caller's transaction
+    /// commits, and a rolled-back key must never encrypt anything else.
     pub async fn key_for_writing(
         &self,
         client: &impl GenericClient,
@@ -151,14 +154,19 @@ impl Crypto {
         rand::thread_rng().fill_bytes(&mut raw);
         let aad = format!("crm-dek|{org}|{subject}");
         let wrapped = seal(&self.kek, aad.as_bytes(), &raw)?;
-        client
+        let inserted = client
             .execute(
                 "INSERT INTO data_keys (org_id, subject_id, kek_id, wrapped_key) \
                  VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
                 &[org, &subject, &self.kek_id, &wrapped],
             )
             .await?;
-        self.key_for_reading(client, org, subject)
+        if inserted == 1 {
+            let cipher = Aes256Gcm::new_from_slice(&raw).map_err(|_| CryptoError::Encrypt)?;
+            return Ok(DataKey(Arc::new(cipher)));
+        }
+        // It existed (perhaps only inside the caller's transaction): not cached here.
+        self.fetch_key(client, org, subject, false)
             .await?
             .ok_or(CryptoError::Erased)
     }
@@ -169,6 +177,16 @@ impl Crypto {
         client: &impl GenericClient,
         org: &Uuid,
         subject: &str,
+    ) -> Result<Option<DataKey>, CryptoError> {
+        self.fetch_key(client, org, subject, true).await
+    }
+
+    async fn fetch_key(
+        &self,
+        client: &impl GenericClient,
+        org: &Uuid,
+        subject: &str,
+        cache: bool,
     ) -> Result<Option<DataKey>, CryptoError> {
         if let Some(k) = self.cached(org, subject) {
             return Ok(Some(k));
@@ -183,7 +201,9 @@ impl Crypto {
             return Ok(None);
         };
         let key = self.unwrap_key(org, subject, &wrapped)?;
-        self.remember(org, subject, &key);
+        if cache {
+            self.remember(org, subject, &key);
+        }
         Ok(Some(key))
     }
 

@@ -157,16 +157,16 @@ pub struct Appended {
     pub global_position: i64,
 }
 
-/// Appends events to one stream in one transaction. Fails with `Conflict` when the
-/// stream moved past `head.version` meanwhile (unique (type, id, sequence)); takes no
-/// lock wider than that one stream.
+/// Appends events to one stream inside the caller's transaction (the caller commits,
+/// mapping errors with [`conflict_or_db`]). Fails with `Conflict` when the stream moved
+/// past `head.version` meanwhile (unique (type, id, sequence)); takes no lock wider
+/// than that one stream.
 pub async fn append(
-    client: &mut deadpool_postgres::Object,
+    tx: &deadpool_postgres::Transaction<'_>,
     stream: &StreamId<'_>,
     head: &StreamHead,
     events: Vec<PendingEvent>,
 ) -> Result<Vec<Appended>, StoreError> {
-    let tx = client.transaction().await?;
     let insert = tx
         .prepare_cached(
             "INSERT INTO events (event_id, org_id, aggregate_type, aggregate_id, sequence, \
@@ -219,11 +219,11 @@ pub async fn append(
         });
         prev = Some(hash.to_vec());
     }
-    tx.commit().await.map_err(conflict_or_db)?;
     Ok(out)
 }
 
-fn conflict_or_db(e: tokio_postgres::Error) -> StoreError {
+/// A unique violation on a stream's sequence is a concurrency conflict.
+pub fn conflict_or_db(e: tokio_postgres::Error) -> StoreError {
     if e.code() == Some(&SqlState::UNIQUE_VIOLATION) {
         StoreError::Conflict
     } else {
