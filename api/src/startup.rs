@@ -41,6 +41,9 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<AppState> {
     let crypto = Arc::new(Crypto::new(&settings.keys).context("CRM_KEK")?);
     let bus = Bus::connect(&settings.nats).await?;
     let tokens = Arc::new(Tokens::new(&settings.jwt).map_err(anyhow::Error::msg)?);
+    // Compute the dummy bcrypt hash now, so that the first login for an unknown email
+    // does not take longer than one for a known email.
+    tokio::task::spawn_blocking(crate::auth::dummy_hash).await?;
     Ok(AppState {
         executor: Executor::new(pool.clone(), crypto.clone()),
         pool,
