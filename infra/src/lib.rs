@@ -15,6 +15,7 @@
 
 pub mod accounts;
 pub mod bus;
+pub mod checkpoint;
 pub mod commands;
 pub mod crypto;
 pub mod db;

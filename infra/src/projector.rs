@@ -22,6 +22,7 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::Bus;
+use crate::checkpoint::{self, Owner};
 use crate::commands::{decode, DecodedEvent};
 use crate::crypto::Crypto;
 use crate::event_store::{self, CommitKey, StoreError, StoredEvent};
@@ -83,16 +84,7 @@ pub async fn checkpoint(
     client: &impl GenericClient,
     name: &str,
 ) -> Result<CommitKey, tokio_postgres::Error> {
-    let row = client
-        .query_opt(
-            "SELECT tx_id::text::bigint, global_position FROM projection_checkpoints WHERE name = $1",
-            &[&name],
-        )
-        .await?;
-    Ok(row.map_or(CommitKey::default(), |r| CommitKey {
-        tx_id: r.get(0),
-        position: r.get(1),
-    }))
+    checkpoint::read(client, Owner::Projection, name).await
 }
 
 /// Sets a projection's checkpoint (inside the caller's transaction).
@@ -101,16 +93,7 @@ pub async fn set_checkpoint(
     name: &str,
     key: CommitKey,
 ) -> Result<(), tokio_postgres::Error> {
-    client
-        .execute(
-            "INSERT INTO projection_checkpoints (name, tx_id, global_position) \
-             VALUES ($1, $2::bigint::text::xid8, $3) \
-             ON CONFLICT (name) DO UPDATE SET tx_id = EXCLUDED.tx_id, \
-             global_position = EXCLUDED.global_position, updated_at = now()",
-            &[&name, &key.tx_id, &key.position],
-        )
-        .await?;
-    Ok(())
+    checkpoint::write(client, Owner::Projection, name, key).await
 }
 
 /// Whether projection `name` has applied the event at global `position`, and if not,
@@ -259,18 +242,7 @@ impl ProjectorWorker {
         let name = self.projection.name();
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
-        tx.execute(
-            "INSERT INTO projection_checkpoints (name, tx_id, global_position) \
-             VALUES ($1, '0'::xid8, 0) ON CONFLICT DO NOTHING",
-            &[&name],
-        )
-        .await?;
-        tx.execute(
-            "SELECT 1 FROM projection_checkpoints WHERE name = $1 FOR UPDATE",
-            &[&name],
-        )
-        .await?;
-        let mut ck = checkpoint(&tx, name).await?;
+        let mut ck = checkpoint::lock_projection(&tx, name).await?;
         let start = ck;
         let mut verdicts = Vec::with_capacity(batch.len());
         let mut blocked = false;

@@ -87,17 +87,7 @@ pub async fn rebuild(
     let mut client = admin.get().await?;
     let tx = client.transaction().await?;
     let name = projection.name();
-    tx.execute(
-        "INSERT INTO projection_checkpoints (name, tx_id, global_position) \
-         VALUES ($1, '0'::xid8, 0) ON CONFLICT DO NOTHING",
-        &[&name],
-    )
-    .await?;
-    tx.execute(
-        "SELECT 1 FROM projection_checkpoints WHERE name = $1 FOR UPDATE",
-        &[&name],
-    )
-    .await?;
+    crate::checkpoint::lock_projection(&tx, name).await?;
     loop {
         let batch = event_store::read_committed(&tx, last, 1000).await?;
         if batch.is_empty() {

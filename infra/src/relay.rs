@@ -47,16 +47,7 @@ pub async fn checkpoint(
     client: &impl GenericClient,
     name: &str,
 ) -> Result<CommitKey, tokio_postgres::Error> {
-    let row = client
-        .query_opt(
-            "SELECT tx_id::text::bigint, global_position FROM relay_checkpoints WHERE name = $1",
-            &[&name],
-        )
-        .await?;
-    Ok(row.map_or(CommitKey::default(), |r| CommitKey {
-        tx_id: r.get(0),
-        position: r.get(1),
-    }))
+    crate::checkpoint::read(client, crate::checkpoint::Owner::Relay, name).await
 }
 
 impl Relay {
@@ -133,14 +124,8 @@ impl Relay {
             if !batch.is_empty() {
                 self.publish(&batch).await?;
                 ck = batch.last().expect("non-empty").commit_key();
-                db.execute(
-                    "INSERT INTO relay_checkpoints (name, tx_id, global_position) \
-                         VALUES ($1, $2::bigint::text::xid8, $3) \
-                         ON CONFLICT (name) DO UPDATE SET tx_id = EXCLUDED.tx_id, \
-                         global_position = EXCLUDED.global_position, updated_at = now()",
-                    &[&self.name, &ck.tx_id, &ck.position],
-                )
-                .await?;
+                crate::checkpoint::write(&db, crate::checkpoint::Owner::Relay, &self.name, ck)
+                    .await?;
                 METRICS.relay_published.inc_by(batch.len() as u64);
             }
             if last_lag.elapsed() >= LAG_EVERY {

@@ -227,6 +227,28 @@ impl TestApp {
         connect(&self.db_url).await
     }
 
+    /// The body of every message in this test's JetStream stream, in stream order.
+    pub async fn stream_payloads(&self) -> Vec<Vec<u8>> {
+        let mut stream = self
+            .state
+            .bus
+            .jetstream
+            .get_stream(&self.settings.nats.stream)
+            .await
+            .unwrap();
+        let info = stream.info().await.unwrap();
+        let mut out = Vec::new();
+        if info.state.messages == 0 {
+            return out;
+        }
+        for seq in info.state.first_sequence..=info.state.last_sequence {
+            if let Ok(m) = stream.get_raw_message(seq).await {
+                out.push(m.payload.to_vec());
+            }
+        }
+        out
+    }
+
     /// A superuser pool on this test's database (for infra calls that take a pooled client).
     pub fn admin_pool(&self) -> deadpool_postgres::Pool {
         crm_infra::db::admin_pool(&DatabaseSettings {

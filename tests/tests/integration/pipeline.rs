@@ -15,24 +15,11 @@ use uuid::Uuid;
 
 /// Every message of the test's stream, parsed, in stream order.
 async fn published(app: &TestApp) -> Vec<StoredEvent> {
-    let mut stream = app
-        .state
-        .bus
-        .jetstream
-        .get_stream(&app.settings.nats.stream)
+    app.stream_payloads()
         .await
-        .unwrap();
-    let info = stream.info().await.unwrap();
-    let mut out = Vec::new();
-    if info.state.messages == 0 {
-        return out;
-    }
-    for seq in info.state.first_sequence..=info.state.last_sequence {
-        if let Ok(m) = stream.get_raw_message(seq).await {
-            out.push(serde_json::from_slice(&m.payload).unwrap());
-        }
-    }
-    out
+        .iter()
+        .map(|b| serde_json::from_slice(b).unwrap())
+        .collect()
 }
 
 /// Event ids in commit order, as the store has them.

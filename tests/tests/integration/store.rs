@@ -95,25 +95,6 @@ async fn verify_reports_a_tampered_event() {
     app.stop().await;
 }
 
-/// Reads every message of the test's stream.
-async fn stream_messages(app: &TestApp) -> Vec<Vec<u8>> {
-    let mut stream = app
-        .state
-        .bus
-        .jetstream
-        .get_stream(&app.settings.nats.stream)
-        .await
-        .unwrap();
-    let info = stream.info().await.unwrap();
-    let mut out = Vec::new();
-    for seq in info.state.first_sequence..=info.state.last_sequence {
-        if let Ok(m) = stream.get_raw_message(seq).await {
-            out.push(m.payload.to_vec());
-        }
-    }
-    out
-}
-
 #[tokio::test]
 async fn personal_data_is_not_in_the_events_table_nor_on_the_bus() {
     let app = TestApp::spawn().await;
@@ -170,7 +151,7 @@ async fn personal_data_is_not_in_the_events_table_nor_on_the_bus() {
     assert_eq!(n, 0, "phone in clear");
 
     let messages = eventually(Duration::from_secs(20), || async {
-        let m = stream_messages(&app).await;
+        let m = app.stream_payloads().await;
         let has_contact = m
             .iter()
             .any(|b| serde_json::from_slice::<StoredEvent>(b).is_ok_and(|e| e.aggregate_id == id));

@@ -1,0 +1,82 @@
+//! Checkpoints: how far the relay and each projection have got, as commit keys.
+
+use deadpool_postgres::GenericClient;
+
+use crate::event_store::CommitKey;
+
+/// Which process a checkpoint belongs to.
+#[derive(Debug, Clone, Copy)]
+pub enum Owner {
+    Relay,
+    Projection,
+}
+
+impl Owner {
+    fn table(self) -> &'static str {
+        match self {
+            Self::Relay => "relay_checkpoints",
+            Self::Projection => "projection_checkpoints",
+        }
+    }
+}
+
+/// The checkpoint called `name` (zero when there is none yet).
+pub async fn read(
+    client: &impl GenericClient,
+    owner: Owner,
+    name: &str,
+) -> Result<CommitKey, tokio_postgres::Error> {
+    let sql = format!(
+        "SELECT tx_id::text::bigint, global_position FROM {} WHERE name = $1",
+        owner.table()
+    );
+    let row = client.query_opt(&sql, &[&name]).await?;
+    Ok(row.map_or(CommitKey::default(), |r| CommitKey {
+        tx_id: r.get(0),
+        position: r.get(1),
+    }))
+}
+
+/// Sets the checkpoint called `name` (inside the caller's transaction, if any).
+pub async fn write(
+    client: &impl GenericClient,
+    owner: Owner,
+    name: &str,
+    key: CommitKey,
+) -> Result<(), tokio_postgres::Error> {
+    let sql = format!(
+        "INSERT INTO {} (name, tx_id, global_position) VALUES ($1, $2::bigint::text::xid8, $3) \
+         ON CONFLICT (name) DO UPDATE SET tx_id = EXCLUDED.tx_id, \
+         global_position = EXCLUDED.global_position, updated_at = now()",
+        owner.table()
+    );
+    client
+        .execute(&sql, &[&name, &key.tx_id, &key.position])
+        .await?;
+    Ok(())
+}
+
+/// Reads a projection's checkpoint and locks it until the caller's transaction ends:
+/// other workers of the projection (and rebuilds) wait for that.
+pub async fn lock_projection(
+    tx: &deadpool_postgres::Transaction<'_>,
+    name: &str,
+) -> Result<CommitKey, tokio_postgres::Error> {
+    tx.execute(
+        "INSERT INTO projection_checkpoints (name, tx_id, global_position) \
+         VALUES ($1, '0'::xid8, 0) ON CONFLICT DO NOTHING",
+        &[&name],
+    )
+    .await?;
+    let row = tx
+        .query_one(
+            "SELECT tx_id::text::bigint, global_position FROM projection_checkpoints \
+             WHERE name = $1 FOR UPDATE",
+            &[&name],
+        )
+        .await?;
+    Ok(CommitKey {
+        tx_id: row.get(0),
+        position: row.get(1),
+    })
+}
