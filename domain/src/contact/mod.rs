@@ -7,3 +7,6 @@ mod events;
 pub use aggregate::{apply_changes, Contact, ContactError};
 pub use commands::ContactCommand;
 pub use events::{ContactChanges, ContactEvent, ContactField, ContactProfile};
+
+#[cfg(test)]
+mod given_when_then;
