@@ -29,7 +29,7 @@ impl FieldError {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ApiError {
     #[error("{message}")]
     BadRequest { code: &'static str, message: String },
@@ -211,12 +211,7 @@ impl warp::reject::Reject for ApiRejection {}
 pub async fn recover(rejection: Rejection) -> Result<Response, Infallible> {
     let rid = crate::context::new_request_id();
     if let Some(ApiRejection(e, request_id)) = rejection.find::<ApiRejection>() {
-        let e = match e {
-            ApiError::Unauthorized(m) => ApiError::Unauthorized(m),
-            ApiError::NotFound(m) => ApiError::NotFound(m),
-            other => ApiError::Internal(other.to_string()),
-        };
-        return Ok(e.into_response(request_id));
+        return Ok(e.clone().into_response(request_id));
     }
     let err = if rejection.is_not_found() {
         ApiError::NotFound("no such route")

@@ -119,6 +119,7 @@ fn parse_address(errors: &mut Vec<FieldError>, a: AddressInput) -> Option<Addres
                 .ok()
         })
     }
+    let errors_before = errors.len();
     let addr = Address {
         line1: part(errors, "line1", a.line1, Line::parse),
         line2: part(errors, "line2", a.line2, Line::parse),
@@ -127,7 +128,7 @@ fn parse_address(errors: &mut Vec<FieldError>, a: AddressInput) -> Option<Addres
         postal_code: part(errors, "postal_code", a.postal_code, Text::<20>::parse),
         country: part(errors, "country", a.country, CountryCode::parse),
     };
-    if addr == Address::default() {
+    if addr == Address::default() && errors.len() == errors_before {
         errors.push(FieldError::new("address", "needs at least one part"));
         return None;
     }

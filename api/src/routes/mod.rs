@@ -6,6 +6,8 @@ pub mod health;
 pub mod login;
 
 use std::collections::HashMap;
+
+use bytes::Buf;
 use std::time::Duration;
 
 use crm_domain::metadata::{EventMetadata, Principal, PrincipalKind};
@@ -83,13 +85,51 @@ pub fn staff(state: AppState) -> impl Filter<Extract = (Authed,), Error = Reject
         })
 }
 
-/// A request body (bounded) and its content type.
+/// A request body of at most `limit` bytes (with or without Content-Length) and its
+/// content type. Larger bodies are refused with 413 without reading them whole.
 pub fn body(
     limit: u64,
 ) -> impl Filter<Extract = (Option<String>, bytes::Bytes), Error = Rejection> + Clone {
-    warp::body::content_length_limit(limit)
-        .and(warp::header::optional::<String>("content-type"))
-        .and(warp::body::bytes())
+    warp::header::optional::<String>("content-type")
+        .and(warp::header::optional::<u64>("content-length"))
+        .and(warp::body::stream())
+        .and_then(
+            move |ct: Option<String>, declared: Option<u64>, stream| async move {
+                let reject = |e: ApiError| {
+                    warp::reject::custom(ApiRejection(e, crate::context::new_request_id()))
+                };
+                if declared.is_some_and(|n| n > limit) {
+                    return Err(reject(ApiError::PayloadTooLarge));
+                }
+                let bytes = collect_body(stream, limit).await.map_err(reject)?;
+                Ok::<_, Rejection>((ct, bytes))
+            },
+        )
+        .untuple_one()
+}
+
+async fn collect_body<S, B>(stream: S, limit: u64) -> Result<bytes::Bytes, ApiError>
+where
+    S: futures::Stream<Item = Result<B, warp::Error>>,
+    B: Buf,
+{
+    let mut buf = bytes::BytesMut::new();
+    futures::pin_mut!(stream);
+    while let Some(chunk) = futures::StreamExt::next(&mut stream).await {
+        let mut chunk = chunk.map_err(|_| {
+            ApiError::bad_request("invalid_body", "the request body could not be read")
+        })?;
+        if (buf.len() + chunk.remaining()) as u64 > limit {
+            return Err(ApiError::PayloadTooLarge);
+        }
+        while chunk.has_remaining() {
+            let part = chunk.chunk();
+            let n = part.len();
+            buf.extend_from_slice(part);
+            chunk.advance(n);
+        }
+    }
+    Ok(buf.freeze())
 }
 
 /// Insists on a JSON content type.

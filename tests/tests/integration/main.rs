@@ -3,5 +3,6 @@
 
 mod concurrency;
 mod contacts;
+mod edge;
 mod pipeline;
 mod store;
