@@ -5,4 +5,5 @@ mod concurrency;
 mod contacts;
 mod edge;
 mod pipeline;
+mod queries;
 mod store;
