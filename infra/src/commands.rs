@@ -94,6 +94,18 @@ pub async fn decode(
     })
 }
 
+/// Parses a stored event without decrypting anything: personal members stay ciphertext.
+/// For consumers that read no personal data (e.g. the activity log).
+pub fn decode_without_personal_data(stored: StoredEvent) -> Result<DecodedEvent, StoreError> {
+    let metadata = serde_json::from_value(stored.metadata.clone())
+        .map_err(|e| StoreError::Corrupt(stored.global_position, e.to_string()))?;
+    Ok(DecodedEvent {
+        payload: stored.payload.clone(),
+        metadata,
+        stored,
+    })
+}
+
 /// An aggregate with the head of its stream.
 pub struct Loaded<A> {
     pub aggregate: A,
@@ -330,15 +342,18 @@ impl Executor {
         // the events it encrypts.
         let tx = client.transaction().await.map_err(StoreError::from)?;
         let mut pending = Vec::with_capacity(events.len());
+        let mut key = None;
         for event in &events {
             let mut payload =
                 serde_json::to_value(event).map_err(|e| StoreError::Corrupt(0, e.to_string()))?;
             let mut meta = meta_json.clone();
             let sections = event.personal_sections();
-            self.crypto
+            let used = self
+                .crypto
                 .encrypt_event(&tx, &org_id, id, sections, &mut payload, &mut meta)
                 .await
                 .map_err(StoreError::from)?;
+            key = key.or(used);
             pending.push(PendingEvent {
                 event_type: event.event_type(),
                 event_version: event.event_version(),
@@ -349,6 +364,10 @@ impl Executor {
         let appended = event_store::append(&tx, &stream, &head, pending).await?;
         tx.commit().await.map_err(event_store::conflict_or_db)?;
         self.notifier.poke();
+        if let Some(key) = key {
+            // Committed now: readers (projectors in this process) may use it.
+            self.crypto.remember(&org_id, id, &key);
+        }
         METRICS
             .append_seconds
             .observe(append_started.elapsed().as_secs_f64());

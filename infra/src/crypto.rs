@@ -111,7 +111,8 @@ impl Crypto {
             .map(|(k, _)| k.clone())
     }
 
-    fn remember(&self, org: &Uuid, subject: &str, key: &DataKey) {
+    /// Caches a key; call only once the key is committed.
+    pub fn remember(&self, org: &Uuid, subject: &str, key: &DataKey) {
         let mut cache = self.cache.lock().expect("key cache poisoned");
         if cache.len() >= CACHE_MAX {
             cache.clear();
@@ -303,10 +304,10 @@ impl Crypto {
         sections: &[&str],
         payload: &mut Value,
         metadata: &mut Value,
-    ) -> Result<(), CryptoError> {
+    ) -> Result<Option<DataKey>, CryptoError> {
         let paths = personal_paths(payload, sections, metadata);
         if paths.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let key = self.key_for_writing(client, org, subject).await?;
         for (path, field) in paths {
@@ -319,7 +320,7 @@ impl Crypto {
                 *slot = Self::encrypt_value(&key, org, subject, &field, slot)?;
             }
         }
-        Ok(())
+        Ok(Some(key))
     }
 
     /// Decrypts, in place, every `enc:v1:` member of a stored event. Values whose key was

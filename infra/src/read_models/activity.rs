@@ -83,6 +83,10 @@ impl Projection for ActivityProjection {
     fn rebuilder(&self) -> Box<dyn Rebuilder> {
         Box::new(ActivityRebuilder::default())
     }
+
+    fn needs_personal_data(&self) -> bool {
+        false
+    }
 }
 
 #[derive(Default)]
