@@ -55,12 +55,13 @@ pub trait Projection: Send + Sync + 'static {
     fn name(&self) -> &'static str;
     /// The read-model table it owns (rebuilds shadow and swap it).
     fn table(&self) -> &'static str;
-    /// Applies one event to `table` inside `tx`.
+    /// Applies events, in order, to `table` inside `tx` (a few statements per batch,
+    /// not per event).
     async fn apply(
         &self,
         tx: &Transaction<'_>,
         table: &str,
-        event: &DecodedEvent,
+        events: &[DecodedEvent],
     ) -> Result<(), ProjectionError>;
     /// An in-memory fold for rebuilds.
     fn rebuilder(&self) -> Box<dyn Rebuilder>;
@@ -257,6 +258,7 @@ impl ProjectorWorker {
         let expected = event_store::keys_between(&tx, ck, upto, cap).await?;
         let mut expected = expected.into_iter().peekable();
         let mut blocked = false;
+        let mut ready = Vec::with_capacity(batch.len());
         for (event, _) in batch {
             let key = event.commit_key();
             if key <= ck {
@@ -270,16 +272,18 @@ impl ProjectorWorker {
                 continue;
             }
             expected.next();
-            let decoded = if self.projection.needs_personal_data() {
+            ready.push(if self.projection.needs_personal_data() {
                 decode(&self.crypto, &tx, event.clone()).await?
             } else {
                 decode_without_personal_data(event.clone())?
-            };
-            self.projection
-                .apply(&tx, self.projection.table(), &decoded)
-                .await?;
+            });
             ck = key;
             verdicts.push(Verdict::Applied);
+        }
+        if !ready.is_empty() {
+            self.projection
+                .apply(&tx, self.projection.table(), &ready)
+                .await?;
         }
         if ck != start {
             set_checkpoint(&tx, name, ck).await?;

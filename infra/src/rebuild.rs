@@ -93,12 +93,13 @@ pub async fn rebuild(
         if batch.is_empty() {
             break;
         }
+        let mut decoded = Vec::with_capacity(batch.len());
         for stored in batch {
             last = stored.commit_key();
-            let decoded = decode(crypto, &tx, stored).await?;
-            projection.apply(&tx, &shadow, &decoded).await?;
-            done += 1;
+            decoded.push(decode(crypto, &tx, stored).await?);
         }
+        done += decoded.len() as u64;
+        projection.apply(&tx, &shadow, &decoded).await?;
     }
     let mut swap = format!(
         "ALTER TABLE {table} RENAME TO {table}_old; \

@@ -51,29 +51,41 @@ impl Projection for ActivityProjection {
         &self,
         tx: &Transaction<'_>,
         table: &str,
-        event: &DecodedEvent,
+        events: &[DecodedEvent],
     ) -> Result<(), ProjectionError> {
-        let e = entry(&envelope(event), &event.metadata);
+        let entries: Vec<ActivityEntry> = events
+            .iter()
+            .map(|e| entry(&envelope(e), &e.metadata))
+            .collect();
+        let col = |f: fn(&ActivityEntry) -> String| entries.iter().map(f).collect::<Vec<_>>();
+        let opt =
+            |f: fn(&ActivityEntry) -> Option<String>| entries.iter().map(f).collect::<Vec<_>>();
         let sql = format!(
-            "INSERT INTO {table} ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
+            "INSERT INTO {table} ({COLUMNS}) \
+             SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::int8[], $4::timestamptz[], \
+               $5::timestamptz[], $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], \
+               $11::text[], $12::text[]) \
              ON CONFLICT DO NOTHING"
         );
         let stmt = tx.prepare_cached(&sql).await?;
         tx.execute(
             &stmt,
             &[
-                &e.org_id,
-                &e.event_id,
-                &e.global_position,
-                &e.occurred_at,
-                &e.recorded_at,
-                &e.actor_kind,
-                &e.actor_id,
-                &e.action,
-                &e.entity_type,
-                &e.entity_id,
-                &e.request_id,
-                &e.correlation_id,
+                &entries.iter().map(|e| e.org_id).collect::<Vec<_>>(),
+                &entries.iter().map(|e| e.event_id).collect::<Vec<_>>(),
+                &entries
+                    .iter()
+                    .map(|e| e.global_position)
+                    .collect::<Vec<_>>(),
+                &entries.iter().map(|e| e.occurred_at).collect::<Vec<_>>(),
+                &entries.iter().map(|e| e.recorded_at).collect::<Vec<_>>(),
+                &col(|e| e.actor_kind.clone()),
+                &col(|e| e.actor_id.clone()),
+                &col(|e| e.action.clone()),
+                &col(|e| e.entity_type.clone()),
+                &col(|e| e.entity_id.clone()),
+                &opt(|e| e.request_id.clone()),
+                &opt(|e| e.correlation_id.clone()),
             ],
         )
         .await?;

@@ -57,56 +57,100 @@ impl Projection for ContactsProjection {
         &self,
         tx: &Transaction<'_>,
         table: &str,
-        event: &DecodedEvent,
+        events: &[DecodedEvent],
     ) -> Result<(), ProjectionError> {
-        if event.stored.aggregate_type != Contact::TYPE {
+        let mut ids: Vec<Uuid> = events.iter().filter_map(contact_id).collect();
+        ids.sort();
+        ids.dedup();
+        if ids.is_empty() {
             return Ok(());
         }
-        let typed: ContactEvent = event.typed()?;
-        let id: Uuid = event
-            .stored
-            .aggregate_id
-            .parse()
-            .map_err(|_| ProjectionError::OutOfOrder("contact id is not a UUID".into()))?;
-        let sql =
-            format!("SELECT {VIEW_COLUMNS} FROM {table} WHERE org_id = $1 AND id = $2 FOR UPDATE");
-        let row = tx.query_opt(&sql, &[&event.stored.org_id, &id]).await?;
-        let current = row.as_ref().map(view_from_row).transpose()?;
-        match update(current.as_ref(), &envelope(event), &typed) {
-            Update::AlreadyApplied => Ok(()),
-            Update::OutOfOrder { have, got } => Err(ProjectionError::OutOfOrder(format!(
-                "contact {id}: have version {have}, got event {got}"
-            ))),
-            Update::Changed(v) => {
-                let sql = format!(
-                    "INSERT INTO {table} ({VIEW_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
-                     ON CONFLICT (org_id, id) DO UPDATE SET version = EXCLUDED.version, \
-                     profile = EXCLUDED.profile, archived = EXCLUDED.archived, \
-                     updated_at = EXCLUDED.updated_at, last_position = EXCLUDED.last_position"
-                );
-                let stmt = tx.prepare_cached(&sql).await?;
-                tx.execute(
-                    &stmt,
-                    &[
-                        &v.id,
-                        &v.org_id,
-                        &v.version,
-                        &profile_json(&v.profile),
-                        &v.archived,
-                        &v.created_at,
-                        &v.updated_at,
-                        &v.last_position,
-                    ],
-                )
-                .await?;
-                Ok(())
+        let sql = format!("SELECT {VIEW_COLUMNS} FROM {table} WHERE id = ANY($1) FOR UPDATE");
+        let mut views = HashMap::new();
+        for row in tx.query(&sql, &[&ids]).await? {
+            let v = view_from_row(&row)?;
+            views.insert((v.org_id, v.id), v);
+        }
+        let mut changed = Vec::new();
+        for e in events {
+            if let Some(key) = fold_into(&mut views, e)? {
+                if !changed.contains(&key) {
+                    changed.push(key);
+                }
             }
         }
+        upsert(tx, table, changed.iter().filter_map(|k| views.get(k))).await
     }
 
     fn rebuilder(&self) -> Box<dyn Rebuilder> {
         Box::new(ContactsRebuilder::default())
     }
+}
+
+/// The contact an event is about, if it is a contact event.
+fn contact_id(e: &DecodedEvent) -> Option<Uuid> {
+    (e.stored.aggregate_type == Contact::TYPE)
+        .then(|| e.stored.aggregate_id.parse().ok())
+        .flatten()
+}
+
+/// Folds one event into `views`; returns the key of the view it changed.
+fn fold_into(
+    views: &mut HashMap<(Uuid, Uuid), ContactView>,
+    event: &DecodedEvent,
+) -> Result<Option<(Uuid, Uuid)>, ProjectionError> {
+    let Some(id) = contact_id(event) else {
+        return Ok(None);
+    };
+    let typed: ContactEvent = event.typed()?;
+    let key = (event.stored.org_id, id);
+    match update(views.get(&key), &envelope(event), &typed) {
+        Update::Changed(v) => {
+            views.insert(key, *v);
+            Ok(Some(key))
+        }
+        Update::AlreadyApplied => Ok(None),
+        Update::OutOfOrder { have, got } => Err(ProjectionError::OutOfOrder(format!(
+            "contact {id}: have version {have}, got event {got}"
+        ))),
+    }
+}
+
+/// Writes views with one statement.
+async fn upsert(
+    tx: &Transaction<'_>,
+    table: &str,
+    views: impl Iterator<Item = &ContactView>,
+) -> Result<(), ProjectionError> {
+    let views: Vec<&ContactView> = views.collect();
+    if views.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = views.iter().map(|v| v.id).collect();
+    let orgs: Vec<Uuid> = views.iter().map(|v| v.org_id).collect();
+    let versions: Vec<i64> = views.iter().map(|v| v.version).collect();
+    let profiles: Vec<serde_json::Value> = views.iter().map(|v| profile_json(&v.profile)).collect();
+    let archived: Vec<bool> = views.iter().map(|v| v.archived).collect();
+    let created: Vec<DateTime<Utc>> = views.iter().map(|v| v.created_at).collect();
+    let updated: Vec<DateTime<Utc>> = views.iter().map(|v| v.updated_at).collect();
+    let positions: Vec<i64> = views.iter().map(|v| v.last_position).collect();
+    let sql = format!(
+        "INSERT INTO {table} ({VIEW_COLUMNS}) \
+         SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::int8[], $4::jsonb[], $5::bool[], \
+                              $6::timestamptz[], $7::timestamptz[], $8::int8[]) \
+         ON CONFLICT (org_id, id) DO UPDATE SET version = EXCLUDED.version, \
+         profile = EXCLUDED.profile, archived = EXCLUDED.archived, \
+         updated_at = EXCLUDED.updated_at, last_position = EXCLUDED.last_position"
+    );
+    let stmt = tx.prepare_cached(&sql).await?;
+    tx.execute(
+        &stmt,
+        &[
+            &ids, &orgs, &versions, &profiles, &archived, &created, &updated, &positions,
+        ],
+    )
+    .await?;
+    Ok(())
 }
 
 #[derive(Default)]
@@ -117,24 +161,7 @@ struct ContactsRebuilder {
 #[async_trait]
 impl Rebuilder for ContactsRebuilder {
     fn fold(&mut self, event: &DecodedEvent) -> Result<(), ProjectionError> {
-        if event.stored.aggregate_type != Contact::TYPE {
-            return Ok(());
-        }
-        let typed: ContactEvent = event.typed()?;
-        let Ok(id) = event.stored.aggregate_id.parse::<Uuid>() else {
-            return Ok(());
-        };
-        let key = (event.stored.org_id, id);
-        match update(self.views.get(&key), &envelope(event), &typed) {
-            Update::Changed(v) => {
-                self.views.insert(key, *v);
-                Ok(())
-            }
-            Update::AlreadyApplied => Ok(()),
-            Update::OutOfOrder { have, got } => Err(ProjectionError::OutOfOrder(format!(
-                "contact {id}: have version {have}, got event {got}"
-            ))),
-        }
+        fold_into(&mut self.views, event).map(|_| ())
     }
 
     fn wants_flush(&self) -> bool {

@@ -213,6 +213,16 @@ async fn lag(cli: &Cli, rate: u64, seconds: u64, database_url: &str) {
     let tx_of: std::collections::HashMap<i64, i64> =
         rows.iter().map(|r| (r.get(0), r.get(1))).collect();
     let samples = samples.lock().await.clone();
+    if std::env::var_os("CRM_BENCH_DEBUG").is_some() {
+        eprintln!(
+            "samples={} first={:?} last={:?} results={} first_key={:?}",
+            samples.len(),
+            samples.first(),
+            samples.last(),
+            results.len(),
+            results.first().map(|r| (tx_of.get(&r.1), r.1))
+        );
+    }
     let mut h = Histogram::<u64>::new(3).unwrap();
     let mut unseen = 0;
     for (at, pos) in results {
