@@ -19,6 +19,7 @@ use crate::event_store::{self, PendingEvent, StoreError, StoredEvent, StreamHead
 use crate::metrics::METRICS;
 
 /// Snapshot a stream every this many events.
+/// (The fast path below and the general path must produce identical events.)
 const SNAPSHOT_EVERY: i64 = 50;
 
 /// What a successful command wrote.
@@ -243,6 +244,97 @@ impl Executor {
         Ok(())
     }
 
+    /// The usual case, one event, in one statement: with the subject's key from the cache,
+    /// or (for a new stream) a new key inserted by the same statement. `None` when the
+    /// general path is needed.
+    async fn append_single<E: DomainEvent + PersonalData>(
+        &self,
+        client: &deadpool_postgres::Object,
+        stream: &StreamId<'_>,
+        head: &StreamHead,
+        event: &E,
+        meta_json: &Value,
+    ) -> Result<Option<event_store::Appended>, StoreError> {
+        let (org, id) = (&stream.org_id, stream.aggregate_id);
+        let mut payload =
+            serde_json::to_value(event).map_err(|e| StoreError::Corrupt(0, e.to_string()))?;
+        let mut meta = meta_json.clone();
+        let sections = event.personal_sections();
+        let personal = !crate::crypto::personal_paths(&payload, sections, &meta).is_empty();
+        let mut new_key = None;
+        if personal {
+            if let Some(key) = self.crypto.cached_key(org, id) {
+                Crypto::encrypt_event_with(&key, org, id, sections, &mut payload, &mut meta)?;
+            } else if head.version == 0 {
+                let nk = self.crypto.new_data_key(org, id)?;
+                Crypto::encrypt_event_with(&nk.key, org, id, sections, &mut payload, &mut meta)?;
+                new_key = Some(nk);
+            } else {
+                return Ok(None);
+            }
+        }
+        let pending = PendingEvent {
+            event_type: event.event_type(),
+            event_version: event.event_version(),
+            payload,
+            metadata: meta,
+        };
+        let key_row = new_key
+            .as_ref()
+            .map(|nk| (self.crypto.kek_id(), nk.wrapped.as_slice()));
+        match event_store::append_one(client, stream, head, pending, key_row).await {
+            Ok(appended) => {
+                if let Some(nk) = new_key {
+                    // Committed with the event: readers may use it now.
+                    self.crypto.remember(org, id, &nk.key);
+                }
+                Ok(Some(appended))
+            }
+            Err(StoreError::KeyExists) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Any number of events in one transaction, one commit: a new subject's data key is
+    /// stored together with the events it encrypts.
+    async fn append_in_transaction<E: DomainEvent + PersonalData>(
+        &self,
+        client: &mut deadpool_postgres::Object,
+        stream: &StreamId<'_>,
+        head: &StreamHead,
+        events: &[E],
+        meta_json: &Value,
+    ) -> Result<Vec<event_store::Appended>, StoreError> {
+        let (org_id, id) = (stream.org_id, stream.aggregate_id);
+        let tx = client.transaction().await?;
+        let mut pending = Vec::with_capacity(events.len());
+        let mut key = None;
+        for event in events {
+            let mut payload =
+                serde_json::to_value(event).map_err(|e| StoreError::Corrupt(0, e.to_string()))?;
+            let mut meta = meta_json.clone();
+            let sections = event.personal_sections();
+            let used = self
+                .crypto
+                .encrypt_event(&tx, &org_id, id, sections, &mut payload, &mut meta)
+                .await?;
+            key = key.or(used);
+            pending.push(PendingEvent {
+                event_type: event.event_type(),
+                event_version: event.event_version(),
+                payload,
+                metadata: meta,
+            });
+        }
+        let appended = event_store::append(&tx, stream, head, pending).await?;
+        tx.commit().await.map_err(event_store::conflict_or_db)?;
+        if let Some(key) = key {
+            // Committed now: readers (projectors in this process) may use it.
+            self.crypto.remember(&org_id, id, &key);
+        }
+        Ok(appended)
+    }
+
     /// Loads the aggregate, lets it decide, and appends what it decided in one
     /// transaction. `expected_version`, when given, must equal the stream's version.
     pub async fn execute<A>(
@@ -338,36 +430,21 @@ impl Executor {
             aggregate_id: id,
         };
         let append_started = Instant::now();
-        // One transaction, one commit: a new subject's data key is stored together with
-        // the events it encrypts.
-        let tx = client.transaction().await.map_err(StoreError::from)?;
-        let mut pending = Vec::with_capacity(events.len());
-        let mut key = None;
-        for event in &events {
-            let mut payload =
-                serde_json::to_value(event).map_err(|e| StoreError::Corrupt(0, e.to_string()))?;
-            let mut meta = meta_json.clone();
-            let sections = event.personal_sections();
-            let used = self
-                .crypto
-                .encrypt_event(&tx, &org_id, id, sections, &mut payload, &mut meta)
-                .await
-                .map_err(StoreError::from)?;
-            key = key.or(used);
-            pending.push(PendingEvent {
-                event_type: event.event_type(),
-                event_version: event.event_version(),
-                payload,
-                metadata: meta,
-            });
-        }
-        let appended = event_store::append(&tx, &stream, &head, pending).await?;
-        tx.commit().await.map_err(event_store::conflict_or_db)?;
+        let fast = match events.as_slice() {
+            [event] => {
+                self.append_single(&client, &stream, &head, event, &meta_json)
+                    .await?
+            }
+            _ => None,
+        };
+        let appended = match fast {
+            Some(appended) => vec![appended],
+            None => {
+                self.append_in_transaction(&mut client, &stream, &head, &events, &meta_json)
+                    .await?
+            }
+        };
         self.notifier.poke();
-        if let Some(key) = key {
-            // Committed now: readers (projectors in this process) may use it.
-            self.crypto.remember(&org_id, id, &key);
-        }
         METRICS
             .append_seconds
             .observe(append_started.elapsed().as_secs_f64());

@@ -294,7 +294,60 @@ fn get_mut<'a>(root: &'a mut Value, path: &[String]) -> Option<&'a mut Value> {
     path.iter().try_fold(root, |v, k| v.get_mut(k))
 }
 
+/// A data key made in memory, with its wrapped form, not stored yet.
+pub struct NewDataKey {
+    pub key: DataKey,
+    pub wrapped: Vec<u8>,
+}
+
 impl Crypto {
+    /// The key-encryption key's id (stored beside each wrapped key).
+    pub fn kek_id(&self) -> &str {
+        &self.kek_id
+    }
+
+    /// The cached key of a subject, if any.
+    pub fn cached_key(&self, org: &Uuid, subject: &str) -> Option<DataKey> {
+        self.cached(org, subject)
+    }
+
+    /// A fresh data key for `subject`, wrapped; the caller stores it (or drops it).
+    pub fn new_data_key(&self, org: &Uuid, subject: &str) -> Result<NewDataKey, CryptoError> {
+        let mut raw = [0u8; 32];
+        rand::thread_rng().fill_bytes(&mut raw);
+        let aad = format!("crm-dek|{org}|{subject}");
+        let wrapped = seal(&self.kek, aad.as_bytes(), &raw)?;
+        let cipher = Aes256Gcm::new_from_slice(&raw).map_err(|_| CryptoError::Encrypt)?;
+        Ok(NewDataKey {
+            key: DataKey(Arc::new(cipher)),
+            wrapped,
+        })
+    }
+
+    /// Encrypts, in place, every personal member of an event with `key`; returns
+    /// whether there was anything personal.
+    pub fn encrypt_event_with(
+        key: &DataKey,
+        org: &Uuid,
+        subject: &str,
+        sections: &[&str],
+        payload: &mut Value,
+        metadata: &mut Value,
+    ) -> Result<bool, CryptoError> {
+        let paths = personal_paths(payload, sections, metadata);
+        for (path, field) in &paths {
+            let root = if field.starts_with("metadata.") {
+                &mut *metadata
+            } else {
+                &mut *payload
+            };
+            if let Some(slot) = get_mut(root, path) {
+                *slot = Self::encrypt_value(key, org, subject, field, slot)?;
+            }
+        }
+        Ok(!paths.is_empty())
+    }
+
     /// Encrypts, in place, every personal member of an event about `subject`.
     pub async fn encrypt_event(
         &self,
