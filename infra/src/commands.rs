@@ -56,6 +56,7 @@ impl<E: std::error::Error> From<StoreError> for CommandError<E> {
 /// An event read back from the store with its personal data decrypted.
 #[derive(Debug, Clone)]
 pub struct DecodedEvent {
+    /// The event as stored, without its payload and metadata (moved to the fields below).
     pub stored: StoredEvent,
     /// Decrypted payload (personal members whose key was destroyed are `null`).
     pub payload: Value,
@@ -64,19 +65,20 @@ pub struct DecodedEvent {
 
 impl DecodedEvent {
     pub fn typed<E: serde::de::DeserializeOwned>(&self) -> Result<E, StoreError> {
-        serde_json::from_value(self.payload.clone())
+        E::deserialize(&self.payload)
             .map_err(|e| StoreError::Corrupt(self.stored.global_position, e.to_string()))
     }
 }
 
-/// Decrypts a stored event.
+/// Decrypts a stored event. The decrypted payload and metadata are moved out of
+/// `stored` (which keeps the envelope, hashes and positions).
 pub async fn decode(
     crypto: &Crypto,
     client: &impl GenericClient,
-    stored: StoredEvent,
+    mut stored: StoredEvent,
 ) -> Result<DecodedEvent, StoreError> {
-    let mut payload = stored.payload.clone();
-    let mut metadata = stored.metadata.clone();
+    let mut payload = std::mem::take(&mut stored.payload);
+    let mut metadata = std::mem::take(&mut stored.metadata);
     crypto
         .decrypt_event(
             client,
@@ -97,11 +99,11 @@ pub async fn decode(
 
 /// Parses a stored event without decrypting anything: personal members stay ciphertext.
 /// For consumers that read no personal data (e.g. the activity log).
-pub fn decode_without_personal_data(stored: StoredEvent) -> Result<DecodedEvent, StoreError> {
-    let metadata = serde_json::from_value(stored.metadata.clone())
+pub fn decode_without_personal_data(mut stored: StoredEvent) -> Result<DecodedEvent, StoreError> {
+    let metadata = serde_json::from_value(std::mem::take(&mut stored.metadata))
         .map_err(|e| StoreError::Corrupt(stored.global_position, e.to_string()))?;
     Ok(DecodedEvent {
-        payload: stored.payload.clone(),
+        payload: std::mem::take(&mut stored.payload),
         metadata,
         stored,
     })
