@@ -44,14 +44,14 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<AppState> {
     // Compute the dummy bcrypt hash now, so that the first login for an unknown email
     // does not take longer than one for a known email.
     tokio::task::spawn_blocking(crate::auth::dummy_hash).await?;
-    Ok(AppState {
+    Ok(AppState::new(crate::state::Services {
         executor: Executor::new(pool.clone(), crypto.clone()),
         pool,
         crypto,
         bus,
         tokens,
         settings: Arc::new(settings.clone()),
-    })
+    }))
 }
 
 pub fn relay(state: &AppState) -> anyhow::Result<Relay> {

@@ -13,8 +13,24 @@ use crate::auth::Tokens;
 use crate::config::Settings;
 use crate::error::ApiError;
 
+/// Cheap to clone (one `Arc`): warp filters clone it for every request.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Services>);
+
+impl AppState {
+    pub fn new(services: Services) -> Self {
+        Self(Arc::new(services))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Services;
+    fn deref(&self) -> &Services {
+        &self.0
+    }
+}
+
+pub struct Services {
     pub pool: Pool,
     pub executor: Executor,
     pub crypto: Arc<Crypto>,
