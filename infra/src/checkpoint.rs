@@ -56,27 +56,19 @@ pub async fn write(
     Ok(())
 }
 
-/// Reads a projection's checkpoint and locks it until the caller's transaction ends:
-/// other workers of the projection (and rebuilds) wait for that.
+/// Takes the projection's lock for the rest of the caller's transaction and reads its
+/// checkpoint: other workers of the projection (and a rebuild's swap) wait for it.
+///
+/// The lock is a transaction-level advisory lock, not a row lock: it takes no
+/// transaction id, so a worker's transaction only gets one when it writes, at its very
+/// end. A transaction id held for the whole batch would hold back the relay's
+/// visibility horizon, and with it every event committed meanwhile.
 pub async fn lock_projection(
     tx: &deadpool_postgres::Transaction<'_>,
     name: &str,
 ) -> Result<CommitKey, tokio_postgres::Error> {
-    tx.execute(
-        "INSERT INTO projection_checkpoints (name, tx_id, global_position) \
-         VALUES ($1, '0'::xid8, 0) ON CONFLICT DO NOTHING",
-        &[&name],
-    )
-    .await?;
-    let row = tx
-        .query_one(
-            "SELECT tx_id::text::bigint, global_position FROM projection_checkpoints \
-             WHERE name = $1 FOR UPDATE",
-            &[&name],
-        )
+    let key = format!("crm-projection:{name}");
+    tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&key])
         .await?;
-    Ok(CommitKey {
-        tx_id: row.get(0),
-        position: row.get(1),
-    })
+    read(tx, Owner::Projection, name).await
 }

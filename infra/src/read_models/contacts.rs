@@ -65,7 +65,8 @@ impl Projection for ContactsProjection {
         if ids.is_empty() {
             return Ok(());
         }
-        let sql = format!("SELECT {VIEW_COLUMNS} FROM {table} WHERE id = ANY($1) FOR UPDATE");
+        // No FOR UPDATE: every writer of this table holds the projection's lock.
+        let sql = format!("SELECT {VIEW_COLUMNS} FROM {table} WHERE id = ANY($1)");
         let mut views = HashMap::new();
         for row in tx.query(&sql, &[&ids]).await? {
             let v = view_from_row(&row)?;
