@@ -386,49 +386,87 @@ impl Crypto {
         payload: &mut Value,
         metadata: &mut Value,
     ) -> Result<(), CryptoError> {
-        let mut targets: Vec<(bool, Vec<String>, String)> = Vec::new();
-        if let Some((variant, body)) = payload.as_object().and_then(|o| o.iter().next()) {
-            if let Some(body) = body.as_object() {
-                for (section, inner) in body {
-                    if let Some(inner) = inner.as_object() {
-                        for (member, v) in inner {
-                            if v.as_str().is_some_and(|s| s.starts_with(ENCRYPTED_PREFIX)) {
-                                targets.push((
-                                    false,
-                                    vec![variant.clone(), section.clone(), member.clone()],
-                                    format!("{section}.{member}"),
-                                ));
-                            }
+        let targets = encrypted_members(payload, metadata);
+        if targets.is_empty() {
+            return Ok(());
+        }
+        let key = self.key_for_reading(client, org, subject).await?;
+        decrypt_members(key.as_ref(), org, subject, targets, payload, metadata);
+        Ok(())
+    }
+
+    /// Like [`Crypto::decrypt_event`] with cached keys only, without I/O (for parallel
+    /// decoding). Returns `false`, changing nothing, when the key is not in the cache.
+    pub fn decrypt_event_cached(
+        &self,
+        org: &Uuid,
+        subject: &str,
+        payload: &mut Value,
+        metadata: &mut Value,
+    ) -> bool {
+        let targets = encrypted_members(payload, metadata);
+        if targets.is_empty() {
+            return true;
+        }
+        let Some(key) = self.cached(org, subject) else {
+            return false;
+        };
+        decrypt_members(Some(&key), org, subject, targets, payload, metadata);
+        true
+    }
+}
+
+/// (in metadata?, JSON path, field name) of every encrypted member of an event.
+type Members = Vec<(bool, Vec<String>, String)>;
+
+fn encrypted_members(payload: &Value, metadata: &Value) -> Members {
+    let mut targets = Vec::new();
+    if let Some((variant, body)) = payload.as_object().and_then(|o| o.iter().next()) {
+        if let Some(body) = body.as_object() {
+            for (section, inner) in body {
+                if let Some(inner) = inner.as_object() {
+                    for (member, v) in inner {
+                        if v.as_str().is_some_and(|s| s.starts_with(ENCRYPTED_PREFIX)) {
+                            targets.push((
+                                false,
+                                vec![variant.clone(), section.clone(), member.clone()],
+                                format!("{section}.{member}"),
+                            ));
                         }
                     }
                 }
             }
         }
-        for field in crm_domain::metadata::PERSONAL_METADATA_FIELDS {
-            if metadata
-                .get(*field)
-                .and_then(Value::as_str)
-                .is_some_and(|s| s.starts_with(ENCRYPTED_PREFIX))
-            {
-                targets.push((true, vec![(*field).to_owned()], format!("metadata.{field}")));
-            }
+    }
+    for field in crm_domain::metadata::PERSONAL_METADATA_FIELDS {
+        if metadata
+            .get(*field)
+            .and_then(Value::as_str)
+            .is_some_and(|s| s.starts_with(ENCRYPTED_PREFIX))
+        {
+            targets.push((true, vec![(*field).to_owned()], format!("metadata.{field}")));
         }
-        if targets.is_empty() {
-            return Ok(());
+    }
+    targets
+}
+
+fn decrypt_members(
+    key: Option<&DataKey>,
+    org: &Uuid,
+    subject: &str,
+    targets: Members,
+    payload: &mut Value,
+    metadata: &mut Value,
+) {
+    for (is_meta, path, field) in targets {
+        let root = if is_meta {
+            &mut *metadata
+        } else {
+            &mut *payload
+        };
+        if let Some(slot) = get_mut(root, &path) {
+            *slot = Crypto::decrypt_value(key, org, subject, &field, slot).unwrap_or(Value::Null);
         }
-        let key = self.key_for_reading(client, org, subject).await?;
-        for (is_meta, path, field) in targets {
-            let root = if is_meta {
-                &mut *metadata
-            } else {
-                &mut *payload
-            };
-            if let Some(slot) = get_mut(root, &path) {
-                *slot = Self::decrypt_value(key.as_ref(), org, subject, &field, slot)
-                    .unwrap_or(Value::Null);
-            }
-        }
-        Ok(())
     }
 }
 

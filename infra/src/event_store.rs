@@ -360,25 +360,6 @@ pub async fn read_committed(
     Ok(rows.iter().map(from_row).collect())
 }
 
-/// Whether any event sorts strictly between `a` and `b` in commit order.
-pub async fn any_between(
-    client: &impl GenericClient,
-    a: CommitKey,
-    b: CommitKey,
-) -> Result<bool, StoreError> {
-    let stmt = client
-        .prepare_cached(
-            "SELECT EXISTS (SELECT 1 FROM events \
-             WHERE (tx_id, global_position) > ($1::bigint::text::xid8, $2) \
-               AND (tx_id, global_position) < ($3::bigint::text::xid8, $4))",
-        )
-        .await?;
-    let row = client
-        .query_one(&stmt, &[&a.tx_id, &a.position, &b.tx_id, &b.position])
-        .await?;
-    Ok(row.get(0))
-}
-
 /// Commit keys of the events after `after` and up to `upto` (inclusive), in commit
 /// order, at most `limit` of them.
 pub async fn keys_between(

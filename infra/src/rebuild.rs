@@ -12,10 +12,37 @@ use std::time::Instant;
 use deadpool_postgres::Pool;
 use futures::{pin_mut, TryStreamExt};
 
-use crate::commands::decode;
+use crate::commands::{decode, decode_cached, CachedDecode};
 use crate::crypto::Crypto;
 use crate::event_store::{self, from_row, CommitKey, COLUMNS};
 use crate::projector::{set_checkpoint, Projection, ProjectionError};
+
+/// Rows parsed and decrypted together, on every core.
+const CHUNK: usize = 4096;
+
+/// Parses and decrypts rows in parallel (cached keys only), keeping their order.
+fn decode_chunk(crypto: &Crypto, rows: Vec<tokio_postgres::Row>) -> Vec<CachedDecode> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(8);
+    let per = rows.len().div_ceil(threads).max(1);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = rows
+            .chunks(per)
+            .map(|part| {
+                scope.spawn(move || {
+                    part.iter()
+                        .map(|row| decode_cached(crypto, from_row(row)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("decoding does not panic"))
+            .collect()
+    })
+}
 
 #[derive(Debug, Clone)]
 pub struct RebuildReport {
@@ -66,17 +93,32 @@ pub async fn rebuild(
     let mut fold = projection.rebuilder();
     let mut last = CommitKey::default();
     let mut done = 0u64;
-    while let Some(row) = rows.try_next().await? {
-        let stored = from_row(&row);
-        last = stored.commit_key();
-        let decoded = decode(crypto, &writer, stored).await?;
-        fold.fold(&decoded)?;
-        done += 1;
-        if fold.wants_flush() {
-            fold.flush(&writer, &shadow).await?;
+    let mut chunk = Vec::with_capacity(CHUNK);
+    loop {
+        let row = rows.try_next().await?;
+        let end = row.is_none();
+        if let Some(row) = row {
+            chunk.push(row);
         }
-        if done % 5000 == 0 {
-            progress(done, total.max(done as i64) as u64);
+        if chunk.len() < CHUNK && !end {
+            continue;
+        }
+        for decoded in decode_chunk(crypto, std::mem::take(&mut chunk)) {
+            let decoded = match decoded {
+                CachedDecode::Decoded(d) => d?,
+                // A key created after the preload, or destroyed: the full path knows.
+                CachedDecode::NeedsKey(stored) => decode(crypto, &writer, *stored).await?,
+            };
+            last = decoded.stored.commit_key();
+            fold.fold(&decoded)?;
+            done += 1;
+            if fold.wants_flush() {
+                fold.flush(&writer, &shadow).await?;
+            }
+        }
+        progress(done, total.max(done as i64) as u64);
+        if end {
+            break;
         }
     }
     reader.batch_execute("COMMIT").await?;
