@@ -19,6 +19,10 @@ use crate::hash_chain::{event_hash, HashedFields};
 /// bursts into one notification.
 pub const NOTIFY_CHANNEL: &str = "crm_events";
 
+/// How long the notifier waits to gather appends into one NOTIFY. Under load this
+/// turns one wake-up (and one relay query) per command into one per few milliseconds.
+const NOTIFY_COALESCE: std::time::Duration = std::time::Duration::from_millis(2);
+
 /// Sends `NOTIFY crm_events` after appends, at most one pending per process; the task
 /// ends when the last handle is dropped.
 #[derive(Clone)]
@@ -32,6 +36,9 @@ impl Notifier {
         let (wake, mut rx) = tokio::sync::mpsc::channel::<()>(1);
         tokio::spawn(async move {
             while rx.recv().await.is_some() {
+                // Appends that land in the next moment share this notification.
+                tokio::time::sleep(NOTIFY_COALESCE).await;
+                let _ = rx.try_recv();
                 match pool.get().await {
                     Ok(c) => {
                         if let Err(e) = c.batch_execute(&format!("NOTIFY {NOTIFY_CHANNEL}")).await {

@@ -122,7 +122,9 @@ pub async fn rebuild(
         }
     }
     reader.batch_execute("COMMIT").await?;
+    let scanned = started.elapsed();
     fold.flush(&writer, &shadow).await?;
+    let flushed = started.elapsed();
     progress(done, done.max(total as u64));
 
     // Catch up and swap, holding the checkpoint so live workers wait.
@@ -156,6 +158,14 @@ pub async fn rebuild(
     tx.batch_execute(&swap).await?;
     set_checkpoint(&tx, name, last).await?;
     tx.commit().await?;
+    tracing::info!(
+        projection = name,
+        events = done,
+        scan_ms = scanned.as_millis() as u64,
+        write_ms = (flushed - scanned).as_millis() as u64,
+        swap_ms = (started.elapsed() - flushed).as_millis() as u64,
+        "rebuilt"
+    );
     Ok(RebuildReport {
         events: done,
         seconds: started.elapsed().as_secs_f64(),
