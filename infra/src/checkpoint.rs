@@ -56,6 +56,32 @@ pub async fn write(
     Ok(())
 }
 
+/// Sets the relay's checkpoint without waiting for the WAL flush (one round trip).
+///
+/// Safe because a lost checkpoint only makes the relay publish again what JetStream
+/// then drops as duplicates (`Nats-Msg-Id` = event id); and the relay does not wait on
+/// a disk flush between batches.
+pub async fn write_relay_async(
+    client: &impl GenericClient,
+    name: &str,
+    key: CommitKey,
+) -> Result<(), tokio_postgres::Error> {
+    // One simple query: PostgreSQL runs its statements as one implicit transaction
+    // (rolled back whole on error, leaving the session clean), in one round trip. The
+    // values are integers and an escaped name, so formatting them in is safe.
+    let name = name.replace('\'', "''");
+    client
+        .batch_execute(&format!(
+            "SET LOCAL synchronous_commit = off; \
+             INSERT INTO relay_checkpoints (name, tx_id, global_position) \
+             VALUES ('{name}', '{}'::xid8, {}) \
+             ON CONFLICT (name) DO UPDATE SET tx_id = EXCLUDED.tx_id, \
+             global_position = EXCLUDED.global_position, updated_at = now()",
+            key.tx_id, key.position
+        ))
+        .await
+}
+
 /// Takes the projection's lock for the rest of the caller's transaction and reads its
 /// checkpoint: other workers of the projection (and a rebuild's swap) wait for it.
 ///

@@ -124,8 +124,7 @@ impl Relay {
             if !batch.is_empty() {
                 self.publish(&batch).await?;
                 ck = batch.last().expect("non-empty").commit_key();
-                crate::checkpoint::write(&db, crate::checkpoint::Owner::Relay, &self.name, ck)
-                    .await?;
+                crate::checkpoint::write_relay_async(&db, &self.name, ck).await?;
                 METRICS.relay_published.inc_by(batch.len() as u64);
             }
             if last_lag.elapsed() >= LAG_EVERY {
