@@ -366,7 +366,7 @@ impl Executor {
     }
 
     /// Loads the aggregate, lets it decide, and appends what it decided in one
-    /// transaction. `expected_version`, when given, must equal the stream's version.
+    /// commit. `expected_version`, when given, must equal the stream's version.
     pub async fn execute<A>(
         &self,
         org_id: Uuid,
