@@ -158,6 +158,32 @@ pub struct PendingEvent {
     pub metadata: Value,
 }
 
+impl PendingEvent {
+    /// Its link in the stream's hash chain once stored as `event_id` at `sequence`.
+    fn hash(
+        &self,
+        stream: &StreamId<'_>,
+        event_id: &Uuid,
+        sequence: i64,
+        prev: Option<&[u8]>,
+    ) -> [u8; 32] {
+        event_hash(
+            prev,
+            &HashedFields {
+                event_id,
+                org_id: &stream.org_id,
+                aggregate_type: stream.aggregate_type,
+                aggregate_id: stream.aggregate_id,
+                sequence,
+                event_type: &self.event_type,
+                event_version: &self.event_version,
+                payload: &self.payload,
+                metadata: &self.metadata,
+            },
+        )
+    }
+}
+
 /// What an append wrote.
 #[derive(Debug, Clone, Serialize)]
 pub struct Appended {
@@ -188,20 +214,7 @@ pub async fn append(
     for (i, e) in events.into_iter().enumerate() {
         let event_id = Uuid::now_v7();
         let sequence = head.version + 1 + i as i64;
-        let hash = event_hash(
-            prev.as_deref(),
-            &HashedFields {
-                event_id: &event_id,
-                org_id: &stream.org_id,
-                aggregate_type: stream.aggregate_type,
-                aggregate_id: stream.aggregate_id,
-                sequence,
-                event_type: &e.event_type,
-                event_version: &e.event_version,
-                payload: &e.payload,
-                metadata: &e.metadata,
-            },
-        );
+        let hash = e.hash(stream, &event_id, sequence, prev.as_deref());
         let row = tx
             .query_one(
                 &insert,
@@ -244,20 +257,7 @@ pub async fn append_one(
 ) -> Result<Appended, StoreError> {
     let event_id = Uuid::now_v7();
     let sequence = head.version + 1;
-    let hash = event_hash(
-        head.last_hash.as_deref(),
-        &HashedFields {
-            event_id: &event_id,
-            org_id: &stream.org_id,
-            aggregate_type: stream.aggregate_type,
-            aggregate_id: stream.aggregate_id,
-            sequence,
-            event_type: &event.event_type,
-            event_version: &event.event_version,
-            payload: &event.payload,
-            metadata: &event.metadata,
-        },
-    );
+    let hash = event.hash(stream, &event_id, sequence, head.last_hash.as_deref());
     const VALUES: &str = "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11";
     const COLS: &str = "event_id, org_id, aggregate_type, aggregate_id, sequence, event_type, \
         event_version, payload, metadata, prev_hash, hash";
