@@ -224,14 +224,16 @@ pub async fn recover(rejection: Rejection) -> Result<Response, Infallible> {
         ApiError::UnsupportedMediaType
     } else if rejection.find::<warp::reject::LengthRequired>().is_some() {
         ApiError::bad_request("length_required", "a Content-Length header is required")
-    } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
-        ApiError::MethodNotAllowed
     } else if let Some(e) = rejection.find::<warp::reject::InvalidHeader>() {
         ApiError::bad_request("invalid_header", e.to_string())
     } else if let Some(e) = rejection.find::<warp::reject::MissingHeader>() {
         ApiError::bad_request("missing_header", e.to_string())
     } else if let Some(e) = rejection.find::<warp::reject::InvalidQuery>() {
         ApiError::bad_request("invalid_query", e.to_string())
+    } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
+        // Last: a route with the same path but another method rejects with this even
+        // when the route with the right method got further and found a real problem.
+        ApiError::MethodNotAllowed
     } else {
         ApiError::Internal(format!("unhandled rejection: {rejection:?}"))
     };
@@ -246,14 +248,22 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiE
             "the request body is empty",
         ));
     }
-    serde_json::from_slice(body).map_err(|e| {
+    let value = serde_json::from_slice(body).map_err(|e| {
         let code = if e.is_syntax() || e.is_eof() {
             "invalid_json"
         } else {
             "invalid_body"
         };
         ApiError::bad_request(code, e.to_string())
-    })
+    })?;
+    // serde fills a struct from a JSON array by position; bodies are objects only.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError::bad_request(
+            "invalid_body",
+            "the request body must be a JSON object",
+        ));
+    }
+    Ok(value)
 }
 
 /// A JSON success response with the request id header.

@@ -92,11 +92,13 @@ pub fn body(
 ) -> impl Filter<Extract = (Option<String>, bytes::Bytes), Error = Rejection> + Clone {
     warp::header::optional::<String>("content-type")
         .and(warp::header::optional::<u64>("content-length"))
+        .and(request_context())
         .and(warp::body::stream())
         .and_then(
-            move |ct: Option<String>, declared: Option<u64>, stream| async move {
+            move |ct: Option<String>, declared: Option<u64>, ctx: RequestContext, stream| async move {
+                // The request's own id (the client's, if it sent one), as on every other error.
                 let reject = |e: ApiError| {
-                    warp::reject::custom(ApiRejection(e, crate::context::new_request_id()))
+                    warp::reject::custom(ApiRejection(e, ctx.request_id.clone()))
                 };
                 if declared.is_some_and(|n| n > limit) {
                     return Err(reject(ApiError::PayloadTooLarge));

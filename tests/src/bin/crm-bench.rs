@@ -4,7 +4,10 @@
 //!   warm-up); prints commands/s and latency percentiles.
 //! - `lag`: posts contacts at a fixed rate and measures, for each, the time from the
 //!   command's response to the moment the `contacts` projection's checkpoint (read from
-//!   PostgreSQL every 2 ms) covers its event.
+//!   PostgreSQL every `--poll-ms`, 2 ms by default) covers its event.
+//!
+//! Each prints one line of `key=value` fields for `scripts/bench`, ending with `cpu_s`,
+//! the CPU time this process used (Linux; `na` elsewhere). The token is never printed.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -41,6 +44,10 @@ enum Command {
         rate: u64,
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+        /// How often to read the checkpoint. Finer polls load the database too: at 1 ms
+        /// the poller issues as many queries as the commands do.
+        #[arg(long, default_value_t = 2)]
+        poll_ms: u64,
         #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
         database_url: String,
     },
@@ -69,6 +76,19 @@ async fn post(http: &reqwest::Client, url: &str, token: &str, n: u64) -> Result<
         return Err(format!("status {}", r.status()));
     }
     r.json().await.map_err(|e| e.to_string())
+}
+
+/// CPU seconds (user + system) this process has used, from /proc/self/stat.
+fn cpu_seconds() -> String {
+    let ticks = || -> Option<u64> {
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        // Fields after "pid (comm) ": state is the 1st, utime the 12th, stime the 13th.
+        let rest = &stat[stat.rfind(')')? + 1..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+    };
+    // USER_HZ is 100 on every Linux platform Rust targets.
+    ticks().map_or_else(|| "na".into(), |t| format!("{:.2}", t as f64 / 100.0))
 }
 
 fn ms(h: &Histogram<u64>, q: f64) -> f64 {
@@ -116,16 +136,17 @@ async fn load(cli: &Cli, connections: usize, seconds: u64, warmup: u64) {
     }
     let h = hist.lock().await;
     println!(
-        "load connections={connections} seconds={seconds} commands={done} errors={} cmd_per_s={:.0} p50_ms={:.2} p99_ms={:.2} max_ms={:.2}",
+        "load connections={connections} seconds={seconds} commands={done} errors={} cmd_per_s={:.0} p50_ms={:.2} p99_ms={:.2} max_ms={:.2} cpu_s={}",
         errors.load(Ordering::Relaxed),
         done as f64 / seconds as f64,
         ms(&h, 0.5),
         ms(&h, 0.99),
-        h.max() as f64 / 1000.0
+        h.max() as f64 / 1000.0,
+        cpu_seconds()
     );
 }
 
-async fn lag(cli: &Cli, rate: u64, seconds: u64, database_url: &str) {
+async fn lag(cli: &Cli, rate: u64, seconds: u64, poll_ms: u64, database_url: &str) {
     let (db, conn) = tokio_postgres::connect(database_url, tokio_postgres::NoTls)
         .await
         .unwrap();
@@ -136,8 +157,7 @@ async fn lag(cli: &Cli, rate: u64, seconds: u64, database_url: &str) {
         .build()
         .unwrap();
     let origin = Instant::now();
-    // Poller: (µs since origin, tx, position) of the checkpoint, every 2 ms (a finer poll
-    // would itself load the database as much as the commands do).
+    // Poller: (µs since origin, tx, position) of the checkpoint, every `poll_ms`.
     let samples = Arc::new(Mutex::new(Vec::<(u64, i64, i64)>::new()));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let poller = {
@@ -147,7 +167,7 @@ async fn lag(cli: &Cli, rate: u64, seconds: u64, database_url: &str) {
                 .prepare("SELECT tx_id::text::bigint, global_position FROM projection_checkpoints WHERE name = 'contacts'")
                 .await
                 .unwrap();
-            let mut tick = tokio::time::interval(Duration::from_millis(2));
+            let mut tick = tokio::time::interval(Duration::from_millis(poll_ms.max(1)));
             while !stop.load(Ordering::Relaxed) {
                 tick.tick().await;
                 if let Ok(Some(r)) = db.query_opt(&stmt, &[]).await {
@@ -236,12 +256,13 @@ async fn lag(cli: &Cli, rate: u64, seconds: u64, database_url: &str) {
         }
     }
     println!(
-        "lag target_rate={rate} achieved_rate={achieved:.0} commands={} errors={} unseen={unseen} p50_ms={:.2} p99_ms={:.2} max_ms={:.2}",
+        "lag target_rate={rate} achieved_rate={achieved:.0} poll_ms={poll_ms} commands={} errors={} unseen={unseen} p50_ms={:.2} p99_ms={:.2} max_ms={:.2} cpu_s={}",
         h.len(),
         errors.load(Ordering::Relaxed),
         ms(&h, 0.5),
         ms(&h, 0.99),
-        h.max() as f64 / 1000.0
+        h.max() as f64 / 1000.0,
+        cpu_seconds()
     );
 }
 
@@ -257,7 +278,8 @@ async fn main() {
         Command::Lag {
             rate,
             seconds,
+            poll_ms,
             database_url,
-        } => lag(&cli, *rate, *seconds, database_url).await,
+        } => lag(&cli, *rate, *seconds, *poll_ms, database_url).await,
     }
 }

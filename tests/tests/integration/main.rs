@@ -1,9 +1,12 @@
 //! Black-box tests against real PostgreSQL and NATS JetStream. One binary; each test
 //! spawns its own database, stream and server (see `crm_tests::harness`).
 
+mod auth;
+mod bad_input;
 mod concurrency;
 mod contacts;
 mod edge;
+mod health;
 mod pipeline;
 mod queries;
 mod store;
