@@ -1,78 +1,117 @@
-//! Load generator for `scripts/bench`.
+//! Load generator for `scripts/bench` (figures: docs/benchmarks.md).
 //!
 //! - `load`: N connections post contacts as fast as they can for S seconds (after a
 //!   warm-up); prints commands/s and latency percentiles.
-//! - `lag`: posts contacts at a fixed rate and measures, for each, the time from the
-//!   command's response to the moment the `contacts` projection's checkpoint (read from
-//!   PostgreSQL every `--poll-ms`, 2 ms by default) covers its event.
+//! - `lag`: posts contacts at a fixed rate (open loop) and measures, for each, the time
+//!   from the command's response to the moment the `contacts` projection's checkpoint
+//!   (read from PostgreSQL every `--poll-ms`) covers its event; the relay's checkpoint is
+//!   read by the same query, which splits the lag into its two hops.
+//! - `drop-stream`: deletes the JetStream stream a run used.
 //!
-//! Each prints one line of `key=value` fields for `scripts/bench`, ending with `cpu_s`,
-//! the CPU time this process used (Linux; `na` elsewhere). The token is never printed.
+//! `load` and `lag` print one line of `key=value` fields, ending with `cpu_s`, the CPU
+//! time this process used (Linux; `na` elsewhere). The JWT comes from CRM_BENCH_TOKEN
+//! (out of `ps`) and is never printed.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 use tokio::sync::{Mutex, Semaphore};
 
 #[derive(Parser)]
+#[command(name = "crm-bench", about = "Load generator for scripts/bench")]
 struct Cli {
-    #[arg(long)]
-    url: String,
-    /// A staff JWT (read from the environment to keep it out of `ps`).
-    #[arg(long, env = "CRM_BENCH_TOKEN", hide_env_values = true)]
-    token: String,
     #[command(subcommand)]
     command: Command,
 }
 
+#[derive(Args)]
+struct Target {
+    /// Base URL of `crm serve`, e.g. http://127.0.0.1:8080.
+    #[arg(long)]
+    url: String,
+    /// A staff JWT; prefer the environment variable, which `ps` does not show.
+    #[arg(long, env = "CRM_BENCH_TOKEN", hide_env_values = true)]
+    token: String,
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// Closed loop: every connection posts its next contact as soon as the last returns.
     Load {
+        #[command(flatten)]
+        target: Target,
         #[arg(long, default_value_t = 32)]
         connections: usize,
+        /// Measured seconds (after the warm-up).
         #[arg(long, default_value_t = 15)]
         seconds: u64,
+        /// Seconds of load before measuring.
         #[arg(long, default_value_t = 2)]
         warmup: u64,
     },
+    /// Open loop at a fixed rate; commit-to-read-model lag of every command.
     Lag {
+        #[command(flatten)]
+        target: Target,
+        /// Commands per second.
         #[arg(long, default_value_t = 1000)]
         rate: u64,
         #[arg(long, default_value_t = 10)]
         seconds: u64,
-        /// How often to read the checkpoint. Finer polls load the database too: at 1 ms
-        /// the poller issues as many queries as the commands do.
+        /// Most requests in flight at once (the schedule stalls beyond it, which shows
+        /// as an achieved rate below --rate).
+        #[arg(long, default_value_t = 512)]
+        max_in_flight: usize,
+        /// How often to read the checkpoints. Finer polls load the database too: at 1 ms
+        /// the poller issues as many queries as 1,000 commands/s do.
         #[arg(long, default_value_t = 2)]
         poll_ms: u64,
+        /// The database `crm serve` writes to (read directly, as its owner).
         #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
         database_url: String,
     },
+    /// Delete a JetStream stream (the run's own, at the end of scripts/bench).
+    DropStream {
+        #[arg(long, env = "NATS_URL")]
+        nats_url: String,
+        #[arg(long, env = "CRM_NATS_STREAM")]
+        stream: String,
+    },
 }
 
-fn contact(n: u64) -> Value {
+/// A tag that keeps contacts of different runs and phases distinct.
+fn run_tag() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64 % 1_000_000_000)
+}
+
+/// A contact with data of its own: names, e-mail, phone, company and a custom field.
+fn contact(tag: u64, n: u64) -> Value {
     json!({
         "given_name": format!("Bench{n}"),
-        "family_name": "Loadtest",
-        "email": format!("bench{n}@example.com"),
-        "phone": "+441632960961",
-        "company": "Bench Ltd",
-        "custom": {"run": n}
+        "family_name": format!("Load{tag}"),
+        "email": format!("bench{n}.{tag}@example.com"),
+        "phone": format!("+4416329{:05}", n % 100_000),
+        "company": format!("Bench {} Ltd", n % 1000),
+        "custom": {"run": tag, "n": n}
     })
 }
 
-async fn post(http: &reqwest::Client, url: &str, token: &str, n: u64) -> Result<Value, String> {
+async fn post(http: &reqwest::Client, t: &Target, body: &Value) -> Result<Value, String> {
     let r = http
-        .post(format!("{url}/v1/contacts"))
-        .bearer_auth(token)
-        .json(&contact(n))
+        .post(format!("{}/v1/contacts", t.url))
+        .bearer_auth(&t.token)
+        .json(body)
         .send()
         .await
         .map_err(|e| e.to_string())?;
-    if r.status() != 201 {
+    if r.status() != reqwest::StatusCode::CREATED {
         return Err(format!("status {}", r.status()));
     }
     r.json().await.map_err(|e| e.to_string())
@@ -82,7 +121,7 @@ async fn post(http: &reqwest::Client, url: &str, token: &str, n: u64) -> Result<
 fn cpu_seconds() -> String {
     let ticks = || -> Option<u64> {
         let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-        // Fields after "pid (comm) ": state is the 1st, utime the 12th, stime the 13th.
+        // Fields after "pid (comm)": state is the 1st, utime the 12th, stime the 13th.
         let rest = &stat[stat.rfind(')')? + 1..];
         let f: Vec<&str> = rest.split_whitespace().collect();
         Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
@@ -91,119 +130,169 @@ fn cpu_seconds() -> String {
     ticks().map_or_else(|| "na".into(), |t| format!("{:.2}", t as f64 / 100.0))
 }
 
+fn histogram() -> Histogram<u64> {
+    Histogram::new(3).expect("3 significant digits is valid")
+}
+
+/// Quantile q of a histogram of microseconds, in milliseconds.
 fn ms(h: &Histogram<u64>, q: f64) -> f64 {
     h.value_at_quantile(q) as f64 / 1000.0
 }
 
-async fn load(cli: &Cli, connections: usize, seconds: u64, warmup: u64) {
+async fn load(t: Target, connections: usize, seconds: u64, warmup: u64) -> anyhow::Result<()> {
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(connections)
-        .build()
-        .unwrap();
+        .build()?;
+    let t = Arc::new(t);
+    let tag = run_tag();
     let counter = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
-    let hist = Arc::new(Mutex::new(Histogram::<u64>::new(3).unwrap()));
+    let last_error = Arc::new(Mutex::new(None::<String>));
     let start = Instant::now();
     let measure_from = start + Duration::from_secs(warmup);
     let end = measure_from + Duration::from_secs(seconds);
     let mut tasks = Vec::new();
     for _ in 0..connections {
-        let (http, url, token) = (http.clone(), cli.url.clone(), cli.token.clone());
-        let (counter, errors, hist) = (counter.clone(), errors.clone(), hist.clone());
+        let (http, t, counter, errors, last_error) = (
+            http.clone(),
+            t.clone(),
+            counter.clone(),
+            errors.clone(),
+            last_error.clone(),
+        );
         tasks.push(tokio::spawn(async move {
-            let mut local = Histogram::<u64>::new(3).unwrap();
-            let mut done = 0u64;
+            let mut local = histogram();
             while Instant::now() < end {
-                let n = counter.fetch_add(1, Ordering::Relaxed);
+                let body = contact(tag, counter.fetch_add(1, Ordering::Relaxed));
                 let t0 = Instant::now();
-                let ok = post(&http, &url, &token, n).await.is_ok();
+                let result = post(&http, &t, &body).await;
+                // Only requests sent and answered inside the measured window count.
                 if t0 >= measure_from && Instant::now() <= end {
-                    if ok {
-                        local.record(t0.elapsed().as_micros() as u64).unwrap();
-                        done += 1;
-                    } else {
-                        errors.fetch_add(1, Ordering::Relaxed);
+                    match result {
+                        Ok(_) => local.record(t0.elapsed().as_micros() as u64).unwrap(),
+                        Err(e) => {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                            *last_error.lock().await = Some(e);
+                        }
                     }
                 }
             }
-            hist.lock().await.add(local).unwrap();
-            done
+            local
         }));
     }
-    let mut done = 0;
-    for t in tasks {
-        done += t.await.unwrap();
+    let mut h = histogram();
+    for task in tasks {
+        h.add(task.await?)?;
     }
-    let h = hist.lock().await;
+    if let Some(e) = last_error.lock().await.as_ref() {
+        eprintln!("crm-bench load: last error: {e}");
+    }
     println!(
-        "load connections={connections} seconds={seconds} commands={done} errors={} cmd_per_s={:.0} p50_ms={:.2} p99_ms={:.2} max_ms={:.2} cpu_s={}",
+        "load connections={connections} seconds={seconds} commands={} errors={} cmd_per_s={:.0} p50_ms={:.2} p99_ms={:.2} max_ms={:.2} cpu_s={}",
+        h.len(),
         errors.load(Ordering::Relaxed),
-        done as f64 / seconds as f64,
+        h.len() as f64 / seconds as f64,
         ms(&h, 0.5),
         ms(&h, 0.99),
         h.max() as f64 / 1000.0,
         cpu_seconds()
     );
+    Ok(())
 }
 
-async fn lag(cli: &Cli, rate: u64, seconds: u64, poll_ms: u64, database_url: &str) {
-    let (db, conn) = tokio_postgres::connect(database_url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
+/// A commit key `(tx_id, global_position)`: the order the relay and projectors follow.
+type Key = (i64, i64);
+
+/// Checkpoint samples in time order: (µs since the origin, checkpoint key). Checkpoints
+/// only move forward, so the keys are sorted too.
+#[derive(Default)]
+struct Samples {
+    projection: Vec<(u64, Key)>,
+    relay: Vec<(u64, Key)>,
+}
+
+/// Microseconds from `at` to the first sample whose key covers `key`, if any.
+fn covered_after(samples: &[(u64, Key)], key: Key, at: u64) -> Option<u64> {
+    let first = samples.partition_point(|s| s.1 < key);
+    samples.get(first).map(|s| s.0.saturating_sub(at))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn lag(
+    t: Target,
+    rate: u64,
+    seconds: u64,
+    max_in_flight: usize,
+    poll_ms: u64,
+    database_url: &str,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        rate > 0 && seconds > 0,
+        "--rate and --seconds must be positive"
+    );
+    let (db, conn) = tokio_postgres::connect(database_url, tokio_postgres::NoTls).await?;
     tokio::spawn(conn);
     let db = Arc::new(db);
     let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(256)
-        .build()
-        .unwrap();
+        .pool_max_idle_per_host(max_in_flight)
+        .build()?;
+    let t = Arc::new(t);
+    let tag = run_tag();
     let origin = Instant::now();
-    // Poller: (µs since origin, tx, position) of the checkpoint, every `poll_ms`.
-    let samples = Arc::new(Mutex::new(Vec::<(u64, i64, i64)>::new()));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+
+    let samples = Arc::new(Mutex::new(Samples::default()));
+    let stop = Arc::new(AtomicBool::new(false));
     let poller = {
         let (db, samples, stop) = (db.clone(), samples.clone(), stop.clone());
+        let stmt = db
+            .prepare(
+                "SELECT p.tx_id::text::bigint, p.global_position, \
+                        r.tx_id::text::bigint, r.global_position \
+                 FROM projection_checkpoints p \
+                 LEFT JOIN LATERAL (SELECT tx_id, global_position FROM relay_checkpoints \
+                                    ORDER BY tx_id DESC, global_position DESC LIMIT 1) r ON true \
+                 WHERE p.name = 'contacts'",
+            )
+            .await?;
         tokio::spawn(async move {
-            let stmt = db
-                .prepare("SELECT tx_id::text::bigint, global_position FROM projection_checkpoints WHERE name = 'contacts'")
-                .await
-                .unwrap();
             let mut tick = tokio::time::interval(Duration::from_millis(poll_ms.max(1)));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             while !stop.load(Ordering::Relaxed) {
                 tick.tick().await;
                 if let Ok(Some(r)) = db.query_opt(&stmt, &[]).await {
-                    samples.lock().await.push((
-                        origin.elapsed().as_micros() as u64,
-                        r.get(0),
-                        r.get(1),
-                    ));
+                    let at = origin.elapsed().as_micros() as u64;
+                    let mut s = samples.lock().await;
+                    s.projection.push((at, (r.get(0), r.get(1))));
+                    if let (Some(tx), Some(pos)) = (r.get(2), r.get(3)) {
+                        s.relay.push((at, (tx, pos)));
+                    }
                 }
             }
         })
     };
-    let limit = Arc::new(Semaphore::new(512));
+
+    let limit = Arc::new(Semaphore::new(max_in_flight));
+    // (µs since the origin at which the response arrived, global position of its event)
     let results = Arc::new(Mutex::new(Vec::<(u64, i64)>::new()));
     let errors = Arc::new(AtomicU64::new(0));
     let total = rate * seconds;
-    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
+    let mut tick = tokio::time::interval(Duration::from_nanos(1_000_000_000 / rate));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(total as usize);
     for n in 0..total {
         tick.tick().await;
-        let permit = limit.clone().acquire_owned().await.unwrap();
-        let (http, url, token, results, errors) = (
-            http.clone(),
-            cli.url.clone(),
-            cli.token.clone(),
-            results.clone(),
-            errors.clone(),
-        );
+        let permit = limit.clone().acquire_owned().await?;
+        let (http, t, results, errors) = (http.clone(), t.clone(), results.clone(), errors.clone());
         tasks.push(tokio::spawn(async move {
-            match post(&http, &url, &token, 10_000_000 + n).await {
+            match post(&http, &t, &contact(tag, n)).await {
                 Ok(v) => {
                     let at = origin.elapsed().as_micros() as u64;
-                    if let Some(p) = v["positions"][0].as_i64() {
-                        results.lock().await.push((at, p));
+                    match v["positions"][0].as_i64() {
+                        Some(p) => results.lock().await.push((at, p)),
+                        None => {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
                 }
                 Err(_) => {
@@ -213,73 +302,95 @@ async fn lag(cli: &Cli, rate: u64, seconds: u64, poll_ms: u64, database_url: &st
             drop(permit);
         }));
     }
-    for t in tasks {
-        t.await.unwrap();
+    for task in tasks {
+        task.await?;
     }
     let achieved = total as f64 / started.elapsed().as_secs_f64();
-    // Let the projection finish, then stop polling.
+    // Give the read model 2 s to catch up, then stop polling.
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.store(true, Ordering::Relaxed);
-    poller.await.unwrap();
+    poller.await?;
 
-    let results = results.lock().await.clone();
+    let results = std::mem::take(&mut *results.lock().await);
     let positions: Vec<i64> = results.iter().map(|r| r.1).collect();
     let rows = db
         .query(
             "SELECT global_position, tx_id::text::bigint FROM events WHERE global_position = ANY($1)",
             &[&positions],
         )
-        .await
-        .unwrap();
-    let tx_of: std::collections::HashMap<i64, i64> =
-        rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-    let samples = samples.lock().await.clone();
-    if std::env::var_os("CRM_BENCH_DEBUG").is_some() {
-        eprintln!(
-            "samples={} first={:?} last={:?} results={} first_key={:?}",
-            samples.len(),
-            samples.first(),
-            samples.last(),
-            results.len(),
-            results.first().map(|r| (tx_of.get(&r.1), r.1))
-        );
-    }
-    let mut h = Histogram::<u64>::new(3).unwrap();
+        .await?;
+    let tx_of: HashMap<i64, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let samples = std::mem::take(&mut *samples.lock().await);
+
+    let mut total_lag = histogram();
+    let mut relay_lag = histogram();
+    // The lag of commands answered in the first and in the last 2 s of the schedule: a
+    // pipeline that keeps up shows the same figure; one that does not, a growing one.
+    let (mut early, mut late) = (histogram(), histogram());
+    let sched_start = started.duration_since(origin).as_micros() as u64;
+    let sched_end = sched_start + seconds * 1_000_000;
     let mut unseen = 0;
     for (at, pos) in results {
         let key = (tx_of[&pos], pos);
-        // Samples are in time order and checkpoints only move forward.
-        let first = samples.partition_point(|s| (s.1, s.2) < key);
-        match samples.get(first) {
-            Some(s) => h.record(s.0.saturating_sub(at)).unwrap(),
+        match covered_after(&samples.projection, key, at) {
+            Some(lag) => {
+                total_lag.record(lag)?;
+                if at < sched_start + 2_000_000 {
+                    early.record(lag)?;
+                } else if at + 2_000_000 >= sched_end {
+                    late.record(lag)?;
+                }
+            }
             None => unseen += 1,
+        }
+        if let Some(lag) = covered_after(&samples.relay, key, at) {
+            relay_lag.record(lag)?;
         }
     }
     println!(
-        "lag target_rate={rate} achieved_rate={achieved:.0} poll_ms={poll_ms} commands={} errors={} unseen={unseen} p50_ms={:.2} p99_ms={:.2} max_ms={:.2} cpu_s={}",
-        h.len(),
+        "lag target_rate={rate} achieved_rate={achieved:.0} poll_ms={poll_ms} commands={} errors={} unseen={unseen} \
+         p50_ms={:.2} p99_ms={:.2} max_ms={:.2} first2s_p50_ms={:.2} last2s_p50_ms={:.2} \
+         relay_p50_ms={:.2} relay_p99_ms={:.2} cpu_s={}",
+        total_lag.len(),
         errors.load(Ordering::Relaxed),
-        ms(&h, 0.5),
-        ms(&h, 0.99),
-        h.max() as f64 / 1000.0,
+        ms(&total_lag, 0.5),
+        ms(&total_lag, 0.99),
+        total_lag.max() as f64 / 1000.0,
+        ms(&early, 0.5),
+        ms(&late, 0.5),
+        ms(&relay_lag, 0.5),
+        ms(&relay_lag, 0.99),
         cpu_seconds()
     );
+    Ok(())
+}
+
+async fn drop_stream(nats_url: &str, stream: &str) -> anyhow::Result<()> {
+    let client = async_nats::connect(nats_url).await?;
+    let js = async_nats::jetstream::new(client);
+    js.delete_stream(stream)
+        .await
+        .map_err(|e| anyhow::anyhow!("deleting stream {stream}: {e}"))?;
+    Ok(())
 }
 
 #[tokio::main]
-async fn main() {
-    let cli = Cli::parse();
-    match &cli.command {
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
         Command::Load {
+            target,
             connections,
             seconds,
             warmup,
-        } => load(&cli, *connections, *seconds, *warmup).await,
+        } => load(target, connections, seconds, warmup).await,
         Command::Lag {
+            target,
             rate,
             seconds,
+            max_in_flight,
             poll_ms,
             database_url,
-        } => lag(&cli, *rate, *seconds, *poll_ms, database_url).await,
+        } => lag(target, rate, seconds, max_in_flight, poll_ms, &database_url).await,
+        Command::DropStream { nats_url, stream } => drop_stream(&nats_url, &stream).await,
     }
 }
