@@ -217,7 +217,6 @@ fn covered_after(samples: &[(u64, Key)], key: Key, at: u64) -> Option<u64> {
     samples.get(first).map(|s| s.0.saturating_sub(at))
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn lag(
     t: Target,
     rate: u64,
