@@ -9,4 +9,4 @@ pub use commands::ContactCommand;
 pub use events::{ContactChanges, ContactEvent, ContactField, ContactProfile};
 
 #[cfg(test)]
-mod given_when_then;
+mod tests;
