@@ -55,26 +55,7 @@ enum Command {
         warmup: u64,
     },
     /// Open loop at a fixed rate; commit-to-read-model lag of every command.
-    Lag {
-        #[command(flatten)]
-        target: Target,
-        /// Commands per second.
-        #[arg(long, default_value_t = 1000)]
-        rate: u64,
-        #[arg(long, default_value_t = 10)]
-        seconds: u64,
-        /// Most requests in flight at once (the schedule stalls beyond it, which shows
-        /// as an achieved rate below --rate).
-        #[arg(long, default_value_t = 512)]
-        max_in_flight: usize,
-        /// How often to read the checkpoints. Finer polls load the database too: at 1 ms
-        /// the poller issues as many queries as 1,000 commands/s do.
-        #[arg(long, default_value_t = 2)]
-        poll_ms: u64,
-        /// The database `crm serve` writes to (read directly, as its owner).
-        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
-        database_url: String,
-    },
+    Lag(LagArgs),
     /// Delete a JetStream stream (the run's own, at the end of scripts/bench).
     DropStream {
         #[arg(long, env = "NATS_URL")]
@@ -82,6 +63,35 @@ enum Command {
         #[arg(long, env = "CRM_NATS_STREAM")]
         stream: String,
     },
+}
+
+#[derive(Args)]
+struct LagArgs {
+    #[command(flatten)]
+    target: Target,
+    /// Commands per second.
+    #[arg(long, default_value_t = 1000)]
+    rate: u64,
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Most requests in flight at once (the schedule stalls beyond it, which shows
+    /// as an achieved rate below --rate).
+    #[arg(long, default_value_t = 512)]
+    max_in_flight: usize,
+    /// How often to read the checkpoints. Finer polls load the database too: at 1 ms
+    /// the poller issues as many queries as 1,000 commands/s do.
+    #[arg(long, default_value_t = 2)]
+    poll_ms: u64,
+    /// Commands answered in the first this many seconds are sent and waited for but
+    /// left out of the percentiles (their p50 is reported as warmup_p50_ms).
+    #[arg(long, default_value_t = 0)]
+    warmup: u64,
+    /// Also print, on stderr, the lag second by second.
+    #[arg(long)]
+    series: bool,
+    /// The database `crm serve` writes to (read directly, as its owner).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: String,
 }
 
 /// A tag that keeps contacts of different runs and phases distinct.
@@ -217,19 +227,22 @@ fn covered_after(samples: &[(u64, Key)], key: Key, at: u64) -> Option<u64> {
     samples.get(first).map(|s| s.0.saturating_sub(at))
 }
 
-async fn lag(
-    t: Target,
-    rate: u64,
-    seconds: u64,
-    max_in_flight: usize,
-    poll_ms: u64,
-    database_url: &str,
-) -> anyhow::Result<()> {
+async fn lag(args: LagArgs) -> anyhow::Result<()> {
+    let LagArgs {
+        target: t,
+        rate,
+        seconds,
+        max_in_flight,
+        poll_ms,
+        warmup,
+        series,
+        database_url,
+    } = args;
     anyhow::ensure!(
         rate > 0 && seconds > 0,
         "--rate and --seconds must be positive"
     );
-    let (db, conn) = tokio_postgres::connect(database_url, tokio_postgres::NoTls).await?;
+    let (db, conn) = tokio_postgres::connect(&database_url, tokio_postgres::NoTls).await?;
     tokio::spawn(conn);
     let db = Arc::new(db);
     let http = reqwest::Client::builder()
@@ -274,7 +287,7 @@ async fn lag(
     // (µs since the origin at which the response arrived, global position of its event)
     let results = Arc::new(Mutex::new(Vec::<(u64, i64)>::new()));
     let errors = Arc::new(AtomicU64::new(0));
-    let total = rate * seconds;
+    let total = rate * (warmup + seconds);
     let mut tick = tokio::time::interval(Duration::from_nanos(1_000_000_000 / rate));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let started = Instant::now();
@@ -323,33 +336,64 @@ async fn lag(
 
     let mut total_lag = histogram();
     let mut relay_lag = histogram();
-    // The lag of commands answered in the first and in the last 2 s of the schedule: a
-    // pipeline that keeps up shows the same figure; one that does not, a growing one.
+    let mut warmup_lag = histogram();
+    // The lag of measured commands answered in the first and in the last 2 s: a pipeline
+    // that keeps up shows the same figure; one that does not, a growing one.
     let (mut early, mut late) = (histogram(), histogram());
+    // Second by second (from the start of the schedule): (lag, relay hop).
+    let mut by_second: Vec<(Histogram<u64>, Histogram<u64>)> = Vec::new();
     let sched_start = started.duration_since(origin).as_micros() as u64;
-    let sched_end = sched_start + seconds * 1_000_000;
+    let measure_from = sched_start + warmup * 1_000_000;
+    let sched_end = measure_from + seconds * 1_000_000;
     let mut unseen = 0;
     for (at, pos) in results {
         let key = (tx_of[&pos], pos);
-        match covered_after(&samples.projection, key, at) {
-            Some(lag) => {
-                total_lag.record(lag)?;
-                if at < sched_start + 2_000_000 {
-                    early.record(lag)?;
-                } else if at + 2_000_000 >= sched_end {
-                    late.record(lag)?;
-                }
-            }
-            None => unseen += 1,
+        let second = (at.saturating_sub(sched_start) / 1_000_000) as usize;
+        if by_second.len() <= second {
+            by_second.resize_with(second + 1, || (histogram(), histogram()));
         }
-        if let Some(lag) = covered_after(&samples.relay, key, at) {
-            relay_lag.record(lag)?;
+        let relay = covered_after(&samples.relay, key, at);
+        if let Some(lag) = relay {
+            by_second[second].1.record(lag)?;
+        }
+        let Some(lag) = covered_after(&samples.projection, key, at) else {
+            unseen += 1;
+            continue;
+        };
+        by_second[second].0.record(lag)?;
+        if at < measure_from {
+            warmup_lag.record(lag)?;
+            continue;
+        }
+        total_lag.record(lag)?;
+        if let Some(r) = relay {
+            relay_lag.record(r)?;
+        }
+        if at < measure_from + 2_000_000 {
+            early.record(lag)?;
+        } else if at + 2_000_000 >= sched_end {
+            late.record(lag)?;
+        }
+    }
+    if series {
+        for (s, (lag, relay)) in by_second.iter().enumerate() {
+            eprintln!(
+                "crm-bench lag: second {s:>2}: {:>5} commands, lag p50 {:>7.1} ms p99 {:>7.1} ms; relay hop p50 {:>6.1} ms p99 {:>6.1} ms",
+                lag.len(),
+                ms(lag, 0.5),
+                ms(lag, 0.99),
+                ms(relay, 0.5),
+                ms(relay, 0.99)
+            );
         }
     }
     println!(
-        "lag target_rate={rate} achieved_rate={achieved:.0} poll_ms={poll_ms} commands={} errors={} unseen={unseen} \
+        "lag target_rate={rate} achieved_rate={achieved:.0} poll_ms={poll_ms} warmup_s={warmup} \
+         warmup_p50_ms={:.2} warmup_p99_ms={:.2} commands={} errors={} unseen={unseen} \
          p50_ms={:.2} p99_ms={:.2} max_ms={:.2} first2s_p50_ms={:.2} last2s_p50_ms={:.2} \
          relay_p50_ms={:.2} relay_p99_ms={:.2} cpu_s={}",
+        ms(&warmup_lag, 0.5),
+        ms(&warmup_lag, 0.99),
         total_lag.len(),
         errors.load(Ordering::Relaxed),
         ms(&total_lag, 0.5),
@@ -382,14 +426,7 @@ async fn main() -> anyhow::Result<()> {
             seconds,
             warmup,
         } => load(target, connections, seconds, warmup).await,
-        Command::Lag {
-            target,
-            rate,
-            seconds,
-            max_in_flight,
-            poll_ms,
-            database_url,
-        } => lag(target, rate, seconds, max_in_flight, poll_ms, &database_url).await,
+        Command::Lag(args) => lag(args).await,
         Command::DropStream { nats_url, stream } => drop_stream(&nats_url, &stream).await,
     }
 }
