@@ -16,6 +16,7 @@ use uuid::Uuid;
 
 use crate::crypto::Crypto;
 use crate::event_store::{self, PendingEvent, StoreError, StoredEvent, StreamHead, StreamId};
+use crate::group_commit::GroupCommitter;
 use crate::metrics::METRICS;
 
 /// Snapshot a stream every this many events.
@@ -149,6 +150,7 @@ pub struct Executor {
     pool: Pool,
     crypto: Arc<Crypto>,
     notifier: event_store::Notifier,
+    committer: GroupCommitter,
 }
 
 impl Executor {
@@ -156,6 +158,7 @@ impl Executor {
     pub fn new(pool: Pool, crypto: Arc<Crypto>) -> Self {
         Self {
             notifier: event_store::Notifier::spawn(pool.clone()),
+            committer: GroupCommitter::spawn(pool.clone()),
             pool,
             crypto,
         }
@@ -279,7 +282,6 @@ impl Executor {
     /// general path is needed.
     async fn append_single<E: DomainEvent + PersonalData>(
         &self,
-        client: &deadpool_postgres::Object,
         stream: &StreamId<'_>,
         head: &StreamHead,
         event: &E,
@@ -312,7 +314,7 @@ impl Executor {
         let key_row = new_key
             .as_ref()
             .map(|nk| (self.crypto.kek_id(), nk.wrapped.as_slice()));
-        match event_store::append_one(client, stream, head, pending, key_row).await {
+        match self.committer.append(stream, head, pending, key_row).await {
             Ok(appended) => {
                 if let Some(nk) = new_key {
                     // Committed with the event: readers may use it now.
@@ -426,11 +428,20 @@ impl Executor {
         A: Aggregate<Services = ()>,
         A::Event: PersonalData,
     {
-        let mut client = self.pool.get().await.map_err(StoreError::from)?;
+        // A stream that must be new is not read: if it is not new after all, appending
+        // its first event collides with the existing one and the command gets a conflict.
         let Loaded {
             mut aggregate,
             head,
-        } = self.load::<A>(&client, org_id, id).await?;
+        } = if expected_version == Some(0) {
+            Loaded {
+                aggregate: A::default(),
+                head: StreamHead::default(),
+            }
+        } else {
+            let client = self.pool.get().await.map_err(StoreError::from)?;
+            self.load::<A>(&client, org_id, id).await?
+        };
         if let Some(expected) = expected_version {
             if expected != head.version {
                 return Err(CommandError::VersionMismatch {
@@ -462,7 +473,7 @@ impl Executor {
         let append_started = Instant::now();
         let fast = match events.as_slice() {
             [event] => {
-                self.append_single(&client, &stream, &head, event, &meta_json)
+                self.append_single(&stream, &head, event, &meta_json)
                     .await?
             }
             _ => None,
@@ -470,6 +481,7 @@ impl Executor {
         let appended = match fast {
             Some(appended) => vec![appended],
             None => {
+                let mut client = self.pool.get().await.map_err(StoreError::from)?;
                 self.append_in_transaction(&mut client, &stream, &head, &events, &meta_json)
                     .await?
             }
@@ -484,14 +496,18 @@ impl Executor {
         };
         if new_head.version / SNAPSHOT_EVERY > head.version / SNAPSHOT_EVERY {
             // A snapshot is a cache: failing to write one never fails the command.
-            let reloaded = self.load::<A>(&client, org_id, id).await;
-            if let Ok(l) = reloaded {
-                if let Err(e) = self
-                    .save_snapshot(&client, &stream, &l.aggregate, &l.head)
-                    .await
-                {
-                    tracing::warn!(error = %e, "snapshot not written");
-                }
+            let written = match self.pool.get().await {
+                Ok(client) => match self.load::<A>(&client, org_id, id).await {
+                    Ok(l) => {
+                        self.save_snapshot(&client, &stream, &l.aggregate, &l.head)
+                            .await
+                    }
+                    Err(e) => Err(e),
+                },
+                Err(e) => Err(e.into()),
+            };
+            if let Err(e) = written {
+                tracing::warn!(error = %e, "snapshot not written");
             }
         }
         Ok(CommandOutcome {

@@ -132,6 +132,8 @@ pub enum StoreError {
     Pool(#[from] deadpool_postgres::PoolError),
     #[error(transparent)]
     Crypto(#[from] crate::crypto::CryptoError),
+    #[error("{0}")]
+    Unavailable(&'static str),
 }
 
 /// Identifies one stream.
@@ -160,7 +162,7 @@ pub struct PendingEvent {
 
 impl PendingEvent {
     /// Its link in the stream's hash chain once stored as `event_id` at `sequence`.
-    fn hash(
+    pub(crate) fn hash(
         &self,
         stream: &StreamId<'_>,
         event_id: &Uuid,
@@ -242,70 +244,6 @@ pub async fn append(
         prev = Some(hash.to_vec());
     }
     Ok(out)
-}
-
-/// Appends one event in a single statement (no explicit transaction: one round trip,
-/// one commit). With `new_key`, the subject's wrapped data key is inserted by the same
-/// statement; if the subject already has a key this fails with `KeyExists` and nothing
-/// is written.
-pub async fn append_one(
-    client: &impl GenericClient,
-    stream: &StreamId<'_>,
-    head: &StreamHead,
-    event: PendingEvent,
-    new_key: Option<(&str, &[u8])>,
-) -> Result<Appended, StoreError> {
-    let event_id = Uuid::now_v7();
-    let sequence = head.version + 1;
-    let hash = event.hash(stream, &event_id, sequence, head.last_hash.as_deref());
-    const VALUES: &str = "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11";
-    const COLS: &str = "event_id, org_id, aggregate_type, aggregate_id, sequence, event_type, \
-        event_version, payload, metadata, prev_hash, hash";
-    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 11] = [
-        &event_id,
-        &stream.org_id,
-        &stream.aggregate_type,
-        &stream.aggregate_id,
-        &sequence,
-        &event.event_type,
-        &event.event_version,
-        &event.payload,
-        &event.metadata,
-        &head.last_hash,
-        &hash.as_slice(),
-    ];
-    let row = match new_key {
-        None => {
-            let stmt = client
-                .prepare_cached(&format!(
-                    "INSERT INTO events ({COLS}) VALUES ({VALUES}) RETURNING global_position"
-                ))
-                .await?;
-            client.query_one(&stmt, &params).await
-        }
-        Some((kek_id, wrapped)) => {
-            let stmt = client
-                .prepare_cached(&format!(
-                    "WITH new_key AS (INSERT INTO data_keys (org_id, subject_id, kek_id, wrapped_key) \
-                     VALUES ($2, $4, $12, $13) RETURNING 1) \
-                     INSERT INTO events ({COLS}) SELECT {VALUES} FROM new_key RETURNING global_position"
-                ))
-                .await?;
-            let mut all: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params.to_vec();
-            all.push(&kek_id);
-            all.push(&wrapped);
-            client.query_one(&stmt, &all).await
-        }
-    };
-    let row = row.map_err(|e| match e.as_db_error().and_then(|d| d.constraint()) {
-        Some("data_keys_pkey") => StoreError::KeyExists,
-        _ => conflict_or_db(e),
-    })?;
-    Ok(Appended {
-        event_id,
-        sequence,
-        global_position: row.get(0),
-    })
 }
 
 /// A unique violation on a stream's sequence is a concurrency conflict.

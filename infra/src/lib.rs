@@ -20,6 +20,7 @@ pub mod commands;
 pub mod crypto;
 pub mod db;
 pub mod event_store;
+pub mod group_commit;
 pub mod hash_chain;
 pub mod metrics;
 pub mod projector;

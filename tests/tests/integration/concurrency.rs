@@ -102,3 +102,109 @@ async fn a_stale_expected_version_is_a_409() {
     assert!(v["message"].as_str().unwrap().contains("version 2"));
     app.stop().await;
 }
+
+/// Concurrent creates share commits (group commit) yet each command gets its own event,
+/// position and data key; and a create of a stream that exists is a conflict.
+#[tokio::test]
+async fn concurrent_creates_each_get_their_own_event_and_an_existing_stream_conflicts() {
+    use crm_domain::contact::{Contact, ContactCommand, ContactProfile};
+    use crm_domain::metadata::EventMetadata;
+    use crm_domain::values::Name;
+    use crm_infra::commands::CommandError;
+    use uuid::Uuid;
+
+    let app = TestApp::spawn().await;
+    let org = app.org_id;
+    let create = |id: Uuid, name: &str| ContactCommand::Create {
+        contact_id: id,
+        org_id: org,
+        profile: ContactProfile {
+            given_name: Some(Name::parse(name).unwrap()),
+            ..Default::default()
+        },
+    };
+    let meta = EventMetadata::system(org, "test");
+    let ids: Vec<Uuid> = (0..200).map(|_| Uuid::now_v7()).collect();
+    let outcomes = futures::future::join_all(ids.iter().enumerate().map(|(i, id)| {
+        let (executor, meta, command) = (
+            app.state.executor.clone(),
+            meta.clone(),
+            create(*id, &format!("N{i}")),
+        );
+        async move {
+            executor
+                .execute::<Contact>(org, &id.to_string(), command, &meta, Some(0))
+                .await
+        }
+    }))
+    .await;
+    let positions: BTreeSet<i64> = outcomes
+        .iter()
+        .map(|o| {
+            let o = o.as_ref().expect("every create succeeds");
+            assert_eq!(o.version, 1);
+            o.positions[0]
+        })
+        .collect();
+    assert_eq!(positions.len(), ids.len(), "one distinct position each");
+
+    let db = app.db().await;
+    let row = db
+        .query_one(
+            "SELECT count(*), count(DISTINCT tx_id::text), \
+                    (SELECT count(*) FROM data_keys WHERE org_id = $1 AND subject_id = ANY($2)) \
+             FROM events WHERE org_id = $1 AND aggregate_id = ANY($2)",
+            &[&org, &ids.iter().map(Uuid::to_string).collect::<Vec<_>>()],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0), 200, "one event per create");
+    assert_eq!(row.get::<_, i64>(2), 200, "one data key per contact");
+    assert!(
+        row.get::<_, i64>(1) < 200,
+        "concurrent creates shared commits"
+    );
+
+    // Each contact reads back with its own (decrypted) name.
+    let i = 123;
+    let got: Value = app
+        .get(&format!(
+            "/v1/contacts/{}?min_position={}",
+            ids[i],
+            outcomes[i].as_ref().unwrap().positions[0]
+        ))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(got["given_name"], format!("N{i}"));
+
+    // Creating a stream that exists is a conflict, whether alone or in a crowd.
+    let first = ids[0];
+    let again = futures::future::join_all((0..5).map(|_| {
+        let (executor, meta, command) = (
+            app.state.executor.clone(),
+            meta.clone(),
+            create(first, "Dup"),
+        );
+        async move {
+            executor
+                .execute::<Contact>(org, &first.to_string(), command, &meta, Some(0))
+                .await
+        }
+    }))
+    .await;
+    for o in again {
+        assert!(matches!(o, Err(CommandError::Conflict)), "{o:?}");
+    }
+    let n: i64 = db
+        .query_one(
+            "SELECT count(*) FROM events WHERE aggregate_id = $1",
+            &[&ids[0].to_string()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1, "the duplicate create wrote nothing");
+    app.stop().await;
+}
