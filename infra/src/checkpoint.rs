@@ -30,7 +30,8 @@ pub async fn read(
         "SELECT tx_id::text::bigint, global_position FROM {} WHERE name = $1",
         owner.table()
     );
-    let row = client.query_opt(&sql, &[&name]).await?;
+    let stmt = client.prepare_cached(&sql).await?;
+    let row = client.query_opt(&stmt, &[&name]).await?;
     Ok(row.map_or(CommitKey::default(), |r| CommitKey {
         tx_id: r.get(0),
         position: r.get(1),
@@ -50,8 +51,9 @@ pub async fn write(
          global_position = EXCLUDED.global_position, updated_at = now()",
         owner.table()
     );
+    let stmt = client.prepare_cached(&sql).await?;
     client
-        .execute(&sql, &[&name, &key.tx_id, &key.position])
+        .execute(&stmt, &[&name, &key.tx_id, &key.position])
         .await?;
     Ok(())
 }
@@ -94,7 +96,9 @@ pub async fn lock_projection(
     name: &str,
 ) -> Result<CommitKey, tokio_postgres::Error> {
     let key = format!("crm-projection:{name}");
-    tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&key])
+    let stmt = tx
+        .prepare_cached("SELECT pg_advisory_xact_lock(hashtext($1))")
         .await?;
+    tx.execute(&stmt, &[&key]).await?;
     read(tx, Owner::Projection, name).await
 }

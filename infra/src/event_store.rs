@@ -350,8 +350,10 @@ pub async fn count_after(
 ) -> Result<i64, StoreError> {
     let stmt = client
         .prepare_cached(
+            // ORDER BY: walk the commit-order index (a generic plan would scan the table).
             "SELECT count(*) FROM (SELECT 1 FROM events \
-             WHERE (tx_id, global_position) > ($1::bigint::text::xid8, $2) LIMIT $3) t",
+             WHERE (tx_id, global_position) > ($1::bigint::text::xid8, $2) \
+             ORDER BY tx_id, global_position LIMIT $3) t",
         )
         .await?;
     let row = client

@@ -59,23 +59,33 @@ impl Projection for ContactsProjection {
         table: &str,
         events: &[DecodedEvent],
     ) -> Result<(), ProjectionError> {
-        let mut ids: Vec<Uuid> = events.iter().filter_map(contact_id).collect();
-        ids.sort();
-        ids.dedup();
-        if ids.is_empty() {
+        let mut keys: Vec<(Uuid, Uuid)> = events
+            .iter()
+            .filter_map(|e| contact_id(e).map(|id| (e.stored.org_id, id)))
+            .collect();
+        keys.sort();
+        keys.dedup();
+        if keys.is_empty() {
             return Ok(());
         }
-        // No FOR UPDATE: every writer of this table holds the projection's lock.
-        let sql = format!("SELECT {VIEW_COLUMNS} FROM {table} WHERE id = ANY($1)");
+        let (orgs, ids): (Vec<Uuid>, Vec<Uuid>) = keys.into_iter().unzip();
+        // By primary key (org_id, id), one index probe per contact. No FOR UPDATE: every
+        // writer of this table holds the projection's lock.
+        let sql = format!(
+            "SELECT {VIEW_COLUMNS} FROM {table} \
+             WHERE (org_id, id) IN (SELECT * FROM unnest($1::uuid[], $2::uuid[]))"
+        );
         let mut views = HashMap::new();
-        for row in tx.query(&sql, &[&ids]).await? {
+        let stmt = tx.prepare_cached(&sql).await?;
+        for row in tx.query(&stmt, &[&orgs, &ids]).await? {
             let v = view_from_row(&row)?;
             views.insert((v.org_id, v.id), v);
         }
         let mut changed = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         for e in events {
             if let Some(key) = fold_into(&mut views, e)? {
-                if !changed.contains(&key) {
+                if seen.insert(key) {
                     changed.push(key);
                 }
             }
