@@ -305,6 +305,76 @@ pub async fn read_committed(
     Ok(rows.iter().map(from_row).collect())
 }
 
+/// An event as the relay publishes it: the JSON of a [`StoredEvent`], with payload and
+/// metadata passed through from PostgreSQL without being parsed into values.
+#[derive(Debug, Serialize)]
+pub struct RawEvent {
+    pub global_position: i64,
+    pub tx_id: i64,
+    pub event_id: Uuid,
+    pub org_id: Uuid,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub sequence: i64,
+    pub event_type: String,
+    pub event_version: String,
+    pub payload: Box<serde_json::value::RawValue>,
+    pub metadata: Box<serde_json::value::RawValue>,
+    pub recorded_at: DateTime<Utc>,
+    pub prev_hash: Option<String>,
+    pub hash: String,
+}
+
+impl RawEvent {
+    pub fn commit_key(&self) -> CommitKey {
+        CommitKey {
+            tx_id: self.tx_id,
+            position: self.global_position,
+        }
+    }
+}
+
+/// [`read_committed`] for publishing: the same events, payloads left as JSON text.
+pub async fn read_committed_raw(
+    client: &impl GenericClient,
+    after: CommitKey,
+    limit: i64,
+) -> Result<Vec<RawEvent>, StoreError> {
+    use tokio_postgres::types::Json;
+    let sql = format!(
+        "SELECT {COLUMNS} FROM events \
+         WHERE tx_id < pg_snapshot_xmin(pg_current_snapshot()) \
+           AND (tx_id, global_position) > ($1::bigint::text::xid8, $2) \
+         ORDER BY tx_id, global_position LIMIT $3"
+    );
+    let stmt = client.prepare_cached(&sql).await?;
+    let rows = client
+        .query(&stmt, &[&after.tx_id, &after.position, &limit])
+        .await?;
+    rows.iter()
+        .map(|row| {
+            let Json(payload) = row.try_get(9)?;
+            let Json(metadata) = row.try_get(10)?;
+            Ok(RawEvent {
+                global_position: row.get(0),
+                tx_id: row.get(1),
+                event_id: row.get(2),
+                org_id: row.get(3),
+                aggregate_type: row.get(4),
+                aggregate_id: row.get(5),
+                sequence: row.get(6),
+                event_type: row.get(7),
+                event_version: row.get(8),
+                payload,
+                metadata,
+                recorded_at: row.get(11),
+                prev_hash: row.get::<_, Option<Vec<u8>>>(12).map(hex::encode),
+                hash: hex::encode(row.get::<_, Vec<u8>>(13)),
+            })
+        })
+        .collect()
+}
+
 /// Commit keys of the events after `after` and up to `upto` (inclusive), in commit
 /// order, at most `limit` of them.
 pub async fn keys_between(

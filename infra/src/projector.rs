@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::Bus;
 use crate::checkpoint::{self, Owner};
-use crate::commands::{decode, decode_without_personal_data, DecodedEvent};
+use crate::commands::{decode, DecodedEvent};
 use crate::crypto::Crypto;
 use crate::event_store::{self, CommitKey, StoreError, StoredEvent};
 use crate::metrics::METRICS;
@@ -69,6 +69,96 @@ pub trait Projection: Send + Sync + 'static {
     /// their personal members stay ciphertext).
     fn needs_personal_data(&self) -> bool {
         true
+    }
+    /// Whether it reads event payloads at all (else `DecodedEvent::payload` is `null`
+    /// and the payload is never parsed).
+    fn reads_payload(&self) -> bool {
+        true
+    }
+}
+
+/// An event as it arrives from JetStream (the JSON of a [`StoredEvent`]), with payload
+/// and metadata left unparsed until the event is known to be applied.
+#[derive(serde::Deserialize)]
+struct WireEvent {
+    global_position: i64,
+    tx_id: i64,
+    event_id: uuid::Uuid,
+    org_id: uuid::Uuid,
+    aggregate_type: String,
+    aggregate_id: String,
+    sequence: i64,
+    event_type: String,
+    event_version: String,
+    payload: Box<serde_json::value::RawValue>,
+    metadata: Box<serde_json::value::RawValue>,
+    recorded_at: chrono::DateTime<chrono::Utc>,
+    prev_hash: Option<String>,
+    hash: String,
+}
+
+impl WireEvent {
+    fn commit_key(&self) -> CommitKey {
+        CommitKey {
+            tx_id: self.tx_id,
+            position: self.global_position,
+        }
+    }
+
+    /// Parses what `projection` reads and decrypts it if it reads personal data.
+    async fn decode(
+        self,
+        projection: &dyn Projection,
+        crypto: &Crypto,
+        client: &impl GenericClient,
+    ) -> Result<DecodedEvent, StoreError> {
+        let corrupt =
+            |e: serde_json::Error| StoreError::Corrupt(self.global_position, e.to_string());
+        let payload = if projection.reads_payload() {
+            serde_json::from_str(self.payload.get()).map_err(corrupt)?
+        } else {
+            serde_json::Value::Null
+        };
+        let personal = projection.needs_personal_data();
+        let (metadata, parsed_meta) = if personal {
+            (
+                serde_json::from_str(self.metadata.get()).map_err(corrupt)?,
+                None,
+            )
+        } else {
+            // Personal members of the metadata stay ciphertext.
+            (
+                serde_json::Value::Null,
+                Some(serde_json::from_str(self.metadata.get()).map_err(corrupt)?),
+            )
+        };
+        let stored = StoredEvent {
+            global_position: self.global_position,
+            tx_id: self.tx_id,
+            event_id: self.event_id,
+            org_id: self.org_id,
+            aggregate_type: self.aggregate_type,
+            aggregate_id: self.aggregate_id,
+            sequence: self.sequence,
+            event_type: self.event_type,
+            event_version: self.event_version,
+            payload,
+            metadata,
+            recorded_at: self.recorded_at,
+            prev_hash: self.prev_hash,
+            hash: self.hash,
+        };
+        match parsed_meta {
+            None => decode(crypto, client, stored).await,
+            Some(metadata) => {
+                let mut stored = stored;
+                Ok(DecodedEvent {
+                    payload: std::mem::take(&mut stored.payload),
+                    metadata,
+                    stored,
+                })
+            }
+        }
     }
 }
 
@@ -199,7 +289,7 @@ impl ProjectorWorker {
     ) -> Result<(), ProjectionError> {
         let mut parsed = Vec::with_capacity(msgs.len());
         for m in msgs {
-            match serde_json::from_slice::<StoredEvent>(&m.payload) {
+            match serde_json::from_slice::<WireEvent>(&m.payload) {
                 Ok(e) => parsed.push((e, m)),
                 Err(e) => {
                     tracing::error!(subject = %m.subject, error = %e, "not an event; terminated");
@@ -208,11 +298,13 @@ impl ProjectorWorker {
             }
         }
         parsed.sort_by_key(|(e, _)| e.commit_key());
-        let result = self.apply_batch(&parsed).await;
+        let (events, msgs): (Vec<WireEvent>, Vec<async_nats::jetstream::Message>) =
+            parsed.into_iter().unzip();
+        let result = self.apply_batch(events).await;
         match result {
             Ok(verdicts) => {
                 let mut applied = 0u64;
-                for ((_, m), v) in parsed.iter().zip(verdicts) {
+                for (m, v) in msgs.iter().zip(verdicts) {
                     let r = match v {
                         Verdict::Applied => {
                             applied += 1;
@@ -233,7 +325,7 @@ impl ProjectorWorker {
                 Ok(())
             }
             Err(e) => {
-                for (_, m) in &parsed {
+                for m in &msgs {
                     let _ = m.ack_with(AckKind::Nak(Some(RETRY_DELAY))).await;
                 }
                 Err(e)
@@ -241,10 +333,7 @@ impl ProjectorWorker {
         }
     }
 
-    async fn apply_batch(
-        &self,
-        batch: &[(StoredEvent, async_nats::jetstream::Message)],
-    ) -> Result<Vec<Verdict>, ProjectionError> {
+    async fn apply_batch(&self, batch: Vec<WireEvent>) -> Result<Vec<Verdict>, ProjectionError> {
         let name = self.projection.name();
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
@@ -253,13 +342,13 @@ impl ProjectorWorker {
         let mut verdicts = Vec::with_capacity(batch.len());
         // The events that must come next, in order: a message is applied only if it is
         // the next of these (one query per batch instead of one per event).
-        let upto = batch.last().map_or(ck, |(e, _)| e.commit_key());
+        let upto = batch.last().map_or(ck, WireEvent::commit_key);
         let cap = (batch.len() as i64) * 4 + 16;
         let expected = event_store::keys_between(&tx, ck, upto, cap).await?;
         let mut expected = expected.into_iter().peekable();
         let mut blocked = false;
         let mut ready = Vec::with_capacity(batch.len());
-        for (event, _) in batch {
+        for event in batch {
             let key = event.commit_key();
             if key <= ck {
                 verdicts.push(Verdict::Duplicate);
@@ -272,11 +361,11 @@ impl ProjectorWorker {
                 continue;
             }
             expected.next();
-            ready.push(if self.projection.needs_personal_data() {
-                decode(&self.crypto, &tx, event.clone()).await?
-            } else {
-                decode_without_personal_data(event.clone())?
-            });
+            ready.push(
+                event
+                    .decode(self.projection.as_ref(), &self.crypto, &tx)
+                    .await?,
+            );
             ck = key;
             verdicts.push(Verdict::Applied);
         }

@@ -18,7 +18,7 @@ use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::Bus;
-use crate::event_store::{self, CommitKey, StoredEvent, NOTIFY_CHANNEL};
+use crate::event_store::{self, CommitKey, RawEvent, NOTIFY_CHANNEL};
 use crate::metrics::METRICS;
 
 const BATCH: i64 = 1000;
@@ -120,7 +120,7 @@ impl Relay {
             if shutdown.is_cancelled() {
                 return Ok(());
             }
-            let batch = event_store::read_committed(&db, ck, BATCH).await?;
+            let batch = event_store::read_committed_raw(&db, ck, BATCH).await?;
             if !batch.is_empty() {
                 self.publish(&batch).await?;
                 ck = batch.last().expect("non-empty").commit_key();
@@ -144,7 +144,7 @@ impl Relay {
     }
 
     /// Publishes a batch in order and waits for every ack.
-    async fn publish(&self, batch: &[StoredEvent]) -> Result<(), RelayError> {
+    async fn publish(&self, batch: &[RawEvent]) -> Result<(), RelayError> {
         let mut acks = Vec::with_capacity(batch.len());
         for e in batch {
             let subject = self

@@ -99,6 +99,10 @@ impl Projection for ActivityProjection {
     fn needs_personal_data(&self) -> bool {
         false
     }
+
+    fn reads_payload(&self) -> bool {
+        false
+    }
 }
 
 #[derive(Default)]
