@@ -75,6 +75,17 @@ impl GroupCommitter {
                         if rx.recv_many(&mut batch, MAX_BATCH).await == 0 {
                             return;
                         }
+                        if batch.len() < MAX_BATCH {
+                            // Let the tasks that are about to append do so first (no
+                            // timer: one turn of the scheduler).
+                            tokio::task::yield_now().await;
+                            while batch.len() < MAX_BATCH {
+                                match rx.try_recv() {
+                                    Ok(job) => batch.push(job),
+                                    Err(_) => break,
+                                }
+                            }
+                        }
                     }
                     flush(&pool, std::mem::take(&mut batch)).await;
                 }
