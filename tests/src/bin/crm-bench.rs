@@ -127,6 +127,76 @@ async fn post(http: &reqwest::Client, t: &Target, body: &Value) -> Result<Value,
     r.json().await.map_err(|e| e.to_string())
 }
 
+/// One keep-alive HTTP/1.1 connection posting contacts: a bare hyper client, so that
+/// the load generator spends as little of the machine's CPU as it can.
+struct Conn {
+    addr: String,
+    authorization: hyper::header::HeaderValue,
+    sender: Option<hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>>,
+}
+
+impl Conn {
+    fn new(t: &Target) -> anyhow::Result<Self> {
+        let addr = t
+            .url
+            .strip_prefix("http://")
+            .ok_or_else(|| anyhow::anyhow!("--url must be http://host:port"))?
+            .trim_end_matches('/')
+            .to_owned();
+        Ok(Self {
+            addr,
+            authorization: format!("Bearer {}", t.token).parse()?,
+            sender: None,
+        })
+    }
+
+    /// Posts one contact; the response status must be 201.
+    async fn post(&mut self, body: bytes::Bytes) -> Result<(), String> {
+        use http_body_util::BodyExt;
+        if self.sender.is_none() {
+            let stream = tokio::net::TcpStream::connect(&self.addr)
+                .await
+                .map_err(|e| e.to_string())?;
+            stream.set_nodelay(true).map_err(|e| e.to_string())?;
+            let (sender, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                    .await
+                    .map_err(|e| e.to_string())?;
+            tokio::spawn(conn);
+            self.sender = Some(sender);
+        }
+        let sender = self.sender.as_mut().expect("connected above");
+        let request = hyper::Request::post("/v1/contacts")
+            .header(hyper::header::HOST, &self.addr)
+            .header(hyper::header::AUTHORIZATION, self.authorization.clone())
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(http_body_util::Full::new(body))
+            .map_err(|e| e.to_string())?;
+        let result = async {
+            let response = sender
+                .send_request(request)
+                .await
+                .map_err(|e| e.to_string())?;
+            let status = response.status();
+            response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?;
+            if status != hyper::StatusCode::CREATED {
+                return Err(format!("status {status}"));
+            }
+            Ok(())
+        }
+        .await;
+        if result.is_err() {
+            // Start afresh on the next request.
+            self.sender = None;
+        }
+        result
+    }
+}
+
 /// CPU seconds (user + system) this process has used, from /proc/self/stat.
 fn cpu_seconds() -> String {
     let ticks = || -> Option<u64> {
@@ -150,10 +220,6 @@ fn ms(h: &Histogram<u64>, q: f64) -> f64 {
 }
 
 async fn load(t: Target, connections: usize, seconds: u64, warmup: u64) -> anyhow::Result<()> {
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(connections)
-        .build()?;
-    let t = Arc::new(t);
     let tag = run_tag();
     let counter = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
@@ -163,19 +229,15 @@ async fn load(t: Target, connections: usize, seconds: u64, warmup: u64) -> anyho
     let end = measure_from + Duration::from_secs(seconds);
     let mut tasks = Vec::new();
     for _ in 0..connections {
-        let (http, t, counter, errors, last_error) = (
-            http.clone(),
-            t.clone(),
-            counter.clone(),
-            errors.clone(),
-            last_error.clone(),
-        );
+        let mut conn = Conn::new(&t)?;
+        let (counter, errors, last_error) = (counter.clone(), errors.clone(), last_error.clone());
         tasks.push(tokio::spawn(async move {
             let mut local = histogram();
             while Instant::now() < end {
                 let body = contact(tag, counter.fetch_add(1, Ordering::Relaxed));
+                let body = bytes::Bytes::from(serde_json::to_vec(&body).expect("JSON"));
                 let t0 = Instant::now();
-                let result = post(&http, &t, &body).await;
+                let result = conn.post(body).await;
                 // Only requests sent and answered inside the measured window count.
                 if t0 >= measure_from && Instant::now() <= end {
                     match result {
