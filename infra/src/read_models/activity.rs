@@ -101,6 +101,8 @@ impl Projection for ActivityProjection {
     }
 }
 
+/// The rebuild's fold: one entry per event, final at once, so the events may come in
+/// any order and are written in batches while the scan goes on.
 #[derive(Default)]
 struct ActivityRebuilder {
     pending: Vec<ActivityEntry>,
@@ -114,7 +116,7 @@ impl Rebuilder for ActivityRebuilder {
     }
 
     fn wants_flush(&self) -> bool {
-        self.pending.len() >= 20_000
+        self.pending.len() >= 8192
     }
 
     async fn flush(
