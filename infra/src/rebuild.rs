@@ -15,6 +15,7 @@
 //! and each contact is written as soon as its stream ends; the activity log is one row
 //! per event in any order; any other projection reads everything in commit order.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -22,10 +23,11 @@ use deadpool_postgres::{Object, Pool};
 use futures::{pin_mut, TryStreamExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use uuid::Uuid;
 
-use crate::commands::{decode, decode_cached, decode_without_personal_data, CachedDecode};
+use crate::commands::{decode, decode_without_personal_data, DecodedEvent};
 use crate::crypto::Crypto;
-use crate::event_store::{self, from_row, CommitKey, COLUMNS};
+use crate::event_store::{self, from_row, CommitKey, StoreError, COLUMNS};
 use crate::projector::{set_checkpoint, Projection, ProjectionError};
 
 /// Rows parsed and decrypted together on one blocking thread.
@@ -92,26 +94,59 @@ impl Scan {
     }
 }
 
-/// Parses and decrypts rows (cached keys only), keeping their order.
-fn decode_chunk(
+/// The wrapped data keys that exist, by organisation and subject.
+type Keys = HashMap<Uuid, HashMap<String, Vec<u8>>>;
+
+/// Reads the wrapped data keys (in the caller's snapshot: exactly the keys of the
+/// events it reads, with the destroyed ones left out).
+async fn wrapped_keys(client: &tokio_postgres::Client) -> Result<Keys, ProjectionError> {
+    let rows = client
+        .query(
+            "SELECT org_id, subject_id, wrapped_key FROM data_keys WHERE wrapped_key IS NOT NULL",
+            &[],
+        )
+        .await?;
+    let mut keys = Keys::new();
+    for r in rows {
+        keys.entry(r.get(0)).or_default().insert(r.get(1), r.get(2));
+    }
+    Ok(keys)
+}
+
+/// Parses a row and decrypts its personal members with `keys` (as [`decode`] does with
+/// the key store), or none of them without `keys`.
+fn decode_row(
     crypto: &Crypto,
-    personal: bool,
-    rows: Vec<tokio_postgres::Row>,
-) -> Vec<CachedDecode> {
-    rows.iter()
-        .map(|row| {
-            let stored = from_row(row);
-            if personal {
-                decode_cached(crypto, stored)
-            } else {
-                CachedDecode::Decoded(decode_without_personal_data(stored))
-            }
-        })
-        .collect()
+    keys: Option<&Keys>,
+    row: &tokio_postgres::Row,
+) -> Result<DecodedEvent, StoreError> {
+    let mut stored = from_row(row);
+    let Some(keys) = keys else {
+        return decode_without_personal_data(stored);
+    };
+    let mut payload = std::mem::take(&mut stored.payload);
+    let mut metadata = std::mem::take(&mut stored.metadata);
+    let wrapped = keys
+        .get(&stored.org_id)
+        .and_then(|k| k.get(&stored.aggregate_id));
+    crypto.decrypt_event_with_wrapped(
+        &stored.org_id,
+        &stored.aggregate_id,
+        wrapped.map(Vec::as_slice),
+        &mut payload,
+        &mut metadata,
+    )?;
+    let metadata = serde_json::from_value(metadata)
+        .map_err(|e| StoreError::Corrupt(stored.global_position, e.to_string()))?;
+    Ok(DecodedEvent {
+        stored,
+        payload,
+        metadata,
+    })
 }
 
 /// Chunks being decoded, in scan order.
-type Decoding = JoinHandle<Vec<CachedDecode>>;
+type Decoding = JoinHandle<Vec<Result<DecodedEvent, StoreError>>>;
 
 /// Streams the scan's rows to blocking decoders, CHUNK rows at a time, and their
 /// results (in order) into `out`. Runs in its own task on a connection of its own, in
@@ -147,6 +182,11 @@ async fn read(
             position: r.get(1),
         })
         .unwrap_or_default();
+    let keys = if personal {
+        Some(Arc::new(wrapped_keys(&reader).await?))
+    } else {
+        None
+    };
     let params: Vec<&str> = scan.aggregate_type.into_iter().collect();
     let rows = reader.query_raw(&scan.sql(), params).await?;
     pin_mut!(rows);
@@ -161,8 +201,12 @@ async fn read(
         if chunk.len() == CHUNK || (end && !chunk.is_empty()) {
             read += chunk.len() as u64;
             let rows = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK));
-            let crypto = crypto.clone();
-            let job = tokio::task::spawn_blocking(move || decode_chunk(&crypto, personal, rows));
+            let (crypto, keys) = (crypto.clone(), keys.clone());
+            let job = tokio::task::spawn_blocking(move || {
+                rows.iter()
+                    .map(|row| decode_row(&crypto, keys.as_deref(), row))
+                    .collect()
+            });
             if out.send(job).await.is_err() {
                 // The fold stopped (it reports why).
                 break;
@@ -280,12 +324,6 @@ pub async fn rebuild(
         ))
         .await?;
     let indexes = DeferredIndexes::take(&writer, &shadow).await?;
-    if personal {
-        crypto
-            .preload(&writer)
-            .await
-            .map_err(event_store::StoreError::from)?;
-    }
     // For the progress bar only: an exact count would be a second scan.
     let estimate: f64 = writer
         .query_one(
@@ -310,17 +348,13 @@ pub async fn rebuild(
                 .await
                 .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
             for event in events {
-                let event = match event {
-                    CachedDecode::Decoded(d) => d?,
-                    // A key created after the preload, or destroyed: the full path knows.
-                    CachedDecode::NeedsKey(stored) => decode(crypto, &writer, *stored).await?,
-                };
+                let event = event?;
                 let boundary = match scan.order {
                     Order::Stream => {
                         let s = &event.stored;
-                        let same = stream.as_ref().is_some_and(|(t, id)| {
-                            *t == s.aggregate_type && *id == s.aggregate_id
-                        });
+                        let same = stream
+                            .as_ref()
+                            .is_some_and(|(t, id)| *t == s.aggregate_type && *id == s.aggregate_id);
                         if !same {
                             stream = Some((s.aggregate_type.clone(), s.aggregate_id.clone()));
                         }
