@@ -28,7 +28,7 @@ use uuid::Uuid;
 use crate::commands::{decode, decode_without_personal_data, DecodedEvent};
 use crate::crypto::Crypto;
 use crate::event_store::{self, from_row, CommitKey, StoreError, COLUMNS};
-use crate::projector::{set_checkpoint, Projection, ProjectionError};
+use crate::projector::{set_checkpoint, Projection, ProjectionError, Rebuilder};
 
 /// Rows parsed and decrypted together on one blocking thread.
 const CHUNK: usize = 1024;
@@ -295,6 +295,87 @@ impl DeferredIndexes {
     }
 }
 
+/// A rebuilder and the connection it writes with.
+type Writer = (Box<dyn Rebuilder>, Object);
+
+/// The fold stage. Where batches are independent of each other (`Order::Stream`, whose
+/// flushes fall between streams, and `Order::Any`), two rebuilders on two connections
+/// take turns: one writes its batch in a task of its own while the other folds the next.
+/// Otherwise (`Order::Commit`) one rebuilder folds everything and writes in between.
+struct Fold {
+    active: Writer,
+    other: Other,
+    shadow: String,
+}
+
+enum Other {
+    /// One rebuilder only.
+    None,
+    Idle(Writer),
+    Writing(JoinHandle<(Writer, Result<u64, ProjectionError>)>),
+}
+
+impl Fold {
+    fn new(first: Writer, second: Option<Writer>, shadow: &str) -> Self {
+        Self {
+            active: first,
+            other: second.map_or(Other::None, Other::Idle),
+            shadow: shadow.to_owned(),
+        }
+    }
+
+    /// Waits for the other rebuilder's write, if one is under way.
+    async fn settle(&mut self) -> Result<(), ProjectionError> {
+        if let Other::Writing(job) = std::mem::replace(&mut self.other, Other::None) {
+            let (writer, written) = job
+                .await
+                .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+            self.other = Other::Idle(writer);
+            written?;
+        }
+        Ok(())
+    }
+
+    /// Writes what the active rebuilder holds: in the background when there is a second
+    /// rebuilder to fold into meanwhile (once its own write is done).
+    async fn flush(&mut self) -> Result<(), ProjectionError> {
+        self.settle().await?;
+        match std::mem::replace(&mut self.other, Other::None) {
+            Other::Idle(next) => {
+                let (mut rebuilder, client) = std::mem::replace(&mut self.active, next);
+                let shadow = self.shadow.clone();
+                self.other = Other::Writing(tokio::spawn(async move {
+                    let written = rebuilder.flush(&client, &shadow).await;
+                    ((rebuilder, client), written)
+                }));
+            }
+            _ => {
+                let (rebuilder, client) = &mut self.active;
+                rebuilder.flush(client, &self.shadow).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes everything still held; the connections go back to the pool.
+    async fn finish(mut self) -> Result<(), ProjectionError> {
+        self.settle().await?;
+        let (rebuilder, client) = &mut self.active;
+        rebuilder.flush(client, &self.shadow).await?;
+        if let Other::Idle((mut rebuilder, client)) = self.other {
+            rebuilder.flush(&client, &self.shadow).await?;
+        }
+        Ok(())
+    }
+
+    /// Stops a write under way (after an error).
+    fn abort(&self) {
+        if let Other::Writing(job) = &self.other {
+            job.abort();
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct RebuildReport {
     /// Events folded (those of the aggregate types the projection reads).
@@ -338,7 +419,11 @@ pub async fn rebuild(
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let (chunks, mut decoded) = mpsc::channel::<Decoding>(2 * threads + 2);
     let mut reading = tokio::spawn(read(reader, crypto.clone(), scan, personal, chunks));
-    let mut fold = projection.rebuilder();
+    let second = match scan.order {
+        Order::Stream | Order::Any => Some((projection.rebuilder(), admin.get().await?)),
+        Order::Commit => None,
+    };
+    let mut fold = Fold::new((projection.rebuilder(), writer), second, &shadow);
     let mut done = 0u64;
     // The stream of the event folded last (for `Order::Stream`).
     let mut stream: Option<(String, String)> = None;
@@ -362,10 +447,10 @@ pub async fn rebuild(
                     }
                     Order::Commit | Order::Any => true,
                 };
-                if boundary && fold.wants_flush() {
-                    fold.flush(&writer, &shadow).await?;
+                if boundary && fold.active.0.wants_flush() {
+                    fold.flush().await?;
                 }
-                fold.fold(&event)?;
+                fold.active.0.fold(&event)?;
                 done += 1;
             }
             progress(done, estimate.max(done));
@@ -375,16 +460,16 @@ pub async fn rebuild(
     .await;
     if let Err(e) = folded {
         reading.abort();
+        fold.abort();
         return Err(e);
     }
     let (mut last, read) = (&mut reading)
         .await
         .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?;
     debug_assert_eq!(read, done);
-    fold.flush(&writer, &shadow).await?;
+    fold.finish().await?;
     let scanned = started.elapsed();
     progress(done, done);
-    drop(writer);
     indexes.build(admin).await?;
     let indexed = started.elapsed();
 

@@ -124,6 +124,9 @@ impl Rebuilder for ActivityRebuilder {
         client: &tokio_postgres::Client,
         table: &str,
     ) -> Result<u64, ProjectionError> {
+        if self.pending.is_empty() {
+            return Ok(0);
+        }
         let sink = client
             .copy_in(&format!(
                 "COPY {table} ({COLUMNS}) FROM STDIN (FORMAT binary)"
