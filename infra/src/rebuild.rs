@@ -95,20 +95,30 @@ impl Scan {
 }
 
 /// The wrapped data keys that exist, by organisation and subject.
-type Keys = HashMap<Uuid, HashMap<String, Vec<u8>>>;
+type Keys = HashMap<(Uuid, String), Vec<u8>>;
 
 /// Reads the wrapped data keys (in the caller's snapshot: exactly the keys of the
 /// events it reads, with the destroyed ones left out).
 async fn wrapped_keys(client: &tokio_postgres::Client) -> Result<Keys, ProjectionError> {
-    let rows = client
-        .query(
-            "SELECT org_id, subject_id, wrapped_key FROM data_keys WHERE wrapped_key IS NOT NULL",
+    // Sized up front from the planner's estimate (a large map rehashed as it grows
+    // costs more than the reading).
+    let estimate: f64 = client
+        .query_one(
+            "SELECT reltuples::float8 FROM pg_class WHERE oid = 'data_keys'::regclass",
             &[],
         )
+        .await?
+        .get(0);
+    let mut keys = Keys::with_capacity(estimate.clamp(0.0, 10_000_000.0) as usize);
+    let rows = client
+        .query_raw(
+            "SELECT org_id, subject_id, wrapped_key FROM data_keys WHERE wrapped_key IS NOT NULL",
+            Vec::<i64>::new(),
+        )
         .await?;
-    let mut keys = Keys::new();
-    for r in rows {
-        keys.entry(r.get(0)).or_default().insert(r.get(1), r.get(2));
+    pin_mut!(rows);
+    while let Some(r) = rows.try_next().await? {
+        keys.insert((r.get(0), r.get(1)), r.get(2));
     }
     Ok(keys)
 }
@@ -126,9 +136,7 @@ fn decode_row(
     };
     let mut payload = std::mem::take(&mut stored.payload);
     let mut metadata = std::mem::take(&mut stored.metadata);
-    let wrapped = keys
-        .get(&stored.org_id)
-        .and_then(|k| k.get(&stored.aggregate_id));
+    let wrapped = keys.get(&(stored.org_id, stored.aggregate_id.clone()));
     crypto.decrypt_event_with_wrapped(
         &stored.org_id,
         &stored.aggregate_id,
