@@ -12,8 +12,9 @@
 //!
 //! How the events are read depends on the projection ([`Scan::of`]): the contacts fold
 //! needs only contact streams, each in its own order, so it reads them stream by stream
-//! and each contact is written as soon as its stream ends; the activity log is one row
-//! per event in any order; any other projection reads everything in commit order.
+//! and a contact is final (written with the next batch) once its stream ends; the
+//! activity log is one row per event, read in any order; any other projection reads
+//! everything in commit order.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -386,7 +387,8 @@ impl Fold {
 
 #[derive(Debug, Clone)]
 pub struct RebuildReport {
-    /// Events folded (those of the aggregate types the projection reads).
+    /// Events read: those of the snapshot the projection reads (for `contacts`, only
+    /// contact events), then those committed meanwhile that the catch-up applied.
     pub events: u64,
     pub seconds: f64,
 }
