@@ -278,7 +278,7 @@ pub async fn run(
                 read_models::by_name(&name).with_context(|| unknown_projection(&name))?;
             let settings = common.settings()?;
             let admin = db::admin_pool(&settings.database)?;
-            let crypto = crm_infra::crypto::Crypto::new(&settings.keys)?;
+            let crypto = std::sync::Arc::new(crm_infra::crypto::Crypto::new(&settings.keys)?);
             let bar = ProgressBar::new(0);
             bar.set_style(
                 ProgressStyle::with_template(

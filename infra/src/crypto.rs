@@ -416,6 +416,31 @@ impl Crypto {
     }
 }
 
+impl Crypto {
+    /// Like [`Crypto::decrypt_event`], with the subject's wrapped key as read from
+    /// `data_keys` by the caller (`None`: destroyed or never created, so the personal
+    /// members become `null`). No I/O and no cache: for bulk readers (a rebuild) that
+    /// read the wrapped keys in the same snapshot as the events.
+    pub fn decrypt_event_with_wrapped(
+        &self,
+        org: &Uuid,
+        subject: &str,
+        wrapped: Option<&[u8]>,
+        payload: &mut Value,
+        metadata: &mut Value,
+    ) -> Result<(), CryptoError> {
+        let targets = encrypted_members(payload, metadata);
+        if targets.is_empty() {
+            return Ok(());
+        }
+        let key = wrapped
+            .map(|w| self.unwrap_key(org, subject, w))
+            .transpose()?;
+        decrypt_members(key.as_ref(), org, subject, targets, payload, metadata);
+        Ok(())
+    }
+}
+
 /// (in metadata?, JSON path, field name) of every encrypted member of an event.
 type Members = Vec<(bool, Vec<String>, String)>;
 

@@ -1,98 +1,205 @@
 //! Rebuilding a read model from the event store (never from NATS).
 //!
-//! The projection is folded in memory from every committed event, in commit order, and
-//! written in bulk into a shadow table. Then, in one transaction that holds the
-//! projection's checkpoint row (so live workers pause), the shadow catches up with
-//! whatever committed meanwhile, is swapped in by rename, and the checkpoint is moved
-//! to the last event it reflects. Queries keep reading the old table until the swap.
+//! The projection is folded from every committed event below the visibility horizon,
+//! read in one REPEATABLE READ snapshot, and written in bulk (`COPY`) into a shadow
+//! table. The stages overlap: a reader task streams rows from PostgreSQL in chunks,
+//! the chunks are parsed and decrypted on blocking threads, and the fold takes them in
+//! order and writes whatever it has finished while the scan goes on. The shadow's
+//! indexes are built once the rows are in. Then, in one transaction that holds the
+//! projection's lock (so live workers pause), the shadow catches up with whatever
+//! committed meanwhile, is swapped in by rename, and the checkpoint is moved to the last
+//! event it reflects. Queries keep reading the old table until the swap.
+//!
+//! How the events are read depends on the projection ([`Scan::of`]): the contacts fold
+//! needs only contact streams, each in its own order, so it reads them stream by stream
+//! and a contact is final (written with the next batch) once its stream ends; the
+//! activity log is one row per event, read in any order; any other projection reads
+//! everything in commit order.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use deadpool_postgres::Pool;
+use deadpool_postgres::{Object, Pool};
 use futures::{pin_mut, TryStreamExt};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use uuid::Uuid;
 
-use crate::commands::{decode, decode_cached, CachedDecode};
+use crate::commands::{decode, decode_without_personal_data, DecodedEvent};
 use crate::crypto::Crypto;
-use crate::event_store::{self, from_row, CommitKey, COLUMNS};
-use crate::projector::{set_checkpoint, Projection, ProjectionError};
+use crate::event_store::{self, from_row, CommitKey, StoreError, COLUMNS};
+use crate::projector::{set_checkpoint, Projection, ProjectionError, Rebuilder};
 
-/// Rows parsed and decrypted together, on every core.
-const CHUNK: usize = 4096;
+/// Rows parsed and decrypted together on one blocking thread.
+const CHUNK: usize = 1024;
 
-/// Parses and decrypts rows in parallel (cached keys only), keeping their order.
-fn decode_chunk(crypto: &Crypto, rows: Vec<tokio_postgres::Row>) -> Vec<CachedDecode> {
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(8);
-    let per = rows.len().div_ceil(threads).max(1);
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = rows
-            .chunks(per)
-            .map(|part| {
-                scope.spawn(move || {
-                    part.iter()
-                        .map(|row| decode_cached(crypto, from_row(row)))
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().expect("decoding does not panic"))
-            .collect()
-    })
+/// The order a rebuild reads events in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Order {
+    /// Commit order `(tx_id, global_position)`: what a projection that folds across
+    /// streams needs.
+    Commit,
+    /// Stream by stream, each in sequence order (the `events_stream_sequence` index):
+    /// enough for a projection whose rows each depend on one stream only. The fold
+    /// flushes only between two streams, so every row it writes is complete.
+    Stream,
+    /// Any order (a plain sequential scan): for a projection with one independent row
+    /// per event.
+    Any,
 }
 
-#[derive(Debug, Clone)]
-pub struct RebuildReport {
-    pub events: u64,
-    pub seconds: f64,
+/// What a rebuild reads from `events`.
+#[derive(Debug, Clone, Copy)]
+struct Scan {
+    /// Only events of this aggregate type (the others do not change the read model).
+    aggregate_type: Option<&'static str>,
+    order: Order,
 }
 
-/// Rebuilds `projection`; `progress(done, total)` is called as events are folded.
-pub async fn rebuild(
-    admin: &Pool,
-    crypto: &Crypto,
-    projection: Arc<dyn Projection>,
-    app_role: &str,
-    progress: impl Fn(u64, u64),
-) -> Result<RebuildReport, ProjectionError> {
-    let started = Instant::now();
-    let table = projection.table();
-    let shadow = format!("{table}_rebuild");
-    let reader = admin.get().await?;
-    let writer = admin.get().await?;
-    writer
-        .batch_execute(&format!(
-            "DROP TABLE IF EXISTS {shadow}; CREATE TABLE {shadow} (LIKE {table} INCLUDING ALL)"
-        ))
-        .await?;
-    crypto
-        .preload(&writer)
-        .await
-        .map_err(event_store::StoreError::from)?;
+impl Scan {
+    /// The scan for a projection. The `Rebuilder`s of `contacts` and `activity` rely on
+    /// the order given here (see their docs); any other projection gets every event in
+    /// commit order.
+    fn of(projection: &dyn Projection) -> Self {
+        match projection.name() {
+            "contacts" => Scan {
+                aggregate_type: Some(crate::read_models::contacts::REBUILD_AGGREGATE_TYPE),
+                order: Order::Stream,
+            },
+            "activity" => Scan {
+                aggregate_type: None,
+                order: Order::Any,
+            },
+            _ => Scan {
+                aggregate_type: None,
+                order: Order::Commit,
+            },
+        }
+    }
 
-    let total: i64 = reader
+    /// The query: `$1` is the aggregate type, when there is one.
+    fn sql(&self) -> String {
+        let mut sql = format!(
+            "SELECT {COLUMNS} FROM events WHERE tx_id < pg_snapshot_xmin(pg_current_snapshot())"
+        );
+        if self.aggregate_type.is_some() {
+            sql.push_str(" AND aggregate_type = $1");
+        }
+        sql.push_str(match self.order {
+            Order::Commit => " ORDER BY tx_id, global_position",
+            Order::Stream => " ORDER BY aggregate_type, aggregate_id, sequence",
+            Order::Any => "",
+        });
+        sql
+    }
+}
+
+/// The wrapped data keys that exist, by organisation and subject.
+type Keys = HashMap<(Uuid, String), Vec<u8>>;
+
+/// Reads the wrapped data keys (in the caller's snapshot: exactly the keys of the
+/// events it reads, with the destroyed ones left out).
+async fn wrapped_keys(client: &tokio_postgres::Client) -> Result<Keys, ProjectionError> {
+    // Sized up front from the planner's estimate (a large map rehashed as it grows
+    // costs more than the reading).
+    let estimate: f64 = client
         .query_one(
-            "SELECT count(*) FROM events WHERE tx_id < pg_snapshot_xmin(pg_current_snapshot())",
+            "SELECT reltuples::float8 FROM pg_class WHERE oid = 'data_keys'::regclass",
             &[],
         )
         .await?
         .get(0);
-    // One snapshot for the whole scan: the horizon is taken once, at its start.
-    reader
-        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+    let mut keys = Keys::with_capacity(estimate.clamp(0.0, 10_000_000.0) as usize);
+    let rows = client
+        .query_raw(
+            "SELECT org_id, subject_id, wrapped_key FROM data_keys WHERE wrapped_key IS NOT NULL",
+            Vec::<i64>::new(),
+        )
         .await?;
-    let sql = format!(
-        "SELECT {COLUMNS} FROM events WHERE tx_id < pg_snapshot_xmin(pg_current_snapshot()) \
-         ORDER BY tx_id, global_position"
-    );
-    let rows = reader.query_raw(&sql, Vec::<i64>::new()).await?;
     pin_mut!(rows);
-    let mut fold = projection.rebuilder();
-    let mut last = CommitKey::default();
-    let mut done = 0u64;
+    while let Some(r) = rows.try_next().await? {
+        keys.insert((r.get(0), r.get(1)), r.get(2));
+    }
+    Ok(keys)
+}
+
+/// Parses a row and decrypts its personal members with `keys` (as [`decode`] does with
+/// the key store), or none of them without `keys`.
+fn decode_row(
+    crypto: &Crypto,
+    keys: Option<&Keys>,
+    row: &tokio_postgres::Row,
+) -> Result<DecodedEvent, StoreError> {
+    let mut stored = from_row(row);
+    let Some(keys) = keys else {
+        return decode_without_personal_data(stored);
+    };
+    let mut payload = std::mem::take(&mut stored.payload);
+    let mut metadata = std::mem::take(&mut stored.metadata);
+    let wrapped = keys.get(&(stored.org_id, stored.aggregate_id.clone()));
+    crypto.decrypt_event_with_wrapped(
+        &stored.org_id,
+        &stored.aggregate_id,
+        wrapped.map(Vec::as_slice),
+        &mut payload,
+        &mut metadata,
+    )?;
+    let metadata = serde_json::from_value(metadata)
+        .map_err(|e| StoreError::Corrupt(stored.global_position, e.to_string()))?;
+    Ok(DecodedEvent {
+        stored,
+        payload,
+        metadata,
+    })
+}
+
+/// Chunks being decoded, in scan order.
+type Decoding = JoinHandle<Vec<Result<DecodedEvent, StoreError>>>;
+
+/// Streams the scan's rows to blocking decoders, CHUNK rows at a time, and their
+/// results (in order) into `out`. Runs in its own task on a connection of its own, in
+/// one REPEATABLE READ snapshot. Returns the last commit key below the snapshot's
+/// horizon (the rebuild reflects every event up to it) and the events read.
+async fn read(
+    reader: Object,
+    crypto: Arc<Crypto>,
+    scan: Scan,
+    personal: bool,
+    out: mpsc::Sender<Decoding>,
+) -> Result<(CommitKey, u64), ProjectionError> {
+    // Not returned to the pool: if this fails half-way, the connection (and the open
+    // transaction) go away with it.
+    let reader = Object::take(reader);
+    reader
+        .batch_execute(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; \
+             SET LOCAL enable_sort = off",
+        )
+        .await?;
+    // The first statement takes the snapshot: the horizon is fixed from here on.
+    let last = reader
+        .query_opt(
+            "SELECT tx_id::text::bigint, global_position FROM events \
+             WHERE tx_id < pg_snapshot_xmin(pg_current_snapshot()) \
+             ORDER BY tx_id DESC, global_position DESC LIMIT 1",
+            &[],
+        )
+        .await?
+        .map(|r| CommitKey {
+            tx_id: r.get(0),
+            position: r.get(1),
+        })
+        .unwrap_or_default();
+    let keys = if personal {
+        Some(Arc::new(wrapped_keys(&reader).await?))
+    } else {
+        None
+    };
+    let params: Vec<&str> = scan.aggregate_type.into_iter().collect();
+    let rows = reader.query_raw(&scan.sql(), params).await?;
+    pin_mut!(rows);
+    let mut read = 0u64;
     let mut chunk = Vec::with_capacity(CHUNK);
     loop {
         let row = rows.try_next().await?;
@@ -100,32 +207,281 @@ pub async fn rebuild(
         if let Some(row) = row {
             chunk.push(row);
         }
-        if chunk.len() < CHUNK && !end {
-            continue;
-        }
-        for decoded in decode_chunk(crypto, std::mem::take(&mut chunk)) {
-            let decoded = match decoded {
-                CachedDecode::Decoded(d) => d?,
-                // A key created after the preload, or destroyed: the full path knows.
-                CachedDecode::NeedsKey(stored) => decode(crypto, &writer, *stored).await?,
-            };
-            last = decoded.stored.commit_key();
-            fold.fold(&decoded)?;
-            done += 1;
-            if fold.wants_flush() {
-                fold.flush(&writer, &shadow).await?;
+        if chunk.len() == CHUNK || (end && !chunk.is_empty()) {
+            read += chunk.len() as u64;
+            let rows = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK));
+            let (crypto, keys) = (crypto.clone(), keys.clone());
+            let job = tokio::task::spawn_blocking(move || {
+                rows.iter()
+                    .map(|row| decode_row(&crypto, keys.as_deref(), row))
+                    .collect()
+            });
+            if out.send(job).await.is_err() {
+                // The fold stopped (it reports why).
+                break;
             }
         }
-        progress(done, total.max(done as i64) as u64);
         if end {
             break;
         }
     }
     reader.batch_execute("COMMIT").await?;
+    Ok((last, read))
+}
+
+/// Indexes of the shadow table, dropped before the bulk load and built after it (one
+/// index build is much cheaper than as many index insertions as rows).
+#[derive(Default)]
+struct DeferredIndexes {
+    /// `CREATE [UNIQUE] INDEX` statements, as the catalog gives them.
+    create: Vec<String>,
+    /// `ALTER TABLE … ADD CONSTRAINT … USING INDEX` for the primary key and unique
+    /// constraints, once their indexes exist.
+    constraints: Vec<String>,
+}
+
+impl DeferredIndexes {
+    /// Records the indexes of `shadow` (as `CREATE TABLE … LIKE … INCLUDING ALL` made
+    /// them) and drops them. Leaves them in place if one of them cannot be recreated
+    /// this way (an exclusion or deferrable constraint).
+    async fn take(client: &tokio_postgres::Client, shadow: &str) -> Result<Self, ProjectionError> {
+        let rows = client
+            .query(
+                "SELECT quote_ident(n.nspname) || '.' || quote_ident(i.relname), \
+                        quote_ident(i.relname), pg_get_indexdef(x.indexrelid), \
+                        quote_ident(c.conname), \
+                        c.contype::text, coalesce(c.condeferrable, false) \
+                 FROM pg_index x \
+                 JOIN pg_class i ON i.oid = x.indexrelid \
+                 JOIN pg_namespace n ON n.oid = i.relnamespace \
+                 LEFT JOIN pg_constraint c ON c.conindid = x.indexrelid AND c.conrelid = x.indrelid \
+                 WHERE x.indrelid = $1::text::regclass",
+                &[&shadow],
+            )
+            .await?;
+        let mut deferred = Self::default();
+        let mut drop = String::new();
+        for r in &rows {
+            let (qualified, index, def): (String, String, String) = (r.get(0), r.get(1), r.get(2));
+            let constraint: Option<String> = r.get(3);
+            let kind: Option<String> = r.get(4);
+            let deferrable: bool = r.get(5);
+            match (constraint, kind.as_deref()) {
+                (None, _) => drop.push_str(&format!("DROP INDEX {qualified};")),
+                (Some(name), Some(kind @ ("p" | "u"))) if !deferrable => {
+                    drop.push_str(&format!("ALTER TABLE {shadow} DROP CONSTRAINT {name};"));
+                    let what = if kind == "p" { "PRIMARY KEY" } else { "UNIQUE" };
+                    deferred.constraints.push(format!(
+                        "ALTER TABLE {shadow} ADD CONSTRAINT {name} {what} USING INDEX {index}"
+                    ));
+                }
+                _ => return Ok(Self::default()),
+            }
+            deferred.create.push(def);
+        }
+        if !drop.is_empty() {
+            client.batch_execute(&drop).await?;
+        }
+        Ok(deferred)
+    }
+
+    /// Builds the indexes, each on a connection of its own (they run in parallel), then
+    /// turns the constraint ones back into constraints.
+    async fn build(self, admin: &Pool) -> Result<(), ProjectionError> {
+        futures::future::try_join_all(self.create.iter().map(|sql| async move {
+            admin.get().await?.batch_execute(sql).await?;
+            Ok::<_, ProjectionError>(())
+        }))
+        .await?;
+        if !self.constraints.is_empty() {
+            admin
+                .get()
+                .await?
+                .batch_execute(&self.constraints.join(";"))
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// A rebuilder and the connection it writes with.
+type Writer = (Box<dyn Rebuilder>, Object);
+
+/// The fold stage. Where batches are independent of each other (`Order::Stream`, whose
+/// flushes fall between streams, and `Order::Any`), two rebuilders on two connections
+/// take turns: one writes its batch in a task of its own while the other folds the next.
+/// Otherwise (`Order::Commit`) one rebuilder folds everything and writes in between.
+struct Fold {
+    active: Writer,
+    other: Other,
+    shadow: String,
+}
+
+enum Other {
+    /// One rebuilder only.
+    None,
+    Idle(Writer),
+    Writing(JoinHandle<(Writer, Result<u64, ProjectionError>)>),
+}
+
+impl Fold {
+    fn new(first: Writer, second: Option<Writer>, shadow: &str) -> Self {
+        Self {
+            active: first,
+            other: second.map_or(Other::None, Other::Idle),
+            shadow: shadow.to_owned(),
+        }
+    }
+
+    /// Waits for the other rebuilder's write, if one is under way.
+    async fn settle(&mut self) -> Result<(), ProjectionError> {
+        if let Other::Writing(job) = std::mem::replace(&mut self.other, Other::None) {
+            let (writer, written) = job
+                .await
+                .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+            self.other = Other::Idle(writer);
+            written?;
+        }
+        Ok(())
+    }
+
+    /// Writes what the active rebuilder holds: in the background when there is a second
+    /// rebuilder to fold into meanwhile (once its own write is done).
+    async fn flush(&mut self) -> Result<(), ProjectionError> {
+        self.settle().await?;
+        match std::mem::replace(&mut self.other, Other::None) {
+            Other::Idle(next) => {
+                let (mut rebuilder, client) = std::mem::replace(&mut self.active, next);
+                let shadow = self.shadow.clone();
+                self.other = Other::Writing(tokio::spawn(async move {
+                    let written = rebuilder.flush(&client, &shadow).await;
+                    ((rebuilder, client), written)
+                }));
+            }
+            _ => {
+                let (rebuilder, client) = &mut self.active;
+                rebuilder.flush(client, &self.shadow).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes everything still held; the connections go back to the pool.
+    async fn finish(mut self) -> Result<(), ProjectionError> {
+        self.settle().await?;
+        let (rebuilder, client) = &mut self.active;
+        rebuilder.flush(client, &self.shadow).await?;
+        if let Other::Idle((mut rebuilder, client)) = self.other {
+            rebuilder.flush(&client, &self.shadow).await?;
+        }
+        Ok(())
+    }
+
+    /// Stops a write under way (after an error).
+    fn abort(&self) {
+        if let Other::Writing(job) = &self.other {
+            job.abort();
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RebuildReport {
+    /// Events read: those of the snapshot the projection reads (for `contacts`, only
+    /// contact events), then those committed meanwhile that the catch-up applied.
+    pub events: u64,
+    pub seconds: f64,
+}
+
+/// Rebuilds `projection`; `progress(done, total)` is called as events are folded
+/// (`total` is the planner's estimate of the events table's size until the end).
+pub async fn rebuild(
+    admin: &Pool,
+    crypto: &Arc<Crypto>,
+    projection: Arc<dyn Projection>,
+    app_role: &str,
+    progress: impl Fn(u64, u64),
+) -> Result<RebuildReport, ProjectionError> {
+    let started = Instant::now();
+    let table = projection.table();
+    let shadow = format!("{table}_rebuild");
+    let scan = Scan::of(&*projection);
+    let personal = projection.needs_personal_data();
+    let reader = admin.get().await?;
+    let writer = admin.get().await?;
+    writer
+        .batch_execute(&format!(
+            "DROP TABLE IF EXISTS {shadow}; CREATE TABLE {shadow} (LIKE {table} INCLUDING ALL)"
+        ))
+        .await?;
+    let indexes = DeferredIndexes::take(&writer, &shadow).await?;
+    // For the progress bar only: an exact count would be a second scan.
+    let estimate: f64 = writer
+        .query_one(
+            "SELECT reltuples::float8 FROM pg_class WHERE oid = 'events'::regclass",
+            &[],
+        )
+        .await?
+        .get(0);
+    let estimate = estimate.max(0.0) as u64;
+    let prepared = started.elapsed();
+
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (chunks, mut decoded) = mpsc::channel::<Decoding>(2 * threads + 2);
+    let mut reading = tokio::spawn(read(reader, crypto.clone(), scan, personal, chunks));
+    let second = match scan.order {
+        Order::Stream | Order::Any => Some((projection.rebuilder(), admin.get().await?)),
+        Order::Commit => None,
+    };
+    let mut fold = Fold::new((projection.rebuilder(), writer), second, &shadow);
+    let mut done = 0u64;
+    // The stream of the event folded last (for `Order::Stream`).
+    let mut stream: Option<(String, String)> = None;
+    let folded: Result<(), ProjectionError> = async {
+        while let Some(job) = decoded.recv().await {
+            let events = job
+                .await
+                .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+            for event in events {
+                let event = event?;
+                let boundary = match scan.order {
+                    Order::Stream => {
+                        let s = &event.stored;
+                        let same = stream
+                            .as_ref()
+                            .is_some_and(|(t, id)| *t == s.aggregate_type && *id == s.aggregate_id);
+                        if !same {
+                            stream = Some((s.aggregate_type.clone(), s.aggregate_id.clone()));
+                        }
+                        !same
+                    }
+                    Order::Commit | Order::Any => true,
+                };
+                if boundary && fold.active.0.wants_flush() {
+                    fold.flush().await?;
+                }
+                fold.active.0.fold(&event)?;
+                done += 1;
+            }
+            progress(done, estimate.max(done));
+        }
+        Ok(())
+    }
+    .await;
+    if let Err(e) = folded {
+        reading.abort();
+        fold.abort();
+        return Err(e);
+    }
+    let (mut last, read) = (&mut reading)
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?;
+    debug_assert_eq!(read, done);
+    fold.finish().await?;
     let scanned = started.elapsed();
-    fold.flush(&writer, &shadow).await?;
-    let flushed = started.elapsed();
-    progress(done, done.max(total as u64));
+    progress(done, done);
+    indexes.build(admin).await?;
+    let indexed = started.elapsed();
 
     // Catch up and swap, holding the checkpoint so live workers wait.
     let mut client = admin.get().await?;
@@ -140,7 +496,11 @@ pub async fn rebuild(
         let mut decoded = Vec::with_capacity(batch.len());
         for stored in batch {
             last = stored.commit_key();
-            decoded.push(decode(crypto, &tx, stored).await?);
+            decoded.push(if personal {
+                decode(crypto, &tx, stored).await?
+            } else {
+                decode_without_personal_data(stored)?
+            });
         }
         done += decoded.len() as u64;
         projection.apply(&tx, &shadow, &decoded).await?;
@@ -161,9 +521,10 @@ pub async fn rebuild(
     tracing::info!(
         projection = name,
         events = done,
-        scan_ms = scanned.as_millis() as u64,
-        write_ms = (flushed - scanned).as_millis() as u64,
-        swap_ms = (started.elapsed() - flushed).as_millis() as u64,
+        prepare_ms = prepared.as_millis() as u64,
+        scan_ms = (scanned - prepared).as_millis() as u64,
+        index_ms = (indexed - scanned).as_millis() as u64,
+        swap_ms = (started.elapsed() - indexed).as_millis() as u64,
         "rebuilt"
     );
     Ok(RebuildReport {

@@ -105,6 +105,8 @@ impl Projection for ActivityProjection {
     }
 }
 
+/// The rebuild's fold: one entry per event, final at once, so the events may come in
+/// any order and are written in batches while the scan goes on.
 #[derive(Default)]
 struct ActivityRebuilder {
     pending: Vec<ActivityEntry>,
@@ -118,7 +120,7 @@ impl Rebuilder for ActivityRebuilder {
     }
 
     fn wants_flush(&self) -> bool {
-        self.pending.len() >= 20_000
+        self.pending.len() >= 8192
     }
 
     async fn flush(
@@ -126,6 +128,9 @@ impl Rebuilder for ActivityRebuilder {
         client: &tokio_postgres::Client,
         table: &str,
     ) -> Result<u64, ProjectionError> {
+        if self.pending.is_empty() {
+            return Ok(0);
+        }
         let sink = client
             .copy_in(&format!(
                 "COPY {table} ({COLUMNS}) FROM STDIN (FORMAT binary)"
