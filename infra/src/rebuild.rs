@@ -320,7 +320,7 @@ struct Fold {
 enum Other {
     /// One rebuilder only.
     None,
-    Idle(Writer),
+    Idle(Box<Writer>),
     Writing(JoinHandle<(Writer, Result<u64, ProjectionError>)>),
 }
 
@@ -328,7 +328,7 @@ impl Fold {
     fn new(first: Writer, second: Option<Writer>, shadow: &str) -> Self {
         Self {
             active: first,
-            other: second.map_or(Other::None, Other::Idle),
+            other: second.map_or(Other::None, |w| Other::Idle(Box::new(w))),
             shadow: shadow.to_owned(),
         }
     }
@@ -339,7 +339,7 @@ impl Fold {
             let (writer, written) = job
                 .await
                 .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
-            self.other = Other::Idle(writer);
+            self.other = Other::Idle(Box::new(writer));
             written?;
         }
         Ok(())
@@ -351,7 +351,7 @@ impl Fold {
         self.settle().await?;
         match std::mem::replace(&mut self.other, Other::None) {
             Other::Idle(next) => {
-                let (mut rebuilder, client) = std::mem::replace(&mut self.active, next);
+                let (mut rebuilder, client) = std::mem::replace(&mut self.active, *next);
                 let shadow = self.shadow.clone();
                 self.other = Other::Writing(tokio::spawn(async move {
                     let written = rebuilder.flush(&client, &shadow).await;
@@ -371,7 +371,8 @@ impl Fold {
         self.settle().await?;
         let (rebuilder, client) = &mut self.active;
         rebuilder.flush(client, &self.shadow).await?;
-        if let Other::Idle((mut rebuilder, client)) = self.other {
+        if let Other::Idle(idle) = self.other {
+            let (mut rebuilder, client) = *idle;
             rebuilder.flush(&client, &self.shadow).await?;
         }
         Ok(())
