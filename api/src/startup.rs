@@ -60,6 +60,7 @@ pub fn relay(state: &AppState) -> anyhow::Result<Relay> {
         pg: db::app_config(&state.settings.database)?,
         pool: state.pool.clone(),
         bus: state.bus.clone(),
+        local_wake: Some(state.executor.appended()),
     })
 }
 

@@ -168,6 +168,11 @@ impl Executor {
         &self.crypto
     }
 
+    /// Woken whenever this executor has appended (see [`event_store::Notifier::local`]).
+    pub fn appended(&self) -> Arc<tokio::sync::Notify> {
+        self.notifier.local()
+    }
+
     /// Rebuilds an aggregate from its snapshot and the events after it.
     pub async fn load<A>(
         &self,

@@ -20,14 +20,17 @@ use crate::hash_chain::{event_hash, HashedFields};
 pub const NOTIFY_CHANNEL: &str = "crm_events";
 
 /// How long the notifier waits to gather appends into one NOTIFY. Under load this
-/// turns one wake-up (and one relay query) per command into one per few milliseconds.
-const NOTIFY_COALESCE: std::time::Duration = std::time::Duration::from_millis(2);
+/// turns one NOTIFY (a statement and a commit) per command into one per few
+/// milliseconds. A relay in the same process does not wait for it: it is woken at once
+/// through [`Notifier::local`].
+const NOTIFY_COALESCE: std::time::Duration = std::time::Duration::from_millis(5);
 
-/// Sends `NOTIFY crm_events` after appends, at most one pending per process; the task
-/// ends when the last handle is dropped.
+/// Sends `NOTIFY crm_events` after appends, at most one pending per process, and wakes
+/// an in-process relay directly; the task ends when the last handle is dropped.
 #[derive(Clone)]
 pub struct Notifier {
     wake: tokio::sync::mpsc::Sender<()>,
+    local: std::sync::Arc<tokio::sync::Notify>,
 }
 
 impl Notifier {
@@ -49,12 +52,22 @@ impl Notifier {
                 }
             }
         });
-        Self { wake }
+        Self {
+            wake,
+            local: Default::default(),
+        }
     }
 
-    /// Asks for a notification (coalesced with any pending one).
+    /// Asks for a notification (coalesced with any pending one) and wakes the local
+    /// listener at once.
     pub fn poke(&self) {
+        self.local.notify_one();
         let _ = self.wake.try_send(());
+    }
+
+    /// Woken on every append in this process (for a relay running in-process).
+    pub fn local(&self) -> std::sync::Arc<tokio::sync::Notify> {
+        self.local.clone()
     }
 }
 

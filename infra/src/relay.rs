@@ -1,8 +1,10 @@
 //! The relay: publishes committed events to JetStream in commit order.
 //!
 //! It reads below the visibility horizon (see `event_store::read_committed`), publishes
-//! each event with `Nats-Msg-Id = event_id`, awaits every ack, then checkpoints. It wakes
-//! on LISTEN/NOTIFY and polls as a fallback. Running two relays is safe: a session-level
+//! each event with `Nats-Msg-Id = event_id`, awaits every ack, then checkpoints (at most
+//! every 100 ms while busy: a checkpoint that lags only republishes duplicates after a
+//! restart). It wakes on LISTEN/NOTIFY, directly on appends made in its own process, and
+//! polls as a fallback; under load it reads at most every 2 ms. Running two relays is safe: a session-level
 //! advisory lock makes one active and the other a standby; and should both ever publish,
 //! JetStream's duplicate window drops the repeats.
 
@@ -24,6 +26,12 @@ use crate::metrics::METRICS;
 const BATCH: i64 = 1000;
 const POLL_EVERY: Duration = Duration::from_millis(100);
 const LAG_EVERY: Duration = Duration::from_secs(1);
+/// Least time between two reads of the store when the last one was not a full batch:
+/// under load, one query per couple of milliseconds rather than one per commit.
+const READ_EVERY: Duration = Duration::from_millis(2);
+/// Most time between two checkpoint writes while publishing. A checkpoint that lags
+/// only makes a restarted relay publish again what JetStream drops as duplicates.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
@@ -40,6 +48,9 @@ pub struct Relay {
     pub pg: tokio_postgres::Config,
     pub pool: Pool,
     pub bus: Bus,
+    /// Woken by appends in this process (besides LISTEN/NOTIFY, which covers the
+    /// others).
+    pub local_wake: Option<Arc<Notify>>,
 }
 
 /// The relay's checkpoint.
@@ -115,17 +126,26 @@ impl Relay {
             .await
             .map_err(|e| RelayError::Publish(format!("pool: {e}")))?;
         let mut ck = checkpoint(&db, &self.name).await?;
+        let mut written = ck;
+        let mut last_write = Instant::now();
         let mut last_lag = Instant::now() - LAG_EVERY;
+        let local = self.local_wake.clone().unwrap_or_default();
         loop {
             if shutdown.is_cancelled() {
-                return Ok(());
+                break;
             }
+            let read_at = Instant::now();
             let batch = event_store::read_committed_raw(&db, ck, BATCH).await?;
             if !batch.is_empty() {
                 self.publish(&batch).await?;
                 ck = batch.last().expect("non-empty").commit_key();
-                crate::checkpoint::write_relay_async(&db, &self.name, ck).await?;
                 METRICS.relay_published.inc_by(batch.len() as u64);
+            }
+            let full = batch.len() as i64 >= BATCH;
+            if ck != written && last_write.elapsed() >= CHECKPOINT_EVERY {
+                crate::checkpoint::write_relay_async(&db, &self.name, ck).await?;
+                written = ck;
+                last_write = Instant::now();
             }
             if last_lag.elapsed() >= LAG_EVERY {
                 METRICS
@@ -133,14 +153,30 @@ impl Relay {
                     .set(event_store::count_after(&db, ck, 1_000_000).await?);
                 last_lag = Instant::now();
             }
-            if (batch.len() as i64) < BATCH {
+            if !full {
+                // Sleep until woken, or until the pending checkpoint is due.
+                let timeout = if ck != written {
+                    CHECKPOINT_EVERY.saturating_sub(last_write.elapsed())
+                } else {
+                    POLL_EVERY
+                };
                 tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = shutdown.cancelled() => break,
                     _ = wake.notified() => {}
-                    _ = tokio::time::sleep(POLL_EVERY) => {}
+                    _ = local.notified() => {}
+                    _ = tokio::time::sleep(timeout) => {}
+                }
+                // Pace the reads: gather what commits in the next moment too.
+                let since = read_at.elapsed();
+                if since < READ_EVERY {
+                    tokio::time::sleep(READ_EVERY - since).await;
                 }
             }
         }
+        if ck != written {
+            crate::checkpoint::write_relay_async(&db, &self.name, ck).await?;
+        }
+        Ok(())
     }
 
     /// Publishes a batch in order and waits for every ack.
