@@ -27,7 +27,7 @@ use crate::event_store::{self, Appended, PendingEvent, StoreError, StreamHead, S
 /// Most rows in one statement.
 pub const MAX_BATCH: usize = 512;
 /// Statements in flight at once (each on its own pooled connection).
-pub const FLUSHERS: usize = 2;
+pub const FLUSHERS: usize = 3;
 
 /// One event to append, owned, with its hash-chain link already computed.
 struct Row {
