@@ -57,7 +57,8 @@ pub fn app_config(settings: &DatabaseSettings) -> Result<tokio_postgres::Config,
 pub fn admin_pool(settings: &DatabaseSettings) -> Result<Pool, DbError> {
     let mut cfg = pg_config(settings)?;
     cfg.application_name("crm-admin");
-    build_pool(cfg, 4)
+    // A rebuild holds up to four at once (scan, and three writers taking turns).
+    build_pool(cfg, 6)
 }
 
 fn build_pool(cfg: tokio_postgres::Config, size: usize) -> Result<Pool, DbError> {

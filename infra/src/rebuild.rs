@@ -307,80 +307,84 @@ impl DeferredIndexes {
 /// A rebuilder and the connection it writes with.
 type Writer = (Box<dyn Rebuilder>, Object);
 
+/// Batches written into the shadow table at once, besides the one being folded.
+const WRITES_IN_FLIGHT: usize = 2;
+
 /// The fold stage. Where batches are independent of each other (`Order::Stream`, whose
-/// flushes fall between streams, and `Order::Any`), two rebuilders on two connections
-/// take turns: one writes its batch in a task of its own while the other folds the next.
-/// Otherwise (`Order::Commit`) one rebuilder folds everything and writes in between.
+/// flushes fall between streams, and `Order::Any`), several rebuilders on their own
+/// connections take turns: a full one writes its batch with `COPY` in a task of its
+/// own (up to [`WRITES_IN_FLIGHT`] at once, so that PostgreSQL parses on every core)
+/// while the next folds. Otherwise (`Order::Commit`) one rebuilder folds everything and
+/// writes in between.
 struct Fold {
     active: Writer,
-    other: Other,
+    idle: Vec<Writer>,
+    writing: std::collections::VecDeque<JoinHandle<(Writer, Result<u64, ProjectionError>)>>,
+    /// Whether batches may be written in the background (more than one rebuilder).
+    background: bool,
     shadow: String,
 }
 
-enum Other {
-    /// One rebuilder only.
-    None,
-    Idle(Box<Writer>),
-    Writing(JoinHandle<(Writer, Result<u64, ProjectionError>)>),
-}
-
 impl Fold {
-    fn new(first: Writer, second: Option<Writer>, shadow: &str) -> Self {
+    fn new(first: Writer, others: Vec<Writer>, shadow: &str) -> Self {
         Self {
             active: first,
-            other: second.map_or(Other::None, |w| Other::Idle(Box::new(w))),
+            background: !others.is_empty(),
+            idle: others,
+            writing: Default::default(),
             shadow: shadow.to_owned(),
         }
     }
 
-    /// Waits for the other rebuilder's write, if one is under way.
-    async fn settle(&mut self) -> Result<(), ProjectionError> {
-        if let Other::Writing(job) = std::mem::replace(&mut self.other, Other::None) {
+    /// Waits for the oldest write under way; its rebuilder becomes idle.
+    async fn settle_one(&mut self) -> Result<(), ProjectionError> {
+        if let Some(job) = self.writing.pop_front() {
             let (writer, written) = job
                 .await
                 .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
-            self.other = Other::Idle(Box::new(writer));
+            self.idle.push(writer);
             written?;
         }
         Ok(())
     }
 
-    /// Writes what the active rebuilder holds: in the background when there is a second
-    /// rebuilder to fold into meanwhile (once its own write is done).
+    /// Writes what the active rebuilder holds: in the background when another
+    /// rebuilder is (or, once a write ends, becomes) free to fold into meanwhile.
     async fn flush(&mut self) -> Result<(), ProjectionError> {
-        self.settle().await?;
-        match std::mem::replace(&mut self.other, Other::None) {
-            Other::Idle(next) => {
-                let (mut rebuilder, client) = std::mem::replace(&mut self.active, *next);
-                let shadow = self.shadow.clone();
-                self.other = Other::Writing(tokio::spawn(async move {
-                    let written = rebuilder.flush(&client, &shadow).await;
-                    ((rebuilder, client), written)
-                }));
-            }
-            _ => {
-                let (rebuilder, client) = &mut self.active;
-                rebuilder.flush(client, &self.shadow).await?;
-            }
+        if !self.background {
+            let (rebuilder, client) = &mut self.active;
+            rebuilder.flush(client, &self.shadow).await?;
+            return Ok(());
         }
+        while self.idle.is_empty() {
+            self.settle_one().await?;
+        }
+        let next = self.idle.pop().expect("an idle rebuilder");
+        let (mut rebuilder, client) = std::mem::replace(&mut self.active, next);
+        let shadow = self.shadow.clone();
+        self.writing.push_back(tokio::spawn(async move {
+            let written = rebuilder.flush(&client, &shadow).await;
+            ((rebuilder, client), written)
+        }));
         Ok(())
     }
 
     /// Writes everything still held; the connections go back to the pool.
     async fn finish(mut self) -> Result<(), ProjectionError> {
-        self.settle().await?;
+        while !self.writing.is_empty() {
+            self.settle_one().await?;
+        }
         let (rebuilder, client) = &mut self.active;
         rebuilder.flush(client, &self.shadow).await?;
-        if let Other::Idle(idle) = self.other {
-            let (mut rebuilder, client) = *idle;
+        for (mut rebuilder, client) in self.idle {
             rebuilder.flush(&client, &self.shadow).await?;
         }
         Ok(())
     }
 
-    /// Stops a write under way (after an error).
+    /// Stops the writes under way (after an error).
     fn abort(&self) {
-        if let Other::Writing(job) = &self.other {
+        for job in &self.writing {
             job.abort();
         }
     }
@@ -430,11 +434,13 @@ pub async fn rebuild(
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let (chunks, mut decoded) = mpsc::channel::<Decoding>(2 * threads + 2);
     let mut reading = tokio::spawn(read(reader, crypto.clone(), scan, personal, chunks));
-    let second = match scan.order {
-        Order::Stream | Order::Any => Some((projection.rebuilder(), admin.get().await?)),
-        Order::Commit => None,
-    };
-    let mut fold = Fold::new((projection.rebuilder(), writer), second, &shadow);
+    let mut others = Vec::new();
+    if matches!(scan.order, Order::Stream | Order::Any) {
+        for _ in 0..WRITES_IN_FLIGHT {
+            others.push((projection.rebuilder(), admin.get().await?));
+        }
+    }
+    let mut fold = Fold::new((projection.rebuilder(), writer), others, &shadow);
     let mut done = 0u64;
     // The stream of the event folded last (for `Order::Stream`).
     let mut stream: Option<(String, String)> = None;
