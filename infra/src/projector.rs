@@ -29,6 +29,8 @@ use crate::event_store::{self, CommitKey, StoreError, StoredEvent};
 use crate::metrics::METRICS;
 
 const BATCH: usize = 500;
+/// How long a small batch waits for more messages before it is applied.
+const LINGER: Duration = Duration::from_millis(5);
 const RETRY_DELAY: Duration = Duration::from_millis(200);
 /// How long a delivered message may stay unacknowledged before JetStream hands it to
 /// another worker: the time a killed worker's batch takes to come back.
@@ -272,9 +274,20 @@ impl ProjectorWorker {
                 _ = shutdown.cancelled() => return Ok(()),
                 b = batches.next() => b,
             };
-            let Some(batch) = batch else {
+            let Some(mut batch) = batch else {
                 return Err(ProjectionError::Bus("message stream ended".into()));
             };
+            // A small batch waits a moment for the messages right behind it: one
+            // transaction for a few events rather than one each (each costs a handful
+            // of statements and a WAL flush), for at most LINGER of extra lag.
+            let deadline = tokio::time::Instant::now() + LINGER;
+            while batch.len() < BATCH / 4 {
+                match tokio::time::timeout_at(deadline, batches.next()).await {
+                    Ok(Some(more)) => batch.extend(more),
+                    Ok(None) => return Err(ProjectionError::Bus("message stream ended".into())),
+                    Err(_) => break,
+                }
+            }
             let mut msgs = Vec::with_capacity(batch.len());
             for m in batch {
                 msgs.push(m.map_err(|e| ProjectionError::Bus(e.to_string()))?);
