@@ -98,34 +98,6 @@ pub async fn decode(
     })
 }
 
-/// What [`decode_cached`] made of an event.
-#[allow(clippy::large_enum_variant)] // short-lived: consumed right after decoding
-pub enum CachedDecode {
-    Decoded(Result<DecodedEvent, StoreError>),
-    /// The key was not cached: the event, untouched, for [`decode`].
-    NeedsKey(Box<StoredEvent>),
-}
-
-/// Decrypts a stored event with cached keys only (no I/O).
-pub fn decode_cached(crypto: &Crypto, mut stored: StoredEvent) -> CachedDecode {
-    let (org, subject) = (stored.org_id, stored.aggregate_id.clone());
-    let mut payload = std::mem::take(&mut stored.payload);
-    let mut metadata = std::mem::take(&mut stored.metadata);
-    if !crypto.decrypt_event_cached(&org, &subject, &mut payload, &mut metadata) {
-        stored.payload = payload;
-        stored.metadata = metadata;
-        return CachedDecode::NeedsKey(Box::new(stored));
-    }
-    CachedDecode::Decoded(match serde_json::from_value(metadata) {
-        Ok(metadata) => Ok(DecodedEvent {
-            stored,
-            payload,
-            metadata,
-        }),
-        Err(e) => Err(StoreError::Corrupt(stored.global_position, e.to_string())),
-    })
-}
-
 /// Parses a stored event without decrypting anything: personal members stay ciphertext.
 /// For consumers that read no personal data (e.g. the activity log).
 pub fn decode_without_personal_data(mut stored: StoredEvent) -> Result<DecodedEvent, StoreError> {

@@ -394,26 +394,6 @@ impl Crypto {
         decrypt_members(key.as_ref(), org, subject, targets, payload, metadata);
         Ok(())
     }
-
-    /// Like [`Crypto::decrypt_event`] with cached keys only, without I/O (for parallel
-    /// decoding). Returns `false`, changing nothing, when the key is not in the cache.
-    pub fn decrypt_event_cached(
-        &self,
-        org: &Uuid,
-        subject: &str,
-        payload: &mut Value,
-        metadata: &mut Value,
-    ) -> bool {
-        let targets = encrypted_members(payload, metadata);
-        if targets.is_empty() {
-            return true;
-        }
-        let Some(key) = self.cached(org, subject) else {
-            return false;
-        };
-        decrypt_members(Some(&key), org, subject, targets, payload, metadata);
-        true
-    }
 }
 
 impl Crypto {
@@ -492,27 +472,6 @@ fn decrypt_members(
         if let Some(slot) = get_mut(root, &path) {
             *slot = Crypto::decrypt_value(key, org, subject, &field, slot).unwrap_or(Value::Null);
         }
-    }
-}
-
-impl Crypto {
-    /// Unwraps every live data key into the cache (before a rebuild reads everything).
-    pub async fn preload(&self, client: &impl GenericClient) -> Result<usize, CryptoError> {
-        let rows = client
-            .query(
-                "SELECT org_id, subject_id, wrapped_key FROM data_keys WHERE wrapped_key IS NOT NULL",
-                &[],
-            )
-            .await?;
-        let mut n = 0;
-        for r in rows.iter().take(CACHE_MAX) {
-            let (org, subject, wrapped): (Uuid, String, Vec<u8>) = (r.get(0), r.get(1), r.get(2));
-            if let Ok(key) = self.unwrap_key(&org, &subject, &wrapped) {
-                self.remember(&org, &subject, &key);
-                n += 1;
-            }
-        }
-        Ok(n)
     }
 }
 
