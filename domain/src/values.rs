@@ -192,8 +192,20 @@ impl CustomFieldValue {
         match input {
             serde_json::Value::Bool(b) => Ok(Self::Bool(*b)),
             serde_json::Value::Number(n) => Ok(Self::Number(n.clone())),
-            serde_json::Value::String(s) if s.chars().count() <= 2000 => Ok(Self::Text(s.clone())),
-            serde_json::Value::String(_) => Err(invalid("must be at most 2000 characters")),
+            serde_json::Value::String(s) if s.chars().count() > 2000 => {
+                Err(invalid("must be at most 2000 characters"))
+            }
+            // Free text may span lines; other control characters (NUL above all, which
+            // PostgreSQL's jsonb cannot hold) are refused.
+            serde_json::Value::String(s)
+                if s.chars()
+                    .any(|c| c.is_control() && !matches!(c, '\n' | '\r' | '\t')) =>
+            {
+                Err(invalid(
+                    "must not contain control characters other than line breaks and tabs",
+                ))
+            }
+            serde_json::Value::String(s) => Ok(Self::Text(s.clone())),
             _ => Err(invalid("must be a string, a number or a boolean")),
         }
     }
@@ -202,6 +214,17 @@ impl CustomFieldValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn custom_text_may_span_lines_but_holds_no_other_control_character() {
+        let text = |s: &str| CustomFieldValue::parse(&serde_json::Value::String(s.into()));
+        assert!(text("line one\nline two\r\n\tindented").is_ok());
+        for bad in ["a\u{0}b", "\u{7}", "x\u{1b}[31m", "\u{85}"] {
+            assert!(text(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(text(&"x".repeat(2000)).is_ok());
+        assert!(text(&"x".repeat(2001)).is_err());
+    }
 
     #[test]
     fn email_is_normalised_and_checked() {

@@ -38,7 +38,7 @@ pub enum CryptoError {
     Unwrap,
     #[error("encryption failed")]
     Encrypt,
-    #[error("database: {0}")]
+    #[error("database: {}", crate::db::describe(.0))]
     Db(#[from] tokio_postgres::Error),
 }
 

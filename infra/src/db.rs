@@ -16,7 +16,7 @@ pub enum DbError {
     Config(String),
     #[error("could not build the connection pool: {0}")]
     Pool(String),
-    #[error("database: {0}")]
+    #[error("database: {}", describe(.0))]
     Postgres(#[from] tokio_postgres::Error),
     #[error("database pool: {0}")]
     Checkout(#[from] deadpool_postgres::PoolError),
@@ -86,4 +86,14 @@ pub async fn migrate(settings: &DatabaseSettings) -> Result<usize, DbError> {
     drop(client);
     let _ = conn.await;
     Ok(report.applied_migrations().len())
+}
+
+/// A database error for logs: PostgreSQL's SQLSTATE and message when the server sent
+/// one (tokio-postgres alone only says "db error"), never its DETAIL, which can quote
+/// the values involved (personal data).
+pub fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => e.to_string(),
+    }
 }

@@ -139,7 +139,7 @@ pub enum StoreError {
     KeyExists,
     #[error("stored event {0} could not be decoded: {1}")]
     Corrupt(i64, String),
-    #[error("database: {0}")]
+    #[error("database: {}", crate::db::describe(.0))]
     Db(#[from] tokio_postgres::Error),
     #[error("database pool: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),

@@ -669,3 +669,53 @@ fn r_status(code: &str) -> u16 {
         _ => 400,
     }
 }
+
+/// A NUL (or another control character) in free text is refused at the edge: stored, it
+/// would be an event no read model can hold (PostgreSQL's jsonb has no NUL), stopping
+/// the projection for everyone. Line breaks and tabs are text.
+#[tokio::test]
+async fn control_characters_in_custom_text_are_422_and_line_breaks_are_kept() {
+    let app = TestApp::spawn().await;
+    let before = contact_events(&app).await;
+    let r = app
+        .post(
+            "/v1/contacts",
+            &json!({"given_name": "Nul", "custom": {"note": "a\u{0000}b"}}),
+        )
+        .await;
+    let v = expect_error(r, 422, "validation_failed", "NUL in a custom value").await;
+    assert_eq!(v["fields"][0]["field"], "custom.note", "{v}");
+    let (id, _) = app.create_contact(&json!({"given_name": "Ok"})).await;
+    let r = app
+        .patch(
+            &format!("/v1/contacts/{id}"),
+            &json!({"custom": {"note": "esc\u{001b}[31m"}}),
+        )
+        .await;
+    expect_error(r, 422, "validation_failed", "ESC in a custom value").await;
+    assert_eq!(
+        contact_events(&app).await,
+        before + 1,
+        "only the valid create"
+    );
+
+    // Multi-line text is accepted and reaches the read model (the projection runs).
+    let r = app
+        .patch(
+            &format!("/v1/contacts/{id}"),
+            &json!({"custom": {"note": "line one\nline two\tend"}}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let pos = r.json::<Value>().await.unwrap()["positions"][0]
+        .as_i64()
+        .unwrap();
+    let got: Value = app
+        .get(&format!("/v1/contacts/{id}?min_position={pos}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(got["custom"]["note"], "line one\nline two\tend", "{got}");
+    app.stop().await;
+}
