@@ -103,6 +103,10 @@ pub struct Common {
         default_value_t = 5000
     )]
     pub max_consistency_wait_ms: u64,
+    /// Origins allowed to call the API from a browser, comma-separated
+    /// (`https://app.example.com,https://admin.example.com`); none by default.
+    #[arg(long, env = "CRM_CORS_ORIGINS", global = true, value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -204,6 +208,8 @@ impl Common {
                 bind: self.bind,
                 max_body_bytes: self.max_body_bytes,
                 max_consistency_wait: Duration::from_millis(self.max_consistency_wait_ms),
+                cors_origins: crate::routes::cors::parse_origins(&self.cors_origins)
+                    .map_err(|e| anyhow::anyhow!(e))?,
             },
             jwt: JwtSettings {
                 secret: SecretString::from(jwt),

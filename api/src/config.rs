@@ -26,6 +26,8 @@ pub struct HttpSettings {
     pub max_body_bytes: u64,
     /// Longest a query waits for a projection to reach a requested position.
     pub max_consistency_wait: Duration,
+    /// Origins browsers may call the API from (`scheme://host[:port]`); none by default.
+    pub cors_origins: Vec<String>,
 }
 
 #[derive(Clone, Debug)]

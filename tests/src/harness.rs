@@ -59,6 +59,8 @@ pub struct Options {
     pub run_relay: bool,
     pub run_projectors: bool,
     pub max_body_bytes: u64,
+    /// Origins allowed for CORS (none by default, as in production).
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for Options {
@@ -67,6 +69,7 @@ impl Default for Options {
             run_relay: true,
             run_projectors: true,
             max_body_bytes: 64 * 1024,
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -126,6 +129,7 @@ impl TestApp {
                 bind: "127.0.0.1:0".parse().unwrap(),
                 max_body_bytes: opts.max_body_bytes,
                 max_consistency_wait: Duration::from_secs(10),
+                cors_origins: opts.cors_origins.clone(),
             },
             jwt: JwtSettings {
                 secret: SecretString::from(format!("test-secret-{id}")),

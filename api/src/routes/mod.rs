@@ -2,6 +2,7 @@
 
 pub mod activity;
 pub mod contacts;
+pub mod cors;
 pub mod health;
 pub mod login;
 
@@ -256,7 +257,10 @@ fn with_security_headers(mut response: Response) -> Response {
 /// Every route of the service, with errors recovered into JSON, security headers on
 /// every response, and requests logged.
 pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
-    let api = login::routes(state.clone())
+    let origins = state.settings.http.cors_origins.clone();
+    let api = cors::preflight(origins.clone())
+        .or(login::routes(state.clone()))
+        .unify()
         .or(contacts::routes(state.clone()))
         .unify()
         .or(activity::routes(state.clone()))
@@ -264,8 +268,12 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
         .or(health::routes(state))
         .unify()
         .boxed();
-    api.recover(crate::error::recover)
-        .unify()
+    let recovered = api.recover(crate::error::recover).unify();
+    warp::header::optional::<String>("origin")
+        .and(recovered)
+        .map(move |origin: Option<String>, response| {
+            cors::decorate(&origins, origin.as_deref(), response)
+        })
         .map(with_security_headers)
         .with(warp::log::custom(|info| {
             let status = info.status().as_u16();

@@ -1,0 +1,144 @@
+//! Cross-origin requests: allowed only from the origins an operator configured
+//! (`CRM_CORS_ORIGINS`); with none configured, browsers on other origins get no CORS
+//! headers and so can read nothing.
+
+use warp::http::{HeaderMap, HeaderValue, Method, StatusCode};
+use warp::{Filter, Rejection};
+
+use warp::reply::Response;
+
+use crate::error::{ApiError, ApiRejection};
+
+/// Methods a browser may use cross-origin.
+const METHODS: &str = "GET, POST, PATCH, DELETE";
+/// Request headers a browser may send cross-origin.
+const HEADERS: &str = "authorization, content-type, x-request-id, x-correlation-id, x-causation-id";
+/// Response headers a browser may read.
+const EXPOSED: &str = "x-request-id, location, retry-after";
+/// How long a browser may cache a preflight answer (seconds).
+const MAX_AGE: &str = "600";
+
+/// Checks an operator's origin list: each `scheme://host[:port]`, http or https, no
+/// path, no wildcard. Returns them normalised (lower case, no trailing slash).
+pub fn parse_origins(list: &[String]) -> Result<Vec<String>, String> {
+    list.iter()
+        .map(|o| o.trim())
+        .filter(|o| !o.is_empty())
+        .map(|o| {
+            let lower = o.trim_end_matches('/').to_ascii_lowercase();
+            let rest = lower
+                .strip_prefix("https://")
+                .or_else(|| lower.strip_prefix("http://"))
+                .ok_or_else(|| format!("CORS origin {o:?} must start with https:// or http://"))?;
+            let ok = !rest.is_empty()
+                && rest
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'));
+            if ok {
+                Ok(lower)
+            } else {
+                Err(format!(
+                    "CORS origin {o:?} must be scheme://host[:port] (no path, no wildcard)"
+                ))
+            }
+        })
+        .collect()
+}
+
+fn allowed<'a>(origins: &[String], origin: Option<&'a str>) -> Option<&'a str> {
+    origin.filter(|o| origins.iter().any(|a| a.eq_ignore_ascii_case(o)))
+}
+
+/// Adds the CORS headers to `response` when `origin` is an allowed one.
+pub fn decorate(origins: &[String], origin: Option<&str>, mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    // Caches must keep answers to different origins apart.
+    headers.append("vary", HeaderValue::from_static("Origin"));
+    if let Some(origin) = allowed(origins, origin).and_then(|o| HeaderValue::from_str(o).ok()) {
+        headers.insert("access-control-allow-origin", origin);
+        headers.insert(
+            "access-control-expose-headers",
+            HeaderValue::from_static(EXPOSED),
+        );
+    }
+    response
+}
+
+/// Answers preflight requests (`OPTIONS` with `Origin` and
+/// `Access-Control-Request-Method`): 204 with the policy for an allowed origin, 403 for
+/// any other.
+pub fn preflight(
+    origins: Vec<String>,
+) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    // `warp::method()` rather than `warp::options()`: on other methods this filter must
+    // reject as "not found" (the weakest rejection), not "method not allowed", which
+    // would win over the real routes' 404s.
+    warp::method().and(warp::header::headers_cloned()).and_then(
+        move |method: Method, headers: HeaderMap| {
+            let origins = origins.clone();
+            async move {
+                if method != Method::OPTIONS {
+                    return Err(warp::reject::not_found());
+                }
+                let origin = headers.get("origin").and_then(|v| v.to_str().ok());
+                let requested = headers
+                    .get("access-control-request-method")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|m| m.parse::<Method>().ok());
+                let (Some(origin), Some(method)) = (origin, requested) else {
+                    // Not a preflight: the routes answer (405 for OPTIONS).
+                    return Err(warp::reject::not_found());
+                };
+                let request_id = crate::context::new_request_id();
+                let permitted = allowed(&origins, Some(origin)).is_some()
+                    && [Method::GET, Method::POST, Method::PATCH, Method::DELETE].contains(&method);
+                if !permitted {
+                    return Err(warp::reject::custom(ApiRejection(
+                        ApiError::Forbidden {
+                            code: "cors_forbidden",
+                            message: "cross-origin requests from this origin are not allowed"
+                                .into(),
+                        },
+                        request_id,
+                    )));
+                }
+                let mut response = warp::http::Response::builder()
+                    .status(StatusCode::NO_CONTENT)
+                    .header("access-control-allow-methods", METHODS)
+                    .header("access-control-allow-headers", HEADERS)
+                    .header("access-control-max-age", MAX_AGE)
+                    .header("x-request-id", request_id.as_str())
+                    .body(warp::hyper::body::Bytes::new().into())
+                    .expect("static headers are valid");
+                response = decorate(&origins, Some(origin), response);
+                Ok(response)
+            }
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_origins;
+
+    #[test]
+    fn origins_must_be_scheme_host_port() {
+        let ok = parse_origins(&[
+            "https://App.Example.com/".into(),
+            " http://localhost:3000 ".into(),
+            "".into(),
+        ])
+        .unwrap();
+        assert_eq!(ok, ["https://app.example.com", "http://localhost:3000"]);
+        for bad in [
+            "*",
+            "app.example.com",
+            "https://*.example.com",
+            "https://app.example.com/path",
+            "ftp://app.example.com",
+            "https://",
+        ] {
+            assert!(parse_origins(&[bad.into()]).is_err(), "{bad} accepted");
+        }
+    }
+}
