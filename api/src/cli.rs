@@ -107,6 +107,12 @@ pub struct Common {
     /// (`https://app.example.com,https://admin.example.com`); none by default.
     #[arg(long, env = "CRM_CORS_ORIGINS", global = true, value_delimiter = ',')]
     pub cors_origins: Vec<String>,
+    /// Requests per second per client IP on the API (0: no limit).
+    #[arg(long, env = "CRM_RATE_LIMIT_API", global = true, default_value_t = 30)]
+    pub rate_limit_api: u32,
+    /// Requests per second per client IP on /v1/auth/... (0: no limit).
+    #[arg(long, env = "CRM_RATE_LIMIT_AUTH", global = true, default_value_t = 5)]
+    pub rate_limit_auth: u32,
 }
 
 #[derive(Subcommand, Debug)]
@@ -210,6 +216,10 @@ impl Common {
                 max_consistency_wait: Duration::from_millis(self.max_consistency_wait_ms),
                 cors_origins: crate::routes::cors::parse_origins(&self.cors_origins)
                     .map_err(|e| anyhow::anyhow!(e))?,
+                rate_limits: crate::ratelimit::RateLimitSettings {
+                    api_per_sec: self.rate_limit_api,
+                    auth_per_sec: self.rate_limit_auth,
+                },
             },
             jwt: JwtSettings {
                 secret: SecretString::from(jwt),

@@ -28,6 +28,7 @@ pub struct HttpSettings {
     pub max_consistency_wait: Duration,
     /// Origins browsers may call the API from (`scheme://host[:port]`); none by default.
     pub cors_origins: Vec<String>,
+    pub rate_limits: crate::ratelimit::RateLimitSettings,
 }
 
 #[derive(Clone, Debug)]

@@ -49,6 +49,8 @@ pub enum ApiError {
     UnsupportedMediaType,
     #[error("method not allowed")]
     MethodNotAllowed,
+    #[error("too many requests: retry after {retry_after_secs} s")]
+    TooManyRequests { retry_after_secs: u64 },
     #[error("the {projection} view has not reached position {position} yet")]
     NotCaughtUp {
         projection: &'static str,
@@ -85,6 +87,7 @@ impl ApiError {
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::NotCaughtUp { .. } | Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -101,6 +104,7 @@ impl ApiError {
             Self::PayloadTooLarge => "payload_too_large",
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::MethodNotAllowed => "method_not_allowed",
+            Self::TooManyRequests { .. } => "rate_limited",
             Self::NotCaughtUp { .. } => "projection_behind",
             Self::Unavailable(_) => "unavailable",
             Self::Internal(_) => "internal",
@@ -142,6 +146,9 @@ impl ApiError {
             }
             Self::NotCaughtUp { .. } | Self::Unavailable(_) => {
                 headers.insert("retry-after", "1".parse().expect("static header"));
+            }
+            Self::TooManyRequests { retry_after_secs } => {
+                headers.insert("retry-after", (*retry_after_secs).into());
             }
             _ => {}
         }

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod context;
 pub mod error;
+pub mod ratelimit;
 pub mod routes;
 pub mod startup;
 pub mod state;

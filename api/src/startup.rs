@@ -44,12 +44,21 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<AppState> {
     // Compute the dummy bcrypt hash now, so that the first login for an unknown email
     // does not take longer than one for a known email.
     tokio::task::spawn_blocking(crate::auth::dummy_hash).await?;
+    let rate_limits = crate::ratelimit::RateLimits::new(settings.http.rate_limits);
+    let idle = rate_limits.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+            idle.forget_idle();
+        }
+    });
     Ok(AppState::new(crate::state::Services {
         executor: Executor::new(pool.clone(), crypto.clone()),
         pool,
         crypto,
         bus,
         tokens,
+        rate_limits,
         settings: Arc::new(settings.clone()),
     }))
 }

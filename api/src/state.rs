@@ -37,6 +37,7 @@ pub struct Services {
     pub bus: Bus,
     pub tokens: Arc<Tokens>,
     pub settings: Arc<Settings>,
+    pub rate_limits: crate::ratelimit::RateLimits,
 }
 
 impl AppState {

@@ -230,6 +230,33 @@ pub fn parse_limit(q: &HashMap<String, String>) -> Result<i64, ApiError> {
     }
 }
 
+/// Counts the request against its client address's budget (see [`crate::ratelimit`]);
+/// over it, a 429 with `Retry-After` before any route runs.
+fn rate_gate(
+    limits: crate::ratelimit::RateLimits,
+) -> impl Filter<Extract = (), Error = Rejection> + Clone {
+    warp::path::full()
+        .and(warp::addr::remote())
+        .and_then(
+            move |path: warp::path::FullPath, addr: Option<std::net::SocketAddr>| {
+                let limits = limits.clone();
+                async move {
+                    let Some(addr) = addr else { return Ok(()) };
+                    let class = crate::ratelimit::Class::of(path.as_str());
+                    limits.check(class, addr.ip()).map_err(|wait| {
+                        warp::reject::custom(ApiRejection(
+                            ApiError::TooManyRequests {
+                                retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
+                            },
+                            crate::context::new_request_id(),
+                        ))
+                    })
+                }
+            },
+        )
+        .untuple_one()
+}
+
 /// Headers every response carries, errors included. The API serves JSON only: no
 /// content may load, frame or be sniffed as anything else.
 pub const SECURITY_HEADERS: [(&str, &str); 5] = [
@@ -258,7 +285,8 @@ fn with_security_headers(mut response: Response) -> Response {
 /// every response, and requests logged.
 pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
     let origins = state.settings.http.cors_origins.clone();
-    let api = cors::preflight(origins.clone())
+    let limits = state.rate_limits.clone();
+    let routes = cors::preflight(origins.clone())
         .or(login::routes(state.clone()))
         .unify()
         .or(contacts::routes(state.clone()))
@@ -266,8 +294,8 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
         .or(activity::routes(state.clone()))
         .unify()
         .or(health::routes(state))
-        .unify()
-        .boxed();
+        .unify();
+    let api = rate_gate(limits).and(routes).boxed();
     let recovered = api.recover(crate::error::recover).unify();
     warp::header::optional::<String>("origin")
         .and(recovered)

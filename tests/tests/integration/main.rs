@@ -10,4 +10,5 @@ mod headers;
 mod health;
 mod pipeline;
 mod queries;
+mod ratelimit;
 mod store;

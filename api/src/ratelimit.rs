@@ -1,0 +1,140 @@
+//! Rate limits at the edge, per client IP address (governor's keyed GCRA limiters):
+//! the API and the authentication endpoints have a budget each; a request over it is
+//! answered 429 with `Retry-After`. Health probes and metrics are not limited.
+
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+
+/// Requests per second per client IP; 0 turns a limit off.
+#[derive(Clone, Copy, Debug)]
+pub struct RateLimitSettings {
+    /// Every `/v1/...` route except authentication.
+    pub api_per_sec: u32,
+    /// `/v1/auth/...`.
+    pub auth_per_sec: u32,
+}
+
+impl Default for RateLimitSettings {
+    fn default() -> Self {
+        Self {
+            api_per_sec: 30,
+            auth_per_sec: 5,
+        }
+    }
+}
+
+/// Which budget a request draws on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Class {
+    Api,
+    Auth,
+    Unlimited,
+}
+
+impl Class {
+    pub fn of(path: &str) -> Self {
+        if path.starts_with("/v1/auth/") {
+            Self::Auth
+        } else if path.starts_with("/v1/") {
+            Self::Api
+        } else {
+            Self::Unlimited
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct RateLimits {
+    api: Option<Arc<DefaultKeyedRateLimiter<IpAddr>>>,
+    auth: Option<Arc<DefaultKeyedRateLimiter<IpAddr>>>,
+}
+
+fn limiter(per_sec: u32) -> Option<Arc<DefaultKeyedRateLimiter<IpAddr>>> {
+    // The whole second's budget may come at once: the (n+1)th request within a second
+    // is the first refused.
+    NonZeroU32::new(per_sec).map(|n| Arc::new(RateLimiter::keyed(Quota::per_second(n))))
+}
+
+impl RateLimits {
+    pub fn new(settings: RateLimitSettings) -> Self {
+        Self {
+            api: limiter(settings.api_per_sec),
+            auth: limiter(settings.auth_per_sec),
+        }
+    }
+
+    /// Counts a request; `Err(wait)` when it is over its budget.
+    pub fn check(&self, class: Class, ip: IpAddr) -> Result<(), Duration> {
+        let limiter = match class {
+            Class::Api => &self.api,
+            Class::Auth => &self.auth,
+            Class::Unlimited => return Ok(()),
+        };
+        match limiter {
+            Some(l) => l
+                .check_key(&ip)
+                .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now())),
+            None => Ok(()),
+        }
+    }
+
+    /// Forgets addresses whose budget is full again (bounds the memory the limiters use).
+    pub fn forget_idle(&self) {
+        for l in [&self.api, &self.auth].into_iter().flatten() {
+            l.retain_recent();
+            l.shrink_to_fit();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_request_over_the_budget_is_refused_with_a_wait() {
+        let limits = RateLimits::new(RateLimitSettings {
+            api_per_sec: 30,
+            auth_per_sec: 5,
+        });
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let other: IpAddr = "192.0.2.2".parse().unwrap();
+        for _ in 0..30 {
+            assert!(limits.check(Class::Api, ip).is_ok());
+        }
+        let wait = limits.check(Class::Api, ip).unwrap_err();
+        assert!(wait > Duration::ZERO && wait <= Duration::from_secs(1));
+        assert!(limits.check(Class::Api, other).is_ok(), "per address");
+        for _ in 0..5 {
+            assert!(limits.check(Class::Auth, ip).is_ok(), "separate budget");
+        }
+        assert!(limits.check(Class::Auth, ip).is_err());
+        assert!(limits.check(Class::Unlimited, ip).is_ok());
+    }
+
+    #[test]
+    fn zero_turns_a_limit_off() {
+        let limits = RateLimits::new(RateLimitSettings {
+            api_per_sec: 0,
+            auth_per_sec: 0,
+        });
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        for _ in 0..1000 {
+            assert!(limits.check(Class::Api, ip).is_ok());
+            assert!(limits.check(Class::Auth, ip).is_ok());
+        }
+    }
+
+    #[test]
+    fn paths_map_to_budgets() {
+        assert_eq!(Class::of("/v1/auth/login"), Class::Auth);
+        assert_eq!(Class::of("/v1/contacts"), Class::Api);
+        assert_eq!(Class::of("/healthz"), Class::Unlimited);
+        assert_eq!(Class::of("/metrics"), Class::Unlimited);
+    }
+}
