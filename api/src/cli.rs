@@ -113,6 +113,14 @@ pub struct Common {
     /// Requests per second per client IP on /v1/auth/... (0: no limit).
     #[arg(long, env = "CRM_RATE_LIMIT_AUTH", global = true, default_value_t = 5)]
     pub rate_limit_auth: u32,
+    /// Failed logins per account per hour before its logins are refused (0: no limit).
+    #[arg(
+        long,
+        env = "CRM_FAILED_LOGINS_PER_HOUR",
+        global = true,
+        default_value_t = 100
+    )]
+    pub failed_logins_per_hour: u32,
 }
 
 #[derive(Subcommand, Debug)]
@@ -219,6 +227,7 @@ impl Common {
                 rate_limits: crate::ratelimit::RateLimitSettings {
                     api_per_sec: self.rate_limit_api,
                     auth_per_sec: self.rate_limit_auth,
+                    failed_logins_per_hour: self.failed_logins_per_hour,
                 },
             },
             jwt: JwtSettings {

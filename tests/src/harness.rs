@@ -75,6 +75,7 @@ impl Default for Options {
             rate_limits: crm_api::ratelimit::RateLimitSettings {
                 api_per_sec: 0,
                 auth_per_sec: 0,
+                failed_logins_per_hour: 100,
             },
         }
     }
