@@ -74,12 +74,17 @@ pub fn relay(state: &AppState) -> anyhow::Result<Relay> {
 }
 
 pub fn projector(state: &AppState, projection: Arc<dyn Projection>) -> ProjectorWorker {
-    ProjectorWorker {
-        pool: state.pool.clone(),
-        crypto: state.crypto.clone(),
-        bus: state.bus.clone(),
-        projection,
-    }
+    projectors(state, vec![projection])
+}
+
+/// One worker for several projections: one consumer and one transaction per batch.
+pub fn projectors(state: &AppState, projections: Vec<Arc<dyn Projection>>) -> ProjectorWorker {
+    ProjectorWorker::new(
+        state.pool.clone(),
+        state.crypto.clone(),
+        state.bus.clone(),
+        projections,
+    )
 }
 
 /// Runs background workers until `shutdown`, then waits for them to finish.
@@ -107,9 +112,10 @@ impl Application {
             background.push(Background::Relay(Box::new(relay(&state)?)));
         }
         if settings.run_projectors {
-            for p in read_models::all() {
-                background.push(Background::Projector(Box::new(projector(&state, p))));
-            }
+            background.push(Background::Projector(Box::new(projectors(
+                &state,
+                read_models::all(),
+            ))));
         }
         let listener = TcpListener::bind(settings.http.bind)
             .await

@@ -81,7 +81,7 @@ pub trait Projection: Send + Sync + 'static {
 
 /// An event as it arrives from JetStream (the JSON of a [`StoredEvent`]), with payload
 /// and metadata left unparsed until the event is known to be applied.
-#[derive(serde::Deserialize)]
+#[derive(Clone, serde::Deserialize)]
 struct WireEvent {
     global_position: i64,
     tx_id: i64,
@@ -212,12 +212,25 @@ pub async fn progress(
     Ok(Some((false, behind)))
 }
 
-/// A worker of one projection.
+/// A worker of one or more projections. Several are fed by one durable consumer (named
+/// after them all, `activity+contacts`) and applied in one transaction per batch: one
+/// delivery and one ack per event, and one commit per batch, for all of them.
 pub struct ProjectorWorker {
     pub pool: Pool,
     pub crypto: Arc<Crypto>,
     pub bus: Bus,
-    pub projection: Arc<dyn Projection>,
+    /// In name order (the order their locks are taken in).
+    projections: Vec<Arc<dyn Projection>>,
+    name: String,
+}
+
+/// One projection's progress through a batch.
+struct Progress {
+    ck: CommitKey,
+    start: CommitKey,
+    expected: std::iter::Peekable<std::vec::IntoIter<CommitKey>>,
+    blocked: bool,
+    ready: Vec<DecodedEvent>,
 }
 
 enum Verdict {
@@ -227,9 +240,38 @@ enum Verdict {
 }
 
 impl ProjectorWorker {
+    /// A worker of `projections` (at least one).
+    pub fn new(
+        pool: Pool,
+        crypto: Arc<Crypto>,
+        bus: Bus,
+        mut projections: Vec<Arc<dyn Projection>>,
+    ) -> Self {
+        projections.sort_by_key(|p| p.name());
+        projections.dedup_by_key(|p| p.name());
+        assert!(!projections.is_empty(), "a projector needs a projection");
+        let name = projections
+            .iter()
+            .map(|p| p.name())
+            .collect::<Vec<_>>()
+            .join("+");
+        Self {
+            pool,
+            crypto,
+            bus,
+            projections,
+            name,
+        }
+    }
+
+    /// The durable consumer's name: the projections' names joined by `+`.
+    pub fn consumer_name(&self) -> &str {
+        &self.name
+    }
+
     /// Runs until `shutdown`; reconnects after errors.
     pub async fn run(self, shutdown: CancellationToken) {
-        let name = self.projection.name();
+        let name = self.name.as_str();
         while !shutdown.is_cancelled() {
             match self.session(&shutdown).await {
                 Ok(()) => break,
@@ -246,7 +288,7 @@ impl ProjectorWorker {
     }
 
     async fn session(&self, shutdown: &CancellationToken) -> Result<(), ProjectionError> {
-        let name = self.projection.name();
+        let name = self.name.as_str();
         let consumer: async_nats::jetstream::consumer::Consumer<pull::Config> = self
             .bus
             .stream
@@ -316,14 +358,9 @@ impl ProjectorWorker {
         let result = self.apply_batch(events).await;
         match result {
             Ok(verdicts) => {
-                let mut applied = 0u64;
                 for (m, v) in msgs.iter().zip(verdicts) {
                     let r = match v {
-                        Verdict::Applied => {
-                            applied += 1;
-                            m.ack().await
-                        }
-                        Verdict::Duplicate => m.ack().await,
+                        Verdict::Applied | Verdict::Duplicate => m.ack().await,
                         Verdict::Deferred => m.ack_with(AckKind::Nak(Some(RETRY_DELAY))).await,
                     };
                     if let Err(e) = r {
@@ -331,10 +368,6 @@ impl ProjectorWorker {
                         tracing::warn!(error = %e, "ack failed");
                     }
                 }
-                METRICS
-                    .projector_applied
-                    .with_label_values(&[self.projection.name()])
-                    .inc_by(applied);
                 Ok(())
             }
             Err(e) => {
@@ -347,50 +380,85 @@ impl ProjectorWorker {
     }
 
     async fn apply_batch(&self, batch: Vec<WireEvent>) -> Result<Vec<Verdict>, ProjectionError> {
-        let name = self.projection.name();
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
-        let mut ck = checkpoint::lock_projection(&tx, name).await?;
-        let start = ck;
-        let mut verdicts = Vec::with_capacity(batch.len());
-        // The events that must come next, in order: a message is applied only if it is
-        // the next of these (one query per batch instead of one per event).
-        let upto = batch.last().map_or(ck, WireEvent::commit_key);
+        let upto = batch.last().map(WireEvent::commit_key);
         let cap = (batch.len() as i64) * 4 + 16;
-        let expected = event_store::keys_between(&tx, ck, upto, cap).await?;
-        let mut expected = expected.into_iter().peekable();
-        let mut blocked = false;
-        let mut ready = Vec::with_capacity(batch.len());
+        let mut progress = Vec::with_capacity(self.projections.len());
+        for p in &self.projections {
+            let ck = checkpoint::lock_projection(&tx, p.name()).await?;
+            // The events that must come next for this projection, in order: a message
+            // is applied only if it is the next of these (one query per batch).
+            let expected = event_store::keys_between(&tx, ck, upto.unwrap_or(ck), cap).await?;
+            progress.push(Progress {
+                ck,
+                start: ck,
+                expected: expected.into_iter().peekable(),
+                blocked: false,
+                ready: Vec::with_capacity(batch.len()),
+            });
+        }
+        let mut verdicts = Vec::with_capacity(batch.len());
+        let mut takes = vec![false; self.projections.len()];
         for event in batch {
             let key = event.commit_key();
-            if key <= ck {
-                verdicts.push(Verdict::Duplicate);
-                continue;
+            let mut deferred = false;
+            for (take, st) in takes.iter_mut().zip(progress.iter_mut()) {
+                *take = false;
+                if key <= st.ck {
+                    continue; // applied already: a redelivery
+                }
+                if st.blocked || st.expected.peek() != Some(&key) {
+                    // An earlier event is still with another worker (or not yet here).
+                    st.blocked = true;
+                    deferred = true;
+                    continue;
+                }
+                st.expected.next();
+                st.ck = key;
+                *take = true;
             }
-            if blocked || expected.peek() != Some(&key) {
-                // An earlier event is still with another worker (or not yet here).
-                blocked = true;
-                verdicts.push(Verdict::Deferred);
-                continue;
+            let takers = takes.iter().filter(|t| **t).count();
+            let mut event = Some(event);
+            let mut left = takers;
+            for ((take, st), p) in takes.iter().zip(progress.iter_mut()).zip(&self.projections) {
+                if !*take {
+                    continue;
+                }
+                left -= 1;
+                let e = if left == 0 {
+                    event.take().expect("taken once")
+                } else {
+                    event.clone().expect("not taken yet")
+                };
+                st.ready
+                    .push(e.decode(p.as_ref(), &self.crypto, &tx).await?);
             }
-            expected.next();
-            ready.push(
-                event
-                    .decode(self.projection.as_ref(), &self.crypto, &tx)
-                    .await?,
-            );
-            ck = key;
-            verdicts.push(Verdict::Applied);
+            // A message some projection could not apply yet comes back; those that did
+            // apply it will then see a redelivery.
+            verdicts.push(if deferred {
+                Verdict::Deferred
+            } else if takers > 0 {
+                Verdict::Applied
+            } else {
+                Verdict::Duplicate
+            });
         }
-        if !ready.is_empty() {
-            self.projection
-                .apply(&tx, self.projection.table(), &ready)
-                .await?;
-        }
-        if ck != start {
-            set_checkpoint(&tx, name, ck).await?;
+        for (st, p) in progress.iter().zip(&self.projections) {
+            if !st.ready.is_empty() {
+                p.apply(&tx, p.table(), &st.ready).await?;
+            }
+            if st.ck != st.start {
+                set_checkpoint(&tx, p.name(), st.ck).await?;
+            }
         }
         tx.commit().await?;
+        for (st, p) in progress.iter().zip(&self.projections) {
+            METRICS
+                .projector_applied
+                .with_label_values(&[p.name()])
+                .inc_by(st.ready.len() as u64);
+        }
         Ok(verdicts)
     }
 }

@@ -392,8 +392,13 @@ async fn a_redelivered_message_changes_the_read_model_once() {
     assert_eq!(got["version"], 3);
     assert_eq!(got["custom"]["visits"], 1);
     let consumer_done = eventually(Duration::from_secs(10), || async {
-        let mut c: async_nats::jetstream::consumer::PullConsumer =
-            app.state.bus.stream.get_consumer("contacts").await.unwrap();
+        let mut c: async_nats::jetstream::consumer::PullConsumer = app
+            .state
+            .bus
+            .stream
+            .get_consumer("activity+contacts")
+            .await
+            .unwrap();
         let info = c.info().await.unwrap();
         (info.num_pending == 0 && info.num_ack_pending == 0).then_some(())
     })
