@@ -1,14 +1,15 @@
 //! The projector runtime: durable JetStream pull consumers feeding read models.
 //!
-//! Each projection has one durable consumer (one `filter_subject`: nats-server 2.9
-//! ignores `filter_subjects`) with explicit acks. A batch of messages is applied in one
-//! PostgreSQL transaction together with the projection's checkpoint, a commit key
-//! (tx_id, global_position) in the relay's publishing order. An event is applied only if
-//! it is the next one after the checkpoint: at or below it, it is a redelivery and is
-//! acked without effect; if an event between the checkpoint and it exists in the store,
-//! another worker holds that one, so this message is nak'ed and comes back later. With
-//! the checkpoint row locked for the transaction, several processes of one projection
-//! share a consumer without applying anything twice or out of order.
+//! A worker feeds one or more projections from one durable consumer (one
+//! `filter_subject`: nats-server 2.9 ignores `filter_subjects`) with explicit acks. A
+//! batch of messages is applied in one PostgreSQL transaction together with each
+//! projection's checkpoint, a commit key (tx_id, global_position) in the relay's
+//! publishing order. For each projection, an event is applied only if it is the next one
+//! after its checkpoint: at or below it, it is a redelivery; if an event between the
+//! checkpoint and it exists in the store, another worker holds that one, so the message
+//! is nak'ed and comes back later (projections that did apply it then see a redelivery).
+//! With each projection's advisory lock held for the transaction, several processes of
+//! one projection share the work without applying anything twice or out of order.
 
 use std::sync::Arc;
 use std::time::Duration;
