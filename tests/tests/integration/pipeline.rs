@@ -466,3 +466,62 @@ async fn queries_keep_working_during_a_rebuild() {
     assert_eq!(r.status(), 200);
     app.stop().await;
 }
+
+/// `crm serve`'s single worker feeds both read models; when one of them moves on alone
+/// (a rebuild moves its checkpoint), events are applied to the other and skipped as
+/// redeliveries by the first, and both stay complete.
+#[tokio::test]
+async fn one_worker_feeds_read_models_at_different_checkpoints() {
+    let app = TestApp::spawn().await;
+    write_traffic(&app, 5, 2).await;
+    wait_caught_up(&app, "contacts").await;
+    wait_caught_up(&app, "activity").await;
+    // The rebuild's swap moves the contacts checkpoint to whatever has committed, while
+    // the worker is still behind with the activity log.
+    let contacts = crm_infra::read_models::by_name("contacts").unwrap();
+    let (admin, crypto) = (app.admin_pool(), app.state.crypto.clone());
+    let (rebuilt, ()) = tokio::join!(
+        rebuild::rebuild(&admin, &crypto, contacts, "crm_app", |_, _| {}),
+        write_traffic(&app, 5, 2)
+    );
+    rebuilt.unwrap();
+    write_traffic(&app, 2, 1).await;
+    wait_caught_up(&app, "contacts").await;
+    wait_caught_up(&app, "activity").await;
+    let db = app.db().await;
+    let events: i64 = db
+        .query_one(
+            "SELECT count(*) FROM events WHERE aggregate_type = 'contact'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let activity: i64 = db
+        .query_one(
+            "SELECT count(*) FROM activity WHERE entity_type = 'contact'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(activity, events, "one activity entry per contact event");
+    let live = contacts_table(&app).await;
+    assert_eq!(live.len(), 12);
+    let contacts = crm_infra::read_models::by_name("contacts").unwrap();
+    rebuild::rebuild(
+        &app.admin_pool(),
+        &app.state.crypto,
+        contacts,
+        "crm_app",
+        |_, _| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        live,
+        contacts_table(&app).await,
+        "live and rebuilt disagree"
+    );
+    app.stop().await;
+}
