@@ -305,6 +305,19 @@ pub async fn read_committed(
     after: CommitKey,
     limit: i64,
 ) -> Result<Vec<StoredEvent>, StoreError> {
+    Ok(committed_rows(client, after, limit)
+        .await?
+        .iter()
+        .map(from_row)
+        .collect())
+}
+
+/// The rows behind [`read_committed`] and [`read_committed_raw`].
+async fn committed_rows(
+    client: &impl GenericClient,
+    after: CommitKey,
+    limit: i64,
+) -> Result<Vec<Row>, StoreError> {
     let sql = format!(
         "SELECT {COLUMNS} FROM events \
          WHERE tx_id < pg_snapshot_xmin(pg_current_snapshot()) \
@@ -312,10 +325,9 @@ pub async fn read_committed(
          ORDER BY tx_id, global_position LIMIT $3"
     );
     let stmt = client.prepare_cached(&sql).await?;
-    let rows = client
+    Ok(client
         .query(&stmt, &[&after.tx_id, &after.position, &limit])
-        .await?;
-    Ok(rows.iter().map(from_row).collect())
+        .await?)
 }
 
 /// An event as the relay publishes it: the JSON of a [`StoredEvent`], with payload and
@@ -354,17 +366,9 @@ pub async fn read_committed_raw(
     limit: i64,
 ) -> Result<Vec<RawEvent>, StoreError> {
     use tokio_postgres::types::Json;
-    let sql = format!(
-        "SELECT {COLUMNS} FROM events \
-         WHERE tx_id < pg_snapshot_xmin(pg_current_snapshot()) \
-           AND (tx_id, global_position) > ($1::bigint::text::xid8, $2) \
-         ORDER BY tx_id, global_position LIMIT $3"
-    );
-    let stmt = client.prepare_cached(&sql).await?;
-    let rows = client
-        .query(&stmt, &[&after.tx_id, &after.position, &limit])
-        .await?;
-    rows.iter()
+    committed_rows(client, after, limit)
+        .await?
+        .iter()
         .map(|row| {
             let Json(payload) = row.try_get(9)?;
             let Json(metadata) = row.try_get(10)?;

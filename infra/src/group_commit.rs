@@ -157,21 +157,26 @@ ORDER BY ord
 ON CONFLICT ON CONSTRAINT events_stream_sequence DO NOTHING
 RETURNING event_id, global_position";
 
+/// What a job's row came to, given the position it was written at (if it was).
+fn outcome(row: &Row, written: Option<i64>) -> Result<Appended, StoreError> {
+    match written {
+        Some(global_position) => Ok(Appended {
+            event_id: row.event_id,
+            sequence: row.sequence,
+            global_position,
+        }),
+        // Its key was not inserted: the subject has one already (or its stream moved
+        // on too); the caller takes the general path.
+        None if row.new_key.is_some() => Err(StoreError::KeyExists),
+        None => Err(StoreError::Conflict),
+    }
+}
+
 async fn flush(pool: &Pool, jobs: Vec<Job>) {
     match insert_batch(pool, &jobs).await {
         Ok(written) => {
             for job in jobs {
-                let result = match written.get(&job.row.event_id) {
-                    Some(&global_position) => Ok(Appended {
-                        event_id: job.row.event_id,
-                        sequence: job.row.sequence,
-                        global_position,
-                    }),
-                    // Its key was not inserted: the subject has one already (or its
-                    // stream moved on too); the caller takes the general path.
-                    None if job.row.new_key.is_some() => Err(StoreError::KeyExists),
-                    None => Err(StoreError::Conflict),
-                };
+                let result = outcome(&job.row, written.get(&job.row.event_id).copied());
                 let _ = job.reply.send(result);
             }
         }
@@ -184,17 +189,7 @@ async fn flush(pool: &Pool, jobs: Vec<Job>) {
             for job in jobs {
                 let result = insert_batch(pool, std::slice::from_ref(&job))
                     .await
-                    .map(|w| w.get(&job.row.event_id).copied());
-                let result = match result {
-                    Ok(Some(global_position)) => Ok(Appended {
-                        event_id: job.row.event_id,
-                        sequence: job.row.sequence,
-                        global_position,
-                    }),
-                    Ok(None) if job.row.new_key.is_some() => Err(StoreError::KeyExists),
-                    Ok(None) => Err(StoreError::Conflict),
-                    Err(e) => Err(e),
-                };
+                    .and_then(|w| outcome(&job.row, w.get(&job.row.event_id).copied()));
                 let _ = job.reply.send(result);
             }
         }
