@@ -65,6 +65,18 @@ pub struct DecodedEvent {
 }
 
 impl DecodedEvent {
+    /// An event with its payload and metadata (decrypted, or left as they are), the
+    /// metadata read into [`EventMetadata`].
+    pub fn new(stored: StoredEvent, payload: Value, metadata: Value) -> Result<Self, StoreError> {
+        let metadata = serde_json::from_value(metadata)
+            .map_err(|e| StoreError::Corrupt(stored.global_position, e.to_string()))?;
+        Ok(Self {
+            stored,
+            payload,
+            metadata,
+        })
+    }
+
     pub fn typed<E: serde::de::DeserializeOwned>(&self) -> Result<E, StoreError> {
         E::deserialize(&self.payload)
             .map_err(|e| StoreError::Corrupt(self.stored.global_position, e.to_string()))
@@ -89,25 +101,15 @@ pub async fn decode(
             &mut metadata,
         )
         .await?;
-    let metadata = serde_json::from_value(metadata)
-        .map_err(|e| StoreError::Corrupt(stored.global_position, e.to_string()))?;
-    Ok(DecodedEvent {
-        stored,
-        payload,
-        metadata,
-    })
+    DecodedEvent::new(stored, payload, metadata)
 }
 
 /// Parses a stored event without decrypting anything: personal members stay ciphertext.
 /// For consumers that read no personal data (e.g. the activity log).
 pub fn decode_without_personal_data(mut stored: StoredEvent) -> Result<DecodedEvent, StoreError> {
-    let metadata = serde_json::from_value(std::mem::take(&mut stored.metadata))
-        .map_err(|e| StoreError::Corrupt(stored.global_position, e.to_string()))?;
-    Ok(DecodedEvent {
-        payload: std::mem::take(&mut stored.payload),
-        metadata,
-        stored,
-    })
+    let payload = std::mem::take(&mut stored.payload);
+    let metadata = std::mem::take(&mut stored.metadata);
+    DecodedEvent::new(stored, payload, metadata)
 }
 
 /// An aggregate with the head of its stream.

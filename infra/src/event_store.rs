@@ -72,9 +72,10 @@ impl Notifier {
 }
 
 /// An event as stored: personal members are ciphertext. This is also the body of the
-/// JetStream message the relay publishes.
+/// JetStream message the relay publishes. `P` is how payload and metadata are held:
+/// parsed JSON values, or (for [`RawEvent`]) the JSON text, passed through unparsed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StoredEvent {
+pub struct StoredEvent<P = Value> {
     pub global_position: i64,
     pub tx_id: i64,
     pub event_id: Uuid,
@@ -84,19 +85,43 @@ pub struct StoredEvent {
     pub sequence: i64,
     pub event_type: String,
     pub event_version: String,
-    pub payload: Value,
-    pub metadata: Value,
+    pub payload: P,
+    pub metadata: P,
     pub recorded_at: DateTime<Utc>,
     pub prev_hash: Option<String>,
     pub hash: String,
 }
 
-impl StoredEvent {
+/// An event with payload and metadata as JSON text: what the relay publishes straight
+/// from PostgreSQL, and what projectors receive before they know they will apply it.
+pub type RawEvent = StoredEvent<Box<serde_json::value::RawValue>>;
+
+impl<P> StoredEvent<P> {
     /// Position in commit order: the relay's and the projectors' checkpoint key.
     pub fn commit_key(&self) -> CommitKey {
         CommitKey {
             tx_id: self.tx_id,
             position: self.global_position,
+        }
+    }
+
+    /// The same event with another payload and metadata.
+    pub fn with_body<Q>(self, payload: Q, metadata: Q) -> StoredEvent<Q> {
+        StoredEvent {
+            global_position: self.global_position,
+            tx_id: self.tx_id,
+            event_id: self.event_id,
+            org_id: self.org_id,
+            aggregate_type: self.aggregate_type,
+            aggregate_id: self.aggregate_id,
+            sequence: self.sequence,
+            event_type: self.event_type,
+            event_version: self.event_version,
+            payload,
+            metadata,
+            recorded_at: self.recorded_at,
+            prev_hash: self.prev_hash,
+            hash: self.hash,
         }
     }
 }
@@ -113,6 +138,11 @@ pub(crate) const COLUMNS: &str = "global_position, tx_id::text::bigint, event_id
     recorded_at, prev_hash, hash";
 
 pub(crate) fn from_row(row: &Row) -> StoredEvent {
+    with_row_envelope(row, row.get(9), row.get(10))
+}
+
+/// The event of a row selected with [`COLUMNS`], with the given payload and metadata.
+fn with_row_envelope<P>(row: &Row, payload: P, metadata: P) -> StoredEvent<P> {
     StoredEvent {
         global_position: row.get(0),
         tx_id: row.get(1),
@@ -123,8 +153,8 @@ pub(crate) fn from_row(row: &Row) -> StoredEvent {
         sequence: row.get(6),
         event_type: row.get(7),
         event_version: row.get(8),
-        payload: row.get(9),
-        metadata: row.get(10),
+        payload,
+        metadata,
         recorded_at: row.get(11),
         prev_hash: row.get::<_, Option<Vec<u8>>>(12).map(hex::encode),
         hash: hex::encode(row.get::<_, Vec<u8>>(13)),
@@ -330,35 +360,6 @@ async fn committed_rows(
         .await?)
 }
 
-/// An event as the relay publishes it: the JSON of a [`StoredEvent`], with payload and
-/// metadata passed through from PostgreSQL without being parsed into values.
-#[derive(Debug, Serialize)]
-pub struct RawEvent {
-    pub global_position: i64,
-    pub tx_id: i64,
-    pub event_id: Uuid,
-    pub org_id: Uuid,
-    pub aggregate_type: String,
-    pub aggregate_id: String,
-    pub sequence: i64,
-    pub event_type: String,
-    pub event_version: String,
-    pub payload: Box<serde_json::value::RawValue>,
-    pub metadata: Box<serde_json::value::RawValue>,
-    pub recorded_at: DateTime<Utc>,
-    pub prev_hash: Option<String>,
-    pub hash: String,
-}
-
-impl RawEvent {
-    pub fn commit_key(&self) -> CommitKey {
-        CommitKey {
-            tx_id: self.tx_id,
-            position: self.global_position,
-        }
-    }
-}
-
 /// [`read_committed`] for publishing: the same events, payloads left as JSON text.
 pub async fn read_committed_raw(
     client: &impl GenericClient,
@@ -372,22 +373,7 @@ pub async fn read_committed_raw(
         .map(|row| {
             let Json(payload) = row.try_get(9)?;
             let Json(metadata) = row.try_get(10)?;
-            Ok(RawEvent {
-                global_position: row.get(0),
-                tx_id: row.get(1),
-                event_id: row.get(2),
-                org_id: row.get(3),
-                aggregate_type: row.get(4),
-                aggregate_id: row.get(5),
-                sequence: row.get(6),
-                event_type: row.get(7),
-                event_version: row.get(8),
-                payload,
-                metadata,
-                recorded_at: row.get(11),
-                prev_hash: row.get::<_, Option<Vec<u8>>>(12).map(hex::encode),
-                hash: hex::encode(row.get::<_, Vec<u8>>(13)),
-            })
+            Ok(with_row_envelope(row, payload, metadata))
         })
         .collect()
 }

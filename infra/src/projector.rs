@@ -26,7 +26,7 @@ use crate::bus::Bus;
 use crate::checkpoint::{self, Owner};
 use crate::commands::{decode, DecodedEvent};
 use crate::crypto::Crypto;
-use crate::event_store::{self, CommitKey, StoreError, StoredEvent};
+use crate::event_store::{self, CommitKey, RawEvent, StoreError};
 use crate::metrics::METRICS;
 
 const BATCH: usize = 500;
@@ -80,88 +80,31 @@ pub trait Projection: Send + Sync + 'static {
     }
 }
 
-/// An event as it arrives from JetStream (the JSON of a [`StoredEvent`]), with payload
-/// and metadata left unparsed until the event is known to be applied.
-#[derive(Clone, serde::Deserialize)]
-struct WireEvent {
-    global_position: i64,
-    tx_id: i64,
-    event_id: uuid::Uuid,
-    org_id: uuid::Uuid,
-    aggregate_type: String,
-    aggregate_id: String,
-    sequence: i64,
-    event_type: String,
-    event_version: String,
-    payload: Box<serde_json::value::RawValue>,
-    metadata: Box<serde_json::value::RawValue>,
-    recorded_at: chrono::DateTime<chrono::Utc>,
-    prev_hash: Option<String>,
-    hash: String,
-}
-
-impl WireEvent {
-    fn commit_key(&self) -> CommitKey {
-        CommitKey {
-            tx_id: self.tx_id,
-            position: self.global_position,
-        }
-    }
-
-    /// Parses what `projection` reads and decrypts it if it reads personal data.
-    async fn decode(
-        self,
-        projection: &dyn Projection,
-        crypto: &Crypto,
-        client: &impl GenericClient,
-    ) -> Result<DecodedEvent, StoreError> {
-        let corrupt =
-            |e: serde_json::Error| StoreError::Corrupt(self.global_position, e.to_string());
-        let payload = if projection.reads_payload() {
-            serde_json::from_str(self.payload.get()).map_err(corrupt)?
-        } else {
-            serde_json::Value::Null
-        };
-        let personal = projection.needs_personal_data();
-        let (metadata, parsed_meta) = if personal {
-            (
-                serde_json::from_str(self.metadata.get()).map_err(corrupt)?,
-                None,
-            )
-        } else {
-            // Personal members of the metadata stay ciphertext.
-            (
-                serde_json::Value::Null,
-                Some(serde_json::from_str(self.metadata.get()).map_err(corrupt)?),
-            )
-        };
-        let stored = StoredEvent {
-            global_position: self.global_position,
-            tx_id: self.tx_id,
-            event_id: self.event_id,
-            org_id: self.org_id,
-            aggregate_type: self.aggregate_type,
-            aggregate_id: self.aggregate_id,
-            sequence: self.sequence,
-            event_type: self.event_type,
-            event_version: self.event_version,
+/// Parses what `projection` reads of an event as it arrives from JetStream (payload
+/// and metadata still JSON text), and decrypts it if the projection reads personal data.
+async fn decode_for(
+    event: RawEvent,
+    projection: &dyn Projection,
+    crypto: &Crypto,
+    client: &impl GenericClient,
+) -> Result<DecodedEvent, StoreError> {
+    let corrupt = |e: serde_json::Error| StoreError::Corrupt(event.global_position, e.to_string());
+    let payload = if projection.reads_payload() {
+        serde_json::from_str(event.payload.get()).map_err(corrupt)?
+    } else {
+        serde_json::Value::Null
+    };
+    if projection.needs_personal_data() {
+        let metadata = serde_json::from_str(event.metadata.get()).map_err(corrupt)?;
+        decode(crypto, client, event.with_body(payload, metadata)).await
+    } else {
+        // Personal members of the metadata stay ciphertext.
+        let metadata = serde_json::from_str(event.metadata.get()).map_err(corrupt)?;
+        Ok(DecodedEvent {
+            stored: event.with_body(serde_json::Value::Null, serde_json::Value::Null),
             payload,
             metadata,
-            recorded_at: self.recorded_at,
-            prev_hash: self.prev_hash,
-            hash: self.hash,
-        };
-        match parsed_meta {
-            None => decode(crypto, client, stored).await,
-            Some(metadata) => {
-                let mut stored = stored;
-                Ok(DecodedEvent {
-                    payload: std::mem::take(&mut stored.payload),
-                    metadata,
-                    stored,
-                })
-            }
-        }
+        })
     }
 }
 
@@ -345,7 +288,7 @@ impl ProjectorWorker {
     ) -> Result<(), ProjectionError> {
         let mut parsed = Vec::with_capacity(msgs.len());
         for m in msgs {
-            match serde_json::from_slice::<WireEvent>(&m.payload) {
+            match serde_json::from_slice::<RawEvent>(&m.payload) {
                 Ok(e) => parsed.push((e, m)),
                 Err(e) => {
                     tracing::error!(subject = %m.subject, error = %e, "not an event; terminated");
@@ -354,7 +297,7 @@ impl ProjectorWorker {
             }
         }
         parsed.sort_by_key(|(e, _)| e.commit_key());
-        let (events, msgs): (Vec<WireEvent>, Vec<async_nats::jetstream::Message>) =
+        let (events, msgs): (Vec<RawEvent>, Vec<async_nats::jetstream::Message>) =
             parsed.into_iter().unzip();
         let result = self.apply_batch(events).await;
         match result {
@@ -380,10 +323,10 @@ impl ProjectorWorker {
         }
     }
 
-    async fn apply_batch(&self, batch: Vec<WireEvent>) -> Result<Vec<Verdict>, ProjectionError> {
+    async fn apply_batch(&self, batch: Vec<RawEvent>) -> Result<Vec<Verdict>, ProjectionError> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
-        let upto = batch.last().map(WireEvent::commit_key);
+        let upto = batch.last().map(RawEvent::commit_key);
         let cap = (batch.len() as i64) * 4 + 16;
         let mut progress = Vec::with_capacity(self.projections.len());
         for p in &self.projections {
@@ -433,7 +376,7 @@ impl ProjectorWorker {
                     event.clone().expect("not taken yet")
                 };
                 st.ready
-                    .push(e.decode(p.as_ref(), &self.crypto, &tx).await?);
+                    .push(decode_for(e, p.as_ref(), &self.crypto, &tx).await?);
             }
             // A message some projection could not apply yet comes back; those that did
             // apply it will then see a redelivery.

@@ -145,13 +145,7 @@ fn decode_row(
         &mut payload,
         &mut metadata,
     )?;
-    let metadata = serde_json::from_value(metadata)
-        .map_err(|e| StoreError::Corrupt(stored.global_position, e.to_string()))?;
-    Ok(DecodedEvent {
-        stored,
-        payload,
-        metadata,
-    })
+    DecodedEvent::new(stored, payload, metadata)
 }
 
 /// Chunks being decoded, in scan order.
