@@ -72,6 +72,13 @@ impl ApiError {
         }
     }
 
+    /// 429: over a rate limit until `wait` has passed (`Retry-After` in whole seconds).
+    pub fn too_many_requests(wait: std::time::Duration) -> Self {
+        Self::TooManyRequests {
+            retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
+        }
+    }
+
     pub fn internal(e: impl std::fmt::Display) -> Self {
         Self::Internal(e.to_string())
     }

@@ -87,9 +87,10 @@ impl FailedLogins {
     /// `Err(wait)` while the account is locked out.
     pub fn check(&self, email: &str) -> Result<(), Duration> {
         let key = account_key(email);
+        let now = Instant::now();
         let mut locked = self.locked_until.lock().expect("lockout map poisoned");
         match locked.get(&key) {
-            Some(until) if *until > Instant::now() => Err(*until - Instant::now()),
+            Some(until) if *until > now => Err(*until - now),
             Some(_) => {
                 locked.remove(&key);
                 Ok(())
@@ -98,29 +99,21 @@ impl FailedLogins {
         }
     }
 
-    /// Counts a failed login; `Err(wait)` when it is one too many (the account is then
-    /// locked out for `wait`).
-    fn failed(&self, email: &str) -> Result<(), Duration> {
-        let key = account_key(email);
-        match &self.limiter {
-            Some(l) => l
-                .check_key(&key)
-                .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now())),
-            None => Ok(()),
-        }
-    }
-
-    fn lock(&self, email: &str, wait: Duration) {
-        self.locked_until
-            .lock()
-            .expect("lockout map poisoned")
-            .insert(account_key(email), Instant::now() + wait);
-    }
-
-    /// Counts a failed login and locks the account out when it is over its budget.
+    /// Counts a failed login; `Err(wait)` when it is one too many: the account is then
+    /// locked out for `wait`.
     pub fn record_failure(&self, email: &str) -> Result<(), Duration> {
-        self.failed(email)
-            .inspect_err(|wait| self.lock(email, *wait))
+        let Some(limiter) = &self.limiter else {
+            return Ok(());
+        };
+        let key = account_key(email);
+        limiter.check_key(&key).map_err(|not_until| {
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            self.locked_until
+                .lock()
+                .expect("lockout map poisoned")
+                .insert(key, Instant::now() + wait);
+            wait
+        })
     }
 
     fn forget_idle(&self) {

@@ -45,13 +45,6 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<AppState> {
     // does not take longer than one for a known email.
     tokio::task::spawn_blocking(crate::auth::dummy_hash).await?;
     let rate_limits = crate::ratelimit::RateLimits::new(settings.http.rate_limits);
-    let idle = rate_limits.clone();
-    tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(std::time::Duration::from_secs(60)).await;
-            idle.forget_idle();
-        }
-    });
     Ok(AppState::new(crate::state::Services {
         executor: Executor::new(pool.clone(), crypto.clone()),
         pool,
@@ -142,6 +135,18 @@ impl Application {
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) {
         let token = CancellationToken::new();
         let workers = tokio::spawn(run_background(self.background, token.clone()));
+        // The limiters forget idle clients now and then (their memory stays bounded).
+        let (limits, forget_token) = (self.state.rate_limits.clone(), token.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = forget_token.cancelled() => break,
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(60)) => {
+                        limits.forget_idle()
+                    }
+                }
+            }
+        });
         let routes = crate::routes::routes(self.state.clone());
         let server_token = token.clone();
         let server = warp::serve(routes)

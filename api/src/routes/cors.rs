@@ -2,7 +2,7 @@
 //! (`CRM_CORS_ORIGINS`); with none configured, browsers on other origins get no CORS
 //! headers and so can read nothing.
 
-use warp::http::{HeaderMap, HeaderValue, Method, StatusCode};
+use warp::http::{HeaderValue, Method, StatusCode};
 use warp::{Filter, Rejection};
 
 use warp::reply::Response;
@@ -73,48 +73,50 @@ pub fn preflight(
     // `warp::method()` rather than `warp::options()`: on other methods this filter must
     // reject as "not found" (the weakest rejection), not "method not allowed", which
     // would win over the real routes' 404s.
-    warp::method().and(warp::header::headers_cloned()).and_then(
-        move |method: Method, headers: HeaderMap| {
-            let origins = origins.clone();
-            async move {
-                if method != Method::OPTIONS {
-                    return Err(warp::reject::not_found());
+    warp::method()
+        .and(warp::header::optional::<String>("origin"))
+        .and(warp::header::optional::<String>(
+            "access-control-request-method",
+        ))
+        .and_then(
+            move |method: Method, origin: Option<String>, requested: Option<String>| {
+                let origins = origins.clone();
+                async move {
+                    if method != Method::OPTIONS {
+                        return Err(warp::reject::not_found());
+                    }
+                    let requested = requested.and_then(|m| m.parse::<Method>().ok());
+                    let (Some(origin), Some(method)) = (origin.as_deref(), requested) else {
+                        // Not a preflight: the routes answer (405 for OPTIONS).
+                        return Err(warp::reject::not_found());
+                    };
+                    let request_id = crate::context::new_request_id();
+                    let permitted = allowed(&origins, Some(origin)).is_some()
+                        && [Method::GET, Method::POST, Method::PATCH, Method::DELETE]
+                            .contains(&method);
+                    if !permitted {
+                        return Err(warp::reject::custom(ApiRejection(
+                            ApiError::Forbidden {
+                                code: "cors_forbidden",
+                                message: "cross-origin requests from this origin are not allowed"
+                                    .into(),
+                            },
+                            request_id,
+                        )));
+                    }
+                    let mut response = warp::http::Response::builder()
+                        .status(StatusCode::NO_CONTENT)
+                        .header("access-control-allow-methods", METHODS)
+                        .header("access-control-allow-headers", HEADERS)
+                        .header("access-control-max-age", MAX_AGE)
+                        .header("x-request-id", request_id.as_str())
+                        .body(warp::hyper::body::Bytes::new().into())
+                        .expect("static headers are valid");
+                    response = decorate(&origins, Some(origin), response);
+                    Ok(response)
                 }
-                let origin = headers.get("origin").and_then(|v| v.to_str().ok());
-                let requested = headers
-                    .get("access-control-request-method")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|m| m.parse::<Method>().ok());
-                let (Some(origin), Some(method)) = (origin, requested) else {
-                    // Not a preflight: the routes answer (405 for OPTIONS).
-                    return Err(warp::reject::not_found());
-                };
-                let request_id = crate::context::new_request_id();
-                let permitted = allowed(&origins, Some(origin)).is_some()
-                    && [Method::GET, Method::POST, Method::PATCH, Method::DELETE].contains(&method);
-                if !permitted {
-                    return Err(warp::reject::custom(ApiRejection(
-                        ApiError::Forbidden {
-                            code: "cors_forbidden",
-                            message: "cross-origin requests from this origin are not allowed"
-                                .into(),
-                        },
-                        request_id,
-                    )));
-                }
-                let mut response = warp::http::Response::builder()
-                    .status(StatusCode::NO_CONTENT)
-                    .header("access-control-allow-methods", METHODS)
-                    .header("access-control-allow-headers", HEADERS)
-                    .header("access-control-max-age", MAX_AGE)
-                    .header("x-request-id", request_id.as_str())
-                    .body(warp::hyper::body::Bytes::new().into())
-                    .expect("static headers are valid");
-                response = decorate(&origins, Some(origin), response);
-                Ok(response)
-            }
-        },
-    )
+            },
+        )
 }
 
 #[cfg(test)]

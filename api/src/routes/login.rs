@@ -49,13 +49,12 @@ async fn login(
     if req.password.len() > crate::auth::MAX_PASSWORD_BYTES || req.email.len() > 320 {
         return Err(ApiError::Unauthorized(BAD_LOGIN));
     }
-    let too_many = |wait: std::time::Duration| ApiError::TooManyRequests {
-        retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
-    };
     // An account with too many failed logins is refused before its password is
     // checked (known or unknown alike).
     let failures = state.rate_limits.failed_logins();
-    failures.check(&req.email).map_err(too_many)?;
+    failures
+        .check(&req.email)
+        .map_err(ApiError::too_many_requests)?;
     let client = state.pool.get().await?;
     let credential = crm_infra::accounts::find_credential(&client, &req.email).await?;
     drop(client);
@@ -68,7 +67,9 @@ async fn login(
         .await
         .map_err(ApiError::internal)?;
     let Some(c) = credential.filter(|c| ok && c.active) else {
-        failures.record_failure(&req.email).map_err(too_many)?;
+        failures
+            .record_failure(&req.email)
+            .map_err(ApiError::too_many_requests)?;
         return Err(ApiError::Unauthorized(BAD_LOGIN));
     };
     let token = state

@@ -245,9 +245,7 @@ fn rate_gate(
                     let class = crate::ratelimit::Class::of(path.as_str());
                     limits.check(class, addr.ip()).map_err(|wait| {
                         warp::reject::custom(ApiRejection(
-                            ApiError::TooManyRequests {
-                                retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
-                            },
+                            ApiError::too_many_requests(wait),
                             crate::context::new_request_id(),
                         ))
                     })
