@@ -322,16 +322,7 @@ async fn two_projector_processes_share_the_work_without_double_applying() {
     for w in workers {
         w.await.unwrap();
     }
-    let contacts = read_models::by_name("contacts").unwrap();
-    rebuild::rebuild(
-        &app.admin_pool(),
-        &app.state.crypto,
-        contacts,
-        "crm_app",
-        |_, _| {},
-    )
-    .await
-    .unwrap();
+    rebuild_now(&app, "contacts").await;
     assert_eq!(live, contacts_table(&app).await);
     app.stop().await;
 }
@@ -446,15 +437,7 @@ async fn queries_keep_working_during_a_rebuild() {
         })
     };
     for p in read_models::all() {
-        rebuild::rebuild(
-            &app.admin_pool(),
-            &app.state.crypto,
-            p,
-            "crm_app",
-            |_, _| {},
-        )
-        .await
-        .unwrap();
+        rebuild_now(&app, p.name()).await;
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     assert!(reader.await.unwrap() > 0);
@@ -467,61 +450,68 @@ async fn queries_keep_working_during_a_rebuild() {
     app.stop().await;
 }
 
-/// `crm serve`'s single worker feeds both read models; when one of them moves on alone
-/// (a rebuild moves its checkpoint), events are applied to the other and skipped as
-/// redeliveries by the first, and both stay complete.
-#[tokio::test]
-async fn one_worker_feeds_read_models_at_different_checkpoints() {
-    let app = TestApp::spawn().await;
-    write_traffic(&app, 5, 2).await;
-    wait_caught_up(&app, "contacts").await;
-    wait_caught_up(&app, "activity").await;
-    // The rebuild's swap moves the contacts checkpoint to whatever has committed, while
-    // the worker is still behind with the activity log.
-    let contacts = crm_infra::read_models::by_name("contacts").unwrap();
-    let (admin, crypto) = (app.admin_pool(), app.state.crypto.clone());
-    let (rebuilt, ()) = tokio::join!(
-        rebuild::rebuild(&admin, &crypto, contacts, "crm_app", |_, _| {}),
-        write_traffic(&app, 5, 2)
-    );
-    rebuilt.unwrap();
-    write_traffic(&app, 2, 1).await;
-    wait_caught_up(&app, "contacts").await;
-    wait_caught_up(&app, "activity").await;
-    let db = app.db().await;
-    let events: i64 = db
-        .query_one(
-            "SELECT count(*) FROM events WHERE aggregate_type = 'contact'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    let activity: i64 = db
-        .query_one(
-            "SELECT count(*) FROM activity WHERE entity_type = 'contact'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(activity, events, "one activity entry per contact event");
-    let live = contacts_table(&app).await;
-    assert_eq!(live.len(), 12);
-    let contacts = crm_infra::read_models::by_name("contacts").unwrap();
+/// Rebuilds projection `name` now (as `crm rebuild NAME` does).
+async fn rebuild_now(app: &TestApp, name: &str) -> rebuild::RebuildReport {
+    let projection = read_models::by_name(name).unwrap();
     rebuild::rebuild(
         &app.admin_pool(),
         &app.state.crypto,
-        contacts,
+        projection,
         "crm_app",
         |_, _| {},
     )
     .await
-    .unwrap();
+    .unwrap()
+}
+
+async fn count(app: &TestApp, sql: &str) -> i64 {
+    app.db().await.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+/// `crm serve`'s single worker feeds both read models, also when they are at different
+/// checkpoints: here contacts has applied everything (its own worker ran) and the
+/// activity log nothing, so every message is a redelivery for one and new for the other.
+#[tokio::test]
+async fn one_worker_feeds_read_models_at_different_checkpoints() {
+    let app = TestApp::spawn_with(Options {
+        run_projectors: false,
+        ..Default::default()
+    })
+    .await;
+    write_traffic(&app, 5, 2).await;
+    let token = CancellationToken::new();
+    let contacts_only = tokio::spawn(
+        startup::projector(&app.state, read_models::by_name("contacts").unwrap())
+            .run(token.clone()),
+    );
+    wait_caught_up(&app, "contacts").await;
+    token.cancel();
+    contacts_only.await.unwrap();
+    let events = "SELECT count(*) FROM events WHERE aggregate_type = 'contact'";
+    let activity = "SELECT count(*) FROM activity WHERE entity_type = 'contact'";
+    assert_eq!(count(&app, activity).await, 0, "the activity log is behind");
+
+    let token = CancellationToken::new();
+    let both = startup::projectors(&app.state, read_models::all());
+    assert_eq!(both.consumer_name(), "activity+contacts");
+    let both = tokio::spawn(both.run(token.clone()));
+    write_traffic(&app, 2, 1).await;
+    wait_caught_up(&app, "contacts").await;
+    wait_caught_up(&app, "activity").await;
+    assert_eq!(
+        count(&app, activity).await,
+        count(&app, events).await,
+        "one activity entry per contact event"
+    );
+    let live = contacts_table(&app).await;
+    assert_eq!(live.len(), 7);
+    rebuild_now(&app, "contacts").await;
     assert_eq!(
         live,
         contacts_table(&app).await,
         "live and rebuilt disagree"
     );
+    token.cancel();
+    both.await.unwrap();
     app.stop().await;
 }
