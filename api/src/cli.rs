@@ -9,7 +9,7 @@ use anyhow::{bail, Context};
 use base64::Engine;
 use clap::{Args, Parser, Subcommand};
 use crm_domain::metadata::EventMetadata;
-use crm_domain::user::Role;
+use crm_domain::user::{Grantor, Role, RoleRef};
 use crm_domain::values::{Email, Name};
 use crm_infra::settings::{DatabaseSettings, KeySettings, NatsSettings};
 use crm_infra::{accounts, db, read_models, rebuild, verify};
@@ -370,8 +370,9 @@ async fn admin(common: Common, command: AdminCommand) -> anyhow::Result<()> {
         } => {
             let email = Email::parse(&email).map_err(|e| anyhow::anyhow!("--email {e}"))?;
             let name = Name::parse(&name).map_err(|e| anyhow::anyhow!("--name {e}"))?;
-            let role = Role::parse(&role)
-                .with_context(|| format!("--role `{role}` is not a built-in role"))?;
+            let role = RoleRef::parse(&role).with_context(|| {
+                format!("--role `{role}` is neither a built-in role nor a custom role id")
+            })?;
             let (password, generated) = match std::env::var("CRM_NEW_PASSWORD") {
                 Ok(p) => (p, false),
                 Err(_) => (generate_password(), true),
@@ -387,7 +388,14 @@ async fn admin(common: Common, command: AdminCommand) -> anyhow::Result<()> {
                 role,
                 password_hash: hash,
             };
-            let user = accounts::create_user(&state.executor, &state.pool, new_user, &meta).await?;
+            let user = accounts::create_user(
+                &state.executor,
+                &state.pool,
+                new_user,
+                Grantor::operator(),
+                &meta,
+            )
+            .await?;
             println!("user_id={user}");
             println!("email={email}");
             if generated {
@@ -410,10 +418,17 @@ async fn admin(common: Common, command: AdminCommand) -> anyhow::Result<()> {
                 org_id: org,
                 email: email.clone(),
                 display_name: Name::parse("Owner").expect("static name"),
-                role: Role::Owner,
+                role: RoleRef::Builtin(Role::Owner),
                 password_hash: hash,
             };
-            accounts::create_user(&state.executor, &state.pool, owner, &meta).await?;
+            accounts::create_user(
+                &state.executor,
+                &state.pool,
+                owner,
+                Grantor::operator(),
+                &meta,
+            )
+            .await?;
             println!("org_id={org}");
             println!("email={email}");
             println!("password={password}");

@@ -10,6 +10,10 @@ use warp::reply::Response;
 use warp::{Rejection, Reply};
 
 use crm_domain::contact::ContactError;
+use crm_domain::organization::OrganizationError;
+use crm_domain::role::RoleError;
+use crm_domain::user::UserError;
+use crm_infra::accounts::AccountError;
 use crm_infra::commands::CommandError;
 use crm_infra::event_store::StoreError;
 
@@ -306,4 +310,85 @@ pub fn finish(
 
 pub fn value_or_null<T: Serialize>(v: &T) -> Value {
     serde_json::to_value(v).unwrap_or(Value::Null)
+}
+
+fn forbidden(code: &'static str, message: impl std::fmt::Display) -> ApiError {
+    ApiError::Forbidden {
+        code,
+        message: message.to_string(),
+    }
+}
+
+fn command_conflict<E: std::error::Error>(e: CommandError<E>, what: &str) -> ApiError {
+    match e {
+        CommandError::VersionMismatch { expected, actual } => ApiError::Conflict(format!(
+            "expected version {expected}, but the {what} is at version {actual}"
+        )),
+        CommandError::Conflict => ApiError::Conflict(format!(
+            "another command changed this {what} first; reload and retry"
+        )),
+        CommandError::Store(e) => e.into(),
+        CommandError::Domain(e) => ApiError::internal(e),
+    }
+}
+
+impl From<CommandError<UserError>> for ApiError {
+    fn from(e: CommandError<UserError>) -> Self {
+        match e {
+            CommandError::Domain(d) => match d {
+                UserError::NotFound => Self::NotFound("user not found"),
+                UserError::AlreadyExists | UserError::EmailTaken => Self::Conflict(d.to_string()),
+                UserError::LastOwner => Self::Conflict(d.to_string()),
+                UserError::OnlyOwnerGrantsOwner | UserError::OnlyOwnerChangesOwner => {
+                    forbidden("owner_required", d)
+                }
+                UserError::ExceedsOwnGrant(_) => forbidden("grant_exceeds_own", d),
+                UserError::UnknownRole => Self::Validation(vec![FieldError::new("role", d.to_string())]),
+            },
+            other => command_conflict(other, "user"),
+        }
+    }
+}
+
+impl From<CommandError<RoleError>> for ApiError {
+    fn from(e: CommandError<RoleError>) -> Self {
+        match e {
+            CommandError::Domain(d) => match d {
+                RoleError::NotFound => Self::NotFound("role not found"),
+                RoleError::AlreadyExists | RoleError::Retired | RoleError::InUse(_) => {
+                    Self::Conflict(d.to_string())
+                }
+                RoleError::ExceedsOwnGrant(_) => forbidden("grant_exceeds_own", d),
+            },
+            other => command_conflict(other, "role"),
+        }
+    }
+}
+
+impl From<CommandError<OrganizationError>> for ApiError {
+    fn from(e: CommandError<OrganizationError>) -> Self {
+        match e {
+            CommandError::Domain(OrganizationError::NotFound) => {
+                Self::NotFound("organisation not found")
+            }
+            CommandError::Domain(d @ OrganizationError::AlreadyExists) => {
+                Self::Conflict(d.to_string())
+            }
+            other => command_conflict(other, "organisation"),
+        }
+    }
+}
+
+impl From<AccountError> for ApiError {
+    fn from(e: AccountError) -> Self {
+        match e {
+            AccountError::NoSuchOrganization => Self::NotFound("organisation not found"),
+            AccountError::Organization(e) => e.into(),
+            AccountError::User(e) => e.into(),
+            AccountError::Role(e) => e.into(),
+            AccountError::Store(e) => e.into(),
+            AccountError::Db(e) => e.into(),
+            AccountError::Pool(e) => e.into(),
+        }
+    }
 }

@@ -9,10 +9,12 @@
 //! - every event that carries personal data names where it sits ([`PersonalData`]), so
 //!   the event store can encrypt exactly those fields and erasure can shred them.
 
+pub mod access;
 pub mod contact;
 pub mod metadata;
 pub mod organization;
 pub mod personal;
+pub mod role;
 pub mod user;
 pub mod values;
 

@@ -1,26 +1,41 @@
-//! The organisation aggregate: the tenant every other stream belongs to.
+//! The organisation aggregate: the tenant every other stream belongs to, with the
+//! modules it has switched on and whether its Owners and Admins must use 2FA.
+
+use std::collections::BTreeSet;
 
 use cqrs_es::event_sink::EventSink;
 use cqrs_es::{Aggregate, DomainEvent};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::access::Module;
 use crate::values::Name;
 use crate::PersonalData;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum OrganizationCommand {
     Create { org_id: Uuid, name: Name },
+    /// Switches on exactly these modules (`core` is always on).
+    SetModules { modules: BTreeSet<Module> },
+    RequireTwoFactor { required: bool },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum OrganizationEvent {
+    /// A new organisation has [`Module::DEFAULT`] switched on.
     OrganizationCreated { org_id: Uuid, name: Name },
+    ModulesChanged { modules: BTreeSet<Module> },
+    TwoFactorRequirementChanged { required: bool },
 }
 
 impl DomainEvent for OrganizationEvent {
     fn event_type(&self) -> String {
-        "OrganizationCreated".to_owned()
+        match self {
+            Self::OrganizationCreated { .. } => "OrganizationCreated",
+            Self::ModulesChanged { .. } => "ModulesChanged",
+            Self::TwoFactorRequirementChanged { .. } => "TwoFactorRequirementChanged",
+        }
+        .to_owned()
     }
     fn event_version(&self) -> String {
         "1".to_owned()
@@ -37,12 +52,16 @@ impl PersonalData for OrganizationEvent {
 pub enum OrganizationError {
     #[error("organisation already exists")]
     AlreadyExists,
+    #[error("organisation not found")]
+    NotFound,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Organization {
     pub id: Option<Uuid>,
     pub name: Option<Name>,
+    pub modules: BTreeSet<Module>,
+    pub two_factor_required: bool,
 }
 
 impl Aggregate for Organization {
@@ -69,6 +88,28 @@ impl Aggregate for Organization {
                 )
                 .await;
             }
+            OrganizationCommand::SetModules { mut modules } => {
+                if self.id.is_none() {
+                    return Err(OrganizationError::NotFound);
+                }
+                modules.insert(Module::Core);
+                if modules != self.modules {
+                    sink.write(OrganizationEvent::ModulesChanged { modules }, self)
+                        .await;
+                }
+            }
+            OrganizationCommand::RequireTwoFactor { required } => {
+                if self.id.is_none() {
+                    return Err(OrganizationError::NotFound);
+                }
+                if required != self.two_factor_required {
+                    sink.write(
+                        OrganizationEvent::TwoFactorRequirementChanged { required },
+                        self,
+                    )
+                    .await;
+                }
+            }
         }
         Ok(())
     }
@@ -78,6 +119,11 @@ impl Aggregate for Organization {
             OrganizationEvent::OrganizationCreated { org_id, name } => {
                 self.id = Some(org_id);
                 self.name = Some(name);
+                self.modules = Module::DEFAULT.into_iter().collect();
+            }
+            OrganizationEvent::ModulesChanged { modules } => self.modules = modules,
+            OrganizationEvent::TwoFactorRequirementChanged { required } => {
+                self.two_factor_required = required;
             }
         }
     }
@@ -105,6 +151,25 @@ mod tests {
                 name: Name::parse("Acme").unwrap(),
             })
             .then_expect_events(vec![created(id)]);
+    }
+
+    #[test]
+    fn core_stays_on_and_unchanged_modules_write_nothing() {
+        let id = Uuid::now_v7();
+        TestFramework::<Organization>::with(())
+            .given(vec![created(id)])
+            .when(OrganizationCommand::SetModules {
+                modules: [Module::Contacts].into_iter().collect(),
+            })
+            .then_expect_events(vec![OrganizationEvent::ModulesChanged {
+                modules: [Module::Core, Module::Contacts].into_iter().collect(),
+            }]);
+        TestFramework::<Organization>::with(())
+            .given(vec![created(id)])
+            .when(OrganizationCommand::SetModules {
+                modules: Module::DEFAULT.into_iter().collect(),
+            })
+            .then_expect_events(vec![]);
     }
 
     #[test]

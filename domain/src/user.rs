@@ -1,37 +1,23 @@
 //! The user aggregate: a member of staff who logs in to an organisation.
 //!
-//! Credentials (password hashes) are never part of an event: they live in a mutable,
-//! erasable table next to the store. Events only say that a password was changed.
+//! Credentials (password hashes, TOTP seeds) are never part of an event: they live in
+//! a mutable, erasable table next to the store. Events say that a password was changed,
+//! a role granted, a user deactivated, and who did it (the event's metadata).
+//!
+//! Rules kept here: nobody grants what they do not hold themselves, and only an Owner
+//! grants the Owner role or changes, deactivates or reactivates an Owner. "The last
+//! Owner cannot be removed" is a rule over every user of the organisation; the store
+//! checks it in the transaction that appends the event (`infra::access`).
 
 use cqrs_es::event_sink::EventSink;
 use cqrs_es::{Aggregate, DomainEvent};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+pub use crate::access::{Role, RoleRef};
+use crate::access::Policy;
 use crate::values::{Email, Name};
 use crate::PersonalData;
-
-/// The built-in roles every organisation has.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Role {
-    Owner,
-    Admin,
-    Board,
-    Executive,
-    Director,
-    Team,
-    Support,
-    Partner,
-    Viewer,
-    Client,
-}
-
-impl Role {
-    pub fn parse(input: &str) -> Option<Self> {
-        serde_json::from_value(serde_json::Value::String(input.to_ascii_lowercase())).ok()
-    }
-}
 
 /// Personal data of a user.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -40,15 +26,53 @@ pub struct Person {
     pub display_name: Name,
 }
 
+/// Who is granting: whether they are an Owner, and what their own role allows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Grantor {
+    pub is_owner: bool,
+    pub policy: Policy,
+}
+
+impl Grantor {
+    /// The operator at the command line (bootstrap, `crm create-user`): may grant anything.
+    pub fn operator() -> Self {
+        Self {
+            is_owner: true,
+            policy: crate::access::builtin_policy(Role::Owner),
+        }
+    }
+}
+
+/// A role to grant, with what it allows (looked up by the caller: a custom role's
+/// policy lives in its own stream).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Grant {
+    pub role: RoleRef,
+    pub policy: Policy,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum UserCommand {
     Register {
         user_id: Uuid,
         org_id: Uuid,
         person: Person,
-        role: Role,
+        grant: Grant,
+        by: Grantor,
+    },
+    ChangeRole {
+        grant: Grant,
+        by: Grantor,
+    },
+    Deactivate {
+        by: Grantor,
+    },
+    Reactivate {
+        by: Grantor,
     },
     ChangePassword,
+    /// Ends every session of the user (logout).
+    SignOut,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -56,17 +80,28 @@ pub enum UserEvent {
     UserRegistered {
         user_id: Uuid,
         org_id: Uuid,
-        role: Role,
+        role: RoleRef,
         person: Person,
     },
+    UserRoleChanged {
+        from: RoleRef,
+        to: RoleRef,
+    },
+    UserDeactivated {},
+    UserReactivated {},
     PasswordChanged {},
+    UserSignedOut {},
 }
 
 impl DomainEvent for UserEvent {
     fn event_type(&self) -> String {
         match self {
             Self::UserRegistered { .. } => "UserRegistered",
+            Self::UserRoleChanged { .. } => "UserRoleChanged",
+            Self::UserDeactivated { .. } => "UserDeactivated",
+            Self::UserReactivated { .. } => "UserReactivated",
             Self::PasswordChanged { .. } => "PasswordChanged",
+            Self::UserSignedOut { .. } => "UserSignedOut",
         }
         .to_owned()
     }
@@ -79,7 +114,7 @@ impl PersonalData for UserEvent {
     fn personal_sections(&self) -> &'static [&'static str] {
         match self {
             Self::UserRegistered { .. } => &["person"],
-            Self::PasswordChanged { .. } => &[],
+            _ => &[],
         }
     }
 }
@@ -90,13 +125,55 @@ pub enum UserError {
     AlreadyExists,
     #[error("user not found")]
     NotFound,
+    #[error("only an Owner may grant the Owner role")]
+    OnlyOwnerGrantsOwner,
+    #[error("only an Owner may change, deactivate or reactivate an Owner")]
+    OnlyOwnerChangesOwner,
+    #[error("the role grants more than your own: {}", .0.join(", "))]
+    ExceedsOwnGrant(Vec<String>),
+    /// Checked by the store against every user of the organisation.
+    #[error("the organisation's last active Owner cannot be demoted or deactivated")]
+    LastOwner,
+    /// Checked by the store: an email address belongs to one account.
+    #[error("an account with this email already exists")]
+    EmailTaken,
+    #[error("the role does not exist in this organisation or is retired")]
+    UnknownRole,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct User {
     pub id: Option<Uuid>,
     pub org_id: Option<Uuid>,
-    pub role: Option<Role>,
+    pub role: Option<RoleRef>,
+    #[serde(default)]
+    pub deactivated: bool,
+}
+
+impl User {
+    fn check_grant(grant: &Grant, by: &Grantor) -> Result<(), UserError> {
+        if grant.role.is_owner() && !by.is_owner {
+            return Err(UserError::OnlyOwnerGrantsOwner);
+        }
+        if !grant.policy.is_within(&by.policy) {
+            return Err(UserError::ExceedsOwnGrant(
+                grant.policy.excess_over(&by.policy),
+            ));
+        }
+        Ok(())
+    }
+
+    fn existing(&self) -> Result<RoleRef, UserError> {
+        self.role.filter(|_| self.id.is_some()).ok_or(UserError::NotFound)
+    }
+
+    fn check_may_change(&self, by: &Grantor) -> Result<RoleRef, UserError> {
+        let current = self.existing()?;
+        if current.is_owner() && !by.is_owner {
+            return Err(UserError::OnlyOwnerChangesOwner);
+        }
+        Ok(current)
+    }
 }
 
 impl Aggregate for User {
@@ -112,31 +189,60 @@ impl Aggregate for User {
         _: &(),
         sink: &EventSink<Self>,
     ) -> Result<(), UserError> {
-        match command {
+        let event = match command {
             UserCommand::Register {
                 user_id,
                 org_id,
                 person,
-                role,
+                grant,
+                by,
             } => {
                 if self.id.is_some() {
                     return Err(UserError::AlreadyExists);
                 }
-                let event = UserEvent::UserRegistered {
+                Self::check_grant(&grant, &by)?;
+                UserEvent::UserRegistered {
                     user_id,
                     org_id,
-                    role,
+                    role: grant.role,
                     person,
-                };
-                sink.write(event, self).await;
+                }
+            }
+            UserCommand::ChangeRole { grant, by } => {
+                let current = self.check_may_change(&by)?;
+                Self::check_grant(&grant, &by)?;
+                if current == grant.role {
+                    return Ok(());
+                }
+                UserEvent::UserRoleChanged {
+                    from: current,
+                    to: grant.role,
+                }
+            }
+            UserCommand::Deactivate { by } => {
+                self.check_may_change(&by)?;
+                if self.deactivated {
+                    return Ok(());
+                }
+                UserEvent::UserDeactivated {}
+            }
+            UserCommand::Reactivate { by } => {
+                self.check_may_change(&by)?;
+                if !self.deactivated {
+                    return Ok(());
+                }
+                UserEvent::UserReactivated {}
             }
             UserCommand::ChangePassword => {
-                if self.id.is_none() {
-                    return Err(UserError::NotFound);
-                }
-                sink.write(UserEvent::PasswordChanged {}, self).await;
+                self.existing()?;
+                UserEvent::PasswordChanged {}
             }
-        }
+            UserCommand::SignOut => {
+                self.existing()?;
+                UserEvent::UserSignedOut {}
+            }
+        };
+        sink.write(event, self).await;
         Ok(())
     }
 
@@ -152,7 +258,10 @@ impl Aggregate for User {
                 self.org_id = Some(org_id);
                 self.role = Some(role);
             }
-            UserEvent::PasswordChanged {} => {}
+            UserEvent::UserRoleChanged { to, .. } => self.role = Some(to),
+            UserEvent::UserDeactivated {} => self.deactivated = true,
+            UserEvent::UserReactivated {} => self.deactivated = false,
+            UserEvent::PasswordChanged {} | UserEvent::UserSignedOut {} => {}
         }
     }
 }
@@ -160,55 +269,151 @@ impl Aggregate for User {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::access::builtin_policy;
     use cqrs_es::test::TestFramework;
 
-    fn registered(user_id: Uuid, org_id: Uuid) -> UserEvent {
+    fn registered(user_id: Uuid, org_id: Uuid, role: Role) -> UserEvent {
         UserEvent::UserRegistered {
             user_id,
             org_id,
-            role: Role::Owner,
-            person: Person {
-                email: Email::parse("owner@example.com").unwrap(),
-                display_name: Name::parse("Owner").unwrap(),
-            },
+            role: RoleRef::Builtin(role),
+            person: person(),
+        }
+    }
+
+    fn person() -> Person {
+        Person {
+            email: Email::parse("owner@example.com").unwrap(),
+            display_name: Name::parse("Owner").unwrap(),
+        }
+    }
+
+    fn grant(role: Role) -> Grant {
+        Grant {
+            role: RoleRef::Builtin(role),
+            policy: builtin_policy(role),
+        }
+    }
+
+    fn by(role: Role) -> Grantor {
+        Grantor {
+            is_owner: role == Role::Owner,
+            policy: builtin_policy(role),
+        }
+    }
+
+    fn register(u: Uuid, o: Uuid, role: Role, actor: Role) -> UserCommand {
+        UserCommand::Register {
+            user_id: u,
+            org_id: o,
+            person: person(),
+            grant: grant(role),
+            by: by(actor),
         }
     }
 
     #[test]
     fn register_then_refuse_a_second_registration() {
         let (u, o) = (Uuid::now_v7(), Uuid::now_v7());
-        let UserEvent::UserRegistered { person, .. } = registered(u, o) else {
-            unreachable!()
-        };
         TestFramework::<User>::with(())
             .given_no_previous_events()
-            .when(UserCommand::Register {
-                user_id: u,
-                org_id: o,
-                person: person.clone(),
-                role: Role::Owner,
-            })
-            .then_expect_events(vec![registered(u, o)]);
+            .when(register(u, o, Role::Owner, Role::Owner))
+            .then_expect_events(vec![registered(u, o, Role::Owner)]);
         TestFramework::<User>::with(())
-            .given(vec![registered(u, o)])
-            .when(UserCommand::Register {
-                user_id: u,
-                org_id: o,
-                person,
-                role: Role::Owner,
-            })
+            .given(vec![registered(u, o, Role::Owner)])
+            .when(register(u, o, Role::Owner, Role::Owner))
             .then_expect_error(UserError::AlreadyExists);
     }
 
     #[test]
-    fn password_change_needs_a_user() {
-        TestFramework::<User>::with(())
-            .given_no_previous_events()
-            .when(UserCommand::ChangePassword)
-            .then_expect_error(UserError::NotFound);
+    fn nobody_grants_more_than_they_hold() {
         let (u, o) = (Uuid::now_v7(), Uuid::now_v7());
         TestFramework::<User>::with(())
-            .given(vec![registered(u, o)])
+            .given_no_previous_events()
+            .when(register(u, o, Role::Owner, Role::Admin))
+            .then_expect_error(UserError::OnlyOwnerGrantsOwner);
+        let result = TestFramework::<User>::with(())
+            .given_no_previous_events()
+            .when(register(u, o, Role::Team, Role::Support))
+            .inspect_result();
+        let Err(UserError::ExceedsOwnGrant(excess)) = result else {
+            panic!("{result:?}")
+        };
+        assert!(excess.contains(&"contacts.create".to_owned()), "{excess:?}");
+        TestFramework::<User>::with(())
+            .given_no_previous_events()
+            .when(register(u, o, Role::Viewer, Role::Admin))
+            .then_expect_events(vec![registered(u, o, Role::Viewer)]);
+    }
+
+    #[test]
+    fn only_an_owner_changes_an_owner() {
+        let (u, o) = (Uuid::now_v7(), Uuid::now_v7());
+        TestFramework::<User>::with(())
+            .given(vec![registered(u, o, Role::Owner)])
+            .when(UserCommand::ChangeRole {
+                grant: grant(Role::Viewer),
+                by: by(Role::Admin),
+            })
+            .then_expect_error(UserError::OnlyOwnerChangesOwner);
+        TestFramework::<User>::with(())
+            .given(vec![registered(u, o, Role::Owner)])
+            .when(UserCommand::Deactivate {
+                by: by(Role::Admin),
+            })
+            .then_expect_error(UserError::OnlyOwnerChangesOwner);
+        TestFramework::<User>::with(())
+            .given(vec![registered(u, o, Role::Owner)])
+            .when(UserCommand::ChangeRole {
+                grant: grant(Role::Admin),
+                by: by(Role::Owner),
+            })
+            .then_expect_events(vec![UserEvent::UserRoleChanged {
+                from: RoleRef::Builtin(Role::Owner),
+                to: RoleRef::Builtin(Role::Admin),
+            }]);
+    }
+
+    #[test]
+    fn deactivate_and_reactivate_are_idempotent() {
+        let (u, o) = (Uuid::now_v7(), Uuid::now_v7());
+        TestFramework::<User>::with(())
+            .given(vec![registered(u, o, Role::Team)])
+            .when(UserCommand::Deactivate {
+                by: by(Role::Admin),
+            })
+            .then_expect_events(vec![UserEvent::UserDeactivated {}]);
+        TestFramework::<User>::with(())
+            .given(vec![
+                registered(u, o, Role::Team),
+                UserEvent::UserDeactivated {},
+            ])
+            .when(UserCommand::Deactivate {
+                by: by(Role::Admin),
+            })
+            .then_expect_events(vec![]);
+        TestFramework::<User>::with(())
+            .given(vec![
+                registered(u, o, Role::Team),
+                UserEvent::UserDeactivated {},
+            ])
+            .when(UserCommand::Reactivate {
+                by: by(Role::Admin),
+            })
+            .then_expect_events(vec![UserEvent::UserReactivated {}]);
+    }
+
+    #[test]
+    fn password_change_and_sign_out_need_a_user() {
+        for cmd in [UserCommand::ChangePassword, UserCommand::SignOut] {
+            TestFramework::<User>::with(())
+                .given_no_previous_events()
+                .when(cmd)
+                .then_expect_error(UserError::NotFound);
+        }
+        let (u, o) = (Uuid::now_v7(), Uuid::now_v7());
+        TestFramework::<User>::with(())
+            .given(vec![registered(u, o, Role::Team)])
             .when(UserCommand::ChangePassword)
             .then_expect_events(vec![UserEvent::PasswordChanged {}]);
     }

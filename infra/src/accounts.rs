@@ -1,28 +1,38 @@
-//! Organisations and staff users: their commands go through the event store; login
-//! credentials sit beside it in `credentials`, mutable and erasable.
+//! Organisations, staff users and custom roles: their commands go through the event
+//! store; the current state an authorisation needs (a user's role, whether active, its
+//! token generation; an organisation's modules; custom roles' policies) is written by
+//! the same transaction that appends the events ([`Executor::execute_with`]), so it is
+//! never ahead of or behind them. Login credentials sit beside the store in
+//! `credentials`, mutable and erasable.
 
+use std::collections::BTreeSet;
+
+use crm_domain::access::{builtin_policy, Module, Policy, Role, RoleRef};
 use crm_domain::metadata::EventMetadata;
-use crm_domain::organization::{Organization, OrganizationCommand, OrganizationError};
-use crm_domain::user::{Person, Role, User, UserCommand, UserError};
+use crm_domain::organization::{
+    Organization, OrganizationCommand, OrganizationError, OrganizationEvent,
+};
+use crm_domain::role::{CustomRole, RoleCommand, RoleError, RoleEvent};
+use crm_domain::user::{Grant, Grantor, Person, User, UserCommand, UserError, UserEvent};
 use crm_domain::values::{Email, Name};
-use deadpool_postgres::GenericClient;
-use deadpool_postgres::Pool;
+use deadpool_postgres::{GenericClient, Pool, Transaction};
+use futures::FutureExt;
 use tokio_postgres::error::SqlState;
 use uuid::Uuid;
 
-use crate::commands::{CommandError, Executor};
+use crate::commands::{CommandError, CommandOutcome, Executor};
 use crate::event_store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AccountError {
-    #[error("an account with this email already exists")]
-    EmailTaken,
     #[error("organisation not found")]
     NoSuchOrganization,
     #[error(transparent)]
     Organization(#[from] CommandError<OrganizationError>),
     #[error(transparent)]
     User(#[from] CommandError<UserError>),
+    #[error(transparent)]
+    Role(#[from] CommandError<RoleError>),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("database: {}", crate::db::describe(.0))]
@@ -38,34 +48,198 @@ pub struct Credential {
     pub org_id: Uuid,
     pub password_hash: String,
     pub active: bool,
+    pub token_generation: i32,
+}
+
+/// What a staff user may do right now: read for every request.
+#[derive(Debug, Clone)]
+pub struct Access {
+    pub user_id: Uuid,
+    pub org_id: Uuid,
+    pub role: RoleRef,
+    pub policy: Policy,
+    pub modules: BTreeSet<Module>,
+    pub token_generation: i32,
+}
+
+impl Access {
+    /// What this user may grant to others.
+    pub fn grantor(&self) -> Grantor {
+        Grantor {
+            is_owner: self.role.is_owner(),
+            policy: self.policy.clone(),
+        }
+    }
+}
+
+fn db<E: std::error::Error>(e: tokio_postgres::Error) -> CommandError<E> {
+    CommandError::Store(StoreError::from(e))
+}
+
+fn parse_modules(names: Vec<String>) -> BTreeSet<Module> {
+    names.iter().filter_map(|m| Module::parse(m)).collect()
+}
+
+/// The access of an active user of `org_id`, or `None` (unknown, deactivated, or
+/// holding a custom role that no longer exists: deny by default).
+pub async fn load_access(
+    client: &impl GenericClient,
+    user_id: Uuid,
+    org_id: Uuid,
+) -> Result<Option<Access>, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT c.role, c.token_generation, o.modules, r.policy, r.retired \
+             FROM credentials c JOIN organizations o ON o.org_id = c.org_id \
+             LEFT JOIN roles r ON r.role_id = c.custom_role AND r.org_id = c.org_id \
+             WHERE c.user_id = $1 AND c.org_id = $2 AND c.active",
+            &[&user_id, &org_id],
+        )
+        .await?;
+    let Some(row) = row else { return Ok(None) };
+    let role: String = row.get(0);
+    let Some(role) = RoleRef::parse(&role) else {
+        return Ok(None);
+    };
+    let policy = match role {
+        RoleRef::Builtin(r) => builtin_policy(r),
+        RoleRef::Custom(_) => {
+            let policy: Option<serde_json::Value> = row.get(3);
+            let retired: Option<bool> = row.get(4);
+            match (policy, retired) {
+                (Some(p), Some(false)) => match serde_json::from_value(p) {
+                    Ok(p) => p,
+                    Err(_) => return Ok(None),
+                },
+                _ => return Ok(None),
+            }
+        }
+    };
+    Ok(Some(Access {
+        user_id,
+        org_id,
+        role,
+        policy,
+        modules: parse_modules(row.get(2)),
+        token_generation: row.get(1),
+    }))
+}
+
+/// What a role grants in `org_id`: a built-in's policy, or a live custom role's.
+pub async fn policy_of(
+    client: &impl GenericClient,
+    org_id: Uuid,
+    role: RoleRef,
+) -> Result<Option<Policy>, tokio_postgres::Error> {
+    match role {
+        RoleRef::Builtin(r) => Ok(Some(builtin_policy(r))),
+        RoleRef::Custom(id) => {
+            let row = client
+                .query_opt(
+                    "SELECT policy FROM roles WHERE role_id = $1 AND org_id = $2 AND NOT retired",
+                    &[&id, &org_id],
+                )
+                .await?;
+            Ok(row.and_then(|r| serde_json::from_value(r.get(0)).ok()))
+        }
+    }
+}
+
+// ---- organisations ----------------------------------------------------------------
+
+fn org_effect(
+    org_id: Uuid,
+) -> impl for<'t> Fn(
+    &'t Transaction<'t>,
+    &'t [OrganizationEvent],
+) -> futures::future::BoxFuture<'t, Result<(), CommandError<OrganizationError>>>
+       + Send
+       + Sync {
+    move |tx, events| {
+        async move {
+            for event in events {
+                match event {
+                    OrganizationEvent::OrganizationCreated { .. } => {
+                        let modules: Vec<&str> =
+                            Module::DEFAULT.iter().map(|m| m.name()).collect();
+                        tx.execute(
+                            "INSERT INTO organizations (org_id, modules) VALUES ($1, $2)",
+                            &[&org_id, &modules],
+                        )
+                        .await
+                        .map_err(db)?;
+                    }
+                    OrganizationEvent::ModulesChanged { modules } => {
+                        let names: Vec<&str> = modules.iter().map(|m| m.name()).collect();
+                        tx.execute(
+                            "UPDATE organizations SET modules = $2 WHERE org_id = $1",
+                            &[&org_id, &names],
+                        )
+                        .await
+                        .map_err(db)?;
+                    }
+                    OrganizationEvent::TwoFactorRequirementChanged { required } => {
+                        tx.execute(
+                            "UPDATE organizations SET two_factor_required = $2 WHERE org_id = $1",
+                            &[&org_id, required],
+                        )
+                        .await
+                        .map_err(db)?;
+                    }
+                }
+            }
+            Ok(())
+        }
+        .boxed()
+    }
 }
 
 pub async fn create_organization(executor: &Executor, name: Name) -> Result<Uuid, AccountError> {
     let org_id = Uuid::now_v7();
     let meta = EventMetadata::system(org_id, "operator");
     executor
-        .execute::<Organization>(
+        .execute_with::<Organization>(
             org_id,
             &org_id.to_string(),
             OrganizationCommand::Create { org_id, name },
             &meta,
             Some(0),
+            &org_effect(org_id),
         )
         .await?;
     Ok(org_id)
 }
 
-pub async fn organization_exists(
+/// Runs an organisation command (modules, 2FA requirement).
+pub async fn organization_command(
     executor: &Executor,
-    pool: &Pool,
     org_id: Uuid,
-) -> Result<bool, AccountError> {
-    let client = pool.get().await?;
-    let loaded = executor
-        .load::<Organization>(&client, org_id, &org_id.to_string())
-        .await?;
-    Ok(loaded.aggregate.id.is_some())
+    command: OrganizationCommand,
+    meta: &EventMetadata,
+) -> Result<CommandOutcome, AccountError> {
+    Ok(executor
+        .execute_with::<Organization>(
+            org_id,
+            &org_id.to_string(),
+            command,
+            meta,
+            None,
+            &org_effect(org_id),
+        )
+        .await?)
 }
+
+pub async fn organization_exists(
+    client: &impl GenericClient,
+    org_id: Uuid,
+) -> Result<bool, tokio_postgres::Error> {
+    Ok(client
+        .query_opt("SELECT 1 FROM organizations WHERE org_id = $1", &[&org_id])
+        .await?
+        .is_some())
+}
+
+// ---- users ------------------------------------------------------------------------
 
 /// A staff user to register; the password is already hashed.
 #[derive(Debug, Clone)]
@@ -73,15 +247,53 @@ pub struct NewUser {
     pub org_id: Uuid,
     pub email: Email,
     pub display_name: Name,
-    pub role: Role,
+    pub role: RoleRef,
     pub password_hash: String,
 }
 
-/// Registers a staff user.
+fn custom_id(role: RoleRef) -> Option<Uuid> {
+    match role {
+        RoleRef::Custom(id) => Some(id),
+        RoleRef::Builtin(_) => None,
+    }
+}
+
+/// Every change to who holds which role in an organisation takes this lock first, so
+/// that "is anyone else still an Owner?" is answered under one writer at a time.
+async fn lock_organization(tx: &Transaction<'_>, org_id: Uuid) -> Result<(), CommandError<UserError>> {
+    tx.query_opt(
+        "SELECT 1 FROM organizations WHERE org_id = $1 FOR UPDATE",
+        &[&org_id],
+    )
+    .await
+    .map_err(db)?;
+    Ok(())
+}
+
+async fn check_an_owner_remains(
+    tx: &Transaction<'_>,
+    org_id: Uuid,
+) -> Result<(), CommandError<UserError>> {
+    let owners: i64 = tx
+        .query_one(
+            "SELECT count(*) FROM credentials WHERE org_id = $1 AND role = 'owner' AND active",
+            &[&org_id],
+        )
+        .await
+        .map_err(db)?
+        .get(0);
+    if owners == 0 {
+        return Err(CommandError::Domain(UserError::LastOwner));
+    }
+    Ok(())
+}
+
+/// Registers a staff user: the `UserRegistered` event and the login in one commit.
 pub async fn create_user(
     executor: &Executor,
     pool: &Pool,
     user: NewUser,
+    by: Grantor,
     meta: &EventMetadata,
 ) -> Result<Uuid, AccountError> {
     let NewUser {
@@ -91,27 +303,39 @@ pub async fn create_user(
         role,
         password_hash,
     } = user;
-    if !organization_exists(executor, pool, org_id).await? {
+    let client = pool.get().await?;
+    if !organization_exists(&client, org_id).await? {
         return Err(AccountError::NoSuchOrganization);
     }
+    let policy = policy_of(&client, org_id, role)
+        .await?
+        .ok_or(CommandError::Domain(UserError::UnknownRole))?;
+    drop(client);
     let user_id = Uuid::now_v7();
-    let client = pool.get().await?;
-    // Reserve the email first; the unique index makes two registrations race safely.
-    client
-        .execute(
-            "INSERT INTO credentials (user_id, org_id, email_lower, password_hash) VALUES ($1, $2, $3, $4)",
-            &[&user_id, &org_id, &email.as_str().to_lowercase(), &password_hash],
-        )
-        .await
-        .map_err(|e| {
-            if e.code() == Some(&SqlState::UNIQUE_VIOLATION) {
-                AccountError::EmailTaken
-            } else {
-                AccountError::Db(e)
-            }
-        })?;
-    let result = executor
-        .execute::<User>(
+    let email_lower = email.as_str().to_lowercase();
+    let effect = crate::commands::effect(move |tx, _: &[UserEvent]| {
+        let (email_lower, password_hash) = (email_lower.clone(), password_hash.clone());
+        async move {
+            lock_organization(tx, org_id).await?;
+            tx.execute(
+                "INSERT INTO credentials (user_id, org_id, email_lower, password_hash, role, custom_role) \
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+                &[&user_id, &org_id, &email_lower, &password_hash, &role.to_string(), &custom_id(role)],
+            )
+            .await
+            .map_err(|e| {
+                if e.code() == Some(&SqlState::UNIQUE_VIOLATION) {
+                    CommandError::Domain(UserError::EmailTaken)
+                } else {
+                    db(e)
+                }
+            })?;
+            Ok(())
+        }
+        .boxed()
+    });
+    executor
+        .execute_with::<User>(
             org_id,
             &user_id.to_string(),
             UserCommand::Register {
@@ -121,19 +345,123 @@ pub async fn create_user(
                     email,
                     display_name,
                 },
-                role,
+                grant: Grant { role, policy },
+                by,
             },
             meta,
             Some(0),
+            &effect,
         )
-        .await;
-    if let Err(e) = result {
-        client
-            .execute("DELETE FROM credentials WHERE user_id = $1", &[&user_id])
-            .await?;
-        return Err(e.into());
-    }
+        .await?;
     Ok(user_id)
+}
+
+/// Applies a user's events to its login row, and refuses what would leave the
+/// organisation without an active Owner.
+fn user_effect(
+    org_id: Uuid,
+    user_id: Uuid,
+) -> impl for<'t> Fn(
+    &'t Transaction<'t>,
+    &'t [UserEvent],
+) -> futures::future::BoxFuture<'t, Result<(), CommandError<UserError>>>
+       + Send
+       + Sync {
+    move |tx, events| {
+        async move {
+            lock_organization(tx, org_id).await?;
+            for event in events {
+                let (sql, role): (&str, Option<RoleRef>) = match event {
+                    UserEvent::UserRoleChanged { to, .. } => (
+                        "UPDATE credentials SET role = $2, custom_role = $3, updated_at = now() WHERE user_id = $1",
+                        Some(*to),
+                    ),
+                    UserEvent::UserDeactivated {} => (
+                        "UPDATE credentials SET active = false, token_generation = token_generation + 1, updated_at = now() WHERE user_id = $1",
+                        None,
+                    ),
+                    UserEvent::UserReactivated {} => (
+                        "UPDATE credentials SET active = true, updated_at = now() WHERE user_id = $1",
+                        None,
+                    ),
+                    UserEvent::PasswordChanged {} | UserEvent::UserSignedOut {} => (
+                        "UPDATE credentials SET token_generation = token_generation + 1, updated_at = now() WHERE user_id = $1",
+                        None,
+                    ),
+                    UserEvent::UserRegistered { .. } => continue,
+                };
+                match role {
+                    Some(r) => tx
+                        .execute(sql, &[&user_id, &r.to_string(), &custom_id(r)])
+                        .await
+                        .map_err(db)?,
+                    None => tx.execute(sql, &[&user_id]).await.map_err(db)?,
+                };
+            }
+            check_an_owner_remains(tx, org_id).await
+        }
+        .boxed()
+    }
+}
+
+/// A change to an existing user of `org_id` (role, deactivation, sign-out).
+pub async fn user_command(
+    executor: &Executor,
+    org_id: Uuid,
+    user_id: Uuid,
+    command: UserCommand,
+    meta: &EventMetadata,
+) -> Result<CommandOutcome, AccountError> {
+    let effect = user_effect(org_id, user_id);
+    Ok(executor
+        .execute_with::<User>(org_id, &user_id.to_string(), command, meta, None, &effect)
+        .await?)
+}
+
+/// Changes a user's password: the new hash, the `PasswordChanged` event and the end
+/// of every token issued before, in one commit. Returns the new token generation.
+pub async fn change_password(
+    executor: &Executor,
+    pool: &Pool,
+    org_id: Uuid,
+    user_id: Uuid,
+    password_hash: String,
+    meta: &EventMetadata,
+) -> Result<i32, AccountError> {
+    let inner = user_effect(org_id, user_id);
+    let effect = crate::commands::effect(move |tx, events: &[UserEvent]| {
+        let hash = password_hash.clone();
+        let applied = inner(tx, events);
+        async move {
+            applied.await?;
+            tx.execute(
+                "UPDATE credentials SET password_hash = $2 WHERE user_id = $1",
+                &[&user_id, &hash],
+            )
+            .await
+            .map_err(db)?;
+            Ok(())
+        }
+        .boxed()
+    });
+    executor
+        .execute_with::<User>(
+            org_id,
+            &user_id.to_string(),
+            UserCommand::ChangePassword,
+            meta,
+            None,
+            &effect,
+        )
+        .await?;
+    let client = pool.get().await?;
+    Ok(client
+        .query_one(
+            "SELECT token_generation FROM credentials WHERE user_id = $1",
+            &[&user_id],
+        )
+        .await?
+        .get(0))
 }
 
 /// The login stored for an email address, if any.
@@ -143,7 +471,7 @@ pub async fn find_credential(
 ) -> Result<Option<Credential>, tokio_postgres::Error> {
     let row = client
         .query_opt(
-            "SELECT user_id, org_id, password_hash, active FROM credentials WHERE email_lower = $1",
+            "SELECT user_id, org_id, password_hash, active, token_generation FROM credentials WHERE email_lower = $1",
             &[&email.trim().to_lowercase()],
         )
         .await?;
@@ -152,7 +480,58 @@ pub async fn find_credential(
         org_id: r.get(1),
         password_hash: r.get(2),
         active: r.get(3),
+        token_generation: r.get(4),
     }))
+}
+
+/// The login of a user, by id.
+pub async fn credential_of(
+    client: &impl GenericClient,
+    user_id: Uuid,
+) -> Result<Option<Credential>, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT user_id, org_id, password_hash, active, token_generation FROM credentials WHERE user_id = $1",
+            &[&user_id],
+        )
+        .await?;
+    Ok(row.map(|r| Credential {
+        user_id: r.get(0),
+        org_id: r.get(1),
+        password_hash: r.get(2),
+        active: r.get(3),
+        token_generation: r.get(4),
+    }))
+}
+
+/// A user as listed to staff (no personal data beyond what the caller's org holds).
+#[derive(Debug, Clone)]
+pub struct UserRow {
+    pub user_id: Uuid,
+    pub email: String,
+    pub role: String,
+    pub active: bool,
+}
+
+/// The users of an organisation, oldest first.
+pub async fn list_users(
+    client: &impl GenericClient,
+    org_id: Uuid,
+) -> Result<Vec<UserRow>, tokio_postgres::Error> {
+    Ok(client
+        .query(
+            "SELECT user_id, email_lower, role, active FROM credentials WHERE org_id = $1 ORDER BY user_id",
+            &[&org_id],
+        )
+        .await?
+        .iter()
+        .map(|r| UserRow {
+            user_id: r.get(0),
+            email: r.get(1),
+            role: r.get(2),
+            active: r.get(3),
+        })
+        .collect())
 }
 
 /// Whether the store holds no event at all (a fresh installation).
@@ -161,4 +540,119 @@ pub async fn store_is_empty(client: &impl GenericClient) -> Result<bool, tokio_p
         .query_one("SELECT NOT EXISTS (SELECT 1 FROM events)", &[])
         .await?
         .get(0))
+}
+
+// ---- custom roles -----------------------------------------------------------------
+
+/// A custom role as stored.
+#[derive(Debug, Clone)]
+pub struct RoleRow {
+    pub role_id: Uuid,
+    pub name: String,
+    pub policy: Policy,
+    pub retired: bool,
+}
+
+fn role_effect(
+    org_id: Uuid,
+    role_id: Uuid,
+) -> impl for<'t> Fn(
+    &'t Transaction<'t>,
+    &'t [RoleEvent],
+) -> futures::future::BoxFuture<'t, Result<(), CommandError<RoleError>>>
+       + Send
+       + Sync {
+    move |tx, events| {
+        async move {
+            tx.query_opt(
+                "SELECT 1 FROM organizations WHERE org_id = $1 FOR UPDATE",
+                &[&org_id],
+            )
+            .await
+            .map_err(db)?;
+            for event in events {
+                match event {
+                    RoleEvent::RoleDefined { name, policy, .. }
+                    | RoleEvent::RoleChanged { name, policy } => {
+                        let policy = serde_json::to_value(policy)
+                            .map_err(|e| CommandError::Store(StoreError::Corrupt(0, e.to_string())))?;
+                        tx.execute(
+                            "INSERT INTO roles (role_id, org_id, name, policy) VALUES ($1, $2, $3, $4) \
+                             ON CONFLICT (role_id) DO UPDATE SET name = EXCLUDED.name, policy = EXCLUDED.policy",
+                            &[&role_id, &org_id, &name.as_str(), &policy],
+                        )
+                        .await
+                        .map_err(db)?;
+                    }
+                    RoleEvent::RoleRetired {} => {
+                        let holders: i64 = tx
+                            .query_one(
+                                "SELECT (SELECT count(*) FROM credentials WHERE custom_role = $1 AND active) \
+                                      + (SELECT count(*) FROM api_keys WHERE custom_role = $1 AND revoked_at IS NULL)",
+                                &[&role_id],
+                            )
+                            .await
+                            .map_err(db)?
+                            .get(0);
+                        if holders > 0 {
+                            return Err(CommandError::Domain(RoleError::InUse(holders)));
+                        }
+                        tx.execute("UPDATE roles SET retired = true WHERE role_id = $1", &[&role_id])
+                            .await
+                            .map_err(db)?;
+                    }
+                }
+            }
+            Ok(())
+        }
+        .boxed()
+    }
+}
+
+/// Runs a command on a custom role of `org_id`.
+pub async fn role_command(
+    executor: &Executor,
+    org_id: Uuid,
+    role_id: Uuid,
+    command: RoleCommand,
+    meta: &EventMetadata,
+    expected_version: Option<i64>,
+) -> Result<CommandOutcome, AccountError> {
+    let effect = role_effect(org_id, role_id);
+    Ok(executor
+        .execute_with::<CustomRole>(
+            org_id,
+            &role_id.to_string(),
+            command,
+            meta,
+            expected_version,
+            &effect,
+        )
+        .await?)
+}
+
+/// The custom roles of an organisation.
+pub async fn list_roles(
+    client: &impl GenericClient,
+    org_id: Uuid,
+) -> Result<Vec<RoleRow>, tokio_postgres::Error> {
+    Ok(client
+        .query(
+            "SELECT role_id, name, policy, retired FROM roles WHERE org_id = $1 ORDER BY role_id",
+            &[&org_id],
+        )
+        .await?
+        .iter()
+        .map(|r| RoleRow {
+            role_id: r.get(0),
+            name: r.get(1),
+            policy: serde_json::from_value(r.get(2)).unwrap_or_default(),
+            retired: r.get(3),
+        })
+        .collect())
+}
+
+/// The built-in roles, for listing next to the custom ones.
+pub fn builtin_roles() -> impl Iterator<Item = (Role, Policy)> {
+    Role::ALL.into_iter().map(|r| (r, builtin_policy(r)))
 }

@@ -54,6 +54,30 @@ impl<E: std::error::Error> From<StoreError> for CommandError<E> {
     }
 }
 
+/// Work done in the transaction that appends a command's events, before it commits:
+/// keeps a table of current state (who holds which role) exactly in step with the
+/// events, and may refuse the command on what it finds there (the last Owner).
+pub type Effect<'f, E, Err> = &'f (dyn for<'t> Fn(
+    &'t deadpool_postgres::Transaction<'t>,
+    &'t [E],
+) -> futures::future::BoxFuture<'t, Result<(), CommandError<Err>>>
+         + Send
+         + Sync);
+
+/// Gives a closure the signature of an [`Effect`] (closures do not infer it).
+pub fn effect<E, Err, F>(f: F) -> F
+where
+    Err: std::error::Error,
+    F: for<'t> Fn(
+            &'t deadpool_postgres::Transaction<'t>,
+            &'t [E],
+        ) -> futures::future::BoxFuture<'t, Result<(), CommandError<Err>>>
+        + Send
+        + Sync,
+{
+    f
+}
+
 /// An event read back from the store with its personal data decrypted.
 #[derive(Debug, Clone)]
 pub struct DecodedEvent {
@@ -308,27 +332,29 @@ impl Executor {
 
     /// Any number of events in one transaction, one commit: a new subject's data key is
     /// stored together with the events it encrypts.
-    async fn append_in_transaction<E: DomainEvent + PersonalData>(
+    async fn append_in_transaction<E: DomainEvent + PersonalData, Err: std::error::Error>(
         &self,
         client: &mut deadpool_postgres::Object,
         stream: &StreamId<'_>,
         head: &StreamHead,
         events: &[E],
         meta_json: &Value,
-    ) -> Result<Vec<event_store::Appended>, StoreError> {
+        effect: Option<Effect<'_, E, Err>>,
+    ) -> Result<Vec<event_store::Appended>, CommandError<Err>> {
         let (org_id, id) = (stream.org_id, stream.aggregate_id);
-        let tx = client.transaction().await?;
+        let tx = client.transaction().await.map_err(StoreError::from)?;
         let mut pending = Vec::with_capacity(events.len());
         let mut key = None;
         for event in events {
-            let mut payload =
-                serde_json::to_value(event).map_err(|e| StoreError::Corrupt(0, e.to_string()))?;
+            let mut payload = serde_json::to_value(event)
+                .map_err(|e| CommandError::from(StoreError::Corrupt(0, e.to_string())))?;
             let mut meta = meta_json.clone();
             let sections = event.personal_sections();
             let used = self
                 .crypto
                 .encrypt_event(&tx, &org_id, id, sections, &mut payload, &mut meta)
-                .await?;
+                .await
+                .map_err(StoreError::from)?;
             key = key.or(used);
             pending.push(PendingEvent {
                 event_type: event.event_type(),
@@ -337,8 +363,15 @@ impl Executor {
                 metadata: meta,
             });
         }
-        let appended = event_store::append(&tx, stream, head, pending).await?;
-        tx.commit().await.map_err(event_store::conflict_or_db)?;
+        let appended = event_store::append(&tx, stream, head, pending)
+            .await
+            .map_err(CommandError::from)?;
+        if let Some(effect) = effect {
+            effect(&tx, events).await?;
+        }
+        tx.commit()
+            .await
+            .map_err(|e| CommandError::from(event_store::conflict_or_db(e)))?;
         if let Some(key) = key {
             // Committed now: readers (projectors in this process) may use it.
             self.crypto.remember(&org_id, id, &key);
@@ -369,7 +402,7 @@ impl Executor {
         );
         let started = Instant::now();
         let result = self
-            .execute_inner::<A>(org_id, id, command, metadata, expected_version)
+            .execute_inner::<A>(org_id, id, command, metadata, expected_version, None)
             .instrument(span)
             .await;
         let outcome = match &result {
@@ -395,6 +428,39 @@ impl Executor {
         result
     }
 
+    /// [`Self::execute`], with `effect` run in the appending transaction.
+    pub async fn execute_with<A>(
+        &self,
+        org_id: Uuid,
+        id: &str,
+        command: A::Command,
+        metadata: &EventMetadata,
+        expected_version: Option<i64>,
+        effect: Effect<'_, A::Event, A::Error>,
+    ) -> Result<CommandOutcome, CommandError<A::Error>>
+    where
+        A: Aggregate<Services = ()>,
+        A::Event: PersonalData,
+    {
+        let result = self
+            .execute_inner::<A>(org_id, id, command, metadata, expected_version, Some(effect))
+            .await;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(CommandError::Domain(_)) => "rejected",
+            Err(CommandError::Conflict | CommandError::VersionMismatch { .. }) => "conflict",
+            Err(CommandError::Store(_)) => "error",
+        };
+        METRICS
+            .commands
+            .with_label_values(&[A::TYPE, outcome])
+            .inc();
+        if let Err(CommandError::Store(e)) = &result {
+            tracing::error!(error = %e, "command failed in the store");
+        }
+        result
+    }
+
     async fn execute_inner<A>(
         &self,
         org_id: Uuid,
@@ -402,6 +468,7 @@ impl Executor {
         command: A::Command,
         metadata: &EventMetadata,
         expected_version: Option<i64>,
+        effect: Option<Effect<'_, A::Event, A::Error>>,
     ) -> Result<CommandOutcome, CommandError<A::Error>>
     where
         A: Aggregate<Services = ()>,
@@ -451,7 +518,7 @@ impl Executor {
         };
         let append_started = Instant::now();
         let fast = match events.as_slice() {
-            [event] => {
+            [event] if effect.is_none() => {
                 self.append_single(&stream, &head, event, &meta_json)
                     .await?
             }
@@ -461,8 +528,15 @@ impl Executor {
             Some(appended) => vec![appended],
             None => {
                 let mut client = self.pool.get().await.map_err(StoreError::from)?;
-                self.append_in_transaction(&mut client, &stream, &head, &events, &meta_json)
-                    .await?
+                self.append_in_transaction(
+                    &mut client,
+                    &stream,
+                    &head,
+                    &events,
+                    &meta_json,
+                    effect,
+                )
+                .await?
             }
         };
         self.notifier.poke();

@@ -12,7 +12,7 @@ use crm_api::config::{HttpSettings, JwtSettings, Settings};
 use crm_api::startup::Application;
 use crm_api::state::AppState;
 use crm_domain::metadata::EventMetadata;
-use crm_domain::user::Role;
+use crm_domain::user::{Grantor, Role, RoleRef};
 use crm_domain::values::{Email, Name};
 use crm_infra::settings::{DatabaseSettings, KeySettings, NatsSettings};
 use secrecy::SecretString;
@@ -162,7 +162,7 @@ impl TestApp {
         }));
         let (org_id, user_id) =
             create_org_and_user(&state, "Acme", &format!("owner-{id}@example.com")).await;
-        let token = state.tokens.issue(user_id, org_id).unwrap();
+        let token = state.tokens.issue(user_id, org_id, 0).unwrap();
         Self {
             base: format!("http://{addr}"),
             http: reqwest::Client::new(),
@@ -182,7 +182,14 @@ impl TestApp {
     pub async fn another_org(&self, name: &str) -> (Uuid, Uuid, String) {
         let email = format!("{}@other.example.com", Uuid::new_v4().simple());
         let (org, user) = create_org_and_user(&self.state, name, &email).await;
-        (org, user, self.state.tokens.issue(user, org).unwrap())
+        (org, user, self.state.tokens.issue(user, org, 0).unwrap())
+    }
+
+    /// A user of the test's organisation with `role`; returns (user, token).
+    pub async fn user_with_role(&self, role: RoleRef) -> (Uuid, String) {
+        let email = format!("{}@example.com", Uuid::new_v4().simple());
+        let user = create_user_with_role(&self.state, self.org_id, &email, TEST_HASH, role).await;
+        (user, self.state.tokens.issue(user, self.org_id, 0).unwrap())
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -302,29 +309,45 @@ pub async fn create_org_and_user(state: &AppState, org_name: &str, email: &str) 
         crm_infra::accounts::create_organization(&state.executor, Name::parse(org_name).unwrap())
             .await
             .unwrap();
-    let user = create_user(
-        state,
-        org,
-        email,
-        "$2b$04$invalidinvalidinvalidinvalidinvalidinvalidinvalidinvali",
-    )
-    .await;
+    let user = create_user(state, org, email, TEST_HASH).await;
     (org, user)
 }
 
+/// A bcrypt hash no password matches (tests mint their tokens).
+pub const TEST_HASH: &str = "$2b$04$invalidinvalidinvalidinvalidinvalidinvalidinvalidinvali";
+
 /// Registers a staff user (owner) of `org` with the given bcrypt hash.
 pub async fn create_user(state: &AppState, org: Uuid, email: &str, password_hash: &str) -> Uuid {
+    create_user_with_role(
+        state,
+        org,
+        email,
+        password_hash,
+        RoleRef::Builtin(Role::Owner),
+    )
+    .await
+}
+
+/// Registers a staff user of `org` with `role`, as the operator would.
+pub async fn create_user_with_role(
+    state: &AppState,
+    org: Uuid,
+    email: &str,
+    password_hash: &str,
+    role: RoleRef,
+) -> Uuid {
     let user = crm_infra::accounts::NewUser {
         org_id: org,
         email: Email::parse(email).unwrap(),
         display_name: Name::parse("Owner").unwrap(),
-        role: Role::Owner,
+        role,
         password_hash: password_hash.to_owned(),
     };
     crm_infra::accounts::create_user(
         &state.executor,
         &state.pool,
         user,
+        Grantor::operator(),
         &EventMetadata::system(org, "test"),
     )
     .await

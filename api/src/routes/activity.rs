@@ -8,7 +8,7 @@ use warp::reply::Response;
 use warp::Filter;
 
 use super::{
-    consistency, parse_limit, parse_query, parse_time, raw_query, staff, with_state, Authed,
+    allowed, consistency, parse_limit, parse_query, parse_time, raw_query, with_state, Authed,
 };
 use crate::error::{finish, json_response, ApiError};
 use crate::state::AppState;
@@ -17,7 +17,7 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
     warp::path!("v1" / "activity")
         .and(warp::get())
         .and(with_state(state.clone()))
-        .and(staff(state))
+        .and(allowed(state, crm_domain::access::Permission::ActivityRead))
         .and(raw_query())
         .and_then(|s: AppState, a: Authed, q: String| async move {
             let rid = a.ctx.request_id.clone();

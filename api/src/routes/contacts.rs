@@ -23,9 +23,11 @@ use warp::reply::Response;
 use warp::Filter;
 
 use super::{
-    body, consistency, parse_limit, parse_query, parse_time, raw_query, require_json, staff,
+    allowed, body, consistency, parse_limit, parse_query, parse_time, raw_query, require_json,
     with_state, Authed,
 };
+use crate::visibility;
+use crm_domain::access::Permission;
 use crate::error::{finish, json_response, parse_json, ApiError, FieldError};
 use crate::state::AppState;
 
@@ -246,6 +248,24 @@ fn view_json(v: &ContactView) -> Value {
     out
 }
 
+/// The names of the fields a profile sets (`custom` for any custom field).
+fn set_names(profile: &ContactProfile) -> Vec<String> {
+    match serde_json::to_value(profile) {
+        Ok(Value::Object(m)) => m.keys().cloned().collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// 403 naming the first field the caller may not write, among those `changes` touches.
+fn check_writes(a: &Authed, changes: &ContactChanges) -> Result<(), ApiError> {
+    let mut names = set_names(&changes.set);
+    names.extend(changes.cleared.iter().map(|f| f.name().to_owned()));
+    if !changes.cleared_custom.is_empty() {
+        names.push("custom".into());
+    }
+    visibility::check_writes(&a.access.policy, names.iter().map(String::as_str))
+}
+
 fn outcome_json(o: &CommandOutcome) -> Value {
     json!({ "id": o.id, "version": o.version, "positions": o.positions })
 }
@@ -255,7 +275,7 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
     let create = warp::path!("v1" / "contacts")
         .and(warp::post())
         .and(with_state(state.clone()))
-        .and(staff(state.clone()))
+        .and(allowed(state.clone(), Permission::ContactsCreate))
         .and(body(limit))
         .and_then(
             |s: AppState, a: Authed, ct: Option<String>, b: bytes::Bytes| async move {
@@ -266,7 +286,7 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
     let update = warp::path!("v1" / "contacts" / String)
         .and(warp::patch())
         .and(with_state(state.clone()))
-        .and(staff(state.clone()))
+        .and(allowed(state.clone(), Permission::ContactsUpdate))
         .and(body(limit))
         .and_then(
             |id: String, s: AppState, a: Authed, ct: Option<String>, b: bytes::Bytes| async move {
@@ -277,7 +297,7 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
     let archive = warp::path!("v1" / "contacts" / String / "archive")
         .and(warp::post())
         .and(with_state(state.clone()))
-        .and(staff(state.clone()))
+        .and(allowed(state.clone(), Permission::ContactsArchive))
         .and_then(|id: String, s: AppState, a: Authed| async move {
             let rid = a.ctx.request_id.clone();
             finish(archive(s, a, id).await, &rid)
@@ -285,7 +305,7 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
     let history = warp::path!("v1" / "contacts" / String / "history")
         .and(warp::get())
         .and(with_state(state.clone()))
-        .and(staff(state.clone()))
+        .and(allowed(state.clone(), Permission::ContactsHistory))
         .and_then(|id: String, s: AppState, a: Authed| async move {
             let rid = a.ctx.request_id.clone();
             finish(history(s, a, id).await, &rid)
@@ -293,7 +313,7 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
     let get_one = warp::path!("v1" / "contacts" / String)
         .and(warp::get())
         .and(with_state(state.clone()))
-        .and(staff(state.clone()))
+        .and(allowed(state.clone(), Permission::ContactsRead))
         .and(raw_query())
         .and_then(|id: String, s: AppState, a: Authed, q: String| async move {
             let rid = a.ctx.request_id.clone();
@@ -302,7 +322,7 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
     let list = warp::path!("v1" / "contacts")
         .and(warp::get())
         .and(with_state(state.clone()))
-        .and(staff(state))
+        .and(allowed(state, Permission::ContactsRead))
         .and(raw_query())
         .and_then(|s: AppState, a: Authed, q: String| async move {
             let rid = a.ctx.request_id.clone();
@@ -351,6 +371,13 @@ async fn create(
         );
         return Err(ApiError::Validation(fields));
     }
+    check_writes(
+        &a,
+        &ContactChanges {
+            set: parsed.set.clone(),
+            ..Default::default()
+        },
+    )?;
     let id = Uuid::now_v7();
     let command = ContactCommand::Create {
         contact_id: id,
@@ -407,6 +434,7 @@ async fn update(
             "names no field to change",
         )]));
     }
+    check_writes(&a, &changes)?;
     let outcome = s
         .executor
         .execute::<Contact>(
@@ -447,6 +475,8 @@ async fn get_one(s: AppState, a: Authed, id: String, raw: String) -> Result<Resp
     let id = parse_id(&id)?;
     let q = parse_query(&raw, &["as_of", "min_position", "wait_ms"])?;
     if let Some(as_of) = q.get("as_of") {
+        // Reading the past is reading history.
+        a.require(Permission::ContactsHistory)?;
         let as_of = parse_time("as_of", as_of)?;
         return as_of_read(s, a, id, as_of).await;
     }
@@ -456,11 +486,9 @@ async fn get_one(s: AppState, a: Authed, id: String, raw: String) -> Result<Resp
     let view = contacts_rm::get(&client, a.caller.org_id, id)
         .await?
         .ok_or(ApiError::NotFound("contact not found"))?;
-    Ok(json_response(
-        StatusCode::OK,
-        &view_json(&view),
-        &a.ctx.request_id,
-    ))
+    let mut body = view_json(&view);
+    visibility::contact(&a.access.policy, &mut body);
+    Ok(json_response(StatusCode::OK, &body, &a.ctx.request_id))
 }
 
 /// The contact as it was at `as_of`, rebuilt from its events.
@@ -493,6 +521,7 @@ async fn as_of_read(
     let mut body = contact_json(id, version, &contact.profile, contact.archived);
     body["as_of"] = json!(as_of);
     body["updated_at"] = json!(updated_at);
+    visibility::contact(&a.access.policy, &mut body);
     Ok(json_response(StatusCode::OK, &body, &a.ctx.request_id))
 }
 
@@ -512,11 +541,13 @@ async fn history(s: AppState, a: Authed, id: String) -> Result<Response, ApiErro
     let mut items = Vec::with_capacity(events.len());
     for stored in events {
         let d = decode(s.executor.crypto(), &client, stored).await?;
-        let data = d
+        let mut data = d
             .payload
             .as_object()
             .and_then(|o| o.values().next().cloned())
             .unwrap_or(Value::Null);
+        let mut metadata = serde_json::to_value(&d.metadata).unwrap_or(Value::Null);
+        visibility::contact_event(&a.access.policy, &mut data, &mut metadata);
         items.push(json!({
             "event_id": d.stored.event_id,
             "sequence": d.stored.sequence,
@@ -525,7 +556,7 @@ async fn history(s: AppState, a: Authed, id: String) -> Result<Response, ApiErro
             "version": d.stored.event_version,
             "recorded_at": d.stored.recorded_at,
             "data": data,
-            "metadata": d.metadata,
+            "metadata": metadata,
             "hash": d.stored.hash,
         }));
     }
@@ -553,6 +584,16 @@ async fn list(s: AppState, a: Authed, raw: String) -> Result<Response, ApiError>
     )?;
     let (pos, wait) = consistency(&q)?;
     let limit = parse_limit(&q)?;
+    let policy = &a.access.policy;
+    for (param, fields) in [
+        ("email", &["email"][..]),
+        ("company", &["company"][..]),
+        ("q", &["given_name", "family_name", "email", "company"][..]),
+    ] {
+        if q.contains_key(param) {
+            visibility::check_filters(policy, fields.iter().copied())?;
+        }
+    }
     let archived = match q.get("archived").map(String::as_str) {
         None | Some("false") => Some(false),
         Some("true") => Some(true),
@@ -589,7 +630,14 @@ async fn list(s: AppState, a: Authed, raw: String) -> Result<Response, ApiError>
     let next = (views.len() as i64 == limit)
         .then(|| views.last().map(|v| v.id))
         .flatten();
-    let items: Vec<Value> = views.iter().map(view_json).collect();
+    let items: Vec<Value> = views
+        .iter()
+        .map(|v| {
+            let mut json = view_json(v);
+            visibility::contact(policy, &mut json);
+            json
+        })
+        .collect();
     Ok(json_response(
         StatusCode::OK,
         &json!({ "items": items, "next_after": next }),

@@ -74,7 +74,7 @@ async fn login(
     };
     let token = state
         .tokens
-        .issue(c.user_id, c.org_id)
+        .issue(c.user_id, c.org_id, c.token_generation)
         .map_err(ApiError::internal)?;
     Ok(json_response(
         StatusCode::OK,

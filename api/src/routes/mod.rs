@@ -5,6 +5,9 @@ pub mod contacts;
 pub mod cors;
 pub mod health;
 pub mod login;
+pub mod reports;
+pub mod roles;
+pub mod users;
 
 use std::collections::HashMap;
 
@@ -18,15 +21,45 @@ use warp::reply::Response;
 use warp::{Filter, Rejection};
 
 use crate::auth::Caller;
+use crm_domain::access::Permission;
+use crm_infra::accounts::Access;
 use crate::context::{request_context, RequestContext};
 use crate::error::{ApiError, ApiRejection};
 use crate::state::AppState;
 
-/// An authenticated staff request.
+/// An authenticated staff request, with what the caller may do right now.
 #[derive(Debug, Clone)]
 pub struct Authed {
     pub caller: Caller,
+    pub access: Access,
     pub ctx: RequestContext,
+}
+
+impl Authed {
+    /// The one check of a request's permission: the module it belongs to must be
+    /// active for the organisation, and the caller's role must hold the permission.
+    pub fn require(&self, permission: Permission) -> Result<(), ApiError> {
+        let module = permission.module();
+        if !self.access.modules.contains(&module) {
+            return Err(ApiError::Forbidden {
+                code: "module_inactive",
+                message: format!(
+                    "the `{}` module is not active for this organisation",
+                    module.name()
+                ),
+            });
+        }
+        if !self.access.policy.allows(permission) {
+            return Err(ApiError::Forbidden {
+                code: "permission_denied",
+                message: format!(
+                    "your role does not grant the `{}` permission",
+                    permission.name()
+                ),
+            });
+        }
+        Ok(())
+    }
 }
 
 impl Authed {
@@ -55,7 +88,25 @@ pub fn with_state(
     warp::any().map(move || state.clone())
 }
 
-/// Requires a valid staff bearer token.
+/// Requires a valid staff bearer token and the permission `permission`.
+pub fn allowed(
+    state: AppState,
+    permission: Permission,
+) -> impl Filter<Extract = (Authed,), Error = Rejection> + Clone {
+    staff(state).and_then(move |a: Authed| async move {
+        match a.require(permission) {
+            Ok(()) => Ok(a),
+            Err(e) => Err(warp::reject::custom(ApiRejection(
+                e,
+                a.ctx.request_id.clone(),
+            ))),
+        }
+    })
+}
+
+/// Requires a valid staff bearer token of an active user, whose access it loads.
+/// Routes use [`allowed`]; this alone is for what every signed-in user may do to
+/// their own account (`/v1/me`, logout, password).
 pub fn staff(state: AppState) -> impl Filter<Extract = (Authed,), Error = Rejection> + Clone {
     warp::header::optional::<String>("authorization")
         .and(request_context())
@@ -75,15 +126,32 @@ pub fn staff(state: AppState) -> impl Filter<Extract = (Authed,), Error = Reject
                         ctx.request_id,
                     )));
                 };
-                match state.tokens.verify_staff(token) {
-                    Some(caller) => Ok(Authed { caller, ctx }),
-                    None => Err(warp::reject::custom(ApiRejection(
-                        ApiError::Unauthorized("the token is invalid or expired"),
-                        ctx.request_id,
-                    ))),
-                }
+                let reject = |e: ApiError, ctx: RequestContext| {
+                    warp::reject::custom(ApiRejection(e, ctx.request_id))
+                };
+                let invalid = ApiError::Unauthorized("the token is invalid or expired");
+                let Some(caller) = state.tokens.verify_staff(token) else {
+                    return Err(reject(invalid, ctx));
+                };
+                let access = match load_access(&state, &caller).await {
+                    Ok(Some(a)) if a.token_generation == caller.generation => a,
+                    // Unknown or deactivated user, or a token from before a logout or
+                    // a password change: all read the same.
+                    Ok(_) => return Err(reject(invalid, ctx)),
+                    Err(e) => return Err(reject(e, ctx)),
+                };
+                Ok(Authed {
+                    caller,
+                    access,
+                    ctx,
+                })
             }
         })
+}
+
+async fn load_access(state: &AppState, caller: &Caller) -> Result<Option<Access>, ApiError> {
+    let client = state.pool.get().await?;
+    Ok(crm_infra::accounts::load_access(&client, caller.user_id, caller.org_id).await?)
 }
 
 /// A request body of at most `limit` bytes (with or without Content-Length) and its
@@ -290,6 +358,12 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
         .or(contacts::routes(state.clone()))
         .unify()
         .or(activity::routes(state.clone()))
+        .unify()
+        .or(users::routes(state.clone()))
+        .unify()
+        .or(roles::routes(state.clone()))
+        .unify()
+        .or(reports::routes(state.clone()))
         .unify()
         .or(health::routes(state))
         .unify();

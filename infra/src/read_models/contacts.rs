@@ -345,3 +345,17 @@ pub async fn list(
         .await?;
     rows.iter().map(view_from_row).collect()
 }
+
+/// Counts of an organisation's contacts: aggregates without any personal data.
+pub async fn counts(
+    client: &impl GenericClient,
+    org_id: Uuid,
+) -> Result<(i64, i64), ProjectionError> {
+    let row = client
+        .query_one(
+            "SELECT count(*), count(*) FILTER (WHERE archived) FROM contacts WHERE org_id = $1",
+            &[&org_id],
+        )
+        .await?;
+    Ok((row.get(0), row.get(1)))
+}

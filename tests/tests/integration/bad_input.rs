@@ -421,7 +421,7 @@ async fn missing_and_invalid_tokens_are_401() {
         json!({
             "sub": app.user_id.to_string(), "org": app.org_id.to_string(), "typ": typ,
             "iat": now() - 30, "exp": exp, "jti": Uuid::now_v7().to_string(),
-            "aud": aud, "iss": iss
+            "aud": aud, "iss": iss, "gen": 0
         })
     };
     let sign_with = |alg: Algorithm, c: &Value, key: &str| {

@@ -238,7 +238,7 @@ async fn missing_forged_expired_and_unsigned_tokens_are_401() {
     let secret = app.settings.jwt.secret.expose_secret().to_owned();
     let claims = |exp: u64, aud: &str, typ: &str| {
         json!({"sub": app.user_id.to_string(), "org": app.org_id.to_string(), "typ": typ,
-               "iat": now() - 10, "exp": exp, "jti": "x", "aud": aud, "iss": "crm"})
+               "iat": now() - 10, "exp": exp, "jti": "x", "aud": aud, "iss": "crm", "gen": 0})
     };
     let sign = |c: &Value, key: &str| {
         encode(

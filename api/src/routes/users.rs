@@ -1,0 +1,394 @@
+//! Staff users (`/v1/users`) and the caller's own account (`/v1/me`, logout, password).
+//! Every change is a command on the user's stream; the actor is in the event metadata.
+
+use crm_domain::access::{Permission, RoleRef};
+use crm_domain::user::{Grant, UserCommand};
+use crm_domain::values::{Email, Name};
+use crm_infra::accounts::{self, NewUser};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use uuid::Uuid;
+use warp::filters::BoxedFilter;
+use warp::http::StatusCode;
+use warp::reply::Response;
+use warp::Filter;
+
+use super::{allowed, body, require_json, staff, with_state, Authed};
+use crate::auth::{check_password_policy, hash_password, verify_password};
+use crate::error::{finish, json_response, parse_json, ApiError, FieldError};
+use crate::state::AppState;
+
+const BODY_LIMIT: u64 = 16 * 1024;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewUserInput {
+    email: String,
+    display_name: String,
+    role: String,
+    password: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RoleInput {
+    role: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PasswordInput {
+    current_password: String,
+    new_password: String,
+}
+
+pub fn parse_user_id(raw: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(raw).map_err(|_| {
+        ApiError::bad_request(
+            "invalid_id",
+            format!("`{raw}` is not a valid user id (a UUID)"),
+        )
+    })
+}
+
+fn parse_role(raw: &str) -> Result<RoleRef, ApiError> {
+    RoleRef::parse(raw).ok_or_else(|| {
+        ApiError::Validation(vec![FieldError::new(
+            "role",
+            "must be a built-in role (owner, admin, board, executive, director, team, support, partner, viewer, client) or a custom role's id",
+        )])
+    })
+}
+
+/// The grant for `role` in the caller's organisation (422 if no such live role).
+async fn grant_of(s: &AppState, a: &Authed, role: RoleRef) -> Result<Grant, ApiError> {
+    let client = s.pool.get().await?;
+    let policy = accounts::policy_of(&client, a.caller.org_id, role)
+        .await?
+        .ok_or_else(|| {
+            ApiError::Validation(vec![FieldError::new(
+                "role",
+                "no such role in this organisation, or it is retired",
+            )])
+        })?;
+    Ok(Grant { role, policy })
+}
+
+fn outcome(o: &crm_infra::commands::CommandOutcome, rid: &str) -> Response {
+    json_response(
+        StatusCode::OK,
+        &json!({ "id": o.id, "version": o.version, "positions": o.positions }),
+        rid,
+    )
+}
+
+pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
+    let list = warp::path!("v1" / "users")
+        .and(warp::get())
+        .and(with_state(state.clone()))
+        .and(allowed(state.clone(), Permission::UsersRead))
+        .and_then(|s: AppState, a: Authed| async move {
+            let rid = a.ctx.request_id.clone();
+            finish(list(s, a).await, &rid)
+        });
+    let get_one = warp::path!("v1" / "users" / String)
+        .and(warp::get())
+        .and(with_state(state.clone()))
+        .and(allowed(state.clone(), Permission::UsersRead))
+        .and_then(|id: String, s: AppState, a: Authed| async move {
+            let rid = a.ctx.request_id.clone();
+            finish(get_one(s, a, id).await, &rid)
+        });
+    let create = warp::path!("v1" / "users")
+        .and(warp::post())
+        .and(with_state(state.clone()))
+        .and(allowed(state.clone(), Permission::UsersManage))
+        .and(body(BODY_LIMIT))
+        .and_then(
+            |s: AppState, a: Authed, ct: Option<String>, b: bytes::Bytes| async move {
+                let rid = a.ctx.request_id.clone();
+                finish(create(s, a, ct, b).await, &rid)
+            },
+        );
+    let change_role = warp::path!("v1" / "users" / String / "role")
+        .and(warp::post())
+        .and(with_state(state.clone()))
+        .and(allowed(state.clone(), Permission::UsersManage))
+        .and(body(BODY_LIMIT))
+        .and_then(
+            |id: String, s: AppState, a: Authed, ct: Option<String>, b: bytes::Bytes| async move {
+                let rid = a.ctx.request_id.clone();
+                finish(change_role(s, a, id, ct, b).await, &rid)
+            },
+        );
+    let deactivate = warp::path!("v1" / "users" / String / "deactivate")
+        .and(warp::post())
+        .and(with_state(state.clone()))
+        .and(allowed(state.clone(), Permission::UsersManage))
+        .and_then(|id: String, s: AppState, a: Authed| async move {
+            let rid = a.ctx.request_id.clone();
+            let by = a.access.grantor();
+            finish(
+                simple(s, a, id, UserCommand::Deactivate { by }).await,
+                &rid,
+            )
+        });
+    let reactivate = warp::path!("v1" / "users" / String / "reactivate")
+        .and(warp::post())
+        .and(with_state(state.clone()))
+        .and(allowed(state.clone(), Permission::UsersManage))
+        .and_then(|id: String, s: AppState, a: Authed| async move {
+            let rid = a.ctx.request_id.clone();
+            let by = a.access.grantor();
+            finish(
+                simple(s, a, id, UserCommand::Reactivate { by }).await,
+                &rid,
+            )
+        });
+    let me = warp::path!("v1" / "me")
+        .and(warp::get())
+        .and(staff(state.clone()))
+        .map(|a: Authed| me(&a));
+    let logout = warp::path!("v1" / "auth" / "logout")
+        .and(warp::post())
+        .and(with_state(state.clone()))
+        .and(staff(state.clone()))
+        .and_then(|s: AppState, a: Authed| async move {
+            let rid = a.ctx.request_id.clone();
+            finish(logout(s, a).await, &rid)
+        });
+    let password = warp::path!("v1" / "auth" / "password")
+        .and(warp::post())
+        .and(with_state(state.clone()))
+        .and(staff(state))
+        .and(body(BODY_LIMIT))
+        .and_then(
+            |s: AppState, a: Authed, ct: Option<String>, b: bytes::Bytes| async move {
+                let rid = a.ctx.request_id.clone();
+                finish(change_password(s, a, ct, b).await, &rid)
+            },
+        );
+    list.or(get_one)
+        .unify()
+        .or(create)
+        .unify()
+        .or(change_role)
+        .unify()
+        .or(deactivate)
+        .unify()
+        .or(reactivate)
+        .unify()
+        .or(me)
+        .unify()
+        .or(logout)
+        .unify()
+        .or(password)
+        .unify()
+        .boxed()
+}
+
+fn user_json(u: &accounts::UserRow) -> Value {
+    json!({ "id": u.user_id, "email": u.email, "role": u.role, "active": u.active })
+}
+
+async fn list(s: AppState, a: Authed) -> Result<Response, ApiError> {
+    let client = s.pool.get().await?;
+    let users = accounts::list_users(&client, a.caller.org_id).await?;
+    let items: Vec<Value> = users.iter().map(user_json).collect();
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({ "items": items }),
+        &a.ctx.request_id,
+    ))
+}
+
+async fn get_one(s: AppState, a: Authed, id: String) -> Result<Response, ApiError> {
+    let id = parse_user_id(&id)?;
+    let client = s.pool.get().await?;
+    let users = accounts::list_users(&client, a.caller.org_id).await?;
+    let user = users
+        .iter()
+        .find(|u| u.user_id == id)
+        .ok_or(ApiError::NotFound("user not found"))?;
+    Ok(json_response(
+        StatusCode::OK,
+        &user_json(user),
+        &a.ctx.request_id,
+    ))
+}
+
+async fn create(
+    s: AppState,
+    a: Authed,
+    ct: Option<String>,
+    body: bytes::Bytes,
+) -> Result<Response, ApiError> {
+    require_json(ct.as_deref())?;
+    let input: NewUserInput = parse_json(&body)?;
+    let mut errors = Vec::new();
+    let email = Email::parse(&input.email)
+        .map_err(|e| errors.push(FieldError::new("email", e.0)))
+        .ok();
+    let name = Name::parse(&input.display_name)
+        .map_err(|e| errors.push(FieldError::new("display_name", e.0)))
+        .ok();
+    let role = parse_role(&input.role)
+        .map_err(|_| errors.push(FieldError::new("role", "unknown role")))
+        .ok();
+    if let Err(e) = check_password_policy(&input.password) {
+        errors.push(FieldError::new("password", e));
+    }
+    let (Some(email), Some(display_name), Some(role), true) =
+        (email, name, role, errors.is_empty())
+    else {
+        return Err(ApiError::Validation(errors));
+    };
+    // Checked here for a clear 422; the aggregate checks the grant itself.
+    grant_of(&s, &a, role).await?;
+    let password = input.password;
+    let password_hash = tokio::task::spawn_blocking(move || hash_password(&password))
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(ApiError::internal)?;
+    let user_id = accounts::create_user(
+        &s.executor,
+        &s.pool,
+        NewUser {
+            org_id: a.caller.org_id,
+            email,
+            display_name,
+            role,
+            password_hash,
+        },
+        a.access.grantor(),
+        &a.metadata(),
+    )
+    .await?;
+    let mut resp = json_response(
+        StatusCode::CREATED,
+        &json!({ "id": user_id }),
+        &a.ctx.request_id,
+    );
+    if let Ok(v) = format!("/v1/users/{user_id}").parse() {
+        resp.headers_mut().insert("location", v);
+    }
+    Ok(resp)
+}
+
+async fn change_role(
+    s: AppState,
+    a: Authed,
+    id: String,
+    ct: Option<String>,
+    body: bytes::Bytes,
+) -> Result<Response, ApiError> {
+    let id = parse_user_id(&id)?;
+    require_json(ct.as_deref())?;
+    let input: RoleInput = parse_json(&body)?;
+    let role = parse_role(&input.role)?;
+    let grant = grant_of(&s, &a, role).await?;
+    let by = a.access.grantor();
+    simple(s, a, id.to_string(), UserCommand::ChangeRole { grant, by }).await
+}
+
+async fn simple(
+    s: AppState,
+    a: Authed,
+    id: String,
+    command: UserCommand,
+) -> Result<Response, ApiError> {
+    let id = parse_user_id(&id)?;
+    let o = accounts::user_command(&s.executor, a.caller.org_id, id, command, &a.metadata()).await?;
+    Ok(outcome(&o, &a.ctx.request_id))
+}
+
+fn me(a: &Authed) -> Response {
+    let policy = &a.access.policy;
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "user_id": a.caller.user_id,
+            "org_id": a.caller.org_id,
+            "role": a.access.role,
+            "permissions": policy.permissions,
+            "fields": policy.fields,
+            "modules": a.access.modules,
+        }),
+        &a.ctx.request_id,
+    )
+}
+
+async fn logout(s: AppState, a: Authed) -> Result<Response, ApiError> {
+    accounts::user_command(
+        &s.executor,
+        a.caller.org_id,
+        a.caller.user_id,
+        UserCommand::SignOut,
+        &a.metadata(),
+    )
+    .await?;
+    let mut resp =
+        warp::Reply::into_response(warp::reply::with_status(warp::reply(), StatusCode::NO_CONTENT));
+    if let Ok(v) = a.ctx.request_id.parse() {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    Ok(resp)
+}
+
+async fn change_password(
+    s: AppState,
+    a: Authed,
+    ct: Option<String>,
+    body: bytes::Bytes,
+) -> Result<Response, ApiError> {
+    require_json(ct.as_deref())?;
+    let input: PasswordInput = parse_json(&body)?;
+    if let Err(e) = check_password_policy(&input.new_password) {
+        return Err(ApiError::Validation(vec![FieldError::new(
+            "new_password",
+            e,
+        )]));
+    }
+    let client = s.pool.get().await?;
+    let credential = accounts::credential_of(&client, a.caller.user_id)
+        .await?
+        .ok_or(ApiError::Unauthorized("the token is invalid or expired"))?;
+    drop(client);
+    let (current, new) = (input.current_password, input.new_password);
+    let hash = credential.password_hash;
+    let new_hash = tokio::task::spawn_blocking(move || {
+        verify_password(&current, &hash).then(|| hash_password(&new))
+    })
+    .await
+    .map_err(ApiError::internal)?
+    .ok_or_else(|| {
+        ApiError::Validation(vec![FieldError::new(
+            "current_password",
+            "is not the account's password",
+        )])
+    })?
+    .map_err(ApiError::internal)?;
+    let generation = accounts::change_password(
+        &s.executor,
+        &s.pool,
+        a.caller.org_id,
+        a.caller.user_id,
+        new_hash,
+        &a.metadata(),
+    )
+    .await?;
+    // Every other session ends; this one continues with a new token.
+    let token = s
+        .tokens
+        .issue(a.caller.user_id, a.caller.org_id, generation)
+        .map_err(ApiError::internal)?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({
+            "access_token": token,
+            "token_type": "Bearer",
+            "expires_in": s.tokens.ttl_secs(),
+        }),
+        &a.ctx.request_id,
+    ))
+}

@@ -1,0 +1,60 @@
+-- Who may do what, as of now. Each table is written in the same transaction as the
+-- events that change it (infra::access), so a request is authorised against exactly
+-- what the event store says; the history of every grant is in the events.
+
+-- A staff user's role (a built-in role's name, or a custom role's id in custom_role),
+-- and the generation of its tokens: logout and a password change bump it, and a token
+-- of an older generation is refused.
+ALTER TABLE credentials
+    ADD COLUMN role text,
+    ADD COLUMN custom_role uuid,
+    ADD COLUMN token_generation integer NOT NULL DEFAULT 0;
+
+UPDATE credentials c
+SET role = e.payload -> 'UserRegistered' ->> 'role'
+FROM events e
+WHERE e.aggregate_type = 'user' AND e.aggregate_id = c.user_id::text AND e.sequence = 1;
+UPDATE credentials SET role = 'owner' WHERE role IS NULL;
+ALTER TABLE credentials ALTER COLUMN role SET NOT NULL;
+CREATE INDEX credentials_org_role ON credentials (org_id, role) WHERE active;
+
+-- Organisations: the modules they have switched on, and whether Owners and Admins
+-- must use 2FA.
+CREATE TABLE organizations (
+    org_id              uuid PRIMARY KEY,
+    modules             text[]  NOT NULL,
+    two_factor_required boolean NOT NULL DEFAULT false
+);
+INSERT INTO organizations (org_id, modules)
+SELECT org_id, ARRAY['core', 'contacts', 'activity', 'reports']
+FROM events WHERE aggregate_type = 'organization' AND sequence = 1
+ON CONFLICT DO NOTHING;
+
+-- Custom roles.
+CREATE TABLE roles (
+    role_id uuid PRIMARY KEY,
+    org_id  uuid    NOT NULL,
+    name    text    NOT NULL,
+    policy  jsonb   NOT NULL,
+    retired boolean NOT NULL DEFAULT false
+);
+CREATE INDEX roles_org ON roles (org_id);
+
+GRANT SELECT, INSERT, UPDATE, DELETE ON organizations, roles TO crm_app;
+
+-- API keys: only a digest of the secret and its last four characters are kept.
+CREATE TABLE api_keys (
+    key_id       uuid PRIMARY KEY,
+    org_id       uuid        NOT NULL,
+    name         text        NOT NULL,
+    digest       bytea       NOT NULL UNIQUE,
+    last4        text        NOT NULL,
+    role         text        NOT NULL,
+    custom_role  uuid,
+    expires_at   timestamptz,
+    revoked_at   timestamptz,
+    last_used_at timestamptz,
+    created_at   timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX api_keys_org ON api_keys (org_id);
+GRANT SELECT, INSERT, UPDATE, DELETE ON api_keys TO crm_app;
