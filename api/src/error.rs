@@ -343,7 +343,9 @@ impl From<CommandError<UserError>> for ApiError {
                     forbidden("owner_required", d)
                 }
                 UserError::ExceedsOwnGrant(_) => forbidden("grant_exceeds_own", d),
-                UserError::UnknownRole => Self::Validation(vec![FieldError::new("role", d.to_string())]),
+                UserError::UnknownRole => {
+                    Self::Validation(vec![FieldError::new("role", d.to_string())])
+                }
             },
             other => command_conflict(other, "user"),
         }

@@ -142,7 +142,10 @@ impl Policy {
     }
 
     pub fn field(&self, name: &str) -> FieldAccess {
-        self.fields.get(name).copied().unwrap_or(FieldAccess::Hidden)
+        self.fields
+            .get(name)
+            .copied()
+            .unwrap_or(FieldAccess::Hidden)
     }
 
     /// Removes from a contact's fields (a JSON object keyed by [`CONTACT_FIELDS`])
@@ -156,13 +159,20 @@ impl Policy {
     }
 
     /// The first of `names` this policy does not let the caller write.
-    pub fn first_unwritable<'a>(&self, names: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
-        names.into_iter().find(|n| self.field(n) != FieldAccess::Write)
+    pub fn first_unwritable<'a>(
+        &self,
+        names: impl IntoIterator<Item = &'a str>,
+    ) -> Option<&'a str> {
+        names
+            .into_iter()
+            .find(|n| self.field(n) != FieldAccess::Write)
     }
 
     /// The first of `names` this policy hides.
     pub fn first_hidden<'a>(&self, names: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
-        names.into_iter().find(|n| self.field(n) == FieldAccess::Hidden)
+        names
+            .into_iter()
+            .find(|n| self.field(n) == FieldAccess::Hidden)
     }
 
     /// Whether everything `self` grants, `other` grants too.
@@ -422,7 +432,49 @@ mod tests {
         assert!(!team.is_within(&viewer));
         let excess = team.excess_over(&viewer);
         assert!(excess.contains(&"contacts.create".to_owned()), "{excess:?}");
-        assert!(excess.contains(&"field email: write".to_owned()), "{excess:?}");
+        assert!(
+            excess.contains(&"field email: write".to_owned()),
+            "{excess:?}"
+        );
+    }
+
+    /// docs/permissions.md is the written matrix: its tables must be the code's.
+    #[test]
+    fn the_documented_matrix_is_the_code() {
+        let doc = include_str!("../../docs/permissions.md");
+        let (mut perms_seen, mut fields_seen) = (0, 0);
+        for line in doc.lines().filter(|l| l.starts_with("| `")) {
+            let cells: Vec<&str> = line.trim_matches('|').split('|').map(str::trim).collect();
+            let name = cells[0].trim_matches('`');
+            if let Some(p) = Permission::parse(name) {
+                assert_eq!(cells[1] == "yes", p.is_sensitive(), "{name}: sensitive");
+                for (role, cell) in Role::ALL.iter().zip(&cells[2..]) {
+                    let documented = *cell == "✓";
+                    assert_eq!(
+                        builtin_policy(*role).allows(p),
+                        documented,
+                        "{name} × {role:?}"
+                    );
+                }
+                perms_seen += 1;
+            } else if CONTACT_FIELDS.contains(&name) {
+                for (role, cell) in Role::ALL.iter().zip(&cells[1..]) {
+                    let code = format!("{:?}", builtin_policy(*role).field(name)).to_lowercase();
+                    assert_eq!(&code, cell, "{name} × {role:?}");
+                }
+                fields_seen += 1;
+            }
+        }
+        assert_eq!(
+            perms_seen,
+            Permission::ALL.len(),
+            "every permission is documented"
+        );
+        assert_eq!(
+            fields_seen,
+            CONTACT_FIELDS.len(),
+            "every field is documented"
+        );
     }
 
     #[test]

@@ -14,18 +14,32 @@ use crate::PersonalData;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum OrganizationCommand {
-    Create { org_id: Uuid, name: Name },
+    Create {
+        org_id: Uuid,
+        name: Name,
+    },
     /// Switches on exactly these modules (`core` is always on).
-    SetModules { modules: BTreeSet<Module> },
-    RequireTwoFactor { required: bool },
+    SetModules {
+        modules: BTreeSet<Module>,
+    },
+    RequireTwoFactor {
+        required: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum OrganizationEvent {
     /// A new organisation has [`Module::DEFAULT`] switched on.
-    OrganizationCreated { org_id: Uuid, name: Name },
-    ModulesChanged { modules: BTreeSet<Module> },
-    TwoFactorRequirementChanged { required: bool },
+    OrganizationCreated {
+        org_id: Uuid,
+        name: Name,
+    },
+    ModulesChanged {
+        modules: BTreeSet<Module>,
+    },
+    TwoFactorRequirementChanged {
+        required: bool,
+    },
 }
 
 impl DomainEvent for OrganizationEvent {

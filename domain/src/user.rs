@@ -14,8 +14,8 @@ use cqrs_es::{Aggregate, DomainEvent};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-pub use crate::access::{Role, RoleRef};
 use crate::access::Policy;
+pub use crate::access::{Role, RoleRef};
 use crate::values::{Email, Name};
 use crate::PersonalData;
 
@@ -164,7 +164,9 @@ impl User {
     }
 
     fn existing(&self) -> Result<RoleRef, UserError> {
-        self.role.filter(|_| self.id.is_some()).ok_or(UserError::NotFound)
+        self.role
+            .filter(|_| self.id.is_some())
+            .ok_or(UserError::NotFound)
     }
 
     fn check_may_change(&self, by: &Grantor) -> Result<RoleRef, UserError> {

@@ -160,8 +160,7 @@ fn org_effect(
             for event in events {
                 match event {
                     OrganizationEvent::OrganizationCreated { .. } => {
-                        let modules: Vec<&str> =
-                            Module::DEFAULT.iter().map(|m| m.name()).collect();
+                        let modules: Vec<&str> = Module::DEFAULT.iter().map(|m| m.name()).collect();
                         tx.execute(
                             "INSERT INTO organizations (org_id, modules) VALUES ($1, $2)",
                             &[&org_id, &modules],
@@ -260,7 +259,10 @@ fn custom_id(role: RoleRef) -> Option<Uuid> {
 
 /// Every change to who holds which role in an organisation takes this lock first, so
 /// that "is anyone else still an Owner?" is answered under one writer at a time.
-async fn lock_organization(tx: &Transaction<'_>, org_id: Uuid) -> Result<(), CommandError<UserError>> {
+async fn lock_organization(
+    tx: &Transaction<'_>,
+    org_id: Uuid,
+) -> Result<(), CommandError<UserError>> {
     tx.query_opt(
         "SELECT 1 FROM organizations WHERE org_id = $1 FOR UPDATE",
         &[&org_id],

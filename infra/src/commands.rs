@@ -443,7 +443,14 @@ impl Executor {
         A::Event: PersonalData,
     {
         let result = self
-            .execute_inner::<A>(org_id, id, command, metadata, expected_version, Some(effect))
+            .execute_inner::<A>(
+                org_id,
+                id,
+                command,
+                metadata,
+                expected_version,
+                Some(effect),
+            )
             .await;
         let outcome = match &result {
             Ok(_) => "ok",
@@ -528,15 +535,8 @@ impl Executor {
             Some(appended) => vec![appended],
             None => {
                 let mut client = self.pool.get().await.map_err(StoreError::from)?;
-                self.append_in_transaction(
-                    &mut client,
-                    &stream,
-                    &head,
-                    &events,
-                    &meta_json,
-                    effect,
-                )
-                .await?
+                self.append_in_transaction(&mut client, &stream, &head, &events, &meta_json, effect)
+                    .await?
             }
         };
         self.notifier.poke();

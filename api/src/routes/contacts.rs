@@ -26,10 +26,10 @@ use super::{
     allowed, body, consistency, parse_limit, parse_query, parse_time, raw_query, require_json,
     with_state, Authed,
 };
-use crate::visibility;
-use crm_domain::access::Permission;
 use crate::error::{finish, json_response, parse_json, ApiError, FieldError};
 use crate::state::AppState;
+use crate::visibility;
+use crm_domain::access::Permission;
 
 /// Absent → `None`; `null` → `Some(None)`; a value → `Some(Some(v))`.
 fn nullable<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>

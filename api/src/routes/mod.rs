@@ -21,11 +21,11 @@ use warp::reply::Response;
 use warp::{Filter, Rejection};
 
 use crate::auth::Caller;
-use crm_domain::access::Permission;
-use crm_infra::accounts::Access;
 use crate::context::{request_context, RequestContext};
 use crate::error::{ApiError, ApiRejection};
 use crate::state::AppState;
+use crm_domain::access::Permission;
+use crm_infra::accounts::Access;
 
 /// An authenticated staff request, with what the caller may do right now.
 #[derive(Debug, Clone)]

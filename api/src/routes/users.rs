@@ -128,10 +128,7 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
         .and_then(|id: String, s: AppState, a: Authed| async move {
             let rid = a.ctx.request_id.clone();
             let by = a.access.grantor();
-            finish(
-                simple(s, a, id, UserCommand::Deactivate { by }).await,
-                &rid,
-            )
+            finish(simple(s, a, id, UserCommand::Deactivate { by }).await, &rid)
         });
     let reactivate = warp::path!("v1" / "users" / String / "reactivate")
         .and(warp::post())
@@ -140,10 +137,7 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
         .and_then(|id: String, s: AppState, a: Authed| async move {
             let rid = a.ctx.request_id.clone();
             let by = a.access.grantor();
-            finish(
-                simple(s, a, id, UserCommand::Reactivate { by }).await,
-                &rid,
-            )
+            finish(simple(s, a, id, UserCommand::Reactivate { by }).await, &rid)
         });
     let me = warp::path!("v1" / "me")
         .and(warp::get())
@@ -298,7 +292,8 @@ async fn simple(
     command: UserCommand,
 ) -> Result<Response, ApiError> {
     let id = parse_user_id(&id)?;
-    let o = accounts::user_command(&s.executor, a.caller.org_id, id, command, &a.metadata()).await?;
+    let o =
+        accounts::user_command(&s.executor, a.caller.org_id, id, command, &a.metadata()).await?;
     Ok(outcome(&o, &a.ctx.request_id))
 }
 
@@ -327,8 +322,10 @@ async fn logout(s: AppState, a: Authed) -> Result<Response, ApiError> {
         &a.metadata(),
     )
     .await?;
-    let mut resp =
-        warp::Reply::into_response(warp::reply::with_status(warp::reply(), StatusCode::NO_CONTENT));
+    let mut resp = warp::Reply::into_response(warp::reply::with_status(
+        warp::reply(),
+        StatusCode::NO_CONTENT,
+    ));
     if let Ok(v) = a.ctx.request_id.parse() {
         resp.headers_mut().insert("x-request-id", v);
     }

@@ -8,6 +8,7 @@ mod contacts;
 mod edge;
 mod headers;
 mod health;
+mod permissions;
 mod pipeline;
 mod queries;
 mod ratelimit;
