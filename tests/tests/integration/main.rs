@@ -6,6 +6,7 @@ mod bad_input;
 mod concurrency;
 mod contacts;
 mod edge;
+mod escalation;
 mod headers;
 mod health;
 mod permissions;
