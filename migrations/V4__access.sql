@@ -51,6 +51,7 @@ CREATE TABLE api_keys (
     last4        text        NOT NULL,
     role         text        NOT NULL,
     custom_role  uuid,
+    only_permissions text[],
     expires_at   timestamptz,
     revoked_at   timestamptz,
     last_used_at timestamptz,

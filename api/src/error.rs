@@ -9,6 +9,7 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Rejection, Reply};
 
+use crm_domain::api_key::ApiKeyError;
 use crm_domain::contact::ContactError;
 use crm_domain::organization::OrganizationError;
 use crm_domain::role::RoleError;
@@ -367,6 +368,26 @@ impl From<CommandError<RoleError>> for ApiError {
     }
 }
 
+impl From<CommandError<ApiKeyError>> for ApiError {
+    fn from(e: CommandError<ApiKeyError>) -> Self {
+        match e {
+            CommandError::Domain(d) => match d {
+                ApiKeyError::NotFound => Self::NotFound("API key not found"),
+                ApiKeyError::AlreadyExists => Self::Conflict(d.to_string()),
+                ApiKeyError::OnlyOwnerGrantsOwner => forbidden("owner_required", d),
+                ApiKeyError::ExceedsOwnGrant(_) => forbidden("grant_exceeds_own", d),
+                ApiKeyError::NotInRole(_) => {
+                    Self::Validation(vec![FieldError::new("permissions", d.to_string())])
+                }
+                ApiKeyError::ExpiryInPast => {
+                    Self::Validation(vec![FieldError::new("expires_at", d.to_string())])
+                }
+            },
+            other => command_conflict(other, "API key"),
+        }
+    }
+}
+
 impl From<CommandError<OrganizationError>> for ApiError {
     fn from(e: CommandError<OrganizationError>) -> Self {
         match e {
@@ -388,6 +409,7 @@ impl From<AccountError> for ApiError {
             AccountError::Organization(e) => e.into(),
             AccountError::User(e) => e.into(),
             AccountError::Role(e) => e.into(),
+            AccountError::ApiKey(e) => e.into(),
             AccountError::Store(e) => e.into(),
             AccountError::Db(e) => e.into(),
             AccountError::Pool(e) => e.into(),

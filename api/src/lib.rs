@@ -5,6 +5,7 @@
 //! ([`error`]), request ids and spans, and process wiring ([`startup`]): the API server
 //! plus, by default, the relay and the projectors in the same process.
 
+pub mod api_keys;
 pub mod auth;
 pub mod cli;
 pub mod config;

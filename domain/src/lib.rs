@@ -10,6 +10,7 @@
 //!   the event store can encrypt exactly those fields and erasure can shred them.
 
 pub mod access;
+pub mod api_key;
 pub mod contact;
 pub mod metadata;
 pub mod organization;

@@ -34,6 +34,8 @@ pub enum AccountError {
     #[error(transparent)]
     Role(#[from] CommandError<RoleError>),
     #[error(transparent)]
+    ApiKey(#[from] CommandError<crm_domain::api_key::ApiKeyError>),
+    #[error(transparent)]
     Store(#[from] StoreError),
     #[error("database: {}", crate::db::describe(.0))]
     Db(#[from] tokio_postgres::Error),
@@ -76,7 +78,7 @@ fn db<E: std::error::Error>(e: tokio_postgres::Error) -> CommandError<E> {
     CommandError::Store(StoreError::from(e))
 }
 
-fn parse_modules(names: Vec<String>) -> BTreeSet<Module> {
+pub(crate) fn parse_modules(names: Vec<String>) -> BTreeSet<Module> {
     names.iter().filter_map(|m| Module::parse(m)).collect()
 }
 

@@ -14,6 +14,7 @@
 //! NATS in clear; a projection's read model and checkpoint move in one transaction.
 
 pub mod accounts;
+pub mod api_keys;
 pub mod bus;
 pub mod checkpoint;
 pub mod commands;

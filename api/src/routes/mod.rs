@@ -1,6 +1,7 @@
 //! Routes. Every `/v1` route except login is built on [`staff`]: deny by default.
 
 pub mod activity;
+pub mod api_keys;
 pub mod contacts;
 pub mod cors;
 pub mod health;
@@ -30,12 +31,27 @@ use crm_infra::accounts::Access;
 /// An authenticated staff request, with what the caller may do right now.
 #[derive(Debug, Clone)]
 pub struct Authed {
+    /// For an API key, `user_id` is the key's id.
     pub caller: Caller,
     pub access: Access,
     pub ctx: RequestContext,
+    /// `User` (a staff JWT) or `ApiKey`.
+    pub kind: PrincipalKind,
 }
 
 impl Authed {
+    /// For what only a person signed in with a password does (logout, password change).
+    pub fn require_user(&self) -> Result<(), ApiError> {
+        if self.kind == PrincipalKind::User {
+            Ok(())
+        } else {
+            Err(ApiError::Forbidden {
+                code: "user_only",
+                message: "only a user signed in with a token may do this, not an API key".into(),
+            })
+        }
+    }
+
     /// The one check of a request's permission: the module it belongs to must be
     /// active for the organisation, and the caller's role must hold the permission.
     pub fn require(&self, permission: Permission) -> Result<(), ApiError> {
@@ -68,7 +84,7 @@ impl Authed {
         EventMetadata {
             org_id: self.caller.org_id,
             principal: Principal {
-                kind: PrincipalKind::User,
+                kind: self.kind,
                 id: self.caller.user_id.to_string(),
             },
             on_behalf_of: None,
@@ -130,6 +146,27 @@ pub fn staff(state: AppState) -> impl Filter<Extract = (Authed,), Error = Reject
                     warp::reject::custom(ApiRejection(e, ctx.request_id))
                 };
                 let invalid = ApiError::Unauthorized("the token is invalid or expired");
+                if crate::api_keys::is_api_key(token) {
+                    // A mistyped key fails its checksum before any lookup.
+                    let Some(digest) = crate::api_keys::check(token) else {
+                        return Err(reject(invalid, ctx));
+                    };
+                    let access = match key_access(&state, &digest).await {
+                        Ok(Some(a)) => a,
+                        Ok(None) => return Err(reject(invalid, ctx)),
+                        Err(e) => return Err(reject(e, ctx)),
+                    };
+                    return Ok(Authed {
+                        caller: Caller {
+                            user_id: access.user_id,
+                            org_id: access.org_id,
+                            generation: 0,
+                        },
+                        access,
+                        ctx,
+                        kind: PrincipalKind::ApiKey,
+                    });
+                }
                 let Some(caller) = state.tokens.verify_staff(token) else {
                     return Err(reject(invalid, ctx));
                 };
@@ -144,6 +181,7 @@ pub fn staff(state: AppState) -> impl Filter<Extract = (Authed,), Error = Reject
                     caller,
                     access,
                     ctx,
+                    kind: PrincipalKind::User,
                 })
             }
         })
@@ -152,6 +190,11 @@ pub fn staff(state: AppState) -> impl Filter<Extract = (Authed,), Error = Reject
 async fn load_access(state: &AppState, caller: &Caller) -> Result<Option<Access>, ApiError> {
     let client = state.pool.get().await?;
     Ok(crm_infra::accounts::load_access(&client, caller.user_id, caller.org_id).await?)
+}
+
+async fn key_access(state: &AppState, digest: &[u8]) -> Result<Option<Access>, ApiError> {
+    let client = state.pool.get().await?;
+    Ok(crm_infra::api_keys::access_by_digest(&client, digest).await?)
 }
 
 /// A request body of at most `limit` bytes (with or without Content-Length) and its
@@ -364,6 +407,8 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
         .or(roles::routes(state.clone()))
         .unify()
         .or(reports::routes(state.clone()))
+        .unify()
+        .or(api_keys::routes(state.clone()))
         .unify()
         .or(health::routes(state))
         .unify();

@@ -302,6 +302,7 @@ fn me(a: &Authed) -> Response {
     json_response(
         StatusCode::OK,
         &json!({
+            "principal": { "kind": a.kind, "id": a.caller.user_id },
             "user_id": a.caller.user_id,
             "org_id": a.caller.org_id,
             "role": a.access.role,
@@ -314,6 +315,7 @@ fn me(a: &Authed) -> Response {
 }
 
 async fn logout(s: AppState, a: Authed) -> Result<Response, ApiError> {
+    a.require_user()?;
     accounts::user_command(
         &s.executor,
         a.caller.org_id,
@@ -338,6 +340,7 @@ async fn change_password(
     ct: Option<String>,
     body: bytes::Bytes,
 ) -> Result<Response, ApiError> {
+    a.require_user()?;
     require_json(ct.as_deref())?;
     let input: PasswordInput = parse_json(&body)?;
     if let Err(e) = check_password_policy(&input.new_password) {

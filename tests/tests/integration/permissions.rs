@@ -87,6 +87,14 @@ async fn every_route_with_every_role() {
         .as_str()
         .unwrap()
         .to_owned();
+    let r = app
+        .post("/v1/api-keys", &json!({"name": "CI", "role": "viewer"}))
+        .await;
+    assert_eq!(r.status(), 201);
+    let key_id = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let mut checked = 0;
     for role in Role::ALL {
         let (_, token) = app.user_with_role(RoleRef::Builtin(role)).await;
@@ -95,6 +103,7 @@ async fn every_route_with_every_role() {
                 .replace("/v1/contacts/{id}", &format!("/v1/contacts/{contact}"))
                 .replace("/v1/users/{id}", &format!("/v1/users/{target}"))
                 .replace("/v1/roles/{id}", &format!("/v1/roles/{role_id}"))
+                .replace("/v1/api-keys/{id}", &format!("/v1/api-keys/{key_id}"))
                 .replace("?as_of=…", "?as_of=2100-01-01T00:00:00Z");
             let (status, body) = call(&app, &token, method, &path).await;
             let context = format!(

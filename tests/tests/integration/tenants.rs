@@ -51,6 +51,13 @@ async fn another_organisations_ids_are_404_and_learn_nothing() {
         .as_str()
         .unwrap()
         .to_owned();
+    let r = app
+        .post("/v1/api-keys", &json!({"name": "CI", "role": "viewer"}))
+        .await;
+    let key = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let (_, _, b) = app.another_org("Other Org").await;
 
     // Every documented route with an {id}, with a body that would be valid.
@@ -65,7 +72,7 @@ async fn another_organisations_ids_are_404_and_learn_nothing() {
         })
         .filter(|(_, p)| p.contains("{id}"))
         .collect();
-    assert!(routes.len() >= 11, "{routes:?}");
+    assert!(routes.len() >= 12, "{routes:?}");
     let missing = Uuid::now_v7();
     for (method, path) in &routes {
         let (real, body) = if path.starts_with("/v1/contacts") {
@@ -74,6 +81,8 @@ async fn another_organisations_ids_are_404_and_learn_nothing() {
             (user.to_string(), json!({"role": "viewer"}))
         } else if path.starts_with("/v1/roles") {
             (role.clone(), json!({"name": "Stolen"}))
+        } else if path.starts_with("/v1/api-keys") {
+            (key.clone(), json!({}))
         } else {
             panic!("no id for {path}")
         };
@@ -116,7 +125,18 @@ async fn another_organisations_ids_are_404_and_learn_nothing() {
         (team["role"].as_str(), team["active"].as_bool()),
         (Some("team"), Some(true))
     );
-    for path in ["/v1/contacts", "/v1/users", "/v1/roles", "/v1/activity"] {
+    let keys: Value = app.get("/v1/api-keys").await.json().await.unwrap();
+    assert!(
+        keys["items"][0]["revoked_at"].is_null(),
+        "A's key is not revoked: {keys}"
+    );
+    for path in [
+        "/v1/contacts",
+        "/v1/users",
+        "/v1/roles",
+        "/v1/activity",
+        "/v1/api-keys",
+    ] {
         let (s, body) = answer(&app, &b, "GET", path, &Value::Null).await;
         assert_eq!(s, 200);
         let text = body.to_string();

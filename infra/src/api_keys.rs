@@ -1,0 +1,191 @@
+//! API keys: issued and revoked by command; the `api_keys` row (digest of the secret,
+//! last four characters, grant, expiry, last use) is written in the same transaction.
+
+use chrono::{DateTime, Utc};
+use crm_domain::access::{builtin_policy, Permission, RoleRef};
+use crm_domain::api_key::{ApiKey, ApiKeyCommand, ApiKeyError, ApiKeyEvent};
+use crm_domain::metadata::EventMetadata;
+use deadpool_postgres::GenericClient;
+use futures::FutureExt;
+use uuid::Uuid;
+
+use crate::accounts::{parse_modules, Access, AccountError};
+use crate::commands::{CommandError, CommandOutcome, Executor};
+use crate::event_store::StoreError;
+
+fn db(e: tokio_postgres::Error) -> CommandError<ApiKeyError> {
+    CommandError::Store(StoreError::from(e))
+}
+
+/// Issues a key whose secret has the SHA-256 `digest`.
+pub async fn issue(
+    executor: &Executor,
+    org_id: Uuid,
+    key_id: Uuid,
+    digest: Vec<u8>,
+    command: ApiKeyCommand,
+    meta: &EventMetadata,
+) -> Result<CommandOutcome, AccountError> {
+    let effect = crate::commands::effect(move |tx, events: &[ApiKeyEvent]| {
+        let digest = digest.clone();
+        async move {
+            for event in events {
+                if let ApiKeyEvent::ApiKeyIssued {
+                    name,
+                    role,
+                    only,
+                    last4,
+                    expires_at,
+                    ..
+                } = event
+                {
+                    let custom = match role {
+                        RoleRef::Custom(id) => Some(*id),
+                        RoleRef::Builtin(_) => None,
+                    };
+                    let only: Option<Vec<&str>> =
+                        only.as_ref().map(|o| o.iter().map(|p| p.name()).collect());
+                    tx.execute(
+                        "INSERT INTO api_keys (key_id, org_id, name, digest, last4, role, custom_role, only_permissions, expires_at) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                        &[&key_id, &org_id, &name.as_str(), &digest, last4, &role.to_string(), &custom, &only, expires_at],
+                    )
+                    .await
+                    .map_err(db)?;
+                }
+            }
+            Ok(())
+        }
+        .boxed()
+    });
+    Ok(executor
+        .execute_with::<ApiKey>(org_id, &key_id.to_string(), command, meta, Some(0), &effect)
+        .await?)
+}
+
+/// Revokes a key of `org_id`; from the commit on, it authenticates nothing.
+pub async fn revoke(
+    executor: &Executor,
+    org_id: Uuid,
+    key_id: Uuid,
+    meta: &EventMetadata,
+) -> Result<CommandOutcome, AccountError> {
+    let effect = crate::commands::effect(move |tx, events: &[ApiKeyEvent]| {
+        async move {
+            if !events.is_empty() {
+                tx.execute(
+                    "UPDATE api_keys SET revoked_at = now() WHERE key_id = $1 AND org_id = $2",
+                    &[&key_id, &org_id],
+                )
+                .await
+                .map_err(db)?;
+            }
+            Ok(())
+        }
+        .boxed()
+    });
+    Ok(executor
+        .execute_with::<ApiKey>(
+            org_id,
+            &key_id.to_string(),
+            ApiKeyCommand::Revoke,
+            meta,
+            None,
+            &effect,
+        )
+        .await?)
+}
+
+/// A key as listed (never its secret or digest).
+#[derive(Debug, Clone)]
+pub struct KeyRow {
+    pub key_id: Uuid,
+    pub name: String,
+    pub last4: String,
+    pub role: String,
+    pub only: Option<Vec<String>>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
+    pub last_used_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+}
+
+pub async fn list(
+    client: &impl GenericClient,
+    org_id: Uuid,
+) -> Result<Vec<KeyRow>, tokio_postgres::Error> {
+    Ok(client
+        .query(
+            "SELECT key_id, name, last4, role, only_permissions, expires_at, revoked_at, last_used_at, created_at \
+             FROM api_keys WHERE org_id = $1 ORDER BY created_at",
+            &[&org_id],
+        )
+        .await?
+        .iter()
+        .map(|r| KeyRow {
+            key_id: r.get(0),
+            name: r.get(1),
+            last4: r.get(2),
+            role: r.get(3),
+            only: r.get(4),
+            expires_at: r.get(5),
+            revoked_at: r.get(6),
+            last_used_at: r.get(7),
+            created_at: r.get(8),
+        })
+        .collect())
+}
+
+/// The access of the live key (not revoked, not expired) whose secret has `digest`.
+/// Records the use, at most once a minute per key.
+pub async fn access_by_digest(
+    client: &impl GenericClient,
+    digest: &[u8],
+) -> Result<Option<Access>, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT k.key_id, k.org_id, k.role, k.only_permissions, o.modules, r.policy, r.retired, \
+                    k.last_used_at IS NULL OR k.last_used_at < now() - interval '1 minute' \
+             FROM api_keys k JOIN organizations o ON o.org_id = k.org_id \
+             LEFT JOIN roles r ON r.role_id = k.custom_role AND r.org_id = k.org_id \
+             WHERE k.digest = $1 AND k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > now())",
+            &[&digest],
+        )
+        .await?;
+    let Some(row) = row else { return Ok(None) };
+    let key_id: Uuid = row.get(0);
+    let Some(role) = RoleRef::parse(row.get(2)) else {
+        return Ok(None);
+    };
+    let mut policy = match role {
+        RoleRef::Builtin(r) => builtin_policy(r),
+        RoleRef::Custom(_) => match (row.get::<_, Option<serde_json::Value>>(5), row.get(6)) {
+            (Some(p), Some(false)) => match serde_json::from_value(p) {
+                Ok(p) => p,
+                Err(_) => return Ok(None),
+            },
+            _ => return Ok(None),
+        },
+    };
+    if let Some(only) = row.get::<_, Option<Vec<String>>>(3) {
+        let only: std::collections::BTreeSet<Permission> =
+            only.iter().filter_map(|p| Permission::parse(p)).collect();
+        policy.permissions = policy.permissions.intersection(&only).copied().collect();
+    }
+    if row.get::<_, bool>(7) {
+        client
+            .execute(
+                "UPDATE api_keys SET last_used_at = now() WHERE key_id = $1",
+                &[&key_id],
+            )
+            .await?;
+    }
+    Ok(Some(Access {
+        user_id: key_id,
+        org_id: row.get(1),
+        role,
+        policy,
+        modules: parse_modules(row.get(4)),
+        token_generation: 0,
+    }))
+}

@@ -1,0 +1,189 @@
+//! API keys over HTTP: shown once, stored as a digest, scoped, recorded as the actor,
+//! refused when mistyped, revoked or expired.
+
+use crm_tests::harness::TestApp;
+use serde_json::{json, Value};
+
+async fn with_key(
+    app: &TestApp,
+    key: &str,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut rb = app.http.request(method, app.url(path)).bearer_auth(key);
+    if let Some(b) = body {
+        rb = rb.json(&b);
+    }
+    let r = rb.send().await.unwrap();
+    let s = r.status().as_u16();
+    (s, r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn an_api_key_acts_within_its_scope_until_revoked() {
+    let app = TestApp::spawn().await;
+    let r = app
+        .post(
+            "/v1/api-keys",
+            &json!({"name": "Import job", "role": "team", "permissions": ["contacts.read", "contacts.create"]}),
+        )
+        .await;
+    assert_eq!(r.status(), 201);
+    let issued: Value = r.json().await.unwrap();
+    let key = issued["key"].as_str().unwrap().to_owned();
+    let key_id = issued["id"].as_str().unwrap().to_owned();
+    assert!(
+        key.starts_with("ck_live_") && key.len() >= 8 + 22 + 6,
+        "{key}"
+    );
+    assert_eq!(issued["last4"], &key[key.len() - 4..]);
+
+    // It acts, as principal api_key.
+    let (s, created) = with_key(
+        &app,
+        &key,
+        reqwest::Method::POST,
+        "/v1/contacts",
+        Some(json!({"given_name": "Ada"})),
+    )
+    .await;
+    assert_eq!(s, 201, "{created}");
+    let db = app.db().await;
+    let row = db
+        .query_one(
+            "SELECT metadata -> 'principal' FROM events WHERE aggregate_id = $1",
+            &[&created["id"].as_str().unwrap()],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        row.get::<_, Value>(0),
+        json!({"kind": "api_key", "id": key_id})
+    );
+    // Within its narrowed scope only: Team may update, this key may not.
+    let (s, body) = with_key(
+        &app,
+        &key,
+        reqwest::Method::PATCH,
+        &format!("/v1/contacts/{}", created["id"].as_str().unwrap()),
+        Some(json!({"given_name": "Eve"})),
+    )
+    .await;
+    assert_eq!(s, 403, "{body}");
+    assert!(body["message"]
+        .as_str()
+        .unwrap()
+        .contains("contacts.update"));
+    let (s, _) = with_key(&app, &key, reqwest::Method::POST, "/v1/auth/logout", None).await;
+    assert_eq!(s, 403, "a key has no session to end");
+
+    // Only a digest and the last four characters are stored; the list never shows it.
+    let stored: i64 = db
+        .query_one(
+            "SELECT count(*) FROM api_keys WHERE digest = sha256($1::bytea) AND last4 = $2 \
+             AND last_used_at IS NOT NULL",
+            &[&key.as_bytes(), &&key[key.len() - 4..]],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(stored, 1);
+    let dump: String = db
+        .query_one("SELECT string_agg(t::text, '') FROM api_keys t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!dump.contains(&key[8..]), "the secret is not stored");
+    let list = app.get("/v1/api-keys").await.text().await.unwrap();
+    assert!(!list.contains(&key[8..]), "{list}");
+    assert!(list.contains("Import job"));
+
+    // A mistyped key is refused (its checksum fails before any lookup).
+    let mut typo = key.clone().into_bytes();
+    typo[12] = if typo[12] == b'x' { b'y' } else { b'x' };
+    let (s, _) = with_key(
+        &app,
+        &String::from_utf8(typo).unwrap(),
+        reqwest::Method::GET,
+        "/v1/contacts",
+        None,
+    )
+    .await;
+    assert_eq!(s, 401);
+
+    // Revoked: refused from then on, and the revocation is an event.
+    let r = app
+        .post(&format!("/v1/api-keys/{key_id}/revoke"), &json!({}))
+        .await;
+    assert_eq!(r.status(), 200);
+    let (s, _) = with_key(&app, &key, reqwest::Method::GET, "/v1/contacts", None).await;
+    assert_eq!(s, 401);
+    let types: Vec<String> = db
+        .query(
+            "SELECT event_type FROM events WHERE aggregate_id = $1 ORDER BY sequence",
+            &[&key_id],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(types, ["ApiKeyIssued", "ApiKeyRevoked"]);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn keys_expire_and_never_exceed_their_issuer() {
+    let app = TestApp::spawn().await;
+    let r = app
+        .post(
+            "/v1/api-keys",
+            &json!({"name": "Old", "role": "viewer", "expires_at": "2001-01-01T00:00:00Z"}),
+        )
+        .await;
+    assert_eq!(r.status(), 422, "an expiry in the past");
+    let r = app
+        .post(
+            "/v1/api-keys",
+            &json!({"name": "Soon", "role": "viewer", "expires_at": "2100-01-01T00:00:00Z"}),
+        )
+        .await;
+    assert_eq!(r.status(), 201);
+    let issued: Value = r.json().await.unwrap();
+    let key = issued["key"].as_str().unwrap();
+    let (s, _) = with_key(&app, key, reqwest::Method::GET, "/v1/contacts", None).await;
+    assert_eq!(s, 200);
+    // Time passes.
+    app.db()
+        .await
+        .execute(
+            "UPDATE api_keys SET expires_at = now() - interval '1 second'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (s, _) = with_key(&app, key, reqwest::Method::GET, "/v1/contacts", None).await;
+    assert_eq!(s, 401, "expired");
+
+    // An Admin's key may not be an Owner key; a Team key may not issue keys at all.
+    let (_, admin) = app
+        .user_with_role(crm_domain::access::RoleRef::Builtin(
+            crm_domain::access::Role::Admin,
+        ))
+        .await;
+    let (s, body) = with_key(
+        &app,
+        &admin,
+        reqwest::Method::POST,
+        "/v1/api-keys",
+        Some(json!({"name": "Root", "role": "owner"})),
+    )
+    .await;
+    assert_eq!(
+        (s, body["code"].as_str()),
+        (403, Some("owner_required")),
+        "{body}"
+    );
+    app.stop().await;
+}
