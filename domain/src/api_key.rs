@@ -14,6 +14,8 @@ use crate::user::{Grant, Grantor};
 use crate::values::Name;
 use crate::PersonalData;
 
+// One command value lives for one request: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum ApiKeyCommand {
     Issue {
