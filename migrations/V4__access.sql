@@ -8,7 +8,14 @@
 ALTER TABLE credentials
     ADD COLUMN role text,
     ADD COLUMN custom_role uuid,
-    ADD COLUMN token_generation integer NOT NULL DEFAULT 0;
+    ADD COLUMN token_generation integer NOT NULL DEFAULT 0,
+    -- TOTP (RFC 6238): the seed sealed under the user's data key, whether it is on,
+    -- the last time step a code was accepted for (no code is accepted twice), and the
+    -- SHA-256 digests of the unused backup codes.
+    ADD COLUMN totp_secret bytea,
+    ADD COLUMN totp_enabled boolean NOT NULL DEFAULT false,
+    ADD COLUMN totp_last_step bigint NOT NULL DEFAULT 0,
+    ADD COLUMN backup_codes bytea[] NOT NULL DEFAULT '{}';
 
 UPDATE credentials c
 SET role = e.payload -> 'UserRegistered' ->> 'role'

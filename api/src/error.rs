@@ -42,6 +42,12 @@ pub enum ApiError {
     Validation(Vec<FieldError>),
     #[error("{0}")]
     Unauthorized(&'static str),
+    /// 401 with its own code (two-factor steps of a login).
+    #[error("{message}")]
+    Unauthenticated {
+        code: &'static str,
+        message: &'static str,
+    },
     #[error("{message}")]
     Forbidden { code: &'static str, message: String },
     #[error("{0}")]
@@ -92,7 +98,7 @@ impl ApiError {
         match self {
             Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
             Self::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::Unauthorized(_) | Self::Unauthenticated { .. } => StatusCode::UNAUTHORIZED,
             Self::Forbidden { .. } => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Conflict(_) => StatusCode::CONFLICT,
@@ -110,6 +116,7 @@ impl ApiError {
             Self::BadRequest { code, .. } => code,
             Self::Validation(_) => "validation_failed",
             Self::Unauthorized(_) => "unauthorized",
+            Self::Unauthenticated { code, .. } => code,
             Self::Forbidden { code, .. } => code,
             Self::NotFound(_) => "not_found",
             Self::Conflict(_) => "version_conflict",
@@ -339,7 +346,9 @@ impl From<CommandError<UserError>> for ApiError {
             CommandError::Domain(d) => match d {
                 UserError::NotFound => Self::NotFound("user not found"),
                 UserError::AlreadyExists | UserError::EmailTaken => Self::Conflict(d.to_string()),
-                UserError::LastOwner => Self::Conflict(d.to_string()),
+                UserError::LastOwner | UserError::TwoFactorAlreadyOn => {
+                    Self::Conflict(d.to_string())
+                }
                 UserError::OnlyOwnerGrantsOwner | UserError::OnlyOwnerChangesOwner => {
                     forbidden("owner_required", d)
                 }

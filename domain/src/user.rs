@@ -73,6 +73,8 @@ pub enum UserCommand {
     ChangePassword,
     /// Ends every session of the user (logout).
     SignOut,
+    /// Turns on TOTP two-factor authentication (after the user proved a code).
+    EnableTwoFactor,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -91,6 +93,7 @@ pub enum UserEvent {
     UserReactivated {},
     PasswordChanged {},
     UserSignedOut {},
+    TwoFactorEnabled {},
 }
 
 impl DomainEvent for UserEvent {
@@ -102,6 +105,7 @@ impl DomainEvent for UserEvent {
             Self::UserReactivated { .. } => "UserReactivated",
             Self::PasswordChanged { .. } => "PasswordChanged",
             Self::UserSignedOut { .. } => "UserSignedOut",
+            Self::TwoFactorEnabled { .. } => "TwoFactorEnabled",
         }
         .to_owned()
     }
@@ -139,6 +143,8 @@ pub enum UserError {
     EmailTaken,
     #[error("the role does not exist in this organisation or is retired")]
     UnknownRole,
+    #[error("two-factor authentication is already on")]
+    TwoFactorAlreadyOn,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -148,6 +154,8 @@ pub struct User {
     pub role: Option<RoleRef>,
     #[serde(default)]
     pub deactivated: bool,
+    #[serde(default)]
+    pub two_factor: bool,
 }
 
 impl User {
@@ -243,6 +251,13 @@ impl Aggregate for User {
                 self.existing()?;
                 UserEvent::UserSignedOut {}
             }
+            UserCommand::EnableTwoFactor => {
+                self.existing()?;
+                if self.two_factor {
+                    return Err(UserError::TwoFactorAlreadyOn);
+                }
+                UserEvent::TwoFactorEnabled {}
+            }
         };
         sink.write(event, self).await;
         Ok(())
@@ -263,6 +278,7 @@ impl Aggregate for User {
             UserEvent::UserRoleChanged { to, .. } => self.role = Some(to),
             UserEvent::UserDeactivated {} => self.deactivated = true,
             UserEvent::UserReactivated {} => self.deactivated = false,
+            UserEvent::TwoFactorEnabled {} => self.two_factor = true,
             UserEvent::PasswordChanged {} | UserEvent::UserSignedOut {} => {}
         }
     }

@@ -51,6 +51,7 @@ pub struct Credential {
     pub password_hash: String,
     pub active: bool,
     pub token_generation: i32,
+    pub totp_enabled: bool,
 }
 
 /// What a staff user may do right now: read for every request.
@@ -62,6 +63,9 @@ pub struct Access {
     pub policy: Policy,
     pub modules: BTreeSet<Module>,
     pub token_generation: i32,
+    /// The organisation requires 2FA of this user's role and the user has not set it up:
+    /// only their own account's routes are open.
+    pub two_factor_pending: bool,
 }
 
 impl Access {
@@ -91,7 +95,8 @@ pub async fn load_access(
 ) -> Result<Option<Access>, tokio_postgres::Error> {
     let row = client
         .query_opt(
-            "SELECT c.role, c.token_generation, o.modules, r.policy, r.retired \
+            "SELECT c.role, c.token_generation, o.modules, r.policy, r.retired, \
+                    o.two_factor_required AND c.role IN ('owner', 'admin') AND NOT c.totp_enabled \
              FROM credentials c JOIN organizations o ON o.org_id = c.org_id \
              LEFT JOIN roles r ON r.role_id = c.custom_role AND r.org_id = c.org_id \
              WHERE c.user_id = $1 AND c.org_id = $2 AND c.active",
@@ -124,6 +129,7 @@ pub async fn load_access(
         policy,
         modules: parse_modules(row.get(2)),
         token_generation: row.get(1),
+        two_factor_pending: row.get(5),
     }))
 }
 
@@ -388,6 +394,10 @@ fn user_effect(
                         "UPDATE credentials SET active = true, updated_at = now() WHERE user_id = $1",
                         None,
                     ),
+                    UserEvent::TwoFactorEnabled {} => (
+                        "UPDATE credentials SET totp_enabled = true, token_generation = token_generation + 1, updated_at = now() WHERE user_id = $1",
+                        None,
+                    ),
                     UserEvent::PasswordChanged {} | UserEvent::UserSignedOut {} => (
                         "UPDATE credentials SET token_generation = token_generation + 1, updated_at = now() WHERE user_id = $1",
                         None,
@@ -475,7 +485,7 @@ pub async fn find_credential(
 ) -> Result<Option<Credential>, tokio_postgres::Error> {
     let row = client
         .query_opt(
-            "SELECT user_id, org_id, password_hash, active, token_generation FROM credentials WHERE email_lower = $1",
+            "SELECT user_id, org_id, password_hash, active, token_generation, totp_enabled FROM credentials WHERE email_lower = $1",
             &[&email.trim().to_lowercase()],
         )
         .await?;
@@ -485,6 +495,7 @@ pub async fn find_credential(
         password_hash: r.get(2),
         active: r.get(3),
         token_generation: r.get(4),
+        totp_enabled: r.get(5),
     }))
 }
 
@@ -495,7 +506,7 @@ pub async fn credential_of(
 ) -> Result<Option<Credential>, tokio_postgres::Error> {
     let row = client
         .query_opt(
-            "SELECT user_id, org_id, password_hash, active, token_generation FROM credentials WHERE user_id = $1",
+            "SELECT user_id, org_id, password_hash, active, token_generation, totp_enabled FROM credentials WHERE user_id = $1",
             &[&user_id],
         )
         .await?;
@@ -505,6 +516,7 @@ pub async fn credential_of(
         password_hash: r.get(2),
         active: r.get(3),
         token_generation: r.get(4),
+        totp_enabled: r.get(5),
     }))
 }
 
@@ -659,4 +671,156 @@ pub async fn list_roles(
 /// The built-in roles, for listing next to the custom ones.
 pub fn builtin_roles() -> impl Iterator<Item = (Role, Policy)> {
     Role::ALL.into_iter().map(|r| (r, builtin_policy(r)))
+}
+
+// ---- two-factor authentication ----------------------------------------------------
+
+/// A user's TOTP state, the seed decrypted.
+pub struct TotpState {
+    pub secret: Option<Vec<u8>>,
+    pub enabled: bool,
+    pub backup_codes_left: usize,
+}
+
+const TOTP_FIELD: &str = "totp_secret";
+
+/// Reads a user's TOTP seed (opened with the user's data key) and state.
+pub async fn totp_state(
+    crypto: &crate::crypto::Crypto,
+    client: &impl GenericClient,
+    org_id: Uuid,
+    user_id: Uuid,
+) -> Result<Option<TotpState>, AccountError> {
+    let Some(row) = client
+        .query_opt(
+            "SELECT totp_secret, totp_enabled, cardinality(backup_codes) FROM credentials \
+             WHERE user_id = $1 AND org_id = $2",
+            &[&user_id, &org_id],
+        )
+        .await?
+    else {
+        return Ok(None);
+    };
+    let sealed: Option<Vec<u8>> = row.get(0);
+    let subject = user_id.to_string();
+    let secret = match sealed {
+        None => None,
+        Some(sealed) => {
+            let key = crypto
+                .key_for_reading(client, &org_id, &subject)
+                .await
+                .map_err(StoreError::from)?;
+            key.and_then(|k| {
+                crate::crypto::Crypto::open_bytes(&k, &org_id, &subject, TOTP_FIELD, &sealed)
+            })
+        }
+    };
+    Ok(Some(TotpState {
+        secret,
+        enabled: row.get(1),
+        backup_codes_left: row.get::<_, i32>(2) as usize,
+    }))
+}
+
+/// Stores a new, not yet enabled TOTP seed, sealed under the user's data key. Refused
+/// (false) when 2FA is already on.
+pub async fn store_pending_totp(
+    crypto: &crate::crypto::Crypto,
+    client: &impl GenericClient,
+    org_id: Uuid,
+    user_id: Uuid,
+    secret: &[u8],
+) -> Result<bool, AccountError> {
+    let subject = user_id.to_string();
+    let key = crypto
+        .key_for_writing(client, &org_id, &subject)
+        .await
+        .map_err(StoreError::from)?;
+    let sealed = crate::crypto::Crypto::seal_bytes(&key, &org_id, &subject, TOTP_FIELD, secret)
+        .map_err(StoreError::from)?;
+    Ok(client
+        .execute(
+            "UPDATE credentials SET totp_secret = $3 WHERE user_id = $1 AND org_id = $2 AND NOT totp_enabled",
+            &[&user_id, &org_id, &sealed],
+        )
+        .await?
+        == 1)
+}
+
+/// Turns 2FA on (the `TwoFactorEnabled` event, the backup code digests, and the end
+/// of every earlier token, in one commit), recording `step` as used.
+pub async fn enable_two_factor(
+    executor: &Executor,
+    org_id: Uuid,
+    user_id: Uuid,
+    step: i64,
+    backup_digests: Vec<Vec<u8>>,
+    meta: &EventMetadata,
+) -> Result<i32, AccountError> {
+    let inner = user_effect(org_id, user_id);
+    let effect = crate::commands::effect(move |tx, events: &[UserEvent]| {
+        let digests = backup_digests.clone();
+        let applied = inner(tx, events);
+        async move {
+            applied.await?;
+            tx.execute(
+                "UPDATE credentials SET backup_codes = $2, totp_last_step = $3 WHERE user_id = $1",
+                &[&user_id, &digests, &step],
+            )
+            .await
+            .map_err(db)?;
+            Ok(())
+        }
+        .boxed()
+    });
+    executor
+        .execute_with::<User>(
+            org_id,
+            &user_id.to_string(),
+            UserCommand::EnableTwoFactor,
+            meta,
+            None,
+            &effect,
+        )
+        .await?;
+    let client = executor.pool().get().await?;
+    Ok(client
+        .query_one(
+            "SELECT token_generation FROM credentials WHERE user_id = $1",
+            &[&user_id],
+        )
+        .await?
+        .get(0))
+}
+
+/// Accepts a TOTP time step for a user once: true if `step` is later than every step
+/// accepted before (a code, or an earlier one, cannot be used again).
+pub async fn consume_totp_step(
+    client: &impl GenericClient,
+    user_id: Uuid,
+    step: i64,
+) -> Result<bool, tokio_postgres::Error> {
+    Ok(client
+        .execute(
+            "UPDATE credentials SET totp_last_step = $2 WHERE user_id = $1 AND totp_enabled AND totp_last_step < $2",
+            &[&user_id, &step],
+        )
+        .await?
+        == 1)
+}
+
+/// Uses up a backup code (by its digest): true once, false ever after.
+pub async fn consume_backup_code(
+    client: &impl GenericClient,
+    user_id: Uuid,
+    digest: &[u8],
+) -> Result<bool, tokio_postgres::Error> {
+    Ok(client
+        .execute(
+            "UPDATE credentials SET backup_codes = array_remove(backup_codes, $2) \
+             WHERE user_id = $1 AND totp_enabled AND $2 = ANY(backup_codes)",
+            &[&user_id, &digest],
+        )
+        .await?
+        == 1)
 }

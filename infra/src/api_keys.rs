@@ -187,5 +187,6 @@ pub async fn access_by_digest(
         policy,
         modules: parse_modules(row.get(4)),
         token_generation: 0,
+        two_factor_pending: false,
     }))
 }

@@ -166,6 +166,10 @@ impl Executor {
         &self.crypto
     }
 
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
     /// Woken whenever this executor has appended (see [`event_store::Notifier::local`]).
     pub fn appended(&self) -> Arc<tokio::sync::Notify> {
         self.notifier.local()

@@ -18,6 +18,9 @@ use crate::state::AppState;
 struct LoginRequest {
     email: String,
     password: String,
+    /// A TOTP code or a backup code, for accounts with two-factor authentication.
+    #[serde(default)]
+    code: Option<String>,
 }
 
 pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
@@ -72,6 +75,24 @@ async fn login(
             .map_err(ApiError::too_many_requests)?;
         return Err(ApiError::Unauthorized(BAD_LOGIN));
     };
+    if c.totp_enabled {
+        // Only now, after the right password, does the caller learn that a code is due.
+        let Some(code) = req.code.as_deref() else {
+            return Err(ApiError::Unauthenticated {
+                code: "two_factor_required",
+                message: "this account uses two-factor authentication: send `code`",
+            });
+        };
+        if !second_factor(&state, &c, code).await? {
+            failures
+                .record_failure(&req.email)
+                .map_err(ApiError::too_many_requests)?;
+            return Err(ApiError::Unauthenticated {
+                code: "invalid_two_factor_code",
+                message: "the two-factor code is wrong, expired or already used",
+            });
+        }
+    }
     let token = state
         .tokens
         .issue(c.user_id, c.org_id, c.token_generation)
@@ -85,4 +106,28 @@ async fn login(
         }),
         "",
     ))
+}
+
+/// Checks a TOTP code (current or previous step, never twice) or a backup code (once).
+async fn second_factor(
+    state: &AppState,
+    c: &crm_infra::accounts::Credential,
+    code: &str,
+) -> Result<bool, ApiError> {
+    let client = state.pool.get().await?;
+    let totp =
+        crm_infra::accounts::totp_state(state.executor.crypto(), &client, c.org_id, c.user_id)
+            .await?;
+    let Some(secret) = totp.and_then(|t| t.secret) else {
+        return Ok(false);
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    if let Some(step) = crate::totp::matching_step(&secret, code, now) {
+        return Ok(crm_infra::accounts::consume_totp_step(&client, c.user_id, step as i64).await?);
+    }
+    let digest = crate::totp::backup_digest(code);
+    Ok(crm_infra::accounts::consume_backup_code(&client, c.user_id, &digest).await?)
 }

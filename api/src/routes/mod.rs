@@ -55,6 +55,14 @@ impl Authed {
     /// The one check of a request's permission: the module it belongs to must be
     /// active for the organisation, and the caller's role must hold the permission.
     pub fn require(&self, permission: Permission) -> Result<(), ApiError> {
+        if self.access.two_factor_pending {
+            return Err(ApiError::Forbidden {
+                code: "two_factor_setup_required",
+                message: "your organisation requires two-factor authentication for your role: \
+                          set it up under /v1/auth/2fa first"
+                    .into(),
+            });
+        }
         let module = permission.module();
         if !self.access.modules.contains(&module) {
             return Err(ApiError::Forbidden {

@@ -129,7 +129,7 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
     let modules = warp::path!("v1" / "organization" / "modules")
         .and(warp::put())
         .and(with_state(state.clone()))
-        .and(allowed(state, Permission::OrganizationManage))
+        .and(allowed(state.clone(), Permission::OrganizationManage))
         .and(body(BODY_LIMIT))
         .and_then(
             |s: AppState, a: Authed, ct: Option<String>, b: bytes::Bytes| async move {
@@ -137,7 +137,20 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
                 finish(set_modules(s, a, ct, b).await, &rid)
             },
         );
+    let two_factor = warp::path!("v1" / "organization" / "two-factor")
+        .and(warp::put())
+        .and(with_state(state.clone()))
+        .and(allowed(state.clone(), Permission::OrganizationManage))
+        .and(body(BODY_LIMIT))
+        .and_then(
+            |s: AppState, a: Authed, ct: Option<String>, b: bytes::Bytes| async move {
+                let rid = a.ctx.request_id.clone();
+                finish(require_two_factor(s, a, ct, b).await, &rid)
+            },
+        );
     list.or(define)
+        .unify()
+        .or(two_factor)
         .unify()
         .or(change)
         .unify()
@@ -333,6 +346,37 @@ async fn set_modules(
         &s.executor,
         a.caller.org_id,
         OrganizationCommand::SetModules { modules },
+        &a.metadata(),
+    )
+    .await?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({ "id": o.id, "version": o.version, "positions": o.positions }),
+        &a.ctx.request_id,
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TwoFactorInput {
+    required: bool,
+}
+
+/// Whether the organisation's Owners and Admins must use 2FA.
+async fn require_two_factor(
+    s: AppState,
+    a: Authed,
+    ct: Option<String>,
+    body: bytes::Bytes,
+) -> Result<Response, ApiError> {
+    require_json(ct.as_deref())?;
+    let input: TwoFactorInput = parse_json(&body)?;
+    let o = accounts::organization_command(
+        &s.executor,
+        a.caller.org_id,
+        OrganizationCommand::RequireTwoFactor {
+            required: input.required,
+        },
         &a.metadata(),
     )
     .await?;

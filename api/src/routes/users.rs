@@ -154,7 +154,7 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
     let password = warp::path!("v1" / "auth" / "password")
         .and(warp::post())
         .and(with_state(state.clone()))
-        .and(staff(state))
+        .and(staff(state.clone()))
         .and(body(BODY_LIMIT))
         .and_then(
             |s: AppState, a: Authed, ct: Option<String>, b: bytes::Bytes| async move {
@@ -162,7 +162,10 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
                 finish(change_password(s, a, ct, b).await, &rid)
             },
         );
+    let two_factor = two_factor_routes(state.clone());
     list.or(get_one)
+        .unify()
+        .or(two_factor)
         .unify()
         .or(create)
         .unify()
@@ -385,6 +388,132 @@ async fn change_password(
     Ok(json_response(
         StatusCode::OK,
         &json!({
+            "access_token": token,
+            "token_type": "Bearer",
+            "expires_in": s.tokens.ttl_secs(),
+        }),
+        &a.ctx.request_id,
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CodeInput {
+    code: String,
+}
+
+fn two_factor_routes(state: AppState) -> BoxedFilter<(Response,)> {
+    let setup = warp::path!("v1" / "auth" / "2fa" / "setup")
+        .and(warp::post())
+        .and(with_state(state.clone()))
+        .and(staff(state.clone()))
+        .and_then(|s: AppState, a: Authed| async move {
+            let rid = a.ctx.request_id.clone();
+            finish(two_factor_setup(s, a).await, &rid)
+        });
+    let enable = warp::path!("v1" / "auth" / "2fa" / "enable")
+        .and(warp::post())
+        .and(with_state(state.clone()))
+        .and(staff(state))
+        .and(body(BODY_LIMIT))
+        .and_then(
+            |s: AppState, a: Authed, ct: Option<String>, b: bytes::Bytes| async move {
+                let rid = a.ctx.request_id.clone();
+                finish(two_factor_enable(s, a, ct, b).await, &rid)
+            },
+        );
+    setup.or(enable).unify().boxed()
+}
+
+/// A new seed, stored sealed and not yet on: the user adds it to an authenticator app
+/// and proves it with a code (`enable`). Setting up again replaces a pending seed.
+async fn two_factor_setup(s: AppState, a: Authed) -> Result<Response, ApiError> {
+    a.require_user()?;
+    let secret = crate::totp::new_secret();
+    let client = s.pool.get().await?;
+    let stored = accounts::store_pending_totp(
+        s.executor.crypto(),
+        &client,
+        a.caller.org_id,
+        a.caller.user_id,
+        &secret,
+    )
+    .await?;
+    if !stored {
+        return Err(ApiError::Conflict(
+            "two-factor authentication is already on".into(),
+        ));
+    }
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({
+            "secret": crate::totp::base32(&secret),
+            "otpauth_url": crate::totp::otpauth_url(&secret, &a.caller.user_id.to_string()),
+            "digits": crate::totp::DIGITS,
+            "period": crate::totp::STEP_SECS,
+        }),
+        &a.ctx.request_id,
+    ))
+}
+
+/// Turns 2FA on once a code of the pending seed is proven; answers with the backup
+/// codes (shown once) and a new token (earlier ones end).
+async fn two_factor_enable(
+    s: AppState,
+    a: Authed,
+    ct: Option<String>,
+    body: bytes::Bytes,
+) -> Result<Response, ApiError> {
+    a.require_user()?;
+    require_json(ct.as_deref())?;
+    let input: CodeInput = parse_json(&body)?;
+    let client = s.pool.get().await?;
+    let state = accounts::totp_state(
+        s.executor.crypto(),
+        &client,
+        a.caller.org_id,
+        a.caller.user_id,
+    )
+    .await?
+    .ok_or(ApiError::Unauthorized("the token is invalid or expired"))?;
+    drop(client);
+    if state.enabled {
+        return Err(ApiError::Conflict(
+            "two-factor authentication is already on".into(),
+        ));
+    }
+    let secret = state.secret.ok_or_else(|| {
+        ApiError::bad_request("two_factor_not_set_up", "call /v1/auth/2fa/setup first")
+    })?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let step = crate::totp::matching_step(&secret, &input.code, now).ok_or_else(|| {
+        ApiError::Validation(vec![FieldError::new(
+            "code",
+            "is not the current code of the new seed",
+        )])
+    })?;
+    let (codes, digests) = crate::totp::new_backup_codes();
+    let generation = accounts::enable_two_factor(
+        &s.executor,
+        a.caller.org_id,
+        a.caller.user_id,
+        step as i64,
+        digests,
+        &a.metadata(),
+    )
+    .await?;
+    let token = s
+        .tokens
+        .issue(a.caller.user_id, a.caller.org_id, generation)
+        .map_err(ApiError::internal)?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({
+            "backup_codes": codes,
+            "note": "each backup code works once; they are shown this once",
             "access_token": token,
             "token_type": "Bearer",
             "expires_in": s.tokens.ttl_secs(),

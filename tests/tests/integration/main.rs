@@ -17,3 +17,4 @@ mod queries;
 mod ratelimit;
 mod store;
 mod tenants;
+mod two_factor;
