@@ -66,3 +66,27 @@ CREATE TABLE api_keys (
 );
 CREATE INDEX api_keys_org ON api_keys (org_id);
 GRANT SELECT, INSERT, UPDATE, DELETE ON api_keys TO crm_app;
+
+-- Client portal logins: one per contact; the email is unique within an organisation.
+CREATE TABLE portal_accounts (
+    contact_id       uuid PRIMARY KEY,
+    org_id           uuid    NOT NULL,
+    email_lower      text    NOT NULL,
+    password_hash    text,
+    active           boolean NOT NULL DEFAULT true,
+    token_generation integer NOT NULL DEFAULT 0,
+    UNIQUE (org_id, email_lower)
+);
+
+-- Single-use tokens sent by mail (magic links, password resets): only a digest.
+CREATE TABLE auth_tokens (
+    digest     bytea PRIMARY KEY,
+    purpose    text        NOT NULL,
+    org_id     uuid        NOT NULL,
+    subject_id uuid        NOT NULL,
+    expires_at timestamptz NOT NULL,
+    used_at    timestamptz
+);
+CREATE INDEX auth_tokens_expiry ON auth_tokens (expires_at);
+
+GRANT SELECT, INSERT, UPDATE, DELETE ON portal_accounts, auth_tokens TO crm_app;

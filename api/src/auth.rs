@@ -52,8 +52,10 @@ pub fn check_password_policy(password: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Token types: staff tokens here; portal tokens come later and are refused by staff routes.
+/// Token types: staff tokens are refused by every portal route, portal tokens by every
+/// staff route.
 pub const TYP_STAFF: &str = "staff";
+pub const TYP_PORTAL: &str = "portal";
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Claims {
@@ -123,11 +125,31 @@ impl Tokens {
         org_id: Uuid,
         generation: i32,
     ) -> Result<String, jsonwebtoken::errors::Error> {
+        self.issue_typed(TYP_STAFF, user_id, org_id, generation)
+    }
+
+    /// Issues a portal token for a contact.
+    pub fn issue_portal(
+        &self,
+        contact_id: Uuid,
+        org_id: Uuid,
+        generation: i32,
+    ) -> Result<String, jsonwebtoken::errors::Error> {
+        self.issue_typed(TYP_PORTAL, contact_id, org_id, generation)
+    }
+
+    fn issue_typed(
+        &self,
+        typ: &str,
+        subject: Uuid,
+        org_id: Uuid,
+        generation: i32,
+    ) -> Result<String, jsonwebtoken::errors::Error> {
         let iat = now();
         let claims = Claims {
-            sub: user_id.to_string(),
+            sub: subject.to_string(),
             org: org_id.to_string(),
-            typ: TYP_STAFF.into(),
+            typ: typ.into(),
             iat,
             exp: iat + self.settings.ttl.as_secs(),
             jti: Uuid::now_v7().to_string(),
@@ -140,8 +162,17 @@ impl Tokens {
 
     /// Verifies a staff token; every failure reads the same to the caller.
     pub fn verify_staff(&self, token: &str) -> Option<Caller> {
+        self.verify_typed(TYP_STAFF, token)
+    }
+
+    /// Verifies a portal token: `user_id` is the contact's id.
+    pub fn verify_portal(&self, token: &str) -> Option<Caller> {
+        self.verify_typed(TYP_PORTAL, token)
+    }
+
+    fn verify_typed(&self, typ: &str, token: &str) -> Option<Caller> {
         let data = decode::<Claims>(token, &self.decoding, &self.validation).ok()?;
-        if data.claims.typ != TYP_STAFF {
+        if data.claims.typ != typ {
             return None;
         }
         Some(Caller {
@@ -201,5 +232,15 @@ mod tests {
         let claims = jwt.split('.').nth(1).unwrap();
         let none = format!("eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.{claims}.");
         assert!(t.verify_staff(&none).is_none(), "alg=none");
+        let portal = t.issue_portal(u, o, 0).unwrap();
+        assert!(
+            t.verify_staff(&portal).is_none(),
+            "a portal token is no staff token"
+        );
+        assert!(
+            t.verify_portal(&jwt).is_none(),
+            "a staff token is no portal token"
+        );
+        assert_eq!(t.verify_portal(&portal).unwrap().user_id, u);
     }
 }

@@ -107,6 +107,27 @@ pub struct Common {
     /// (`https://app.example.com,https://admin.example.com`); none by default.
     #[arg(long, env = "CRM_CORS_ORIGINS", global = true, value_delimiter = ',')]
     pub cors_origins: Vec<String>,
+    /// Origins allowed to call the client portal (`/portal/…`) from a browser; a list of
+    /// its own, none by default.
+    #[arg(
+        long,
+        env = "CRM_PORTAL_CORS_ORIGINS",
+        global = true,
+        value_delimiter = ','
+    )]
+    pub portal_cors_origins: Vec<String>,
+    /// Directory outgoing mail (magic links, password resets) is spooled to as .eml
+    /// files for a mail transfer agent; unset: mail is not delivered.
+    #[arg(long, env = "CRM_MAIL_SPOOL_DIR", global = true)]
+    pub mail_spool_dir: Option<std::path::PathBuf>,
+    /// Base URL of the front end that links in mails point to.
+    #[arg(
+        long,
+        env = "CRM_PUBLIC_URL",
+        global = true,
+        default_value = "http://127.0.0.1:8080"
+    )]
+    pub public_url: String,
     /// Requests per second per client IP on the API (0: no limit).
     #[arg(long, env = "CRM_RATE_LIMIT_API", global = true, default_value_t = 30)]
     pub rate_limit_api: u32,
@@ -224,6 +245,8 @@ impl Common {
                 max_consistency_wait: Duration::from_millis(self.max_consistency_wait_ms),
                 cors_origins: crate::routes::cors::parse_origins(&self.cors_origins)
                     .map_err(|e| anyhow::anyhow!(e))?,
+                portal_cors_origins: crate::routes::cors::parse_origins(&self.portal_cors_origins)
+                    .map_err(|e| anyhow::anyhow!(e))?,
                 rate_limits: crate::ratelimit::RateLimitSettings {
                     api_per_sec: self.rate_limit_api,
                     auth_per_sec: self.rate_limit_auth,
@@ -235,6 +258,10 @@ impl Common {
                 ttl: Duration::from_secs(self.jwt_ttl_secs),
                 audience: "crm-api".into(),
                 issuer: "crm".into(),
+            },
+            mail: crate::config::MailSettings {
+                spool_dir: self.mail_spool_dir.clone(),
+                link_base: self.public_url.trim_end_matches('/').to_owned(),
             },
             run_relay: true,
             run_projectors: true,

@@ -13,6 +13,7 @@ pub struct Settings {
     pub keys: KeySettings,
     pub http: HttpSettings,
     pub jwt: JwtSettings,
+    pub mail: MailSettings,
     /// Run the relay inside `serve`.
     pub run_relay: bool,
     /// Run every projector inside `serve`.
@@ -28,6 +29,8 @@ pub struct HttpSettings {
     pub max_consistency_wait: Duration,
     /// Origins browsers may call the API from (`scheme://host[:port]`); none by default.
     pub cors_origins: Vec<String>,
+    /// Origins the client portal (`/portal/…`) may be called from; its own list.
+    pub portal_cors_origins: Vec<String>,
     pub rate_limits: crate::ratelimit::RateLimitSettings,
 }
 
@@ -38,4 +41,12 @@ pub struct JwtSettings {
     pub ttl: Duration,
     pub audience: String,
     pub issuer: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct MailSettings {
+    /// Where outgoing mail is spooled (see [`crate::mail`]); `None`: kept in memory.
+    pub spool_dir: Option<std::path::PathBuf>,
+    /// The base URL links in mails point to (the front end), e.g. `https://crm.example.com`.
+    pub link_base: String,
 }

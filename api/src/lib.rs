@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod context;
 pub mod error;
+pub mod mail;
 pub mod ratelimit;
 pub mod routes;
 pub mod startup;

@@ -42,9 +42,9 @@ pub enum Class {
 
 impl Class {
     pub fn of(path: &str) -> Self {
-        if path.starts_with("/v1/auth/") {
+        if path.starts_with("/v1/auth/") || path.starts_with("/portal/auth/") {
             Self::Auth
-        } else if path.starts_with("/v1/") {
+        } else if path.starts_with("/v1/") || path.starts_with("/portal/") {
             Self::Api
         } else {
             Self::Unlimited

@@ -52,6 +52,7 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<AppState> {
         bus,
         tokens,
         rate_limits,
+        mailer: crate::mail::Mailer::new(settings.mail.spool_dir.clone()),
         settings: Arc::new(settings.clone()),
     }))
 }

@@ -38,6 +38,7 @@ pub struct Services {
     pub tokens: Arc<Tokens>,
     pub settings: Arc<Settings>,
     pub rate_limits: crate::ratelimit::RateLimits,
+    pub mailer: crate::mail::Mailer,
 }
 
 impl AppState {

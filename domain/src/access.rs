@@ -91,6 +91,7 @@ permissions! {
     RolesRead = "roles.read", Core, false;
     ApiKeysManage = "api_keys.manage", Core, false;
     OrganizationManage = "organization.manage", Core, false;
+    PortalManage = "portal.manage", Portal, false;
     ContactsExport = "contacts.export", Contacts, true;
     ContactsErase = "contacts.erase", Contacts, true;
     ConsentProofView = "consent.proof.view", Contacts, true;
@@ -338,6 +339,7 @@ pub fn builtin_policy(role: Role) -> Policy {
                 RolesRead,
                 ContactsExport,
                 AiApprove,
+                PortalManage,
             ],
             &all_fields(W),
         ),
@@ -352,7 +354,7 @@ pub fn builtin_policy(role: Role) -> Policy {
             &all_fields(W),
         ),
         Role::Support => Policy::build(
-            &[ContactsRead, ContactsUpdate, ContactsHistory],
+            &[ContactsRead, ContactsUpdate, ContactsHistory, PortalManage],
             &[
                 ("given_name", R),
                 ("family_name", R),

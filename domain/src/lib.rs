@@ -15,6 +15,7 @@ pub mod contact;
 pub mod metadata;
 pub mod organization;
 pub mod personal;
+pub mod portal;
 pub mod role;
 pub mod user;
 pub mod values;

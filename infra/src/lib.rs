@@ -15,6 +15,7 @@
 
 pub mod accounts;
 pub mod api_keys;
+pub mod auth_tokens;
 pub mod bus;
 pub mod checkpoint;
 pub mod commands;
@@ -24,6 +25,7 @@ pub mod event_store;
 pub mod group_commit;
 pub mod hash_chain;
 pub mod metrics;
+pub mod portal;
 pub mod projector;
 pub mod read_models;
 pub mod rebuild;

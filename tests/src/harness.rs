@@ -61,6 +61,8 @@ pub struct Options {
     pub max_body_bytes: u64,
     /// Origins allowed for CORS (none by default, as in production).
     pub cors_origins: Vec<String>,
+    /// Origins allowed for the portal's CORS (none by default).
+    pub portal_cors_origins: Vec<String>,
     /// Off by default: a test's many requests all come from 127.0.0.1.
     pub rate_limits: crm_api::ratelimit::RateLimitSettings,
 }
@@ -72,6 +74,7 @@ impl Default for Options {
             run_projectors: true,
             max_body_bytes: 64 * 1024,
             cors_origins: Vec::new(),
+            portal_cors_origins: Vec::new(),
             rate_limits: crm_api::ratelimit::RateLimitSettings {
                 api_per_sec: 0,
                 auth_per_sec: 0,
@@ -137,7 +140,12 @@ impl TestApp {
                 max_body_bytes: opts.max_body_bytes,
                 max_consistency_wait: Duration::from_secs(10),
                 cors_origins: opts.cors_origins.clone(),
+                portal_cors_origins: opts.portal_cors_origins.clone(),
                 rate_limits: opts.rate_limits,
+            },
+            mail: crm_api::config::MailSettings {
+                spool_dir: None,
+                link_base: "https://crm.example.com".into(),
             },
             jwt: JwtSettings {
                 secret: SecretString::from(format!("test-secret-{id}")),

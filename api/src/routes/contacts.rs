@@ -241,7 +241,7 @@ fn contact_json(id: Uuid, version: i64, profile: &ContactProfile, archived: bool
     v
 }
 
-fn view_json(v: &ContactView) -> Value {
+pub(crate) fn view_json(v: &ContactView) -> Value {
     let mut out = contact_json(v.id, v.version, &v.profile, v.archived);
     out["created_at"] = json!(v.created_at);
     out["updated_at"] = json!(v.updated_at);

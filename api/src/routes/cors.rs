@@ -45,6 +45,24 @@ pub fn parse_origins(list: &[String]) -> Result<Vec<String>, String> {
         .collect()
 }
 
+/// The staff API's origins and the client portal's, kept apart: an origin allowed for
+/// one is not thereby allowed for the other.
+#[derive(Debug, Clone, Default)]
+pub struct CorsPolicy {
+    pub api: Vec<String>,
+    pub portal: Vec<String>,
+}
+
+impl CorsPolicy {
+    pub fn for_path(&self, path: &str) -> &[String] {
+        if path == "/portal" || path.starts_with("/portal/") {
+            &self.portal
+        } else {
+            &self.api
+        }
+    }
+}
+
 fn allowed<'a>(origins: &[String], origin: Option<&'a str>) -> Option<&'a str> {
     origin.filter(|o| origins.iter().any(|a| a.eq_ignore_ascii_case(o)))
 }
@@ -68,19 +86,23 @@ pub fn decorate(origins: &[String], origin: Option<&str>, mut response: Response
 /// `Access-Control-Request-Method`): 204 with the policy for an allowed origin, 403 for
 /// any other.
 pub fn preflight(
-    origins: Vec<String>,
+    policy: CorsPolicy,
 ) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
     // `warp::method()` rather than `warp::options()`: on other methods this filter must
     // reject as "not found" (the weakest rejection), not "method not allowed", which
     // would win over the real routes' 404s.
     warp::method()
+        .and(warp::path::full())
         .and(warp::header::optional::<String>("origin"))
         .and(warp::header::optional::<String>(
             "access-control-request-method",
         ))
         .and_then(
-            move |method: Method, origin: Option<String>, requested: Option<String>| {
-                let origins = origins.clone();
+            move |method: Method,
+                  path: warp::path::FullPath,
+                  origin: Option<String>,
+                  requested: Option<String>| {
+                let origins = policy.for_path(path.as_str()).to_vec();
                 async move {
                     if method != Method::OPTIONS {
                         return Err(warp::reject::not_found());

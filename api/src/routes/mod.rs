@@ -6,6 +6,7 @@ pub mod contacts;
 pub mod cors;
 pub mod health;
 pub mod login;
+pub mod portal;
 pub mod reports;
 pub mod roles;
 pub mod users;
@@ -401,9 +402,12 @@ fn with_security_headers(mut response: Response) -> Response {
 /// Every route of the service, with errors recovered into JSON, security headers on
 /// every response, and requests logged.
 pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
-    let origins = state.settings.http.cors_origins.clone();
+    let cors_policy = cors::CorsPolicy {
+        api: state.settings.http.cors_origins.clone(),
+        portal: state.settings.http.portal_cors_origins.clone(),
+    };
     let limits = state.rate_limits.clone();
-    let routes = cors::preflight(origins.clone())
+    let routes = cors::preflight(cors_policy.clone())
         .or(login::routes(state.clone()))
         .unify()
         .or(contacts::routes(state.clone()))
@@ -418,15 +422,24 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
         .unify()
         .or(api_keys::routes(state.clone()))
         .unify()
+        .or(portal::routes(state.clone()))
+        .unify()
         .or(health::routes(state))
         .unify();
     let api = rate_gate(limits).and(routes).boxed();
     let recovered = api.recover(crate::error::recover).unify();
-    warp::header::optional::<String>("origin")
+    warp::path::full()
+        .and(warp::header::optional::<String>("origin"))
         .and(recovered)
-        .map(move |origin: Option<String>, response| {
-            cors::decorate(&origins, origin.as_deref(), response)
-        })
+        .map(
+            move |path: warp::path::FullPath, origin: Option<String>, response| {
+                cors::decorate(
+                    cors_policy.for_path(path.as_str()),
+                    origin.as_deref(),
+                    response,
+                )
+            },
+        )
         .map(with_security_headers)
         .with(warp::log::custom(|info| {
             let status = info.status().as_u16();

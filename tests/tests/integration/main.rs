@@ -13,6 +13,7 @@ mod headers;
 mod health;
 mod permissions;
 mod pipeline;
+mod portal;
 mod queries;
 mod ratelimit;
 mod store;

@@ -72,6 +72,16 @@ async fn every_route_with_every_role() {
     assert!(routes.len() >= 20, "{routes:?}");
     // Logging out ends the token; walk it last.
     routes.sort_by_key(|(_, p, _)| p == "/v1/auth/logout");
+    // Every module on: this test is about permissions.
+    let r = app
+        .http
+        .put(app.url("/v1/organization/modules"))
+        .bearer_auth(&app.token)
+        .json(&json!({"modules": ["contacts", "activity", "reports", "portal"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
     let (contact, _) = app
         .create_contact(&json!({"given_name": "Ada", "email": "ada@example.com"}))
         .await;
