@@ -509,7 +509,10 @@ pub async fn rebuild(
     let mut swap = format!(
         "ALTER TABLE {table} RENAME TO {table}_old; \
          ALTER TABLE {shadow} RENAME TO {table}; \
-         DROP TABLE {table}_old;"
+         DROP TABLE {table}_old; \
+         ALTER TABLE {table} ENABLE ROW LEVEL SECURITY; \
+         CREATE POLICY org_isolation ON {table} {policy};",
+        policy = crate::read_models::RLS_POLICY
     );
     if !app_role.is_empty() {
         swap.push_str(&format!(

@@ -62,8 +62,9 @@ async fn list(s: AppState, a: Authed, raw: String) -> Result<Response, ApiError>
         limit,
     };
     s.await_projection("activity", pos, wait).await?;
-    let client = s.pool.get().await?;
-    let items = activity_rm::list(&client, a.caller.org_id, &filter).await?;
+    let mut client = s.pool.get().await?;
+    let tx = crm_infra::read_models::org_scope(&mut client, a.caller.org_id).await?;
+    let items = activity_rm::list(&tx, a.caller.org_id, &filter).await?;
     let next = (items.len() as i64 == limit)
         .then(|| items.last().map(|e| e.global_position))
         .flatten();

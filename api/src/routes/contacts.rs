@@ -482,8 +482,9 @@ async fn get_one(s: AppState, a: Authed, id: String, raw: String) -> Result<Resp
     }
     let (pos, wait) = consistency(&q)?;
     s.await_projection("contacts", pos, wait).await?;
-    let client = s.pool.get().await?;
-    let view = contacts_rm::get(&client, a.caller.org_id, id)
+    let mut client = s.pool.get().await?;
+    let tx = crm_infra::read_models::org_scope(&mut client, a.caller.org_id).await?;
+    let view = contacts_rm::get(&tx, a.caller.org_id, id)
         .await?
         .ok_or(ApiError::NotFound("contact not found"))?;
     let mut body = view_json(&view);
@@ -625,8 +626,9 @@ async fn list(s: AppState, a: Authed, raw: String) -> Result<Response, ApiError>
         limit,
     };
     s.await_projection("contacts", pos, wait).await?;
-    let client = s.pool.get().await?;
-    let views = contacts_rm::list(&client, a.caller.org_id, &filter).await?;
+    let mut client = s.pool.get().await?;
+    let tx = crm_infra::read_models::org_scope(&mut client, a.caller.org_id).await?;
+    let views = contacts_rm::list(&tx, a.caller.org_id, &filter).await?;
     let next = (views.len() as i64 == limit)
         .then(|| views.last().map(|v| v.id))
         .flatten();

@@ -584,9 +584,10 @@ async fn staff_reset_confirm(
 }
 
 async fn portal_me(s: AppState, p: PortalAuthed) -> Result<Response, ApiError> {
-    let client = s.pool.get().await?;
+    let mut client = s.pool.get().await?;
+    let tx = crm_infra::read_models::org_scope(&mut client, p.org_id).await?;
     // Scoped to the contact's own id: there is no other id a portal caller can name.
-    let view = contacts_rm::get(&client, p.org_id, p.contact_id)
+    let view = contacts_rm::get(&tx, p.org_id, p.contact_id)
         .await?
         .ok_or(ApiError::NotFound("contact not found"))?;
     Ok(json_response(

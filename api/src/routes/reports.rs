@@ -26,8 +26,9 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
 }
 
 async fn contacts(s: AppState, a: Authed) -> Result<Response, ApiError> {
-    let client = s.pool.get().await?;
-    let (total, archived) = contacts_rm::counts(&client, a.caller.org_id).await?;
+    let mut client = s.pool.get().await?;
+    let tx = crm_infra::read_models::org_scope(&mut client, a.caller.org_id).await?;
+    let (total, archived) = contacts_rm::counts(&tx, a.caller.org_id).await?;
     Ok(json_response(
         StatusCode::OK,
         &json!({ "total": total, "archived": archived, "active": total - archived }),

@@ -35,3 +35,34 @@ pub(crate) fn envelope(e: &DecodedEvent) -> Envelope<'_> {
         recorded_at: e.stored.recorded_at,
     }
 }
+
+/// The row-level security policy every read-model table carries (migration V4 and
+/// every rebuild's swap): a row is visible only inside a transaction that named its
+/// organisation ([`org_scope`]) or to projection work ([`all_orgs`]). Nothing set:
+/// nothing visible.
+pub const RLS_POLICY: &str = "USING (current_setting('crm.scope', true) = 'all' \
+     OR org_id = NULLIF(current_setting('crm.org_id', true), '')::uuid)";
+
+/// A read-only transaction that sees `org_id`'s read-model rows and no other's: the
+/// second wall behind every query's own `org_id = $1`.
+pub async fn org_scope(
+    client: &mut deadpool_postgres::Object,
+    org_id: uuid::Uuid,
+) -> Result<deadpool_postgres::Transaction<'_>, tokio_postgres::Error> {
+    let tx = client.build_transaction().read_only(true).start().await?;
+    tx.execute(
+        "SELECT set_config('crm.org_id', $1, true)",
+        &[&org_id.to_string()],
+    )
+    .await?;
+    Ok(tx)
+}
+
+/// Lets the current transaction see and write every organisation's rows (projectors).
+pub async fn all_orgs(
+    tx: &impl deadpool_postgres::GenericClient,
+) -> Result<(), tokio_postgres::Error> {
+    tx.execute("SELECT set_config('crm.scope', 'all', true)", &[])
+        .await
+        .map(|_| ())
+}

@@ -16,6 +16,7 @@ mod pipeline;
 mod portal;
 mod queries;
 mod ratelimit;
+mod rls;
 mod store;
 mod tenants;
 mod two_factor;
