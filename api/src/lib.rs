@@ -12,6 +12,7 @@ pub mod config;
 pub mod context;
 pub mod error;
 pub mod mail;
+pub mod openapi;
 pub mod ratelimit;
 pub mod routes;
 pub mod startup;

@@ -19,9 +19,9 @@ use super::{allowed, body, require_json, with_state, Authed};
 use crate::error::{finish, json_response, parse_json, ApiError, FieldError};
 use crate::state::AppState;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct IssueInput {
+pub(crate) struct IssueInput {
     name: String,
     role: String,
     /// Narrows the role to these of its permissions.

@@ -40,9 +40,9 @@ where
     Option::<T>::deserialize(d).map(Some)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct AddressInput {
+pub(crate) struct AddressInput {
     line1: Option<String>,
     line2: Option<String>,
     city: Option<String>,
@@ -53,9 +53,9 @@ struct AddressInput {
 
 /// The body of `POST /v1/contacts` and `PATCH /v1/contacts/{id}`. In a PATCH, a field
 /// set to `null` is cleared and an absent field is left alone.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ContactInput {
+pub(crate) struct ContactInput {
     #[serde(default, deserialize_with = "nullable")]
     given_name: Option<Option<String>>,
     #[serde(default, deserialize_with = "nullable")]

@@ -1,4 +1,5 @@
-//! `GET /healthz` (alive), `GET /readyz` (dependencies and lag), `GET /metrics`.
+//! `GET /healthz` (alive), `GET /readyz` (dependencies and lag), `GET /metrics`, and
+//! `GET /openapi.json` (the API's description, see [`crate::openapi`]).
 
 use crm_infra::event_store;
 use crm_infra::metrics::{render, METRICS};
@@ -25,7 +26,18 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
         .and(warp::get())
         .and(with_state(state))
         .then(metrics);
-    healthz.or(readyz).unify().or(metrics).unify().boxed()
+    let openapi = warp::path!("openapi.json").and(warp::get()).map(|| {
+        warp::reply::with_header(crate::openapi::json(), "content-type", "application/json")
+            .into_response()
+    });
+    healthz
+        .or(readyz)
+        .unify()
+        .or(metrics)
+        .unify()
+        .or(openapi)
+        .unify()
+        .boxed()
 }
 
 /// Events the relay and each projection have not processed yet.

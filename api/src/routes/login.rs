@@ -13,9 +13,9 @@ use crate::context::{request_context, RequestContext};
 use crate::error::{finish, json_response, parse_json, ApiError};
 use crate::state::AppState;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct LoginRequest {
+pub(crate) struct LoginRequest {
     email: String,
     password: String,
     /// A TOTP code or a backup code, for accounts with two-factor authentication.

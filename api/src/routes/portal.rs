@@ -37,43 +37,43 @@ const BAD_LOGIN: &str = "invalid email or password";
 /// The one answer to "send me a link", whether or not the address has an account.
 const LINK_SENT: &str = "if the address belongs to an account, a message with a link is on its way";
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct PortalLoginInput {
+pub(crate) struct PortalLoginInput {
     org_id: Uuid,
     email: String,
     password: String,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct PortalEmailInput {
+pub(crate) struct PortalEmailInput {
     org_id: Uuid,
     email: String,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct StaffEmailInput {
+pub(crate) struct StaffEmailInput {
     email: String,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct TokenInput {
+pub(crate) struct TokenInput {
     token: String,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ResetInput {
+pub(crate) struct ResetInput {
     token: String,
     new_password: String,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct GrantInput {
+pub(crate) struct GrantInput {
     email: Option<String>,
 }
 

@@ -24,18 +24,18 @@ use crate::state::AppState;
 
 const BODY_LIMIT: u64 = 16 * 1024;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct RoleInput {
+pub(crate) struct RoleDefinition {
     name: Option<String>,
     permissions: Option<Vec<String>>,
     fields: Option<BTreeMap<String, String>>,
     expected_version: Option<i64>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ModulesInput {
+pub(crate) struct ModulesInput {
     modules: Vec<String>,
 }
 
@@ -198,7 +198,7 @@ async fn define(
     body: bytes::Bytes,
 ) -> Result<Response, ApiError> {
     require_json(ct.as_deref())?;
-    let input: RoleInput = parse_json(&body)?;
+    let input: RoleDefinition = parse_json(&body)?;
     let mut errors = Vec::new();
     let name = match input.name.as_deref().map(Name::parse) {
         Some(Ok(n)) => Some(n),
@@ -257,7 +257,7 @@ async fn change(
 ) -> Result<Response, ApiError> {
     let role_id = parse_role_id(&id)?;
     require_json(ct.as_deref())?;
-    let input: RoleInput = parse_json(&body)?;
+    let input: RoleDefinition = parse_json(&body)?;
     let mut errors = Vec::new();
     let name = match input.name.as_deref().map(Name::parse) {
         Some(Ok(n)) => Some(n),
@@ -356,9 +356,9 @@ async fn set_modules(
     ))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct TwoFactorInput {
+pub(crate) struct TwoFactorInput {
     required: bool,
 }
 

@@ -20,24 +20,24 @@ use crate::state::AppState;
 
 const BODY_LIMIT: u64 = 16 * 1024;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct NewUserInput {
+pub(crate) struct NewUserInput {
     email: String,
     display_name: String,
     role: String,
     password: String,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct RoleInput {
+pub(crate) struct RoleChange {
     role: String,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct PasswordInput {
+pub(crate) struct PasswordInput {
     current_password: String,
     new_password: String,
 }
@@ -281,7 +281,7 @@ async fn change_role(
 ) -> Result<Response, ApiError> {
     let id = parse_user_id(&id)?;
     require_json(ct.as_deref())?;
-    let input: RoleInput = parse_json(&body)?;
+    let input: RoleChange = parse_json(&body)?;
     let role = parse_role(&input.role)?;
     let grant = grant_of(&s, &a, role).await?;
     let by = a.access.grantor();
@@ -396,9 +396,9 @@ async fn change_password(
     ))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CodeInput {
+pub(crate) struct CodeInput {
     code: String,
 }
 

@@ -11,6 +11,7 @@ mod escalation;
 mod fields;
 mod headers;
 mod health;
+mod openapi;
 mod permissions;
 mod pipeline;
 mod portal;
