@@ -324,6 +324,18 @@ pub const OPERATIONS: &[Op] = &[
         None,
         (200, "RoleList"),
     ),
+    Op {
+        query: &["field", "at"],
+        ..op(
+            "GET",
+            "/v1/audit/field-access",
+            "roles",
+            "Who could read a contact field at a moment, from the events",
+            Staff("roles.read"),
+            None,
+            (200, "FieldReaders"),
+        )
+    },
     op(
         "POST",
         "/v1/roles",
@@ -572,6 +584,7 @@ fn response_schemas() -> Vec<(&'static str, Schema)> {
         ("RoleList", object(&[("items", Array)])),
         ("IssuedKey", object(&[("id", Str), ("key", Str), ("last4", Str), ("role", Str)])),
         ("KeyList", object(&[("items", Array)])),
+        ("FieldReaders", object(&[("field", Str), ("at", Str), ("readers", Array)])),
     ]
 }
 

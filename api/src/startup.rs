@@ -148,6 +148,14 @@ impl Application {
                 }
             }
         });
+        // Who may do what is cached while its invalidations can be heard.
+        match db::app_config(&self.state.settings.database) {
+            Ok(pg) => {
+                let cache = self.state.executor.access_cache().clone();
+                tokio::spawn(cache.listen(pg, token.clone()));
+            }
+            Err(e) => tracing::warn!(error = %e, "no access cache: database settings"),
+        }
         let routes = crate::routes::routes(self.state.clone());
         let server_token = token.clone();
         let server = warp::serve(routes)

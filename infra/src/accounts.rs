@@ -93,16 +93,17 @@ pub async fn load_access(
     user_id: Uuid,
     org_id: Uuid,
 ) -> Result<Option<Access>, tokio_postgres::Error> {
-    let row = client
-        .query_opt(
+    // Runs for every request: a cached prepared statement (no parse and plan each time).
+    let statement = client
+        .prepare_cached(
             "SELECT c.role, c.token_generation, o.modules, r.policy, r.retired, \
                     o.two_factor_required AND c.role IN ('owner', 'admin') AND NOT c.totp_enabled \
              FROM credentials c JOIN organizations o ON o.org_id = c.org_id \
              LEFT JOIN roles r ON r.role_id = c.custom_role AND r.org_id = c.org_id \
              WHERE c.user_id = $1 AND c.org_id = $2 AND c.active",
-            &[&user_id, &org_id],
         )
         .await?;
+    let row = client.query_opt(&statement, &[&user_id, &org_id]).await?;
     let Some(row) = row else { return Ok(None) };
     let role: String = row.get(0);
     let Some(role) = RoleRef::parse(&role) else {

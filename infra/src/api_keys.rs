@@ -142,16 +142,16 @@ pub async fn access_by_digest(
     client: &impl GenericClient,
     digest: &[u8],
 ) -> Result<Option<Access>, tokio_postgres::Error> {
-    let row = client
-        .query_opt(
+    let statement = client
+        .prepare_cached(
             "SELECT k.key_id, k.org_id, k.role, k.only_permissions, o.modules, r.policy, r.retired, \
                     k.last_used_at IS NULL OR k.last_used_at < now() - interval '1 minute' \
              FROM api_keys k JOIN organizations o ON o.org_id = k.org_id \
              LEFT JOIN roles r ON r.role_id = k.custom_role AND r.org_id = k.org_id \
              WHERE k.digest = $1 AND k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > now())",
-            &[&digest],
         )
         .await?;
+    let row = client.query_opt(&statement, &[&digest]).await?;
     let Some(row) = row else { return Ok(None) };
     let key_id: Uuid = row.get(0);
     let Some(role) = RoleRef::parse(row.get(2)) else {

@@ -14,6 +14,8 @@ use uuid::Uuid;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Purpose {
     StaffReset,
+    /// A new user's first password (an invitation).
+    StaffInvite,
     PortalReset,
     PortalMagicLink,
 }
@@ -22,16 +24,18 @@ impl Purpose {
     fn name(self) -> &'static str {
         match self {
             Self::StaffReset => "staff_reset",
+            Self::StaffInvite => "staff_invite",
             Self::PortalReset => "portal_reset",
             Self::PortalMagicLink => "portal_magic_link",
         }
     }
 
-    /// Password resets live 2 hours, magic links 24 hours.
+    /// Password resets live 2 hours, magic links 24 hours, invitations 72 hours.
     pub fn lifetime(self) -> Duration {
         match self {
             Self::StaffReset | Self::PortalReset => Duration::from_secs(2 * 3600),
             Self::PortalMagicLink => Duration::from_secs(24 * 3600),
+            Self::StaffInvite => Duration::from_secs(72 * 3600),
         }
     }
 }
@@ -67,22 +71,23 @@ pub async fn create(
     Ok(token)
 }
 
-/// Uses a token up: `(org, subject)` the first time, if unexpired and of `purpose`;
-/// `None` ever after.
+/// Uses a token up: `(org, subject)` the first time, if unexpired and of one of
+/// `purposes`; `None` ever after.
 pub async fn redeem(
     client: &impl GenericClient,
-    purpose: Purpose,
+    purposes: &[Purpose],
     token: &str,
 ) -> Result<Option<(Uuid, Uuid)>, tokio_postgres::Error> {
     if token.len() > 100 {
         return Ok(None);
     }
+    let names: Vec<&str> = purposes.iter().map(|p| p.name()).collect();
     Ok(client
         .query_opt(
             "UPDATE auth_tokens SET used_at = now() \
-             WHERE digest = $1 AND purpose = $2 AND used_at IS NULL AND expires_at > now() \
+             WHERE digest = $1 AND purpose = ANY($2) AND used_at IS NULL AND expires_at > now() \
              RETURNING org_id, subject_id",
-            &[&digest(token), &purpose.name()],
+            &[&digest(token), &names],
         )
         .await?
         .map(|r| (r.get(0), r.get(1))))

@@ -149,6 +149,7 @@ pub struct Executor {
     crypto: Arc<Crypto>,
     notifier: event_store::Notifier,
     committer: GroupCommitter,
+    access_cache: Arc<crate::access_cache::AccessCache>,
 }
 
 impl Executor {
@@ -157,6 +158,7 @@ impl Executor {
         Self {
             notifier: event_store::Notifier::spawn(pool.clone()),
             committer: GroupCommitter::spawn(pool.clone()),
+            access_cache: crate::access_cache::AccessCache::new(),
             pool,
             crypto,
         }
@@ -168,6 +170,11 @@ impl Executor {
 
     pub fn pool(&self) -> &Pool {
         &self.pool
+    }
+
+    /// This process's cache of who may do what; [`Self::execute_with`] empties it.
+    pub fn access_cache(&self) -> &Arc<crate::access_cache::AccessCache> {
+        &self.access_cache
     }
 
     /// Woken whenever this executor has appended (see [`event_store::Notifier::local`]).
@@ -372,6 +379,12 @@ impl Executor {
             .map_err(CommandError::from)?;
         if let Some(effect) = effect {
             effect(&tx, events).await?;
+            tx.execute(
+                "SELECT pg_notify($1, $2)",
+                &[&crate::access_cache::ACCESS_CHANNEL, &org_id.to_string()],
+            )
+            .await
+            .map_err(|e| CommandError::from(StoreError::from(e)))?;
         }
         tx.commit()
             .await

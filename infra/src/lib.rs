@@ -13,6 +13,8 @@
 //! Invariants: the events table is append-only; nothing personal is written to it or to
 //! NATS in clear; a projection's read model and checkpoint move in one transaction.
 
+pub mod access_cache;
+pub mod access_history;
 pub mod accounts;
 pub mod api_keys;
 pub mod auth_tokens;

@@ -99,7 +99,47 @@ pub struct TestApp {
     server: Option<tokio::task::JoinHandle<()>>,
 }
 
+/// A second API process on a test's database (as when the API runs on several machines).
+pub struct SecondApi {
+    pub base: String,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl SecondApi {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(h) = self.server.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), h).await;
+        }
+    }
+}
+
 impl TestApp {
+    /// Starts another API process (no relay, no projectors) on this test's database.
+    pub async fn second_api(&self) -> SecondApi {
+        let mut settings = self.settings.clone();
+        settings.run_relay = false;
+        settings.run_projectors = false;
+        let app = Application::build(settings).await.expect("second api");
+        let base = format!("http://{}", app.local_addr());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(app.run_until_stopped(async move {
+            let _ = rx.await;
+        }));
+        SecondApi {
+            base,
+            shutdown: Some(tx),
+            server: Some(server),
+        }
+    }
+
     pub async fn spawn() -> Self {
         Self::spawn_with(Options::default()).await
     }

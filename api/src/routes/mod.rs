@@ -196,9 +196,20 @@ pub fn staff(state: AppState) -> impl Filter<Extract = (Authed,), Error = Reject
         })
 }
 
+/// The caller's access: from this process's cache (see `crm_infra::access_cache`), else
+/// from the database.
 async fn load_access(state: &AppState, caller: &Caller) -> Result<Option<Access>, ApiError> {
+    let cache = state.executor.access_cache();
+    if let Some(a) = cache.get(caller.user_id, caller.org_id) {
+        return Ok(Some(a));
+    }
+    let epoch = cache.epoch();
     let client = state.pool.get().await?;
-    Ok(crm_infra::accounts::load_access(&client, caller.user_id, caller.org_id).await?)
+    let access = crm_infra::accounts::load_access(&client, caller.user_id, caller.org_id).await?;
+    if let Some(a) = &access {
+        cache.put(a, epoch);
+    }
+    Ok(access)
 }
 
 async fn key_access(state: &AppState, digest: &[u8]) -> Result<Option<Access>, ApiError> {

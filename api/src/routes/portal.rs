@@ -356,8 +356,8 @@ async fn portal_login(
     Ok(token_response(&s, token, &ctx.request_id))
 }
 
-/// Creates a token for `c` and mails a link with it, in the background.
-fn send_link(s: &AppState, purpose: Purpose, org_id: Uuid, subject: Uuid, to: String) {
+/// Creates a token for `subject` and mails a link with it, in the background.
+pub(crate) fn send_link(s: &AppState, purpose: Purpose, org_id: Uuid, subject: Uuid, to: String) {
     let (pool, mailer) = (s.pool.clone(), s.mailer.clone());
     let base = s.settings.mail.link_base.clone();
     tokio::spawn(async move {
@@ -375,11 +375,13 @@ fn send_link(s: &AppState, purpose: Purpose, org_id: Uuid, subject: Uuid, to: St
                 return;
             }
         };
-        let (subject_line, path, hours) = match purpose {
-            Purpose::PortalMagicLink => ("Your sign-in link", "/portal/magic-link", 24),
-            Purpose::PortalReset => ("Reset your password", "/portal/reset-password", 2),
-            Purpose::StaffReset => ("Reset your password", "/reset-password", 2),
+        let (subject_line, path) = match purpose {
+            Purpose::PortalMagicLink => ("Your sign-in link", "/portal/magic-link"),
+            Purpose::PortalReset => ("Reset your password", "/portal/reset-password"),
+            Purpose::StaffReset => ("Reset your password", "/reset-password"),
+            Purpose::StaffInvite => ("You are invited: choose a password", "/reset-password"),
         };
+        let hours = purpose.lifetime().as_secs() / 3600;
         mailer.send(Mail {
             to,
             subject: subject_line.into(),
@@ -444,7 +446,7 @@ async fn redeem_magic_link(
     let client = s.pool.get().await?;
     let expired = ApiError::Unauthorized("the link is invalid, expired or already used");
     let Some((org_id, contact_id)) =
-        auth_tokens::redeem(&client, Purpose::PortalMagicLink, &req.token).await?
+        auth_tokens::redeem(&client, &[Purpose::PortalMagicLink], &req.token).await?
     else {
         return Err(expired);
     };
@@ -486,7 +488,7 @@ async fn portal_reset_confirm(
     let hash = new_password_hash(req.new_password).await?;
     let client = s.pool.get().await?;
     let Some((org_id, contact_id)) =
-        auth_tokens::redeem(&client, Purpose::PortalReset, &req.token).await?
+        auth_tokens::redeem(&client, &[Purpose::PortalReset], &req.token).await?
     else {
         return Err(ApiError::Unauthorized(
             "the link is invalid, expired or already used",
@@ -552,8 +554,12 @@ async fn staff_reset_confirm(
     let req: ResetInput = parse_json(&body)?;
     let hash = new_password_hash(req.new_password).await?;
     let client = s.pool.get().await?;
-    let Some((org_id, user_id)) =
-        auth_tokens::redeem(&client, Purpose::StaffReset, &req.token).await?
+    let Some((org_id, user_id)) = auth_tokens::redeem(
+        &client,
+        &[Purpose::StaffReset, Purpose::StaffInvite],
+        &req.token,
+    )
+    .await?
     else {
         return Err(ApiError::Unauthorized(
             "the link is invalid, expired or already used",

@@ -148,9 +148,20 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
                 finish(require_two_factor(s, a, ct, b).await, &rid)
             },
         );
+    let field_access = warp::path!("v1" / "audit" / "field-access")
+        .and(warp::get())
+        .and(with_state(state.clone()))
+        .and(allowed(state.clone(), Permission::RolesRead))
+        .and(super::raw_query())
+        .and_then(|s: AppState, a: Authed, q: String| async move {
+            let rid = a.ctx.request_id.clone();
+            finish(field_access(s, a, q).await, &rid)
+        });
     list.or(define)
         .unify()
         .or(two_factor)
+        .unify()
+        .or(field_access)
         .unify()
         .or(change)
         .unify()
@@ -383,6 +394,36 @@ async fn require_two_factor(
     Ok(json_response(
         StatusCode::OK,
         &json!({ "id": o.id, "version": o.version, "positions": o.positions }),
+        &a.ctx.request_id,
+    ))
+}
+
+/// Who could read a contact field at a moment (default: now), from the events.
+async fn field_access(s: AppState, a: Authed, raw: String) -> Result<Response, ApiError> {
+    let q = super::parse_query(&raw, &["field", "at"])?;
+    let field = q
+        .get("field")
+        .filter(|f| CONTACT_FIELDS.contains(&f.as_str()))
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_query",
+                format!("`field` must be one of {}", CONTACT_FIELDS.join(", ")),
+            )
+        })?;
+    let at = match q.get("at") {
+        Some(v) => super::parse_time("at", v)?,
+        None => chrono::Utc::now(),
+    };
+    let client = s.pool.get().await?;
+    let holders =
+        crm_infra::access_history::field_readers(&client, a.caller.org_id, field, at).await?;
+    let items: Vec<Value> = holders
+        .iter()
+        .map(|h| json!({ "kind": h.kind, "id": h.id, "role": h.role, "access": h.access }))
+        .collect();
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({ "field": field, "at": at, "readers": items }),
         &a.ctx.request_id,
     ))
 }

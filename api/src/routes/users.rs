@@ -26,7 +26,8 @@ pub(crate) struct NewUserInput {
     email: String,
     display_name: String,
     role: String,
-    password: String,
+    /// Absent: the user is invited by mail (a single-use link, 72 h) to set one.
+    password: Option<String>,
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -232,7 +233,7 @@ async fn create(
     let role = parse_role(&input.role)
         .map_err(|_| errors.push(FieldError::new("role", "unknown role")))
         .ok();
-    if let Err(e) = check_password_policy(&input.password) {
+    if let Some(Err(e)) = input.password.as_deref().map(check_password_policy) {
         errors.push(FieldError::new("password", e));
     }
     let (Some(email), Some(display_name), Some(role), true) =
@@ -242,7 +243,13 @@ async fn create(
     };
     // Checked here for a clear 422; the aggregate checks the grant itself.
     grant_of(&s, &a, role).await?;
-    let password = input.password;
+    let invited = input.password.is_none();
+    // An invited user has no password yet: a random one nobody knows stands in.
+    let password = input.password.unwrap_or_else(|| {
+        use rand::distributions::{Alphanumeric, DistString};
+        Alphanumeric.sample_string(&mut rand::rngs::OsRng, 40)
+    });
+    let invite_to = email.as_str().to_owned();
     let password_hash = tokio::task::spawn_blocking(move || hash_password(&password))
         .await
         .map_err(ApiError::internal)?
@@ -261,9 +268,18 @@ async fn create(
         &a.metadata(),
     )
     .await?;
+    if invited {
+        super::portal::send_link(
+            &s,
+            crm_infra::auth_tokens::Purpose::StaffInvite,
+            a.caller.org_id,
+            user_id,
+            invite_to,
+        );
+    }
     let mut resp = json_response(
         StatusCode::CREATED,
-        &json!({ "id": user_id }),
+        &json!({ "id": user_id, "invited": invited }),
         &a.ctx.request_id,
     );
     if let Ok(v) = format!("/v1/users/{user_id}").parse() {

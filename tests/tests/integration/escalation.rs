@@ -411,3 +411,60 @@ async fn a_password_change_ends_other_sessions_and_keeps_this_one() {
     assert_eq!(types, ["UserRegistered", "PasswordChanged"]);
     app.stop().await;
 }
+
+/// Each API process caches who may do what; a change made through one process reaches
+/// the others (LISTEN/NOTIFY) before they serve the old access again.
+#[tokio::test]
+async fn a_change_in_one_api_process_reaches_the_others() {
+    let app = TestApp::spawn().await;
+    let other = app.second_api().await;
+    let (team_id, team) = app.user_with_role(RoleRef::Builtin(Role::Team)).await;
+    let on_other = |path: String, token: String| {
+        let http = app.http.clone();
+        let url = other.url(&path);
+        async move {
+            http.get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    // The other process has the Team user's access cached now.
+    assert_eq!(on_other("/v1/contacts".into(), team.clone()).await, 200);
+    assert_eq!(on_other("/v1/contacts".into(), team.clone()).await, 200);
+    // Demoted to Board through this process: the other refuses contacts promptly.
+    let (s, _) = post(
+        &app,
+        &app.token,
+        &format!("/v1/users/{team_id}/role"),
+        json!({"role": "board"}),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let refused = crm_tests::harness::eventually(std::time::Duration::from_secs(2), || {
+        let f = on_other("/v1/contacts".into(), team.clone());
+        async move { (f.await == 403).then_some(()) }
+    })
+    .await;
+    assert!(
+        refused.is_some(),
+        "the other process still serves the old role"
+    );
+    // Logged out through this process: the other refuses the token promptly.
+    let (s, _) = post(&app, &team, "/v1/auth/logout", json!({})).await;
+    assert_eq!(s, 204);
+    let refused = crm_tests::harness::eventually(std::time::Duration::from_secs(2), || {
+        let f = on_other("/v1/reports/contacts".into(), team.clone());
+        async move { (f.await == 401).then_some(()) }
+    })
+    .await;
+    assert!(
+        refused.is_some(),
+        "the other process still accepts a logged-out token"
+    );
+    other.stop().await;
+    app.stop().await;
+}

@@ -1,6 +1,7 @@
 //! Black-box tests against real PostgreSQL and NATS JetStream. One binary; each test
 //! spawns its own database, stream and server (see `crm_tests::harness`).
 
+mod access_history;
 mod api_keys;
 mod auth;
 mod bad_input;

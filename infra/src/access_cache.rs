@@ -1,0 +1,135 @@
+//! A per-process cache of [`Access`] (what a user may do), so that a request does not
+//! pay a database round trip to learn it. Correctness comes first:
+//!
+//! - Every command that changes access state runs through `Executor::execute_with`,
+//!   whose effects `NOTIFY crm_access` in the same transaction; every process LISTENs and
+//!   empties its cache when a notification arrives (or its listening connection drops).
+//!   The executor also empties its own process's cache right after such a commit, so
+//!   the process that handled a logout or a role change never serves the old access.
+//! - Caching is only on while the listener is connected; a load that raced an
+//!   invalidation is not stored (an epoch counter); entries expire after [`TTL`] anyway.
+//!
+//! Another process may serve an old entry for as long as a notification takes to
+//! arrive (milliseconds).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::accounts::Access;
+
+pub const ACCESS_CHANNEL: &str = "crm_access";
+/// The longest an entry is used.
+pub const TTL: Duration = Duration::from_secs(10);
+
+#[derive(Default)]
+pub struct AccessCache {
+    entries: Mutex<HashMap<(Uuid, Uuid), (Access, Instant)>>,
+    epoch: AtomicU64,
+    live: AtomicBool,
+}
+
+impl AccessCache {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    pub fn get(&self, user_id: Uuid, org_id: Uuid) -> Option<Access> {
+        if !self.live.load(Ordering::Acquire) {
+            return None;
+        }
+        let entries = self.entries.lock().ok()?;
+        entries
+            .get(&(user_id, org_id))
+            .filter(|(_, at)| at.elapsed() < TTL)
+            .map(|(a, _)| a.clone())
+    }
+
+    /// The epoch to hand to [`Self::put`] for a load that starts now.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Stores a loaded access, unless an invalidation happened since `epoch`.
+    pub fn put(&self, access: &Access, epoch: u64) {
+        if !self.live.load(Ordering::Acquire) {
+            return;
+        }
+        if let Ok(mut entries) = self.entries.lock() {
+            // Checked under the lock that `invalidate` takes too.
+            if self.epoch.load(Ordering::Acquire) == epoch {
+                entries.insert(
+                    (access.user_id, access.org_id),
+                    (access.clone(), Instant::now()),
+                );
+            }
+        }
+    }
+
+    /// Forgets everything.
+    pub fn invalidate(&self) {
+        if let Ok(mut entries) = self.entries.lock() {
+            self.epoch.fetch_add(1, Ordering::AcqRel);
+            entries.clear();
+        }
+    }
+
+    fn set_live(&self, live: bool) {
+        self.invalidate();
+        self.live.store(live, Ordering::Release);
+    }
+
+    /// LISTENs for access changes until `shutdown`, reconnecting after errors; the cache
+    /// is used only while this listens.
+    pub async fn listen(self: Arc<Self>, pg: tokio_postgres::Config, shutdown: CancellationToken) {
+        while !shutdown.is_cancelled() {
+            if let Err(e) = self.clone().session(&pg, &shutdown).await {
+                tracing::warn!(error = %crate::db::describe(&e), "access cache listener lost; caching off");
+            }
+            self.set_live(false);
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+        self.set_live(false);
+    }
+
+    async fn session(
+        self: Arc<Self>,
+        pg: &tokio_postgres::Config,
+        shutdown: &CancellationToken,
+    ) -> Result<(), tokio_postgres::Error> {
+        let (client, mut connection) = pg.connect(NoTls).await?;
+        let (lost_tx, lost) = tokio::sync::oneshot::channel::<()>();
+        let me = self.clone();
+        let driver = tokio::spawn(async move {
+            let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(msg) = messages.next().await {
+                match msg {
+                    Ok(AsyncMessage::Notification(_)) => me.invalidate(),
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+            me.set_live(false);
+            let _ = lost_tx.send(());
+        });
+        client
+            .batch_execute(&format!("LISTEN {ACCESS_CHANNEL}"))
+            .await?;
+        self.set_live(true);
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = lost => {}
+        }
+        driver.abort();
+        Ok(())
+    }
+}
