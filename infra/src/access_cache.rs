@@ -28,9 +28,12 @@ pub const ACCESS_CHANNEL: &str = "crm_access";
 /// The longest an entry is used.
 pub const TTL: Duration = Duration::from_secs(10);
 
+/// (user, organisation) → the access and when it was loaded.
+type Entries = HashMap<(Uuid, Uuid), (Arc<Access>, Instant)>;
+
 #[derive(Default)]
 pub struct AccessCache {
-    entries: Mutex<HashMap<(Uuid, Uuid), (Access, Instant)>>,
+    entries: Mutex<Entries>,
     epoch: AtomicU64,
     live: AtomicBool,
 }
@@ -40,7 +43,7 @@ impl AccessCache {
         Arc::new(Self::default())
     }
 
-    pub fn get(&self, user_id: Uuid, org_id: Uuid) -> Option<Access> {
+    pub fn get(&self, user_id: Uuid, org_id: Uuid) -> Option<Arc<Access>> {
         if !self.live.load(Ordering::Acquire) {
             return None;
         }
@@ -57,7 +60,7 @@ impl AccessCache {
     }
 
     /// Stores a loaded access, unless an invalidation happened since `epoch`.
-    pub fn put(&self, access: &Access, epoch: u64) {
+    pub fn put(&self, access: &Arc<Access>, epoch: u64) {
         if !self.live.load(Ordering::Acquire) {
             return;
         }

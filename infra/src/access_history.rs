@@ -20,19 +20,18 @@ pub struct Holder {
     pub access: FieldAccess,
 }
 
+struct KeyState {
+    role: RoleRef,
+    only: Option<BTreeSet<Permission>>,
+    expires: Option<DateTime<Utc>>,
+    live: bool,
+}
+
 #[derive(Default)]
 struct State {
     users: BTreeMap<String, (RoleRef, bool)>,
     roles: BTreeMap<Uuid, (Policy, bool)>,
-    keys: BTreeMap<
-        String,
-        (
-            RoleRef,
-            Option<BTreeSet<Permission>>,
-            Option<DateTime<Utc>>,
-            bool,
-        ),
-    >,
+    keys: BTreeMap<String, KeyState>,
     modules: BTreeSet<Module>,
 }
 
@@ -88,12 +87,18 @@ impl State {
                     let expires = serde_json::from_value(body["expires_at"].clone())
                         .ok()
                         .flatten();
-                    self.keys.insert(id.to_owned(), (r, only, expires, true));
+                    let key = KeyState {
+                        role: r,
+                        only,
+                        expires,
+                        live: true,
+                    };
+                    self.keys.insert(id.to_owned(), key);
                 }
             }
             ("api_key", "ApiKeyRevoked") => {
                 if let Some(k) = self.keys.get_mut(id) {
-                    k.3 = false;
+                    k.live = false;
                 }
             }
             ("organization", "OrganizationCreated") => {
@@ -164,14 +169,15 @@ pub async fn field_readers(
             });
         }
     }
-    for (id, (role, only, expires, live)) in &state.keys {
-        if !live || expires.is_some_and(|e| e <= at) {
+    for (id, key) in &state.keys {
+        if !key.live || key.expires.is_some_and(|e| e <= at) {
             continue;
         }
+        let role = &key.role;
         let Some(mut policy) = state.policy(*role) else {
             continue;
         };
-        if let Some(only) = only {
+        if let Some(only) = &key.only {
             policy.permissions = policy.permissions.intersection(only).copied().collect();
         }
         if let Some(access) = can_read(&policy) {

@@ -249,21 +249,33 @@ pub(crate) fn view_json(v: &ContactView) -> Value {
 }
 
 /// The names of the fields a profile sets (`custom` for any custom field).
-fn set_names(profile: &ContactProfile) -> Vec<String> {
-    match serde_json::to_value(profile) {
-        Ok(Value::Object(m)) => m.keys().cloned().collect(),
-        _ => Vec::new(),
-    }
+fn set_names(p: &ContactProfile) -> impl Iterator<Item = &'static str> + '_ {
+    [
+        ("given_name", p.given_name.is_some()),
+        ("family_name", p.family_name.is_some()),
+        ("email", p.email.is_some()),
+        ("phone", p.phone.is_some()),
+        ("address", p.address.is_some()),
+        ("company", p.company.is_some()),
+        ("title", p.title.is_some()),
+        ("custom", !p.custom.is_empty()),
+    ]
+    .into_iter()
+    .filter_map(|(name, set)| set.then_some(name))
 }
 
-/// 403 naming the first field the caller may not write, among those `changes` touches.
-fn check_writes(a: &Authed, changes: &ContactChanges) -> Result<(), ApiError> {
-    let mut names = set_names(&changes.set);
-    names.extend(changes.cleared.iter().map(|f| f.name().to_owned()));
-    if !changes.cleared_custom.is_empty() {
-        names.push("custom".into());
-    }
-    visibility::check_writes(&a.access.policy, names.iter().map(String::as_str))
+/// 403 naming the first field the caller may not write: among those `set` sets,
+/// `cleared` clears, and `custom` when custom fields are cleared.
+fn check_writes(
+    a: &Authed,
+    set: &ContactProfile,
+    cleared: &[ContactField],
+    clears_custom: bool,
+) -> Result<(), ApiError> {
+    let names = set_names(set)
+        .chain(cleared.iter().map(|f| f.name()))
+        .chain(clears_custom.then_some("custom"));
+    visibility::check_writes(&a.access.policy, names)
 }
 
 fn outcome_json(o: &CommandOutcome) -> Value {
@@ -371,13 +383,7 @@ async fn create(
         );
         return Err(ApiError::Validation(fields));
     }
-    check_writes(
-        &a,
-        &ContactChanges {
-            set: parsed.set.clone(),
-            ..Default::default()
-        },
-    )?;
+    check_writes(&a, &parsed.set, &[], false)?;
     let id = Uuid::now_v7();
     let command = ContactCommand::Create {
         contact_id: id,
@@ -434,7 +440,12 @@ async fn update(
             "names no field to change",
         )]));
     }
-    check_writes(&a, &changes)?;
+    check_writes(
+        &a,
+        &changes.set,
+        &changes.cleared,
+        !changes.cleared_custom.is_empty(),
+    )?;
     let outcome = s
         .executor
         .execute::<Contact>(

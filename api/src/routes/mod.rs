@@ -34,7 +34,8 @@ use crm_infra::accounts::Access;
 pub struct Authed {
     /// For an API key, `user_id` is the key's id.
     pub caller: Caller,
-    pub access: Access,
+    /// Shared with the access cache: no copy per request.
+    pub access: std::sync::Arc<Access>,
     pub ctx: RequestContext,
     /// `User` (a staff JWT) or `ApiKey`.
     pub kind: PrincipalKind,
@@ -198,23 +199,33 @@ pub fn staff(state: AppState) -> impl Filter<Extract = (Authed,), Error = Reject
 
 /// The caller's access: from this process's cache (see `crm_infra::access_cache`), else
 /// from the database.
-async fn load_access(state: &AppState, caller: &Caller) -> Result<Option<Access>, ApiError> {
+async fn load_access(
+    state: &AppState,
+    caller: &Caller,
+) -> Result<Option<std::sync::Arc<Access>>, ApiError> {
     let cache = state.executor.access_cache();
     if let Some(a) = cache.get(caller.user_id, caller.org_id) {
         return Ok(Some(a));
     }
     let epoch = cache.epoch();
     let client = state.pool.get().await?;
-    let access = crm_infra::accounts::load_access(&client, caller.user_id, caller.org_id).await?;
+    let access = crm_infra::accounts::load_access(&client, caller.user_id, caller.org_id)
+        .await?
+        .map(std::sync::Arc::new);
     if let Some(a) = &access {
         cache.put(a, epoch);
     }
     Ok(access)
 }
 
-async fn key_access(state: &AppState, digest: &[u8]) -> Result<Option<Access>, ApiError> {
+async fn key_access(
+    state: &AppState,
+    digest: &[u8],
+) -> Result<Option<std::sync::Arc<Access>>, ApiError> {
     let client = state.pool.get().await?;
-    Ok(crm_infra::api_keys::access_by_digest(&client, digest).await?)
+    Ok(crm_infra::api_keys::access_by_digest(&client, digest)
+        .await?
+        .map(std::sync::Arc::new))
 }
 
 /// A request body of at most `limit` bytes (with or without Content-Length) and its
