@@ -18,6 +18,7 @@ pub struct Metrics {
     pub projector_applied: IntCounterVec,
     pub projector_lag_events: IntGaugeVec,
     pub http_requests: IntCounterVec,
+    pub access_lookups: IntCounterVec,
 }
 
 const BUCKETS: &[f64] = &[
@@ -85,6 +86,14 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         &["method", "status"],
     )
     .expect("metric");
+    let access_lookups = IntCounterVec::new(
+        Opts::new(
+            "crm_access_lookups_total",
+            "Who-may-do-what lookups of staff requests, by source (cache or database)",
+        ),
+        &["source"],
+    )
+    .expect("metric");
     for c in [
         Box::new(commands.clone()) as Box<dyn prometheus::core::Collector>,
         Box::new(conflicts.clone()),
@@ -95,6 +104,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         Box::new(projector_applied.clone()),
         Box::new(projector_lag_events.clone()),
         Box::new(http_requests.clone()),
+        Box::new(access_lookups.clone()),
     ] {
         registry.register(c).expect("metric registered once");
     }
@@ -109,6 +119,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         projector_applied,
         projector_lag_events,
         http_requests,
+        access_lookups,
     }
 });
 

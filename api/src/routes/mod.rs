@@ -205,8 +205,13 @@ async fn load_access(
 ) -> Result<Option<std::sync::Arc<Access>>, ApiError> {
     let cache = state.executor.access_cache();
     if let Some(a) = cache.get(caller.user_id, caller.org_id) {
+        METRICS.access_lookups.with_label_values(&["cache"]).inc();
         return Ok(Some(a));
     }
+    METRICS
+        .access_lookups
+        .with_label_values(&["database"])
+        .inc();
     let epoch = cache.epoch();
     let client = state.pool.get().await?;
     let access = crm_infra::accounts::load_access(&client, caller.user_id, caller.org_id)

@@ -468,3 +468,26 @@ async fn a_change_in_one_api_process_reaches_the_others() {
     other.stop().await;
     app.stop().await;
 }
+
+/// While it hears invalidations, a process answers repeated requests of one user from
+/// its cache (the database is asked once).
+#[tokio::test]
+async fn repeated_requests_use_the_access_cache() {
+    let app = TestApp::spawn().await;
+    let lookups = |source: &'static str| {
+        crm_infra::metrics::METRICS
+            .access_lookups
+            .with_label_values(&[source])
+            .get()
+    };
+    // Wait until the listener is up (the first requests may all go to the database).
+    let warmed = crm_tests::harness::eventually(std::time::Duration::from_secs(5), || async {
+        let before = lookups("cache");
+        get(&app, &app.token, "/v1/me").await;
+        get(&app, &app.token, "/v1/me").await;
+        (lookups("cache") > before).then_some(())
+    })
+    .await;
+    assert!(warmed.is_some(), "the cache is never used");
+    app.stop().await;
+}
