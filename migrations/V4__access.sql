@@ -94,12 +94,14 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON portal_accounts, auth_tokens TO crm_app;
 -- Row-level security on the read models: the API names the organisation in each
 -- transaction (crm.org_id); projectors name every organisation (crm.scope = all).
 -- A query that forgets its org filter still sees one organisation only. The same
--- policy is re-created by every rebuild (infra::read_models::RLS_POLICY).
+-- policy is re-created by every rebuild (infra::read_models::RLS_POLICY). The settings
+-- are read in sub-selects, so PostgreSQL reads them once per statement (an InitPlan),
+-- not once per row.
 ALTER TABLE contacts ENABLE ROW LEVEL SECURITY;
 CREATE POLICY org_isolation ON contacts
-    USING (current_setting('crm.scope', true) = 'all'
-           OR org_id = NULLIF(current_setting('crm.org_id', true), '')::uuid);
+    USING ((SELECT current_setting('crm.scope', true)) = 'all'
+           OR org_id = (SELECT NULLIF(current_setting('crm.org_id', true), '')::uuid));
 ALTER TABLE activity ENABLE ROW LEVEL SECURITY;
 CREATE POLICY org_isolation ON activity
-    USING (current_setting('crm.scope', true) = 'all'
-           OR org_id = NULLIF(current_setting('crm.org_id', true), '')::uuid);
+    USING ((SELECT current_setting('crm.scope', true)) = 'all'
+           OR org_id = (SELECT NULLIF(current_setting('crm.org_id', true), '')::uuid));

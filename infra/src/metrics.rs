@@ -19,6 +19,9 @@ pub struct Metrics {
     pub projector_lag_events: IntGaugeVec,
     pub http_requests: IntCounterVec,
     pub access_lookups: IntCounterVec,
+    /// `access_lookups` by source, resolved once (counted on every staff request).
+    pub access_from_cache: prometheus::IntCounter,
+    pub access_from_database: prometheus::IntCounter,
 }
 
 const BUCKETS: &[f64] = &[
@@ -119,6 +122,8 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         projector_applied,
         projector_lag_events,
         http_requests,
+        access_from_cache: access_lookups.with_label_values(&["cache"]),
+        access_from_database: access_lookups.with_label_values(&["database"]),
         access_lookups,
     }
 });

@@ -205,7 +205,7 @@ async fn load_access(
 ) -> Result<Option<std::sync::Arc<Access>>, ApiError> {
     let cache = state.executor.access_cache();
     if let Some(a) = cache.get(caller.user_id, caller.org_id) {
-        METRICS.access_lookups.with_label_values(&["cache"]).inc();
+        METRICS.access_from_cache.inc();
         return Ok(Some(a));
     }
     METRICS

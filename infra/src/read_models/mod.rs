@@ -40,8 +40,8 @@ pub(crate) fn envelope(e: &DecodedEvent) -> Envelope<'_> {
 /// every rebuild's swap): a row is visible only inside a transaction that named its
 /// organisation ([`org_scope`]) or to projection work ([`all_orgs`]). Nothing set:
 /// nothing visible.
-pub const RLS_POLICY: &str = "USING (current_setting('crm.scope', true) = 'all' \
-     OR org_id = NULLIF(current_setting('crm.org_id', true), '')::uuid)";
+pub const RLS_POLICY: &str = "USING ((SELECT current_setting('crm.scope', true)) = 'all' \
+     OR org_id = (SELECT NULLIF(current_setting('crm.org_id', true), '')::uuid))";
 
 /// A read-only transaction that sees `org_id`'s read-model rows and no other's: the
 /// second wall behind every query's own `org_id = $1`.
@@ -50,10 +50,10 @@ pub async fn org_scope(
     org_id: uuid::Uuid,
 ) -> Result<deadpool_postgres::Transaction<'_>, tokio_postgres::Error> {
     let tx = client.build_transaction().read_only(true).start().await?;
-    tx.execute(
-        "SELECT set_config('crm.org_id', $1, true)",
-        &[&org_id.to_string()],
-    )
+    // One round trip of the simple protocol (a Uuid prints as hex digits and dashes).
+    tx.batch_execute(&format!(
+        "SELECT set_config('crm.org_id', '{org_id}', true)"
+    ))
     .await?;
     Ok(tx)
 }
@@ -62,7 +62,6 @@ pub async fn org_scope(
 pub async fn all_orgs(
     tx: &impl deadpool_postgres::GenericClient,
 ) -> Result<(), tokio_postgres::Error> {
-    tx.execute("SELECT set_config('crm.scope', 'all', true)", &[])
+    tx.batch_execute("SELECT set_config('crm.scope', 'all', true)")
         .await
-        .map(|_| ())
 }
