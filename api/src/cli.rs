@@ -320,7 +320,7 @@ pub async fn run(
             run_workers(
                 vec![Background::Projector(Box::new(startup::projector(
                     &state, projection,
-                )?))],
+                )))],
                 shutdown,
             )
             .await;

@@ -67,25 +67,18 @@ pub fn relay(state: &AppState) -> anyhow::Result<Relay> {
     })
 }
 
-pub fn projector(
-    state: &AppState,
-    projection: Arc<dyn Projection>,
-) -> anyhow::Result<ProjectorWorker> {
+pub fn projector(state: &AppState, projection: Arc<dyn Projection>) -> ProjectorWorker {
     projectors(state, vec![projection])
 }
 
-/// One worker for several projections: one consumer and one transaction per batch, on
-/// the projectors' own pool (it sees every organisation's read-model rows).
-pub fn projectors(
-    state: &AppState,
-    projections: Vec<Arc<dyn Projection>>,
-) -> anyhow::Result<ProjectorWorker> {
-    Ok(ProjectorWorker::new(
-        db::projector_pool(&state.settings.database).context("database settings")?,
+/// One worker for several projections: one consumer and one transaction per batch.
+pub fn projectors(state: &AppState, projections: Vec<Arc<dyn Projection>>) -> ProjectorWorker {
+    ProjectorWorker::new(
+        state.pool.clone(),
         state.crypto.clone(),
         state.bus.clone(),
         projections,
-    ))
+    )
 }
 
 /// Runs background workers until `shutdown`, then waits for them to finish.
@@ -116,7 +109,7 @@ impl Application {
             background.push(Background::Projector(Box::new(projectors(
                 &state,
                 read_models::all(),
-            )?)));
+            ))));
         }
         let listener = TcpListener::bind(settings.http.bind)
             .await

@@ -53,18 +53,6 @@ pub fn app_config(settings: &DatabaseSettings) -> Result<tokio_postgres::Config,
     Ok(cfg)
 }
 
-/// The projectors' pool: application-role connections opened with `crm.scope=all`, so
-/// that row-level security lets them see and write every organisation's read-model
-/// rows (see `read_models::RLS_POLICY`) without a statement per batch. Only projectors
-/// use it; the API's pool sees one organisation per transaction.
-pub fn projector_pool(settings: &DatabaseSettings) -> Result<Pool, DbError> {
-    let mut cfg = app_config(settings)?;
-    let options = format!("{} -c crm.scope=all", cfg.get_options().unwrap_or_default());
-    cfg.options(options.trim());
-    cfg.application_name("crm-projector");
-    build_pool(cfg, 4)
-}
-
 /// A pool with the configured identity, for operator work (migrations, rebuilds).
 pub fn admin_pool(settings: &DatabaseSettings) -> Result<Pool, DbError> {
     let mut cfg = pg_config(settings)?;

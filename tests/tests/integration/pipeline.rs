@@ -247,9 +247,7 @@ async fn a_killed_projector_converges_to_the_rebuild() {
     .await;
     let contacts = read_models::by_name("contacts").unwrap();
     let worker = tokio::spawn(
-        startup::projector(&app.state, contacts.clone())
-            .unwrap()
-            .run(CancellationToken::new()),
+        startup::projector(&app.state, contacts.clone()).run(CancellationToken::new()),
     );
     {
         let traffic = write_traffic(&app, 40, 5);
@@ -264,11 +262,8 @@ async fn a_killed_projector_converges_to_the_rebuild() {
         traffic.await;
     }
     let token = CancellationToken::new();
-    let restarted = tokio::spawn(
-        startup::projector(&app.state, contacts.clone())
-            .unwrap()
-            .run(token.clone()),
-    );
+    let restarted =
+        tokio::spawn(startup::projector(&app.state, contacts.clone()).run(token.clone()));
     wait_caught_up(&app, "contacts").await;
     let live = contacts_table(&app).await;
     assert_eq!(live.len(), 40);
@@ -303,9 +298,7 @@ async fn two_projector_processes_share_the_work_without_double_applying() {
     for p in read_models::all() {
         for _ in 0..2 {
             workers.push(tokio::spawn(
-                startup::projector(&app.state, p.clone())
-                    .unwrap()
-                    .run(token.clone()),
+                startup::projector(&app.state, p.clone()).run(token.clone()),
             ));
         }
     }
@@ -489,7 +482,6 @@ async fn one_worker_feeds_read_models_at_different_checkpoints() {
     let token = CancellationToken::new();
     let contacts_only = tokio::spawn(
         startup::projector(&app.state, read_models::by_name("contacts").unwrap())
-            .unwrap()
             .run(token.clone()),
     );
     wait_caught_up(&app, "contacts").await;
@@ -500,7 +492,7 @@ async fn one_worker_feeds_read_models_at_different_checkpoints() {
     assert_eq!(count(&app, activity).await, 0, "the activity log is behind");
 
     let token = CancellationToken::new();
-    let both = startup::projectors(&app.state, read_models::all()).unwrap();
+    let both = startup::projectors(&app.state, read_models::all());
     assert_eq!(both.consumer_name(), "activity+contacts");
     let both = tokio::spawn(both.run(token.clone()));
     write_traffic(&app, 2, 1).await;
