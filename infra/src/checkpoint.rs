@@ -96,8 +96,13 @@ pub async fn lock_projection(
     name: &str,
 ) -> Result<CommitKey, tokio_postgres::Error> {
     let key = format!("crm-projection:{name}");
+    // Projection work spans organisations: the same statement lets this transaction
+    // see every organisation's read-model rows (row-level security, see
+    // `read_models::RLS_POLICY`), without a round trip of its own.
     let stmt = tx
-        .prepare_cached("SELECT pg_advisory_xact_lock(hashtext($1))")
+        .prepare_cached(
+            "SELECT pg_advisory_xact_lock(hashtext($1)), set_config('crm.scope', 'all', true)",
+        )
         .await?;
     tx.execute(&stmt, &[&key]).await?;
     read(tx, Owner::Projection, name).await

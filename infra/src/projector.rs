@@ -326,7 +326,6 @@ impl ProjectorWorker {
     async fn apply_batch(&self, batch: Vec<RawEvent>) -> Result<Vec<Verdict>, ProjectionError> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
-        crate::read_models::all_orgs(&tx).await?;
         let upto = batch.last().map(RawEvent::commit_key);
         let cap = (batch.len() as i64) * 4 + 16;
         let mut progress = Vec::with_capacity(self.projections.len());

@@ -38,8 +38,8 @@ pub(crate) fn envelope(e: &DecodedEvent) -> Envelope<'_> {
 
 /// The row-level security policy every read-model table carries (migration V4 and
 /// every rebuild's swap): a row is visible only inside a transaction that named its
-/// organisation ([`org_scope`]) or to projection work ([`all_orgs`]). Nothing set:
-/// nothing visible.
+/// organisation ([`org_scope`]) or to projection work (`checkpoint::lock_projection`
+/// sets `crm.scope = all` for its transaction). Nothing set: nothing visible.
 pub const RLS_POLICY: &str = "USING ((SELECT current_setting('crm.scope', true)) = 'all' \
      OR org_id = (SELECT NULLIF(current_setting('crm.org_id', true), '')::uuid))";
 
@@ -56,12 +56,4 @@ pub async fn org_scope(
     ))
     .await?;
     Ok(tx)
-}
-
-/// Lets the current transaction see and write every organisation's rows (projectors).
-pub async fn all_orgs(
-    tx: &impl deadpool_postgres::GenericClient,
-) -> Result<(), tokio_postgres::Error> {
-    tx.batch_execute("SELECT set_config('crm.scope', 'all', true)")
-        .await
 }
