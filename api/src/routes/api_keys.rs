@@ -173,16 +173,7 @@ async fn list(s: AppState, a: Authed) -> Result<Response, ApiError> {
 }
 
 async fn revoke(s: AppState, a: Authed, id: String) -> Result<Response, ApiError> {
-    let key_id = Uuid::parse_str(&id).map_err(|_| {
-        ApiError::bad_request(
-            "invalid_id",
-            format!("`{id}` is not a valid API key id (a UUID)"),
-        )
-    })?;
+    let key_id = super::parse_uuid(&id, "API key")?;
     let o = keys::revoke(&s.executor, a.caller.org_id, key_id, &a.metadata()).await?;
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({ "id": o.id, "version": o.version, "positions": o.positions }),
-        &a.ctx.request_id,
-    ))
+    Ok(super::outcome(&o, &a.ctx.request_id))
 }

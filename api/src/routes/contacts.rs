@@ -221,12 +221,7 @@ fn parse_input(input: ContactInput) -> Result<Parsed, ApiError> {
 }
 
 fn parse_id(raw: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(raw).map_err(|_| {
-        ApiError::bad_request(
-            "invalid_id",
-            format!("`{raw}` is not a valid contact id (a UUID)"),
-        )
-    })
+    super::parse_uuid(raw, "contact")
 }
 
 /// The JSON of a contact: its fields side by side with id, version and state.

@@ -91,21 +91,62 @@ impl Authed {
 impl Authed {
     /// Metadata for the events this request causes.
     pub fn metadata(&self) -> EventMetadata {
-        EventMetadata {
-            org_id: self.caller.org_id,
-            principal: Principal {
-                kind: self.kind,
-                id: self.caller.user_id.to_string(),
-            },
-            on_behalf_of: None,
-            ip: self.ctx.ip.clone(),
-            user_agent: self.ctx.user_agent.clone(),
-            request_id: Some(self.ctx.request_id.clone()),
-            correlation_id: self.ctx.correlation_id.clone(),
-            causation_id: self.ctx.causation_id.clone(),
-            occurred_at: chrono::Utc::now(),
-        }
+        let principal = Principal {
+            kind: self.kind,
+            id: self.caller.user_id.to_string(),
+        };
+        event_metadata(&self.ctx, self.caller.org_id, principal)
     }
+}
+
+/// Metadata for events caused by a request of `principal` in `org_id`.
+pub fn event_metadata(
+    ctx: &RequestContext,
+    org_id: uuid::Uuid,
+    principal: Principal,
+) -> EventMetadata {
+    EventMetadata {
+        org_id,
+        principal,
+        on_behalf_of: None,
+        ip: ctx.ip.clone(),
+        user_agent: ctx.user_agent.clone(),
+        request_id: Some(ctx.request_id.clone()),
+        correlation_id: ctx.correlation_id.clone(),
+        causation_id: ctx.causation_id.clone(),
+        occurred_at: chrono::Utc::now(),
+    }
+}
+
+/// 200 with what a command wrote: `{id, version, positions}`.
+pub fn outcome(o: &crm_infra::commands::CommandOutcome, request_id: &str) -> Response {
+    crate::error::json_response(
+        warp::http::StatusCode::OK,
+        &serde_json::json!({ "id": o.id, "version": o.version, "positions": o.positions }),
+        request_id,
+    )
+}
+
+/// 204 with the request id.
+pub fn no_content(request_id: &str) -> Response {
+    let mut resp = warp::Reply::into_response(warp::reply::with_status(
+        warp::reply(),
+        warp::http::StatusCode::NO_CONTENT,
+    ));
+    if let Ok(v) = request_id.parse() {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
+}
+
+/// A UUID from a path segment, or 400 `invalid_id` naming what it should identify.
+pub fn parse_uuid(raw: &str, what: &str) -> Result<uuid::Uuid, ApiError> {
+    uuid::Uuid::parse_str(raw).map_err(|_| {
+        ApiError::bad_request(
+            "invalid_id",
+            format!("`{raw}` is not a valid {what} id (a UUID)"),
+        )
+    })
 }
 
 pub fn with_state(

@@ -87,20 +87,11 @@ pub struct PortalAuthed {
 
 impl PortalAuthed {
     fn metadata(&self) -> EventMetadata {
-        EventMetadata {
-            org_id: self.org_id,
-            principal: Principal {
-                kind: PrincipalKind::Portal,
-                id: self.contact_id.to_string(),
-            },
-            on_behalf_of: None,
-            ip: self.ctx.ip.clone(),
-            user_agent: self.ctx.user_agent.clone(),
-            request_id: Some(self.ctx.request_id.clone()),
-            correlation_id: self.ctx.correlation_id.clone(),
-            causation_id: self.ctx.causation_id.clone(),
-            occurred_at: chrono::Utc::now(),
-        }
+        let principal = Principal {
+            kind: PrincipalKind::Portal,
+            id: self.contact_id.to_string(),
+        };
+        super::event_metadata(&self.ctx, self.org_id, principal)
     }
 }
 
@@ -566,20 +557,12 @@ async fn staff_reset_confirm(
         ));
     };
     drop(client);
-    let meta = EventMetadata {
-        org_id,
-        principal: Principal {
-            kind: PrincipalKind::User,
-            id: user_id.to_string(),
-        },
-        on_behalf_of: None,
-        ip: ctx.ip.clone(),
-        user_agent: ctx.user_agent.clone(),
-        request_id: Some(ctx.request_id.clone()),
-        correlation_id: ctx.correlation_id.clone(),
-        causation_id: ctx.causation_id.clone(),
-        occurred_at: chrono::Utc::now(),
+    // The user acts, through the link mailed to them.
+    let principal = Principal {
+        kind: PrincipalKind::User,
+        id: user_id.to_string(),
     };
+    let meta = super::event_metadata(&ctx, org_id, principal);
     crm_infra::accounts::change_password(&s.executor, &s.pool, org_id, user_id, hash, &meta)
         .await?;
     Ok(json_response(
@@ -614,14 +597,7 @@ async fn portal_logout(s: AppState, p: PortalAuthed) -> Result<Response, ApiErro
     )
     .await
     .map_err(portal_error)?;
-    let mut resp = warp::Reply::into_response(warp::reply::with_status(
-        warp::reply(),
-        StatusCode::NO_CONTENT,
-    ));
-    if let Ok(v) = p.ctx.request_id.parse() {
-        resp.headers_mut().insert("x-request-id", v);
-    }
-    Ok(resp)
+    Ok(super::no_content(&p.ctx.request_id))
 }
 
 /// The contact as its events say now (not the read model, which may lag behind a
@@ -644,12 +620,7 @@ async fn current_contact(
 }
 
 fn parse_contact_id(raw: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(raw).map_err(|_| {
-        ApiError::bad_request(
-            "invalid_id",
-            format!("`{raw}` is not a valid contact id (a UUID)"),
-        )
-    })
+    super::parse_uuid(raw, "contact")
 }
 
 /// Gives a contact of the caller's organisation portal access, with its current email
@@ -694,11 +665,7 @@ async fn grant(
     )
     .await
     .map_err(portal_error)?;
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({ "id": o.id, "version": o.version, "positions": o.positions }),
-        &a.ctx.request_id,
-    ))
+    Ok(super::outcome(&o, &a.ctx.request_id))
 }
 
 async fn revoke(s: AppState, a: Authed, id: String) -> Result<Response, ApiError> {
@@ -714,9 +681,5 @@ async fn revoke(s: AppState, a: Authed, id: String) -> Result<Response, ApiError
     )
     .await
     .map_err(portal_error)?;
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({ "id": o.id, "version": o.version, "positions": o.positions }),
-        &a.ctx.request_id,
-    ))
+    Ok(super::outcome(&o, &a.ctx.request_id))
 }

@@ -194,12 +194,7 @@ async fn list(s: AppState, a: Authed) -> Result<Response, ApiError> {
 }
 
 fn parse_role_id(raw: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(raw).map_err(|_| {
-        ApiError::bad_request(
-            "invalid_id",
-            format!("`{raw}` is not a custom role's id (a UUID); built-in roles cannot change"),
-        )
-    })
+    super::parse_uuid(raw, "custom role")
 }
 
 async fn define(
@@ -301,11 +296,7 @@ async fn change(
         input.expected_version,
     )
     .await?;
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({ "id": o.id, "version": o.version, "positions": o.positions }),
-        &a.ctx.request_id,
-    ))
+    Ok(super::outcome(&o, &a.ctx.request_id))
 }
 
 async fn retire(s: AppState, a: Authed, id: String) -> Result<Response, ApiError> {
@@ -319,11 +310,7 @@ async fn retire(s: AppState, a: Authed, id: String) -> Result<Response, ApiError
         None,
     )
     .await?;
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({ "id": o.id, "version": o.version, "positions": o.positions }),
-        &a.ctx.request_id,
-    ))
+    Ok(super::outcome(&o, &a.ctx.request_id))
 }
 
 async fn set_modules(
@@ -360,11 +347,7 @@ async fn set_modules(
         &a.metadata(),
     )
     .await?;
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({ "id": o.id, "version": o.version, "positions": o.positions }),
-        &a.ctx.request_id,
-    ))
+    Ok(super::outcome(&o, &a.ctx.request_id))
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -391,11 +374,7 @@ async fn require_two_factor(
         &a.metadata(),
     )
     .await?;
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({ "id": o.id, "version": o.version, "positions": o.positions }),
-        &a.ctx.request_id,
-    ))
+    Ok(super::outcome(&o, &a.ctx.request_id))
 }
 
 /// Who could read a contact field at a moment (default: now), from the events.

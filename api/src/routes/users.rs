@@ -43,13 +43,8 @@ pub(crate) struct PasswordInput {
     new_password: String,
 }
 
-pub fn parse_user_id(raw: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(raw).map_err(|_| {
-        ApiError::bad_request(
-            "invalid_id",
-            format!("`{raw}` is not a valid user id (a UUID)"),
-        )
-    })
+fn parse_user_id(raw: &str) -> Result<Uuid, ApiError> {
+    super::parse_uuid(raw, "user")
 }
 
 fn parse_role(raw: &str) -> Result<RoleRef, ApiError> {
@@ -73,14 +68,6 @@ async fn grant_of(s: &AppState, a: &Authed, role: RoleRef) -> Result<Grant, ApiE
             )])
         })?;
     Ok(Grant { role, policy })
-}
-
-fn outcome(o: &crm_infra::commands::CommandOutcome, rid: &str) -> Response {
-    json_response(
-        StatusCode::OK,
-        &json!({ "id": o.id, "version": o.version, "positions": o.positions }),
-        rid,
-    )
 }
 
 pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
@@ -313,7 +300,7 @@ async fn simple(
     let id = parse_user_id(&id)?;
     let o =
         accounts::user_command(&s.executor, a.caller.org_id, id, command, &a.metadata()).await?;
-    Ok(outcome(&o, &a.ctx.request_id))
+    Ok(super::outcome(&o, &a.ctx.request_id))
 }
 
 fn me(a: &Authed) -> Response {
