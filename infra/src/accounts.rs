@@ -479,6 +479,20 @@ pub async fn change_password(
         .get(0))
 }
 
+const CREDENTIAL: &str =
+    "SELECT user_id, org_id, password_hash, active, token_generation, totp_enabled FROM credentials";
+
+fn credential(r: &tokio_postgres::Row) -> Credential {
+    Credential {
+        user_id: r.get(0),
+        org_id: r.get(1),
+        password_hash: r.get(2),
+        active: r.get(3),
+        token_generation: r.get(4),
+        totp_enabled: r.get(5),
+    }
+}
+
 /// The login stored for an email address, if any.
 pub async fn find_credential(
     client: &impl GenericClient,
@@ -486,18 +500,11 @@ pub async fn find_credential(
 ) -> Result<Option<Credential>, tokio_postgres::Error> {
     let row = client
         .query_opt(
-            "SELECT user_id, org_id, password_hash, active, token_generation, totp_enabled FROM credentials WHERE email_lower = $1",
+            &format!("{CREDENTIAL} WHERE email_lower = $1"),
             &[&email.trim().to_lowercase()],
         )
         .await?;
-    Ok(row.map(|r| Credential {
-        user_id: r.get(0),
-        org_id: r.get(1),
-        password_hash: r.get(2),
-        active: r.get(3),
-        token_generation: r.get(4),
-        totp_enabled: r.get(5),
-    }))
+    Ok(row.as_ref().map(credential))
 }
 
 /// The login of a user, by id.
@@ -506,19 +513,9 @@ pub async fn credential_of(
     user_id: Uuid,
 ) -> Result<Option<Credential>, tokio_postgres::Error> {
     let row = client
-        .query_opt(
-            "SELECT user_id, org_id, password_hash, active, token_generation, totp_enabled FROM credentials WHERE user_id = $1",
-            &[&user_id],
-        )
+        .query_opt(&format!("{CREDENTIAL} WHERE user_id = $1"), &[&user_id])
         .await?;
-    Ok(row.map(|r| Credential {
-        user_id: r.get(0),
-        org_id: r.get(1),
-        password_hash: r.get(2),
-        active: r.get(3),
-        token_generation: r.get(4),
-        totp_enabled: r.get(5),
-    }))
+    Ok(row.as_ref().map(credential))
 }
 
 /// A user as listed to staff (no personal data beyond what the caller's org holds).

@@ -469,25 +469,30 @@ async fn a_change_in_one_api_process_reaches_the_others() {
     app.stop().await;
 }
 
-/// While it hears invalidations, a process answers repeated requests of one user from
-/// its cache (the database is asked once).
+/// While it hears invalidations, a process keeps a user's access after the first
+/// request (later requests need no database lookup), and forgets it on a change.
 #[tokio::test]
 async fn repeated_requests_use_the_access_cache() {
     let app = TestApp::spawn().await;
-    let lookups = |source: &'static str| {
-        crm_infra::metrics::METRICS
-            .access_lookups
-            .with_label_values(&[source])
-            .get()
-    };
-    // Wait until the listener is up (the first requests may all go to the database).
-    let warmed = crm_tests::harness::eventually(std::time::Duration::from_secs(5), || async {
-        let before = lookups("cache");
-        get(&app, &app.token, "/v1/me").await;
-        get(&app, &app.token, "/v1/me").await;
-        (lookups("cache") > before).then_some(())
+    let cache = app.state.executor.access_cache().clone();
+    // The listener connects in the background; until then nothing is cached.
+    let cached = crm_tests::harness::eventually(std::time::Duration::from_secs(5), || {
+        let cache = cache.clone();
+        let app = &app;
+        async move {
+            get(app, &app.token, "/v1/me").await;
+            cache.get(app.user_id, app.org_id)
+        }
     })
-    .await;
-    assert!(warmed.is_some(), "the cache is never used");
+    .await
+    .expect("the access is never cached");
+    assert!(cached.role.is_owner());
+    // A change through this process empties its cache at once.
+    let (s, _) = post(&app, &app.token, "/v1/auth/logout", json!({})).await;
+    assert_eq!(s, 204);
+    assert!(
+        cache.get(app.user_id, app.org_id).is_none(),
+        "still cached after logout"
+    );
     app.stop().await;
 }
