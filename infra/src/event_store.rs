@@ -343,6 +343,10 @@ pub async fn read_committed(
 }
 
 /// The rows behind [`read_committed`] and [`read_committed_raw`].
+///
+/// `ORDER BY events.tx_id`, qualified: the select list's `tx_id::text::bigint` is also
+/// named `tx_id`, and an unqualified name would sort by that expression (every row in
+/// range read and sorted) instead of walking the commit-order index up to the LIMIT.
 async fn committed_rows(
     client: &impl GenericClient,
     after: CommitKey,
@@ -352,7 +356,7 @@ async fn committed_rows(
         "SELECT {COLUMNS} FROM events \
          WHERE tx_id < pg_snapshot_xmin(pg_current_snapshot()) \
            AND (tx_id, global_position) > ($1::bigint::text::xid8, $2) \
-         ORDER BY tx_id, global_position LIMIT $3"
+         ORDER BY events.tx_id, events.global_position LIMIT $3"
     );
     let stmt = client.prepare_cached(&sql).await?;
     Ok(client
@@ -391,7 +395,7 @@ pub async fn keys_between(
             "SELECT tx_id::text::bigint, global_position FROM events \
              WHERE (tx_id, global_position) > ($1::bigint::text::xid8, $2) \
                AND (tx_id, global_position) <= ($3::bigint::text::xid8, $4) \
-             ORDER BY tx_id, global_position LIMIT $5",
+             ORDER BY events.tx_id, events.global_position LIMIT $5",
         )
         .await?;
     let rows = client

@@ -87,7 +87,7 @@ impl Scan {
             sql.push_str(" AND aggregate_type = $1");
         }
         sql.push_str(match self.order {
-            Order::Commit => " ORDER BY tx_id, global_position",
+            Order::Commit => " ORDER BY events.tx_id, events.global_position",
             Order::Stream => " ORDER BY aggregate_type, aggregate_id, sequence",
             Order::Any => "",
         });
@@ -176,7 +176,7 @@ async fn read(
         .query_opt(
             "SELECT tx_id::text::bigint, global_position FROM events \
              WHERE tx_id < pg_snapshot_xmin(pg_current_snapshot()) \
-             ORDER BY tx_id DESC, global_position DESC LIMIT 1",
+             ORDER BY events.tx_id DESC, events.global_position DESC LIMIT 1",
             &[],
         )
         .await?
