@@ -136,14 +136,24 @@ impl Application {
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) {
         let token = CancellationToken::new();
         let workers = tokio::spawn(run_background(self.background, token.clone()));
-        // The limiters forget idle clients now and then (their memory stays bounded).
-        let (limits, forget_token) = (self.state.rate_limits.clone(), token.clone());
+        // Every minute: the limiters forget idle clients (their memory stays bounded),
+        // and mailed tokens expired a day ago are deleted.
+        let (limits, pool, forget_token) = (
+            self.state.rate_limits.clone(),
+            self.state.pool.clone(),
+            token.clone(),
+        );
         tokio::spawn(async move {
             loop {
                 tokio::select! {
                     _ = forget_token.cancelled() => break,
                     _ = tokio::time::sleep(std::time::Duration::from_secs(60)) => {
-                        limits.forget_idle()
+                        limits.forget_idle();
+                        if let Ok(client) = pool.get().await {
+                            if let Err(e) = crm_infra::auth_tokens::purge(&client).await {
+                                tracing::warn!(error = %crm_infra::db::describe(&e), "expired link tokens not purged");
+                            }
+                        }
                     }
                 }
             }

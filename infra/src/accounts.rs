@@ -109,19 +109,8 @@ pub async fn load_access(
     let Some(role) = RoleRef::parse(&role) else {
         return Ok(None);
     };
-    let policy = match role {
-        RoleRef::Builtin(r) => builtin_policy(r),
-        RoleRef::Custom(_) => {
-            let policy: Option<serde_json::Value> = row.get(3);
-            let retired: Option<bool> = row.get(4);
-            match (policy, retired) {
-                (Some(p), Some(false)) => match serde_json::from_value(p) {
-                    Ok(p) => p,
-                    Err(_) => return Ok(None),
-                },
-                _ => return Ok(None),
-            }
-        }
+    let Some(policy) = resolve_policy(role, row.get(3), row.get(4)) else {
+        return Ok(None);
     };
     Ok(Some(Access {
         user_id,
@@ -132,6 +121,35 @@ pub async fn load_access(
         token_generation: row.get(1),
         two_factor_pending: row.get(5),
     }))
+}
+
+/// The policy of `role`, given the `roles` row joined for a custom role (its policy
+/// and whether retired). `None`: a custom role that is missing, retired or unreadable
+/// grants nothing (deny by default).
+pub(crate) fn resolve_policy(
+    role: RoleRef,
+    custom_policy: Option<serde_json::Value>,
+    retired: Option<bool>,
+) -> Option<Policy> {
+    match role {
+        RoleRef::Builtin(r) => Some(builtin_policy(r)),
+        RoleRef::Custom(_) => match (custom_policy, retired) {
+            (Some(p), Some(false)) => serde_json::from_value(p).ok(),
+            _ => None,
+        },
+    }
+}
+
+/// A user's token generation (after a command moved it on).
+async fn token_generation(pool: &Pool, user_id: Uuid) -> Result<i32, AccountError> {
+    let client = pool.get().await?;
+    Ok(client
+        .query_one(
+            "SELECT token_generation FROM credentials WHERE user_id = $1",
+            &[&user_id],
+        )
+        .await?
+        .get(0))
 }
 
 /// What a role grants in `org_id`: a built-in's policy, or a live custom role's.
@@ -469,14 +487,7 @@ pub async fn change_password(
             &effect,
         )
         .await?;
-    let client = pool.get().await?;
-    Ok(client
-        .query_one(
-            "SELECT token_generation FROM credentials WHERE user_id = $1",
-            &[&user_id],
-        )
-        .await?
-        .get(0))
+    token_generation(pool, user_id).await
 }
 
 const CREDENTIAL: &str =
@@ -527,6 +538,33 @@ pub struct UserRow {
     pub active: bool,
 }
 
+fn user_row(r: &tokio_postgres::Row) -> UserRow {
+    UserRow {
+        user_id: r.get(0),
+        email: r.get(1),
+        role: r.get(2),
+        active: r.get(3),
+    }
+}
+
+const USER_ROW: &str = "SELECT user_id, email_lower, role, active FROM credentials";
+
+/// One user of an organisation.
+pub async fn get_user(
+    client: &impl GenericClient,
+    org_id: Uuid,
+    user_id: Uuid,
+) -> Result<Option<UserRow>, tokio_postgres::Error> {
+    Ok(client
+        .query_opt(
+            &format!("{USER_ROW} WHERE org_id = $1 AND user_id = $2"),
+            &[&org_id, &user_id],
+        )
+        .await?
+        .as_ref()
+        .map(user_row))
+}
+
 /// The users of an organisation, oldest first.
 pub async fn list_users(
     client: &impl GenericClient,
@@ -534,17 +572,12 @@ pub async fn list_users(
 ) -> Result<Vec<UserRow>, tokio_postgres::Error> {
     Ok(client
         .query(
-            "SELECT user_id, email_lower, role, active FROM credentials WHERE org_id = $1 ORDER BY user_id",
+            &format!("{USER_ROW} WHERE org_id = $1 ORDER BY user_id"),
             &[&org_id],
         )
         .await?
         .iter()
-        .map(|r| UserRow {
-            user_id: r.get(0),
-            email: r.get(1),
-            role: r.get(2),
-            active: r.get(3),
-        })
+        .map(user_row)
         .collect())
 }
 
@@ -677,7 +710,6 @@ pub fn builtin_roles() -> impl Iterator<Item = (Role, Policy)> {
 pub struct TotpState {
     pub secret: Option<Vec<u8>>,
     pub enabled: bool,
-    pub backup_codes_left: usize,
 }
 
 const TOTP_FIELD: &str = "totp_secret";
@@ -691,7 +723,7 @@ pub async fn totp_state(
 ) -> Result<Option<TotpState>, AccountError> {
     let Some(row) = client
         .query_opt(
-            "SELECT totp_secret, totp_enabled, cardinality(backup_codes) FROM credentials \
+            "SELECT totp_secret, totp_enabled FROM credentials \
              WHERE user_id = $1 AND org_id = $2",
             &[&user_id, &org_id],
         )
@@ -716,7 +748,6 @@ pub async fn totp_state(
     Ok(Some(TotpState {
         secret,
         enabled: row.get(1),
-        backup_codes_left: row.get::<_, i32>(2) as usize,
     }))
 }
 
@@ -781,14 +812,7 @@ pub async fn enable_two_factor(
             &effect,
         )
         .await?;
-    let client = executor.pool().get().await?;
-    Ok(client
-        .query_one(
-            "SELECT token_generation FROM credentials WHERE user_id = $1",
-            &[&user_id],
-        )
-        .await?
-        .get(0))
+    token_generation(executor.pool(), user_id).await
 }
 
 /// Accepts a TOTP time step for a user once: true if `step` is later than every step

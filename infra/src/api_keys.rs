@@ -2,7 +2,7 @@
 //! last four characters, grant, expiry, last use) is written in the same transaction.
 
 use chrono::{DateTime, Utc};
-use crm_domain::access::{builtin_policy, Permission, RoleRef};
+use crm_domain::access::{Permission, RoleRef};
 use crm_domain::api_key::{ApiKey, ApiKeyCommand, ApiKeyError, ApiKeyEvent};
 use crm_domain::metadata::EventMetadata;
 use deadpool_postgres::GenericClient;
@@ -157,15 +157,8 @@ pub async fn access_by_digest(
     let Some(role) = RoleRef::parse(row.get(2)) else {
         return Ok(None);
     };
-    let mut policy = match role {
-        RoleRef::Builtin(r) => builtin_policy(r),
-        RoleRef::Custom(_) => match (row.get::<_, Option<serde_json::Value>>(5), row.get(6)) {
-            (Some(p), Some(false)) => match serde_json::from_value(p) {
-                Ok(p) => p,
-                Err(_) => return Ok(None),
-            },
-            _ => return Ok(None),
-        },
+    let Some(mut policy) = crate::accounts::resolve_policy(role, row.get(5), row.get(6)) else {
+        return Ok(None);
     };
     if let Some(only) = row.get::<_, Option<Vec<String>>>(3) {
         let only: std::collections::BTreeSet<Permission> =

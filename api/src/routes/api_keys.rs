@@ -4,9 +4,8 @@ use std::collections::BTreeSet;
 
 use crm_domain::access::{Permission, RoleRef};
 use crm_domain::api_key::ApiKeyCommand;
-use crm_domain::user::Grant;
 use crm_domain::values::Name;
-use crm_infra::{accounts, api_keys as keys};
+use crm_infra::api_keys as keys;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -108,16 +107,7 @@ async fn issue(
     let (Some(name), Some(role), true) = (name, role, errors.is_empty()) else {
         return Err(ApiError::Validation(errors));
     };
-    let client = s.pool.get().await?;
-    let policy = accounts::policy_of(&client, a.caller.org_id, role)
-        .await?
-        .ok_or_else(|| {
-            ApiError::Validation(vec![FieldError::new(
-                "role",
-                "no such role in this organisation, or it is retired",
-            )])
-        })?;
-    drop(client);
+    let grant = super::users::grant_of(&s, &a, role).await?;
     let key = crate::api_keys::generate();
     let key_id = Uuid::now_v7();
     keys::issue(
@@ -129,7 +119,7 @@ async fn issue(
             key_id,
             org_id: a.caller.org_id,
             name,
-            grant: Grant { role, policy },
+            grant,
             only,
             last4: key.last4.clone(),
             expires_at,

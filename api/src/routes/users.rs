@@ -56,8 +56,8 @@ fn parse_role(raw: &str) -> Result<RoleRef, ApiError> {
     })
 }
 
-/// The grant for `role` in the caller's organisation (422 if no such live role).
-async fn grant_of(s: &AppState, a: &Authed, role: RoleRef) -> Result<Grant, ApiError> {
+/// The grant of `role` in the caller's organisation (422 if no such live role).
+pub(crate) async fn grant_of(s: &AppState, a: &Authed, role: RoleRef) -> Result<Grant, ApiError> {
     let client = s.pool.get().await?;
     let policy = accounts::policy_of(&client, a.caller.org_id, role)
         .await?
@@ -190,14 +190,12 @@ async fn list(s: AppState, a: Authed) -> Result<Response, ApiError> {
 async fn get_one(s: AppState, a: Authed, id: String) -> Result<Response, ApiError> {
     let id = parse_user_id(&id)?;
     let client = s.pool.get().await?;
-    let users = accounts::list_users(&client, a.caller.org_id).await?;
-    let user = users
-        .iter()
-        .find(|u| u.user_id == id)
+    let user = accounts::get_user(&client, a.caller.org_id, id)
+        .await?
         .ok_or(ApiError::NotFound("user not found"))?;
     Ok(json_response(
         StatusCode::OK,
-        &user_json(user),
+        &user_json(&user),
         &a.ctx.request_id,
     ))
 }
