@@ -284,6 +284,15 @@ async fn links_expire() {
     )
     .await;
     assert_eq!(s, 401, "expired");
+    // A day after expiry the digest is deleted (serve does this every minute).
+    db.execute(
+        "UPDATE auth_tokens SET expires_at = now() - interval '25 hours'",
+        &[],
+    )
+    .await
+    .unwrap();
+    let client = app.state.pool.get().await.unwrap();
+    assert_eq!(crm_infra::auth_tokens::purge(&client).await.unwrap(), 1);
     app.stop().await;
 }
 
