@@ -75,7 +75,7 @@ async fn mailed_token(app: &TestApp, to: &str, count: usize) -> String {
 async fn a_contact_signs_in_and_sees_only_its_own_record() {
     let app = TestApp::spawn().await;
     let email = format!("{}@client.example.com", Uuid::new_v4().simple());
-    let (contact, _) = app
+    let (contact, created_at) = app
         .create_contact(&json!({"given_name": "Cleo", "email": email}))
         .await;
     let (other, _) = app.create_contact(&json!({"given_name": "Other"})).await;
@@ -118,6 +118,14 @@ async fn a_contact_signs_in_and_sees_only_its_own_record() {
     .await;
     assert_eq!(s, 401, "a magic link is single-use");
 
+    // The portal reads the read model: let it have the contact first.
+    let (s, _) = get(
+        &app,
+        &app.token,
+        &format!("/v1/contacts/{contact}?min_position={created_at}&wait_ms=5000"),
+    )
+    .await;
+    assert_eq!(s, 200);
     let (s, me) = get(&app, &portal, "/portal/me").await;
     assert_eq!(s, 200, "{me}");
     assert_eq!(me["id"], json!(contact));
