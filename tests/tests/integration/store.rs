@@ -210,3 +210,36 @@ async fn long_streams_load_from_an_encrypted_snapshot() {
     );
     app.stop().await;
 }
+
+/// After a burst has opened several connections, steady one-at-a-time work stays on
+/// the most recently used one instead of cycling through them all (round-robin over
+/// every connection a burst opened cost ~15 % more PostgreSQL CPU per command:
+/// docs/benchmarks.md).
+#[tokio::test]
+async fn the_pool_reuses_its_most_recently_used_connection() {
+    let app = TestApp::spawn().await;
+    let pool = app.admin_pool();
+    async fn pid(c: &deadpool_postgres::Object) -> i32 {
+        c.query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0)
+    }
+    // A burst: three connections at once, given back oldest first.
+    let burst = [
+        pool.get().await.unwrap(),
+        pool.get().await.unwrap(),
+        pool.get().await.unwrap(),
+    ];
+    let mut pids = Vec::new();
+    for c in &burst {
+        pids.push(pid(c).await);
+    }
+    drop(burst);
+    // Steady work, one checkout at a time: always the last one given back.
+    for _ in 0..5 {
+        let c = pool.get().await.unwrap();
+        assert_eq!(pid(&c).await, pids[2], "burst opened {pids:?}");
+    }
+    app.stop().await;
+}
