@@ -346,9 +346,10 @@ impl From<CommandError<UserError>> for ApiError {
             CommandError::Domain(d) => match d {
                 UserError::NotFound => Self::NotFound("user not found"),
                 UserError::AlreadyExists | UserError::EmailTaken => Self::Conflict(d.to_string()),
-                UserError::LastOwner | UserError::TwoFactorAlreadyOn => {
-                    Self::Conflict(d.to_string())
-                }
+                UserError::LastOwner
+                | UserError::TwoFactorAlreadyOn
+                | UserError::TwoFactorNotOn => Self::Conflict(d.to_string()),
+                UserError::TwoFactorRequired => forbidden("two_factor_required_by_organization", d),
                 UserError::OnlyOwnerGrantsOwner | UserError::OnlyOwnerChangesOwner => {
                     forbidden("owner_required", d)
                 }

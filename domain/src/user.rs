@@ -75,6 +75,14 @@ pub enum UserCommand {
     SignOut,
     /// Turns on TOTP two-factor authentication (after the user proved a code).
     EnableTwoFactor,
+    /// The user turns their own 2FA off (after proving their password and a code).
+    /// Refused by the store where the organisation requires 2FA of the user's role.
+    DisableTwoFactor,
+    /// Someone else removes the user's 2FA (a lost authenticator and no backup code
+    /// left); the user sets it up again, and must where the organisation requires it.
+    ResetTwoFactor {
+        by: Grantor,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -94,6 +102,10 @@ pub enum UserEvent {
     PasswordChanged {},
     UserSignedOut {},
     TwoFactorEnabled {},
+    /// By the user, on their own account.
+    TwoFactorDisabled {},
+    /// By another user (the actor is in the metadata).
+    TwoFactorReset {},
 }
 
 impl DomainEvent for UserEvent {
@@ -106,6 +118,8 @@ impl DomainEvent for UserEvent {
             Self::PasswordChanged { .. } => "PasswordChanged",
             Self::UserSignedOut { .. } => "UserSignedOut",
             Self::TwoFactorEnabled { .. } => "TwoFactorEnabled",
+            Self::TwoFactorDisabled { .. } => "TwoFactorDisabled",
+            Self::TwoFactorReset { .. } => "TwoFactorReset",
         }
         .to_owned()
     }
@@ -145,6 +159,11 @@ pub enum UserError {
     UnknownRole,
     #[error("two-factor authentication is already on")]
     TwoFactorAlreadyOn,
+    #[error("two-factor authentication is not on")]
+    TwoFactorNotOn,
+    /// Checked by the store: the organisation requires 2FA of Owners and Admins.
+    #[error("the organisation requires two-factor authentication of this user's role")]
+    TwoFactorRequired,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -258,6 +277,20 @@ impl Aggregate for User {
                 }
                 UserEvent::TwoFactorEnabled {}
             }
+            UserCommand::DisableTwoFactor => {
+                self.existing()?;
+                if !self.two_factor {
+                    return Err(UserError::TwoFactorNotOn);
+                }
+                UserEvent::TwoFactorDisabled {}
+            }
+            UserCommand::ResetTwoFactor { by } => {
+                self.check_may_change(&by)?;
+                if !self.two_factor {
+                    return Err(UserError::TwoFactorNotOn);
+                }
+                UserEvent::TwoFactorReset {}
+            }
         };
         sink.write(event, self).await;
         Ok(())
@@ -279,6 +312,9 @@ impl Aggregate for User {
             UserEvent::UserDeactivated {} => self.deactivated = true,
             UserEvent::UserReactivated {} => self.deactivated = false,
             UserEvent::TwoFactorEnabled {} => self.two_factor = true,
+            UserEvent::TwoFactorDisabled {} | UserEvent::TwoFactorReset {} => {
+                self.two_factor = false
+            }
             UserEvent::PasswordChanged {} | UserEvent::UserSignedOut {} => {}
         }
     }
@@ -419,6 +455,53 @@ mod tests {
                 by: by(Role::Admin),
             })
             .then_expect_events(vec![UserEvent::UserReactivated {}]);
+    }
+
+    #[test]
+    fn two_factor_is_turned_off_only_when_on_and_only_an_owner_resets_an_owners() {
+        let (u, o) = (Uuid::now_v7(), Uuid::now_v7());
+        let on = |role| vec![registered(u, o, role), UserEvent::TwoFactorEnabled {}];
+        TestFramework::<User>::with(())
+            .given(vec![registered(u, o, Role::Team)])
+            .when(UserCommand::DisableTwoFactor)
+            .then_expect_error(UserError::TwoFactorNotOn);
+        TestFramework::<User>::with(())
+            .given(on(Role::Team))
+            .when(UserCommand::DisableTwoFactor)
+            .then_expect_events(vec![UserEvent::TwoFactorDisabled {}]);
+        TestFramework::<User>::with(())
+            .given(vec![registered(u, o, Role::Team)])
+            .when(UserCommand::ResetTwoFactor {
+                by: by(Role::Admin),
+            })
+            .then_expect_error(UserError::TwoFactorNotOn);
+        TestFramework::<User>::with(())
+            .given(on(Role::Team))
+            .when(UserCommand::ResetTwoFactor {
+                by: by(Role::Admin),
+            })
+            .then_expect_events(vec![UserEvent::TwoFactorReset {}]);
+        TestFramework::<User>::with(())
+            .given(on(Role::Owner))
+            .when(UserCommand::ResetTwoFactor {
+                by: by(Role::Admin),
+            })
+            .then_expect_error(UserError::OnlyOwnerChangesOwner);
+        TestFramework::<User>::with(())
+            .given(on(Role::Owner))
+            .when(UserCommand::ResetTwoFactor {
+                by: by(Role::Owner),
+            })
+            .then_expect_events(vec![UserEvent::TwoFactorReset {}]);
+        // Off again, it can be turned on again.
+        TestFramework::<User>::with(())
+            .given(vec![
+                registered(u, o, Role::Team),
+                UserEvent::TwoFactorEnabled {},
+                UserEvent::TwoFactorReset {},
+            ])
+            .when(UserCommand::EnableTwoFactor)
+            .then_expect_events(vec![UserEvent::TwoFactorEnabled {}]);
     }
 
     #[test]

@@ -421,6 +421,20 @@ fn user_effect(
                         "UPDATE credentials SET token_generation = token_generation + 1, updated_at = now() WHERE user_id = $1",
                         None,
                     ),
+                    UserEvent::TwoFactorDisabled {} | UserEvent::TwoFactorReset {} => {
+                        if matches!(event, UserEvent::TwoFactorDisabled {})
+                            && two_factor_required_of(tx, user_id).await?
+                        {
+                            return Err(CommandError::Domain(UserError::TwoFactorRequired));
+                        }
+                        // The seed and the backup codes go; the last accepted step
+                        // stays. Every session ends.
+                        (
+                            "UPDATE credentials SET totp_enabled = false, totp_secret = NULL, backup_codes = '{}', \
+                             token_generation = token_generation + 1, updated_at = now() WHERE user_id = $1",
+                            None,
+                        )
+                    }
                     UserEvent::UserRegistered { .. } => continue,
                 };
                 match role {
@@ -437,7 +451,24 @@ fn user_effect(
     }
 }
 
-/// A change to an existing user of `org_id` (role, deactivation, sign-out).
+/// Whether the user's organisation requires 2FA of the user's role (Owners and Admins,
+/// when switched on), read under the organisation's lock that `user_effect` holds.
+async fn two_factor_required_of(
+    tx: &Transaction<'_>,
+    user_id: Uuid,
+) -> Result<bool, CommandError<UserError>> {
+    let row = tx
+        .query_opt(
+            "SELECT o.two_factor_required AND c.role IN ('owner', 'admin') \
+             FROM credentials c JOIN organizations o USING (org_id) WHERE c.user_id = $1",
+            &[&user_id],
+        )
+        .await
+        .map_err(db)?;
+    Ok(row.is_some_and(|r| r.get(0)))
+}
+
+/// A change to an existing user of `org_id` (role, deactivation, sign-out, 2FA off).
 pub async fn user_command(
     executor: &Executor,
     org_id: Uuid,

@@ -83,7 +83,7 @@ async fn login(
                 message: "this account uses two-factor authentication: send `code`",
             });
         };
-        if !second_factor(&state, &c, code).await? {
+        if !second_factor(&state, c.org_id, c.user_id, code).await? {
             failures
                 .record_failure(&req.email)
                 .map_err(ApiError::too_many_requests)?;
@@ -109,15 +109,15 @@ async fn login(
 }
 
 /// Checks a TOTP code (current or previous step, never twice) or a backup code (once).
-async fn second_factor(
+pub(crate) async fn second_factor(
     state: &AppState,
-    c: &crm_infra::accounts::Credential,
+    org_id: uuid::Uuid,
+    user_id: uuid::Uuid,
     code: &str,
 ) -> Result<bool, ApiError> {
     let client = state.pool.get().await?;
     let totp =
-        crm_infra::accounts::totp_state(state.executor.crypto(), &client, c.org_id, c.user_id)
-            .await?;
+        crm_infra::accounts::totp_state(state.executor.crypto(), &client, org_id, user_id).await?;
     let Some(secret) = totp.and_then(|t| t.secret) else {
         return Ok(false);
     };
@@ -126,8 +126,8 @@ async fn second_factor(
         .map(|d| d.as_secs())
         .unwrap_or(0);
     if let Some(step) = crate::totp::matching_step(&secret, code, now) {
-        return Ok(crm_infra::accounts::consume_totp_step(&client, c.user_id, step as i64).await?);
+        return Ok(crm_infra::accounts::consume_totp_step(&client, user_id, step as i64).await?);
     }
     let digest = crate::totp::backup_digest(code);
-    Ok(crm_infra::accounts::consume_backup_code(&client, c.user_id, &digest).await?)
+    Ok(crm_infra::accounts::consume_backup_code(&client, user_id, &digest).await?)
 }

@@ -118,6 +118,14 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
             let by = a.access.grantor();
             finish(simple(s, a, id, UserCommand::Deactivate { by }).await, &rid)
         });
+    let reset_two_factor = warp::path!("v1" / "users" / String / "two-factor" / "reset")
+        .and(warp::post())
+        .and(with_state(state.clone()))
+        .and(allowed(state.clone(), Permission::UsersManage))
+        .and_then(|id: String, s: AppState, a: Authed| async move {
+            let rid = a.ctx.request_id.clone();
+            finish(reset_two_factor(s, a, id).await, &rid)
+        });
     let reactivate = warp::path!("v1" / "users" / String / "reactivate")
         .and(warp::post())
         .and(with_state(state.clone()))
@@ -162,6 +170,8 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
         .or(deactivate)
         .unify()
         .or(reactivate)
+        .unify()
+        .or(reset_two_factor)
         .unify()
         .or(me)
         .unify()
@@ -301,6 +311,22 @@ async fn simple(
     Ok(super::outcome(&o, &a.ctx.request_id))
 }
 
+/// Removes another user's 2FA (their authenticator is lost and no backup code is
+/// left). One's own goes through `/v1/auth/2fa/disable`, which asks for a code: an
+/// administrator's session alone must not strip the administrator's second factor.
+async fn reset_two_factor(s: AppState, a: Authed, id: String) -> Result<Response, ApiError> {
+    let target = parse_user_id(&id)?;
+    if target == a.caller.user_id {
+        return Err(ApiError::Forbidden {
+            code: "own_two_factor",
+            message: "turn your own two-factor authentication off with POST /v1/auth/2fa/disable"
+                .into(),
+        });
+    }
+    let by = a.access.grantor();
+    simple(s, a, id, UserCommand::ResetTwoFactor { by }).await
+}
+
 fn me(a: &Authed) -> Response {
     let policy = &a.access.policy;
     json_response(
@@ -403,6 +429,15 @@ pub(crate) struct CodeInput {
     code: String,
 }
 
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct DisableTwoFactorInput {
+    /// The account's password.
+    password: String,
+    /// A current TOTP code or an unused backup code.
+    code: String,
+}
+
 fn two_factor_routes(state: AppState) -> BoxedFilter<(Response,)> {
     let setup = warp::path!("v1" / "auth" / "2fa" / "setup")
         .and(warp::post())
@@ -415,7 +450,7 @@ fn two_factor_routes(state: AppState) -> BoxedFilter<(Response,)> {
     let enable = warp::path!("v1" / "auth" / "2fa" / "enable")
         .and(warp::post())
         .and(with_state(state.clone()))
-        .and(staff(state))
+        .and(staff(state.clone()))
         .and(body(BODY_LIMIT))
         .and_then(
             |s: AppState, a: Authed, ct: Option<String>, b: bytes::Bytes| async move {
@@ -423,7 +458,18 @@ fn two_factor_routes(state: AppState) -> BoxedFilter<(Response,)> {
                 finish(two_factor_enable(s, a, ct, b).await, &rid)
             },
         );
-    setup.or(enable).unify().boxed()
+    let disable = warp::path!("v1" / "auth" / "2fa" / "disable")
+        .and(warp::post())
+        .and(with_state(state.clone()))
+        .and(staff(state))
+        .and(body(BODY_LIMIT))
+        .and_then(
+            |s: AppState, a: Authed, ct: Option<String>, b: bytes::Bytes| async move {
+                let rid = a.ctx.request_id.clone();
+                finish(two_factor_disable(s, a, ct, b).await, &rid)
+            },
+        );
+    setup.or(enable).unify().or(disable).unify().boxed()
 }
 
 /// A new seed, stored sealed and not yet on: the user adds it to an authenticator app
@@ -515,6 +561,87 @@ async fn two_factor_enable(
         &json!({
             "backup_codes": codes,
             "note": "each backup code works once; they are shown this once",
+            "access_token": token,
+            "token_type": "Bearer",
+            "expires_in": s.tokens.ttl_secs(),
+        }),
+        &a.ctx.request_id,
+    ))
+}
+
+/// Turns the caller's own 2FA off: the password and a code (TOTP or backup) prove it
+/// is the account's owner with the second factor in hand, not only a session. Failed
+/// attempts count against the account like failed logins. Refused where the
+/// organisation requires 2FA of the caller's role. Every other session ends; the
+/// answer carries a new token.
+async fn two_factor_disable(
+    s: AppState,
+    a: Authed,
+    ct: Option<String>,
+    body: bytes::Bytes,
+) -> Result<Response, ApiError> {
+    a.require_user()?;
+    require_json(ct.as_deref())?;
+    let input: DisableTwoFactorInput = parse_json(&body)?;
+    if input.password.len() > crate::auth::MAX_PASSWORD_BYTES {
+        return Err(ApiError::Validation(vec![FieldError::new(
+            "password",
+            "is not the account's password",
+        )]));
+    }
+    let failures = s.rate_limits.failed_logins();
+    let account = format!("user:{}", a.caller.user_id);
+    failures
+        .check(&account)
+        .map_err(ApiError::too_many_requests)?;
+    let client = s.pool.get().await?;
+    let credential = accounts::credential_of(&client, a.caller.user_id)
+        .await?
+        .ok_or(ApiError::Unauthorized("the token is invalid or expired"))?;
+    drop(client);
+    if !credential.totp_enabled {
+        return Err(ApiError::Conflict(
+            "two-factor authentication is not on".into(),
+        ));
+    }
+    let (password, hash) = (input.password, credential.password_hash);
+    let password_ok = tokio::task::spawn_blocking(move || verify_password(&password, &hash))
+        .await
+        .map_err(ApiError::internal)?;
+    let fail = |field: &'static str, message: &'static str| {
+        failures
+            .record_failure(&account)
+            .map_err(ApiError::too_many_requests)?;
+        Err(ApiError::Validation(vec![FieldError::new(field, message)]))
+    };
+    if !password_ok {
+        return fail("password", "is not the account's password");
+    }
+    if !super::login::second_factor(&s, a.caller.org_id, a.caller.user_id, &input.code).await? {
+        return fail("code", "is wrong, expired or already used");
+    }
+    accounts::user_command(
+        &s.executor,
+        a.caller.org_id,
+        a.caller.user_id,
+        UserCommand::DisableTwoFactor,
+        &a.metadata(),
+    )
+    .await?;
+    let generation = {
+        let client = s.pool.get().await?;
+        accounts::credential_of(&client, a.caller.user_id)
+            .await?
+            .ok_or(ApiError::Unauthorized("the token is invalid or expired"))?
+            .token_generation
+    };
+    let token = s
+        .tokens
+        .issue(a.caller.user_id, a.caller.org_id, generation)
+        .map_err(ApiError::internal)?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({
             "access_token": token,
             "token_type": "Bearer",
             "expires_in": s.tokens.ttl_secs(),

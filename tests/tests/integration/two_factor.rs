@@ -286,3 +286,298 @@ async fn an_organisation_can_require_2fa_of_owners_and_admins() {
     assert_eq!(get(fresh, "/v1/contacts").await.0, 200);
     app.stop().await;
 }
+
+/// Turns 2FA on for the holder of `token`: (seed, backup codes, the new token).
+async fn enable(app: &TestApp, token: &str) -> (Vec<u8>, Vec<String>, String) {
+    let (s, setup) = post(app, Some(token), "/v1/auth/2fa/setup", json!({})).await;
+    assert_eq!(s, 200, "{setup}");
+    let secret = base32_decode(setup["secret"].as_str().unwrap());
+    let (s, enabled) = post(
+        app,
+        Some(token),
+        "/v1/auth/2fa/enable",
+        json!({"code": totp(&secret, step_now(), 6)}),
+    )
+    .await;
+    assert_eq!(s, 200, "{enabled}");
+    let backup = serde_json::from_value(enabled["backup_codes"].clone()).unwrap();
+    (
+        secret,
+        backup,
+        enabled["access_token"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// The user's events, in order: (type, the principal's id).
+async fn user_events(app: &TestApp, email: &str) -> Vec<(String, String)> {
+    app.db()
+        .await
+        .query(
+            "SELECT e.event_type, e.metadata -> 'principal' ->> 'id' FROM events e \
+             JOIN credentials c ON e.aggregate_type = 'user' AND e.aggregate_id = c.user_id::text \
+             WHERE c.email_lower = $1 ORDER BY e.sequence",
+            &[&email],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+async fn status_of(app: &TestApp, token: &str, path: &str) -> u16 {
+    app.http
+        .get(app.url(path))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test]
+async fn a_user_turns_their_own_2fa_off_with_password_and_code() {
+    let app = TestApp::spawn().await;
+    let (email, password, token) = user(&app, "team").await;
+    let (_, backup, token2) = enable(&app, &token).await;
+    let me: Value = app
+        .http
+        .get(app.url("/v1/me"))
+        .bearer_auth(&token2)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let user_id = me["user_id"].as_str().unwrap().to_owned();
+    let disable = |password: &str, code: &str| {
+        post(
+            &app,
+            Some(&token2),
+            "/v1/auth/2fa/disable",
+            json!({"password": password, "code": code}),
+        )
+    };
+    // A session alone is not enough: the password, then a code, each named when wrong.
+    let (s, body) = disable("not the password at all", &backup[0]).await;
+    assert_eq!(
+        (s, body["fields"][0]["field"].as_str()),
+        (422, Some("password")),
+        "{body}"
+    );
+    let (s, body) = disable(&password, "123456").await;
+    assert_eq!(
+        (s, body["fields"][0]["field"].as_str()),
+        (422, Some("code")),
+        "{body}"
+    );
+    let (s, body) = disable(&password, &backup[0]).await;
+    assert_eq!(s, 200, "{body}");
+    let fresh = body["access_token"].as_str().unwrap();
+    assert_eq!(
+        status_of(&app, &token2, "/v1/me").await,
+        401,
+        "other sessions end"
+    );
+    assert_eq!(status_of(&app, fresh, "/v1/me").await, 200);
+    // Off: a login needs no code, and nothing of the seed or the codes is kept.
+    let (s, body) = post(
+        &app,
+        None,
+        "/v1/auth/login",
+        json!({"email": email, "password": password}),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    let row = app
+        .db()
+        .await
+        .query_one(
+            "SELECT totp_enabled, totp_secret IS NULL, cardinality(backup_codes) \
+             FROM credentials WHERE email_lower = $1",
+            &[&email],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            row.get::<_, bool>(0),
+            row.get::<_, bool>(1),
+            row.get::<_, i32>(2)
+        ),
+        (false, true, 0)
+    );
+    let (s, body) = post(
+        &app,
+        Some(fresh),
+        "/v1/auth/2fa/disable",
+        json!({"password": password, "code": backup[1]}),
+    )
+    .await;
+    assert_eq!(s, 409, "{body}");
+    // The history says who turned it off: the user.
+    let events = user_events(&app, &email).await;
+    assert_eq!(
+        events.last(),
+        Some(&("TwoFactorDisabled".to_owned(), user_id))
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn failed_attempts_to_turn_2fa_off_lock_the_account_out() {
+    let mut opts = crm_tests::harness::Options::default();
+    opts.rate_limits.failed_logins_per_hour = 3;
+    let app = TestApp::spawn_with(opts).await;
+    let (_, password, token) = user(&app, "team").await;
+    let (_, backup, token) = enable(&app, &token).await;
+    for _ in 0..3 {
+        let (s, _) = post(
+            &app,
+            Some(&token),
+            "/v1/auth/2fa/disable",
+            json!({"password": password, "code": "000000"}),
+        )
+        .await;
+        assert_eq!(s, 422);
+    }
+    // One failure too many: the account is locked out, and even the right code is
+    // refused for now (as a login would be).
+    let (s, _) = post(
+        &app,
+        Some(&token),
+        "/v1/auth/2fa/disable",
+        json!({"password": password, "code": "000000"}),
+    )
+    .await;
+    assert_eq!(s, 429);
+    let (s, body) = post(
+        &app,
+        Some(&token),
+        "/v1/auth/2fa/disable",
+        json!({"password": password, "code": backup[0]}),
+    )
+    .await;
+    assert_eq!(s, 429, "{body}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn an_organisation_that_requires_2fa_keeps_it_on() {
+    let app = TestApp::spawn().await;
+    let (email, password, token) = user(&app, "admin").await;
+    let (_, backup, token) = enable(&app, &token).await;
+    let r = app
+        .http
+        .put(app.url("/v1/organization/two-factor"))
+        .bearer_auth(&app.token)
+        .json(&json!({"required": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (s, body) = post(
+        &app,
+        Some(&token),
+        "/v1/auth/2fa/disable",
+        json!({"password": password, "code": backup[0]}),
+    )
+    .await;
+    assert_eq!(
+        (s, body["code"].as_str()),
+        (403, Some("two_factor_required_by_organization")),
+        "{body}"
+    );
+    // Still on, and the session goes on.
+    let (s, body) = post(
+        &app,
+        None,
+        "/v1/auth/login",
+        json!({"email": email, "password": password}),
+    )
+    .await;
+    assert_eq!(
+        (s, body["code"].as_str()),
+        (401, Some("two_factor_required"))
+    );
+    assert_eq!(status_of(&app, &token, "/v1/contacts").await, 200);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn an_admin_resets_a_lost_2fa_but_not_an_owners_nor_their_own() {
+    let app = TestApp::spawn().await;
+    let (email, password, token) = user(&app, "team").await;
+    let (_, _, token) = enable(&app, &token).await;
+    let (_, _, admin) = user(&app, "admin").await;
+    let id_of = |token: String| {
+        let app = &app;
+        async move {
+            let me: Value = app
+                .http
+                .get(app.url("/v1/me"))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            me["user_id"].as_str().unwrap().to_owned()
+        }
+    };
+    let (team_id, admin_id, owner_id) = (
+        id_of(token.clone()).await,
+        id_of(admin.clone()).await,
+        id_of(app.token.clone()).await,
+    );
+    let reset = |who: &str| {
+        let path = format!("/v1/users/{who}/two-factor/reset");
+        let (app, admin) = (&app, admin.clone());
+        async move { post(app, Some(&admin), &path, json!({})).await }
+    };
+    let (s, body) = reset(&admin_id).await;
+    assert_eq!(
+        (s, body["code"].as_str()),
+        (403, Some("own_two_factor")),
+        "{body}"
+    );
+    // The Owner turns 2FA on; an Admin cannot take it off.
+    enable(&app, &app.token).await;
+    let (s, body) = reset(&owner_id).await;
+    assert_eq!(
+        (s, body["code"].as_str()),
+        (403, Some("owner_required")),
+        "{body}"
+    );
+
+    let (s, body) = reset(&team_id).await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(
+        status_of(&app, &token, "/v1/me").await,
+        401,
+        "its sessions end"
+    );
+    let (s, body) = post(
+        &app,
+        None,
+        "/v1/auth/login",
+        json!({"email": email, "password": password}),
+    )
+    .await;
+    assert_eq!(
+        s, 200,
+        "signs in with the password alone, to set 2FA up again: {body}"
+    );
+    let (s, _) = reset(&team_id).await;
+    assert_eq!(s, 409, "nothing left to reset");
+    // The history names the Admin who did it.
+    let events = user_events(&app, &email).await;
+    assert_eq!(
+        events.last(),
+        Some(&("TwoFactorReset".to_owned(), admin_id))
+    );
+    app.stop().await;
+}
