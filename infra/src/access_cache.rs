@@ -2,10 +2,11 @@
 //! pay a database round trip to learn it. Correctness comes first:
 //!
 //! - Every command that changes access state runs through `Executor::execute_with`,
-//!   whose effects `NOTIFY crm_access` in the same transaction; every process LISTENs and
-//!   empties its cache when a notification arrives (or its listening connection drops).
-//!   The executor also empties its own process's cache right after such a commit, so
-//!   the process that handled a logout or a role change never serves the old access.
+//!   whose effects `NOTIFY crm_access, '<org id>'` in the same transaction; every process
+//!   LISTENs and forgets that organisation's entries when a notification arrives (all
+//!   of them if its listening connection drops). The executor also forgets them in its
+//!   own process right after such a commit, before it answers, so the process that
+//!   handled a logout or a role change never serves the old access.
 //! - Caching is only on while the listener is connected; a load that raced an
 //!   invalidation is not stored (an epoch counter); entries expire after [`TTL`] anyway.
 //!
@@ -83,6 +84,24 @@ impl AccessCache {
         }
     }
 
+    /// Forgets one organisation's entries (an access change there). The epoch moves on
+    /// for every organisation: a load racing with any change is not stored, which is
+    /// merely conservative.
+    pub fn invalidate_org(&self, org_id: Uuid) {
+        if let Ok(mut entries) = self.entries.lock() {
+            self.epoch.fetch_add(1, Ordering::AcqRel);
+            entries.retain(|(_, org), _| *org != org_id);
+        }
+    }
+
+    /// Turns caching on with no listener: only for tests of what the executor itself
+    /// invalidates (in a service, entries would then never hear of other processes'
+    /// changes).
+    #[doc(hidden)]
+    pub fn live_without_listener_for_tests(&self) {
+        self.set_live(true);
+    }
+
     fn set_live(&self, live: bool) {
         self.invalidate();
         self.live.store(live, Ordering::Release);
@@ -116,7 +135,10 @@ impl AccessCache {
             let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
             while let Some(msg) = messages.next().await {
                 match msg {
-                    Ok(AsyncMessage::Notification(_)) => me.invalidate(),
+                    Ok(AsyncMessage::Notification(n)) => match n.payload().parse::<Uuid>() {
+                        Ok(org_id) => me.invalidate_org(org_id),
+                        Err(_) => me.invalidate(),
+                    },
                     Ok(_) => {}
                     Err(_) => break,
                 }

@@ -389,6 +389,11 @@ impl Executor {
         tx.commit()
             .await
             .map_err(|e| CommandError::from(event_store::conflict_or_db(e)))?;
+        if effect.is_some() {
+            // Before the caller answers: this process never serves the old access
+            // (other processes hear the NOTIFY within milliseconds).
+            self.access_cache.invalidate_org(org_id);
+        }
         if let Some(key) = key {
             // Committed now: readers (projectors in this process) may use it.
             self.crypto.remember(&org_id, id, &key);

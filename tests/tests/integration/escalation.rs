@@ -496,3 +496,46 @@ async fn repeated_requests_use_the_access_cache() {
     );
     app.stop().await;
 }
+
+/// The executor forgets the access it changed in its own process before it returns
+/// (not only when the NOTIFY comes back), and only that organisation's: caching
+/// here is on with no listener at all, so nothing else could have done it.
+#[tokio::test]
+async fn an_access_change_forgets_that_organisations_cached_access_at_once() {
+    let app = TestApp::spawn().await;
+    let executor = crm_infra::commands::Executor::new(
+        app.state.pool.clone(),
+        app.state.executor.crypto().clone(),
+    );
+    let cache = executor.access_cache().clone();
+    cache.live_without_listener_for_tests();
+    let (other_org, other_user, _) = app.another_org("Other Org").await;
+    let client = app.state.pool.get().await.unwrap();
+    for (user, org) in [(app.user_id, app.org_id), (other_user, other_org)] {
+        let access = crm_infra::accounts::load_access(&client, user, org)
+            .await
+            .unwrap()
+            .expect("an active user");
+        cache.put(&std::sync::Arc::new(access), cache.epoch());
+        assert!(cache.get(user, org).is_some());
+    }
+    drop(client);
+    crm_infra::accounts::user_command(
+        &executor,
+        app.org_id,
+        app.user_id,
+        crm_domain::user::UserCommand::SignOut,
+        &crm_domain::metadata::EventMetadata::system(app.org_id, "test"),
+    )
+    .await
+    .unwrap();
+    assert!(
+        cache.get(app.user_id, app.org_id).is_none(),
+        "the signed-out user's access is still cached"
+    );
+    assert!(
+        cache.get(other_user, other_org).is_some(),
+        "another organisation's cached access was dropped too"
+    );
+    app.stop().await;
+}
