@@ -354,6 +354,7 @@ impl From<CommandError<UserError>> for ApiError {
                     forbidden("owner_required", d)
                 }
                 UserError::ExceedsOwnGrant(_) => forbidden("grant_exceeds_own", d),
+                UserError::HoldsMoreThanYou(_) => forbidden("user_exceeds_own", d),
                 UserError::UnknownRole => {
                     Self::Validation(vec![FieldError::new("role", d.to_string())])
                 }

@@ -60,15 +60,20 @@ pub enum UserCommand {
         grant: Grant,
         by: Grantor,
     },
+    /// `holds`, here and below: what the user's current role allows (looked up by the
+    /// caller, like a grant's policy). Nobody changes a user who holds more than they do.
     ChangeRole {
         grant: Grant,
         by: Grantor,
+        holds: Policy,
     },
     Deactivate {
         by: Grantor,
+        holds: Policy,
     },
     Reactivate {
         by: Grantor,
+        holds: Policy,
     },
     ChangePassword,
     /// Ends every session of the user (logout).
@@ -82,6 +87,7 @@ pub enum UserCommand {
     /// left); the user sets it up again, and must where the organisation requires it.
     ResetTwoFactor {
         by: Grantor,
+        holds: Policy,
     },
 }
 
@@ -149,6 +155,8 @@ pub enum UserError {
     OnlyOwnerChangesOwner,
     #[error("the role grants more than your own: {}", .0.join(", "))]
     ExceedsOwnGrant(Vec<String>),
+    #[error("the user's role holds more than your own: {}", .0.join(", "))]
+    HoldsMoreThanYou(Vec<String>),
     /// Checked by the store against every user of the organisation.
     #[error("the organisation's last active Owner cannot be demoted or deactivated")]
     LastOwner,
@@ -196,10 +204,13 @@ impl User {
             .ok_or(UserError::NotFound)
     }
 
-    fn check_may_change(&self, by: &Grantor) -> Result<RoleRef, UserError> {
+    fn check_may_change(&self, by: &Grantor, holds: &Policy) -> Result<RoleRef, UserError> {
         let current = self.existing()?;
         if current.is_owner() && !by.is_owner {
             return Err(UserError::OnlyOwnerChangesOwner);
+        }
+        if !holds.is_within(&by.policy) {
+            return Err(UserError::HoldsMoreThanYou(holds.excess_over(&by.policy)));
         }
         Ok(current)
     }
@@ -237,8 +248,8 @@ impl Aggregate for User {
                     person,
                 }
             }
-            UserCommand::ChangeRole { grant, by } => {
-                let current = self.check_may_change(&by)?;
+            UserCommand::ChangeRole { grant, by, holds } => {
+                let current = self.check_may_change(&by, &holds)?;
                 Self::check_grant(&grant, &by)?;
                 if current == grant.role {
                     return Ok(());
@@ -248,15 +259,15 @@ impl Aggregate for User {
                     to: grant.role,
                 }
             }
-            UserCommand::Deactivate { by } => {
-                self.check_may_change(&by)?;
+            UserCommand::Deactivate { by, holds } => {
+                self.check_may_change(&by, &holds)?;
                 if self.deactivated {
                     return Ok(());
                 }
                 UserEvent::UserDeactivated {}
             }
-            UserCommand::Reactivate { by } => {
-                self.check_may_change(&by)?;
+            UserCommand::Reactivate { by, holds } => {
+                self.check_may_change(&by, &holds)?;
                 if !self.deactivated {
                     return Ok(());
                 }
@@ -284,8 +295,8 @@ impl Aggregate for User {
                 }
                 UserEvent::TwoFactorDisabled {}
             }
-            UserCommand::ResetTwoFactor { by } => {
-                self.check_may_change(&by)?;
+            UserCommand::ResetTwoFactor { by, holds } => {
+                self.check_may_change(&by, &holds)?;
                 if !self.two_factor {
                     return Err(UserError::TwoFactorNotOn);
                 }
@@ -408,12 +419,14 @@ mod tests {
             .when(UserCommand::ChangeRole {
                 grant: grant(Role::Viewer),
                 by: by(Role::Admin),
+                holds: builtin_policy(Role::Owner),
             })
             .then_expect_error(UserError::OnlyOwnerChangesOwner);
         TestFramework::<User>::with(())
             .given(vec![registered(u, o, Role::Owner)])
             .when(UserCommand::Deactivate {
                 by: by(Role::Admin),
+                holds: builtin_policy(Role::Owner),
             })
             .then_expect_error(UserError::OnlyOwnerChangesOwner);
         TestFramework::<User>::with(())
@@ -421,11 +434,46 @@ mod tests {
             .when(UserCommand::ChangeRole {
                 grant: grant(Role::Admin),
                 by: by(Role::Owner),
+                holds: builtin_policy(Role::Owner),
             })
             .then_expect_events(vec![UserEvent::UserRoleChanged {
                 from: RoleRef::Builtin(Role::Owner),
                 to: RoleRef::Builtin(Role::Admin),
             }]);
+    }
+
+    #[test]
+    fn nobody_changes_a_user_who_holds_more_than_they_do() {
+        let (u, o) = (Uuid::now_v7(), Uuid::now_v7());
+        let admin = vec![
+            registered(u, o, Role::Admin),
+            UserEvent::TwoFactorEnabled {},
+        ];
+        let commands = [
+            UserCommand::ChangeRole {
+                grant: grant(Role::Viewer),
+                by: by(Role::Support),
+                holds: builtin_policy(Role::Admin),
+            },
+            UserCommand::Deactivate {
+                by: by(Role::Support),
+                holds: builtin_policy(Role::Admin),
+            },
+            UserCommand::ResetTwoFactor {
+                by: by(Role::Support),
+                holds: builtin_policy(Role::Admin),
+            },
+        ];
+        for command in commands {
+            let result = TestFramework::<User>::with(())
+                .given(admin.clone())
+                .when(command)
+                .inspect_result();
+            let Err(UserError::HoldsMoreThanYou(excess)) = result else {
+                panic!("{result:?}")
+            };
+            assert!(excess.contains(&"users.manage".to_owned()), "{excess:?}");
+        }
     }
 
     #[test]
@@ -435,6 +483,7 @@ mod tests {
             .given(vec![registered(u, o, Role::Team)])
             .when(UserCommand::Deactivate {
                 by: by(Role::Admin),
+                holds: builtin_policy(Role::Team),
             })
             .then_expect_events(vec![UserEvent::UserDeactivated {}]);
         TestFramework::<User>::with(())
@@ -444,6 +493,7 @@ mod tests {
             ])
             .when(UserCommand::Deactivate {
                 by: by(Role::Admin),
+                holds: builtin_policy(Role::Team),
             })
             .then_expect_events(vec![]);
         TestFramework::<User>::with(())
@@ -453,6 +503,7 @@ mod tests {
             ])
             .when(UserCommand::Reactivate {
                 by: by(Role::Admin),
+                holds: builtin_policy(Role::Team),
             })
             .then_expect_events(vec![UserEvent::UserReactivated {}]);
     }
@@ -473,24 +524,28 @@ mod tests {
             .given(vec![registered(u, o, Role::Team)])
             .when(UserCommand::ResetTwoFactor {
                 by: by(Role::Admin),
+                holds: builtin_policy(Role::Team),
             })
             .then_expect_error(UserError::TwoFactorNotOn);
         TestFramework::<User>::with(())
             .given(on(Role::Team))
             .when(UserCommand::ResetTwoFactor {
                 by: by(Role::Admin),
+                holds: builtin_policy(Role::Team),
             })
             .then_expect_events(vec![UserEvent::TwoFactorReset {}]);
         TestFramework::<User>::with(())
             .given(on(Role::Owner))
             .when(UserCommand::ResetTwoFactor {
                 by: by(Role::Admin),
+                holds: builtin_policy(Role::Owner),
             })
             .then_expect_error(UserError::OnlyOwnerChangesOwner);
         TestFramework::<User>::with(())
             .given(on(Role::Owner))
             .when(UserCommand::ResetTwoFactor {
                 by: by(Role::Owner),
+                holds: builtin_policy(Role::Owner),
             })
             .then_expect_events(vec![UserEvent::TwoFactorReset {}]);
         // Off again, it can be turned on again.

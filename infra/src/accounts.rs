@@ -52,6 +52,8 @@ pub struct Credential {
     pub active: bool,
     pub token_generation: i32,
     pub totp_enabled: bool,
+    /// Lower-cased: the key failed logins are counted under.
+    pub email: String,
 }
 
 /// What a staff user may do right now: read for every request.
@@ -423,7 +425,7 @@ fn user_effect(
                     ),
                     UserEvent::TwoFactorDisabled {} | UserEvent::TwoFactorReset {} => {
                         if matches!(event, UserEvent::TwoFactorDisabled {})
-                            && two_factor_required_of(tx, user_id).await?
+                            && two_factor_required_of(tx, user_id).await.map_err(db)?
                         {
                             return Err(CommandError::Domain(UserError::TwoFactorRequired));
                         }
@@ -452,19 +454,19 @@ fn user_effect(
 }
 
 /// Whether the user's organisation requires 2FA of the user's role (Owners and Admins,
-/// when switched on), read under the organisation's lock that `user_effect` holds.
-async fn two_factor_required_of(
-    tx: &Transaction<'_>,
+/// when switched on). `user_effect` asks under the organisation's lock; a route may ask
+/// first, to refuse before anything is spent.
+pub async fn two_factor_required_of(
+    client: &impl GenericClient,
     user_id: Uuid,
-) -> Result<bool, CommandError<UserError>> {
-    let row = tx
+) -> Result<bool, tokio_postgres::Error> {
+    let row = client
         .query_opt(
             "SELECT o.two_factor_required AND c.role IN ('owner', 'admin') \
              FROM credentials c JOIN organizations o USING (org_id) WHERE c.user_id = $1",
             &[&user_id],
         )
-        .await
-        .map_err(db)?;
+        .await?;
     Ok(row.is_some_and(|r| r.get(0)))
 }
 
@@ -521,8 +523,8 @@ pub async fn change_password(
     token_generation(pool, user_id).await
 }
 
-const CREDENTIAL: &str =
-    "SELECT user_id, org_id, password_hash, active, token_generation, totp_enabled FROM credentials";
+const CREDENTIAL: &str = "SELECT user_id, org_id, password_hash, active, token_generation, \
+     totp_enabled, email_lower FROM credentials";
 
 fn credential(r: &tokio_postgres::Row) -> Credential {
     Credential {
@@ -532,6 +534,7 @@ fn credential(r: &tokio_postgres::Row) -> Credential {
         active: r.get(3),
         token_generation: r.get(4),
         totp_enabled: r.get(5),
+        email: r.get(6),
     }
 }
 

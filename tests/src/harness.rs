@@ -53,6 +53,27 @@ pub async fn connect(url: &str) -> tokio_postgres::Client {
     client
 }
 
+/// nats-server 2.9 (Debian's) removes an account's JetStream directory when its last
+/// file stream is deleted; a stream created at that moment fails ("could not create
+/// storage directory", error 10049). Tests create and delete streams in parallel, so a
+/// small stream that is never deleted keeps that directory in place.
+pub async fn ensure_anchor_stream() {
+    use async_nats::jetstream::stream::{Config, StorageType};
+    let client = async_nats::connect(nats_url())
+        .await
+        .expect("connect to NATS");
+    async_nats::jetstream::new(client)
+        .get_or_create_stream(Config {
+            name: "CRM_TEST_ANCHOR".into(),
+            subjects: vec!["crm-test-anchor".into()],
+            storage: StorageType::File,
+            max_messages: 1,
+            ..Default::default()
+        })
+        .await
+        .expect("create the JetStream anchor stream");
+}
+
 /// Options for [`TestApp::spawn_with`].
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -148,6 +169,7 @@ impl TestApp {
         if std::env::var_os("CRM_LOG").is_some() {
             crm_api::telemetry::init();
         }
+        ensure_anchor_stream().await;
         let id = Uuid::new_v4().simple().to_string();
         let db_name = format!("crm_test_{id}");
         let admin = connect(&admin_url()).await;

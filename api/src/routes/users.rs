@@ -1,8 +1,8 @@
 //! Staff users (`/v1/users`) and the caller's own account (`/v1/me`, logout, password).
 //! Every change is a command on the user's stream; the actor is in the event metadata.
 
-use crm_domain::access::{Permission, RoleRef};
-use crm_domain::user::{Grant, UserCommand};
+use crm_domain::access::{Permission, Policy, RoleRef};
+use crm_domain::user::{Grant, UserCommand, UserError};
 use crm_domain::values::{Email, Name};
 use crm_infra::accounts::{self, NewUser};
 use serde::Deserialize;
@@ -116,7 +116,10 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
         .and_then(|id: String, s: AppState, a: Authed| async move {
             let rid = a.ctx.request_id.clone();
             let by = a.access.grantor();
-            finish(simple(s, a, id, UserCommand::Deactivate { by }).await, &rid)
+            finish(
+                simple(s, a, id, |holds| UserCommand::Deactivate { by, holds }).await,
+                &rid,
+            )
         });
     let reset_two_factor = warp::path!("v1" / "users" / String / "two-factor" / "reset")
         .and(warp::post())
@@ -133,7 +136,10 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
         .and_then(|id: String, s: AppState, a: Authed| async move {
             let rid = a.ctx.request_id.clone();
             let by = a.access.grantor();
-            finish(simple(s, a, id, UserCommand::Reactivate { by }).await, &rid)
+            finish(
+                simple(s, a, id, |holds| UserCommand::Reactivate { by, holds }).await,
+                &rid,
+            )
         });
     let me = warp::path!("v1" / "me")
         .and(warp::get())
@@ -296,18 +302,44 @@ async fn change_role(
     let role = parse_role(&input.role)?;
     let grant = grant_of(&s, &a, role).await?;
     let by = a.access.grantor();
-    simple(s, a, id.to_string(), UserCommand::ChangeRole { grant, by }).await
+    simple(s, a, id.to_string(), |holds| UserCommand::ChangeRole {
+        grant,
+        by,
+        holds,
+    })
+    .await
 }
 
+/// A command on another user of the caller's organisation, given what that user's
+/// current role allows (nobody changes a user who holds more than they do).
 async fn simple(
     s: AppState,
     a: Authed,
     id: String,
-    command: UserCommand,
+    command: impl FnOnce(Policy) -> UserCommand,
 ) -> Result<Response, ApiError> {
     let id = parse_user_id(&id)?;
-    let o =
-        accounts::user_command(&s.executor, a.caller.org_id, id, command, &a.metadata()).await?;
+    let holds = {
+        let client = s.pool.get().await?;
+        let user = accounts::get_user(&client, a.caller.org_id, id)
+            .await?
+            .ok_or(ApiError::NotFound("user not found"))?;
+        // A role cannot be retired while held; were it gone, it would allow nothing.
+        match RoleRef::parse(&user.role) {
+            Some(role) => accounts::policy_of(&client, a.caller.org_id, role)
+                .await?
+                .unwrap_or_default(),
+            None => Policy::default(),
+        }
+    };
+    let o = accounts::user_command(
+        &s.executor,
+        a.caller.org_id,
+        id,
+        command(holds),
+        &a.metadata(),
+    )
+    .await?;
     Ok(super::outcome(&o, &a.ctx.request_id))
 }
 
@@ -324,7 +356,7 @@ async fn reset_two_factor(s: AppState, a: Authed, id: String) -> Result<Response
         });
     }
     let by = a.access.grantor();
-    simple(s, a, id, UserCommand::ResetTwoFactor { by }).await
+    simple(s, a, id, |holds| UserCommand::ResetTwoFactor { by, holds }).await
 }
 
 fn me(a: &Authed) -> Response {
@@ -589,22 +621,30 @@ async fn two_factor_disable(
             "is not the account's password",
         )]));
     }
-    let failures = s.rate_limits.failed_logins();
-    let account = format!("user:{}", a.caller.user_id);
-    failures
-        .check(&account)
-        .map_err(ApiError::too_many_requests)?;
     let client = s.pool.get().await?;
     let credential = accounts::credential_of(&client, a.caller.user_id)
         .await?
         .ok_or(ApiError::Unauthorized("the token is invalid or expired"))?;
+    // Refused before the code is checked (and spent); the command checks it again
+    // under the organisation's lock.
+    if accounts::two_factor_required_of(&client, a.caller.user_id).await? {
+        return Err(ApiError::from(crm_infra::commands::CommandError::Domain(
+            UserError::TwoFactorRequired,
+        )));
+    }
     drop(client);
     if !credential.totp_enabled {
         return Err(ApiError::Conflict(
             "two-factor authentication is not on".into(),
         ));
     }
-    let (password, hash) = (input.password, credential.password_hash);
+    // Counted with the account's failed logins (same key, same budget, same lockout).
+    let failures = s.rate_limits.failed_logins();
+    let account = credential.email;
+    failures
+        .check(&account)
+        .map_err(ApiError::too_many_requests)?;
+    let (password, hash) = (input.password, credential.password_hash.clone());
     let password_ok = tokio::task::spawn_blocking(move || verify_password(&password, &hash))
         .await
         .map_err(ApiError::internal)?;
@@ -628,13 +668,10 @@ async fn two_factor_disable(
         &a.metadata(),
     )
     .await?;
-    let generation = {
-        let client = s.pool.get().await?;
-        accounts::credential_of(&client, a.caller.user_id)
-            .await?
-            .ok_or(ApiError::Unauthorized("the token is invalid or expired"))?
-            .token_generation
-    };
+    // The command moved the generation on by one; nothing more to read (and nothing
+    // left to fail) after its commit. Had another change moved it meanwhile, this token
+    // is refused like every other older one.
+    let generation = credential.token_generation + 1;
     let token = s
         .tokens
         .issue(a.caller.user_id, a.caller.org_id, generation)

@@ -340,7 +340,7 @@ async fn status_of(app: &TestApp, token: &str, path: &str) -> u16 {
 async fn a_user_turns_their_own_2fa_off_with_password_and_code() {
     let app = TestApp::spawn().await;
     let (email, password, token) = user(&app, "team").await;
-    let (_, backup, token2) = enable(&app, &token).await;
+    let (secret, backup, token2) = enable(&app, &token).await;
     let me: Value = app
         .http
         .get(app.url("/v1/me"))
@@ -373,7 +373,17 @@ async fn a_user_turns_their_own_2fa_off_with_password_and_code() {
         (422, Some("code")),
         "{body}"
     );
-    let (s, body) = disable(&password, &backup[0]).await;
+    // A current TOTP code does it (time has moved past the step the enabling used).
+    let now = step_now();
+    app.db()
+        .await
+        .execute(
+            "UPDATE credentials SET totp_last_step = $2 WHERE email_lower = $1",
+            &[&email, &(now as i64 - 1)],
+        )
+        .await
+        .unwrap();
+    let (s, body) = disable(&password, &totp(&secret, now, 6)).await;
     assert_eq!(s, 200, "{body}");
     let fresh = body["access_token"].as_str().unwrap();
     assert_eq!(
@@ -431,7 +441,7 @@ async fn failed_attempts_to_turn_2fa_off_lock_the_account_out() {
     let mut opts = crm_tests::harness::Options::default();
     opts.rate_limits.failed_logins_per_hour = 3;
     let app = TestApp::spawn_with(opts).await;
-    let (_, password, token) = user(&app, "team").await;
+    let (email, password, token) = user(&app, "team").await;
     let (_, backup, token) = enable(&app, &token).await;
     for _ in 0..3 {
         let (s, _) = post(
@@ -461,6 +471,15 @@ async fn failed_attempts_to_turn_2fa_off_lock_the_account_out() {
     )
     .await;
     assert_eq!(s, 429, "{body}");
+    // The same budget as logins: the account's logins are locked out too.
+    let (s, _) = post(
+        &app,
+        None,
+        "/v1/auth/login",
+        json!({"email": email, "password": password, "code": backup[1]}),
+    )
+    .await;
+    assert_eq!(s, 429, "one lockout for the account");
     app.stop().await;
 }
 
@@ -469,6 +488,8 @@ async fn an_organisation_that_requires_2fa_keeps_it_on() {
     let app = TestApp::spawn().await;
     let (email, password, token) = user(&app, "admin").await;
     let (_, backup, token) = enable(&app, &token).await;
+    let (_, team_password, team) = user(&app, "team").await;
+    let (_, team_backup, team) = enable(&app, &team).await;
     let r = app
         .http
         .put(app.url("/v1/organization/two-factor"))
@@ -503,15 +524,43 @@ async fn an_organisation_that_requires_2fa_keeps_it_on() {
         (401, Some("two_factor_required"))
     );
     assert_eq!(status_of(&app, &token, "/v1/contacts").await, 200);
+    // The refusal spent nothing: the backup code still signs in.
+    let (s, body) = post(
+        &app,
+        None,
+        "/v1/auth/login",
+        json!({"email": email, "password": password, "code": backup[0]}),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    // A role the requirement does not cover may still turn it off.
+    let (s, body) = post(
+        &app,
+        Some(&team),
+        "/v1/auth/2fa/disable",
+        json!({"password": team_password, "code": team_backup[0]}),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
     app.stop().await;
 }
 
 #[tokio::test]
 async fn an_admin_resets_a_lost_2fa_but_not_an_owners_nor_their_own() {
     let app = TestApp::spawn().await;
+    // Everyone first: enabling the Owner's 2FA below ends the Owner's token.
     let (email, password, token) = user(&app, "team").await;
-    let (_, _, token) = enable(&app, &token).await;
     let (_, _, admin) = user(&app, "admin").await;
+    let (_, _, owner2) = user(&app, "owner").await;
+    let (s, body) = post(
+        &app,
+        Some(&app.token),
+        "/v1/roles",
+        json!({"name": "User manager", "permissions": ["users.read", "users.manage"]}),
+    )
+    .await;
+    assert_eq!(s, 201, "{body}");
+    let (_, _, manager) = user(&app, body["id"].as_str().unwrap()).await;
     let id_of = |token: String| {
         let app = &app;
         async move {
@@ -533,27 +582,35 @@ async fn an_admin_resets_a_lost_2fa_but_not_an_owners_nor_their_own() {
         id_of(admin.clone()).await,
         id_of(app.token.clone()).await,
     );
-    let reset = |who: &str| {
+    let (_, _, token) = enable(&app, &token).await;
+    let (_, _, admin) = enable(&app, &admin).await;
+    enable(&app, &app.token).await;
+    let reset = |by: &str, who: &str| {
         let path = format!("/v1/users/{who}/two-factor/reset");
-        let (app, admin) = (&app, admin.clone());
-        async move { post(app, Some(&admin), &path, json!({})).await }
+        let (app, by) = (&app, by.to_owned());
+        async move { post(app, Some(&by), &path, json!({})).await }
     };
-    let (s, body) = reset(&admin_id).await;
+
+    let (s, body) = reset(&admin, &admin_id).await;
     assert_eq!(
         (s, body["code"].as_str()),
         (403, Some("own_two_factor")),
         "{body}"
     );
-    // The Owner turns 2FA on; an Admin cannot take it off.
-    enable(&app, &app.token).await;
-    let (s, body) = reset(&owner_id).await;
+    let (s, body) = reset(&admin, &owner_id).await;
     assert_eq!(
         (s, body["code"].as_str()),
         (403, Some("owner_required")),
-        "{body}"
+        "an Admin cannot take an Owner's off: {body}"
+    );
+    let (s, body) = reset(&manager, &admin_id).await;
+    assert_eq!(
+        (s, body["code"].as_str()),
+        (403, Some("user_exceeds_own")),
+        "a user manager whose role holds less than an Admin's: {body}"
     );
 
-    let (s, body) = reset(&team_id).await;
+    let (s, body) = reset(&admin, &team_id).await;
     assert_eq!(s, 200, "{body}");
     assert_eq!(
         status_of(&app, &token, "/v1/me").await,
@@ -571,7 +628,7 @@ async fn an_admin_resets_a_lost_2fa_but_not_an_owners_nor_their_own() {
         s, 200,
         "signs in with the password alone, to set 2FA up again: {body}"
     );
-    let (s, _) = reset(&team_id).await;
+    let (s, _) = reset(&admin, &team_id).await;
     assert_eq!(s, 409, "nothing left to reset");
     // The history names the Admin who did it.
     let events = user_events(&app, &email).await;
@@ -579,5 +636,8 @@ async fn an_admin_resets_a_lost_2fa_but_not_an_owners_nor_their_own() {
         events.last(),
         Some(&("TwoFactorReset".to_owned(), admin_id))
     );
+    // Another Owner may reset an Owner's.
+    let (s, body) = reset(&owner2, &owner_id).await;
+    assert_eq!(s, 200, "{body}");
     app.stop().await;
 }
