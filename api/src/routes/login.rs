@@ -3,14 +3,13 @@
 use serde::Deserialize;
 use serde_json::json;
 use warp::filters::BoxedFilter;
-use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::Filter;
 
 use super::{body, require_json, with_state};
 use crate::auth::{dummy_hash, verify_password};
 use crate::context::{request_context, RequestContext};
-use crate::error::{finish, json_response, parse_json, ApiError};
+use crate::error::{finish, parse_json, ApiError};
 use crate::state::AppState;
 
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -93,19 +92,14 @@ async fn login(
             });
         }
     }
-    let token = state
-        .tokens
-        .issue(c.user_id, c.org_id, c.token_generation)
-        .map_err(ApiError::internal)?;
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({
-            "access_token": token,
-            "token_type": "Bearer",
-            "expires_in": state.tokens.ttl_secs(),
-        }),
+    super::staff_token(
+        &state,
+        c.user_id,
+        c.org_id,
+        c.token_generation,
+        json!({}),
         "",
-    ))
+    )
 }
 
 /// Checks a TOTP code (current or previous step, never twice) or a backup code (once).

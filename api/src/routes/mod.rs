@@ -119,6 +119,36 @@ pub fn event_metadata(
 }
 
 /// 200 with what a command wrote: `{id, version, positions}`.
+/// A new staff token at `generation` (a sign-in, or the session that survives a change
+/// that ended every other), answered as `{access_token, token_type, expires_in}` plus
+/// `extra`'s members.
+pub fn staff_token(
+    s: &AppState,
+    user_id: uuid::Uuid,
+    org_id: uuid::Uuid,
+    generation: i32,
+    extra: serde_json::Value,
+    request_id: &str,
+) -> Result<Response, ApiError> {
+    let token = s
+        .tokens
+        .issue(user_id, org_id, generation)
+        .map_err(ApiError::internal)?;
+    let mut body = serde_json::json!({
+        "access_token": token,
+        "token_type": "Bearer",
+        "expires_in": s.tokens.ttl_secs(),
+    });
+    if let (Some(b), serde_json::Value::Object(extra)) = (body.as_object_mut(), extra) {
+        b.extend(extra);
+    }
+    Ok(crate::error::json_response(
+        warp::http::StatusCode::OK,
+        &body,
+        request_id,
+    ))
+}
+
 pub fn outcome(o: &crm_infra::commands::CommandOutcome, request_id: &str) -> Response {
     crate::error::json_response(
         warp::http::StatusCode::OK,

@@ -440,19 +440,14 @@ async fn change_password(
     )
     .await?;
     // Every other session ends; this one continues with a new token.
-    let token = s
-        .tokens
-        .issue(a.caller.user_id, a.caller.org_id, generation)
-        .map_err(ApiError::internal)?;
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({
-            "access_token": token,
-            "token_type": "Bearer",
-            "expires_in": s.tokens.ttl_secs(),
-        }),
+    super::staff_token(
+        &s,
+        a.caller.user_id,
+        a.caller.org_id,
+        generation,
+        json!({}),
         &a.ctx.request_id,
-    ))
+    )
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -584,21 +579,17 @@ async fn two_factor_enable(
         &a.metadata(),
     )
     .await?;
-    let token = s
-        .tokens
-        .issue(a.caller.user_id, a.caller.org_id, generation)
-        .map_err(ApiError::internal)?;
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({
+    super::staff_token(
+        &s,
+        a.caller.user_id,
+        a.caller.org_id,
+        generation,
+        json!({
             "backup_codes": codes,
             "note": "each backup code works once; they are shown this once",
-            "access_token": token,
-            "token_type": "Bearer",
-            "expires_in": s.tokens.ttl_secs(),
         }),
         &a.ctx.request_id,
-    ))
+    )
 }
 
 /// Turns the caller's own 2FA off: the password and a code (TOTP or backup) prove it
@@ -672,17 +663,12 @@ async fn two_factor_disable(
     // left to fail) after its commit. Had another change moved it meanwhile, this token
     // is refused like every other older one.
     let generation = credential.token_generation + 1;
-    let token = s
-        .tokens
-        .issue(a.caller.user_id, a.caller.org_id, generation)
-        .map_err(ApiError::internal)?;
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({
-            "access_token": token,
-            "token_type": "Bearer",
-            "expires_in": s.tokens.ttl_secs(),
-        }),
+    super::staff_token(
+        &s,
+        a.caller.user_id,
+        a.caller.org_id,
+        generation,
+        json!({}),
         &a.ctx.request_id,
-    ))
+    )
 }
