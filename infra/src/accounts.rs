@@ -142,18 +142,6 @@ pub(crate) fn resolve_policy(
     }
 }
 
-/// A user's token generation (after a command moved it on).
-async fn token_generation(pool: &Pool, user_id: Uuid) -> Result<i32, AccountError> {
-    let client = pool.get().await?;
-    Ok(client
-        .query_one(
-            "SELECT token_generation FROM credentials WHERE user_id = $1",
-            &[&user_id],
-        )
-        .await?
-        .get(0))
-}
-
 /// What a role grants in `org_id`: a built-in's policy, or a live custom role's.
 pub async fn policy_of(
     client: &impl GenericClient,
@@ -387,11 +375,17 @@ pub async fn create_user(
     Ok(user_id)
 }
 
+/// The token generation a user's login row has after the appending transaction, as its
+/// own statements left it (read with `RETURNING`, so nothing is read after the commit).
+type Generation = std::sync::Arc<std::sync::atomic::AtomicI32>;
+
 /// Applies a user's events to its login row, and refuses what would leave the
-/// organisation without an active Owner.
+/// organisation without an active Owner. The row's token generation ends up in
+/// `generation`.
 fn user_effect(
     org_id: Uuid,
     user_id: Uuid,
+    generation: Generation,
 ) -> impl for<'t> Fn(
     &'t Transaction<'t>,
     &'t [UserEvent],
@@ -399,6 +393,7 @@ fn user_effect(
        + Send
        + Sync {
     move |tx, events| {
+        let generation = generation.clone();
         async move {
             lock_organization(tx, org_id).await?;
             for event in events {
@@ -439,13 +434,17 @@ fn user_effect(
                     }
                     UserEvent::UserRegistered { .. } => continue,
                 };
-                match role {
+                let sql = format!("{sql} RETURNING token_generation");
+                let row = match role {
                     Some(r) => tx
-                        .execute(sql, &[&user_id, &r.to_string(), &custom_id(r)])
+                        .query_opt(&sql, &[&user_id, &r.to_string(), &custom_id(r)])
                         .await
                         .map_err(db)?,
-                    None => tx.execute(sql, &[&user_id]).await.map_err(db)?,
+                    None => tx.query_opt(&sql, &[&user_id]).await.map_err(db)?,
                 };
+                if let Some(row) = row {
+                    generation.store(row.get(0), std::sync::atomic::Ordering::Release);
+                }
             }
             check_an_owner_remains(tx, org_id).await
         }
@@ -478,7 +477,7 @@ pub async fn user_command(
     command: UserCommand,
     meta: &EventMetadata,
 ) -> Result<CommandOutcome, AccountError> {
-    let effect = user_effect(org_id, user_id);
+    let effect = user_effect(org_id, user_id, Generation::default());
     Ok(executor
         .execute_with::<User>(org_id, &user_id.to_string(), command, meta, None, &effect)
         .await?)
@@ -488,13 +487,13 @@ pub async fn user_command(
 /// of every token issued before, in one commit. Returns the new token generation.
 pub async fn change_password(
     executor: &Executor,
-    pool: &Pool,
     org_id: Uuid,
     user_id: Uuid,
     password_hash: String,
     meta: &EventMetadata,
 ) -> Result<i32, AccountError> {
-    let inner = user_effect(org_id, user_id);
+    let generation = Generation::default();
+    let inner = user_effect(org_id, user_id, generation.clone());
     let effect = crate::commands::effect(move |tx, events: &[UserEvent]| {
         let hash = password_hash.clone();
         let applied = inner(tx, events);
@@ -520,7 +519,7 @@ pub async fn change_password(
             &effect,
         )
         .await?;
-    token_generation(pool, user_id).await
+    Ok(generation.load(std::sync::atomic::Ordering::Acquire))
 }
 
 const CREDENTIAL: &str = "SELECT user_id, org_id, password_hash, active, token_generation, \
@@ -820,7 +819,8 @@ pub async fn enable_two_factor(
     backup_digests: Vec<Vec<u8>>,
     meta: &EventMetadata,
 ) -> Result<i32, AccountError> {
-    let inner = user_effect(org_id, user_id);
+    let generation = Generation::default();
+    let inner = user_effect(org_id, user_id, generation.clone());
     let effect = crate::commands::effect(move |tx, events: &[UserEvent]| {
         let digests = backup_digests.clone();
         let applied = inner(tx, events);
@@ -846,7 +846,31 @@ pub async fn enable_two_factor(
             &effect,
         )
         .await?;
-    token_generation(executor.pool(), user_id).await
+    Ok(generation.load(std::sync::atomic::Ordering::Acquire))
+}
+
+/// Turns the user's own 2FA off (`TwoFactorDisabled`: the seed and backup codes go,
+/// every earlier token ends; refused where the organisation requires it). Returns the
+/// new token generation.
+pub async fn disable_two_factor(
+    executor: &Executor,
+    org_id: Uuid,
+    user_id: Uuid,
+    meta: &EventMetadata,
+) -> Result<i32, AccountError> {
+    let generation = Generation::default();
+    let effect = user_effect(org_id, user_id, generation.clone());
+    executor
+        .execute_with::<User>(
+            org_id,
+            &user_id.to_string(),
+            UserCommand::DisableTwoFactor,
+            meta,
+            None,
+            &effect,
+        )
+        .await?;
+    Ok(generation.load(std::sync::atomic::Ordering::Acquire))
 }
 
 /// Accepts a TOTP time step for a user once: true if `step` is later than every step

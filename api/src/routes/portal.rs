@@ -563,8 +563,7 @@ async fn staff_reset_confirm(
         id: user_id.to_string(),
     };
     let meta = super::event_metadata(&ctx, org_id, principal);
-    crm_infra::accounts::change_password(&s.executor, &s.pool, org_id, user_id, hash, &meta)
-        .await?;
+    crm_infra::accounts::change_password(&s.executor, org_id, user_id, hash, &meta).await?;
     Ok(json_response(
         StatusCode::OK,
         &json!({ "message": "the password is set; sign in with it" }),

@@ -432,7 +432,6 @@ async fn change_password(
     .map_err(ApiError::internal)?;
     let generation = accounts::change_password(
         &s.executor,
-        &s.pool,
         a.caller.org_id,
         a.caller.user_id,
         new_hash,
@@ -635,7 +634,7 @@ async fn two_factor_disable(
     failures
         .check(&account)
         .map_err(ApiError::too_many_requests)?;
-    let (password, hash) = (input.password, credential.password_hash.clone());
+    let (password, hash) = (input.password, credential.password_hash);
     let password_ok = tokio::task::spawn_blocking(move || verify_password(&password, &hash))
         .await
         .map_err(ApiError::internal)?;
@@ -651,18 +650,13 @@ async fn two_factor_disable(
     if !super::login::second_factor(&s, a.caller.org_id, a.caller.user_id, &input.code).await? {
         return fail("code", "is wrong, expired or already used");
     }
-    accounts::user_command(
+    let generation = accounts::disable_two_factor(
         &s.executor,
         a.caller.org_id,
         a.caller.user_id,
-        UserCommand::DisableTwoFactor,
         &a.metadata(),
     )
     .await?;
-    // The command moved the generation on by one; nothing more to read (and nothing
-    // left to fail) after its commit. Had another change moved it meanwhile, this token
-    // is refused like every other older one.
-    let generation = credential.token_generation + 1;
     super::staff_token(
         &s,
         a.caller.user_id,

@@ -325,6 +325,21 @@ async fn user_events(app: &TestApp, email: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The id of the user `token` belongs to (`/v1/me`).
+async fn user_id_of(app: &TestApp, token: &str) -> String {
+    let me: Value = app
+        .http
+        .get(app.url("/v1/me"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    me["user_id"].as_str().unwrap().to_owned()
+}
+
 async fn status_of(app: &TestApp, token: &str, path: &str) -> u16 {
     app.http
         .get(app.url(path))
@@ -341,17 +356,7 @@ async fn a_user_turns_their_own_2fa_off_with_password_and_code() {
     let app = TestApp::spawn().await;
     let (email, password, token) = user(&app, "team").await;
     let (secret, backup, token2) = enable(&app, &token).await;
-    let me: Value = app
-        .http
-        .get(app.url("/v1/me"))
-        .bearer_auth(&token2)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let user_id = me["user_id"].as_str().unwrap().to_owned();
+    let user_id = user_id_of(&app, &token2).await;
     let disable = |password: &str, code: &str| {
         post(
             &app,
@@ -443,33 +448,21 @@ async fn failed_attempts_to_turn_2fa_off_lock_the_account_out() {
     let app = TestApp::spawn_with(opts).await;
     let (email, password, token) = user(&app, "team").await;
     let (_, backup, token) = enable(&app, &token).await;
-    for _ in 0..3 {
-        let (s, _) = post(
+    let disable = |code: &str| {
+        post(
             &app,
             Some(&token),
             "/v1/auth/2fa/disable",
-            json!({"password": password, "code": "000000"}),
+            json!({"password": password, "code": code}),
         )
-        .await;
-        assert_eq!(s, 422);
+    };
+    for _ in 0..3 {
+        assert_eq!(disable("000000").await.0, 422);
     }
     // One failure too many: the account is locked out, and even the right code is
     // refused for now (as a login would be).
-    let (s, _) = post(
-        &app,
-        Some(&token),
-        "/v1/auth/2fa/disable",
-        json!({"password": password, "code": "000000"}),
-    )
-    .await;
-    assert_eq!(s, 429);
-    let (s, body) = post(
-        &app,
-        Some(&token),
-        "/v1/auth/2fa/disable",
-        json!({"password": password, "code": backup[0]}),
-    )
-    .await;
+    assert_eq!(disable("000000").await.0, 429);
+    let (s, body) = disable(&backup[0]).await;
     assert_eq!(s, 429, "{body}");
     // The same budget as logins: the account's logins are locked out too.
     let (s, _) = post(
@@ -561,26 +554,10 @@ async fn an_admin_resets_a_lost_2fa_but_not_an_owners_nor_their_own() {
     .await;
     assert_eq!(s, 201, "{body}");
     let (_, _, manager) = user(&app, body["id"].as_str().unwrap()).await;
-    let id_of = |token: String| {
-        let app = &app;
-        async move {
-            let me: Value = app
-                .http
-                .get(app.url("/v1/me"))
-                .bearer_auth(token)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            me["user_id"].as_str().unwrap().to_owned()
-        }
-    };
     let (team_id, admin_id, owner_id) = (
-        id_of(token.clone()).await,
-        id_of(admin.clone()).await,
-        id_of(app.token.clone()).await,
+        user_id_of(&app, &token).await,
+        user_id_of(&app, &admin).await,
+        user_id_of(&app, &app.token).await,
     );
     let (_, _, token) = enable(&app, &token).await;
     let (_, _, admin) = enable(&app, &admin).await;
