@@ -243,11 +243,11 @@ impl Common {
                 bind: self.bind,
                 max_body_bytes: self.max_body_bytes,
                 max_consistency_wait: Duration::from_millis(self.max_consistency_wait_ms),
-                cors_origins: crate::routes::cors::parse_origins(&self.cors_origins)
+                cors_origins: crate::edge::cors::parse_origins(&self.cors_origins)
                     .map_err(|e| anyhow::anyhow!(e))?,
-                portal_cors_origins: crate::routes::cors::parse_origins(&self.portal_cors_origins)
+                portal_cors_origins: crate::edge::cors::parse_origins(&self.portal_cors_origins)
                     .map_err(|e| anyhow::anyhow!(e))?,
-                rate_limits: crate::ratelimit::RateLimitSettings {
+                rate_limits: crate::edge::ratelimit::RateLimitSettings {
                     api_per_sec: self.rate_limit_api,
                     auth_per_sec: self.rate_limit_auth,
                     failed_logins_per_hour: self.failed_logins_per_hour,

@@ -31,7 +31,7 @@ pub struct HttpSettings {
     pub cors_origins: Vec<String>,
     /// Origins the client portal (`/portal/…`) may be called from; its own list.
     pub portal_cors_origins: Vec<String>,
-    pub rate_limits: crate::ratelimit::RateLimitSettings,
+    pub rate_limits: crate::edge::ratelimit::RateLimitSettings,
 }
 
 #[derive(Clone, Debug)]

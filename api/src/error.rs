@@ -1,13 +1,11 @@
 //! Errors become HTTP here and only here: one JSON shape,
 //! `{"code", "message", "request_id", "fields"?, ...}`, one status mapping.
 
-use std::convert::Infallible;
-
 use serde::Serialize;
 use serde_json::{json, Value};
 use warp::http::StatusCode;
 use warp::reply::Response;
-use warp::{Rejection, Reply};
+use warp::Reply;
 
 use crm_domain::api_key::ApiKeyError;
 use crm_domain::contact::ContactError;
@@ -19,7 +17,7 @@ use crm_infra::commands::CommandError;
 use crm_infra::event_store::StoreError;
 
 /// A problem with one input field.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct FieldError {
     pub field: String,
     pub message: String,
@@ -34,10 +32,34 @@ impl FieldError {
     }
 }
 
+/// The one error shape of every 4xx and 5xx answer (documentation of what
+/// [`ApiError::into_response`] writes).
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = Error)]
+pub struct ErrorBody {
+    /// Machine-readable, e.g. `permission_denied`, `validation_failed`, `invalid_query`.
+    code: String,
+    /// Names the field, parameter, permission or module at fault.
+    message: String,
+    request_id: String,
+    /// The members or parameters at fault (422, and 400 where one is named).
+    fields: Option<Vec<FieldError>>,
+    /// 503 `projection_behind` only: the read model, the position asked for and how
+    /// many events it still has to apply.
+    projection: Option<String>,
+    position: Option<i64>,
+    behind_by_events: Option<i64>,
+}
+
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ApiError {
+    /// 400; `fields` names the members or parameters at fault, when there are any.
     #[error("{message}")]
-    BadRequest { code: &'static str, message: String },
+    BadRequest {
+        code: &'static str,
+        message: String,
+        fields: Vec<FieldError>,
+    },
     #[error("the request has invalid fields")]
     Validation(Vec<FieldError>),
     #[error("{0}")]
@@ -80,6 +102,19 @@ impl ApiError {
         Self::BadRequest {
             code,
             message: message.into(),
+            fields: Vec::new(),
+        }
+    }
+
+    /// The same error naming `fields` (400s only; others are unchanged).
+    pub fn with_fields(self, named: Vec<FieldError>) -> Self {
+        match self {
+            Self::BadRequest { code, message, .. } => Self::BadRequest {
+                code,
+                message,
+                fields: named,
+            },
+            other => other,
         }
     }
 
@@ -94,7 +129,7 @@ impl ApiError {
         Self::Internal(e.to_string())
     }
 
-    fn status(&self) -> StatusCode {
+    pub fn status(&self) -> StatusCode {
         match self {
             Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
             Self::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
@@ -142,6 +177,9 @@ impl ApiError {
         });
         match &self {
             Self::Validation(fields) => body["fields"] = json!(fields),
+            Self::BadRequest { fields, .. } if !fields.is_empty() => {
+                body["fields"] = json!(fields)
+            }
             Self::NotCaughtUp {
                 projection,
                 position,
@@ -168,6 +206,11 @@ impl ApiError {
             }
             Self::TooManyRequests { retry_after_secs } => {
                 headers.insert("retry-after", (*retry_after_secs).into());
+            }
+            // The rest of the body is not read: say so, so the client does not send
+            // its next request on a connection the server is about to close.
+            Self::PayloadTooLarge => {
+                headers.insert("connection", "close".parse().expect("static header"));
             }
             _ => {}
         }
@@ -220,6 +263,9 @@ impl From<CommandError<ContactError>> for ApiError {
                     "a contact needs at least one field",
                 )])
             }
+            // Version 0 is "no such stream" in the caller's organisation: the same 404
+            // as without `expected_version` (a create expects 0 and never gets here).
+            CommandError::VersionMismatch { actual: 0, .. } => Self::NotFound("contact not found"),
             CommandError::VersionMismatch { expected, actual } => Self::Conflict(format!(
                 "expected version {expected}, but the contact is at version {actual}"
             )),
@@ -229,71 +275,6 @@ impl From<CommandError<ContactError>> for ApiError {
             CommandError::Store(e) => e.into(),
         }
     }
-}
-
-/// A rejection carrying an [`ApiError`] (raised by filters such as authentication).
-#[derive(Debug)]
-pub struct ApiRejection(pub ApiError, pub String);
-
-impl warp::reject::Reject for ApiRejection {}
-
-/// Turns every rejection into the JSON error shape.
-pub async fn recover(rejection: Rejection) -> Result<Response, Infallible> {
-    let rid = crate::context::new_request_id();
-    if let Some(ApiRejection(e, request_id)) = rejection.find::<ApiRejection>() {
-        return Ok(e.clone().into_response(request_id));
-    }
-    let err = if rejection.is_not_found() {
-        ApiError::NotFound("no such route")
-    } else if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
-        ApiError::PayloadTooLarge
-    } else if rejection
-        .find::<warp::reject::UnsupportedMediaType>()
-        .is_some()
-    {
-        ApiError::UnsupportedMediaType
-    } else if rejection.find::<warp::reject::LengthRequired>().is_some() {
-        ApiError::bad_request("length_required", "a Content-Length header is required")
-    } else if let Some(e) = rejection.find::<warp::reject::InvalidHeader>() {
-        ApiError::bad_request("invalid_header", e.to_string())
-    } else if let Some(e) = rejection.find::<warp::reject::MissingHeader>() {
-        ApiError::bad_request("missing_header", e.to_string())
-    } else if let Some(e) = rejection.find::<warp::reject::InvalidQuery>() {
-        ApiError::bad_request("invalid_query", e.to_string())
-    } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
-        // Last: a route with the same path but another method rejects with this even
-        // when the route with the right method got further and found a real problem.
-        ApiError::MethodNotAllowed
-    } else {
-        ApiError::Internal(format!("unhandled rejection: {rejection:?}"))
-    };
-    Ok(err.into_response(&rid))
-}
-
-/// Parses a JSON body with a message that names what is wrong.
-pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    if body.is_empty() {
-        return Err(ApiError::bad_request(
-            "invalid_json",
-            "the request body is empty",
-        ));
-    }
-    let value = serde_json::from_slice(body).map_err(|e| {
-        let code = if e.is_syntax() || e.is_eof() {
-            "invalid_json"
-        } else {
-            "invalid_body"
-        };
-        ApiError::bad_request(code, e.to_string())
-    })?;
-    // serde fills a struct from a JSON array by position; bodies are objects only.
-    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-        return Err(ApiError::bad_request(
-            "invalid_body",
-            "the request body must be a JSON object",
-        ));
-    }
-    Ok(value)
 }
 
 /// A JSON success response with the request id header.
@@ -308,14 +289,6 @@ pub fn json_response(status: StatusCode, body: &impl Serialize, request_id: &str
     resp
 }
 
-/// Either response, for handlers that never fail at the warp level.
-pub fn finish(
-    result: Result<Response, ApiError>,
-    request_id: &str,
-) -> Result<Response, Infallible> {
-    Ok(result.unwrap_or_else(|e| e.into_response(request_id)))
-}
-
 pub fn value_or_null<T: Serialize>(v: &T) -> Value {
     serde_json::to_value(v).unwrap_or(Value::Null)
 }
@@ -327,8 +300,15 @@ fn forbidden(code: &'static str, message: impl std::fmt::Display) -> ApiError {
     }
 }
 
-fn command_conflict<E: std::error::Error>(e: CommandError<E>, what: &str) -> ApiError {
+fn command_conflict<E: std::error::Error>(e: CommandError<E>, what: &'static str) -> ApiError {
     match e {
+        // Version 0: no such record in the caller's organisation (as without a version).
+        CommandError::VersionMismatch { actual: 0, .. } => ApiError::NotFound(match what {
+            "user" => "user not found",
+            "role" => "role not found",
+            "API key" => "API key not found",
+            _ => "not found",
+        }),
         CommandError::VersionMismatch { expected, actual } => ApiError::Conflict(format!(
             "expected version {expected}, but the {what} is at version {actual}"
         )),

@@ -44,7 +44,7 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<AppState> {
     // Compute the dummy bcrypt hash now, so that the first login for an unknown email
     // does not take longer than one for a known email.
     tokio::task::spawn_blocking(crate::auth::dummy_hash).await?;
-    let rate_limits = crate::ratelimit::RateLimits::new(settings.http.rate_limits);
+    let rate_limits = crate::edge::ratelimit::RateLimits::new(settings.http.rate_limits);
     Ok(AppState::new(crate::state::Services {
         executor: Executor::new(pool.clone(), crypto.clone()),
         pool,

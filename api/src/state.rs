@@ -37,7 +37,7 @@ pub struct Services {
     pub bus: Bus,
     pub tokens: Arc<Tokens>,
     pub settings: Arc<Settings>,
-    pub rate_limits: crate::ratelimit::RateLimits,
+    pub rate_limits: crate::edge::ratelimit::RateLimits,
     pub mailer: crate::mail::Mailer,
 }
 

@@ -85,7 +85,7 @@ pub struct Options {
     /// Origins allowed for the portal's CORS (none by default).
     pub portal_cors_origins: Vec<String>,
     /// Off by default: a test's many requests all come from 127.0.0.1.
-    pub rate_limits: crm_api::ratelimit::RateLimitSettings,
+    pub rate_limits: crm_api::edge::ratelimit::RateLimitSettings,
 }
 
 impl Default for Options {
@@ -96,7 +96,7 @@ impl Default for Options {
             max_body_bytes: 64 * 1024,
             cors_origins: Vec::new(),
             portal_cors_origins: Vec::new(),
-            rate_limits: crm_api::ratelimit::RateLimitSettings {
+            rate_limits: crm_api::edge::ratelimit::RateLimitSettings {
                 api_per_sec: 0,
                 auth_per_sec: 0,
                 failed_logins_per_hour: 100,

@@ -1,92 +1,129 @@
 //! `GET /v1/activity`: the organisation's activity log, newest first.
 
 use crm_infra::read_models::activity::{self as activity_rm, ActivityFilter};
-use serde_json::json;
-use warp::filters::BoxedFilter;
-use warp::http::StatusCode;
-use warp::reply::Response;
-use warp::Filter;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
 
-use super::{
-    allowed, consistency, parse_limit, parse_query, parse_time, raw_query, with_state, Authed,
-};
-use crate::error::{finish, json_response, ApiError};
+use super::schemas::Time;
+use super::{consistency, parse_limit, Authed};
+use crate::edge::extract::Query;
+use crate::edge::reply::Ok200;
+use crate::error::ApiError;
 use crate::state::AppState;
 
-pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
-    warp::path!("v1" / "activity")
-        .and(warp::get())
-        .and(with_state(state.clone()))
-        .and(allowed(state, crm_domain::access::Permission::ActivityRead))
-        .and(raw_query())
-        .and_then(|s: AppState, a: Authed, q: String| async move {
-            let rid = a.ctx.request_id.clone();
-            finish(list(s, a, q).await, &rid)
-        })
-        .boxed()
+/// `GET /v1/activity` parameters; every filter is exact.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct ActivityQuery {
+    /// The principal's id (a user's or API key's id).
+    actor_id: Option<String>,
+    /// The event type, e.g. `ContactUpdated`.
+    action: Option<String>,
+    /// e.g. `contact`, `user`, `role`.
+    entity_type: Option<String>,
+    entity_id: Option<String>,
+    /// At or after this time.
+    #[param(value_type = Option<chrono::DateTime<chrono::Utc>>)]
+    since: Option<Time>,
+    /// Before this time.
+    #[param(value_type = Option<chrono::DateTime<chrono::Utc>>)]
+    until: Option<Time>,
+    /// Entries before this position (`next_before` of the previous page).
+    before: Option<i64>,
+    /// Page size, 1 to 500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
+    limit: Option<i64>,
+    /// Wait (bounded) until the activity log has applied this position.
+    #[param(minimum = 1)]
+    min_position: Option<i64>,
+    /// How long to wait for `min_position`, in milliseconds (capped by the server).
+    #[param(minimum = 0)]
+    wait_ms: Option<u64>,
 }
 
-async fn list(s: AppState, a: Authed, raw: String) -> Result<Response, ApiError> {
-    let q = parse_query(
-        &raw,
-        &[
-            "actor_id",
-            "action",
-            "entity_type",
-            "entity_id",
-            "since",
-            "until",
-            "before",
-            "limit",
-            "min_position",
-            "wait_ms",
-        ],
-    )?;
-    let (pos, wait) = consistency(&q)?;
-    let limit = parse_limit(&q)?;
+/// Who did it.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Actor {
+    /// `user`, `api_key`, `portal`, `ai_agent` or `system`.
+    kind: String,
+    id: String,
+}
+
+/// What it was done to.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Entity {
+    #[serde(rename = "type")]
+    entity_type: String,
+    id: String,
+}
+
+/// One entry: one event, without personal data.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct ActivityItem {
+    event_id: Uuid,
+    position: i64,
+    occurred_at: chrono::DateTime<chrono::Utc>,
+    recorded_at: chrono::DateTime<chrono::Utc>,
+    actor: Actor,
+    action: String,
+    entity: Entity,
+    request_id: Option<String>,
+    correlation_id: Option<String>,
+}
+
+/// A page of the activity log, newest first.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct ActivityPage {
+    items: Vec<ActivityItem>,
+    /// Pass as `before` for the next page; null on the last.
+    next_before: Option<i64>,
+}
+
+pub(crate) async fn list(
+    s: AppState,
+    a: Authed,
+    Query(q): Query<ActivityQuery>,
+) -> Result<Ok200<ActivityPage>, ApiError> {
+    let (pos, wait) = consistency(q.min_position, q.wait_ms)?;
+    let limit = parse_limit(q.limit)?;
     let filter = ActivityFilter {
-        actor_id: q.get("actor_id").cloned(),
-        action: q.get("action").cloned(),
-        entity_type: q.get("entity_type").cloned(),
-        entity_id: q.get("entity_id").cloned(),
-        since: q.get("since").map(|v| parse_time("since", v)).transpose()?,
-        until: q.get("until").map(|v| parse_time("until", v)).transpose()?,
-        before: q
-            .get("before")
-            .map(|v| {
-                v.parse::<i64>().map_err(|_| {
-                    ApiError::bad_request("invalid_query", "`before` must be a position")
-                })
-            })
-            .transpose()?,
+        actor_id: q.actor_id,
+        action: q.action,
+        entity_type: q.entity_type,
+        entity_id: q.entity_id,
+        since: q.since.map(|t| t.0),
+        until: q.until.map(|t| t.0),
+        before: q.before,
         limit,
     };
     s.await_projection("activity", pos, wait).await?;
     let mut client = s.pool.get().await?;
     let tx = crm_infra::read_models::org_scope(&mut client, a.caller.org_id).await?;
-    let items = activity_rm::list(&tx, a.caller.org_id, &filter).await?;
-    let next = (items.len() as i64 == limit)
-        .then(|| items.last().map(|e| e.global_position))
+    let entries = activity_rm::list(&tx, a.caller.org_id, &filter).await?;
+    let next_before = (entries.len() as i64 == limit)
+        .then(|| entries.last().map(|e| e.global_position))
         .flatten();
-    let items: Vec<_> = items
-        .iter()
-        .map(|e| {
-            json!({
-                "event_id": e.event_id,
-                "position": e.global_position,
-                "occurred_at": e.occurred_at,
-                "recorded_at": e.recorded_at,
-                "actor": { "kind": e.actor_kind, "id": e.actor_id },
-                "action": e.action,
-                "entity": { "type": e.entity_type, "id": e.entity_id },
-                "request_id": e.request_id,
-                "correlation_id": e.correlation_id,
-            })
+    let items = entries
+        .into_iter()
+        .map(|e| ActivityItem {
+            event_id: e.event_id,
+            position: e.global_position,
+            occurred_at: e.occurred_at,
+            recorded_at: e.recorded_at,
+            actor: Actor {
+                kind: e.actor_kind,
+                id: e.actor_id,
+            },
+            action: e.action,
+            entity: Entity {
+                entity_type: e.entity_type,
+                id: e.entity_id,
+            },
+            request_id: e.request_id,
+            correlation_id: e.correlation_id,
         })
         .collect();
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({ "items": items, "next_before": next }),
-        &a.ctx.request_id,
-    ))
+    Ok(Ok200(ActivityPage { items, next_before }))
 }

@@ -6,67 +6,70 @@ use crm_domain::access::{Permission, RoleRef};
 use crm_domain::api_key::ApiKeyCommand;
 use crm_domain::values::Name;
 use crm_infra::api_keys as keys;
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 use uuid::Uuid;
-use warp::filters::BoxedFilter;
-use warp::http::StatusCode;
-use warp::reply::Response;
-use warp::Filter;
 
-use super::{allowed, body, require_json, with_state, Authed};
-use crate::error::{finish, json_response, parse_json, ApiError, FieldError};
+use super::schemas::Outcome;
+use super::Authed;
+use crate::edge::extract::{Id, Json};
+use crate::edge::reply::{Created, Ok200};
+use crate::error::{ApiError, FieldError};
 use crate::state::AppState;
 
-#[derive(Deserialize, utoipa::ToSchema)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"name": "nightly export", "role": "viewer", "permissions": ["contacts.read"], "expires_at": "2027-01-01T00:00:00Z"}))]
 pub(crate) struct IssueInput {
+    #[schema(max_length = 200)]
     name: String,
+    /// A built-in role's name or a custom role's id.
     role: String,
     /// Narrows the role to these of its permissions.
     permissions: Option<Vec<String>>,
+    /// RFC 3339; in the future.
+    #[schema(format = DateTime)]
     expires_at: Option<String>,
 }
 
-pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
-    let issue = warp::path!("v1" / "api-keys")
-        .and(warp::post())
-        .and(with_state(state.clone()))
-        .and(allowed(state.clone(), Permission::ApiKeysManage))
-        .and(body(16 * 1024))
-        .and_then(
-            |s: AppState, a: Authed, ct: Option<String>, b: bytes::Bytes| async move {
-                let rid = a.ctx.request_id.clone();
-                finish(issue(s, a, ct, b).await, &rid)
-            },
-        );
-    let list = warp::path!("v1" / "api-keys")
-        .and(warp::get())
-        .and(with_state(state.clone()))
-        .and(allowed(state.clone(), Permission::ApiKeysManage))
-        .and_then(|s: AppState, a: Authed| async move {
-            let rid = a.ctx.request_id.clone();
-            finish(list(s, a).await, &rid)
-        });
-    let revoke = warp::path!("v1" / "api-keys" / String / "revoke")
-        .and(warp::post())
-        .and(with_state(state.clone()))
-        .and(allowed(state, Permission::ApiKeysManage))
-        .and_then(|id: String, s: AppState, a: Authed| async move {
-            let rid = a.ctx.request_id.clone();
-            finish(revoke(s, a, id).await, &rid)
-        });
-    issue.or(list).unify().or(revoke).unify().boxed()
+/// A new key: its secret is in this answer only.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct IssuedKey {
+    id: Uuid,
+    /// `ck_live_…`: shown this once.
+    key: String,
+    last4: String,
+    role: String,
+    expires_at: Option<chrono::DateTime<chrono::Utc>>,
+    note: String,
 }
 
-async fn issue(
+/// An API key (never its secret).
+#[derive(Serialize, ToSchema)]
+pub(crate) struct KeyItem {
+    id: Uuid,
+    name: String,
+    last4: String,
+    role: String,
+    /// The permissions it is narrowed to (null: all of its role's).
+    permissions: Option<Vec<String>>,
+    expires_at: Option<chrono::DateTime<chrono::Utc>>,
+    revoked_at: Option<chrono::DateTime<chrono::Utc>>,
+    last_used_at: Option<chrono::DateTime<chrono::Utc>>,
+    created_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// The organisation's API keys.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct KeyList {
+    items: Vec<KeyItem>,
+}
+
+pub(crate) async fn issue(
     s: AppState,
     a: Authed,
-    ct: Option<String>,
-    body: bytes::Bytes,
-) -> Result<Response, ApiError> {
-    require_json(ct.as_deref())?;
-    let input: IssueInput = parse_json(&body)?;
+    Json(input): Json<IssueInput>,
+) -> Result<Created<IssuedKey>, ApiError> {
     let mut errors = Vec::new();
     let name = Name::parse(&input.name)
         .map_err(|e| errors.push(FieldError::new("name", e.0)))
@@ -95,9 +98,9 @@ async fn issue(
     let expires_at = match input
         .expires_at
         .as_deref()
-        .map(|v| super::parse_time("expires_at", v))
+        .map(chrono::DateTime::parse_from_rfc3339)
     {
-        Some(Ok(t)) => Some(t),
+        Some(Ok(t)) => Some(t.with_timezone(&chrono::Utc)),
         Some(Err(_)) => {
             errors.push(FieldError::new("expires_at", "must be an RFC 3339 time"));
             None
@@ -108,7 +111,7 @@ async fn issue(
         return Err(ApiError::Validation(errors));
     };
     let grant = super::users::grant_of(&s, &a, role).await?;
-    let key = crate::api_keys::generate();
+    let key = crate::auth::api_keys::generate();
     let key_id = Uuid::now_v7();
     keys::issue(
         &s.executor,
@@ -128,42 +131,44 @@ async fn issue(
         &a.metadata(),
     )
     .await?;
-    Ok(json_response(
-        StatusCode::CREATED,
-        &json!({
-            "id": key_id,
-            "key": key.secret,
-            "last4": key.last4,
-            "role": role,
-            "expires_at": expires_at,
-            "note": "the key is shown this once; only its digest is stored",
-        }),
-        &a.ctx.request_id,
-    ))
+    Ok(Created {
+        body: IssuedKey {
+            id: key_id,
+            key: key.secret,
+            last4: key.last4,
+            role: role.to_string(),
+            expires_at,
+            note: "the key is shown this once; only its digest is stored".into(),
+        },
+        location: format!("/v1/api-keys/{key_id}"),
+    })
 }
 
-async fn list(s: AppState, a: Authed) -> Result<Response, ApiError> {
+pub(crate) async fn list(s: AppState, a: Authed) -> Result<Ok200<KeyList>, ApiError> {
     let client = s.pool.get().await?;
-    let items: Vec<Value> = keys::list(&client, a.caller.org_id)
+    let items = keys::list(&client, a.caller.org_id)
         .await?
         .into_iter()
-        .map(|k| {
-            json!({
-                "id": k.key_id, "name": k.name, "last4": k.last4, "role": k.role,
-                "permissions": k.only, "expires_at": k.expires_at, "revoked_at": k.revoked_at,
-                "last_used_at": k.last_used_at, "created_at": k.created_at,
-            })
+        .map(|k| KeyItem {
+            id: k.key_id,
+            name: k.name,
+            last4: k.last4,
+            role: k.role,
+            permissions: k.only,
+            expires_at: k.expires_at,
+            revoked_at: k.revoked_at,
+            last_used_at: k.last_used_at,
+            created_at: k.created_at,
         })
         .collect();
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({ "items": items }),
-        &a.ctx.request_id,
-    ))
+    Ok(Ok200(KeyList { items }))
 }
 
-async fn revoke(s: AppState, a: Authed, id: String) -> Result<Response, ApiError> {
-    let key_id = super::parse_uuid(&id, "API key")?;
+pub(crate) async fn revoke(
+    s: AppState,
+    a: Authed,
+    Id(key_id): Id,
+) -> Result<Ok200<Outcome>, ApiError> {
     let o = keys::revoke(&s.executor, a.caller.org_id, key_id, &a.metadata()).await?;
-    Ok(super::outcome(&o, &a.ctx.request_id))
+    Ok(super::outcome(&o))
 }

@@ -10,25 +10,22 @@ use crm_domain::values::{
     Address, CountryCode, CustomFieldKey, CustomFieldValue, Email, InvalidValue, Line, Name, Phone,
     Text,
 };
-use crm_infra::commands::{decode, CommandOutcome};
+use crm_infra::commands::decode;
 use crm_infra::event_store::{self, StreamId};
 use crm_infra::read_models::contacts::{self as contacts_rm, ContactFilter};
 use crm_projections::contacts::ContactView;
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{json, Value};
+use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
-use warp::filters::BoxedFilter;
-use warp::http::StatusCode;
-use warp::reply::Response;
-use warp::Filter;
 
-use super::{
-    allowed, body, consistency, parse_limit, parse_query, parse_time, raw_query, require_json,
-    with_state, Authed,
-};
-use crate::error::{finish, json_response, parse_json, ApiError, FieldError};
+use super::schemas::{Outcome, Time};
+use super::{consistency, parse_limit, Authed};
+use crate::auth::visibility;
+use crate::edge::extract::{Id, Json, Query};
+use crate::edge::reply::{Created, Ok200, Shaped};
+use crate::error::{ApiError, FieldError};
 use crate::state::AppState;
-use crate::visibility;
 use crm_domain::access::Permission;
 
 /// Absent → `None`; `null` → `Some(None)`; a value → `Some(Some(v))`.
@@ -40,41 +37,184 @@ where
     Option::<T>::deserialize(d).map(Some)
 }
 
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
+/// A postal address: every part optional, at least one present.
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = Address)]
 pub(crate) struct AddressInput {
+    #[schema(max_length = 300)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     line1: Option<String>,
+    #[schema(max_length = 300)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     line2: Option<String>,
+    #[schema(max_length = 300)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     city: Option<String>,
+    #[schema(max_length = 300)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     region: Option<String>,
+    #[schema(max_length = 20)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     postal_code: Option<String>,
+    /// ISO 3166-1 alpha-2, e.g. `DE`.
+    #[schema(pattern = "^[A-Za-z]{2}$")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     country: Option<String>,
 }
 
 /// The body of `POST /v1/contacts` and `PATCH /v1/contacts/{id}`. In a PATCH, a field
 /// set to `null` is cleared and an absent field is left alone.
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"given_name": "Ada", "family_name": "Lovelace", "email": "ada@example.com", "company": "Analytical Engines Ltd", "custom": {"tier": "gold"}}))]
 pub(crate) struct ContactInput {
     #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<String>, max_length = 200)]
     given_name: Option<Option<String>>,
     #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<String>, max_length = 200)]
     family_name: Option<Option<String>>,
     #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<String>, format = Email, max_length = 254)]
     email: Option<Option<String>>,
+    /// E.164-like: `+`, then 8 to 15 digits (spaces and dashes allowed).
     #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<String>)]
     phone: Option<Option<String>>,
     #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<AddressInput>)]
     address: Option<Option<AddressInput>>,
     #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<String>, max_length = 300)]
     company: Option<Option<String>>,
     #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<String>, max_length = 300)]
     title: Option<Option<String>>,
+    /// Up to 100 custom fields: keys of letters, digits and `_` (at most 64), values
+    /// strings (at most 2,000 characters), numbers, booleans, or null to clear.
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     custom: Option<BTreeMap<String, Value>>,
     /// Optimistic concurrency for updates: the version the client last saw.
     #[serde(default)]
+    #[schema(minimum = 1)]
     expected_version: Option<i64>,
+}
+
+/// A contact, with the fields the caller's role may read (the others are absent).
+#[derive(Serialize, ToSchema)]
+#[schema(as = Contact)]
+#[allow(dead_code)] // documents the JSON that `view_json` builds
+pub(crate) struct ContactDoc {
+    id: Uuid,
+    version: i64,
+    archived: bool,
+    given_name: Option<String>,
+    family_name: Option<String>,
+    email: Option<String>,
+    phone: Option<String>,
+    address: Option<AddressInput>,
+    company: Option<String>,
+    title: Option<String>,
+    /// Custom fields (absent when the role hides them).
+    #[schema(value_type = Option<Object>)]
+    custom: Option<BTreeMap<String, Value>>,
+    created_at: Option<chrono::DateTime<chrono::Utc>>,
+    updated_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Only on `?as_of=` reads: the time asked for.
+    as_of: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// A page of contacts, by id.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct ContactPage {
+    #[schema(value_type = Vec<ContactDoc>)]
+    items: Vec<Shaped<ContactDoc>>,
+    /// Pass as `after` for the next page; null on the last.
+    next_after: Option<Uuid>,
+}
+
+/// A contact's events, oldest first.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct History {
+    id: Uuid,
+    events: Vec<HistoryEvent>,
+}
+
+/// One event of a contact's stream, decrypted and redacted for the caller.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct HistoryEvent {
+    event_id: Uuid,
+    sequence: i64,
+    position: i64,
+    /// e.g. `ContactCreated`, `ContactUpdated`, `ContactArchived`.
+    #[serde(rename = "type")]
+    event_type: String,
+    version: String,
+    recorded_at: chrono::DateTime<chrono::Utc>,
+    /// The event's members, those the caller's role hides removed.
+    #[schema(value_type = Object)]
+    data: Value,
+    /// Who, from where, in which request (personal members redacted like `data`).
+    #[schema(value_type = Object)]
+    metadata: Value,
+    /// Hex SHA-256 of the stored event, chained per stream.
+    hash: String,
+}
+
+/// `GET /v1/contacts` parameters.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct ListQuery {
+    /// Page size, 1 to 500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
+    limit: Option<i64>,
+    /// The last id of the previous page (`next_after`).
+    after: Option<Uuid>,
+    /// Exact email address (needs read access to `email`).
+    email: Option<String>,
+    /// Exact company (needs read access to `company`).
+    company: Option<String>,
+    /// Substring of name, email or company, case-insensitive.
+    q: Option<String>,
+    /// `false` (default), `true` or `any`.
+    #[param(inline)]
+    archived: Option<ArchivedFilter>,
+    /// Only contacts changed at or after this time.
+    #[param(value_type = Option<chrono::DateTime<chrono::Utc>>)]
+    updated_since: Option<Time>,
+    /// Wait (bounded) until the read model has applied this position.
+    #[param(minimum = 1)]
+    min_position: Option<i64>,
+    /// How long to wait for `min_position`, in milliseconds (capped by the server).
+    #[param(minimum = 0)]
+    wait_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum ArchivedFilter {
+    True,
+    False,
+    Any,
+}
+
+/// `GET /v1/contacts/{id}` parameters.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct GetQuery {
+    /// The contact as it was at this time, from its events (needs `contacts.history`).
+    #[param(value_type = Option<chrono::DateTime<chrono::Utc>>)]
+    as_of: Option<Time>,
+    /// Wait (bounded) until the read model has applied this position.
+    #[param(minimum = 1)]
+    min_position: Option<i64>,
+    /// How long to wait for `min_position`, in milliseconds (capped by the server).
+    #[param(minimum = 0)]
+    wait_ms: Option<u64>,
 }
 
 struct Parsed {
@@ -220,10 +360,6 @@ fn parse_input(input: ContactInput) -> Result<Parsed, ApiError> {
     }
 }
 
-fn parse_id(raw: &str) -> Result<Uuid, ApiError> {
-    super::parse_uuid(raw, "contact")
-}
-
 /// The JSON of a contact: its fields side by side with id, version and state.
 fn contact_json(id: Uuid, version: i64, profile: &ContactProfile, archived: bool) -> Value {
     let mut v = serde_json::to_value(profile).unwrap_or_else(|_| json!({}));
@@ -273,90 +409,11 @@ fn check_writes(
     visibility::check_writes(&a.access.policy, names)
 }
 
-fn outcome_json(o: &CommandOutcome) -> Value {
-    json!({ "id": o.id, "version": o.version, "positions": o.positions })
-}
-
-pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
-    let limit = state.settings.http.max_body_bytes;
-    let create = warp::path!("v1" / "contacts")
-        .and(warp::post())
-        .and(with_state(state.clone()))
-        .and(allowed(state.clone(), Permission::ContactsCreate))
-        .and(body(limit))
-        .and_then(
-            |s: AppState, a: Authed, ct: Option<String>, b: bytes::Bytes| async move {
-                let rid = a.ctx.request_id.clone();
-                finish(create(s, a, ct, b).await, &rid)
-            },
-        );
-    let update = warp::path!("v1" / "contacts" / String)
-        .and(warp::patch())
-        .and(with_state(state.clone()))
-        .and(allowed(state.clone(), Permission::ContactsUpdate))
-        .and(body(limit))
-        .and_then(
-            |id: String, s: AppState, a: Authed, ct: Option<String>, b: bytes::Bytes| async move {
-                let rid = a.ctx.request_id.clone();
-                finish(update(s, a, id, ct, b).await, &rid)
-            },
-        );
-    let archive = warp::path!("v1" / "contacts" / String / "archive")
-        .and(warp::post())
-        .and(with_state(state.clone()))
-        .and(allowed(state.clone(), Permission::ContactsArchive))
-        .and_then(|id: String, s: AppState, a: Authed| async move {
-            let rid = a.ctx.request_id.clone();
-            finish(archive(s, a, id).await, &rid)
-        });
-    let history = warp::path!("v1" / "contacts" / String / "history")
-        .and(warp::get())
-        .and(with_state(state.clone()))
-        .and(allowed(state.clone(), Permission::ContactsHistory))
-        .and_then(|id: String, s: AppState, a: Authed| async move {
-            let rid = a.ctx.request_id.clone();
-            finish(history(s, a, id).await, &rid)
-        });
-    let get_one = warp::path!("v1" / "contacts" / String)
-        .and(warp::get())
-        .and(with_state(state.clone()))
-        .and(allowed(state.clone(), Permission::ContactsRead))
-        .and(raw_query())
-        .and_then(|id: String, s: AppState, a: Authed, q: String| async move {
-            let rid = a.ctx.request_id.clone();
-            finish(get_one(s, a, id, q).await, &rid)
-        });
-    let list = warp::path!("v1" / "contacts")
-        .and(warp::get())
-        .and(with_state(state.clone()))
-        .and(allowed(state, Permission::ContactsRead))
-        .and(raw_query())
-        .and_then(|s: AppState, a: Authed, q: String| async move {
-            let rid = a.ctx.request_id.clone();
-            finish(list(s, a, q).await, &rid)
-        });
-    create
-        .or(update)
-        .unify()
-        .or(archive)
-        .unify()
-        .or(history)
-        .unify()
-        .or(get_one)
-        .unify()
-        .or(list)
-        .unify()
-        .boxed()
-}
-
-async fn create(
+pub(crate) async fn create(
     s: AppState,
     a: Authed,
-    ct: Option<String>,
-    body: bytes::Bytes,
-) -> Result<Response, ApiError> {
-    require_json(ct.as_deref())?;
-    let input: ContactInput = parse_json(&body)?;
+    Json(input): Json<ContactInput>,
+) -> Result<Created<Outcome>, ApiError> {
     if input.expected_version.is_some() {
         return Err(ApiError::Validation(vec![FieldError::new(
             "expected_version",
@@ -395,27 +452,18 @@ async fn create(
             Some(0),
         )
         .await?;
-    let mut resp = json_response(
-        StatusCode::CREATED,
-        &outcome_json(&outcome),
-        &a.ctx.request_id,
-    );
-    if let Ok(v) = format!("/v1/contacts/{id}").parse() {
-        resp.headers_mut().insert("location", v);
-    }
-    Ok(resp)
+    Ok(Created {
+        body: Outcome::from(&outcome),
+        location: format!("/v1/contacts/{id}"),
+    })
 }
 
-async fn update(
+pub(crate) async fn update(
     s: AppState,
     a: Authed,
-    id: String,
-    ct: Option<String>,
-    body: bytes::Bytes,
-) -> Result<Response, ApiError> {
-    let id = parse_id(&id)?;
-    require_json(ct.as_deref())?;
-    let input: ContactInput = parse_json(&body)?;
+    Id(id): Id,
+    Json(input): Json<ContactInput>,
+) -> Result<Ok200<Outcome>, ApiError> {
     let expected = input.expected_version;
     if expected.is_some_and(|v| v < 1) {
         return Err(ApiError::Validation(vec![FieldError::new(
@@ -451,15 +499,10 @@ async fn update(
             expected,
         )
         .await?;
-    Ok(json_response(
-        StatusCode::OK,
-        &outcome_json(&outcome),
-        &a.ctx.request_id,
-    ))
+    Ok(super::outcome(&outcome))
 }
 
-async fn archive(s: AppState, a: Authed, id: String) -> Result<Response, ApiError> {
-    let id = parse_id(&id)?;
+pub(crate) async fn archive(s: AppState, a: Authed, Id(id): Id) -> Result<Ok200<Outcome>, ApiError> {
     let outcome = s
         .executor
         .execute::<Contact>(
@@ -470,23 +513,21 @@ async fn archive(s: AppState, a: Authed, id: String) -> Result<Response, ApiErro
             None,
         )
         .await?;
-    Ok(json_response(
-        StatusCode::OK,
-        &outcome_json(&outcome),
-        &a.ctx.request_id,
-    ))
+    Ok(super::outcome(&outcome))
 }
 
-async fn get_one(s: AppState, a: Authed, id: String, raw: String) -> Result<Response, ApiError> {
-    let id = parse_id(&id)?;
-    let q = parse_query(&raw, &["as_of", "min_position", "wait_ms"])?;
-    if let Some(as_of) = q.get("as_of") {
+pub(crate) async fn get_one(
+    s: AppState,
+    a: Authed,
+    Id(id): Id,
+    Query(q): Query<GetQuery>,
+) -> Result<Ok200<Shaped<ContactDoc>>, ApiError> {
+    if let Some(Time(as_of)) = q.as_of {
         // Reading the past is reading history.
         a.require(Permission::ContactsHistory)?;
-        let as_of = parse_time("as_of", as_of)?;
         return as_of_read(s, a, id, as_of).await;
     }
-    let (pos, wait) = consistency(&q)?;
+    let (pos, wait) = consistency(q.min_position, q.wait_ms)?;
     s.await_projection("contacts", pos, wait).await?;
     let mut client = s.pool.get().await?;
     let tx = crm_infra::read_models::org_scope(&mut client, a.caller.org_id).await?;
@@ -495,7 +536,7 @@ async fn get_one(s: AppState, a: Authed, id: String, raw: String) -> Result<Resp
         .ok_or(ApiError::NotFound("contact not found"))?;
     let mut body = view_json(&view);
     visibility::contact(&a.access.policy, &mut body);
-    Ok(json_response(StatusCode::OK, &body, &a.ctx.request_id))
+    Ok(Ok200(Shaped::new(body)))
 }
 
 /// The contact as it was at `as_of`, rebuilt from its events.
@@ -504,7 +545,7 @@ async fn as_of_read(
     a: Authed,
     id: Uuid,
     as_of: chrono::DateTime<chrono::Utc>,
-) -> Result<Response, ApiError> {
+) -> Result<Ok200<Shaped<ContactDoc>>, ApiError> {
     let client = s.pool.get().await?;
     let sid = id.to_string();
     let stream = StreamId {
@@ -529,11 +570,10 @@ async fn as_of_read(
     body["as_of"] = json!(as_of);
     body["updated_at"] = json!(updated_at);
     visibility::contact(&a.access.policy, &mut body);
-    Ok(json_response(StatusCode::OK, &body, &a.ctx.request_id))
+    Ok(Ok200(Shaped::new(body)))
 }
 
-async fn history(s: AppState, a: Authed, id: String) -> Result<Response, ApiError> {
-    let id = parse_id(&id)?;
+pub(crate) async fn history(s: AppState, a: Authed, Id(id): Id) -> Result<Ok200<History>, ApiError> {
     let client = s.pool.get().await?;
     let sid = id.to_string();
     let stream = StreamId {
@@ -555,80 +595,50 @@ async fn history(s: AppState, a: Authed, id: String) -> Result<Response, ApiErro
             .unwrap_or(Value::Null);
         let mut metadata = serde_json::to_value(&d.metadata).unwrap_or(Value::Null);
         visibility::contact_event(&a.access.policy, &mut data, &mut metadata);
-        items.push(json!({
-            "event_id": d.stored.event_id,
-            "sequence": d.stored.sequence,
-            "position": d.stored.global_position,
-            "type": d.stored.event_type,
-            "version": d.stored.event_version,
-            "recorded_at": d.stored.recorded_at,
-            "data": data,
-            "metadata": metadata,
-            "hash": d.stored.hash,
-        }));
+        items.push(HistoryEvent {
+            event_id: d.stored.event_id,
+            sequence: d.stored.sequence,
+            position: d.stored.global_position,
+            event_type: d.stored.event_type,
+            version: d.stored.event_version,
+            recorded_at: d.stored.recorded_at,
+            data,
+            metadata,
+            hash: d.stored.hash,
+        });
     }
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({ "id": id, "events": items }),
-        &a.ctx.request_id,
-    ))
+    Ok(Ok200(History { id, events: items }))
 }
 
-async fn list(s: AppState, a: Authed, raw: String) -> Result<Response, ApiError> {
-    let q = parse_query(
-        &raw,
-        &[
-            "limit",
-            "after",
-            "email",
-            "company",
-            "q",
-            "archived",
-            "updated_since",
-            "min_position",
-            "wait_ms",
-        ],
-    )?;
-    let (pos, wait) = consistency(&q)?;
-    let limit = parse_limit(&q)?;
+pub(crate) async fn list(
+    s: AppState,
+    a: Authed,
+    Query(q): Query<ListQuery>,
+) -> Result<Ok200<ContactPage>, ApiError> {
+    let (pos, wait) = consistency(q.min_position, q.wait_ms)?;
+    let limit = parse_limit(q.limit)?;
     let policy = &a.access.policy;
-    for (param, fields) in [
-        ("email", &["email"][..]),
-        ("company", &["company"][..]),
-        ("q", &["given_name", "family_name", "email", "company"][..]),
+    for (given, fields) in [
+        (q.email.is_some(), &["email"][..]),
+        (q.company.is_some(), &["company"][..]),
+        (q.q.is_some(), &["given_name", "family_name", "email", "company"][..]),
     ] {
-        if q.contains_key(param) {
+        if given {
             visibility::check_filters(policy, fields.iter().copied())?;
         }
     }
-    let archived = match q.get("archived").map(String::as_str) {
-        None | Some("false") => Some(false),
-        Some("true") => Some(true),
-        Some("any") => None,
-        Some(_) => {
-            return Err(ApiError::bad_request(
-                "invalid_query",
-                "`archived` must be true, false or any",
-            ))
-        }
+    let archived = match q.archived {
+        None | Some(ArchivedFilter::False) => Some(false),
+        Some(ArchivedFilter::True) => Some(true),
+        Some(ArchivedFilter::Any) => None,
     };
     let filter = ContactFilter {
-        email: q.get("email").cloned(),
-        company: q.get("company").cloned(),
-        q: q.get("q").cloned().filter(|v| !v.is_empty()),
+        email: q.email,
+        company: q.company,
+        q: q.q.filter(|v| !v.is_empty()),
         archived,
-        updated_since: q
-            .get("updated_since")
-            .map(|v| parse_time("updated_since", v))
-            .transpose()?,
-        after: q
-            .get("after")
-            .map(|v| {
-                Uuid::parse_str(v).map_err(|_| {
-                    ApiError::bad_request("invalid_query", "`after` must be a contact id")
-                })
-            })
-            .transpose()?,
+        updated_since: q.updated_since.map(|t| t.0),
+        after: q.after,
         limit,
     };
     s.await_projection("contacts", pos, wait).await?;
@@ -638,17 +648,16 @@ async fn list(s: AppState, a: Authed, raw: String) -> Result<Response, ApiError>
     let next = (views.len() as i64 == limit)
         .then(|| views.last().map(|v| v.id))
         .flatten();
-    let items: Vec<Value> = views
+    let items = views
         .iter()
         .map(|v| {
             let mut json = view_json(v);
             visibility::contact(policy, &mut json);
-            json
+            Shaped::new(json)
         })
         .collect();
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({ "items": items, "next_after": next }),
-        &a.ctx.request_id,
-    ))
+    Ok(Ok200(ContactPage {
+        items,
+        next_after: next,
+    }))
 }

@@ -4,40 +4,99 @@
 use crm_infra::event_store;
 use crm_infra::metrics::{render, METRICS};
 use crm_infra::{projector, read_models, relay};
-use serde_json::json;
-use warp::filters::BoxedFilter;
+use serde::Serialize;
+use utoipa::ToSchema;
 use warp::http::StatusCode;
-use warp::reply::Response;
-use warp::{Filter, Reply};
+use warp::Reply;
 
-use super::with_state;
-use crate::error::json_response;
+use crate::edge::reply::{Ok200, RawAs, RawDoc};
+use crate::edge::route::OpDoc;
+use crate::error::ApiError;
 use crate::state::AppState;
 
-pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
-    let healthz = warp::path!("healthz")
-        .and(warp::get())
-        .map(|| json_response(StatusCode::OK, &json!({"status": "ok"}), ""));
-    let readyz = warp::path!("readyz")
-        .and(warp::get())
-        .and(with_state(state.clone()))
-        .then(readyz);
-    let metrics = warp::path!("metrics")
-        .and(warp::get())
-        .and(with_state(state))
-        .then(metrics);
-    let openapi = warp::path!("openapi.json").and(warp::get()).map(|| {
+/// The process answers.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Health {
+    /// Always `ok`.
+    status: String,
+}
+
+pub(crate) async fn healthz(_s: AppState) -> Result<Ok200<Health>, ApiError> {
+    Ok(Ok200(Health {
+        status: "ok".into(),
+    }))
+}
+
+/// Whether the service can work, and how far behind its workers are.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Ready {
+    /// `ready` or `not_ready`.
+    status: String,
+    /// `ok` or `unreachable`.
+    postgres: String,
+    /// `ok` or `unreachable`.
+    nats: String,
+    /// Committed events the relay has not published yet (null when unknown).
+    relay_lag_events: Option<i64>,
+    /// Per read model, events not applied yet (null when unknown).
+    #[schema(value_type = Option<std::collections::BTreeMap<String, i64>>)]
+    projector_lag_events: Option<std::collections::BTreeMap<String, i64>>,
+}
+
+pub(crate) struct ReadyDoc;
+
+impl RawDoc for ReadyDoc {
+    fn document(doc: &mut OpDoc) {
+        let schema = doc.schema::<Ready>();
+        doc.success(200, "Ready", Some(("application/json", schema.clone())));
+        doc.success(
+            503,
+            "Not ready: PostgreSQL or NATS unreachable",
+            Some(("application/json", schema)),
+        );
+    }
+}
+
+pub(crate) struct MetricsDoc;
+
+impl RawDoc for MetricsDoc {
+    fn document(doc: &mut OpDoc) {
+        doc.success(
+            200,
+            "Prometheus text exposition format",
+            Some(("text/plain", schema_of_type(utoipa::openapi::schema::Type::String))),
+        );
+    }
+}
+
+pub(crate) struct OpenApiDoc;
+
+impl RawDoc for OpenApiDoc {
+    fn document(doc: &mut OpDoc) {
+        doc.success(
+            200,
+            "The OpenAPI 3.1 document",
+            Some((
+                "application/json",
+                schema_of_type(utoipa::openapi::schema::Type::Object),
+            )),
+        );
+    }
+}
+
+fn schema_of_type(t: utoipa::openapi::schema::Type) -> utoipa::openapi::RefOr<utoipa::openapi::Schema> {
+    utoipa::openapi::RefOr::T(utoipa::openapi::Schema::Object(
+        utoipa::openapi::schema::ObjectBuilder::new()
+            .schema_type(t)
+            .build(),
+    ))
+}
+
+pub(crate) async fn openapi(_s: AppState) -> Result<RawAs<OpenApiDoc>, ApiError> {
+    Ok(RawAs::new(
         warp::reply::with_header(crate::openapi::json(), "content-type", "application/json")
-            .into_response()
-    });
-    healthz
-        .or(readyz)
-        .unify()
-        .or(metrics)
-        .unify()
-        .or(openapi)
-        .unify()
-        .boxed()
+            .into_response(),
+    ))
 }
 
 /// Events the relay and each projection have not processed yet.
@@ -62,7 +121,7 @@ async fn lags(state: &AppState) -> Result<(i64, Vec<(&'static str, i64)>), Strin
     Ok((relay_lag, out))
 }
 
-async fn readyz(state: AppState) -> Response {
+pub(crate) async fn readyz(state: AppState) -> Result<RawAs<ReadyDoc>, ApiError> {
     let pg_ok = match state.pool.get().await {
         Ok(c) => c.query_one("SELECT 1", &[]).await.is_ok(),
         Err(_) => false,
@@ -70,22 +129,26 @@ async fn readyz(state: AppState) -> Response {
     let nats_ok = state.bus.ping().await;
     let lag = if pg_ok { lags(&state).await.ok() } else { None };
     let ready = pg_ok && nats_ok;
-    let body = json!({
-        "status": if ready { "ready" } else { "not_ready" },
-        "postgres": if pg_ok { "ok" } else { "unreachable" },
-        "nats": if nats_ok { "ok" } else { "unreachable" },
-        "relay_lag_events": lag.as_ref().map(|l| l.0),
-        "projector_lag_events": lag.as_ref().map(|l| l.1.iter().map(|(n, v)| (n.to_string(), json!(v))).collect::<serde_json::Map<_, _>>()),
-    });
+    let body = Ready {
+        status: if ready { "ready" } else { "not_ready" }.into(),
+        postgres: if pg_ok { "ok" } else { "unreachable" }.into(),
+        nats: if nats_ok { "ok" } else { "unreachable" }.into(),
+        relay_lag_events: lag.as_ref().map(|l| l.0),
+        projector_lag_events: lag
+            .as_ref()
+            .map(|l| l.1.iter().map(|(n, v)| (n.to_string(), *v)).collect()),
+    };
     let status = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    json_response(status, &body, "")
+    Ok(RawAs::new(
+        warp::reply::with_status(warp::reply::json(&body), status).into_response(),
+    ))
 }
 
-async fn metrics(state: AppState) -> Response {
+pub(crate) async fn metrics(state: AppState) -> Result<RawAs<MetricsDoc>, ApiError> {
     if let Ok((relay_lag, projections)) = lags(&state).await {
         METRICS.relay_lag_events.set(relay_lag);
         for (name, lag) in projections {
@@ -95,5 +158,8 @@ async fn metrics(state: AppState) -> Response {
                 .set(lag);
         }
     }
-    warp::reply::with_header(render(), "content-type", "text/plain; version=0.0.4").into_response()
+    Ok(RawAs::new(
+        warp::reply::with_header(render(), "content-type", "text/plain; version=0.0.4")
+            .into_response(),
+    ))
 }

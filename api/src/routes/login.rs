@@ -1,53 +1,34 @@
 //! `POST /v1/auth/login`: email and password for a staff JWT.
 
 use serde::Deserialize;
-use serde_json::json;
-use warp::filters::BoxedFilter;
-use warp::reply::Response;
-use warp::Filter;
+use utoipa::ToSchema;
 
-use super::{body, require_json, with_state};
+use super::schemas::Token;
 use crate::auth::{dummy_hash, verify_password};
-use crate::context::{request_context, RequestContext};
-use crate::error::{finish, parse_json, ApiError};
+use crate::edge::extract::Json;
+use crate::edge::reply::Ok200;
+use crate::error::ApiError;
 use crate::state::AppState;
 
-#[derive(Deserialize, utoipa::ToSchema)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"email": "owner@example.com", "password": "correct horse battery staple"}))]
 pub(crate) struct LoginRequest {
+    #[schema(max_length = 320)]
     email: String,
+    #[schema(max_length = 1024)]
     password: String,
     /// A TOTP code or a backup code, for accounts with two-factor authentication.
     #[serde(default)]
     code: Option<String>,
 }
 
-pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
-    warp::path!("v1" / "auth" / "login")
-        .and(warp::post())
-        .and(with_state(state.clone()))
-        .and(request_context())
-        .and(body(16 * 1024))
-        .and_then(|state: AppState, ctx: RequestContext, ct: Option<String>, body: bytes::Bytes| async move {
-            finish(login(state, ct, body).await, &ctx.request_id).map(|mut r| {
-                if let Ok(v) = ctx.request_id.parse() {
-                    r.headers_mut().insert("x-request-id", v);
-                }
-                r
-            })
-        })
-        .boxed()
-}
-
 const BAD_LOGIN: &str = "invalid email or password";
 
-async fn login(
+pub(crate) async fn login(
     state: AppState,
-    ct: Option<String>,
-    body: bytes::Bytes,
-) -> Result<Response, ApiError> {
-    require_json(ct.as_deref())?;
-    let req: LoginRequest = parse_json(&body)?;
+    Json(req): Json<LoginRequest>,
+) -> Result<Ok200<Token>, ApiError> {
     if req.password.len() > crate::auth::MAX_PASSWORD_BYTES || req.email.len() > 320 {
         return Err(ApiError::Unauthorized(BAD_LOGIN));
     }
@@ -92,14 +73,7 @@ async fn login(
             });
         }
     }
-    super::staff_token(
-        &state,
-        c.user_id,
-        c.org_id,
-        c.token_generation,
-        json!({}),
-        "",
-    )
+    super::staff_token(&state, c.user_id, c.org_id, c.token_generation).map(Ok200)
 }
 
 /// Checks a TOTP code (current or previous step, never twice) or a backup code (once).
@@ -119,9 +93,9 @@ pub(crate) async fn second_factor(
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    if let Some(step) = crate::totp::matching_step(&secret, code, now) {
+    if let Some(step) = crate::auth::totp::matching_step(&secret, code, now) {
         return Ok(crm_infra::accounts::consume_totp_step(&client, user_id, step as i64).await?);
     }
-    let digest = crate::totp::backup_digest(code);
+    let digest = crate::auth::totp::backup_digest(code);
     Ok(crm_infra::accounts::consume_backup_code(&client, user_id, &digest).await?)
 }

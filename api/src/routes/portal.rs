@@ -9,7 +9,7 @@
 //! path (one lookup; a bcrypt check against a dummy hash for logins); the mail for a
 //! known address is created in the background.
 
-use crm_domain::access::{Module, Permission};
+use crm_domain::access::Module;
 use crm_domain::metadata::{EventMetadata, Principal, PrincipalKind};
 use crm_domain::portal::{PortalCommand, PortalError, PortalLogin};
 use crm_domain::values::Email;
@@ -18,62 +18,66 @@ use crm_infra::commands::CommandError;
 use crm_infra::portal::{self, PortalCredential};
 use crm_infra::read_models::contacts as contacts_rm;
 use serde::Deserialize;
-use serde_json::json;
+use utoipa::ToSchema;
 use uuid::Uuid;
-use warp::filters::BoxedFilter;
-use warp::http::StatusCode;
-use warp::reply::Response;
-use warp::{Filter, Rejection};
 
-use super::{allowed, body, require_json, with_state, Authed};
+use super::contacts::ContactDoc;
+use super::schemas::{Message, Outcome, Token};
+use super::Authed;
 use crate::auth::{check_password_policy, dummy_hash, hash_password, verify_password};
-use crate::context::{request_context, RequestContext};
-use crate::error::{finish, json_response, parse_json, ApiError, ApiRejection, FieldError};
+use crate::edge::context::RequestContext;
+use crate::edge::extract::{Id, Json, OptionalJson};
+use crate::edge::reply::{Accepted, NoContent, Ok200, Shaped};
+use crate::error::{ApiError, FieldError};
 use crate::mail::Mail;
 use crate::state::AppState;
-
-const BODY_LIMIT: u64 = 16 * 1024;
 const BAD_LOGIN: &str = "invalid email or password";
 /// The one answer to "send me a link", whether or not the address has an account.
 const LINK_SENT: &str = "if the address belongs to an account, a message with a link is on its way";
 
-#[derive(Deserialize, utoipa::ToSchema)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct PortalLoginInput {
     org_id: Uuid,
+    #[schema(max_length = 320)]
     email: String,
+    #[schema(max_length = 1024)]
     password: String,
 }
 
-#[derive(Deserialize, utoipa::ToSchema)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct PortalEmailInput {
     org_id: Uuid,
+    #[schema(max_length = 320)]
     email: String,
 }
 
-#[derive(Deserialize, utoipa::ToSchema)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct StaffEmailInput {
+    #[schema(max_length = 320)]
     email: String,
 }
 
-#[derive(Deserialize, utoipa::ToSchema)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct TokenInput {
     token: String,
 }
 
-#[derive(Deserialize, utoipa::ToSchema)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ResetInput {
     token: String,
     new_password: String,
 }
 
-#[derive(Deserialize, Default, utoipa::ToSchema)]
+/// The portal login's email (default: the contact's own).
+#[derive(Deserialize, Default, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct GrantInput {
+    #[schema(format = Email, max_length = 254)]
     email: Option<String>,
 }
 
@@ -105,188 +109,44 @@ fn portal_off() -> ApiError {
     }
 }
 
-/// Requires a valid portal token of a contact whose access is live.
-fn portal_user(
-    state: AppState,
-) -> impl Filter<Extract = (PortalAuthed,), Error = Rejection> + Clone {
-    warp::header::optional::<String>("authorization")
-        .and(request_context())
-        .and_then(move |header: Option<String>, ctx: RequestContext| {
-            let state = state.clone();
-            async move {
-                let reject = |e: ApiError, ctx: RequestContext| {
-                    warp::reject::custom(ApiRejection(e, ctx.request_id))
-                };
-                let invalid = ApiError::Unauthorized("the token is invalid or expired");
-                let token = header
-                    .as_deref()
-                    .and_then(|h| {
-                        h.strip_prefix("Bearer ")
-                            .or_else(|| h.strip_prefix("bearer "))
-                    })
-                    .map(str::trim);
-                let Some(caller) = token.and_then(|t| state.tokens.verify_portal(t)) else {
-                    return Err(reject(invalid, ctx));
-                };
-                let found = match state.pool.get().await {
-                    Ok(client) => portal::by_contact(&client, caller.org_id, caller.user_id)
-                        .await
-                        .map_err(ApiError::from),
-                    Err(e) => Err(e.into()),
-                };
-                match found {
-                    Ok(Some(c)) if c.token_generation == caller.generation => {
-                        if !c.portal_on {
-                            return Err(reject(portal_off(), ctx));
-                        }
-                        Ok(PortalAuthed {
-                            contact_id: c.contact_id,
-                            org_id: c.org_id,
-                            ctx,
-                        })
-                    }
-                    Ok(_) => Err(reject(invalid, ctx)),
-                    Err(e) => Err(reject(e, ctx)),
-                }
+/// Authenticates a portal request: a valid portal token of a contact whose access is
+/// live (staff tokens are refused).
+pub async fn authenticate(
+    state: &AppState,
+    authorization: Option<&str>,
+    ctx: &RequestContext,
+) -> Result<PortalAuthed, ApiError> {
+    let invalid = ApiError::Unauthorized("the token is invalid or expired");
+    let Some(caller) = super::bearer(authorization).and_then(|t| state.tokens.verify_portal(t))
+    else {
+        return Err(invalid);
+    };
+    let client = state.pool.get().await?;
+    match portal::by_contact(&client, caller.org_id, caller.user_id).await? {
+        Some(c) if c.token_generation == caller.generation => {
+            if !c.portal_on {
+                return Err(portal_off());
             }
-        })
+            Ok(PortalAuthed {
+                contact_id: c.contact_id,
+                org_id: c.org_id,
+                ctx: ctx.clone(),
+            })
+        }
+        _ => Err(invalid),
+    }
 }
 
-fn with_ctx_json<F, Fut>(
-    state: AppState,
-    path: BoxedFilter<()>,
-    handler: F,
-) -> BoxedFilter<(Response,)>
-where
-    F: Fn(AppState, RequestContext, Option<String>, bytes::Bytes) -> Fut
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    Fut: std::future::Future<Output = Result<Response, ApiError>> + Send + 'static,
-{
-    path.and(warp::post())
-        .and(with_state(state))
-        .and(request_context())
-        .and(body(BODY_LIMIT))
-        .and_then(
-            move |s: AppState, ctx: RequestContext, ct: Option<String>, b: bytes::Bytes| {
-                let handler = handler.clone();
-                async move {
-                    let rid = ctx.request_id.clone();
-                    finish(handler(s, ctx, ct, b).await, &rid)
-                }
-            },
-        )
-        .boxed()
+fn token_response(s: &AppState, token: String) -> Ok200<Token> {
+    Ok200(Token {
+        access_token: token,
+        token_type: "Bearer".into(),
+        expires_in: s.tokens.ttl_secs(),
+    })
 }
 
-pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
-    let s = state.clone();
-    let login = with_ctx_json(
-        s.clone(),
-        warp::path!("portal" / "auth" / "login").boxed(),
-        portal_login,
-    );
-    let magic = with_ctx_json(
-        s.clone(),
-        warp::path!("portal" / "auth" / "magic-link").boxed(),
-        magic_link,
-    );
-    let redeem = with_ctx_json(
-        s.clone(),
-        warp::path!("portal" / "auth" / "magic-link" / "redeem").boxed(),
-        redeem_magic_link,
-    );
-    let portal_reset = with_ctx_json(
-        s.clone(),
-        warp::path!("portal" / "auth" / "password-reset").boxed(),
-        portal_reset_request,
-    );
-    let portal_confirm = with_ctx_json(
-        s.clone(),
-        warp::path!("portal" / "auth" / "password-reset" / "confirm").boxed(),
-        portal_reset_confirm,
-    );
-    let staff_reset = with_ctx_json(
-        s.clone(),
-        warp::path!("v1" / "auth" / "password-reset").boxed(),
-        staff_reset_request,
-    );
-    let staff_confirm = with_ctx_json(
-        s.clone(),
-        warp::path!("v1" / "auth" / "password-reset" / "confirm").boxed(),
-        staff_reset_confirm,
-    );
-    let me = warp::path!("portal" / "me")
-        .and(warp::get())
-        .and(with_state(s.clone()))
-        .and(portal_user(s.clone()))
-        .and_then(|s: AppState, p: PortalAuthed| async move {
-            let rid = p.ctx.request_id.clone();
-            finish(portal_me(s, p).await, &rid)
-        });
-    let logout = warp::path!("portal" / "auth" / "logout")
-        .and(warp::post())
-        .and(with_state(s.clone()))
-        .and(portal_user(s.clone()))
-        .and_then(|s: AppState, p: PortalAuthed| async move {
-            let rid = p.ctx.request_id.clone();
-            finish(portal_logout(s, p).await, &rid)
-        });
-    let grant = warp::path!("v1" / "contacts" / String / "portal-access")
-        .and(warp::post())
-        .and(with_state(s.clone()))
-        .and(allowed(s.clone(), Permission::PortalManage))
-        .and(body(BODY_LIMIT))
-        .and_then(
-            |id: String, s: AppState, a: Authed, ct: Option<String>, b: bytes::Bytes| async move {
-                let rid = a.ctx.request_id.clone();
-                finish(grant(s, a, id, ct, b).await, &rid)
-            },
-        );
-    let revoke = warp::path!("v1" / "contacts" / String / "portal-access" / "revoke")
-        .and(warp::post())
-        .and(with_state(s.clone()))
-        .and(allowed(s, Permission::PortalManage))
-        .and_then(|id: String, s: AppState, a: Authed| async move {
-            let rid = a.ctx.request_id.clone();
-            finish(revoke(s, a, id).await, &rid)
-        });
-    login
-        .or(magic)
-        .unify()
-        .or(redeem)
-        .unify()
-        .or(portal_reset)
-        .unify()
-        .or(portal_confirm)
-        .unify()
-        .or(staff_reset)
-        .unify()
-        .or(staff_confirm)
-        .unify()
-        .or(me)
-        .unify()
-        .or(logout)
-        .unify()
-        .or(grant)
-        .unify()
-        .or(revoke)
-        .unify()
-        .boxed()
-}
-
-fn token_response(s: &AppState, token: String, rid: &str) -> Response {
-    json_response(
-        StatusCode::OK,
-        &json!({ "access_token": token, "token_type": "Bearer", "expires_in": s.tokens.ttl_secs() }),
-        rid,
-    )
-}
-
-fn link_sent(rid: &str) -> Response {
-    json_response(StatusCode::ACCEPTED, &json!({ "message": LINK_SENT }), rid)
+fn link_sent() -> Accepted<Message> {
+    Accepted(Message::new(LINK_SENT))
 }
 
 fn portal_error(e: CommandError<PortalError>) -> ApiError {
@@ -302,14 +162,10 @@ fn portal_error(e: CommandError<PortalError>) -> ApiError {
     }
 }
 
-async fn portal_login(
+pub(crate) async fn portal_login(
     s: AppState,
-    ctx: RequestContext,
-    ct: Option<String>,
-    body: bytes::Bytes,
-) -> Result<Response, ApiError> {
-    require_json(ct.as_deref())?;
-    let req: PortalLoginInput = parse_json(&body)?;
+    Json(req): Json<PortalLoginInput>,
+) -> Result<Ok200<Token>, ApiError> {
     if req.password.len() > crate::auth::MAX_PASSWORD_BYTES || req.email.len() > 320 {
         return Err(ApiError::Unauthorized(BAD_LOGIN));
     }
@@ -344,7 +200,7 @@ async fn portal_login(
         .tokens
         .issue_portal(c.contact_id, c.org_id, c.token_generation)
         .map_err(ApiError::internal)?;
-    Ok(token_response(&s, token, &ctx.request_id))
+    Ok(token_response(&s, token))
 }
 
 /// Creates a token for `subject` and mails a link with it, in the background.
@@ -383,33 +239,25 @@ pub(crate) fn send_link(s: &AppState, purpose: Purpose, org_id: Uuid, subject: U
     });
 }
 
-async fn magic_link(
+pub(crate) async fn magic_link(
     s: AppState,
-    ctx: RequestContext,
-    ct: Option<String>,
-    body: bytes::Bytes,
-) -> Result<Response, ApiError> {
-    portal_link(s, ctx, ct, body, Purpose::PortalMagicLink).await
+    Json(req): Json<PortalEmailInput>,
+) -> Result<Accepted<Message>, ApiError> {
+    portal_link(s, req, Purpose::PortalMagicLink).await
 }
 
-async fn portal_reset_request(
+pub(crate) async fn portal_reset_request(
     s: AppState,
-    ctx: RequestContext,
-    ct: Option<String>,
-    body: bytes::Bytes,
-) -> Result<Response, ApiError> {
-    portal_link(s, ctx, ct, body, Purpose::PortalReset).await
+    Json(req): Json<PortalEmailInput>,
+) -> Result<Accepted<Message>, ApiError> {
+    portal_link(s, req, Purpose::PortalReset).await
 }
 
 async fn portal_link(
     s: AppState,
-    ctx: RequestContext,
-    ct: Option<String>,
-    body: bytes::Bytes,
+    req: PortalEmailInput,
     purpose: Purpose,
-) -> Result<Response, ApiError> {
-    require_json(ct.as_deref())?;
-    let req: PortalEmailInput = parse_json(&body)?;
+) -> Result<Accepted<Message>, ApiError> {
     if req.email.len() <= 320 {
         let client = s.pool.get().await?;
         let found: Option<PortalCredential> = portal::find(&client, req.org_id, &req.email).await?;
@@ -423,17 +271,13 @@ async fn portal_link(
             );
         }
     }
-    Ok(link_sent(&ctx.request_id))
+    Ok(link_sent())
 }
 
-async fn redeem_magic_link(
+pub(crate) async fn redeem_magic_link(
     s: AppState,
-    ctx: RequestContext,
-    ct: Option<String>,
-    body: bytes::Bytes,
-) -> Result<Response, ApiError> {
-    require_json(ct.as_deref())?;
-    let req: TokenInput = parse_json(&body)?;
+    Json(req): Json<TokenInput>,
+) -> Result<Ok200<Token>, ApiError> {
     let client = s.pool.get().await?;
     let expired = ApiError::Unauthorized("the link is invalid, expired or already used");
     let Some((org_id, contact_id)) =
@@ -451,7 +295,7 @@ async fn redeem_magic_link(
         .tokens
         .issue_portal(c.contact_id, c.org_id, c.token_generation)
         .map_err(ApiError::internal)?;
-    Ok(token_response(&s, token, &ctx.request_id))
+    Ok(token_response(&s, token))
 }
 
 async fn new_password_hash(password: String) -> Result<String, ApiError> {
@@ -467,14 +311,11 @@ async fn new_password_hash(password: String) -> Result<String, ApiError> {
         .map_err(ApiError::internal)
 }
 
-async fn portal_reset_confirm(
+pub(crate) async fn portal_reset_confirm(
     s: AppState,
     ctx: RequestContext,
-    ct: Option<String>,
-    body: bytes::Bytes,
-) -> Result<Response, ApiError> {
-    require_json(ct.as_deref())?;
-    let req: ResetInput = parse_json(&body)?;
+    Json(req): Json<ResetInput>,
+) -> Result<Ok200<Message>, ApiError> {
     // The password is checked first, so a weak one does not use the token up.
     let hash = new_password_hash(req.new_password).await?;
     let client = s.pool.get().await?;
@@ -502,21 +343,13 @@ async fn portal_reset_confirm(
     )
     .await
     .map_err(portal_error)?;
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({ "message": "the password is set; sign in with it" }),
-        &ctx.request_id,
-    ))
+    Ok(Ok200(Message::new("the password is set; sign in with it")))
 }
 
-async fn staff_reset_request(
+pub(crate) async fn staff_reset_request(
     s: AppState,
-    ctx: RequestContext,
-    ct: Option<String>,
-    body: bytes::Bytes,
-) -> Result<Response, ApiError> {
-    require_json(ct.as_deref())?;
-    let req: StaffEmailInput = parse_json(&body)?;
+    Json(req): Json<StaffEmailInput>,
+) -> Result<Accepted<Message>, ApiError> {
     if req.email.len() <= 320 {
         let client = s.pool.get().await?;
         let found = crm_infra::accounts::find_credential(&client, &req.email).await?;
@@ -530,19 +363,16 @@ async fn staff_reset_request(
             );
         }
     }
-    Ok(link_sent(&ctx.request_id))
+    Ok(link_sent())
 }
 
 /// Sets a new password from a reset link. It does not sign in: the next login still
 /// needs the second factor if the account has one.
-async fn staff_reset_confirm(
+pub(crate) async fn staff_reset_confirm(
     s: AppState,
     ctx: RequestContext,
-    ct: Option<String>,
-    body: bytes::Bytes,
-) -> Result<Response, ApiError> {
-    require_json(ct.as_deref())?;
-    let req: ResetInput = parse_json(&body)?;
+    Json(req): Json<ResetInput>,
+) -> Result<Ok200<Message>, ApiError> {
     let hash = new_password_hash(req.new_password).await?;
     let client = s.pool.get().await?;
     let Some((org_id, user_id)) = auth_tokens::redeem(
@@ -564,28 +394,23 @@ async fn staff_reset_confirm(
     };
     let meta = super::event_metadata(&ctx, org_id, principal);
     crm_infra::accounts::change_password(&s.executor, org_id, user_id, hash, &meta).await?;
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({ "message": "the password is set; sign in with it" }),
-        &ctx.request_id,
-    ))
+    Ok(Ok200(Message::new("the password is set; sign in with it")))
 }
 
-async fn portal_me(s: AppState, p: PortalAuthed) -> Result<Response, ApiError> {
+pub(crate) async fn portal_me(
+    s: AppState,
+    p: PortalAuthed,
+) -> Result<Ok200<Shaped<ContactDoc>>, ApiError> {
     let mut client = s.pool.get().await?;
     let tx = crm_infra::read_models::org_scope(&mut client, p.org_id).await?;
     // Scoped to the contact's own id: there is no other id a portal caller can name.
     let view = contacts_rm::get(&tx, p.org_id, p.contact_id)
         .await?
         .ok_or(ApiError::NotFound("contact not found"))?;
-    Ok(json_response(
-        StatusCode::OK,
-        &super::contacts::view_json(&view),
-        &p.ctx.request_id,
-    ))
+    Ok(Ok200(Shaped::new(super::contacts::view_json(&view))))
 }
 
-async fn portal_logout(s: AppState, p: PortalAuthed) -> Result<Response, ApiError> {
+pub(crate) async fn portal_logout(s: AppState, p: PortalAuthed) -> Result<NoContent, ApiError> {
     portal::command(
         &s.executor,
         p.org_id,
@@ -596,7 +421,7 @@ async fn portal_logout(s: AppState, p: PortalAuthed) -> Result<Response, ApiErro
     )
     .await
     .map_err(portal_error)?;
-    Ok(super::no_content(&p.ctx.request_id))
+    Ok(NoContent)
 }
 
 /// The contact as its events say now (not the read model, which may lag behind a
@@ -618,28 +443,16 @@ async fn current_contact(
     }
 }
 
-fn parse_contact_id(raw: &str) -> Result<Uuid, ApiError> {
-    super::parse_uuid(raw, "contact")
-}
-
 /// Gives a contact of the caller's organisation portal access, with its current email
 /// (or the one given). The contact then sets a password through a reset link or signs
 /// in with a magic link.
-async fn grant(
+pub(crate) async fn grant(
     s: AppState,
     a: Authed,
-    id: String,
-    ct: Option<String>,
-    body: bytes::Bytes,
-) -> Result<Response, ApiError> {
-    let contact_id = parse_contact_id(&id)?;
+    Id(contact_id): Id,
+    OptionalJson(input): OptionalJson<GrantInput>,
+) -> Result<Ok200<Outcome>, ApiError> {
     let contact = current_contact(&s, a.caller.org_id, contact_id).await?;
-    let input: GrantInput = if body.is_empty() {
-        GrantInput::default()
-    } else {
-        require_json(ct.as_deref())?;
-        parse_json(&body)?
-    };
     let email = match input.email {
         Some(e) => Email::parse(&e)
             .map_err(|e| ApiError::Validation(vec![FieldError::new("email", e.0)]))?,
@@ -664,11 +477,14 @@ async fn grant(
     )
     .await
     .map_err(portal_error)?;
-    Ok(super::outcome(&o, &a.ctx.request_id))
+    Ok(super::outcome(&o))
 }
 
-async fn revoke(s: AppState, a: Authed, id: String) -> Result<Response, ApiError> {
-    let contact_id = parse_contact_id(&id)?;
+pub(crate) async fn revoke(
+    s: AppState,
+    a: Authed,
+    Id(contact_id): Id,
+) -> Result<Ok200<Outcome>, ApiError> {
     current_contact(&s, a.caller.org_id, contact_id).await?;
     let o = portal::command(
         &s.executor,
@@ -680,5 +496,5 @@ async fn revoke(s: AppState, a: Authed, id: String) -> Result<Response, ApiError
     )
     .await
     .map_err(portal_error)?;
-    Ok(super::outcome(&o, &a.ctx.request_id))
+    Ok(super::outcome(&o))
 }

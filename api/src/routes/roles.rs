@@ -10,30 +10,100 @@ use crm_domain::organization::OrganizationCommand;
 use crm_domain::role::RoleCommand;
 use crm_domain::values::Name;
 use crm_infra::accounts;
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
-use warp::filters::BoxedFilter;
-use warp::http::StatusCode;
-use warp::reply::Response;
-use warp::Filter;
 
-use super::{allowed, body, require_json, with_state, Authed};
-use crate::error::{finish, json_response, parse_json, ApiError, FieldError};
+use super::schemas::{Created as CreatedId, Outcome, Time};
+use super::{query_error, Authed};
+use crate::edge::extract::{Id, Json, Query};
+use crate::edge::reply::{Created, Ok200};
+use crate::error::{ApiError, FieldError};
 use crate::state::AppState;
 
-const BODY_LIMIT: u64 = 16 * 1024;
+/// What a role allows.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct PolicyDoc {
+    /// Permissions as `module.action`.
+    permissions: Vec<String>,
+    /// Per contact field: `read` or `write` (absent: hidden).
+    #[schema(value_type = BTreeMap<String, String>)]
+    fields: Value,
+}
 
-#[derive(Deserialize, utoipa::ToSchema)]
+/// A built-in or custom role.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct RoleItem {
+    /// A built-in role's name or a custom role's id.
+    id: String,
+    name: String,
+    builtin: bool,
+    /// Custom roles only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retired: Option<bool>,
+    policy: PolicyDoc,
+}
+
+/// The organisation's roles.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct RoleList {
+    items: Vec<RoleItem>,
+}
+
+/// `GET /v1/audit/field-access` parameters.
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct FieldAccessQuery {
+    /// A contact field: given_name, family_name, email, phone, address, company,
+    /// title or custom.
+    field: String,
+    /// The moment (default: now).
+    #[param(value_type = Option<chrono::DateTime<chrono::Utc>>)]
+    at: Option<Time>,
+}
+
+/// Who could read a field at a moment.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct FieldReaders {
+    field: String,
+    at: chrono::DateTime<chrono::Utc>,
+    readers: Vec<FieldReader>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub(crate) struct FieldReader {
+    /// `user` or `api_key`.
+    kind: String,
+    id: String,
+    role: String,
+    /// `read` or `write`.
+    access: String,
+}
+
+fn text_of<T: Serialize>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+/// A custom role: its name, permissions (`module.action`) and per-field access
+/// (`hidden`, `read` or `write`). In a PATCH, absent members stay as they are.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"name": "Field sales", "permissions": ["contacts.read", "contacts.update"], "fields": {"email": "read", "phone": "write"}}))]
 pub(crate) struct RoleDefinition {
+    #[schema(max_length = 200)]
     name: Option<String>,
     permissions: Option<Vec<String>>,
     fields: Option<BTreeMap<String, String>>,
+    #[schema(minimum = 1)]
     expected_version: Option<i64>,
 }
 
-#[derive(Deserialize, utoipa::ToSchema)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ModulesInput {
     modules: Vec<String>,
@@ -83,128 +153,42 @@ fn parse_policy(
     policy
 }
 
-fn policy_json(p: &Policy) -> Value {
-    json!({ "permissions": p.permissions, "fields": p.fields })
+fn policy_json(p: &Policy) -> PolicyDoc {
+    PolicyDoc {
+        permissions: serde_json::from_value(serde_json::to_value(&p.permissions).unwrap_or_default())
+            .unwrap_or_default(),
+        fields: serde_json::to_value(&p.fields).unwrap_or_default(),
+    }
 }
 
-pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
-    let list = warp::path!("v1" / "roles")
-        .and(warp::get())
-        .and(with_state(state.clone()))
-        .and(allowed(state.clone(), Permission::RolesRead))
-        .and_then(|s: AppState, a: Authed| async move {
-            let rid = a.ctx.request_id.clone();
-            finish(list(s, a).await, &rid)
-        });
-    let define = warp::path!("v1" / "roles")
-        .and(warp::post())
-        .and(with_state(state.clone()))
-        .and(allowed(state.clone(), Permission::RolesManage))
-        .and(body(BODY_LIMIT))
-        .and_then(
-            |s: AppState, a: Authed, ct: Option<String>, b: bytes::Bytes| async move {
-                let rid = a.ctx.request_id.clone();
-                finish(define(s, a, ct, b).await, &rid)
-            },
-        );
-    let change = warp::path!("v1" / "roles" / String)
-        .and(warp::patch())
-        .and(with_state(state.clone()))
-        .and(allowed(state.clone(), Permission::RolesManage))
-        .and(body(BODY_LIMIT))
-        .and_then(
-            |id: String, s: AppState, a: Authed, ct: Option<String>, b: bytes::Bytes| async move {
-                let rid = a.ctx.request_id.clone();
-                finish(change(s, a, id, ct, b).await, &rid)
-            },
-        );
-    let retire = warp::path!("v1" / "roles" / String / "retire")
-        .and(warp::post())
-        .and(with_state(state.clone()))
-        .and(allowed(state.clone(), Permission::RolesManage))
-        .and_then(|id: String, s: AppState, a: Authed| async move {
-            let rid = a.ctx.request_id.clone();
-            finish(retire(s, a, id).await, &rid)
-        });
-    let modules = warp::path!("v1" / "organization" / "modules")
-        .and(warp::put())
-        .and(with_state(state.clone()))
-        .and(allowed(state.clone(), Permission::OrganizationManage))
-        .and(body(BODY_LIMIT))
-        .and_then(
-            |s: AppState, a: Authed, ct: Option<String>, b: bytes::Bytes| async move {
-                let rid = a.ctx.request_id.clone();
-                finish(set_modules(s, a, ct, b).await, &rid)
-            },
-        );
-    let two_factor = warp::path!("v1" / "organization" / "two-factor")
-        .and(warp::put())
-        .and(with_state(state.clone()))
-        .and(allowed(state.clone(), Permission::OrganizationManage))
-        .and(body(BODY_LIMIT))
-        .and_then(
-            |s: AppState, a: Authed, ct: Option<String>, b: bytes::Bytes| async move {
-                let rid = a.ctx.request_id.clone();
-                finish(require_two_factor(s, a, ct, b).await, &rid)
-            },
-        );
-    let field_access = warp::path!("v1" / "audit" / "field-access")
-        .and(warp::get())
-        .and(with_state(state.clone()))
-        .and(allowed(state.clone(), Permission::RolesRead))
-        .and(super::raw_query())
-        .and_then(|s: AppState, a: Authed, q: String| async move {
-            let rid = a.ctx.request_id.clone();
-            finish(field_access(s, a, q).await, &rid)
-        });
-    list.or(define)
-        .unify()
-        .or(two_factor)
-        .unify()
-        .or(field_access)
-        .unify()
-        .or(change)
-        .unify()
-        .or(retire)
-        .unify()
-        .or(modules)
-        .unify()
-        .boxed()
-}
-
-async fn list(s: AppState, a: Authed) -> Result<Response, ApiError> {
+pub(crate) async fn list(s: AppState, a: Authed) -> Result<Ok200<RoleList>, ApiError> {
     let client = s.pool.get().await?;
-    let mut items: Vec<Value> = accounts::builtin_roles()
-        .map(|(r, p)| json!({ "id": r.name(), "name": r.name(), "builtin": true, "policy": policy_json(&p) }))
+    let mut items: Vec<RoleItem> = accounts::builtin_roles()
+        .map(|(r, p)| RoleItem {
+            id: r.name().to_owned(),
+            name: r.name().to_owned(),
+            builtin: true,
+            retired: None,
+            policy: policy_json(&p),
+        })
         .collect();
     for r in accounts::list_roles(&client, a.caller.org_id).await? {
-        items.push(json!({
-            "id": r.role_id,
-            "name": r.name,
-            "builtin": false,
-            "retired": r.retired,
-            "policy": policy_json(&r.policy),
-        }));
+        items.push(RoleItem {
+            id: r.role_id.to_string(),
+            name: r.name.to_string(),
+            builtin: false,
+            retired: Some(r.retired),
+            policy: policy_json(&r.policy),
+        });
     }
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({ "items": items }),
-        &a.ctx.request_id,
-    ))
+    Ok(Ok200(RoleList { items }))
 }
 
-fn parse_role_id(raw: &str) -> Result<Uuid, ApiError> {
-    super::parse_uuid(raw, "custom role")
-}
-
-async fn define(
+pub(crate) async fn define(
     s: AppState,
     a: Authed,
-    ct: Option<String>,
-    body: bytes::Bytes,
-) -> Result<Response, ApiError> {
-    require_json(ct.as_deref())?;
-    let input: RoleDefinition = parse_json(&body)?;
+    Json(input): Json<RoleDefinition>,
+) -> Result<Created<CreatedId>, ApiError> {
     let mut errors = Vec::new();
     let name = match input.name.as_deref().map(Name::parse) {
         Some(Ok(n)) => Some(n),
@@ -247,23 +231,18 @@ async fn define(
         Some(0),
     )
     .await?;
-    Ok(json_response(
-        StatusCode::CREATED,
-        &json!({ "id": role_id }),
-        &a.ctx.request_id,
-    ))
+    Ok(Created {
+        body: CreatedId { id: role_id },
+        location: format!("/v1/roles/{role_id}"),
+    })
 }
 
-async fn change(
+pub(crate) async fn change(
     s: AppState,
     a: Authed,
-    id: String,
-    ct: Option<String>,
-    body: bytes::Bytes,
-) -> Result<Response, ApiError> {
-    let role_id = parse_role_id(&id)?;
-    require_json(ct.as_deref())?;
-    let input: RoleDefinition = parse_json(&body)?;
+    Id(role_id): Id,
+    Json(input): Json<RoleDefinition>,
+) -> Result<Ok200<Outcome>, ApiError> {
     let mut errors = Vec::new();
     let name = match input.name.as_deref().map(Name::parse) {
         Some(Ok(n)) => Some(n),
@@ -296,11 +275,10 @@ async fn change(
         input.expected_version,
     )
     .await?;
-    Ok(super::outcome(&o, &a.ctx.request_id))
+    Ok(super::outcome(&o))
 }
 
-async fn retire(s: AppState, a: Authed, id: String) -> Result<Response, ApiError> {
-    let role_id = parse_role_id(&id)?;
+pub(crate) async fn retire(s: AppState, a: Authed, Id(role_id): Id) -> Result<Ok200<Outcome>, ApiError> {
     let o = accounts::role_command(
         &s.executor,
         a.caller.org_id,
@@ -310,17 +288,14 @@ async fn retire(s: AppState, a: Authed, id: String) -> Result<Response, ApiError
         None,
     )
     .await?;
-    Ok(super::outcome(&o, &a.ctx.request_id))
+    Ok(super::outcome(&o))
 }
 
-async fn set_modules(
+pub(crate) async fn set_modules(
     s: AppState,
     a: Authed,
-    ct: Option<String>,
-    body: bytes::Bytes,
-) -> Result<Response, ApiError> {
-    require_json(ct.as_deref())?;
-    let input: ModulesInput = parse_json(&body)?;
+    Json(input): Json<ModulesInput>,
+) -> Result<Ok200<Outcome>, ApiError> {
     let mut modules = BTreeSet::new();
     let mut errors = Vec::new();
     for m in input.modules {
@@ -347,24 +322,21 @@ async fn set_modules(
         &a.metadata(),
     )
     .await?;
-    Ok(super::outcome(&o, &a.ctx.request_id))
+    Ok(super::outcome(&o))
 }
 
-#[derive(Deserialize, utoipa::ToSchema)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct TwoFactorInput {
     required: bool,
 }
 
 /// Whether the organisation's Owners and Admins must use 2FA.
-async fn require_two_factor(
+pub(crate) async fn set_two_factor(
     s: AppState,
     a: Authed,
-    ct: Option<String>,
-    body: bytes::Bytes,
-) -> Result<Response, ApiError> {
-    require_json(ct.as_deref())?;
-    let input: TwoFactorInput = parse_json(&body)?;
+    Json(input): Json<TwoFactorInput>,
+) -> Result<Ok200<Outcome>, ApiError> {
     let o = accounts::organization_command(
         &s.executor,
         a.caller.org_id,
@@ -374,35 +346,34 @@ async fn require_two_factor(
         &a.metadata(),
     )
     .await?;
-    Ok(super::outcome(&o, &a.ctx.request_id))
+    Ok(super::outcome(&o))
 }
 
 /// Who could read a contact field at a moment (default: now), from the events.
-async fn field_access(s: AppState, a: Authed, raw: String) -> Result<Response, ApiError> {
-    let q = super::parse_query(&raw, &["field", "at"])?;
-    let field = q
-        .get("field")
-        .filter(|f| CONTACT_FIELDS.contains(&f.as_str()))
-        .ok_or_else(|| {
-            ApiError::bad_request(
-                "invalid_query",
-                format!("`field` must be one of {}", CONTACT_FIELDS.join(", ")),
-            )
-        })?;
-    let at = match q.get("at") {
-        Some(v) => super::parse_time("at", v)?,
-        None => chrono::Utc::now(),
-    };
+pub(crate) async fn field_access(
+    s: AppState,
+    a: Authed,
+    Query(q): Query<FieldAccessQuery>,
+) -> Result<Ok200<FieldReaders>, ApiError> {
+    let field = q.field;
+    if !CONTACT_FIELDS.contains(&field.as_str()) {
+        return Err(query_error(
+            "field",
+            &format!("must be one of {}", CONTACT_FIELDS.join(", ")),
+        ));
+    }
+    let at = q.at.map_or_else(chrono::Utc::now, |t| t.0);
     let client = s.pool.get().await?;
     let holders =
-        crm_infra::access_history::field_readers(&client, a.caller.org_id, field, at).await?;
-    let items: Vec<Value> = holders
+        crm_infra::access_history::field_readers(&client, a.caller.org_id, &field, at).await?;
+    let readers = holders
         .iter()
-        .map(|h| json!({ "kind": h.kind, "id": h.id, "role": h.role, "access": h.access }))
+        .map(|h| FieldReader {
+            kind: h.kind.to_owned(),
+            id: h.id.clone(),
+            role: text_of(&h.role),
+            access: text_of(&h.access),
+        })
         .collect();
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({ "field": field, "at": at, "readers": items }),
-        &a.ctx.request_id,
-    ))
+    Ok(Ok200(FieldReaders { field, at, readers }))
 }

@@ -1,50 +1,115 @@
 //! Staff users (`/v1/users`) and the caller's own account (`/v1/me`, logout, password).
 //! Every change is a command on the user's stream; the actor is in the event metadata.
 
-use crm_domain::access::{Permission, Policy, RoleRef};
+use crm_domain::access::{Policy, RoleRef};
 use crm_domain::user::{Grant, UserCommand, UserError};
 use crm_domain::values::{Email, Name};
 use crm_infra::accounts::{self, NewUser};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 use uuid::Uuid;
-use warp::filters::BoxedFilter;
-use warp::http::StatusCode;
-use warp::reply::Response;
-use warp::Filter;
 
-use super::{allowed, body, require_json, staff, with_state, Authed};
+use super::schemas::{Outcome, Token};
+use super::Authed;
 use crate::auth::{check_password_policy, hash_password, verify_password};
-use crate::error::{finish, json_response, parse_json, ApiError, FieldError};
+use crate::edge::extract::{Id, Json};
+use crate::edge::reply::{Created, NoContent, Ok200};
+use crate::error::{ApiError, FieldError};
 use crate::state::AppState;
 
-const BODY_LIMIT: u64 = 16 * 1024;
-
-#[derive(Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct NewUserInput {
+/// A staff user.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct User {
+    id: Uuid,
     email: String,
+    /// A built-in role's name or a custom role's id.
+    role: String,
+    active: bool,
+}
+
+/// Staff users.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct UserList {
+    items: Vec<User>,
+}
+
+/// A created user.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct CreatedUser {
+    id: Uuid,
+    /// Whether an invitation to set a password was mailed (no password was given).
+    invited: bool,
+}
+
+/// Who the caller is and what they may do.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Me {
+    principal: MePrincipal,
+    user_id: Uuid,
+    org_id: Uuid,
+    role: String,
+    /// Permissions as `module.action`.
+    permissions: Vec<String>,
+    /// Per contact field: `read` or `write` (absent: hidden).
+    #[schema(value_type = std::collections::BTreeMap<String, String>)]
+    fields: serde_json::Value,
+    /// Active modules.
+    modules: Vec<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub(crate) struct MePrincipal {
+    /// `user` or `api_key`.
+    kind: String,
+    id: Uuid,
+}
+
+/// A new TOTP seed, to add to an authenticator app.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct TotpSetup {
+    /// Base32.
+    secret: String,
+    otpauth_url: String,
+    digits: u32,
+    period: u64,
+}
+
+/// 2FA is on: the backup codes (shown once) and a new token.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct TwoFactorEnabled {
+    access_token: String,
+    token_type: String,
+    expires_in: u64,
+    backup_codes: Vec<String>,
+    note: String,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"email": "sam@example.com", "display_name": "Sam Jones", "role": "team"}))]
+pub(crate) struct NewUserInput {
+    #[schema(format = Email, max_length = 254)]
+    email: String,
+    #[schema(max_length = 200)]
     display_name: String,
+    /// A built-in role (owner, admin, board, executive, director, team, support,
+    /// partner, viewer, client) or a custom role's id.
     role: String,
     /// Absent: the user is invited by mail (a single-use link, 72 h) to set one.
     password: Option<String>,
 }
 
-#[derive(Deserialize, utoipa::ToSchema)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RoleChange {
     role: String,
 }
 
-#[derive(Deserialize, utoipa::ToSchema)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct PasswordInput {
     current_password: String,
     new_password: String,
-}
-
-fn parse_user_id(raw: &str) -> Result<Uuid, ApiError> {
-    super::parse_uuid(raw, "user")
 }
 
 fn parse_role(raw: &str) -> Result<RoleRef, ApiError> {
@@ -70,160 +135,35 @@ pub(crate) async fn grant_of(s: &AppState, a: &Authed, role: RoleRef) -> Result<
     Ok(Grant { role, policy })
 }
 
-pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
-    let list = warp::path!("v1" / "users")
-        .and(warp::get())
-        .and(with_state(state.clone()))
-        .and(allowed(state.clone(), Permission::UsersRead))
-        .and_then(|s: AppState, a: Authed| async move {
-            let rid = a.ctx.request_id.clone();
-            finish(list(s, a).await, &rid)
-        });
-    let get_one = warp::path!("v1" / "users" / String)
-        .and(warp::get())
-        .and(with_state(state.clone()))
-        .and(allowed(state.clone(), Permission::UsersRead))
-        .and_then(|id: String, s: AppState, a: Authed| async move {
-            let rid = a.ctx.request_id.clone();
-            finish(get_one(s, a, id).await, &rid)
-        });
-    let create = warp::path!("v1" / "users")
-        .and(warp::post())
-        .and(with_state(state.clone()))
-        .and(allowed(state.clone(), Permission::UsersManage))
-        .and(body(BODY_LIMIT))
-        .and_then(
-            |s: AppState, a: Authed, ct: Option<String>, b: bytes::Bytes| async move {
-                let rid = a.ctx.request_id.clone();
-                finish(create(s, a, ct, b).await, &rid)
-            },
-        );
-    let change_role = warp::path!("v1" / "users" / String / "role")
-        .and(warp::post())
-        .and(with_state(state.clone()))
-        .and(allowed(state.clone(), Permission::UsersManage))
-        .and(body(BODY_LIMIT))
-        .and_then(
-            |id: String, s: AppState, a: Authed, ct: Option<String>, b: bytes::Bytes| async move {
-                let rid = a.ctx.request_id.clone();
-                finish(change_role(s, a, id, ct, b).await, &rid)
-            },
-        );
-    let deactivate = warp::path!("v1" / "users" / String / "deactivate")
-        .and(warp::post())
-        .and(with_state(state.clone()))
-        .and(allowed(state.clone(), Permission::UsersManage))
-        .and_then(|id: String, s: AppState, a: Authed| async move {
-            let rid = a.ctx.request_id.clone();
-            let by = a.access.grantor();
-            finish(
-                simple(s, a, id, |holds| UserCommand::Deactivate { by, holds }).await,
-                &rid,
-            )
-        });
-    let reset_two_factor = warp::path!("v1" / "users" / String / "two-factor" / "reset")
-        .and(warp::post())
-        .and(with_state(state.clone()))
-        .and(allowed(state.clone(), Permission::UsersManage))
-        .and_then(|id: String, s: AppState, a: Authed| async move {
-            let rid = a.ctx.request_id.clone();
-            finish(reset_two_factor(s, a, id).await, &rid)
-        });
-    let reactivate = warp::path!("v1" / "users" / String / "reactivate")
-        .and(warp::post())
-        .and(with_state(state.clone()))
-        .and(allowed(state.clone(), Permission::UsersManage))
-        .and_then(|id: String, s: AppState, a: Authed| async move {
-            let rid = a.ctx.request_id.clone();
-            let by = a.access.grantor();
-            finish(
-                simple(s, a, id, |holds| UserCommand::Reactivate { by, holds }).await,
-                &rid,
-            )
-        });
-    let me = warp::path!("v1" / "me")
-        .and(warp::get())
-        .and(staff(state.clone()))
-        .map(|a: Authed| me(&a));
-    let logout = warp::path!("v1" / "auth" / "logout")
-        .and(warp::post())
-        .and(with_state(state.clone()))
-        .and(staff(state.clone()))
-        .and_then(|s: AppState, a: Authed| async move {
-            let rid = a.ctx.request_id.clone();
-            finish(logout(s, a).await, &rid)
-        });
-    let password = warp::path!("v1" / "auth" / "password")
-        .and(warp::post())
-        .and(with_state(state.clone()))
-        .and(staff(state.clone()))
-        .and(body(BODY_LIMIT))
-        .and_then(
-            |s: AppState, a: Authed, ct: Option<String>, b: bytes::Bytes| async move {
-                let rid = a.ctx.request_id.clone();
-                finish(change_password(s, a, ct, b).await, &rid)
-            },
-        );
-    let two_factor = two_factor_routes(state.clone());
-    list.or(get_one)
-        .unify()
-        .or(two_factor)
-        .unify()
-        .or(create)
-        .unify()
-        .or(change_role)
-        .unify()
-        .or(deactivate)
-        .unify()
-        .or(reactivate)
-        .unify()
-        .or(reset_two_factor)
-        .unify()
-        .or(me)
-        .unify()
-        .or(logout)
-        .unify()
-        .or(password)
-        .unify()
-        .boxed()
+fn user_json(u: &accounts::UserRow) -> User {
+    User {
+        id: u.user_id,
+        email: u.email.clone(),
+        role: u.role.clone(),
+        active: u.active,
+    }
 }
 
-fn user_json(u: &accounts::UserRow) -> Value {
-    json!({ "id": u.user_id, "email": u.email, "role": u.role, "active": u.active })
-}
-
-async fn list(s: AppState, a: Authed) -> Result<Response, ApiError> {
+pub(crate) async fn list(s: AppState, a: Authed) -> Result<Ok200<UserList>, ApiError> {
     let client = s.pool.get().await?;
     let users = accounts::list_users(&client, a.caller.org_id).await?;
-    let items: Vec<Value> = users.iter().map(user_json).collect();
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({ "items": items }),
-        &a.ctx.request_id,
-    ))
+    let items = users.iter().map(user_json).collect();
+    Ok(Ok200(UserList { items }))
 }
 
-async fn get_one(s: AppState, a: Authed, id: String) -> Result<Response, ApiError> {
-    let id = parse_user_id(&id)?;
+pub(crate) async fn get_one(s: AppState, a: Authed, Id(id): Id) -> Result<Ok200<User>, ApiError> {
     let client = s.pool.get().await?;
     let user = accounts::get_user(&client, a.caller.org_id, id)
         .await?
         .ok_or(ApiError::NotFound("user not found"))?;
-    Ok(json_response(
-        StatusCode::OK,
-        &user_json(&user),
-        &a.ctx.request_id,
-    ))
+    Ok(Ok200(user_json(&user)))
 }
 
-async fn create(
+pub(crate) async fn create(
     s: AppState,
     a: Authed,
-    ct: Option<String>,
-    body: bytes::Bytes,
-) -> Result<Response, ApiError> {
-    require_json(ct.as_deref())?;
-    let input: NewUserInput = parse_json(&body)?;
+    Json(input): Json<NewUserInput>,
+) -> Result<Created<CreatedUser>, ApiError> {
     let mut errors = Vec::new();
     let email = Email::parse(&input.email)
         .map_err(|e| errors.push(FieldError::new("email", e.0)))
@@ -278,31 +218,25 @@ async fn create(
             invite_to,
         );
     }
-    let mut resp = json_response(
-        StatusCode::CREATED,
-        &json!({ "id": user_id, "invited": invited }),
-        &a.ctx.request_id,
-    );
-    if let Ok(v) = format!("/v1/users/{user_id}").parse() {
-        resp.headers_mut().insert("location", v);
-    }
-    Ok(resp)
+    Ok(Created {
+        body: CreatedUser {
+            id: user_id,
+            invited,
+        },
+        location: format!("/v1/users/{user_id}"),
+    })
 }
 
-async fn change_role(
+pub(crate) async fn change_role(
     s: AppState,
     a: Authed,
-    id: String,
-    ct: Option<String>,
-    body: bytes::Bytes,
-) -> Result<Response, ApiError> {
-    let id = parse_user_id(&id)?;
-    require_json(ct.as_deref())?;
-    let input: RoleChange = parse_json(&body)?;
+    Id(id): Id,
+    Json(input): Json<RoleChange>,
+) -> Result<Ok200<Outcome>, ApiError> {
     let role = parse_role(&input.role)?;
     let grant = grant_of(&s, &a, role).await?;
     let by = a.access.grantor();
-    simple(s, a, id.to_string(), |holds| UserCommand::ChangeRole {
+    simple(s, a, id, |holds| UserCommand::ChangeRole {
         grant,
         by,
         holds,
@@ -315,10 +249,9 @@ async fn change_role(
 async fn simple(
     s: AppState,
     a: Authed,
-    id: String,
+    id: Uuid,
     command: impl FnOnce(Policy) -> UserCommand,
-) -> Result<Response, ApiError> {
-    let id = parse_user_id(&id)?;
+) -> Result<Ok200<Outcome>, ApiError> {
     let holds = {
         let client = s.pool.get().await?;
         let user = accounts::get_user(&client, a.caller.org_id, id)
@@ -340,15 +273,28 @@ async fn simple(
         &a.metadata(),
     )
     .await?;
-    Ok(super::outcome(&o, &a.ctx.request_id))
+    Ok(super::outcome(&o))
+}
+
+pub(crate) async fn deactivate(s: AppState, a: Authed, Id(id): Id) -> Result<Ok200<Outcome>, ApiError> {
+    let by = a.access.grantor();
+    simple(s, a, id, |holds| UserCommand::Deactivate { by, holds }).await
+}
+
+pub(crate) async fn reactivate(s: AppState, a: Authed, Id(id): Id) -> Result<Ok200<Outcome>, ApiError> {
+    let by = a.access.grantor();
+    simple(s, a, id, |holds| UserCommand::Reactivate { by, holds }).await
 }
 
 /// Removes another user's 2FA (their authenticator is lost and no backup code is
 /// left). One's own goes through `/v1/auth/2fa/disable`, which asks for a code: an
 /// administrator's session alone must not strip the administrator's second factor.
-async fn reset_two_factor(s: AppState, a: Authed, id: String) -> Result<Response, ApiError> {
-    let target = parse_user_id(&id)?;
-    if target == a.caller.user_id {
+pub(crate) async fn reset_two_factor(
+    s: AppState,
+    a: Authed,
+    Id(id): Id,
+) -> Result<Ok200<Outcome>, ApiError> {
+    if id == a.caller.user_id {
         return Err(ApiError::Forbidden {
             code: "own_two_factor",
             message: "turn your own two-factor authentication off with POST /v1/auth/2fa/disable"
@@ -359,24 +305,30 @@ async fn reset_two_factor(s: AppState, a: Authed, id: String) -> Result<Response
     simple(s, a, id, |holds| UserCommand::ResetTwoFactor { by, holds }).await
 }
 
-fn me(a: &Authed) -> Response {
-    let policy = &a.access.policy;
-    json_response(
-        StatusCode::OK,
-        &json!({
-            "principal": { "kind": a.kind, "id": a.caller.user_id },
-            "user_id": a.caller.user_id,
-            "org_id": a.caller.org_id,
-            "role": a.access.role,
-            "permissions": policy.permissions,
-            "fields": policy.fields,
-            "modules": a.access.modules,
-        }),
-        &a.ctx.request_id,
-    )
+fn names<T: Serialize>(v: &T) -> Vec<String> {
+    serde_json::from_value(serde_json::to_value(v).unwrap_or_default()).unwrap_or_default()
 }
 
-async fn logout(s: AppState, a: Authed) -> Result<Response, ApiError> {
+pub(crate) async fn me(_s: AppState, a: Authed) -> Result<Ok200<Me>, ApiError> {
+    let policy = &a.access.policy;
+    Ok(Ok200(Me {
+        principal: MePrincipal {
+            kind: serde_json::to_value(a.kind)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default(),
+            id: a.caller.user_id,
+        },
+        user_id: a.caller.user_id,
+        org_id: a.caller.org_id,
+        role: a.access.role.to_string(),
+        permissions: names(&policy.permissions),
+        fields: serde_json::to_value(&policy.fields).unwrap_or_default(),
+        modules: names(&a.access.modules),
+    }))
+}
+
+pub(crate) async fn logout(s: AppState, a: Authed) -> Result<NoContent, ApiError> {
     a.require_user()?;
     accounts::user_command(
         &s.executor,
@@ -386,25 +338,15 @@ async fn logout(s: AppState, a: Authed) -> Result<Response, ApiError> {
         &a.metadata(),
     )
     .await?;
-    let mut resp = warp::Reply::into_response(warp::reply::with_status(
-        warp::reply(),
-        StatusCode::NO_CONTENT,
-    ));
-    if let Ok(v) = a.ctx.request_id.parse() {
-        resp.headers_mut().insert("x-request-id", v);
-    }
-    Ok(resp)
+    Ok(NoContent)
 }
 
-async fn change_password(
+pub(crate) async fn change_password(
     s: AppState,
     a: Authed,
-    ct: Option<String>,
-    body: bytes::Bytes,
-) -> Result<Response, ApiError> {
+    Json(input): Json<PasswordInput>,
+) -> Result<Ok200<Token>, ApiError> {
     a.require_user()?;
-    require_json(ct.as_deref())?;
-    let input: PasswordInput = parse_json(&body)?;
     if let Err(e) = check_password_policy(&input.new_password) {
         return Err(ApiError::Validation(vec![FieldError::new(
             "new_password",
@@ -439,23 +381,16 @@ async fn change_password(
     )
     .await?;
     // Every other session ends; this one continues with a new token.
-    super::staff_token(
-        &s,
-        a.caller.user_id,
-        a.caller.org_id,
-        generation,
-        json!({}),
-        &a.ctx.request_id,
-    )
+    super::staff_token(&s, a.caller.user_id, a.caller.org_id, generation).map(Ok200)
 }
 
-#[derive(Deserialize, utoipa::ToSchema)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct CodeInput {
     code: String,
 }
 
-#[derive(Deserialize, utoipa::ToSchema)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct DisableTwoFactorInput {
     /// The account's password.
@@ -464,45 +399,11 @@ pub(crate) struct DisableTwoFactorInput {
     code: String,
 }
 
-fn two_factor_routes(state: AppState) -> BoxedFilter<(Response,)> {
-    let setup = warp::path!("v1" / "auth" / "2fa" / "setup")
-        .and(warp::post())
-        .and(with_state(state.clone()))
-        .and(staff(state.clone()))
-        .and_then(|s: AppState, a: Authed| async move {
-            let rid = a.ctx.request_id.clone();
-            finish(two_factor_setup(s, a).await, &rid)
-        });
-    let enable = warp::path!("v1" / "auth" / "2fa" / "enable")
-        .and(warp::post())
-        .and(with_state(state.clone()))
-        .and(staff(state.clone()))
-        .and(body(BODY_LIMIT))
-        .and_then(
-            |s: AppState, a: Authed, ct: Option<String>, b: bytes::Bytes| async move {
-                let rid = a.ctx.request_id.clone();
-                finish(two_factor_enable(s, a, ct, b).await, &rid)
-            },
-        );
-    let disable = warp::path!("v1" / "auth" / "2fa" / "disable")
-        .and(warp::post())
-        .and(with_state(state.clone()))
-        .and(staff(state))
-        .and(body(BODY_LIMIT))
-        .and_then(
-            |s: AppState, a: Authed, ct: Option<String>, b: bytes::Bytes| async move {
-                let rid = a.ctx.request_id.clone();
-                finish(two_factor_disable(s, a, ct, b).await, &rid)
-            },
-        );
-    setup.or(enable).unify().or(disable).unify().boxed()
-}
-
 /// A new seed, stored sealed and not yet on: the user adds it to an authenticator app
 /// and proves it with a code (`enable`). Setting up again replaces a pending seed.
-async fn two_factor_setup(s: AppState, a: Authed) -> Result<Response, ApiError> {
+pub(crate) async fn two_factor_setup(s: AppState, a: Authed) -> Result<Ok200<TotpSetup>, ApiError> {
     a.require_user()?;
-    let secret = crate::totp::new_secret();
+    let secret = crate::auth::totp::new_secret();
     let client = s.pool.get().await?;
     let stored = accounts::store_pending_totp(
         s.executor.crypto(),
@@ -517,29 +418,22 @@ async fn two_factor_setup(s: AppState, a: Authed) -> Result<Response, ApiError> 
             "two-factor authentication is already on".into(),
         ));
     }
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({
-            "secret": crate::totp::base32(&secret),
-            "otpauth_url": crate::totp::otpauth_url(&secret, &a.caller.user_id.to_string()),
-            "digits": crate::totp::DIGITS,
-            "period": crate::totp::STEP_SECS,
-        }),
-        &a.ctx.request_id,
-    ))
+    Ok(Ok200(TotpSetup {
+        secret: crate::auth::totp::base32(&secret),
+        otpauth_url: crate::auth::totp::otpauth_url(&secret, &a.caller.user_id.to_string()),
+        digits: crate::auth::totp::DIGITS as u32,
+        period: crate::auth::totp::STEP_SECS,
+    }))
 }
 
 /// Turns 2FA on once a code of the pending seed is proven; answers with the backup
 /// codes (shown once) and a new token (earlier ones end).
-async fn two_factor_enable(
+pub(crate) async fn two_factor_enable(
     s: AppState,
     a: Authed,
-    ct: Option<String>,
-    body: bytes::Bytes,
-) -> Result<Response, ApiError> {
+    Json(input): Json<CodeInput>,
+) -> Result<Ok200<TwoFactorEnabled>, ApiError> {
     a.require_user()?;
-    require_json(ct.as_deref())?;
-    let input: CodeInput = parse_json(&body)?;
     let client = s.pool.get().await?;
     let state = accounts::totp_state(
         s.executor.crypto(),
@@ -562,13 +456,13 @@ async fn two_factor_enable(
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let step = crate::totp::matching_step(&secret, &input.code, now).ok_or_else(|| {
+    let step = crate::auth::totp::matching_step(&secret, &input.code, now).ok_or_else(|| {
         ApiError::Validation(vec![FieldError::new(
             "code",
             "is not the current code of the new seed",
         )])
     })?;
-    let (codes, digests) = crate::totp::new_backup_codes();
+    let (codes, digests) = crate::auth::totp::new_backup_codes();
     let generation = accounts::enable_two_factor(
         &s.executor,
         a.caller.org_id,
@@ -578,17 +472,14 @@ async fn two_factor_enable(
         &a.metadata(),
     )
     .await?;
-    super::staff_token(
-        &s,
-        a.caller.user_id,
-        a.caller.org_id,
-        generation,
-        json!({
-            "backup_codes": codes,
-            "note": "each backup code works once; they are shown this once",
-        }),
-        &a.ctx.request_id,
-    )
+    let token = super::staff_token(&s, a.caller.user_id, a.caller.org_id, generation)?;
+    Ok(Ok200(TwoFactorEnabled {
+        access_token: token.access_token,
+        token_type: token.token_type,
+        expires_in: token.expires_in,
+        backup_codes: codes,
+        note: "each backup code works once; they are shown this once".into(),
+    }))
 }
 
 /// Turns the caller's own 2FA off: the password and a code (TOTP or backup) prove it
@@ -596,15 +487,12 @@ async fn two_factor_enable(
 /// attempts count against the account like failed logins. Refused where the
 /// organisation requires 2FA of the caller's role. Every other session ends; the
 /// answer carries a new token.
-async fn two_factor_disable(
+pub(crate) async fn two_factor_disable(
     s: AppState,
     a: Authed,
-    ct: Option<String>,
-    body: bytes::Bytes,
-) -> Result<Response, ApiError> {
+    Json(input): Json<DisableTwoFactorInput>,
+) -> Result<Ok200<Token>, ApiError> {
     a.require_user()?;
-    require_json(ct.as_deref())?;
-    let input: DisableTwoFactorInput = parse_json(&body)?;
     if input.password.len() > crate::auth::MAX_PASSWORD_BYTES {
         return Err(ApiError::Validation(vec![FieldError::new(
             "password",
@@ -657,12 +545,5 @@ async fn two_factor_disable(
         &a.metadata(),
     )
     .await?;
-    super::staff_token(
-        &s,
-        a.caller.user_id,
-        a.caller.org_id,
-        generation,
-        json!({}),
-        &a.ctx.request_id,
-    )
+    super::staff_token(&s, a.caller.user_id, a.caller.org_id, generation).map(Ok200)
 }

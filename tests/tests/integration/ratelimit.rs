@@ -1,7 +1,7 @@
 //! Rate limits per client address: 30 requests/s on the API, 5/s on authentication,
 //! answered 429 with Retry-After; health probes are not limited.
 
-use crm_api::ratelimit::RateLimitSettings;
+use crm_api::edge::ratelimit::RateLimitSettings;
 use crm_tests::harness::{Options, TestApp};
 use serde_json::{json, Value};
 

@@ -1,4 +1,11 @@
-//! Authentication: bcrypt passwords without the 72-byte truncation, and HS256 JWTs.
+//! Authentication and authorisation: bcrypt passwords without the 72-byte truncation,
+//! HS256 JWTs, the API key format ([`api_keys`]), TOTP ([`totp`]) and the field-level
+//! decision point ([`visibility`]). Route-level permission checks are
+//! `routes::Authed::require`, run by the edge for every route's declared permission.
+
+pub mod api_keys;
+pub mod totp;
+pub mod visibility;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 

@@ -3,11 +3,9 @@
 //! headers and so can read nothing.
 
 use warp::http::{HeaderValue, Method, StatusCode};
-use warp::{Filter, Rejection};
-
 use warp::reply::Response;
 
-use crate::error::{ApiError, ApiRejection};
+use crate::error::ApiError;
 
 /// Methods a browser may use cross-origin.
 const METHODS: &str = "GET, POST, PATCH, DELETE";
@@ -82,63 +80,39 @@ pub fn decorate(origins: &[String], origin: Option<&str>, mut response: Response
     response
 }
 
-/// Answers preflight requests (`OPTIONS` with `Origin` and
-/// `Access-Control-Request-Method`): 204 with the policy for an allowed origin, 403 for
-/// any other.
+/// Answers a preflight request (`OPTIONS` with `Origin` and
+/// `Access-Control-Request-Method`): 204 with the policy for an allowed origin and
+/// method, 403 for any other. `None` when the request is not a preflight (the routes
+/// answer it: 405 for OPTIONS).
 pub fn preflight(
-    policy: CorsPolicy,
-) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
-    // `warp::method()` rather than `warp::options()`: on other methods this filter must
-    // reject as "not found" (the weakest rejection), not "method not allowed", which
-    // would win over the real routes' 404s.
-    warp::method()
-        .and(warp::path::full())
-        .and(warp::header::optional::<String>("origin"))
-        .and(warp::header::optional::<String>(
-            "access-control-request-method",
-        ))
-        .and_then(
-            move |method: Method,
-                  path: warp::path::FullPath,
-                  origin: Option<String>,
-                  requested: Option<String>| {
-                let origins = policy.for_path(path.as_str()).to_vec();
-                async move {
-                    if method != Method::OPTIONS {
-                        return Err(warp::reject::not_found());
-                    }
-                    let requested = requested.and_then(|m| m.parse::<Method>().ok());
-                    let (Some(origin), Some(method)) = (origin.as_deref(), requested) else {
-                        // Not a preflight: the routes answer (405 for OPTIONS).
-                        return Err(warp::reject::not_found());
-                    };
-                    let request_id = crate::context::new_request_id();
-                    let permitted = allowed(&origins, Some(origin)).is_some()
-                        && [Method::GET, Method::POST, Method::PATCH, Method::DELETE]
-                            .contains(&method);
-                    if !permitted {
-                        return Err(warp::reject::custom(ApiRejection(
-                            ApiError::Forbidden {
-                                code: "cors_forbidden",
-                                message: "cross-origin requests from this origin are not allowed"
-                                    .into(),
-                            },
-                            request_id,
-                        )));
-                    }
-                    let mut response = warp::http::Response::builder()
-                        .status(StatusCode::NO_CONTENT)
-                        .header("access-control-allow-methods", METHODS)
-                        .header("access-control-allow-headers", HEADERS)
-                        .header("access-control-max-age", MAX_AGE)
-                        .header("x-request-id", request_id.as_str())
-                        .body(warp::hyper::body::Bytes::new().into())
-                        .expect("static headers are valid");
-                    response = decorate(&origins, Some(origin), response);
-                    Ok(response)
-                }
-            },
-        )
+    origins: &[String],
+    method: &Method,
+    origin: Option<&str>,
+    requested: Option<&str>,
+) -> Option<Result<Response, ApiError>> {
+    if method != Method::OPTIONS {
+        return None;
+    }
+    let requested = requested.and_then(|m| m.parse::<Method>().ok());
+    let (Some(origin), Some(requested)) = (origin, requested) else {
+        return None;
+    };
+    let permitted = allowed(origins, Some(origin)).is_some()
+        && [Method::GET, Method::POST, Method::PATCH, Method::DELETE].contains(&requested);
+    if !permitted {
+        return Some(Err(ApiError::Forbidden {
+            code: "cors_forbidden",
+            message: "cross-origin requests from this origin are not allowed".into(),
+        }));
+    }
+    let response = warp::http::Response::builder()
+        .status(StatusCode::NO_CONTENT)
+        .header("access-control-allow-methods", METHODS)
+        .header("access-control-allow-headers", HEADERS)
+        .header("access-control-max-age", MAX_AGE)
+        .body(warp::hyper::body::Bytes::new().into())
+        .expect("static headers are valid");
+    Some(Ok(response))
 }
 
 #[cfg(test)]

@@ -1,0 +1,265 @@
+//! What handlers take from a request, each documented by its type: the caller, the
+//! request context, a path id, a JSON body, query parameters.
+//!
+//! Every string that reaches a handler has passed here: PostgreSQL text cannot hold
+//! NUL, so a NUL anywhere in a body or a query is refused at the edge by name (422 for
+//! a body member, 400 for a query parameter), and a value of the wrong type is a 400
+//! naming its member (`fields`), never a 500 further in.
+
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use utoipa::openapi::path::ParameterIn;
+use utoipa::{IntoParams, ToSchema};
+
+use super::context::RequestContext;
+use super::route::{BodyDoc, Call, Caller, FromCall, OpDoc, Taken};
+use crate::error::{ApiError, FieldError};
+use crate::routes::portal::PortalAuthed;
+use crate::routes::Authed;
+
+/// The check every text input passes: nothing PostgreSQL text could not store.
+pub fn storable(s: &str) -> bool {
+    !s.contains('\0')
+}
+
+const NUL_MESSAGE: &str = "must not contain a NUL character";
+
+impl FromCall for Authed {
+    fn from_call(call: &mut Call) -> Result<Self, ApiError> {
+        match std::mem::replace(&mut call.caller, Caller::Nobody) {
+            Caller::Staff(a) => Ok(a),
+            _ => Err(ApiError::internal("route takes a staff caller it did not authenticate")),
+        }
+    }
+    fn document(doc: &mut OpDoc) {
+        doc.takes = Some(Taken::Staff);
+    }
+}
+
+impl FromCall for PortalAuthed {
+    fn from_call(call: &mut Call) -> Result<Self, ApiError> {
+        match std::mem::replace(&mut call.caller, Caller::Nobody) {
+            Caller::Portal(p) => Ok(p),
+            _ => Err(ApiError::internal("route takes a portal caller it did not authenticate")),
+        }
+    }
+    fn document(doc: &mut OpDoc) {
+        doc.takes = Some(Taken::Portal);
+    }
+}
+
+impl FromCall for RequestContext {
+    fn from_call(call: &mut Call) -> Result<Self, ApiError> {
+        Ok(call.ctx.clone())
+    }
+}
+
+/// The path's id (`{id}`), already a UUID.
+pub struct Id(pub uuid::Uuid);
+
+impl FromCall for Id {
+    fn from_call(call: &mut Call) -> Result<Self, ApiError> {
+        call.ids
+            .first()
+            .copied()
+            .map(Id)
+            .ok_or_else(|| ApiError::internal("route takes an id its path does not have"))
+    }
+}
+
+/// A JSON object body of type `T` (required).
+pub struct Json<T>(pub T);
+
+/// A JSON object body of type `T`, or no body at all (`T::default()`).
+pub struct OptionalJson<T>(pub T);
+
+fn body_doc<T: ToSchema>(doc: &mut OpDoc, required: bool) {
+    let schema = doc.schema::<T>();
+    doc.body = Some(BodyDoc { schema, required });
+}
+
+impl<T: DeserializeOwned + ToSchema + Send + 'static> FromCall for Json<T> {
+    fn from_call(call: &mut Call) -> Result<Self, ApiError> {
+        require_json(call.content_type.as_deref())?;
+        parse_json(&call.body).map(Json)
+    }
+    fn document(doc: &mut OpDoc) {
+        body_doc::<T>(doc, true);
+    }
+}
+
+impl<T: DeserializeOwned + ToSchema + Default + Send + 'static> FromCall for OptionalJson<T> {
+    fn from_call(call: &mut Call) -> Result<Self, ApiError> {
+        if call.body.iter().all(u8::is_ascii_whitespace) {
+            return Ok(OptionalJson(T::default()));
+        }
+        require_json(call.content_type.as_deref())?;
+        parse_json(&call.body).map(OptionalJson)
+    }
+    fn document(doc: &mut OpDoc) {
+        body_doc::<T>(doc, false);
+    }
+}
+
+/// Insists on a JSON content type.
+pub fn require_json(content_type: Option<&str>) -> Result<(), ApiError> {
+    match content_type {
+        Some(ct)
+            if ct
+                .trim()
+                .to_ascii_lowercase()
+                .starts_with("application/json") =>
+        {
+            Ok(())
+        }
+        _ => Err(ApiError::UnsupportedMediaType),
+    }
+}
+
+/// Where the first NUL is in a JSON value (a dotted path; keys count too).
+fn find_nul(v: &Value, path: &mut Vec<String>) -> bool {
+    match v {
+        Value::String(s) => !storable(s),
+        Value::Array(items) => items.iter().enumerate().any(|(i, item)| {
+            path.push(i.to_string());
+            let found = find_nul(item, path);
+            if !found {
+                path.pop();
+            }
+            found
+        }),
+        Value::Object(members) => members.iter().any(|(k, item)| {
+            path.push(k.clone());
+            let found = !storable(k) || find_nul(item, path);
+            if !found {
+                path.pop();
+            }
+            found
+        }),
+        _ => false,
+    }
+}
+
+/// Parses a JSON object body: syntax errors are 400 `invalid_json`, a member of the
+/// wrong type, unknown or missing is 400 `invalid_body` naming it in `fields`, a NUL
+/// anywhere is 422 naming the member.
+pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::bad_request(
+            "invalid_json",
+            "the request body is empty",
+        ));
+    }
+    // serde fills a struct from a JSON array by position; bodies are objects only.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError::bad_request(
+            "invalid_body",
+            "the request body must be a JSON object",
+        ));
+    }
+    // A NUL can only arrive as the escape `\u0000` (raw control bytes are not JSON):
+    // only a body that has one pays for a second look.
+    if body.windows(6).any(|w| w == b"\\u0000") {
+        if let Ok(v) = serde_json::from_slice::<Value>(body) {
+            let mut path = Vec::new();
+            if find_nul(&v, &mut path) {
+                return Err(ApiError::Validation(vec![FieldError::new(
+                    path.join("."),
+                    NUL_MESSAGE,
+                )]));
+            }
+        }
+    }
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if inner.is_syntax() || inner.is_eof() {
+            return ApiError::bad_request("invalid_json", inner.to_string());
+        }
+        body_error(&path, inner.to_string())
+    })?;
+    de.end()
+        .map_err(|e| ApiError::bad_request("invalid_json", e.to_string()))?;
+    Ok(value)
+}
+
+/// 400 `invalid_body` naming the member at `path` (`.` is the body itself).
+fn body_error(path: &str, message: String) -> ApiError {
+    // serde's messages end with " at line 1 column 17": the field names the place.
+    let message = match message.rfind(" at line ") {
+        Some(i) => message[..i].to_owned(),
+        None => message,
+    };
+    // A missing or unknown member is reported at its parent; name it instead.
+    let field = match (path, named_member(&message)) {
+        (".", Some(m)) => m,
+        (p, Some(m)) if message.starts_with("unknown field") || message.starts_with("missing field") => {
+            format!("{p}.{m}")
+        }
+        (".", None) => "body".to_owned(),
+        (p, _) => p.to_owned(),
+    };
+    ApiError::bad_request("invalid_body", format!("`{field}`: {message}"))
+        .with_fields(vec![FieldError::new(field, message)])
+}
+
+/// The member a serde message names first ("unknown field `x`…", "missing field `x`").
+fn named_member(message: &str) -> Option<String> {
+    if !(message.starts_with("unknown field") || message.starts_with("missing field")) {
+        return None;
+    }
+    let start = message.find('`')? + 1;
+    let len = message[start..].find('`')?;
+    Some(message[start..start + len].to_owned())
+}
+
+/// Query parameters of type `T` (`#[serde(deny_unknown_fields)]` structs): an unknown,
+/// repeated, mistyped or NUL-containing parameter is a 400 naming it.
+pub struct Query<T>(pub T);
+
+impl<T: DeserializeOwned + IntoParams + Send + 'static> FromCall for Query<T> {
+    fn from_call(call: &mut Call) -> Result<Self, ApiError> {
+        parse_query(&call.query).map(Query)
+    }
+    fn document(doc: &mut OpDoc) {
+        doc.parameters
+            .extend(T::into_params(|| Some(ParameterIn::Query)));
+    }
+}
+
+fn query_error(field: &str, message: String) -> ApiError {
+    let text = if field.is_empty() {
+        message.clone()
+    } else {
+        format!("query parameter `{field}`: {message}")
+    };
+    ApiError::bad_request("invalid_query", text).with_fields(if field.is_empty() {
+        Vec::new()
+    } else {
+        vec![FieldError::new(field, message)]
+    })
+}
+
+pub fn parse_query<T: DeserializeOwned>(raw: &str) -> Result<T, ApiError> {
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw)
+        .map_err(|e| query_error("", e.to_string()))?;
+    if let Some((k, _)) = pairs.iter().find(|(k, v)| !storable(k) || !storable(v)) {
+        return Err(query_error(&k.replace('\0', "\\u0000"), NUL_MESSAGE.into()));
+    }
+    let de = serde_urlencoded::Deserializer::new(form_urlencoded_pairs(raw));
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let message = e.into_inner().to_string();
+        let field = match (path.as_str(), named_member(&message)) {
+            (_, Some(m)) => m,
+            (".", None) => String::new(),
+            (p, None) => p.to_owned(),
+        };
+        query_error(&field, message)
+    })
+}
+
+fn form_urlencoded_pairs(raw: &str) -> form_urlencoded::Parse<'_> {
+    form_urlencoded::parse(raw.as_bytes())
+}

@@ -1,0 +1,313 @@
+//! The HTTP edge: everything between a request's bytes and a handler.
+//!
+//! One warp filter takes every request and [`dispatch`]es it over the route table
+//! ([`route`], declared in [`crate::routes::table`]): request context (id, address,
+//! user agent) first, so every answer carries `X-Request-Id`; CORS preflights; the
+//! rate gate; the route by path and method (404 / 405 with `Allow`); path ids as
+//! UUIDs; authentication and the route's permission (deny by default); the body,
+//! bounded, only for routes that take one; then the handler with its extractors
+//! ([`extract`]). Every answer gets the security headers and CORS headers, and one
+//! log line (method, route, status, latency, request id).
+
+pub mod context;
+pub mod cors;
+pub mod extract;
+pub mod ratelimit;
+pub mod reply;
+pub mod route;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Buf;
+use crm_infra::metrics::METRICS;
+use tracing::Instrument;
+use warp::filters::BoxedFilter;
+use warp::http::{HeaderMap, HeaderValue, Method};
+use warp::reply::Response;
+use warp::Filter;
+
+use self::context::RequestContext;
+use self::route::{Auth, BodyLimit, Call, Caller, Route, SMALL_BODY_BYTES};
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// Headers every response carries, errors included. The API serves JSON only: no
+/// content may load, frame or be sniffed as anything else.
+pub const SECURITY_HEADERS: [(&str, &str); 5] = [
+    (
+        "content-security-policy",
+        "default-src 'none'; frame-ancestors 'self'; base-uri 'none'; form-action 'none'",
+    ),
+    ("x-content-type-options", "nosniff"),
+    ("x-frame-options", "SAMEORIGIN"),
+    (
+        "strict-transport-security",
+        "max-age=63072000; includeSubDomains",
+    ),
+    ("referrer-policy", "no-referrer"),
+];
+
+struct Edge {
+    state: AppState,
+    table: Vec<Route>,
+    cors: cors::CorsPolicy,
+}
+
+/// The whole service as one filter: every request is answered (nothing rejects).
+pub fn serve(state: AppState, table: Vec<Route>) -> BoxedFilter<(Response,)> {
+    let edge = Arc::new(Edge {
+        cors: cors::CorsPolicy {
+            api: state.settings.http.cors_origins.clone(),
+            portal: state.settings.http.portal_cors_origins.clone(),
+        },
+        state,
+        table,
+    });
+    warp::method()
+        .and(warp::path::full())
+        .and(
+            warp::query::raw()
+                .or(warp::any().map(String::new))
+                .unify(),
+        )
+        .and(warp::header::headers_cloned())
+        .and(warp::addr::remote())
+        .and(warp::body::stream())
+        .then(
+            move |method: Method,
+                  path: warp::path::FullPath,
+                  query: String,
+                  headers: HeaderMap,
+                  addr: Option<std::net::SocketAddr>,
+                  body| {
+                let edge = edge.clone();
+                async move {
+                    let request = Request {
+                        method,
+                        path: path.as_str(),
+                        query,
+                        headers,
+                        addr,
+                    };
+                    edge.dispatch(request, body).await
+                }
+            },
+        )
+        .boxed()
+}
+
+struct Request<'a> {
+    method: Method,
+    path: &'a str,
+    query: String,
+    headers: HeaderMap,
+    addr: Option<std::net::SocketAddr>,
+}
+
+impl Request<'_> {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// Whether the request announces a body larger than we would drain unread.
+    fn announces_large_body(&self) -> bool {
+        self.headers.contains_key("transfer-encoding")
+            || self
+                .header("content-length")
+                .and_then(|v| v.parse::<u64>().ok())
+                .is_some_and(|n| n > SMALL_BODY_BYTES)
+    }
+}
+
+impl Edge {
+    async fn dispatch<S, B>(&self, req: Request<'_>, body: S) -> Response
+    where
+        S: futures::Stream<Item = Result<B, warp::Error>> + Send,
+        B: Buf,
+    {
+        let started = Instant::now();
+        let ctx = RequestContext::from_request(&req.headers, req.addr);
+        let span = tracing::info_span!("request", request_id = %ctx.request_id);
+        let mut body_read = false;
+        let (route, result) = self
+            .answer(&req, ctx.clone(), body, &mut body_read)
+            .instrument(span)
+            .await;
+        let mut response = result.unwrap_or_else(|e| e.into_response(&ctx.request_id));
+        let headers = response.headers_mut();
+        if let Ok(v) = HeaderValue::from_str(&ctx.request_id) {
+            headers.insert("x-request-id", v);
+        }
+        for (name, value) in SECURITY_HEADERS {
+            headers.insert(name, HeaderValue::from_static(value));
+        }
+        // An unread body the server would have to drain: say the connection ends.
+        if !body_read && req.announces_large_body() {
+            headers.insert("connection", HeaderValue::from_static("close"));
+        }
+        let response = cors::decorate(
+            self.cors.for_path(req.path),
+            req.header("origin"),
+            response,
+        );
+        let status = response.status().as_u16();
+        METRICS
+            .http_requests
+            .with_label_values(&[req.method.as_str(), &status.to_string()])
+            .inc();
+        // One line per request. The client's address stays out of logs (personal data).
+        tracing::info!(
+            method = %req.method,
+            route,
+            status,
+            latency_ms = started.elapsed().as_secs_f64() * 1000.0,
+            request_id = %ctx.request_id,
+            "request"
+        );
+        response
+    }
+
+    /// The answer, and the route that gave it (`-` when none matched).
+    async fn answer<S, B>(
+        &self,
+        req: &Request<'_>,
+        ctx: RequestContext,
+        body: S,
+        body_read: &mut bool,
+    ) -> (&'static str, Result<Response, ApiError>)
+    where
+        S: futures::Stream<Item = Result<B, warp::Error>> + Send,
+        B: Buf,
+    {
+        if let Some(addr) = req.addr {
+            let class = ratelimit::Class::of(req.path);
+            if let Err(wait) = self.state.rate_limits.check(class, addr.ip()) {
+                return ("-", Err(ApiError::too_many_requests(wait)));
+            }
+        }
+        if let Some(answer) = cors::preflight(
+            self.cors.for_path(req.path),
+            &req.method,
+            req.header("origin"),
+            req.header("access-control-request-method"),
+        ) {
+            return ("preflight", answer);
+        }
+        let parts: Vec<&str> = req.path.trim_start_matches('/').split('/').collect();
+        let mut allowed = Vec::new();
+        let mut found = None;
+        for r in &self.table {
+            if let Some(ids) = r.matches(&parts) {
+                if r.method == req.method {
+                    found = Some((r, ids));
+                    break;
+                }
+                allowed.push(r.method.as_str());
+            }
+        }
+        let Some((route, ids)) = found else {
+            if allowed.is_empty() {
+                return ("-", Err(ApiError::NotFound("no such route")));
+            }
+            let mut response = ApiError::MethodNotAllowed.into_response(&ctx.request_id);
+            if let Ok(v) = HeaderValue::from_str(&allowed.join(", ")) {
+                response.headers_mut().insert("allow", v);
+            }
+            return ("-", Ok(response));
+        };
+        let result = self.run(route, req, ctx, ids, body, body_read).await;
+        (route.path, result)
+    }
+
+    async fn run<S, B>(
+        &self,
+        route: &Route,
+        req: &Request<'_>,
+        ctx: RequestContext,
+        raw_ids: Vec<(&'static str, &str)>,
+        body: S,
+        body_read: &mut bool,
+    ) -> Result<Response, ApiError>
+    where
+        S: futures::Stream<Item = Result<B, warp::Error>> + Send,
+        B: Buf,
+    {
+        let mut ids = Vec::with_capacity(raw_ids.len());
+        for (name, raw) in raw_ids {
+            let id = uuid::Uuid::parse_str(raw).map_err(|_| {
+                ApiError::bad_request("invalid_id", format!("`{name}` must be a UUID"))
+                    .with_fields(vec![crate::error::FieldError::new(name, "must be a UUID")])
+            })?;
+            ids.push(id);
+        }
+        let state = &self.state;
+        let authorization = req.header("authorization");
+        let caller = match route.auth {
+            Auth::Public => Caller::Nobody,
+            Auth::SignedIn => {
+                Caller::Staff(crate::routes::authenticate(state, authorization, &ctx).await?)
+            }
+            Auth::Staff(permission) => {
+                let a = crate::routes::authenticate(state, authorization, &ctx).await?;
+                a.require(permission)?;
+                Caller::Staff(a)
+            }
+            Auth::Portal => Caller::Portal(
+                crate::routes::portal::authenticate(state, authorization, &ctx).await?,
+            ),
+        };
+        let content_type = req.header("content-type").map(str::to_owned);
+        let body = if route.reads_body {
+            let limit = match route.body_limit {
+                BodyLimit::Small => SMALL_BODY_BYTES,
+                BodyLimit::Large => state.settings.http.max_body_bytes,
+            };
+            if req
+                .header("content-length")
+                .and_then(|v| v.parse::<u64>().ok())
+                .is_some_and(|n| n > limit)
+            {
+                return Err(ApiError::PayloadTooLarge);
+            }
+            let bytes = collect_body(body, limit).await?;
+            *body_read = true;
+            bytes
+        } else {
+            bytes::Bytes::new()
+        };
+        let call = Call {
+            ctx,
+            caller,
+            ids,
+            query: req.query.clone(),
+            content_type,
+            body,
+        };
+        route.call(state.clone(), call).await
+    }
+}
+
+async fn collect_body<S, B>(stream: S, limit: u64) -> Result<bytes::Bytes, ApiError>
+where
+    S: futures::Stream<Item = Result<B, warp::Error>>,
+    B: Buf,
+{
+    let mut buf = bytes::BytesMut::new();
+    futures::pin_mut!(stream);
+    while let Some(chunk) = futures::StreamExt::next(&mut stream).await {
+        let mut chunk = chunk.map_err(|_| {
+            ApiError::bad_request("invalid_body", "the request body could not be read")
+        })?;
+        if (buf.len() + chunk.remaining()) as u64 > limit {
+            return Err(ApiError::PayloadTooLarge);
+        }
+        while chunk.has_remaining() {
+            let part = chunk.chunk();
+            let n = part.len();
+            buf.extend_from_slice(part);
+            chunk.advance(n);
+        }
+    }
+    Ok(buf.freeze())
+}

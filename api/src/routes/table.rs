@@ -1,0 +1,229 @@
+//! Every operation of the service, declared once: method, path, tag, summary, who may
+//! call it, the errors of its own rules, and its handler (whose argument and reply
+//! types say what it takes and answers). The edge serves this table and
+//! `/openapi.json` is generated from it, so neither can drift from the other.
+
+use crm_domain::access::Permission as P;
+use warp::http::Method;
+
+use super::{activity, api_keys, contacts, health, login, portal, reports, roles, users};
+use crate::edge::route::{route, Auth, Route};
+
+pub fn table() -> Vec<Route> {
+    let (get, post, patch, put) = (Method::GET, Method::POST, Method::PATCH, Method::PUT);
+    vec![
+        // The caller's own account.
+        route(post.clone(), "/v1/auth/login", "auth")
+            .summary("Log in with email, password and (with 2FA) a code")
+            .errors(&[401])
+            .to(login::login),
+        route(post.clone(), "/v1/auth/logout", "auth")
+            .summary("End every session of the caller")
+            .auth(Auth::SignedIn)
+            .errors(&[403])
+            .to(users::logout),
+        route(post.clone(), "/v1/auth/password", "auth")
+            .summary("Change the caller's password (ends other sessions)")
+            .auth(Auth::SignedIn)
+            .errors(&[403])
+            .to(users::change_password),
+        route(post.clone(), "/v1/auth/password-reset", "auth")
+            .summary("Mail a password reset link (same answer for unknown addresses)")
+            .to(portal::staff_reset_request),
+        route(post.clone(), "/v1/auth/password-reset/confirm", "auth")
+            .summary("Set a new password with a reset link's token")
+            .errors(&[401])
+            .to(portal::staff_reset_confirm),
+        route(post.clone(), "/v1/auth/2fa/setup", "auth")
+            .summary("Create a TOTP seed for the caller")
+            .auth(Auth::SignedIn)
+            .errors(&[403, 409])
+            .to(users::two_factor_setup),
+        route(post.clone(), "/v1/auth/2fa/enable", "auth")
+            .summary("Turn 2FA on with a code of the new seed")
+            .auth(Auth::SignedIn)
+            .errors(&[403, 409])
+            .to(users::two_factor_enable),
+        route(post.clone(), "/v1/auth/2fa/disable", "auth")
+            .summary("Turn the caller's own 2FA off with the password and a code (ends other sessions)")
+            .auth(Auth::SignedIn)
+            .errors(&[403, 409])
+            .to(users::two_factor_disable),
+        route(get.clone(), "/v1/me", "auth")
+            .summary("The caller's role, permissions, field access and modules")
+            .auth(Auth::SignedIn)
+            .to(users::me),
+        // Contacts.
+        route(get.clone(), "/v1/contacts", "contacts")
+            .summary("List contacts")
+            .staff(P::ContactsRead)
+            .to(contacts::list),
+        route(post.clone(), "/v1/contacts", "contacts")
+            .summary("Create a contact")
+            .staff(P::ContactsCreate)
+            .large_body()
+            .errors(&[409])
+            .to(contacts::create),
+        route(get.clone(), "/v1/contacts/{id}", "contacts")
+            .summary("Read a contact (as_of: as it was then; needs contacts.history too)")
+            .staff(P::ContactsRead)
+            .to(contacts::get_one),
+        route(patch.clone(), "/v1/contacts/{id}", "contacts")
+            .summary("Change a contact (null clears a field)")
+            .staff(P::ContactsUpdate)
+            .large_body()
+            .errors(&[409])
+            .to(contacts::update),
+        route(post.clone(), "/v1/contacts/{id}/archive", "contacts")
+            .summary("Archive a contact")
+            .staff(P::ContactsArchive)
+            .errors(&[409])
+            .to(contacts::archive),
+        route(get.clone(), "/v1/contacts/{id}/history", "contacts")
+            .summary("A contact's events, decrypted and redacted for the caller")
+            .staff(P::ContactsHistory)
+            .to(contacts::history),
+        route(post.clone(), "/v1/contacts/{id}/portal-access", "portal")
+            .summary("Give a contact portal access")
+            .staff(P::PortalManage)
+            .errors(&[409])
+            .to(portal::grant),
+        route(post.clone(), "/v1/contacts/{id}/portal-access/revoke", "portal")
+            .summary("Take a contact's portal access away")
+            .staff(P::PortalManage)
+            .errors(&[409])
+            .to(portal::revoke),
+        // The activity log and reports.
+        route(get.clone(), "/v1/activity", "activity")
+            .summary("The organisation's activity log, newest first")
+            .staff(P::ActivityRead)
+            .to(activity::list),
+        route(get.clone(), "/v1/reports/contacts", "reports")
+            .summary("Contact counts (no personal data)")
+            .staff(P::ReportsRead)
+            .to(reports::contacts),
+        // Users.
+        route(get.clone(), "/v1/users", "users")
+            .summary("List staff users")
+            .staff(P::UsersRead)
+            .to(users::list),
+        route(post.clone(), "/v1/users", "users")
+            .summary("Create a staff user (without a password: invited by mail)")
+            .staff(P::UsersManage)
+            .errors(&[409])
+            .to(users::create),
+        route(get.clone(), "/v1/users/{id}", "users")
+            .summary("Read a staff user")
+            .staff(P::UsersRead)
+            .to(users::get_one),
+        route(post.clone(), "/v1/users/{id}/role", "users")
+            .summary("Change a user's role")
+            .staff(P::UsersManage)
+            .errors(&[409])
+            .to(users::change_role),
+        route(post.clone(), "/v1/users/{id}/deactivate", "users")
+            .summary("Deactivate a user (ends its sessions)")
+            .staff(P::UsersManage)
+            .errors(&[409])
+            .to(users::deactivate),
+        route(post.clone(), "/v1/users/{id}/two-factor/reset", "users")
+            .summary("Remove another user's 2FA (lost authenticator; ends its sessions)")
+            .staff(P::UsersManage)
+            .errors(&[409])
+            .to(users::reset_two_factor),
+        route(post.clone(), "/v1/users/{id}/reactivate", "users")
+            .summary("Reactivate a user")
+            .staff(P::UsersManage)
+            .errors(&[409])
+            .to(users::reactivate),
+        // Roles, the organisation, API keys.
+        route(get.clone(), "/v1/roles", "roles")
+            .summary("Built-in and custom roles with their policies")
+            .staff(P::RolesRead)
+            .to(roles::list),
+        route(get.clone(), "/v1/audit/field-access", "roles")
+            .summary("Who could read a contact field at a moment, from the events")
+            .staff(P::RolesRead)
+            .to(roles::field_access),
+        route(post.clone(), "/v1/roles", "roles")
+            .summary("Define a custom role")
+            .staff(P::RolesManage)
+            .errors(&[409])
+            .to(roles::define),
+        route(patch.clone(), "/v1/roles/{id}", "roles")
+            .summary("Change a custom role")
+            .staff(P::RolesManage)
+            .errors(&[409])
+            .to(roles::change),
+        route(post.clone(), "/v1/roles/{id}/retire", "roles")
+            .summary("Retire a custom role nobody holds")
+            .staff(P::RolesManage)
+            .errors(&[409])
+            .to(roles::retire),
+        route(put.clone(), "/v1/organization/modules", "organization")
+            .summary("Switch modules on and off")
+            .staff(P::OrganizationManage)
+            .errors(&[409])
+            .to(roles::set_modules),
+        route(put.clone(), "/v1/organization/two-factor", "organization")
+            .summary("Require 2FA of Owners and Admins")
+            .staff(P::OrganizationManage)
+            .errors(&[409])
+            .to(roles::set_two_factor),
+        route(post.clone(), "/v1/api-keys", "api-keys")
+            .summary("Issue an API key (shown once)")
+            .staff(P::ApiKeysManage)
+            .errors(&[409])
+            .to(api_keys::issue),
+        route(get.clone(), "/v1/api-keys", "api-keys")
+            .summary("List API keys (never their secrets)")
+            .staff(P::ApiKeysManage)
+            .to(api_keys::list),
+        route(post.clone(), "/v1/api-keys/{id}/revoke", "api-keys")
+            .summary("Revoke an API key")
+            .staff(P::ApiKeysManage)
+            .errors(&[409])
+            .to(api_keys::revoke),
+        // The client portal.
+        route(post.clone(), "/portal/auth/login", "portal")
+            .summary("A contact logs in to the portal")
+            .errors(&[401, 403])
+            .to(portal::portal_login),
+        route(post.clone(), "/portal/auth/magic-link", "portal")
+            .summary("Mail a sign-in link (same answer for unknown addresses)")
+            .to(portal::magic_link),
+        route(post.clone(), "/portal/auth/magic-link/redeem", "portal")
+            .summary("Sign in with a magic link's token")
+            .errors(&[401, 403])
+            .to(portal::redeem_magic_link),
+        route(post.clone(), "/portal/auth/password-reset", "portal")
+            .summary("Mail a portal password reset link (same answer for unknown addresses)")
+            .to(portal::portal_reset_request),
+        route(post.clone(), "/portal/auth/password-reset/confirm", "portal")
+            .summary("Set a portal password with a reset link's token")
+            .errors(&[401])
+            .to(portal::portal_reset_confirm),
+        route(post.clone(), "/portal/auth/logout", "portal")
+            .summary("End the contact's portal sessions")
+            .auth(Auth::Portal)
+            .to(portal::portal_logout),
+        route(get.clone(), "/portal/me", "portal")
+            .summary("The contact's own record")
+            .auth(Auth::Portal)
+            .errors(&[404])
+            .to(portal::portal_me),
+        // Operations.
+        route(get.clone(), "/healthz", "operations")
+            .summary("Liveness")
+            .to(health::healthz),
+        route(get.clone(), "/readyz", "operations")
+            .summary("Readiness: PostgreSQL and NATS reachable, with the relay's and projectors' lag")
+            .to(health::readyz),
+        route(get.clone(), "/metrics", "operations")
+            .summary("Prometheus metrics")
+            .to(health::metrics),
+        route(get, "/openapi.json", "operations")
+            .summary("This document")
+            .to(health::openapi),
+    ]
+}
