@@ -150,13 +150,6 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
             "the request body is empty",
         ));
     }
-    // serde fills a struct from a JSON array by position; bodies are objects only.
-    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-        return Err(ApiError::bad_request(
-            "invalid_body",
-            "the request body must be a JSON object",
-        ));
-    }
     // A NUL can only arrive as the escape `\u0000` (raw control bytes are not JSON):
     // only a body that has one pays for a second look.
     if body.windows(6).any(|w| w == b"\\u0000") {
@@ -181,6 +174,13 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     })?;
     de.end()
         .map_err(|e| ApiError::bad_request("invalid_json", e.to_string()))?;
+    // serde fills a struct from a JSON array by position; bodies are objects only.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError::bad_request(
+            "invalid_body",
+            "the request body must be a JSON object",
+        ));
+    }
     Ok(value)
 }
 
@@ -191,12 +191,10 @@ fn body_error(path: &str, message: String) -> ApiError {
         Some(i) => message[..i].to_owned(),
         None => message,
     };
-    // A missing or unknown member is reported at its parent; name it instead.
+    // A missing member is reported at its parent (an unknown one at itself): name it.
     let field = match (path, named_member(&message)) {
         (".", Some(m)) => m,
-        (p, Some(m)) if message.starts_with("unknown field") || message.starts_with("missing field") => {
-            format!("{p}.{m}")
-        }
+        (p, Some(m)) if !p.ends_with(&m) => format!("{p}.{m}"),
         (".", None) => "body".to_owned(),
         (p, _) => p.to_owned(),
     };

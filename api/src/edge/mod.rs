@@ -236,7 +236,10 @@ impl Edge {
         let mut ids = Vec::with_capacity(raw_ids.len());
         for (name, raw) in raw_ids {
             let id = uuid::Uuid::parse_str(raw).map_err(|_| {
-                ApiError::bad_request("invalid_id", format!("`{name}` must be a UUID"))
+                ApiError::bad_request(
+                    "invalid_id",
+                    format!("`{name}` must be a UUID; `{raw}` is not one"),
+                )
                     .with_fields(vec![crate::error::FieldError::new(name, "must be a UUID")])
             })?;
             ids.push(id);
