@@ -161,6 +161,8 @@ pub enum Command {
     Rebuild { name: String },
     /// Apply database migrations.
     Migrate,
+    /// Print the OpenAPI 3.1 document (what `/openapi.json` serves) to stdout.
+    Openapi,
     /// Operator commands.
     Admin {
         #[command(subcommand)]
@@ -294,6 +296,7 @@ pub async fn run(
             let n = db::migrate(&common.database()).await?;
             println!("migrations applied: {n}");
         }
+        Command::Openapi => println!("{}", crate::openapi::json()),
         Command::Serve {
             no_relay,
             no_projectors,

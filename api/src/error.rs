@@ -177,9 +177,7 @@ impl ApiError {
         });
         match &self {
             Self::Validation(fields) => body["fields"] = json!(fields),
-            Self::BadRequest { fields, .. } if !fields.is_empty() => {
-                body["fields"] = json!(fields)
-            }
+            Self::BadRequest { fields, .. } if !fields.is_empty() => body["fields"] = json!(fields),
             Self::NotCaughtUp {
                 projection,
                 position,

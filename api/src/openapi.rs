@@ -4,9 +4,7 @@
 //! parses and answers), its security and error responses from its declaration. A
 //! route cannot be served without being described, nor described without being served.
 
-use utoipa::openapi::path::{
-    HttpMethod, OperationBuilder, ParameterBuilder, ParameterIn,
-};
+use utoipa::openapi::path::{HttpMethod, OperationBuilder, ParameterBuilder, ParameterIn};
 use utoipa::openapi::request_body::RequestBodyBuilder;
 use utoipa::openapi::response::ResponseBuilder;
 use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, SchemaFormat, Type};
@@ -66,7 +64,9 @@ fn operation(r: &Route) -> utoipa::openapi::path::Operation {
             RequestBodyBuilder::new()
                 .content(
                     "application/json",
-                    ContentBuilder::new().schema(Some(body.schema.clone())).build(),
+                    ContentBuilder::new()
+                        .schema(Some(body.schema.clone()))
+                        .build(),
                 )
                 .required(Some(if body.required {
                     Required::True
@@ -79,7 +79,10 @@ fn operation(r: &Route) -> utoipa::openapi::path::Operation {
     for (status, resp) in &r.doc.responses {
         let mut rb = ResponseBuilder::new().description(&resp.description);
         if let Some((ct, schema)) = &resp.content {
-            rb = rb.content(*ct, ContentBuilder::new().schema(Some(schema.clone())).build());
+            rb = rb.content(
+                *ct,
+                ContentBuilder::new().schema(Some(schema.clone())).build(),
+            );
         }
         b = b.response(status.to_string(), rb.build());
     }
@@ -175,4 +178,48 @@ pub fn json() -> &'static str {
         serde_json::to_string(&document()).unwrap_or_else(|_| "{}".into())
     });
     &DOC
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The document and the served table are the same list, operation for operation.
+    #[test]
+    fn every_served_route_is_described_and_nothing_else() {
+        let table = crate::routes::table::table();
+        let doc = serde_json::to_value(document_of(&table)).unwrap();
+        let mut described = Vec::new();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for method in item.as_object().unwrap().keys() {
+                described.push(format!("{} {path}", method.to_uppercase()));
+            }
+        }
+        let mut served: Vec<String> = table
+            .iter()
+            .map(|r| format!("{} {}", r.method, r.path))
+            .collect();
+        described.sort();
+        served.sort();
+        assert_eq!(described, served);
+        let mut unique = served.clone();
+        unique.dedup();
+        assert_eq!(unique, served, "a route is declared twice");
+    }
+
+    #[test]
+    fn every_reference_resolves() {
+        let doc = json();
+        let v: serde_json::Value = serde_json::from_str(doc).unwrap();
+        let schemas = v["components"]["schemas"].as_object().unwrap();
+        let mut rest = doc;
+        while let Some(i) = rest.find("#/components/schemas/") {
+            rest = &rest[i + "#/components/schemas/".len()..];
+            let name: String = rest.chars().take_while(|c| *c != '"').collect();
+            assert!(
+                schemas.contains_key(&name),
+                "{name} is referred to, not defined"
+            );
+        }
+    }
 }

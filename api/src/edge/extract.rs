@@ -28,7 +28,9 @@ impl FromCall for Authed {
     fn from_call(call: &mut Call) -> Result<Self, ApiError> {
         match std::mem::replace(&mut call.caller, Caller::Nobody) {
             Caller::Staff(a) => Ok(a),
-            _ => Err(ApiError::internal("route takes a staff caller it did not authenticate")),
+            _ => Err(ApiError::internal(
+                "route takes a staff caller it did not authenticate",
+            )),
         }
     }
     fn document(doc: &mut OpDoc) {
@@ -40,7 +42,9 @@ impl FromCall for PortalAuthed {
     fn from_call(call: &mut Call) -> Result<Self, ApiError> {
         match std::mem::replace(&mut call.caller, Caller::Nobody) {
             Caller::Portal(p) => Ok(p),
-            _ => Err(ApiError::internal("route takes a portal caller it did not authenticate")),
+            _ => Err(ApiError::internal(
+                "route takes a portal caller it did not authenticate",
+            )),
         }
     }
     fn document(doc: &mut OpDoc) {
@@ -202,9 +206,13 @@ fn body_error(path: &str, message: String) -> ApiError {
         .with_fields(vec![FieldError::new(field, message)])
 }
 
-/// The member a serde message names first ("unknown field `x`…", "missing field `x`").
+/// The member a serde message names first ("unknown field `x`…", "missing field `x`",
+/// "duplicate field `x`").
 fn named_member(message: &str) -> Option<String> {
-    if !(message.starts_with("unknown field") || message.starts_with("missing field")) {
+    if !["unknown field", "missing field", "duplicate field"]
+        .iter()
+        .any(|p| message.starts_with(p))
+    {
         return None;
     }
     let start = message.find('`')? + 1;
@@ -240,8 +248,8 @@ fn query_error(field: &str, message: String) -> ApiError {
 }
 
 pub fn parse_query<T: DeserializeOwned>(raw: &str) -> Result<T, ApiError> {
-    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw)
-        .map_err(|e| query_error("", e.to_string()))?;
+    let pairs: Vec<(String, String)> =
+        serde_urlencoded::from_str(raw).map_err(|e| query_error("", e.to_string()))?;
     if let Some((k, _)) = pairs.iter().find(|(k, v)| !storable(k) || !storable(v)) {
         return Err(query_error(&k.replace('\0', "\\u0000"), NUL_MESSAGE.into()));
     }
@@ -260,4 +268,92 @@ pub fn parse_query<T: DeserializeOwned>(raw: &str) -> Result<T, ApiError> {
 
 fn form_urlencoded_pairs(raw: &str) -> form_urlencoded::Parse<'_> {
     form_urlencoded::parse(raw.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Body {
+        name: Option<String>,
+        inner: Option<Inner>,
+        count: Option<i64>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Inner {
+        city: Option<String>,
+    }
+
+    fn fields(e: ApiError) -> (u16, Vec<String>) {
+        let status = e.status().as_u16();
+        let names = match e {
+            ApiError::Validation(f) | ApiError::BadRequest { fields: f, .. } => {
+                f.into_iter().map(|f| f.field).collect()
+            }
+            other => panic!("unexpected {other:?}"),
+        };
+        (status, names)
+    }
+
+    #[test]
+    fn a_nul_anywhere_in_a_body_is_422_naming_the_member() {
+        let e = parse_json::<Body>(br#"{"inner": {"city": "a\u0000b"}}"#).unwrap_err();
+        assert_eq!(fields(e), (422, vec!["inner.city".to_owned()]));
+        let e = parse_json::<Body>(br#"{"name": "\u0000"}"#).unwrap_err();
+        assert_eq!(fields(e), (422, vec!["name".to_owned()]));
+        // An escaped backslash before `u0000` is text, not a NUL.
+        assert!(parse_json::<Body>(br#"{"name": "\\u0000"}"#).is_ok());
+    }
+
+    #[test]
+    fn a_wrong_type_unknown_or_missing_member_is_400_naming_it() {
+        let e = parse_json::<Body>(br#"{"name": 5}"#).unwrap_err();
+        assert_eq!(fields(e), (400, vec!["name".to_owned()]));
+        let e = parse_json::<Body>(br#"{"inner": {"city": 5}}"#).unwrap_err();
+        assert_eq!(fields(e), (400, vec!["inner.city".to_owned()]));
+        let e = parse_json::<Body>(br#"{"inner": {"town": "x"}}"#).unwrap_err();
+        assert_eq!(fields(e), (400, vec!["inner.town".to_owned()]));
+        let e = parse_json::<Body>(br#"{"nmae": "x"}"#).unwrap_err();
+        assert_eq!(fields(e), (400, vec!["nmae".to_owned()]));
+        assert!(matches!(
+            parse_json::<Body>(b"not json"),
+            Err(ApiError::BadRequest {
+                code: "invalid_json",
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse_json::<Body>(b"[]"),
+            Err(ApiError::BadRequest { .. })
+        ));
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Params {
+        q: Option<String>,
+        limit: Option<i64>,
+    }
+
+    #[test]
+    fn query_parameters_are_named_when_refused() {
+        let e = parse_query::<Params>("q=a%00b").unwrap_err();
+        assert_eq!(fields(e), (400, vec!["q".to_owned()]));
+        let e = parse_query::<Params>("limit=ten").unwrap_err();
+        assert_eq!(fields(e), (400, vec!["limit".to_owned()]));
+        let e = parse_query::<Params>("colour=red").unwrap_err();
+        assert_eq!(fields(e), (400, vec!["colour".to_owned()]));
+        let e = parse_query::<Params>("q=a&q=b").unwrap_err();
+        assert_eq!(fields(e), (400, vec!["q".to_owned()]));
+        let p = parse_query::<Params>("q=caf%C3%A9&limit=5").unwrap();
+        assert_eq!((p.q.as_deref(), p.limit), (Some("café"), Some(5)));
+    }
 }

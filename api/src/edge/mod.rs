@@ -66,11 +66,7 @@ pub fn serve(state: AppState, table: Vec<Route>) -> BoxedFilter<(Response,)> {
     });
     warp::method()
         .and(warp::path::full())
-        .and(
-            warp::query::raw()
-                .or(warp::any().map(String::new))
-                .unify(),
-        )
+        .and(warp::query::raw().or(warp::any().map(String::new)).unify())
         .and(warp::header::headers_cloned())
         .and(warp::addr::remote())
         .and(warp::body::stream())
@@ -146,11 +142,7 @@ impl Edge {
         if !body_read && req.announces_large_body() {
             headers.insert("connection", HeaderValue::from_static("close"));
         }
-        let response = cors::decorate(
-            self.cors.for_path(req.path),
-            req.header("origin"),
-            response,
-        );
+        let response = cors::decorate(self.cors.for_path(req.path), req.header("origin"), response);
         let status = response.status().as_u16();
         METRICS
             .http_requests
@@ -240,7 +232,7 @@ impl Edge {
                     "invalid_id",
                     format!("`{name}` must be a UUID; `{raw}` is not one"),
                 )
-                    .with_fields(vec![crate::error::FieldError::new(name, "must be a UUID")])
+                .with_fields(vec![crate::error::FieldError::new(name, "must be a UUID")])
             })?;
             ids.push(id);
         }

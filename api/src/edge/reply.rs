@@ -41,12 +41,7 @@ impl<S: ToSchema + 'static> ToSchema for Shaped<S> {
     fn name() -> std::borrow::Cow<'static, str> {
         S::name()
     }
-    fn schemas(
-        schemas: &mut Vec<(
-            String,
-            utoipa::openapi::RefOr<utoipa::openapi::Schema>,
-        )>,
-    ) {
+    fn schemas(schemas: &mut Vec<(String, utoipa::openapi::RefOr<utoipa::openapi::Schema>)>) {
         S::schemas(schemas)
     }
 }
@@ -87,7 +82,11 @@ impl<T: Serialize + ToSchema + Send + 'static> IntoReply for Created<T> {
     }
     fn document(doc: &mut OpDoc) {
         let s = doc.schema::<T>();
-        doc.success(201, "Created (Location names it)", Some(("application/json", s)));
+        doc.success(
+            201,
+            "Created (Location names it)",
+            Some(("application/json", s)),
+        );
     }
 }
 

@@ -301,10 +301,12 @@ impl RouteBuilder {
             .path
             .trim_start_matches('/')
             .split('/')
-            .map(|s| match s.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
-                Some(name) => Segment::Id(name),
-                None => Segment::Literal(s),
-            })
+            .map(
+                |s| match s.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+                    Some(name) => Segment::Id(name),
+                    None => Segment::Literal(s),
+                },
+            )
             .collect();
         match (doc.takes, self.auth) {
             (None, _)

@@ -502,7 +502,11 @@ pub(crate) async fn update(
     Ok(super::outcome(&outcome))
 }
 
-pub(crate) async fn archive(s: AppState, a: Authed, Id(id): Id) -> Result<Ok200<Outcome>, ApiError> {
+pub(crate) async fn archive(
+    s: AppState,
+    a: Authed,
+    Id(id): Id,
+) -> Result<Ok200<Outcome>, ApiError> {
     let outcome = s
         .executor
         .execute::<Contact>(
@@ -573,7 +577,11 @@ async fn as_of_read(
     Ok(Ok200(Shaped::new(body)))
 }
 
-pub(crate) async fn history(s: AppState, a: Authed, Id(id): Id) -> Result<Ok200<History>, ApiError> {
+pub(crate) async fn history(
+    s: AppState,
+    a: Authed,
+    Id(id): Id,
+) -> Result<Ok200<History>, ApiError> {
     let client = s.pool.get().await?;
     let sid = id.to_string();
     let stream = StreamId {
@@ -621,7 +629,10 @@ pub(crate) async fn list(
     for (given, fields) in [
         (q.email.is_some(), &["email"][..]),
         (q.company.is_some(), &["company"][..]),
-        (q.q.is_some(), &["given_name", "family_name", "email", "company"][..]),
+        (
+            q.q.is_some(),
+            &["given_name", "family_name", "email", "company"][..],
+        ),
     ] {
         if given {
             visibility::check_filters(policy, fields.iter().copied())?;

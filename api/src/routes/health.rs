@@ -64,7 +64,10 @@ impl RawDoc for MetricsDoc {
         doc.success(
             200,
             "Prometheus text exposition format",
-            Some(("text/plain", schema_of_type(utoipa::openapi::schema::Type::String))),
+            Some((
+                "text/plain",
+                schema_of_type(utoipa::openapi::schema::Type::String),
+            )),
         );
     }
 }
@@ -84,7 +87,9 @@ impl RawDoc for OpenApiDoc {
     }
 }
 
-fn schema_of_type(t: utoipa::openapi::schema::Type) -> utoipa::openapi::RefOr<utoipa::openapi::Schema> {
+fn schema_of_type(
+    t: utoipa::openapi::schema::Type,
+) -> utoipa::openapi::RefOr<utoipa::openapi::Schema> {
     utoipa::openapi::RefOr::T(utoipa::openapi::Schema::Object(
         utoipa::openapi::schema::ObjectBuilder::new()
             .schema_type(t)

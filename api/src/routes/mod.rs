@@ -147,7 +147,10 @@ pub fn outcome(o: &crm_infra::commands::CommandOutcome) -> Ok200<Outcome> {
 /// The bearer token of an `Authorization` header.
 pub fn bearer(header: Option<&str>) -> Option<&str> {
     header
-        .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
+        .and_then(|h| {
+            h.strip_prefix("Bearer ")
+                .or_else(|| h.strip_prefix("bearer "))
+        })
         .map(str::trim)
 }
 

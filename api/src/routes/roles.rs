@@ -155,8 +155,10 @@ fn parse_policy(
 
 fn policy_json(p: &Policy) -> PolicyDoc {
     PolicyDoc {
-        permissions: serde_json::from_value(serde_json::to_value(&p.permissions).unwrap_or_default())
-            .unwrap_or_default(),
+        permissions: serde_json::from_value(
+            serde_json::to_value(&p.permissions).unwrap_or_default(),
+        )
+        .unwrap_or_default(),
         fields: serde_json::to_value(&p.fields).unwrap_or_default(),
     }
 }
@@ -278,7 +280,11 @@ pub(crate) async fn change(
     Ok(super::outcome(&o))
 }
 
-pub(crate) async fn retire(s: AppState, a: Authed, Id(role_id): Id) -> Result<Ok200<Outcome>, ApiError> {
+pub(crate) async fn retire(
+    s: AppState,
+    a: Authed,
+    Id(role_id): Id,
+) -> Result<Ok200<Outcome>, ApiError> {
     let o = accounts::role_command(
         &s.executor,
         a.caller.org_id,

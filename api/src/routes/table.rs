@@ -45,7 +45,9 @@ pub fn table() -> Vec<Route> {
             .errors(&[403, 409])
             .to(users::two_factor_enable),
         route(post.clone(), "/v1/auth/2fa/disable", "auth")
-            .summary("Turn the caller's own 2FA off with the password and a code (ends other sessions)")
+            .summary(
+                "Turn the caller's own 2FA off with the password and a code (ends other sessions)",
+            )
             .auth(Auth::SignedIn)
             .errors(&[403, 409])
             .to(users::two_factor_disable),
@@ -88,11 +90,15 @@ pub fn table() -> Vec<Route> {
             .staff(P::PortalManage)
             .errors(&[409])
             .to(portal::grant),
-        route(post.clone(), "/v1/contacts/{id}/portal-access/revoke", "portal")
-            .summary("Take a contact's portal access away")
-            .staff(P::PortalManage)
-            .errors(&[409])
-            .to(portal::revoke),
+        route(
+            post.clone(),
+            "/v1/contacts/{id}/portal-access/revoke",
+            "portal",
+        )
+        .summary("Take a contact's portal access away")
+        .staff(P::PortalManage)
+        .errors(&[409])
+        .to(portal::revoke),
         // The activity log and reports.
         route(get.clone(), "/v1/activity", "activity")
             .summary("The organisation's activity log, newest first")
@@ -199,10 +205,14 @@ pub fn table() -> Vec<Route> {
         route(post.clone(), "/portal/auth/password-reset", "portal")
             .summary("Mail a portal password reset link (same answer for unknown addresses)")
             .to(portal::portal_reset_request),
-        route(post.clone(), "/portal/auth/password-reset/confirm", "portal")
-            .summary("Set a portal password with a reset link's token")
-            .errors(&[401])
-            .to(portal::portal_reset_confirm),
+        route(
+            post.clone(),
+            "/portal/auth/password-reset/confirm",
+            "portal",
+        )
+        .summary("Set a portal password with a reset link's token")
+        .errors(&[401])
+        .to(portal::portal_reset_confirm),
         route(post.clone(), "/portal/auth/logout", "portal")
             .summary("End the contact's portal sessions")
             .auth(Auth::Portal)
@@ -217,7 +227,9 @@ pub fn table() -> Vec<Route> {
             .summary("Liveness")
             .to(health::healthz),
         route(get.clone(), "/readyz", "operations")
-            .summary("Readiness: PostgreSQL and NATS reachable, with the relay's and projectors' lag")
+            .summary(
+                "Readiness: PostgreSQL and NATS reachable, with the relay's and projectors' lag",
+            )
             .to(health::readyz),
         route(get.clone(), "/metrics", "operations")
             .summary("Prometheus metrics")

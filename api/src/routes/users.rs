@@ -276,12 +276,20 @@ async fn simple(
     Ok(super::outcome(&o))
 }
 
-pub(crate) async fn deactivate(s: AppState, a: Authed, Id(id): Id) -> Result<Ok200<Outcome>, ApiError> {
+pub(crate) async fn deactivate(
+    s: AppState,
+    a: Authed,
+    Id(id): Id,
+) -> Result<Ok200<Outcome>, ApiError> {
     let by = a.access.grantor();
     simple(s, a, id, |holds| UserCommand::Deactivate { by, holds }).await
 }
 
-pub(crate) async fn reactivate(s: AppState, a: Authed, Id(id): Id) -> Result<Ok200<Outcome>, ApiError> {
+pub(crate) async fn reactivate(
+    s: AppState,
+    a: Authed,
+    Id(id): Id,
+) -> Result<Ok200<Outcome>, ApiError> {
     let by = a.access.grantor();
     simple(s, a, id, |holds| UserCommand::Reactivate { by, holds }).await
 }
