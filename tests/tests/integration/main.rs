@@ -7,6 +7,7 @@ mod auth;
 mod bad_input;
 mod concurrency;
 mod contacts;
+mod contract;
 mod edge;
 mod escalation;
 mod fields;
