@@ -39,6 +39,15 @@ fn uuid_schema() -> utoipa::openapi::Schema {
     )
 }
 
+fn header(description: &str, ty: Type) -> utoipa::openapi::header::Header {
+    utoipa::openapi::header::HeaderBuilder::new()
+        .schema(utoipa::openapi::Schema::Object(
+            ObjectBuilder::new().schema_type(ty).build(),
+        ))
+        .description(Some(description))
+        .build()
+}
+
 fn operation(r: &Route) -> utoipa::openapi::path::Operation {
     let mut b = OperationBuilder::new()
         .tag(r.tag)
@@ -77,7 +86,19 @@ fn operation(r: &Route) -> utoipa::openapi::path::Operation {
         ));
     }
     for (status, resp) in &r.doc.responses {
-        let mut rb = ResponseBuilder::new().description(&resp.description);
+        let mut rb = ResponseBuilder::new()
+            .description(&resp.description)
+            .header(
+                "X-Request-Id",
+                header("The request's id: the client's own when it sent a plain one (at most 128 of A-Z a-z 0-9 - _ . :), else a new UUID v7", Type::String),
+            );
+        match status {
+            201 => rb = rb.header("Location", header("The new record's path", Type::String)),
+            429 | 503 => {
+                rb = rb.header("Retry-After", header("Seconds to wait before retrying", Type::Integer))
+            }
+            _ => {}
+        }
         if let Some((ct, schema)) = &resp.content {
             rb = rb.content(
                 *ct,
