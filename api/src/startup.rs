@@ -5,11 +5,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
-use crm_infra::bus::Bus;
 use crm_infra::commands::Executor;
 use crm_infra::crypto::Crypto;
-use crm_infra::projector::{Projection, ProjectorWorker};
-use crm_infra::relay::Relay;
+use crm_infra::feed::bus::Bus;
+use crm_infra::feed::projector::{Projection, ProjectorWorker};
+use crm_infra::feed::relay::Relay;
 use crm_infra::{db, read_models};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -150,7 +150,7 @@ impl Application {
                     _ = tokio::time::sleep(std::time::Duration::from_secs(60)) => {
                         limits.forget_idle();
                         if let Ok(client) = pool.get().await {
-                            if let Err(e) = crm_infra::auth_tokens::purge(&client).await {
+                            if let Err(e) = crm_infra::access::auth_tokens::purge(&client).await {
                                 tracing::warn!(error = %crm_infra::db::describe(&e), "expired link tokens not purged");
                             }
                         }

@@ -3,10 +3,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crm_infra::bus::Bus;
 use crm_infra::commands::Executor;
 use crm_infra::crypto::Crypto;
-use crm_infra::projector;
+use crm_infra::feed::bus::Bus;
+use crm_infra::feed::projector;
 use deadpool_postgres::Pool;
 
 use crate::auth::Tokens;

@@ -15,9 +15,11 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::crypto::Crypto;
-use crate::event_store::{self, PendingEvent, StoreError, StoredEvent, StreamHead, StreamId};
-use crate::group_commit::GroupCommitter;
 use crate::metrics::METRICS;
+use crate::store::event_store::{
+    self, PendingEvent, StoreError, StoredEvent, StreamHead, StreamId,
+};
+use crate::store::group_commit::GroupCommitter;
 
 /// Snapshot a stream every this many events.
 /// (The fast path below and the general path must produce identical events.)
@@ -149,7 +151,7 @@ pub struct Executor {
     crypto: Arc<Crypto>,
     notifier: event_store::Notifier,
     committer: GroupCommitter,
-    access_cache: Arc<crate::access_cache::AccessCache>,
+    access_cache: Arc<crate::access::cache::AccessCache>,
 }
 
 impl Executor {
@@ -158,7 +160,7 @@ impl Executor {
         Self {
             notifier: event_store::Notifier::spawn(pool.clone()),
             committer: GroupCommitter::spawn(pool.clone()),
-            access_cache: crate::access_cache::AccessCache::new(),
+            access_cache: crate::access::cache::AccessCache::new(),
             pool,
             crypto,
         }
@@ -173,7 +175,7 @@ impl Executor {
     }
 
     /// This process's cache of who may do what; [`Self::execute_with`] empties it.
-    pub fn access_cache(&self) -> &Arc<crate::access_cache::AccessCache> {
+    pub fn access_cache(&self) -> &Arc<crate::access::cache::AccessCache> {
         &self.access_cache
     }
 
@@ -381,7 +383,7 @@ impl Executor {
             effect(&tx, events).await?;
             tx.execute(
                 "SELECT pg_notify($1, $2)",
-                &[&crate::access_cache::ACCESS_CHANNEL, &org_id.to_string()],
+                &[&crate::access::cache::ACCESS_CHANNEL, &org_id.to_string()],
             )
             .await
             .map_err(|e| CommandError::from(StoreError::from(e)))?;

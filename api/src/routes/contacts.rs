@@ -11,8 +11,8 @@ use crm_domain::values::{
     Text,
 };
 use crm_infra::commands::{decode, CommandOutcome};
-use crm_infra::event_store::{self, StreamId};
 use crm_infra::read_models::contacts::{self as contacts_rm, ContactFilter};
+use crm_infra::store::event_store::{self, StreamId};
 use crm_projections::contacts::ContactView;
 use serde::{Deserialize, Deserializer};
 use serde_json::{json, Value};

@@ -27,7 +27,7 @@ use crate::context::{request_context, RequestContext};
 use crate::error::{ApiError, ApiRejection};
 use crate::state::AppState;
 use crm_domain::access::Permission;
-use crm_infra::accounts::Access;
+use crm_infra::access::accounts::Access;
 
 /// An authenticated staff request, with what the caller may do right now.
 #[derive(Debug, Clone)]
@@ -268,7 +268,7 @@ pub fn staff(state: AppState) -> impl Filter<Extract = (Authed,), Error = Reject
         })
 }
 
-/// The caller's access: from this process's cache (see `crm_infra::access_cache`), else
+/// The caller's access: from this process's cache (see `crm_infra::access::cache`), else
 /// from the database.
 async fn load_access(
     state: &AppState,
@@ -285,7 +285,7 @@ async fn load_access(
         .inc();
     let epoch = cache.epoch();
     let client = state.pool.get().await?;
-    let access = crm_infra::accounts::load_access(&client, caller.user_id, caller.org_id)
+    let access = crm_infra::access::accounts::load_access(&client, caller.user_id, caller.org_id)
         .await?
         .map(std::sync::Arc::new);
     if let Some(a) = &access {
@@ -299,9 +299,11 @@ async fn key_access(
     digest: &[u8],
 ) -> Result<Option<std::sync::Arc<Access>>, ApiError> {
     let client = state.pool.get().await?;
-    Ok(crm_infra::api_keys::access_by_digest(&client, digest)
-        .await?
-        .map(std::sync::Arc::new))
+    Ok(
+        crm_infra::access::api_keys::access_by_digest(&client, digest)
+            .await?
+            .map(std::sync::Arc::new),
+    )
 }
 
 /// A request body of at most `limit` bytes (with or without Content-Length) and its

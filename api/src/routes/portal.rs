@@ -13,9 +13,9 @@ use crm_domain::access::{Module, Permission};
 use crm_domain::metadata::{EventMetadata, Principal, PrincipalKind};
 use crm_domain::portal::{PortalCommand, PortalError, PortalLogin};
 use crm_domain::values::Email;
-use crm_infra::auth_tokens::{self, Purpose};
+use crm_infra::access::auth_tokens::{self, Purpose};
+use crm_infra::access::portal::{self, PortalCredential};
 use crm_infra::commands::CommandError;
-use crm_infra::portal::{self, PortalCredential};
 use crm_infra::read_models::contacts as contacts_rm;
 use serde::Deserialize;
 use serde_json::json;
@@ -519,7 +519,7 @@ async fn staff_reset_request(
     let req: StaffEmailInput = parse_json(&body)?;
     if req.email.len() <= 320 {
         let client = s.pool.get().await?;
-        let found = crm_infra::accounts::find_credential(&client, &req.email).await?;
+        let found = crm_infra::access::accounts::find_credential(&client, &req.email).await?;
         if let Some(c) = found.filter(|c| c.active) {
             send_link(
                 &s,
@@ -563,7 +563,7 @@ async fn staff_reset_confirm(
         id: user_id.to_string(),
     };
     let meta = super::event_metadata(&ctx, org_id, principal);
-    crm_infra::accounts::change_password(&s.executor, org_id, user_id, hash, &meta).await?;
+    crm_infra::access::accounts::change_password(&s.executor, org_id, user_id, hash, &meta).await?;
     Ok(json_response(
         StatusCode::OK,
         &json!({ "message": "the password is set; sign in with it" }),

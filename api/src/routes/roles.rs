@@ -9,7 +9,7 @@ use crm_domain::access::{FieldAccess, Module, Permission, Policy, CONTACT_FIELDS
 use crm_domain::organization::OrganizationCommand;
 use crm_domain::role::RoleCommand;
 use crm_domain::values::Name;
-use crm_infra::accounts;
+use crm_infra::access::accounts;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -395,7 +395,7 @@ async fn field_access(s: AppState, a: Authed, raw: String) -> Result<Response, A
     };
     let client = s.pool.get().await?;
     let holders =
-        crm_infra::access_history::field_readers(&client, a.caller.org_id, field, at).await?;
+        crm_infra::access::history::field_readers(&client, a.caller.org_id, field, at).await?;
     let items: Vec<Value> = holders
         .iter()
         .map(|h| json!({ "kind": h.kind, "id": h.id, "role": h.role, "access": h.access }))

@@ -4,7 +4,7 @@
 use crm_domain::access::{Permission, Policy, RoleRef};
 use crm_domain::user::{Grant, UserCommand, UserError};
 use crm_domain::values::{Email, Name};
-use crm_infra::accounts::{self, NewUser};
+use crm_infra::access::accounts::{self, NewUser};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -272,7 +272,7 @@ async fn create(
     if invited {
         super::portal::send_link(
             &s,
-            crm_infra::auth_tokens::Purpose::StaffInvite,
+            crm_infra::access::auth_tokens::Purpose::StaffInvite,
             a.caller.org_id,
             user_id,
             invite_to,

@@ -18,7 +18,7 @@ use uuid::Uuid;
 
 use super::envelope;
 use crate::commands::DecodedEvent;
-use crate::projector::{Projection, ProjectionError, Rebuilder};
+use crate::feed::projector::{Projection, ProjectionError, Rebuilder};
 
 pub struct ContactsProjection;
 

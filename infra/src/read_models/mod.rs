@@ -8,7 +8,7 @@ use std::sync::Arc;
 use crm_projections::Envelope;
 
 use crate::commands::DecodedEvent;
-use crate::projector::Projection;
+use crate::feed::projector::Projection;
 
 /// Every projection this service runs, by name.
 pub fn all() -> Vec<Arc<dyn Projection>> {

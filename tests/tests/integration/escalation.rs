@@ -512,7 +512,7 @@ async fn an_access_change_forgets_that_organisations_cached_access_at_once() {
     let (other_org, other_user, _) = app.another_org("Other Org").await;
     let client = app.state.pool.get().await.unwrap();
     for (user, org) in [(app.user_id, app.org_id), (other_user, other_org)] {
-        let access = crm_infra::accounts::load_access(&client, user, org)
+        let access = crm_infra::access::accounts::load_access(&client, user, org)
             .await
             .unwrap()
             .expect("an active user");
@@ -520,7 +520,7 @@ async fn an_access_change_forgets_that_organisations_cached_access_at_once() {
         assert!(cache.get(user, org).is_some());
     }
     drop(client);
-    crm_infra::accounts::user_command(
+    crm_infra::access::accounts::user_command(
         &executor,
         app.org_id,
         app.user_id,

@@ -23,7 +23,7 @@ use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::accounts::Access;
+use crate::access::accounts::Access;
 
 pub const ACCESS_CHANNEL: &str = "crm_access";
 /// The longest an entry is used.

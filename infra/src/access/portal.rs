@@ -9,7 +9,7 @@ use tokio_postgres::error::SqlState;
 use uuid::Uuid;
 
 use crate::commands::{CommandError, CommandOutcome, Executor};
-use crate::event_store::StoreError;
+use crate::store::event_store::StoreError;
 
 fn db(e: tokio_postgres::Error) -> CommandError<PortalError> {
     if e.code() == Some(&SqlState::UNIQUE_VIOLATION) {

@@ -9,9 +9,9 @@ use deadpool_postgres::GenericClient;
 use futures::FutureExt;
 use uuid::Uuid;
 
-use crate::accounts::{parse_modules, Access, AccountError};
+use crate::access::accounts::{parse_modules, Access, AccountError};
 use crate::commands::{CommandError, CommandOutcome, Executor};
-use crate::event_store::StoreError;
+use crate::store::event_store::StoreError;
 
 fn db(e: tokio_postgres::Error) -> CommandError<ApiKeyError> {
     CommandError::Store(StoreError::from(e))
@@ -157,7 +157,8 @@ pub async fn access_by_digest(
     let Some(role) = RoleRef::parse(row.get(2)) else {
         return Ok(None);
     };
-    let Some(mut policy) = crate::accounts::resolve_policy(role, row.get(5), row.get(6)) else {
+    let Some(mut policy) = crate::access::accounts::resolve_policy(role, row.get(5), row.get(6))
+    else {
         return Ok(None);
     };
     if let Some(only) = row.get::<_, Option<Vec<String>>>(3) {

@@ -21,7 +21,7 @@ use tokio_postgres::error::SqlState;
 use uuid::Uuid;
 
 use crate::commands::{CommandError, CommandOutcome, Executor};
-use crate::event_store::StoreError;
+use crate::store::event_store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AccountError {
