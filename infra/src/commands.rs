@@ -308,7 +308,7 @@ impl Executor {
             serde_json::to_value(event).map_err(|e| StoreError::Corrupt(0, e.to_string()))?;
         let mut meta = meta_json.clone();
         let sections = event.personal_sections();
-        let personal = !crate::crypto::personal_paths(&payload, sections, &meta).is_empty();
+        let personal = !crate::crypto::fields::personal_paths(&payload, sections, &meta).is_empty();
         let mut new_key = None;
         if personal {
             if let Some(key) = self.crypto.cached_key(org, id) {
