@@ -15,7 +15,7 @@ use crm_domain::organization::OrganizationError;
 use crm_domain::role::RoleError;
 use crm_domain::user::UserError;
 use crm_infra::access::accounts::AccountError;
-use crm_infra::commands::CommandError;
+use crm_infra::commands::executor::CommandError;
 use crm_infra::store::event_store::StoreError;
 
 /// A problem with one input field.

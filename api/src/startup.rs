@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
-use crm_infra::commands::Executor;
+use crm_infra::commands::executor::Executor;
 use crm_infra::crypto::Crypto;
 use crm_infra::feed::bus::Bus;
 use crm_infra::feed::projector::{Projection, ProjectorWorker};

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crm_infra::commands::Executor;
+use crm_infra::commands::executor::Executor;
 use crm_infra::crypto::Crypto;
 use crm_infra::feed::bus::Bus;
 use crm_infra::feed::projector;

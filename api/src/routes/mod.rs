@@ -149,7 +149,7 @@ pub fn staff_token(
     ))
 }
 
-pub fn outcome(o: &crm_infra::commands::CommandOutcome, request_id: &str) -> Response {
+pub fn outcome(o: &crm_infra::commands::executor::CommandOutcome, request_id: &str) -> Response {
     crate::error::json_response(
         warp::http::StatusCode::OK,
         &serde_json::json!({ "id": o.id, "version": o.version, "positions": o.positions }),

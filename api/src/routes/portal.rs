@@ -15,7 +15,7 @@ use crm_domain::portal::{PortalCommand, PortalError, PortalLogin};
 use crm_domain::values::Email;
 use crm_infra::access::auth_tokens::{self, Purpose};
 use crm_infra::access::portal::{self, PortalCredential};
-use crm_infra::commands::CommandError;
+use crm_infra::commands::executor::CommandError;
 use crm_infra::read_models::contacts as contacts_rm;
 use serde::Deserialize;
 use serde_json::json;

@@ -618,9 +618,9 @@ async fn two_factor_disable(
     // Refused before the code is checked (and spent); the command checks it again
     // under the organisation's lock.
     if accounts::two_factor_required_of(&client, a.caller.user_id).await? {
-        return Err(ApiError::from(crm_infra::commands::CommandError::Domain(
-            UserError::TwoFactorRequired,
-        )));
+        return Err(ApiError::from(
+            crm_infra::commands::executor::CommandError::Domain(UserError::TwoFactorRequired),
+        ));
     }
     drop(client);
     if !credential.totp_enabled {

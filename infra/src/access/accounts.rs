@@ -20,7 +20,7 @@ use futures::FutureExt;
 use tokio_postgres::error::SqlState;
 use uuid::Uuid;
 
-use crate::commands::{CommandError, CommandOutcome, Executor};
+use crate::commands::executor::{CommandError, CommandOutcome, Executor};
 use crate::store::event_store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
@@ -332,7 +332,7 @@ pub async fn create_user(
     drop(client);
     let user_id = Uuid::now_v7();
     let email_lower = email.as_str().to_lowercase();
-    let effect = crate::commands::effect(move |tx, _: &[UserEvent]| {
+    let effect = crate::commands::executor::effect(move |tx, _: &[UserEvent]| {
         let (email_lower, password_hash) = (email_lower.clone(), password_hash.clone());
         async move {
             lock_organization(tx, org_id).await?;
@@ -494,7 +494,7 @@ pub async fn change_password(
 ) -> Result<i32, AccountError> {
     let generation = Generation::default();
     let inner = user_effect(org_id, user_id, generation.clone());
-    let effect = crate::commands::effect(move |tx, events: &[UserEvent]| {
+    let effect = crate::commands::executor::effect(move |tx, events: &[UserEvent]| {
         let hash = password_hash.clone();
         let applied = inner(tx, events);
         async move {
@@ -821,7 +821,7 @@ pub async fn enable_two_factor(
 ) -> Result<i32, AccountError> {
     let generation = Generation::default();
     let inner = user_effect(org_id, user_id, generation.clone());
-    let effect = crate::commands::effect(move |tx, events: &[UserEvent]| {
+    let effect = crate::commands::executor::effect(move |tx, events: &[UserEvent]| {
         let digests = backup_digests.clone();
         let applied = inner(tx, events);
         async move {

@@ -10,7 +10,7 @@ use futures::FutureExt;
 use uuid::Uuid;
 
 use crate::access::accounts::{parse_modules, Access, AccountError};
-use crate::commands::{CommandError, CommandOutcome, Executor};
+use crate::commands::executor::{CommandError, CommandOutcome, Executor};
 use crate::store::event_store::StoreError;
 
 fn db(e: tokio_postgres::Error) -> CommandError<ApiKeyError> {
@@ -26,7 +26,7 @@ pub async fn issue(
     command: ApiKeyCommand,
     meta: &EventMetadata,
 ) -> Result<CommandOutcome, AccountError> {
-    let effect = crate::commands::effect(move |tx, events: &[ApiKeyEvent]| {
+    let effect = crate::commands::executor::effect(move |tx, events: &[ApiKeyEvent]| {
         let digest = digest.clone();
         async move {
             for event in events {
@@ -70,7 +70,7 @@ pub async fn revoke(
     key_id: Uuid,
     meta: &EventMetadata,
 ) -> Result<CommandOutcome, AccountError> {
-    let effect = crate::commands::effect(move |tx, events: &[ApiKeyEvent]| {
+    let effect = crate::commands::executor::effect(move |tx, events: &[ApiKeyEvent]| {
         async move {
             if !events.is_empty() {
                 tx.execute(

@@ -8,7 +8,7 @@ use futures::FutureExt;
 use tokio_postgres::error::SqlState;
 use uuid::Uuid;
 
-use crate::commands::{CommandError, CommandOutcome, Executor};
+use crate::commands::executor::{CommandError, CommandOutcome, Executor};
 use crate::store::event_store::StoreError;
 
 fn db(e: tokio_postgres::Error) -> CommandError<PortalError> {
@@ -29,7 +29,7 @@ pub async fn command(
     password_hash: Option<String>,
     meta: &EventMetadata,
 ) -> Result<CommandOutcome, CommandError<PortalError>> {
-    let effect = crate::commands::effect(move |tx, events: &[PortalEvent]| {
+    let effect = crate::commands::executor::effect(move |tx, events: &[PortalEvent]| {
         let hash = password_hash.clone();
         async move {
             for event in events {

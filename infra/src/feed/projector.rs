@@ -22,11 +22,11 @@ use deadpool_postgres::{Pool, Transaction};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use crate::commands::{decode, DecodedEvent};
 use crate::crypto::Crypto;
 use crate::feed::bus::Bus;
 use crate::feed::checkpoint::{self, Owner};
 use crate::metrics::METRICS;
+use crate::store::decode::{decode, DecodedEvent};
 use crate::store::event_store::{self, CommitKey, RawEvent, StoreError};
 
 const BATCH: usize = 500;

@@ -26,9 +26,9 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
-use crate::commands::{decode, decode_without_personal_data, DecodedEvent};
 use crate::crypto::Crypto;
 use crate::feed::projector::{set_checkpoint, Projection, ProjectionError, Rebuilder};
+use crate::store::decode::{decode, decode_without_personal_data, DecodedEvent};
 use crate::store::event_store::{self, from_row, CommitKey, StoreError, COLUMNS};
 
 /// Rows parsed and decrypted together on one blocking thread.

@@ -4,6 +4,8 @@
 //!   order below the visibility horizon, and the post-append wake-up (`crm_events`);
 //! - [`group_commit`]: single-event appends of concurrent commands in one statement;
 //! - [`hash_chain`]: the per-stream SHA-256 chain over what is stored;
+//! - [`snapshots`]: sealed aggregate states every few events, a cache for loading;
+//! - [`decode`]: stored events read back with their personal data decrypted;
 //! - [`verify`]: walking the chains to name altered or missing events.
 //!
 //! Invariants: the events table is append-only (a trigger refuses UPDATE, DELETE and
@@ -15,7 +17,9 @@
 //! `(tx_id, global_position)`, read only below `pg_snapshot_xmin`, so a reader never
 //! skips an event that commits late.
 
+pub mod decode;
 pub mod event_store;
 pub mod group_commit;
 pub mod hash_chain;
+pub mod snapshots;
 pub mod verify;

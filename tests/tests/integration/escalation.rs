@@ -503,7 +503,7 @@ async fn repeated_requests_use_the_access_cache() {
 #[tokio::test]
 async fn an_access_change_forgets_that_organisations_cached_access_at_once() {
     let app = TestApp::spawn().await;
-    let executor = crm_infra::commands::Executor::new(
+    let executor = crm_infra::commands::executor::Executor::new(
         app.state.pool.clone(),
         app.state.executor.crypto().clone(),
     );

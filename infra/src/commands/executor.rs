@@ -1,4 +1,5 @@
-//! Runs cqrs-es aggregates against the event store: load, decide, encrypt, append.
+//! The executor: runs cqrs-es aggregates against the event store — load, decide,
+//! encrypt, append.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -16,10 +17,10 @@ use uuid::Uuid;
 
 use crate::crypto::Crypto;
 use crate::metrics::METRICS;
-use crate::store::event_store::{
-    self, PendingEvent, StoreError, StoredEvent, StreamHead, StreamId,
-};
+use crate::store::decode::decode;
+use crate::store::event_store::{self, PendingEvent, StoreError, StreamHead, StreamId};
 use crate::store::group_commit::GroupCommitter;
+use crate::store::snapshots;
 
 /// Snapshot a stream every this many events.
 /// (The fast path below and the general path must produce identical events.)
@@ -78,64 +79,6 @@ where
         + Sync,
 {
     f
-}
-
-/// An event read back from the store with its personal data decrypted.
-#[derive(Debug, Clone)]
-pub struct DecodedEvent {
-    /// The event as stored, without its payload and metadata (moved to the fields below).
-    pub stored: StoredEvent,
-    /// Decrypted payload (personal members whose key was destroyed are `null`).
-    pub payload: Value,
-    pub metadata: EventMetadata,
-}
-
-impl DecodedEvent {
-    /// An event with its payload and metadata (decrypted, or left as they are), the
-    /// metadata read into [`EventMetadata`].
-    pub fn new(stored: StoredEvent, payload: Value, metadata: Value) -> Result<Self, StoreError> {
-        let metadata = serde_json::from_value(metadata)
-            .map_err(|e| StoreError::Corrupt(stored.global_position, e.to_string()))?;
-        Ok(Self {
-            stored,
-            payload,
-            metadata,
-        })
-    }
-
-    pub fn typed<E: serde::de::DeserializeOwned>(&self) -> Result<E, StoreError> {
-        E::deserialize(&self.payload)
-            .map_err(|e| StoreError::Corrupt(self.stored.global_position, e.to_string()))
-    }
-}
-
-/// Decrypts a stored event. The decrypted payload and metadata are moved out of
-/// `stored` (which keeps the envelope, hashes and positions).
-pub async fn decode(
-    crypto: &Crypto,
-    client: &impl GenericClient,
-    mut stored: StoredEvent,
-) -> Result<DecodedEvent, StoreError> {
-    let mut payload = std::mem::take(&mut stored.payload);
-    let mut metadata = std::mem::take(&mut stored.metadata);
-    crypto
-        .decrypt_event(
-            client,
-            &stored.org_id,
-            &stored.aggregate_id,
-            &mut payload,
-            &mut metadata,
-        )
-        .await?;
-    DecodedEvent::new(stored, payload, metadata)
-}
-
-/// Parses a stored event without decrypting anything: personal members stay ciphertext.
-/// For consumers that read no personal data (e.g. the activity log).
-pub fn decode_without_personal_data(mut stored: StoredEvent) -> Result<DecodedEvent, StoreError> {
-    let payload = std::mem::take(&mut stored.payload);
-    let metadata = std::mem::take(&mut stored.metadata);
-    DecodedEvent::new(stored, payload, metadata)
 }
 
 /// An aggregate with the head of its stream.
@@ -199,8 +142,7 @@ impl Executor {
             aggregate_type: A::TYPE,
             aggregate_id: id,
         };
-        let (mut aggregate, mut head) = self
-            .load_snapshot::<A>(client, &stream)
+        let (mut aggregate, mut head) = snapshots::load::<A>(&self.crypto, client, &stream)
             .await?
             .unwrap_or_default();
         for stored in event_store::read_stream(client, &stream, head.version, None).await? {
@@ -210,87 +152,6 @@ impl Executor {
             aggregate.apply(decoded.typed::<A::Event>()?);
         }
         Ok(Loaded { aggregate, head })
-    }
-
-    async fn load_snapshot<A: Aggregate>(
-        &self,
-        client: &impl GenericClient,
-        stream: &StreamId<'_>,
-    ) -> Result<Option<(A, StreamHead)>, StoreError> {
-        let row = client
-            .query_opt(
-                "SELECT last_sequence, last_hash, state FROM snapshots \
-                 WHERE aggregate_type = $1 AND aggregate_id = $2 AND org_id = $3",
-                &[&stream.aggregate_type, &stream.aggregate_id, &stream.org_id],
-            )
-            .await?;
-        let Some(row) = row else { return Ok(None) };
-        let Some(key) = self
-            .crypto
-            .key_for_reading(client, &stream.org_id, stream.aggregate_id)
-            .await?
-        else {
-            return Ok(None);
-        };
-        let sealed: Vec<u8> = row.get(2);
-        let state = Crypto::open_bytes(
-            &key,
-            &stream.org_id,
-            stream.aggregate_id,
-            "snapshot",
-            &sealed,
-        )
-        .and_then(|bytes| serde_json::from_slice::<A>(&bytes).ok());
-        Ok(state.map(|a| {
-            (
-                a,
-                StreamHead {
-                    version: row.get(0),
-                    last_hash: Some(row.get(1)),
-                },
-            )
-        }))
-    }
-
-    async fn save_snapshot<A: Aggregate>(
-        &self,
-        client: &impl GenericClient,
-        stream: &StreamId<'_>,
-        aggregate: &A,
-        head: &StreamHead,
-    ) -> Result<(), StoreError> {
-        let key = self
-            .crypto
-            .key_for_writing(client, &stream.org_id, stream.aggregate_id)
-            .await?;
-        let bytes = serde_json::to_vec(aggregate)
-            .map_err(|e| StoreError::Corrupt(head.version, e.to_string()))?;
-        let sealed = Crypto::seal_bytes(
-            &key,
-            &stream.org_id,
-            stream.aggregate_id,
-            "snapshot",
-            &bytes,
-        )?;
-        client
-            .execute(
-                "INSERT INTO snapshots (aggregate_type, aggregate_id, org_id, last_sequence, last_hash, state) \
-                 VALUES ($1, $2, $3, $4, $5, $6) \
-                 ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE \
-                 SET last_sequence = EXCLUDED.last_sequence, last_hash = EXCLUDED.last_hash, \
-                     state = EXCLUDED.state, taken_at = now() \
-                 WHERE snapshots.last_sequence < EXCLUDED.last_sequence",
-                &[
-                    &stream.aggregate_type,
-                    &stream.aggregate_id,
-                    &stream.org_id,
-                    &head.version,
-                    &head.last_hash,
-                    &sealed,
-                ],
-            )
-            .await?;
-        Ok(())
     }
 
     /// The usual case, one event, in one statement: with the subject's key from the cache,
@@ -576,8 +437,7 @@ impl Executor {
             let written = match self.pool.get().await {
                 Ok(client) => match self.load::<A>(&client, org_id, id).await {
                     Ok(l) => {
-                        self.save_snapshot(&client, &stream, &l.aggregate, &l.head)
-                            .await
+                        snapshots::save(&self.crypto, &client, &stream, &l.aggregate, &l.head).await
                     }
                     Err(e) => Err(e),
                 },
