@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
+use crm_infra::access::cache::AccessCache;
 use crm_infra::commands::executor::Executor;
 use crm_infra::crypto::Crypto;
 use crm_infra::feed::bus::Bus;
@@ -45,8 +46,10 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<AppState> {
     // does not take longer than one for a known email.
     tokio::task::spawn_blocking(crate::auth::dummy_hash).await?;
     let rate_limits = crate::ratelimit::RateLimits::new(settings.http.rate_limits);
+    let access_cache = AccessCache::new();
     Ok(AppState::new(crate::state::Services {
-        executor: Executor::new(pool.clone(), crypto.clone()),
+        executor: Executor::new(pool.clone(), crypto.clone()).with_hook(access_cache.clone()),
+        access_cache,
         pool,
         crypto,
         bus,
@@ -161,7 +164,7 @@ impl Application {
         // Who may do what is cached while its invalidations can be heard.
         match db::app_config(&self.state.settings.database) {
             Ok(pg) => {
-                let cache = self.state.executor.access_cache().clone();
+                let cache = self.state.access_cache.clone();
                 tokio::spawn(cache.listen(pg, token.clone()));
             }
             Err(e) => tracing::warn!(error = %e, "no access cache: database settings"),

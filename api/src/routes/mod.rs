@@ -274,7 +274,7 @@ async fn load_access(
     state: &AppState,
     caller: &Caller,
 ) -> Result<Option<std::sync::Arc<Access>>, ApiError> {
-    let cache = state.executor.access_cache();
+    let cache = &state.access_cache;
     if let Some(a) = cache.get(caller.user_id, caller.org_id) {
         METRICS.access_from_cache.inc();
         return Ok(Some(a));

@@ -10,6 +10,7 @@ use futures::FutureExt;
 use uuid::Uuid;
 
 use crate::access::accounts::{parse_modules, Access, AccountError};
+use crate::access::cache::execute_access_change;
 use crate::commands::executor::{CommandError, CommandOutcome, Executor};
 use crate::store::event_store::StoreError;
 
@@ -58,9 +59,16 @@ pub async fn issue(
         }
         .boxed()
     });
-    Ok(executor
-        .execute_with::<ApiKey>(org_id, &key_id.to_string(), command, meta, Some(0), &effect)
-        .await?)
+    Ok(execute_access_change::<ApiKey>(
+        executor,
+        org_id,
+        &key_id.to_string(),
+        command,
+        meta,
+        Some(0),
+        &effect,
+    )
+    .await?)
 }
 
 /// Revokes a key of `org_id`; from the commit on, it authenticates nothing.
@@ -84,16 +92,16 @@ pub async fn revoke(
         }
         .boxed()
     });
-    Ok(executor
-        .execute_with::<ApiKey>(
-            org_id,
-            &key_id.to_string(),
-            ApiKeyCommand::Revoke,
-            meta,
-            None,
-            &effect,
-        )
-        .await?)
+    Ok(execute_access_change::<ApiKey>(
+        executor,
+        org_id,
+        &key_id.to_string(),
+        ApiKeyCommand::Revoke,
+        meta,
+        None,
+        &effect,
+    )
+    .await?)
 }
 
 /// A key as listed (never its secret or digest).

@@ -11,10 +11,13 @@
 //!
 //! Invariants: the current access state (`credentials`, `organizations`, `roles`,
 //! `api_keys`, `portal_accounts`) is written by the effect of the very transaction
-//! that appends its events (`Executor::execute_with`), never by a projector:
-//! authorisation is never behind the events and a crash cannot leave one without the
-//! other. That transaction also sends `NOTIFY crm_access, '<org id>'`, so every
-//! process forgets the organisation's cached access when (and only if) it commits.
+//! that appends its events (an effect of `Executor::execute_with`), never by a
+//! projector: authorisation is never behind the events and a crash cannot leave one
+//! without the other. Every such command runs through
+//! [`cache::execute_access_change`], whose transaction also sends
+//! `NOTIFY crm_access, '<org id>'`, so every process forgets the organisation's cached
+//! access when (and only if) it commits; the process that ran it has already forgotten
+//! it, before it answers, through the cache's post-commit hook.
 //! Secrets are kept only as digests (keys, mailed tokens), bcrypt (passwords) or
 //! sealed under the user's data key (TOTP seeds).
 

@@ -8,6 +8,7 @@ use futures::FutureExt;
 use tokio_postgres::error::SqlState;
 use uuid::Uuid;
 
+use crate::access::cache::execute_access_change;
 use crate::commands::executor::{CommandError, CommandOutcome, Executor};
 use crate::store::event_store::StoreError;
 
@@ -73,16 +74,16 @@ pub async fn command(
         }
         .boxed()
     });
-    executor
-        .execute_with::<PortalAccount>(
-            org_id,
-            &contact_id.to_string(),
-            command,
-            meta,
-            None,
-            &effect,
-        )
-        .await
+    execute_access_change::<PortalAccount>(
+        executor,
+        org_id,
+        &contact_id.to_string(),
+        command,
+        meta,
+        None,
+        &effect,
+    )
+    .await
 }
 
 /// A portal login as stored.

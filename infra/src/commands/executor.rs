@@ -1,5 +1,16 @@
 //! The executor: runs cqrs-es aggregates against the event store — load, decide,
 //! encrypt, append.
+//!
+//! It is generic: it knows aggregates, the store and encryption, nothing of what a
+//! command means. Features hook in two ways, both chosen by the feature:
+//! - an *effect* ([`Executor::execute_with`]) runs in the appending transaction, before
+//!   the commit: it keeps a table of current state exactly in step with the events, may
+//!   refuse the command, and may `NOTIFY` other processes (delivered only on commit);
+//! - a *post-commit hook* ([`CommitHook`], registered with [`Executor::with_hook`]) is
+//!   told of every command that committed, right after the commit and before the
+//!   executor returns: for this process's caches and wake-ups. The access cache
+//!   forgets an organisation's access this way (`crate::access::cache`); a consent-state
+//!   cache or a dispatcher waiting for messages would register a hook of its own.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -15,6 +26,7 @@ use serde_json::Value;
 use tracing::Instrument;
 use uuid::Uuid;
 
+use crate::commands::hooks::{CommitHook, Committed};
 use crate::crypto::Crypto;
 use crate::metrics::METRICS;
 use crate::store::decode::decode;
@@ -94,19 +106,28 @@ pub struct Executor {
     crypto: Arc<Crypto>,
     notifier: event_store::Notifier,
     committer: GroupCommitter,
-    access_cache: Arc<crate::access::cache::AccessCache>,
+    /// Told of every commit, in this order (see [`crate::commands::hooks`]).
+    hooks: Vec<Arc<dyn CommitHook>>,
 }
 
 impl Executor {
-    /// Must be called inside a tokio runtime (it starts the append notifier).
+    /// Must be called inside a tokio runtime (it starts the append notifier). No hooks:
+    /// add them with [`Self::with_hook`].
     pub fn new(pool: Pool, crypto: Arc<Crypto>) -> Self {
         Self {
             notifier: event_store::Notifier::spawn(pool.clone()),
             committer: GroupCommitter::spawn(pool.clone()),
-            access_cache: crate::access::cache::AccessCache::new(),
+            hooks: Vec::new(),
             pool,
             crypto,
         }
+    }
+
+    /// Registers `hook`, told of every command this executor (and its clones made
+    /// from now on) commits; hooks run in the order they were added.
+    pub fn with_hook(mut self, hook: Arc<dyn CommitHook>) -> Self {
+        self.hooks.push(hook);
+        self
     }
 
     pub fn crypto(&self) -> &Arc<Crypto> {
@@ -115,11 +136,6 @@ impl Executor {
 
     pub fn pool(&self) -> &Pool {
         &self.pool
-    }
-
-    /// This process's cache of who may do what; [`Self::execute_with`] empties it.
-    pub fn access_cache(&self) -> &Arc<crate::access::cache::AccessCache> {
-        &self.access_cache
     }
 
     /// Woken whenever this executor has appended (see [`event_store::Notifier::local`]).
@@ -242,21 +258,10 @@ impl Executor {
             .map_err(CommandError::from)?;
         if let Some(effect) = effect {
             effect(&tx, events).await?;
-            tx.execute(
-                "SELECT pg_notify($1, $2)",
-                &[&crate::access::cache::ACCESS_CHANNEL, &org_id.to_string()],
-            )
-            .await
-            .map_err(|e| CommandError::from(StoreError::from(e)))?;
         }
         tx.commit()
             .await
             .map_err(|e| CommandError::from(event_store::conflict_or_db(e)))?;
-        if effect.is_some() {
-            // Before the caller answers: this process never serves the old access
-            // (other processes hear the NOTIFY within milliseconds).
-            self.access_cache.invalidate_org(org_id);
-        }
         if let Some(key) = key {
             // Committed now: readers (projectors in this process) may use it.
             self.crypto.remember(&org_id, id, &key);
@@ -424,12 +429,27 @@ impl Executor {
                     .await?
             }
         };
+        let outcome = CommandOutcome {
+            id: id.to_owned(),
+            version: head.version + appended.len() as i64,
+            positions: appended.iter().map(|a| a.global_position).collect(),
+        };
+        // Before the caller answers: whatever a hook keeps in this process (a cache)
+        // already reflects the command when the caller acts on its answer.
+        let committed = Committed {
+            org_id,
+            aggregate_type: A::TYPE,
+            outcome: &outcome,
+        };
+        for hook in &self.hooks {
+            hook.committed(&committed);
+        }
         self.notifier.poke();
         METRICS
             .append_seconds
             .observe(append_started.elapsed().as_secs_f64());
         let new_head = StreamHead {
-            version: head.version + appended.len() as i64,
+            version: outcome.version,
             last_hash: None,
         };
         if new_head.version / SNAPSHOT_EVERY > head.version / SNAPSHOT_EVERY {
@@ -447,10 +467,6 @@ impl Executor {
                 tracing::warn!(error = %e, "snapshot not written");
             }
         }
-        Ok(CommandOutcome {
-            id: id.to_owned(),
-            version: new_head.version,
-            positions: appended.iter().map(|a| a.global_position).collect(),
-        })
+        Ok(outcome)
     }
 }

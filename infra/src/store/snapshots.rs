@@ -21,7 +21,7 @@ pub async fn load<A: Aggregate>(
     let row = client
         .query_opt(
             "SELECT last_sequence, last_hash, state FROM snapshots \
-                 WHERE aggregate_type = $1 AND aggregate_id = $2 AND org_id = $3",
+             WHERE aggregate_type = $1 AND aggregate_id = $2 AND org_id = $3",
             &[&stream.aggregate_type, &stream.aggregate_id, &stream.org_id],
         )
         .await?;
@@ -73,22 +73,22 @@ pub async fn save<A: Aggregate>(
         &bytes,
     )?;
     client
-            .execute(
-                "INSERT INTO snapshots (aggregate_type, aggregate_id, org_id, last_sequence, last_hash, state) \
-                 VALUES ($1, $2, $3, $4, $5, $6) \
-                 ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE \
-                 SET last_sequence = EXCLUDED.last_sequence, last_hash = EXCLUDED.last_hash, \
-                     state = EXCLUDED.state, taken_at = now() \
-                 WHERE snapshots.last_sequence < EXCLUDED.last_sequence",
-                &[
-                    &stream.aggregate_type,
-                    &stream.aggregate_id,
-                    &stream.org_id,
-                    &head.version,
-                    &head.last_hash,
-                    &sealed,
-                ],
-            )
-            .await?;
+        .execute(
+            "INSERT INTO snapshots (aggregate_type, aggregate_id, org_id, last_sequence, last_hash, state) \
+             VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE \
+             SET last_sequence = EXCLUDED.last_sequence, last_hash = EXCLUDED.last_hash, \
+                 state = EXCLUDED.state, taken_at = now() \
+             WHERE snapshots.last_sequence < EXCLUDED.last_sequence",
+            &[
+                &stream.aggregate_type,
+                &stream.aggregate_id,
+                &stream.org_id,
+                &head.version,
+                &head.last_hash,
+                &sealed,
+            ],
+        )
+        .await?;
     Ok(())
 }
