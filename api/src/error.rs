@@ -12,9 +12,9 @@ use crm_domain::contact::ContactError;
 use crm_domain::organization::OrganizationError;
 use crm_domain::role::RoleError;
 use crm_domain::user::UserError;
-use crm_infra::accounts::AccountError;
-use crm_infra::commands::CommandError;
-use crm_infra::event_store::StoreError;
+use crm_infra::access::accounts::AccountError;
+use crm_infra::commands::executor::CommandError;
+use crm_infra::store::event_store::StoreError;
 
 /// A problem with one input field.
 #[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
@@ -227,8 +227,8 @@ impl From<StoreError> for ApiError {
     }
 }
 
-impl From<crm_infra::projector::ProjectionError> for ApiError {
-    fn from(e: crm_infra::projector::ProjectionError) -> Self {
+impl From<crm_infra::feed::projector::ProjectionError> for ApiError {
+    fn from(e: crm_infra::feed::projector::ProjectionError) -> Self {
         Self::internal(e)
     }
 }

@@ -95,7 +95,10 @@ fn operation(r: &Route) -> utoipa::openapi::path::Operation {
         match status {
             201 => rb = rb.header("Location", header("The new record's path", Type::String)),
             429 | 503 => {
-                rb = rb.header("Retry-After", header("Seconds to wait before retrying", Type::Integer))
+                rb = rb.header(
+                    "Retry-After",
+                    header("Seconds to wait before retrying", Type::Integer),
+                )
             }
             _ => {}
         }

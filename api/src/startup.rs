@@ -5,11 +5,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
-use crm_infra::bus::Bus;
-use crm_infra::commands::Executor;
+use crm_infra::access::cache::AccessCache;
+use crm_infra::commands::executor::Executor;
 use crm_infra::crypto::Crypto;
-use crm_infra::projector::{Projection, ProjectorWorker};
-use crm_infra::relay::Relay;
+use crm_infra::feed::bus::Bus;
+use crm_infra::feed::projector::{Projection, ProjectorWorker};
+use crm_infra::feed::relay::Relay;
 use crm_infra::{db, read_models};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -45,8 +46,10 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<AppState> {
     // does not take longer than one for a known email.
     tokio::task::spawn_blocking(crate::auth::dummy_hash).await?;
     let rate_limits = crate::edge::ratelimit::RateLimits::new(settings.http.rate_limits);
+    let access_cache = AccessCache::new();
     Ok(AppState::new(crate::state::Services {
-        executor: Executor::new(pool.clone(), crypto.clone()),
+        executor: Executor::new(pool.clone(), crypto.clone()).with_hook(access_cache.clone()),
+        access_cache,
         pool,
         crypto,
         bus,
@@ -150,7 +153,7 @@ impl Application {
                     _ = tokio::time::sleep(std::time::Duration::from_secs(60)) => {
                         limits.forget_idle();
                         if let Ok(client) = pool.get().await {
-                            if let Err(e) = crm_infra::auth_tokens::purge(&client).await {
+                            if let Err(e) = crm_infra::access::auth_tokens::purge(&client).await {
                                 tracing::warn!(error = %crm_infra::db::describe(&e), "expired link tokens not purged");
                             }
                         }
@@ -161,7 +164,7 @@ impl Application {
         // Who may do what is cached while its invalidations can be heard.
         match db::app_config(&self.state.settings.database) {
             Ok(pg) => {
-                let cache = self.state.executor.access_cache().clone();
+                let cache = self.state.access_cache.clone();
                 tokio::spawn(cache.listen(pg, token.clone()));
             }
             Err(e) => tracing::warn!(error = %e, "no access cache: database settings"),

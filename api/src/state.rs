@@ -3,10 +3,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crm_infra::bus::Bus;
-use crm_infra::commands::Executor;
+use crm_infra::access::cache::AccessCache;
+use crm_infra::commands::executor::Executor;
 use crm_infra::crypto::Crypto;
-use crm_infra::projector;
+use crm_infra::feed::bus::Bus;
+use crm_infra::feed::projector;
 use deadpool_postgres::Pool;
 
 use crate::auth::Tokens;
@@ -33,6 +34,8 @@ impl std::ops::Deref for AppState {
 pub struct Services {
     pub pool: Pool,
     pub executor: Executor,
+    /// Who may do what, cached; emptied by the executor's post-commit hook.
+    pub access_cache: Arc<AccessCache>,
     pub crypto: Arc<Crypto>,
     pub bus: Bus,
     pub tokens: Arc<Tokens>,

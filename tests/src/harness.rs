@@ -375,10 +375,12 @@ impl TestApp {
 
 /// Creates an organisation and an owner without bcrypt's cost (tests mint tokens).
 pub async fn create_org_and_user(state: &AppState, org_name: &str, email: &str) -> (Uuid, Uuid) {
-    let org =
-        crm_infra::accounts::create_organization(&state.executor, Name::parse(org_name).unwrap())
-            .await
-            .unwrap();
+    let org = crm_infra::access::accounts::create_organization(
+        &state.executor,
+        Name::parse(org_name).unwrap(),
+    )
+    .await
+    .unwrap();
     let user = create_user(state, org, email, TEST_HASH).await;
     (org, user)
 }
@@ -406,14 +408,14 @@ pub async fn create_user_with_role(
     password_hash: &str,
     role: RoleRef,
 ) -> Uuid {
-    let user = crm_infra::accounts::NewUser {
+    let user = crm_infra::access::accounts::NewUser {
         org_id: org,
         email: Email::parse(email).unwrap(),
         display_name: Name::parse("Owner").unwrap(),
         role,
         password_hash: password_hash.to_owned(),
     };
-    crm_infra::accounts::create_user(
+    crm_infra::access::accounts::create_user(
         &state.executor,
         &state.pool,
         user,

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use crm_domain::access::{Permission, RoleRef};
 use crm_domain::api_key::ApiKeyCommand;
 use crm_domain::values::Name;
-use crm_infra::api_keys as keys;
+use crm_infra::access::api_keys as keys;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;

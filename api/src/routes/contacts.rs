@@ -10,9 +10,9 @@ use crm_domain::values::{
     Address, CountryCode, CustomFieldKey, CustomFieldValue, Email, InvalidValue, Line, Name, Phone,
     Text,
 };
-use crm_infra::commands::decode;
-use crm_infra::event_store::{self, StreamId};
 use crm_infra::read_models::contacts::{self as contacts_rm, ContactFilter};
+use crm_infra::store::decode::decode;
+use crm_infra::store::event_store::{self, StreamId};
 use crm_projections::contacts::ContactView;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{json, Value};

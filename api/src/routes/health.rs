@@ -1,9 +1,10 @@
 //! `GET /healthz` (alive), `GET /readyz` (dependencies and lag), `GET /metrics`, and
 //! `GET /openapi.json` (the API's description, see [`crate::openapi`]).
 
-use crm_infra::event_store;
+use crm_infra::feed::{projector, relay};
 use crm_infra::metrics::{render, METRICS};
-use crm_infra::{projector, read_models, relay};
+use crm_infra::read_models;
+use crm_infra::store::event_store;
 use serde::Serialize;
 use utoipa::ToSchema;
 use warp::http::StatusCode;

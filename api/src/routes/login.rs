@@ -39,7 +39,7 @@ pub(crate) async fn login(
         .check(&req.email)
         .map_err(ApiError::too_many_requests)?;
     let client = state.pool.get().await?;
-    let credential = crm_infra::accounts::find_credential(&client, &req.email).await?;
+    let credential = crm_infra::access::accounts::find_credential(&client, &req.email).await?;
     drop(client);
     // Always run bcrypt once, so that unknown and known emails cost the same.
     let hash = credential
@@ -85,7 +85,8 @@ pub(crate) async fn second_factor(
 ) -> Result<bool, ApiError> {
     let client = state.pool.get().await?;
     let totp =
-        crm_infra::accounts::totp_state(state.executor.crypto(), &client, org_id, user_id).await?;
+        crm_infra::access::accounts::totp_state(state.executor.crypto(), &client, org_id, user_id)
+            .await?;
     let Some(secret) = totp.and_then(|t| t.secret) else {
         return Ok(false);
     };
@@ -94,8 +95,10 @@ pub(crate) async fn second_factor(
         .map(|d| d.as_secs())
         .unwrap_or(0);
     if let Some(step) = crate::auth::totp::matching_step(&secret, code, now) {
-        return Ok(crm_infra::accounts::consume_totp_step(&client, user_id, step as i64).await?);
+        return Ok(
+            crm_infra::access::accounts::consume_totp_step(&client, user_id, step as i64).await?,
+        );
     }
     let digest = crate::auth::totp::backup_digest(code);
-    Ok(crm_infra::accounts::consume_backup_code(&client, user_id, &digest).await?)
+    Ok(crm_infra::access::accounts::consume_backup_code(&client, user_id, &digest).await?)
 }

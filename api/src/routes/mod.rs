@@ -28,7 +28,7 @@ use crate::edge::reply::Ok200;
 use crate::error::ApiError;
 use crate::state::AppState;
 use crm_domain::access::Permission;
-use crm_infra::accounts::Access;
+use crm_infra::access::accounts::Access;
 use schemas::{Outcome, Token};
 
 /// An authenticated staff request, with what the caller may do right now.
@@ -140,7 +140,7 @@ pub fn staff_token(
 }
 
 /// 200 with what a command wrote: `{id, version, positions}`.
-pub fn outcome(o: &crm_infra::commands::CommandOutcome) -> Ok200<Outcome> {
+pub fn outcome(o: &crm_infra::commands::executor::CommandOutcome) -> Ok200<Outcome> {
     Ok200(Outcome::from(o))
 }
 
@@ -200,13 +200,13 @@ pub async fn authenticate(
     }
 }
 
-/// The caller's access: from this process's cache (see `crm_infra::access_cache`), else
+/// The caller's access: from this process's cache (see `crm_infra::access::cache`), else
 /// from the database.
 async fn load_access(
     state: &AppState,
     caller: &Caller,
 ) -> Result<Option<std::sync::Arc<Access>>, ApiError> {
-    let cache = state.executor.access_cache();
+    let cache = &state.access_cache;
     if let Some(a) = cache.get(caller.user_id, caller.org_id) {
         METRICS.access_from_cache.inc();
         return Ok(Some(a));
@@ -217,7 +217,7 @@ async fn load_access(
         .inc();
     let epoch = cache.epoch();
     let client = state.pool.get().await?;
-    let access = crm_infra::accounts::load_access(&client, caller.user_id, caller.org_id)
+    let access = crm_infra::access::accounts::load_access(&client, caller.user_id, caller.org_id)
         .await?
         .map(std::sync::Arc::new);
     if let Some(a) = &access {
@@ -231,9 +231,11 @@ async fn key_access(
     digest: &[u8],
 ) -> Result<Option<std::sync::Arc<Access>>, ApiError> {
     let client = state.pool.get().await?;
-    Ok(crm_infra::api_keys::access_by_digest(&client, digest)
-        .await?
-        .map(std::sync::Arc::new))
+    Ok(
+        crm_infra::access::api_keys::access_by_digest(&client, digest)
+            .await?
+            .map(std::sync::Arc::new),
+    )
 }
 
 /// `min_position` and `wait_ms`: the read-your-writes parameters of every query.

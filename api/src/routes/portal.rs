@@ -13,9 +13,9 @@ use crm_domain::access::Module;
 use crm_domain::metadata::{EventMetadata, Principal, PrincipalKind};
 use crm_domain::portal::{PortalCommand, PortalError, PortalLogin};
 use crm_domain::values::Email;
-use crm_infra::auth_tokens::{self, Purpose};
-use crm_infra::commands::CommandError;
-use crm_infra::portal::{self, PortalCredential};
+use crm_infra::access::auth_tokens::{self, Purpose};
+use crm_infra::access::portal::{self, PortalCredential};
+use crm_infra::commands::executor::CommandError;
 use crm_infra::read_models::contacts as contacts_rm;
 use serde::Deserialize;
 use utoipa::ToSchema;
@@ -352,7 +352,7 @@ pub(crate) async fn staff_reset_request(
 ) -> Result<Accepted<Message>, ApiError> {
     if req.email.len() <= 320 {
         let client = s.pool.get().await?;
-        let found = crm_infra::accounts::find_credential(&client, &req.email).await?;
+        let found = crm_infra::access::accounts::find_credential(&client, &req.email).await?;
         if let Some(c) = found.filter(|c| c.active) {
             send_link(
                 &s,
@@ -393,7 +393,7 @@ pub(crate) async fn staff_reset_confirm(
         id: user_id.to_string(),
     };
     let meta = super::event_metadata(&ctx, org_id, principal);
-    crm_infra::accounts::change_password(&s.executor, org_id, user_id, hash, &meta).await?;
+    crm_infra::access::accounts::change_password(&s.executor, org_id, user_id, hash, &meta).await?;
     Ok(Ok200(Message::new("the password is set; sign in with it")))
 }
 

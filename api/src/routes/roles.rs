@@ -9,7 +9,7 @@ use crm_domain::access::{FieldAccess, Module, Permission, Policy, CONTACT_FIELDS
 use crm_domain::organization::OrganizationCommand;
 use crm_domain::role::RoleCommand;
 use crm_domain::values::Name;
-use crm_infra::accounts;
+use crm_infra::access::accounts;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::{IntoParams, ToSchema};
@@ -371,7 +371,7 @@ pub(crate) async fn field_access(
     let at = q.at.map_or_else(chrono::Utc::now, |t| t.0);
     let client = s.pool.get().await?;
     let holders =
-        crm_infra::access_history::field_readers(&client, a.caller.org_id, &field, at).await?;
+        crm_infra::access::history::field_readers(&client, a.caller.org_id, &field, at).await?;
     let readers = holders
         .iter()
         .map(|h| FieldReader {

@@ -17,8 +17,8 @@ pub struct Outcome {
     pub positions: Vec<i64>,
 }
 
-impl From<&crm_infra::commands::CommandOutcome> for Outcome {
-    fn from(o: &crm_infra::commands::CommandOutcome) -> Self {
+impl From<&crm_infra::commands::executor::CommandOutcome> for Outcome {
+    fn from(o: &crm_infra::commands::executor::CommandOutcome) -> Self {
         Self {
             id: o.id.clone(),
             version: o.version,

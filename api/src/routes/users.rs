@@ -4,7 +4,7 @@
 use crm_domain::access::{Policy, RoleRef};
 use crm_domain::user::{Grant, UserCommand, UserError};
 use crm_domain::values::{Email, Name};
-use crm_infra::accounts::{self, NewUser};
+use crm_infra::access::accounts::{self, NewUser};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -212,7 +212,7 @@ pub(crate) async fn create(
     if invited {
         super::portal::send_link(
             &s,
-            crm_infra::auth_tokens::Purpose::StaffInvite,
+            crm_infra::access::auth_tokens::Purpose::StaffInvite,
             a.caller.org_id,
             user_id,
             invite_to,
@@ -514,9 +514,9 @@ pub(crate) async fn two_factor_disable(
     // Refused before the code is checked (and spent); the command checks it again
     // under the organisation's lock.
     if accounts::two_factor_required_of(&client, a.caller.user_id).await? {
-        return Err(ApiError::from(crm_infra::commands::CommandError::Domain(
-            UserError::TwoFactorRequired,
-        )));
+        return Err(ApiError::from(
+            crm_infra::commands::executor::CommandError::Domain(UserError::TwoFactorRequired),
+        ));
     }
     drop(client);
     if !credential.totp_enabled {

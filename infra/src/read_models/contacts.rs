@@ -17,8 +17,8 @@ use tokio_postgres::Row;
 use uuid::Uuid;
 
 use super::envelope;
-use crate::commands::DecodedEvent;
-use crate::projector::{Projection, ProjectionError, Rebuilder};
+use crate::feed::projector::{Projection, ProjectionError, Rebuilder};
+use crate::store::decode::DecodedEvent;
 
 pub struct ContactsProjection;
 

@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use crm_projections::Envelope;
 
-use crate::commands::DecodedEvent;
-use crate::projector::Projection;
+use crate::feed::projector::Projection;
+use crate::store::decode::DecodedEvent;
 
 /// Every projection this service runs, by name.
 pub fn all() -> Vec<Arc<dyn Projection>> {

@@ -110,7 +110,7 @@ async fn concurrent_creates_each_get_their_own_event_and_an_existing_stream_conf
     use crm_domain::contact::{Contact, ContactCommand, ContactProfile};
     use crm_domain::metadata::EventMetadata;
     use crm_domain::values::Name;
-    use crm_infra::commands::CommandError;
+    use crm_infra::commands::executor::CommandError;
     use uuid::Uuid;
 
     let app = TestApp::spawn().await;

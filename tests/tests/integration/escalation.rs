@@ -474,7 +474,7 @@ async fn a_change_in_one_api_process_reaches_the_others() {
 #[tokio::test]
 async fn repeated_requests_use_the_access_cache() {
     let app = TestApp::spawn().await;
-    let cache = app.state.executor.access_cache().clone();
+    let cache = app.state.access_cache.clone();
     // The listener connects in the background; until then nothing is cached.
     let cached = crm_tests::harness::eventually(std::time::Duration::from_secs(5), || {
         let cache = cache.clone();
@@ -503,16 +503,17 @@ async fn repeated_requests_use_the_access_cache() {
 #[tokio::test]
 async fn an_access_change_forgets_that_organisations_cached_access_at_once() {
     let app = TestApp::spawn().await;
-    let executor = crm_infra::commands::Executor::new(
+    let cache = crm_infra::access::cache::AccessCache::new();
+    let executor = crm_infra::commands::executor::Executor::new(
         app.state.pool.clone(),
         app.state.executor.crypto().clone(),
-    );
-    let cache = executor.access_cache().clone();
+    )
+    .with_hook(cache.clone());
     cache.live_without_listener_for_tests();
     let (other_org, other_user, _) = app.another_org("Other Org").await;
     let client = app.state.pool.get().await.unwrap();
     for (user, org) in [(app.user_id, app.org_id), (other_user, other_org)] {
-        let access = crm_infra::accounts::load_access(&client, user, org)
+        let access = crm_infra::access::accounts::load_access(&client, user, org)
             .await
             .unwrap()
             .expect("an active user");
@@ -520,7 +521,7 @@ async fn an_access_change_forgets_that_organisations_cached_access_at_once() {
         assert!(cache.get(user, org).is_some());
     }
     drop(client);
-    crm_infra::accounts::user_command(
+    crm_infra::access::accounts::user_command(
         &executor,
         app.org_id,
         app.user_id,

@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use crm_api::startup;
-use crm_infra::event_store::{self, CommitKey, StoredEvent};
-use crm_infra::{projector, read_models, rebuild};
+use crm_infra::feed::{projector, rebuild};
+use crm_infra::read_models;
+use crm_infra::store::event_store::{self, CommitKey, StoredEvent};
 use crm_tests::harness::{eventually, Options, TestApp};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;

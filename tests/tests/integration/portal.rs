@@ -300,7 +300,12 @@ async fn links_expire() {
     .await
     .unwrap();
     let client = app.state.pool.get().await.unwrap();
-    assert_eq!(crm_infra::auth_tokens::purge(&client).await.unwrap(), 1);
+    assert_eq!(
+        crm_infra::access::auth_tokens::purge(&client)
+            .await
+            .unwrap(),
+        1
+    );
     app.stop().await;
 }
 

@@ -2,7 +2,8 @@
 //! the service's database role, still sees one organisation only, before and after a
 //! rebuild swaps the table.
 
-use crm_infra::{read_models, rebuild};
+use crm_infra::feed::rebuild;
+use crm_infra::read_models;
 use crm_tests::harness::TestApp;
 use serde_json::{json, Value};
 use uuid::Uuid;

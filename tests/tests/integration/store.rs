@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use crm_infra::event_store::StoredEvent;
-use crm_infra::verify::verify_chains;
+use crm_infra::store::event_store::StoredEvent;
+use crm_infra::store::verify::verify_chains;
 use crm_tests::harness::{eventually, TestApp};
 use serde_json::json;
 use uuid::Uuid;

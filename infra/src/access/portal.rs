@@ -8,8 +8,9 @@ use futures::FutureExt;
 use tokio_postgres::error::SqlState;
 use uuid::Uuid;
 
-use crate::commands::{CommandError, CommandOutcome, Executor};
-use crate::event_store::StoreError;
+use crate::access::cache::execute_access_change;
+use crate::commands::executor::{CommandError, CommandOutcome, Executor};
+use crate::store::event_store::StoreError;
 
 fn db(e: tokio_postgres::Error) -> CommandError<PortalError> {
     if e.code() == Some(&SqlState::UNIQUE_VIOLATION) {
@@ -29,7 +30,7 @@ pub async fn command(
     password_hash: Option<String>,
     meta: &EventMetadata,
 ) -> Result<CommandOutcome, CommandError<PortalError>> {
-    let effect = crate::commands::effect(move |tx, events: &[PortalEvent]| {
+    let effect = crate::commands::executor::effect(move |tx, events: &[PortalEvent]| {
         let hash = password_hash.clone();
         async move {
             for event in events {
@@ -73,16 +74,16 @@ pub async fn command(
         }
         .boxed()
     });
-    executor
-        .execute_with::<PortalAccount>(
-            org_id,
-            &contact_id.to_string(),
-            command,
-            meta,
-            None,
-            &effect,
-        )
-        .await
+    execute_access_change::<PortalAccount>(
+        executor,
+        org_id,
+        &contact_id.to_string(),
+        command,
+        meta,
+        None,
+        &effect,
+    )
+    .await
 }
 
 /// A portal login as stored.

@@ -22,12 +22,12 @@ use deadpool_postgres::{Pool, Transaction};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::Bus;
-use crate::checkpoint::{self, Owner};
-use crate::commands::{decode, DecodedEvent};
 use crate::crypto::Crypto;
-use crate::event_store::{self, CommitKey, RawEvent, StoreError};
+use crate::feed::bus::Bus;
+use crate::feed::checkpoint::{self, Owner};
 use crate::metrics::METRICS;
+use crate::store::decode::{decode, DecodedEvent};
+use crate::store::event_store::{self, CommitKey, RawEvent, StoreError};
 
 const BATCH: usize = 500;
 /// How long a small batch waits for more messages before it is applied.

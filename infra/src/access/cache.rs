@@ -1,12 +1,18 @@
 //! A per-process cache of [`Access`] (what a user may do), so that a request does not
 //! pay a database round trip to learn it. Correctness comes first:
 //!
-//! - Every command that changes access state runs through `Executor::execute_with`,
-//!   whose effects `NOTIFY crm_access, '<org id>'` in the same transaction; every process
-//!   LISTENs and forgets that organisation's entries when a notification arrives (all
-//!   of them if its listening connection drops). The executor also forgets them in its
-//!   own process right after such a commit, before it answers, so the process that
-//!   handled a logout or a role change never serves the old access.
+//! - Every command that changes access state runs through [`execute_access_change`]:
+//!   after the command's effect has written the access tables, the same transaction
+//!   sends `NOTIFY crm_access, '<org id>'`. PostgreSQL delivers it when, and only if,
+//!   that transaction commits, so no process hears of a change that rolled back, and
+//!   no crash can land a change without its notification. Every process LISTENs and
+//!   forgets that organisation's entries when a notification arrives (all of them if
+//!   its listening connection drops).
+//! - The cache is also the executor's post-commit hook ([`CommitHook`]): the process
+//!   that ran a command on one of the [`ACCESS_AGGREGATES`] forgets the organisation's
+//!   entries right after the commit, before it answers, so the process that handled a
+//!   logout or a role change never serves the old access (it does not wait for its own
+//!   notification to come back).
 //! - Caching is only on while the listener is connected; a load that raced an
 //!   invalidation is not stored (an epoch counter); entries expire after [`TTL`] anyway.
 //!
@@ -18,14 +24,35 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use cqrs_es::Aggregate;
+use crm_domain::api_key::ApiKey;
+use crm_domain::metadata::EventMetadata;
+use crm_domain::organization::Organization;
+use crm_domain::portal::PortalAccount;
+use crm_domain::role::CustomRole;
+use crm_domain::user::User;
+use crm_domain::PersonalData;
+use futures::{FutureExt, StreamExt};
 use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::accounts::Access;
+use crate::access::accounts::Access;
+use crate::commands::executor::{self, CommandError, CommandOutcome, Effect, Executor};
+use crate::commands::hooks::{CommitHook, Committed};
+use crate::store::event_store::StoreError;
 
 pub const ACCESS_CHANNEL: &str = "crm_access";
+/// The aggregates whose commands change access state: every command on them runs
+/// through [`execute_access_change`], and a commit on them empties this process's
+/// entries of the organisation.
+pub const ACCESS_AGGREGATES: [&str; 5] = [
+    Organization::TYPE,
+    User::TYPE,
+    CustomRole::TYPE,
+    ApiKey::TYPE,
+    PortalAccount::TYPE,
+];
 /// The longest an entry is used.
 pub const TTL: Duration = Duration::from_secs(10);
 
@@ -157,4 +184,55 @@ impl AccessCache {
         driver.abort();
         Ok(())
     }
+}
+
+impl CommitHook for AccessCache {
+    /// Right after the commit, before the executor returns: this process never serves
+    /// the access a command of its own changed.
+    fn committed(&self, commit: &Committed<'_>) {
+        if ACCESS_AGGREGATES.contains(&commit.aggregate_type) {
+            self.invalidate_org(commit.org_id);
+        }
+    }
+}
+
+/// Runs a command that changes access state: [`Executor::execute_with`], whose
+/// transaction, after `effect` has written the access tables, also sends
+/// `NOTIFY crm_access, '<org id>'` (delivered with the commit, never without it).
+pub(super) async fn execute_access_change<A>(
+    executor: &Executor,
+    org_id: Uuid,
+    id: &str,
+    command: A::Command,
+    metadata: &EventMetadata,
+    expected_version: Option<i64>,
+    effect: Effect<'_, A::Event, A::Error>,
+) -> Result<CommandOutcome, CommandError<A::Error>>
+where
+    A: Aggregate<Services = ()>,
+    A::Event: PersonalData,
+    A::Error: 'static,
+{
+    debug_assert!(
+        ACCESS_AGGREGATES.contains(&A::TYPE),
+        "{} changes access but is not in ACCESS_AGGREGATES",
+        A::TYPE
+    );
+    let and_notify = executor::effect(move |tx, events: &[A::Event]| {
+        let changed = effect(tx, events);
+        async move {
+            changed.await?;
+            tx.execute(
+                "SELECT pg_notify($1, $2)",
+                &[&ACCESS_CHANNEL, &org_id.to_string()],
+            )
+            .await
+            .map_err(|e| CommandError::from(StoreError::from(e)))?;
+            Ok(())
+        }
+        .boxed()
+    });
+    executor
+        .execute_with::<A>(org_id, id, command, metadata, expected_version, &and_notify)
+        .await
 }

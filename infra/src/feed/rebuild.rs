@@ -26,10 +26,10 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
-use crate::commands::{decode, decode_without_personal_data, DecodedEvent};
 use crate::crypto::Crypto;
-use crate::event_store::{self, from_row, CommitKey, StoreError, COLUMNS};
-use crate::projector::{set_checkpoint, Projection, ProjectionError, Rebuilder};
+use crate::feed::projector::{set_checkpoint, Projection, ProjectionError, Rebuilder};
+use crate::store::decode::{decode, decode_without_personal_data, DecodedEvent};
+use crate::store::event_store::{self, from_row, CommitKey, StoreError, COLUMNS};
 
 /// Rows parsed and decrypted together on one blocking thread.
 const CHUNK: usize = 1024;
@@ -488,7 +488,7 @@ pub async fn rebuild(
     let mut client = admin.get().await?;
     let tx = client.transaction().await?;
     let name = projection.name();
-    crate::checkpoint::lock_projection(&tx, name).await?;
+    crate::feed::checkpoint::lock_projection(&tx, name).await?;
     loop {
         let batch = event_store::read_committed(&tx, last, 1000).await?;
         if batch.is_empty() {

@@ -2,7 +2,7 @@
 
 use deadpool_postgres::GenericClient;
 
-use crate::event_store::CommitKey;
+use crate::store::event_store::CommitKey;
 
 /// Which process a checkpoint belongs to.
 #[derive(Debug, Clone, Copy)]

@@ -4,8 +4,8 @@ use deadpool_postgres::GenericClient;
 use futures::{pin_mut, TryStreamExt};
 use serde::Serialize;
 
-use crate::event_store::{from_row, COLUMNS};
-use crate::hash_chain::{event_hash, HashedFields};
+use crate::store::event_store::{from_row, COLUMNS};
+use crate::store::hash_chain::{event_hash, HashedFields};
 
 /// A place where a chain does not hold.
 #[derive(Debug, Clone, Serialize)]

@@ -1,7 +1,8 @@
 //! Organisations, staff users and custom roles: their commands go through the event
 //! store; the current state an authorisation needs (a user's role, whether active, its
 //! token generation; an organisation's modules; custom roles' policies) is written by
-//! the same transaction that appends the events ([`Executor::execute_with`]), so it is
+//! the same transaction that appends the events (an effect of
+//! [`Executor::execute_with`], through [`execute_access_change`]), so it is
 //! never ahead of or behind them. Login credentials sit beside the store in
 //! `credentials`, mutable and erasable.
 
@@ -20,8 +21,9 @@ use futures::FutureExt;
 use tokio_postgres::error::SqlState;
 use uuid::Uuid;
 
-use crate::commands::{CommandError, CommandOutcome, Executor};
-use crate::event_store::StoreError;
+use crate::access::cache::execute_access_change;
+use crate::commands::executor::{CommandError, CommandOutcome, Executor};
+use crate::store::event_store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AccountError {
@@ -213,16 +215,16 @@ fn org_effect(
 pub async fn create_organization(executor: &Executor, name: Name) -> Result<Uuid, AccountError> {
     let org_id = Uuid::now_v7();
     let meta = EventMetadata::system(org_id, "operator");
-    executor
-        .execute_with::<Organization>(
-            org_id,
-            &org_id.to_string(),
-            OrganizationCommand::Create { org_id, name },
-            &meta,
-            Some(0),
-            &org_effect(org_id),
-        )
-        .await?;
+    execute_access_change::<Organization>(
+        executor,
+        org_id,
+        &org_id.to_string(),
+        OrganizationCommand::Create { org_id, name },
+        &meta,
+        Some(0),
+        &org_effect(org_id),
+    )
+    .await?;
     Ok(org_id)
 }
 
@@ -233,16 +235,16 @@ pub async fn organization_command(
     command: OrganizationCommand,
     meta: &EventMetadata,
 ) -> Result<CommandOutcome, AccountError> {
-    Ok(executor
-        .execute_with::<Organization>(
-            org_id,
-            &org_id.to_string(),
-            command,
-            meta,
-            None,
-            &org_effect(org_id),
-        )
-        .await?)
+    Ok(execute_access_change::<Organization>(
+        executor,
+        org_id,
+        &org_id.to_string(),
+        command,
+        meta,
+        None,
+        &org_effect(org_id),
+    )
+    .await?)
 }
 
 pub async fn organization_exists(
@@ -332,7 +334,7 @@ pub async fn create_user(
     drop(client);
     let user_id = Uuid::now_v7();
     let email_lower = email.as_str().to_lowercase();
-    let effect = crate::commands::effect(move |tx, _: &[UserEvent]| {
+    let effect = crate::commands::executor::effect(move |tx, _: &[UserEvent]| {
         let (email_lower, password_hash) = (email_lower.clone(), password_hash.clone());
         async move {
             lock_organization(tx, org_id).await?;
@@ -353,25 +355,25 @@ pub async fn create_user(
         }
         .boxed()
     });
-    executor
-        .execute_with::<User>(
+    execute_access_change::<User>(
+        executor,
+        org_id,
+        &user_id.to_string(),
+        UserCommand::Register {
+            user_id,
             org_id,
-            &user_id.to_string(),
-            UserCommand::Register {
-                user_id,
-                org_id,
-                person: Person {
-                    email,
-                    display_name,
-                },
-                grant: Grant { role, policy },
-                by,
+            person: Person {
+                email,
+                display_name,
             },
-            meta,
-            Some(0),
-            &effect,
-        )
-        .await?;
+            grant: Grant { role, policy },
+            by,
+        },
+        meta,
+        Some(0),
+        &effect,
+    )
+    .await?;
     Ok(user_id)
 }
 
@@ -478,9 +480,16 @@ pub async fn user_command(
     meta: &EventMetadata,
 ) -> Result<CommandOutcome, AccountError> {
     let effect = user_effect(org_id, user_id, Generation::default());
-    Ok(executor
-        .execute_with::<User>(org_id, &user_id.to_string(), command, meta, None, &effect)
-        .await?)
+    Ok(execute_access_change::<User>(
+        executor,
+        org_id,
+        &user_id.to_string(),
+        command,
+        meta,
+        None,
+        &effect,
+    )
+    .await?)
 }
 
 /// Changes a user's password: the new hash, the `PasswordChanged` event and the end
@@ -494,7 +503,7 @@ pub async fn change_password(
 ) -> Result<i32, AccountError> {
     let generation = Generation::default();
     let inner = user_effect(org_id, user_id, generation.clone());
-    let effect = crate::commands::effect(move |tx, events: &[UserEvent]| {
+    let effect = crate::commands::executor::effect(move |tx, events: &[UserEvent]| {
         let hash = password_hash.clone();
         let applied = inner(tx, events);
         async move {
@@ -509,16 +518,16 @@ pub async fn change_password(
         }
         .boxed()
     });
-    executor
-        .execute_with::<User>(
-            org_id,
-            &user_id.to_string(),
-            UserCommand::ChangePassword,
-            meta,
-            None,
-            &effect,
-        )
-        .await?;
+    execute_access_change::<User>(
+        executor,
+        org_id,
+        &user_id.to_string(),
+        UserCommand::ChangePassword,
+        meta,
+        None,
+        &effect,
+    )
+    .await?;
     Ok(generation.load(std::sync::atomic::Ordering::Acquire))
 }
 
@@ -699,16 +708,16 @@ pub async fn role_command(
     expected_version: Option<i64>,
 ) -> Result<CommandOutcome, AccountError> {
     let effect = role_effect(org_id, role_id);
-    Ok(executor
-        .execute_with::<CustomRole>(
-            org_id,
-            &role_id.to_string(),
-            command,
-            meta,
-            expected_version,
-            &effect,
-        )
-        .await?)
+    Ok(execute_access_change::<CustomRole>(
+        executor,
+        org_id,
+        &role_id.to_string(),
+        command,
+        meta,
+        expected_version,
+        &effect,
+    )
+    .await?)
 }
 
 /// The custom roles of an organisation.
@@ -821,7 +830,7 @@ pub async fn enable_two_factor(
 ) -> Result<i32, AccountError> {
     let generation = Generation::default();
     let inner = user_effect(org_id, user_id, generation.clone());
-    let effect = crate::commands::effect(move |tx, events: &[UserEvent]| {
+    let effect = crate::commands::executor::effect(move |tx, events: &[UserEvent]| {
         let digests = backup_digests.clone();
         let applied = inner(tx, events);
         async move {
@@ -836,16 +845,16 @@ pub async fn enable_two_factor(
         }
         .boxed()
     });
-    executor
-        .execute_with::<User>(
-            org_id,
-            &user_id.to_string(),
-            UserCommand::EnableTwoFactor,
-            meta,
-            None,
-            &effect,
-        )
-        .await?;
+    execute_access_change::<User>(
+        executor,
+        org_id,
+        &user_id.to_string(),
+        UserCommand::EnableTwoFactor,
+        meta,
+        None,
+        &effect,
+    )
+    .await?;
     Ok(generation.load(std::sync::atomic::Ordering::Acquire))
 }
 
@@ -860,16 +869,16 @@ pub async fn disable_two_factor(
 ) -> Result<i32, AccountError> {
     let generation = Generation::default();
     let effect = user_effect(org_id, user_id, generation.clone());
-    executor
-        .execute_with::<User>(
-            org_id,
-            &user_id.to_string(),
-            UserCommand::DisableTwoFactor,
-            meta,
-            None,
-            &effect,
-        )
-        .await?;
+    execute_access_change::<User>(
+        executor,
+        org_id,
+        &user_id.to_string(),
+        UserCommand::DisableTwoFactor,
+        meta,
+        None,
+        &effect,
+    )
+    .await?;
     Ok(generation.load(std::sync::atomic::Ordering::Acquire))
 }
 

@@ -1,213 +1,18 @@
-//! Field-level encryption of personal data (AES-256-GCM).
-//!
-//! Each subject (a contact, a user) has its own random 256-bit data key, stored only in
-//! wrapped form (encrypted under the key-encryption key, KEK) in `data_keys`. Every
-//! personal field is encrypted separately with a fresh 96-bit nonce and the associated
-//! data `org|subject|field`, so a ciphertext cannot be moved to another field, subject
-//! or organisation without failing authentication. Destroying a subject's data key makes
-//! all its personal data unreadable everywhere it was copied (crypto-shredding).
+//! Personal members of events: which they are, and their encryption under the
+//! subject's data key, each bound to its organisation, subject and field.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-
-use aes_gcm::aead::{Aead, KeyInit, Payload};
-use aes_gcm::{Aes256Gcm, Nonce};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use deadpool_postgres::GenericClient;
-use rand::RngCore;
-use secrecy::ExposeSecret;
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::settings::KeySettings;
+use super::{field_aad, open, seal, Crypto, CryptoError, DataKey};
 
 /// Prefix of an encrypted JSON string value: `enc:v1:<base64(nonce ‖ ciphertext)>`.
 pub const ENCRYPTED_PREFIX: &str = "enc:v1:";
-const CACHE_TTL: Duration = Duration::from_secs(300);
-const CACHE_MAX: usize = 200_000;
-
-#[derive(Debug, thiserror::Error)]
-pub enum CryptoError {
-    #[error("the key-encryption key must be 32 bytes, base64-encoded")]
-    BadKek,
-    #[error("the data key of this subject was destroyed (erased)")]
-    Erased,
-    #[error("a data key could not be unwrapped: wrong key-encryption key?")]
-    Unwrap,
-    #[error("encryption failed")]
-    Encrypt,
-    #[error("database: {}", crate::db::describe(.0))]
-    Db(#[from] tokio_postgres::Error),
-}
-
-/// One subject's data key, unwrapped, in memory only.
-#[derive(Clone)]
-pub struct DataKey(Arc<Aes256Gcm>);
-
-/// The encryption service: wraps data keys with the KEK, caches unwrapped keys briefly.
-pub struct Crypto {
-    kek: Aes256Gcm,
-    kek_id: String,
-    cache: Mutex<HashMap<(Uuid, String), (DataKey, Instant)>>,
-}
-
-fn seal(cipher: &Aes256Gcm, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, CryptoError> {
-    let mut nonce = [0u8; 12];
-    rand::thread_rng().fill_bytes(&mut nonce);
-    let ct = cipher
-        .encrypt(
-            &Nonce::from(nonce),
-            Payload {
-                msg: plaintext,
-                aad,
-            },
-        )
-        .map_err(|_| CryptoError::Encrypt)?;
-    let mut out = Vec::with_capacity(12 + ct.len());
-    out.extend_from_slice(&nonce);
-    out.extend_from_slice(&ct);
-    Ok(out)
-}
-
-fn open(cipher: &Aes256Gcm, aad: &[u8], sealed: &[u8]) -> Option<Vec<u8>> {
-    if sealed.len() < 12 + 16 {
-        return None;
-    }
-    let (nonce, ct) = sealed.split_at(12);
-    cipher
-        .decrypt(
-            &Nonce::from(<[u8; 12]>::try_from(nonce).ok()?),
-            Payload { msg: ct, aad },
-        )
-        .ok()
-}
-
-fn field_aad(org: &Uuid, subject: &str, field: &str) -> Vec<u8> {
-    format!("crm-field|{org}|{subject}|{field}").into_bytes()
-}
 
 impl Crypto {
-    pub fn new(settings: &KeySettings) -> Result<Self, CryptoError> {
-        let raw = B64
-            .decode(settings.kek.expose_secret().trim())
-            .map_err(|_| CryptoError::BadKek)?;
-        if raw.len() != 32 {
-            return Err(CryptoError::BadKek);
-        }
-        Ok(Self {
-            kek: Aes256Gcm::new_from_slice(&raw).map_err(|_| CryptoError::BadKek)?,
-            kek_id: settings.kek_id.clone(),
-            cache: Mutex::new(HashMap::new()),
-        })
-    }
-
-    fn cached(&self, org: &Uuid, subject: &str) -> Option<DataKey> {
-        let cache = self.cache.lock().expect("key cache poisoned");
-        cache
-            .get(&(*org, subject.to_owned()))
-            .filter(|(_, at)| at.elapsed() < CACHE_TTL)
-            .map(|(k, _)| k.clone())
-    }
-
-    /// Caches a key; call only once the key is committed.
-    pub fn remember(&self, org: &Uuid, subject: &str, key: &DataKey) {
-        let mut cache = self.cache.lock().expect("key cache poisoned");
-        if cache.len() >= CACHE_MAX {
-            cache.clear();
-        }
-        cache.insert((*org, subject.to_owned()), (key.clone(), Instant::now()));
-    }
-
-    /// Forgets a cached key (after it was destroyed).
-    pub fn forget(&self, org: &Uuid, subject: &str) {
-        let mut cache = self.cache.lock().expect("key cache poisoned");
-        cache.remove(&(*org, subject.to_owned()));
-    }
-
-    fn unwrap_key(
-        &self,
-        org: &Uuid,
-        subject: &str,
-        wrapped: &[u8],
-    ) -> Result<DataKey, CryptoError> {
-        let aad = format!("crm-dek|{org}|{subject}");
-        let raw = open(&self.kek, aad.as_bytes(), wrapped).ok_or(CryptoError::Unwrap)?;
-        let cipher = Aes256Gcm::new_from_slice(&raw).map_err(|_| CryptoError::Unwrap)?;
-        Ok(DataKey(Arc::new(cipher)))
-    }
-
-    /// The subject's data key; created on first use. Fails with `Erased` once destroyed.
-    ///
-    /// A key created here is not cached: it only exists once the caller's transaction
-    /// commits, and a rolled-back key must never encrypt anything else.
-    pub async fn key_for_writing(
-        &self,
-        client: &impl GenericClient,
-        org: &Uuid,
-        subject: &str,
-    ) -> Result<DataKey, CryptoError> {
-        if let Some(k) = self.cached(org, subject) {
-            return Ok(k);
-        }
-        let mut raw = [0u8; 32];
-        rand::thread_rng().fill_bytes(&mut raw);
-        let aad = format!("crm-dek|{org}|{subject}");
-        let wrapped = seal(&self.kek, aad.as_bytes(), &raw)?;
-        let inserted = client
-            .execute(
-                "INSERT INTO data_keys (org_id, subject_id, kek_id, wrapped_key) \
-                 VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-                &[org, &subject, &self.kek_id, &wrapped],
-            )
-            .await?;
-        if inserted == 1 {
-            let cipher = Aes256Gcm::new_from_slice(&raw).map_err(|_| CryptoError::Encrypt)?;
-            return Ok(DataKey(Arc::new(cipher)));
-        }
-        // It existed (perhaps only inside the caller's transaction): not cached here.
-        self.fetch_key(client, org, subject, false)
-            .await?
-            .ok_or(CryptoError::Erased)
-    }
-
-    /// The subject's data key if it exists and was not destroyed.
-    pub async fn key_for_reading(
-        &self,
-        client: &impl GenericClient,
-        org: &Uuid,
-        subject: &str,
-    ) -> Result<Option<DataKey>, CryptoError> {
-        self.fetch_key(client, org, subject, true).await
-    }
-
-    async fn fetch_key(
-        &self,
-        client: &impl GenericClient,
-        org: &Uuid,
-        subject: &str,
-        cache: bool,
-    ) -> Result<Option<DataKey>, CryptoError> {
-        if let Some(k) = self.cached(org, subject) {
-            return Ok(Some(k));
-        }
-        let row = client
-            .query_opt(
-                "SELECT wrapped_key FROM data_keys WHERE org_id = $1 AND subject_id = $2",
-                &[org, &subject],
-            )
-            .await?;
-        let Some(wrapped) = row.and_then(|r| r.get::<_, Option<Vec<u8>>>(0)) else {
-            return Ok(None);
-        };
-        let key = self.unwrap_key(org, subject, &wrapped)?;
-        if cache {
-            self.remember(org, subject, &key);
-        }
-        Ok(Some(key))
-    }
-
     /// Encrypts one JSON value as an `enc:v1:` string bound to org, subject and field.
     pub fn encrypt_value(
         key: &DataKey,
@@ -294,36 +99,7 @@ fn get_mut<'a>(root: &'a mut Value, path: &[String]) -> Option<&'a mut Value> {
     path.iter().try_fold(root, |v, k| v.get_mut(k))
 }
 
-/// A data key made in memory, with its wrapped form, not stored yet.
-pub struct NewDataKey {
-    pub key: DataKey,
-    pub wrapped: Vec<u8>,
-}
-
 impl Crypto {
-    /// The key-encryption key's id (stored beside each wrapped key).
-    pub fn kek_id(&self) -> &str {
-        &self.kek_id
-    }
-
-    /// The cached key of a subject, if any.
-    pub fn cached_key(&self, org: &Uuid, subject: &str) -> Option<DataKey> {
-        self.cached(org, subject)
-    }
-
-    /// A fresh data key for `subject`, wrapped; the caller stores it (or drops it).
-    pub fn new_data_key(&self, org: &Uuid, subject: &str) -> Result<NewDataKey, CryptoError> {
-        let mut raw = [0u8; 32];
-        rand::thread_rng().fill_bytes(&mut raw);
-        let aad = format!("crm-dek|{org}|{subject}");
-        let wrapped = seal(&self.kek, aad.as_bytes(), &raw)?;
-        let cipher = Aes256Gcm::new_from_slice(&raw).map_err(|_| CryptoError::Encrypt)?;
-        Ok(NewDataKey {
-            key: DataKey(Arc::new(cipher)),
-            wrapped,
-        })
-    }
-
     /// Encrypts, in place, every personal member of an event with `key`; returns
     /// whether there was anything personal.
     pub fn encrypt_event_with(
@@ -478,6 +254,7 @@ fn decrypt_members(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::settings::KeySettings;
     use secrecy::SecretString;
 
     fn crypto() -> Crypto {
@@ -523,14 +300,5 @@ mod tests {
             Crypto::decrypt_value(None, &org, "s", "profile.email", &enc),
             None
         );
-    }
-
-    #[test]
-    fn a_short_kek_is_refused() {
-        let bad = Crypto::new(&KeySettings {
-            kek_id: "x".into(),
-            kek: SecretString::from(B64.encode([7u8; 16])),
-        });
-        assert!(matches!(bad, Err(CryptoError::BadKek)));
     }
 }

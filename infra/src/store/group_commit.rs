@@ -22,7 +22,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, Mutex};
 use uuid::Uuid;
 
-use crate::event_store::{self, Appended, PendingEvent, StoreError, StreamHead, StreamId};
+use crate::store::event_store::{self, Appended, PendingEvent, StoreError, StreamHead, StreamId};
 
 /// Most rows in one statement.
 pub const MAX_BATCH: usize = 512;

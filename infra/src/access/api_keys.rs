@@ -9,9 +9,10 @@ use deadpool_postgres::GenericClient;
 use futures::FutureExt;
 use uuid::Uuid;
 
-use crate::accounts::{parse_modules, Access, AccountError};
-use crate::commands::{CommandError, CommandOutcome, Executor};
-use crate::event_store::StoreError;
+use crate::access::accounts::{parse_modules, Access, AccountError};
+use crate::access::cache::execute_access_change;
+use crate::commands::executor::{CommandError, CommandOutcome, Executor};
+use crate::store::event_store::StoreError;
 
 fn db(e: tokio_postgres::Error) -> CommandError<ApiKeyError> {
     CommandError::Store(StoreError::from(e))
@@ -26,7 +27,7 @@ pub async fn issue(
     command: ApiKeyCommand,
     meta: &EventMetadata,
 ) -> Result<CommandOutcome, AccountError> {
-    let effect = crate::commands::effect(move |tx, events: &[ApiKeyEvent]| {
+    let effect = crate::commands::executor::effect(move |tx, events: &[ApiKeyEvent]| {
         let digest = digest.clone();
         async move {
             for event in events {
@@ -58,9 +59,16 @@ pub async fn issue(
         }
         .boxed()
     });
-    Ok(executor
-        .execute_with::<ApiKey>(org_id, &key_id.to_string(), command, meta, Some(0), &effect)
-        .await?)
+    Ok(execute_access_change::<ApiKey>(
+        executor,
+        org_id,
+        &key_id.to_string(),
+        command,
+        meta,
+        Some(0),
+        &effect,
+    )
+    .await?)
 }
 
 /// Revokes a key of `org_id`; from the commit on, it authenticates nothing.
@@ -70,7 +78,7 @@ pub async fn revoke(
     key_id: Uuid,
     meta: &EventMetadata,
 ) -> Result<CommandOutcome, AccountError> {
-    let effect = crate::commands::effect(move |tx, events: &[ApiKeyEvent]| {
+    let effect = crate::commands::executor::effect(move |tx, events: &[ApiKeyEvent]| {
         async move {
             if !events.is_empty() {
                 tx.execute(
@@ -84,16 +92,16 @@ pub async fn revoke(
         }
         .boxed()
     });
-    Ok(executor
-        .execute_with::<ApiKey>(
-            org_id,
-            &key_id.to_string(),
-            ApiKeyCommand::Revoke,
-            meta,
-            None,
-            &effect,
-        )
-        .await?)
+    Ok(execute_access_change::<ApiKey>(
+        executor,
+        org_id,
+        &key_id.to_string(),
+        ApiKeyCommand::Revoke,
+        meta,
+        None,
+        &effect,
+    )
+    .await?)
 }
 
 /// A key as listed (never its secret or digest).
@@ -157,7 +165,8 @@ pub async fn access_by_digest(
     let Some(role) = RoleRef::parse(row.get(2)) else {
         return Ok(None);
     };
-    let Some(mut policy) = crate::accounts::resolve_policy(role, row.get(5), row.get(6)) else {
+    let Some(mut policy) = crate::access::accounts::resolve_policy(role, row.get(5), row.get(6))
+    else {
         return Ok(None);
     };
     if let Some(only) = row.get::<_, Option<Vec<String>>>(3) {

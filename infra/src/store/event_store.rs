@@ -9,7 +9,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
-use crate::hash_chain::{event_hash, HashedFields};
+use crate::store::hash_chain::{event_hash, HashedFields};
 
 /// Channel the store notifies on after appends; only a wake-up, never the data.
 ///

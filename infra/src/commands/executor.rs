@@ -1,4 +1,16 @@
-//! Runs cqrs-es aggregates against the event store: load, decide, encrypt, append.
+//! The executor: runs cqrs-es aggregates against the event store — load, decide,
+//! encrypt, append.
+//!
+//! It is generic: it knows aggregates, the store and encryption, nothing of what a
+//! command means. Features hook in two ways, both chosen by the feature:
+//! - an *effect* ([`Executor::execute_with`]) runs in the appending transaction, before
+//!   the commit: it keeps a table of current state exactly in step with the events, may
+//!   refuse the command, and may `NOTIFY` other processes (delivered only on commit);
+//! - a *post-commit hook* ([`CommitHook`], registered with [`Executor::with_hook`]) is
+//!   told of every command that committed, right after the commit and before the
+//!   executor returns: for this process's caches and wake-ups. The access cache
+//!   forgets an organisation's access this way (`crate::access::cache`); a consent-state
+//!   cache or a dispatcher waiting for messages would register a hook of its own.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -14,10 +26,13 @@ use serde_json::Value;
 use tracing::Instrument;
 use uuid::Uuid;
 
+use crate::commands::hooks::{CommitHook, Committed};
 use crate::crypto::Crypto;
-use crate::event_store::{self, PendingEvent, StoreError, StoredEvent, StreamHead, StreamId};
-use crate::group_commit::GroupCommitter;
 use crate::metrics::METRICS;
+use crate::store::decode::decode;
+use crate::store::event_store::{self, PendingEvent, StoreError, StreamHead, StreamId};
+use crate::store::group_commit::GroupCommitter;
+use crate::store::snapshots;
 
 /// Snapshot a stream every this many events.
 /// (The fast path below and the general path must produce identical events.)
@@ -78,64 +93,6 @@ where
     f
 }
 
-/// An event read back from the store with its personal data decrypted.
-#[derive(Debug, Clone)]
-pub struct DecodedEvent {
-    /// The event as stored, without its payload and metadata (moved to the fields below).
-    pub stored: StoredEvent,
-    /// Decrypted payload (personal members whose key was destroyed are `null`).
-    pub payload: Value,
-    pub metadata: EventMetadata,
-}
-
-impl DecodedEvent {
-    /// An event with its payload and metadata (decrypted, or left as they are), the
-    /// metadata read into [`EventMetadata`].
-    pub fn new(stored: StoredEvent, payload: Value, metadata: Value) -> Result<Self, StoreError> {
-        let metadata = serde_json::from_value(metadata)
-            .map_err(|e| StoreError::Corrupt(stored.global_position, e.to_string()))?;
-        Ok(Self {
-            stored,
-            payload,
-            metadata,
-        })
-    }
-
-    pub fn typed<E: serde::de::DeserializeOwned>(&self) -> Result<E, StoreError> {
-        E::deserialize(&self.payload)
-            .map_err(|e| StoreError::Corrupt(self.stored.global_position, e.to_string()))
-    }
-}
-
-/// Decrypts a stored event. The decrypted payload and metadata are moved out of
-/// `stored` (which keeps the envelope, hashes and positions).
-pub async fn decode(
-    crypto: &Crypto,
-    client: &impl GenericClient,
-    mut stored: StoredEvent,
-) -> Result<DecodedEvent, StoreError> {
-    let mut payload = std::mem::take(&mut stored.payload);
-    let mut metadata = std::mem::take(&mut stored.metadata);
-    crypto
-        .decrypt_event(
-            client,
-            &stored.org_id,
-            &stored.aggregate_id,
-            &mut payload,
-            &mut metadata,
-        )
-        .await?;
-    DecodedEvent::new(stored, payload, metadata)
-}
-
-/// Parses a stored event without decrypting anything: personal members stay ciphertext.
-/// For consumers that read no personal data (e.g. the activity log).
-pub fn decode_without_personal_data(mut stored: StoredEvent) -> Result<DecodedEvent, StoreError> {
-    let payload = std::mem::take(&mut stored.payload);
-    let metadata = std::mem::take(&mut stored.metadata);
-    DecodedEvent::new(stored, payload, metadata)
-}
-
 /// An aggregate with the head of its stream.
 pub struct Loaded<A> {
     pub aggregate: A,
@@ -149,19 +106,28 @@ pub struct Executor {
     crypto: Arc<Crypto>,
     notifier: event_store::Notifier,
     committer: GroupCommitter,
-    access_cache: Arc<crate::access_cache::AccessCache>,
+    /// Told of every commit, in this order (see [`crate::commands::hooks`]).
+    hooks: Vec<Arc<dyn CommitHook>>,
 }
 
 impl Executor {
-    /// Must be called inside a tokio runtime (it starts the append notifier).
+    /// Must be called inside a tokio runtime (it starts the append notifier). No hooks:
+    /// add them with [`Self::with_hook`].
     pub fn new(pool: Pool, crypto: Arc<Crypto>) -> Self {
         Self {
             notifier: event_store::Notifier::spawn(pool.clone()),
             committer: GroupCommitter::spawn(pool.clone()),
-            access_cache: crate::access_cache::AccessCache::new(),
+            hooks: Vec::new(),
             pool,
             crypto,
         }
+    }
+
+    /// Registers `hook`, told of every command this executor (and its clones made
+    /// from now on) commits; hooks run in the order they were added.
+    pub fn with_hook(mut self, hook: Arc<dyn CommitHook>) -> Self {
+        self.hooks.push(hook);
+        self
     }
 
     pub fn crypto(&self) -> &Arc<Crypto> {
@@ -170,11 +136,6 @@ impl Executor {
 
     pub fn pool(&self) -> &Pool {
         &self.pool
-    }
-
-    /// This process's cache of who may do what; [`Self::execute_with`] empties it.
-    pub fn access_cache(&self) -> &Arc<crate::access_cache::AccessCache> {
-        &self.access_cache
     }
 
     /// Woken whenever this executor has appended (see [`event_store::Notifier::local`]).
@@ -197,8 +158,7 @@ impl Executor {
             aggregate_type: A::TYPE,
             aggregate_id: id,
         };
-        let (mut aggregate, mut head) = self
-            .load_snapshot::<A>(client, &stream)
+        let (mut aggregate, mut head) = snapshots::load::<A>(&self.crypto, client, &stream)
             .await?
             .unwrap_or_default();
         for stored in event_store::read_stream(client, &stream, head.version, None).await? {
@@ -208,87 +168,6 @@ impl Executor {
             aggregate.apply(decoded.typed::<A::Event>()?);
         }
         Ok(Loaded { aggregate, head })
-    }
-
-    async fn load_snapshot<A: Aggregate>(
-        &self,
-        client: &impl GenericClient,
-        stream: &StreamId<'_>,
-    ) -> Result<Option<(A, StreamHead)>, StoreError> {
-        let row = client
-            .query_opt(
-                "SELECT last_sequence, last_hash, state FROM snapshots \
-                 WHERE aggregate_type = $1 AND aggregate_id = $2 AND org_id = $3",
-                &[&stream.aggregate_type, &stream.aggregate_id, &stream.org_id],
-            )
-            .await?;
-        let Some(row) = row else { return Ok(None) };
-        let Some(key) = self
-            .crypto
-            .key_for_reading(client, &stream.org_id, stream.aggregate_id)
-            .await?
-        else {
-            return Ok(None);
-        };
-        let sealed: Vec<u8> = row.get(2);
-        let state = Crypto::open_bytes(
-            &key,
-            &stream.org_id,
-            stream.aggregate_id,
-            "snapshot",
-            &sealed,
-        )
-        .and_then(|bytes| serde_json::from_slice::<A>(&bytes).ok());
-        Ok(state.map(|a| {
-            (
-                a,
-                StreamHead {
-                    version: row.get(0),
-                    last_hash: Some(row.get(1)),
-                },
-            )
-        }))
-    }
-
-    async fn save_snapshot<A: Aggregate>(
-        &self,
-        client: &impl GenericClient,
-        stream: &StreamId<'_>,
-        aggregate: &A,
-        head: &StreamHead,
-    ) -> Result<(), StoreError> {
-        let key = self
-            .crypto
-            .key_for_writing(client, &stream.org_id, stream.aggregate_id)
-            .await?;
-        let bytes = serde_json::to_vec(aggregate)
-            .map_err(|e| StoreError::Corrupt(head.version, e.to_string()))?;
-        let sealed = Crypto::seal_bytes(
-            &key,
-            &stream.org_id,
-            stream.aggregate_id,
-            "snapshot",
-            &bytes,
-        )?;
-        client
-            .execute(
-                "INSERT INTO snapshots (aggregate_type, aggregate_id, org_id, last_sequence, last_hash, state) \
-                 VALUES ($1, $2, $3, $4, $5, $6) \
-                 ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE \
-                 SET last_sequence = EXCLUDED.last_sequence, last_hash = EXCLUDED.last_hash, \
-                     state = EXCLUDED.state, taken_at = now() \
-                 WHERE snapshots.last_sequence < EXCLUDED.last_sequence",
-                &[
-                    &stream.aggregate_type,
-                    &stream.aggregate_id,
-                    &stream.org_id,
-                    &head.version,
-                    &head.last_hash,
-                    &sealed,
-                ],
-            )
-            .await?;
-        Ok(())
     }
 
     /// The usual case, one event, in one statement: with the subject's key from the cache,
@@ -306,7 +185,7 @@ impl Executor {
             serde_json::to_value(event).map_err(|e| StoreError::Corrupt(0, e.to_string()))?;
         let mut meta = meta_json.clone();
         let sections = event.personal_sections();
-        let personal = !crate::crypto::personal_paths(&payload, sections, &meta).is_empty();
+        let personal = !crate::crypto::fields::personal_paths(&payload, sections, &meta).is_empty();
         let mut new_key = None;
         if personal {
             if let Some(key) = self.crypto.cached_key(org, id) {
@@ -379,21 +258,10 @@ impl Executor {
             .map_err(CommandError::from)?;
         if let Some(effect) = effect {
             effect(&tx, events).await?;
-            tx.execute(
-                "SELECT pg_notify($1, $2)",
-                &[&crate::access_cache::ACCESS_CHANNEL, &org_id.to_string()],
-            )
-            .await
-            .map_err(|e| CommandError::from(StoreError::from(e)))?;
         }
         tx.commit()
             .await
             .map_err(|e| CommandError::from(event_store::conflict_or_db(e)))?;
-        if effect.is_some() {
-            // Before the caller answers: this process never serves the old access
-            // (other processes hear the NOTIFY within milliseconds).
-            self.access_cache.invalidate_org(org_id);
-        }
         if let Some(key) = key {
             // Committed now: readers (projectors in this process) may use it.
             self.crypto.remember(&org_id, id, &key);
@@ -561,12 +429,27 @@ impl Executor {
                     .await?
             }
         };
+        let outcome = CommandOutcome {
+            id: id.to_owned(),
+            version: head.version + appended.len() as i64,
+            positions: appended.iter().map(|a| a.global_position).collect(),
+        };
+        // Before the caller answers: whatever a hook keeps in this process (a cache)
+        // already reflects the command when the caller acts on its answer.
+        let committed = Committed {
+            org_id,
+            aggregate_type: A::TYPE,
+            outcome: &outcome,
+        };
+        for hook in &self.hooks {
+            hook.committed(&committed);
+        }
         self.notifier.poke();
         METRICS
             .append_seconds
             .observe(append_started.elapsed().as_secs_f64());
         let new_head = StreamHead {
-            version: head.version + appended.len() as i64,
+            version: outcome.version,
             last_hash: None,
         };
         if new_head.version / SNAPSHOT_EVERY > head.version / SNAPSHOT_EVERY {
@@ -574,8 +457,7 @@ impl Executor {
             let written = match self.pool.get().await {
                 Ok(client) => match self.load::<A>(&client, org_id, id).await {
                     Ok(l) => {
-                        self.save_snapshot(&client, &stream, &l.aggregate, &l.head)
-                            .await
+                        snapshots::save(&self.crypto, &client, &stream, &l.aggregate, &l.head).await
                     }
                     Err(e) => Err(e),
                 },
@@ -585,10 +467,6 @@ impl Executor {
                 tracing::warn!(error = %e, "snapshot not written");
             }
         }
-        Ok(CommandOutcome {
-            id: id.to_owned(),
-            version: new_head.version,
-            positions: appended.iter().map(|a| a.global_position).collect(),
-        })
+        Ok(outcome)
     }
 }

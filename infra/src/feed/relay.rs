@@ -19,9 +19,9 @@ use tokio::sync::Notify;
 use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::Bus;
-use crate::event_store::{self, CommitKey, RawEvent, NOTIFY_CHANNEL};
+use crate::feed::bus::Bus;
 use crate::metrics::METRICS;
+use crate::store::event_store::{self, CommitKey, RawEvent, NOTIFY_CHANNEL};
 
 const BATCH: i64 = 1000;
 const POLL_EVERY: Duration = Duration::from_millis(100);
@@ -58,7 +58,7 @@ pub async fn checkpoint(
     client: &impl GenericClient,
     name: &str,
 ) -> Result<CommitKey, tokio_postgres::Error> {
-    crate::checkpoint::read(client, crate::checkpoint::Owner::Relay, name).await
+    crate::feed::checkpoint::read(client, crate::feed::checkpoint::Owner::Relay, name).await
 }
 
 impl Relay {
@@ -143,7 +143,7 @@ impl Relay {
             }
             let full = batch.len() as i64 >= BATCH;
             if ck != written && last_write.elapsed() >= CHECKPOINT_EVERY {
-                crate::checkpoint::write_relay_async(&db, &self.name, ck).await?;
+                crate::feed::checkpoint::write_relay_async(&db, &self.name, ck).await?;
                 written = ck;
                 last_write = Instant::now();
             }
@@ -174,7 +174,7 @@ impl Relay {
             }
         }
         if ck != written {
-            crate::checkpoint::write_relay_async(&db, &self.name, ck).await?;
+            crate::feed::checkpoint::write_relay_async(&db, &self.name, ck).await?;
         }
         Ok(())
     }

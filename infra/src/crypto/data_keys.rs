@@ -1,0 +1,152 @@
+//! Data keys: one random 256-bit key per subject, created on first use, stored only
+//! wrapped by the KEK in `data_keys`, unwrapped on demand and cached briefly.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aes_gcm::aead::KeyInit;
+use aes_gcm::Aes256Gcm;
+use deadpool_postgres::GenericClient;
+use rand::RngCore;
+use uuid::Uuid;
+
+use super::{open, seal, Crypto, CryptoError, DataKey};
+
+const CACHE_TTL: Duration = Duration::from_secs(300);
+const CACHE_MAX: usize = 200_000;
+
+/// A data key made in memory, with its wrapped form, not stored yet.
+pub struct NewDataKey {
+    pub key: DataKey,
+    pub wrapped: Vec<u8>,
+}
+
+impl Crypto {
+    /// The key-encryption key's id (stored beside each wrapped key).
+    pub fn kek_id(&self) -> &str {
+        &self.kek_id
+    }
+
+    /// The cached key of a subject, if any.
+    pub fn cached_key(&self, org: &Uuid, subject: &str) -> Option<DataKey> {
+        self.cached(org, subject)
+    }
+
+    /// A fresh data key for `subject`, wrapped; the caller stores it (or drops it).
+    pub fn new_data_key(&self, org: &Uuid, subject: &str) -> Result<NewDataKey, CryptoError> {
+        let mut raw = [0u8; 32];
+        rand::thread_rng().fill_bytes(&mut raw);
+        let aad = format!("crm-dek|{org}|{subject}");
+        let wrapped = seal(&self.kek, aad.as_bytes(), &raw)?;
+        let cipher = Aes256Gcm::new_from_slice(&raw).map_err(|_| CryptoError::Encrypt)?;
+        Ok(NewDataKey {
+            key: DataKey(Arc::new(cipher)),
+            wrapped,
+        })
+    }
+
+    fn cached(&self, org: &Uuid, subject: &str) -> Option<DataKey> {
+        let cache = self.cache.lock().expect("key cache poisoned");
+        cache
+            .get(&(*org, subject.to_owned()))
+            .filter(|(_, at)| at.elapsed() < CACHE_TTL)
+            .map(|(k, _)| k.clone())
+    }
+
+    /// Caches a key; call only once the key is committed.
+    pub fn remember(&self, org: &Uuid, subject: &str, key: &DataKey) {
+        let mut cache = self.cache.lock().expect("key cache poisoned");
+        if cache.len() >= CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert((*org, subject.to_owned()), (key.clone(), Instant::now()));
+    }
+
+    /// Forgets a cached key (after it was destroyed).
+    pub fn forget(&self, org: &Uuid, subject: &str) {
+        let mut cache = self.cache.lock().expect("key cache poisoned");
+        cache.remove(&(*org, subject.to_owned()));
+    }
+
+    pub(super) fn unwrap_key(
+        &self,
+        org: &Uuid,
+        subject: &str,
+        wrapped: &[u8],
+    ) -> Result<DataKey, CryptoError> {
+        let aad = format!("crm-dek|{org}|{subject}");
+        let raw = open(&self.kek, aad.as_bytes(), wrapped).ok_or(CryptoError::Unwrap)?;
+        let cipher = Aes256Gcm::new_from_slice(&raw).map_err(|_| CryptoError::Unwrap)?;
+        Ok(DataKey(Arc::new(cipher)))
+    }
+
+    /// The subject's data key; created on first use. Fails with `Erased` once destroyed.
+    ///
+    /// A key created here is not cached: it only exists once the caller's transaction
+    /// commits, and a rolled-back key must never encrypt anything else.
+    pub async fn key_for_writing(
+        &self,
+        client: &impl GenericClient,
+        org: &Uuid,
+        subject: &str,
+    ) -> Result<DataKey, CryptoError> {
+        if let Some(k) = self.cached(org, subject) {
+            return Ok(k);
+        }
+        let mut raw = [0u8; 32];
+        rand::thread_rng().fill_bytes(&mut raw);
+        let aad = format!("crm-dek|{org}|{subject}");
+        let wrapped = seal(&self.kek, aad.as_bytes(), &raw)?;
+        let inserted = client
+            .execute(
+                "INSERT INTO data_keys (org_id, subject_id, kek_id, wrapped_key) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                &[org, &subject, &self.kek_id, &wrapped],
+            )
+            .await?;
+        if inserted == 1 {
+            let cipher = Aes256Gcm::new_from_slice(&raw).map_err(|_| CryptoError::Encrypt)?;
+            return Ok(DataKey(Arc::new(cipher)));
+        }
+        // It existed (perhaps only inside the caller's transaction): not cached here.
+        self.fetch_key(client, org, subject, false)
+            .await?
+            .ok_or(CryptoError::Erased)
+    }
+
+    /// The subject's data key if it exists and was not destroyed.
+    pub async fn key_for_reading(
+        &self,
+        client: &impl GenericClient,
+        org: &Uuid,
+        subject: &str,
+    ) -> Result<Option<DataKey>, CryptoError> {
+        self.fetch_key(client, org, subject, true).await
+    }
+
+    async fn fetch_key(
+        &self,
+        client: &impl GenericClient,
+        org: &Uuid,
+        subject: &str,
+        cache: bool,
+    ) -> Result<Option<DataKey>, CryptoError> {
+        if let Some(k) = self.cached(org, subject) {
+            return Ok(Some(k));
+        }
+        let row = client
+            .query_opt(
+                "SELECT wrapped_key FROM data_keys WHERE org_id = $1 AND subject_id = $2",
+                &[org, &subject],
+            )
+            .await?;
+        let Some(wrapped) = row.and_then(|r| r.get::<_, Option<Vec<u8>>>(0)) else {
+            return Ok(None);
+        };
+        let key = self.unwrap_key(org, subject, &wrapped)?;
+        if cache {
+            self.remember(org, subject, &key);
+        }
+        Ok(Some(key))
+    }
+}
