@@ -2,7 +2,7 @@
 //! `{"code", "message", "request_id", "fields"?, ...}`, one status mapping.
 
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::json;
 use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::Reply;
@@ -273,22 +273,6 @@ impl From<CommandError<ContactError>> for ApiError {
             CommandError::Store(e) => e.into(),
         }
     }
-}
-
-/// A JSON success response with the request id header.
-pub fn json_response(status: StatusCode, body: &impl Serialize, request_id: &str) -> Response {
-    let mut resp = warp::reply::with_status(warp::reply::json(body), status).into_response();
-    if let Some(v) = Some(request_id)
-        .filter(|r| !r.is_empty())
-        .and_then(|r| r.parse().ok())
-    {
-        resp.headers_mut().insert("x-request-id", v);
-    }
-    resp
-}
-
-pub fn value_or_null<T: Serialize>(v: &T) -> Value {
-    serde_json::to_value(v).unwrap_or(Value::Null)
 }
 
 fn forbidden(code: &'static str, message: impl std::fmt::Display) -> ApiError {
