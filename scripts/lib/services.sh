@@ -1,6 +1,6 @@
 # shellcheck shell=bash
 #
-# Shared helpers for scripts/run and scripts/test (sourced, not executed).
+# Shared helpers for scripts/run, scripts/test and scripts/fuzz (sourced, not executed).
 #
 # They provide, on a bare Debian machine, everything the `crm` service needs:
 #   ensure_packages        install PostgreSQL / nats-server / a C compiler if missing
@@ -14,6 +14,7 @@
 #   ensure_cargo_deny      install the pinned cargo-deny if missing
 #   run_cargo_deny         `cargo deny check` (advisories skipped, with a message, when
 #                          the advisory database cannot be had)
+#   ensure_schemathesis    private virtualenv with the pinned schemathesis (scripts/fuzz)
 #   run_child / spawn_child / wait_child / on_signal
 #                          run long commands so that INT/TERM reach them promptly
 #
@@ -703,3 +704,52 @@ run_cargo_deny() {
     run_child cargo deny "${global[@]}" check --hide-inclusion-graph "${checks[@]}"
 }
 
+# ---------------------------------------------------------------------------
+# schemathesis (scripts/fuzz)
+# ---------------------------------------------------------------------------
+
+# schemathesis 4.x, from PyPI, in a virtualenv of its own under the data folder.
+# 4.32.5 needs Python >= 3.11.
+CRM_SCHEMATHESIS_VERSION=4.32.5
+
+# Print a python3 (>= 3.11) that can make virtualenvs; install Debian's when missing.
+_python_for_venv() {
+    local py
+    for py in "${CRM_PYTHON:-}" python3 python3.13 python3.12 python3.11 /usr/bin/python3; do
+        [[ -n $py ]] || continue
+        command -v "$py" >/dev/null 2>&1 || continue
+        "$py" -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || continue
+        command -v "$py"
+        return 0
+    done
+    return 1
+}
+
+# Make $CRM_DATA_DIR/fuzz/venv-schemathesis-$CRM_SCHEMATHESIS_VERSION once; set
+# CRM_SCHEMATHESIS (its `st`) and CRM_FUZZ_PYTHON (its python).
+ensure_schemathesis() {
+    local venv="$CRM_DATA_DIR/fuzz/venv-schemathesis-$CRM_SCHEMATHESIS_VERSION" py
+    export CRM_SCHEMATHESIS="$venv/bin/st" CRM_FUZZ_PYTHON="$venv/bin/python"
+    if [[ -x $CRM_SCHEMATHESIS && -f $venv/.complete ]] &&
+        [[ "$("$CRM_SCHEMATHESIS" --version 2>/dev/null)" == *" $CRM_SCHEMATHESIS_VERSION" ]]; then
+        return 0
+    fi
+    if ! py="$(_python_for_venv)"; then
+        command -v apt-get >/dev/null 2>&1 || die "need Python >= 3.11 with venv (set CRM_PYTHON)"
+        log "installing python3 and python3-venv (apt-get)"
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2 || die "apt-get update failed"
+        as_root env DEBIAN_FRONTEND=noninteractive \
+            apt-get install -y --no-install-recommends python3 python3-venv >&2 ||
+            die "apt-get install python3 python3-venv failed"
+        py="$(_python_for_venv)" || die "no Python >= 3.11 with venv after installing python3-venv (set CRM_PYTHON)"
+    fi
+    log "installing schemathesis $CRM_SCHEMATHESIS_VERSION into $venv (pip, $("$py" --version))"
+    rm -rf "$venv"
+    "$py" -m venv "$venv" || die "python -m venv $venv failed"
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-input \
+        "schemathesis==$CRM_SCHEMATHESIS_VERSION" >&2 ||
+        die "pip install schemathesis==$CRM_SCHEMATHESIS_VERSION failed"
+    [[ "$("$CRM_SCHEMATHESIS" --version 2>/dev/null)" == *" $CRM_SCHEMATHESIS_VERSION" ]] ||
+        die "schemathesis was installed but \`st --version\` does not say $CRM_SCHEMATHESIS_VERSION"
+    touch "$venv/.complete"
+}
