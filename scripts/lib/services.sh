@@ -1,6 +1,6 @@
 # shellcheck shell=bash
 #
-# Shared helpers for scripts/run and scripts/test (sourced, not executed).
+# Shared helpers for scripts/run, scripts/test and scripts/fuzz (sourced, not executed).
 #
 # They provide, on a bare Debian machine, everything the `crm` service needs:
 #   ensure_packages        install PostgreSQL / nats-server / a C compiler if missing
@@ -11,6 +11,10 @@
 #   start_nats             private nats-server (JetStream) -> NATS_URL
 #   ensure_secrets         $CRM_DATA_DIR/secrets.env -> CRM_JWT_SECRET, CRM_KEK
 #   stop_private_services  stop only what *this* invocation started (for traps)
+#   ensure_cargo_deny      install the pinned cargo-deny if missing
+#   run_cargo_deny         `cargo deny check` (advisories skipped, with a message, when
+#                          the advisory database cannot be had)
+#   ensure_schemathesis    private virtualenv with the pinned schemathesis (scripts/fuzz)
 #   run_child / spawn_child / wait_child / on_signal
 #                          run long commands so that INT/TERM reach them promptly
 #
@@ -625,4 +629,127 @@ ensure_secrets() {
     done <"$file"
     [[ -n ${CRM_JWT_SECRET:-} && -n ${CRM_KEK:-} ]] || die "could not load secrets from $file"
     log "secrets: loaded (from the environment or $file)"
+}
+
+# ---------------------------------------------------------------------------
+# cargo-deny (deny.toml: advisories, licences, bans, sources)
+# ---------------------------------------------------------------------------
+
+# The version scripts/test installs and runs: deny.toml is written for it.
+# (0.20.2 needs rustc >= 1.88.)
+CRM_CARGO_DENY_VERSION=0.20.2
+# Copies of the advisory database older than this are not used (cargo-deny's own
+# default limit).
+CRM_ADVISORY_DB_MAX_AGE_DAYS=90
+
+# Install cargo-deny $CRM_CARGO_DENY_VERSION into ~/.cargo/bin unless it is there.
+ensure_cargo_deny() {
+    local have=""
+    have="$(cargo deny --version 2>/dev/null | awk '{print $2}' || true)"
+    [[ $have == "$CRM_CARGO_DENY_VERSION" ]] && return 0
+    log "installing cargo-deny $CRM_CARGO_DENY_VERSION${have:+ (found $have)}: cargo install --locked, a few minutes, once per machine"
+    CRM_CHILD_NAME="cargo install cargo-deny"
+    run_child cargo install --locked --quiet cargo-deny --version "$CRM_CARGO_DENY_VERSION" ||
+        die "cargo install cargo-deny $CRM_CARGO_DENY_VERSION failed"
+    have="$(cargo deny --version 2>/dev/null | awk '{print $2}' || true)"
+    [[ $have == "$CRM_CARGO_DENY_VERSION" ]] ||
+        die "cargo-deny $CRM_CARGO_DENY_VERSION was installed but \`cargo deny --version\` says '${have:-nothing}' (is ~/.cargo/bin on PATH?)"
+}
+
+# Newest usable copy of the RustSec advisory database already on disk (cargo-deny's
+# default db-path, $CARGO_HOME/advisory-dbs), or nothing.
+_advisory_db_on_disk() {
+    local root="${CARGO_HOME:-$HOME/.cargo}/advisory-dbs" dir when now
+    now="$(date +%s)"
+    for dir in "$root"/advisory-db-*; do
+        [[ -d $dir/crates ]] || continue
+        when="$(git -C "$dir" log -1 --format=%ct 2>/dev/null || true)"
+        [[ $when =~ ^[0-9]+$ ]] || continue
+        if ((now - when <= CRM_ADVISORY_DB_MAX_AGE_DAYS * 86400)); then
+            printf '%s\n' "$dir"
+            return 0
+        fi
+        log "advisory database copy $dir is older than $CRM_ADVISORY_DB_MAX_AGE_DAYS days ($(date -u -d "@$when" +%F)); not used"
+    done
+    return 1
+}
+
+# `cargo deny check` in the repository root; returns its exit status.
+#
+# Licences, bans and sources need only the crates.io index. Advisories need the
+# RustSec advisory database, a git repository on GitHub: it is fetched when that
+# works; otherwise a recent copy already on disk is used (offline); otherwise the
+# advisories check alone is skipped, with a message saying so, and does not fail
+# the run. CRM_DENY_ADVISORIES=0 skips it on purpose.
+run_cargo_deny() {
+    local -a checks=(advisories bans licenses sources) global=()
+    local fetch_log="$CRM_DATA_DIR/cargo-deny-fetch.log" db
+    if [[ ${CRM_DENY_ADVISORIES:-1} == 0 ]]; then
+        checks=(bans licenses sources)
+        log "cargo deny: advisories skipped (CRM_DENY_ADVISORIES=0)"
+    elif timeout 180 cargo deny fetch db >"$fetch_log" 2>&1; then
+        log "cargo deny: advisory database fetched"
+    elif db="$(_advisory_db_on_disk)"; then
+        log "cargo deny: the advisory database cannot be fetched (see $fetch_log); using the copy in $db (last change $(git -C "$db" log -1 --format=%cs))"
+        # --offline also keeps `cargo metadata` offline: have every crate of the graph
+        # (all platforms) downloaded first.
+        cargo fetch --quiet || return 1
+        global=(--offline)
+    else
+        checks=(bans licenses sources)
+        log "cargo deny: advisories SKIPPED: the RustSec advisory database is a git repository on GitHub, which this machine cannot reach ($(awk 'match($0, /Could not resolve host: [^ ]+/) { print substr($0, RSTART, RLENGTH); found = 1; exit } END { if (!found) print "see " FILENAME }' "$fetch_log")), and there is no copy of it under ${CARGO_HOME:-$HOME/.cargo}/advisory-dbs younger than $CRM_ADVISORY_DB_MAX_AGE_DAYS days. Licences, bans and sources are still checked."
+    fi
+    log "cargo deny check ${checks[*]}"
+    CRM_CHILD_NAME="cargo deny"
+    run_child cargo deny "${global[@]}" check --hide-inclusion-graph "${checks[@]}"
+}
+
+# ---------------------------------------------------------------------------
+# schemathesis (scripts/fuzz)
+# ---------------------------------------------------------------------------
+
+# schemathesis 4.x, from PyPI, in a virtualenv of its own under the data folder.
+# 4.32.5 needs Python >= 3.11.
+CRM_SCHEMATHESIS_VERSION=4.32.5
+
+# Print a python3 (>= 3.11) that can make virtualenvs; install Debian's when missing.
+_python_for_venv() {
+    local py
+    for py in "${CRM_PYTHON:-}" python3 python3.13 python3.12 python3.11 /usr/bin/python3; do
+        [[ -n $py ]] || continue
+        command -v "$py" >/dev/null 2>&1 || continue
+        "$py" -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || continue
+        command -v "$py"
+        return 0
+    done
+    return 1
+}
+
+# Make $CRM_DATA_DIR/fuzz/venv-schemathesis-$CRM_SCHEMATHESIS_VERSION once; set
+# CRM_SCHEMATHESIS (its `st`) and CRM_FUZZ_PYTHON (its python).
+ensure_schemathesis() {
+    local venv="$CRM_DATA_DIR/fuzz/venv-schemathesis-$CRM_SCHEMATHESIS_VERSION" py
+    export CRM_SCHEMATHESIS="$venv/bin/st" CRM_FUZZ_PYTHON="$venv/bin/python"
+    if [[ -x $CRM_SCHEMATHESIS && -f $venv/.complete ]] &&
+        [[ "$("$CRM_SCHEMATHESIS" --version 2>/dev/null)" == *" $CRM_SCHEMATHESIS_VERSION" ]]; then
+        return 0
+    fi
+    if ! py="$(_python_for_venv)"; then
+        command -v apt-get >/dev/null 2>&1 || die "need Python >= 3.11 with venv (set CRM_PYTHON)"
+        log "installing python3 and python3-venv (apt-get)"
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2 || die "apt-get update failed"
+        as_root env DEBIAN_FRONTEND=noninteractive \
+            apt-get install -y --no-install-recommends python3 python3-venv >&2 ||
+            die "apt-get install python3 python3-venv failed"
+        py="$(_python_for_venv)" || die "no Python >= 3.11 with venv after installing python3-venv (set CRM_PYTHON)"
+    fi
+    log "installing schemathesis $CRM_SCHEMATHESIS_VERSION into $venv (pip, $("$py" --version))"
+    rm -rf "$venv"
+    "$py" -m venv "$venv" || die "python -m venv $venv failed"
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-input \
+        "schemathesis==$CRM_SCHEMATHESIS_VERSION" >&2 ||
+        die "pip install schemathesis==$CRM_SCHEMATHESIS_VERSION failed"
+    [[ "$("$CRM_SCHEMATHESIS" --version 2>/dev/null)" == *" $CRM_SCHEMATHESIS_VERSION" ]] ||
+        die "schemathesis was installed but \`st --version\` does not say $CRM_SCHEMATHESIS_VERSION"
+    touch "$venv/.complete"
 }
