@@ -138,12 +138,52 @@ fn operation(r: &Route) -> utoipa::openapi::path::Operation {
     b.description(description).build()
 }
 
-pub fn document() -> OpenApi {
+pub fn document() -> serde_json::Value {
     document_of(&crate::routes::table::table())
 }
 
+/// Replaces every `"pattern": "@name"` with the pattern it names.
+fn expand_patterns(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, item) in m.iter_mut() {
+                if k == "pattern" {
+                    if let Some(p) = item
+                        .as_str()
+                        .and_then(crate::routes::schemas::pattern::expand)
+                    {
+                        *item = p.into();
+                        continue;
+                    }
+                }
+                expand_patterns(item);
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(expand_patterns),
+        _ => {}
+    }
+}
+
+/// What the schema derive cannot say (utoipa 5.5 writes `min_properties` as
+/// `maxProperties`): bodies that must name at least one member.
+const AT_LEAST_ONE_MEMBER: [&str; 3] = ["Address", "NewContactInput", "ContactInput"];
+
 /// The document of `table`.
-pub fn document_of(table: &[Route]) -> OpenApi {
+pub fn document_of(table: &[Route]) -> serde_json::Value {
+    let mut doc = serde_json::to_value(openapi_of(table)).unwrap_or_default();
+    expand_patterns(&mut doc);
+    for name in AT_LEAST_ONE_MEMBER {
+        if let Some(schema) = doc
+            .pointer_mut(&format!("/components/schemas/{name}"))
+            .and_then(serde_json::Value::as_object_mut)
+        {
+            schema.insert("minProperties".into(), 1.into());
+        }
+    }
+    doc
+}
+
+fn openapi_of(table: &[Route]) -> OpenApi {
     let mut paths = Paths::new();
     let mut components = ComponentsBuilder::new();
     let mut schemas = vec![(ErrorBody::name().into_owned(), ErrorBody::schema())];
@@ -212,7 +252,7 @@ mod tests {
     #[test]
     fn every_served_route_is_described_and_nothing_else() {
         let table = crate::routes::table::table();
-        let doc = serde_json::to_value(document_of(&table)).unwrap();
+        let doc = document_of(&table);
         let mut described = Vec::new();
         for (path, item) in doc["paths"].as_object().unwrap() {
             for method in item.as_object().unwrap().keys() {

@@ -23,7 +23,7 @@ use crate::config::JwtSettings;
 pub const BCRYPT_COST: u32 = 12;
 /// Passwords are between these lengths (in characters / bytes).
 pub const MIN_PASSWORD_CHARS: usize = 12;
-pub const MAX_PASSWORD_BYTES: usize = 1024;
+pub const MAX_PASSWORD_CHARS: usize = 1024;
 
 /// bcrypt reads only 72 bytes. Every byte of the password counts because bcrypt is
 /// given the base64 of its SHA-256 (44 bytes) instead of the password itself.
@@ -53,8 +53,8 @@ pub fn check_password_policy(password: &str) -> Result<(), String> {
     if password.chars().count() < MIN_PASSWORD_CHARS {
         return Err(format!("must be at least {MIN_PASSWORD_CHARS} characters"));
     }
-    if password.len() > MAX_PASSWORD_BYTES {
-        return Err(format!("must be at most {MAX_PASSWORD_BYTES} bytes"));
+    if password.chars().count() > MAX_PASSWORD_CHARS {
+        return Err(format!("must be at most {MAX_PASSWORD_CHARS} characters"));
     }
     Ok(())
 }

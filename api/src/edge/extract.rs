@@ -7,6 +7,7 @@
 //! naming its member (`fields`), never a 500 further in.
 
 use serde::de::DeserializeOwned;
+use serde::Deserialize;
 use serde_json::Value;
 use utoipa::openapi::path::ParameterIn;
 use utoipa::{IntoParams, ToSchema};
@@ -218,6 +219,24 @@ fn named_member(message: &str) -> Option<String> {
     let start = message.find('`')? + 1;
     let len = message[start..].find('`')?;
     Some(message[start..start + len].to_owned())
+}
+
+/// An optional integer that JSON may also write as a float with no fraction (`3.0`
+/// is the integer 3 in JSON Schema).
+pub fn whole_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    let n = Option::<serde_json::Number>::deserialize(d)?;
+    n.map(|n| {
+        n.as_i64()
+            .or_else(|| {
+                n.as_f64()
+                    .filter(|f| f.fract() == 0.0 && f.abs() < 9.0e15)
+                    .map(|f| f as i64)
+            })
+            .ok_or_else(|| {
+                serde::de::Error::custom(format!("invalid type: `{n}`, expected an integer"))
+            })
+    })
+    .transpose()
 }
 
 /// Query parameters of type `T` (`#[serde(deny_unknown_fields)]` structs): an unknown,

@@ -18,11 +18,15 @@ use crate::state::AppState;
 #[into_params(parameter_in = Query)]
 pub(crate) struct ActivityQuery {
     /// The principal's id (a user's or API key's id).
+    #[param(pattern = "@no_nul")]
     actor_id: Option<String>,
     /// The event type, e.g. `ContactUpdated`.
+    #[param(pattern = "@no_nul")]
     action: Option<String>,
     /// e.g. `contact`, `user`, `role`.
+    #[param(pattern = "@no_nul")]
     entity_type: Option<String>,
+    #[param(pattern = "@no_nul")]
     entity_id: Option<String>,
     /// At or after this time.
     #[param(value_type = Option<chrono::DateTime<chrono::Utc>>)]
@@ -39,8 +43,8 @@ pub(crate) struct ActivityQuery {
     #[param(minimum = 1)]
     min_position: Option<i64>,
     /// How long to wait for `min_position`, in milliseconds (capped by the server).
-    #[param(minimum = 0)]
-    wait_ms: Option<u64>,
+    #[param(minimum = 0, maximum = 600000)]
+    wait_ms: Option<i64>,
 }
 
 /// Who did it.

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::schemas::Outcome;
+use super::schemas::{Outcome, PermissionName, RoleName};
 use super::Authed;
 use crate::edge::extract::{Id, Json};
 use crate::edge::reply::{Created, Ok200};
@@ -21,14 +21,16 @@ use crate::state::AppState;
 #[serde(deny_unknown_fields)]
 #[schema(example = json!({"name": "nightly export", "role": "viewer", "permissions": ["contacts.read"], "expires_at": "2027-01-01T00:00:00Z"}))]
 pub(crate) struct IssueInput {
-    #[schema(max_length = 200)]
+    #[schema(max_length = 200, pattern = "@line")]
     name: String,
     /// A built-in role's name or a custom role's id.
+    #[schema(value_type = RoleName)]
     role: String,
     /// Narrows the role to these of its permissions.
+    #[schema(value_type = Option<Vec<PermissionName>>)]
     permissions: Option<Vec<String>>,
     /// RFC 3339; in the future.
-    #[schema(format = DateTime)]
+    #[schema(value_type = Option<chrono::DateTime<chrono::Utc>>)]
     expires_at: Option<String>,
 }
 

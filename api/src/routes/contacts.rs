@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
-use super::schemas::{Outcome, Time};
+use super::schemas::{CustomFieldChanges, CustomFields, Outcome, Time};
 use super::{consistency, parse_limit, Authed};
 use crate::auth::visibility;
 use crate::edge::extract::{Id, Json, Query};
@@ -27,6 +27,15 @@ use crate::edge::reply::{Created, Ok200, Shaped};
 use crate::error::{ApiError, FieldError};
 use crate::state::AppState;
 use crm_domain::access::Permission;
+
+/// Absent → `None` (with `#[serde(default)]`); `null` is refused; a value → `Some(v)`.
+fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
+}
 
 /// Absent → `None`; `null` → `Some(None)`; a value → `Some(Some(v))`.
 fn nullable<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
@@ -42,63 +51,120 @@ where
 #[serde(deny_unknown_fields)]
 #[schema(as = Address)]
 pub(crate) struct AddressInput {
-    #[schema(max_length = 300)]
+    #[schema(value_type = String, required = false, max_length = 300, pattern = "@line")]
     #[serde(skip_serializing_if = "Option::is_none")]
     line1: Option<String>,
-    #[schema(max_length = 300)]
+    #[schema(value_type = String, required = false, max_length = 300, pattern = "@line")]
     #[serde(skip_serializing_if = "Option::is_none")]
     line2: Option<String>,
-    #[schema(max_length = 300)]
+    #[schema(value_type = String, required = false, max_length = 300, pattern = "@line")]
     #[serde(skip_serializing_if = "Option::is_none")]
     city: Option<String>,
-    #[schema(max_length = 300)]
+    #[schema(value_type = String, required = false, max_length = 300, pattern = "@line")]
     #[serde(skip_serializing_if = "Option::is_none")]
     region: Option<String>,
-    #[schema(max_length = 20)]
+    #[schema(value_type = String, required = false, max_length = 20, pattern = "@line")]
     #[serde(skip_serializing_if = "Option::is_none")]
     postal_code: Option<String>,
     /// ISO 3166-1 alpha-2, e.g. `DE`.
-    #[schema(pattern = "^[A-Za-z]{2}$")]
+    #[schema(value_type = String, required = false, pattern = "@country")]
     #[serde(skip_serializing_if = "Option::is_none")]
     country: Option<String>,
 }
 
 /// The body of `POST /v1/contacts` and `PATCH /v1/contacts/{id}`. In a PATCH, a field
 /// set to `null` is cleared and an absent field is left alone.
+/// The body of `POST /v1/contacts`: at least one field.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-#[schema(example = json!({"given_name": "Ada", "family_name": "Lovelace", "email": "ada@example.com", "company": "Analytical Engines Ltd", "custom": {"tier": "gold"}}))]
-pub(crate) struct ContactInput {
+#[schema(
+    example = json!({"given_name": "Ada", "family_name": "Lovelace", "email": "ada@example.com", "company": "Analytical Engines Ltd", "custom": {"tier": "gold"}})
+)]
+pub(crate) struct NewContactInput {
+    // Parsed like a change (a `null` is refused by name), documented without null.
     #[serde(default, deserialize_with = "nullable")]
-    #[schema(value_type = Option<String>, max_length = 200)]
+    #[schema(value_type = String, required = false, max_length = 200, pattern = "@line")]
     given_name: Option<Option<String>>,
     #[serde(default, deserialize_with = "nullable")]
-    #[schema(value_type = Option<String>, max_length = 200)]
+    #[schema(value_type = String, required = false, max_length = 200, pattern = "@line")]
     family_name: Option<Option<String>>,
     #[serde(default, deserialize_with = "nullable")]
-    #[schema(value_type = Option<String>, format = Email, max_length = 254)]
+    #[schema(value_type = String, required = false, max_length = 254, pattern = "@email")]
     email: Option<Option<String>>,
-    /// E.164-like: `+`, then 8 to 15 digits (spaces and dashes allowed).
+    /// E.164: `+`, then 8 to 15 digits, the first not 0.
     #[serde(default, deserialize_with = "nullable")]
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = String, required = false, pattern = "@phone")]
+    phone: Option<Option<String>>,
+    #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = AddressInput, required = false)]
+    address: Option<Option<AddressInput>>,
+    #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = String, required = false, max_length = 300, pattern = "@line")]
+    company: Option<Option<String>>,
+    #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = String, required = false, max_length = 300, pattern = "@line")]
+    title: Option<Option<String>>,
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = CustomFields, required = false)]
+    custom: Option<BTreeMap<String, Value>>,
+    /// Refused by name: a create has no version to expect.
+    #[serde(default, deserialize_with = "crate::edge::extract::whole_number")]
+    #[schema(ignore)]
+    expected_version: Option<i64>,
+}
+
+impl From<NewContactInput> for ContactInput {
+    fn from(i: NewContactInput) -> Self {
+        Self {
+            given_name: i.given_name,
+            family_name: i.family_name,
+            email: i.email,
+            phone: i.phone,
+            address: i.address,
+            company: i.company,
+            title: i.title,
+            custom: i.custom,
+            expected_version: i.expected_version,
+        }
+    }
+}
+
+/// The body of `PATCH /v1/contacts/{id}`: a field set to `null` is cleared, an absent
+/// field is left alone; at least one field.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(
+    example = json!({"title": "Countess", "company": null, "expected_version": 3})
+)]
+pub(crate) struct ContactInput {
+    #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<String>, max_length = 200, pattern = "@line")]
+    given_name: Option<Option<String>>,
+    #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<String>, max_length = 200, pattern = "@line")]
+    family_name: Option<Option<String>>,
+    #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<String>, max_length = 254, pattern = "@email")]
+    email: Option<Option<String>>,
+    /// E.164: `+`, then 8 to 15 digits, the first not 0.
+    #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<String>, pattern = "@phone")]
     phone: Option<Option<String>>,
     #[serde(default, deserialize_with = "nullable")]
     #[schema(value_type = Option<AddressInput>)]
     address: Option<Option<AddressInput>>,
     #[serde(default, deserialize_with = "nullable")]
-    #[schema(value_type = Option<String>, max_length = 300)]
+    #[schema(value_type = Option<String>, max_length = 300, pattern = "@line")]
     company: Option<Option<String>>,
     #[serde(default, deserialize_with = "nullable")]
-    #[schema(value_type = Option<String>, max_length = 300)]
+    #[schema(value_type = Option<String>, max_length = 300, pattern = "@line")]
     title: Option<Option<String>>,
-    /// Up to 100 custom fields: keys of letters, digits and `_` (at most 64), values
-    /// strings (at most 2,000 characters), numbers, booleans, or null to clear.
     #[serde(default)]
-    #[schema(value_type = Option<Object>)]
+    #[schema(value_type = CustomFieldChanges, required = false)]
     custom: Option<BTreeMap<String, Value>>,
-    /// Optimistic concurrency for updates: the version the client last saw.
-    #[serde(default)]
-    #[schema(minimum = 1)]
+    /// Optimistic concurrency: the version the client last saw (409 when stale).
+    #[serde(default, deserialize_with = "crate::edge::extract::whole_number")]
+    #[schema(value_type = Option<i64>, minimum = 1)]
     expected_version: Option<i64>,
 }
 
@@ -174,10 +240,13 @@ pub(crate) struct ListQuery {
     /// The last id of the previous page (`next_after`).
     after: Option<Uuid>,
     /// Exact email address (needs read access to `email`).
+    #[param(pattern = "@no_nul")]
     email: Option<String>,
     /// Exact company (needs read access to `company`).
+    #[param(pattern = "@no_nul")]
     company: Option<String>,
     /// Substring of name, email or company, case-insensitive.
+    #[param(pattern = "@no_nul")]
     q: Option<String>,
     /// `false` (default), `true` or `any`.
     #[param(inline)]
@@ -189,8 +258,8 @@ pub(crate) struct ListQuery {
     #[param(minimum = 1)]
     min_position: Option<i64>,
     /// How long to wait for `min_position`, in milliseconds (capped by the server).
-    #[param(minimum = 0)]
-    wait_ms: Option<u64>,
+    #[param(minimum = 0, maximum = 600000)]
+    wait_ms: Option<i64>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, ToSchema)]
@@ -213,8 +282,8 @@ pub(crate) struct GetQuery {
     #[param(minimum = 1)]
     min_position: Option<i64>,
     /// How long to wait for `min_position`, in milliseconds (capped by the server).
-    #[param(minimum = 0)]
-    wait_ms: Option<u64>,
+    #[param(minimum = 0, maximum = 600000)]
+    wait_ms: Option<i64>,
 }
 
 struct Parsed {
@@ -412,8 +481,9 @@ fn check_writes(
 pub(crate) async fn create(
     s: AppState,
     a: Authed,
-    Json(input): Json<ContactInput>,
+    Json(input): Json<NewContactInput>,
 ) -> Result<Created<Outcome>, ApiError> {
+    let input = ContactInput::from(input);
     if input.expected_version.is_some() {
         return Err(ApiError::Validation(vec![FieldError::new(
             "expected_version",

@@ -14,12 +14,13 @@ use crate::state::AppState;
 #[serde(deny_unknown_fields)]
 #[schema(example = json!({"email": "owner@example.com", "password": "correct horse battery staple"}))]
 pub(crate) struct LoginRequest {
-    #[schema(max_length = 320)]
+    #[schema(max_length = 320, pattern = "@no_nul")]
     email: String,
-    #[schema(max_length = 1024)]
+    #[schema(max_length = 1024, pattern = "@no_nul")]
     password: String,
     /// A TOTP code or a backup code, for accounts with two-factor authentication.
     #[serde(default)]
+    #[schema(value_type = Option<String>, pattern = "@no_nul")]
     code: Option<String>,
 }
 
@@ -29,7 +30,9 @@ pub(crate) async fn login(
     state: AppState,
     Json(req): Json<LoginRequest>,
 ) -> Result<Ok200<Token>, ApiError> {
-    if req.password.len() > crate::auth::MAX_PASSWORD_BYTES || req.email.len() > 320 {
+    if req.password.chars().count() > crate::auth::MAX_PASSWORD_CHARS
+        || req.email.chars().count() > 320
+    {
         return Err(ApiError::Unauthorized(BAD_LOGIN));
     }
     // An account with too many failed logins is refused before its password is

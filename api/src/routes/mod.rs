@@ -241,13 +241,27 @@ async fn key_access(
 /// `min_position` and `wait_ms`: the read-your-writes parameters of every query.
 pub fn consistency(
     min_position: Option<i64>,
-    wait_ms: Option<u64>,
+    wait_ms: Option<i64>,
 ) -> Result<(Option<i64>, Option<Duration>), ApiError> {
     if min_position.is_some_and(|p| p < 1) {
         return Err(query_error("min_position", "must be a positive integer"));
     }
-    Ok((min_position, wait_ms.map(Duration::from_millis)))
+    let wait = match wait_ms {
+        None => None,
+        Some(ms @ 0..=MAX_WAIT_MS) => Some(Duration::from_millis(ms as u64)),
+        Some(_) => {
+            return Err(query_error(
+                "wait_ms",
+                "must be between 0 and 600000 milliseconds",
+            ))
+        }
+    };
+    Ok((min_position, wait))
 }
+
+/// The longest `wait_ms` a query may ask for (the server caps it further, at
+/// `CRM_MAX_CONSISTENCY_WAIT_MS`).
+pub const MAX_WAIT_MS: i64 = 600_000;
 
 /// 400 `invalid_query` naming `param`.
 pub fn query_error(param: &str, message: &str) -> ApiError {

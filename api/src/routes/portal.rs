@@ -39,9 +39,9 @@ const LINK_SENT: &str = "if the address belongs to an account, a message with a 
 #[serde(deny_unknown_fields)]
 pub(crate) struct PortalLoginInput {
     org_id: Uuid,
-    #[schema(max_length = 320)]
+    #[schema(max_length = 320, pattern = "@no_nul")]
     email: String,
-    #[schema(max_length = 1024)]
+    #[schema(max_length = 1024, pattern = "@no_nul")]
     password: String,
 }
 
@@ -49,27 +49,30 @@ pub(crate) struct PortalLoginInput {
 #[serde(deny_unknown_fields)]
 pub(crate) struct PortalEmailInput {
     org_id: Uuid,
-    #[schema(max_length = 320)]
+    #[schema(max_length = 320, pattern = "@no_nul")]
     email: String,
 }
 
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct StaffEmailInput {
-    #[schema(max_length = 320)]
+    #[schema(max_length = 320, pattern = "@no_nul")]
     email: String,
 }
 
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct TokenInput {
+    #[schema(pattern = "@no_nul")]
     token: String,
 }
 
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ResetInput {
+    #[schema(pattern = "@no_nul")]
     token: String,
+    #[schema(min_length = 12, max_length = 1024, pattern = "@no_nul")]
     new_password: String,
 }
 
@@ -77,7 +80,7 @@ pub(crate) struct ResetInput {
 #[derive(Deserialize, Default, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct GrantInput {
-    #[schema(format = Email, max_length = 254)]
+    #[schema(value_type = Option<String>, max_length = 254, pattern = "@email")]
     email: Option<String>,
 }
 
@@ -145,6 +148,18 @@ fn token_response(s: &AppState, token: String) -> Ok200<Token> {
     })
 }
 
+/// No address is longer than 320 characters (RFC 5321): refused by its length alone,
+/// which says nothing about whether an account has it.
+fn too_long(email: &str) -> Result<(), ApiError> {
+    if email.chars().count() > 320 {
+        return Err(ApiError::Validation(vec![FieldError::new(
+            "email",
+            "must be at most 320 characters",
+        )]));
+    }
+    Ok(())
+}
+
 fn link_sent() -> Accepted<Message> {
     Accepted(Message::new(LINK_SENT))
 }
@@ -166,7 +181,9 @@ pub(crate) async fn portal_login(
     s: AppState,
     Json(req): Json<PortalLoginInput>,
 ) -> Result<Ok200<Token>, ApiError> {
-    if req.password.len() > crate::auth::MAX_PASSWORD_BYTES || req.email.len() > 320 {
+    if req.password.chars().count() > crate::auth::MAX_PASSWORD_CHARS
+        || req.email.chars().count() > 320
+    {
         return Err(ApiError::Unauthorized(BAD_LOGIN));
     }
     let failures = s.rate_limits.failed_logins();
@@ -258,7 +275,8 @@ async fn portal_link(
     req: PortalEmailInput,
     purpose: Purpose,
 ) -> Result<Accepted<Message>, ApiError> {
-    if req.email.len() <= 320 {
+    too_long(&req.email)?;
+    {
         let client = s.pool.get().await?;
         let found: Option<PortalCredential> = portal::find(&client, req.org_id, &req.email).await?;
         if let Some(c) = found.filter(|c| c.portal_on) {
@@ -350,7 +368,8 @@ pub(crate) async fn staff_reset_request(
     s: AppState,
     Json(req): Json<StaffEmailInput>,
 ) -> Result<Accepted<Message>, ApiError> {
-    if req.email.len() <= 320 {
+    too_long(&req.email)?;
+    {
         let client = s.pool.get().await?;
         let found = crm_infra::access::accounts::find_credential(&client, &req.email).await?;
         if let Some(c) = found.filter(|c| c.active) {

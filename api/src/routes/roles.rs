@@ -15,7 +15,9 @@ use serde_json::Value;
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
-use super::schemas::{Created as CreatedId, Outcome, Time};
+use super::schemas::{
+    ContactFieldName, Created as CreatedId, FieldPolicy, ModuleName, Outcome, PermissionName, Time,
+};
 use super::{query_error, Authed};
 use crate::edge::extract::{Id, Json, Query};
 use crate::edge::reply::{Created, Ok200};
@@ -56,8 +58,8 @@ pub(crate) struct RoleList {
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub(crate) struct FieldAccessQuery {
-    /// A contact field: given_name, family_name, email, phone, address, company,
-    /// title or custom.
+    /// A contact field.
+    #[param(value_type = ContactFieldName, inline)]
     field: String,
     /// The moment (default: now).
     #[param(value_type = Option<chrono::DateTime<chrono::Utc>>)]
@@ -95,17 +97,39 @@ fn text_of<T: Serialize>(v: &T) -> String {
 #[serde(deny_unknown_fields)]
 #[schema(example = json!({"name": "Field sales", "permissions": ["contacts.read", "contacts.update"], "fields": {"email": "read", "phone": "write"}}))]
 pub(crate) struct RoleDefinition {
-    #[schema(max_length = 200)]
+    #[schema(value_type = Option<String>, max_length = 200, pattern = "@line")]
     name: Option<String>,
+    #[schema(value_type = Option<Vec<PermissionName>>)]
     permissions: Option<Vec<String>>,
+    #[schema(value_type = Option<FieldPolicy>)]
     fields: Option<BTreeMap<String, String>>,
-    #[schema(minimum = 1)]
+    #[serde(default, deserialize_with = "crate::edge::extract::whole_number")]
+    #[schema(value_type = Option<i64>, minimum = 1)]
+    expected_version: Option<i64>,
+}
+
+/// A new custom role: its name, permissions (`module.action`) and per-field access.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"name": "Field sales", "permissions": ["contacts.read", "contacts.update"], "fields": {"email": "read", "phone": "write"}}))]
+pub(crate) struct NewRoleInput {
+    #[schema(value_type = String, max_length = 200, pattern = "@line")]
+    name: Option<String>,
+    #[schema(value_type = Option<Vec<PermissionName>>)]
+    permissions: Option<Vec<String>>,
+    #[schema(value_type = Option<FieldPolicy>)]
+    fields: Option<BTreeMap<String, String>>,
+    /// Refused by name: a new role has no version to expect.
+    #[serde(default, deserialize_with = "crate::edge::extract::whole_number")]
+    #[schema(ignore)]
     expected_version: Option<i64>,
 }
 
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ModulesInput {
+    /// Every module that should be active (the others are switched off).
+    #[schema(value_type = Vec<ModuleName>)]
     modules: Vec<String>,
 }
 
@@ -189,7 +213,7 @@ pub(crate) async fn list(s: AppState, a: Authed) -> Result<Ok200<RoleList>, ApiE
 pub(crate) async fn define(
     s: AppState,
     a: Authed,
-    Json(input): Json<RoleDefinition>,
+    Json(input): Json<NewRoleInput>,
 ) -> Result<Created<CreatedId>, ApiError> {
     let mut errors = Vec::new();
     let name = match input.name.as_deref().map(Name::parse) {

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::schemas::{Outcome, Token};
+use super::schemas::{Outcome, RoleName, Token};
 use super::Authed;
 use crate::auth::{check_password_policy, hash_password, verify_password};
 use crate::edge::extract::{Id, Json};
@@ -88,27 +88,31 @@ pub(crate) struct TwoFactorEnabled {
 #[serde(deny_unknown_fields)]
 #[schema(example = json!({"email": "sam@example.com", "display_name": "Sam Jones", "role": "team"}))]
 pub(crate) struct NewUserInput {
-    #[schema(format = Email, max_length = 254)]
+    #[schema(max_length = 254, pattern = "@email")]
     email: String,
-    #[schema(max_length = 200)]
+    #[schema(max_length = 200, pattern = "@line")]
     display_name: String,
-    /// A built-in role (owner, admin, board, executive, director, team, support,
-    /// partner, viewer, client) or a custom role's id.
+    /// A built-in role or a custom role's id.
+    #[schema(value_type = RoleName)]
     role: String,
     /// Absent: the user is invited by mail (a single-use link, 72 h) to set one.
+    #[schema(value_type = Option<String>, min_length = 12, max_length = 1024)]
     password: Option<String>,
 }
 
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RoleChange {
+    #[schema(value_type = RoleName)]
     role: String,
 }
 
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct PasswordInput {
+    #[schema(max_length = 1024, pattern = "@no_nul")]
     current_password: String,
+    #[schema(min_length = 12, max_length = 1024, pattern = "@no_nul")]
     new_password: String,
 }
 
@@ -395,6 +399,8 @@ pub(crate) async fn change_password(
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct CodeInput {
+    /// The current code of the new seed.
+    #[schema(pattern = "@no_nul")]
     code: String,
 }
 
@@ -402,8 +408,10 @@ pub(crate) struct CodeInput {
 #[serde(deny_unknown_fields)]
 pub(crate) struct DisableTwoFactorInput {
     /// The account's password.
+    #[schema(max_length = 1024, pattern = "@no_nul")]
     password: String,
     /// A current TOTP code or an unused backup code.
+    #[schema(pattern = "@no_nul")]
     code: String,
 }
 
@@ -501,7 +509,7 @@ pub(crate) async fn two_factor_disable(
     Json(input): Json<DisableTwoFactorInput>,
 ) -> Result<Ok200<Token>, ApiError> {
     a.require_user()?;
-    if input.password.len() > crate::auth::MAX_PASSWORD_BYTES {
+    if input.password.chars().count() > crate::auth::MAX_PASSWORD_CHARS {
         return Err(ApiError::Validation(vec![FieldError::new(
             "password",
             "is not the account's password",

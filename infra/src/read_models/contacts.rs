@@ -26,7 +26,12 @@ const VIEW_COLUMNS: &str =
     "id, org_id, version, profile, archived, created_at, updated_at, last_position";
 
 fn view_from_row(row: &Row) -> Result<ContactView, ProjectionError> {
-    let profile: serde_json::Value = row.get(3);
+    let profile: serde_json::Value = row.try_get(3).map_err(|e| {
+        ProjectionError::OutOfOrder(format!(
+            "stored profile unreadable: {}",
+            std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| s.to_string())
+        ))
+    })?;
     Ok(ContactView {
         id: row.get(0),
         org_id: row.get(1),

@@ -1020,3 +1020,31 @@ fn one_info_line(stdout: &str, rid: &str, method: &str, path: &str) -> Result<()
         ))
     }
 }
+
+/// Custom numbers at the ends of the f64 range come back as they were sent: PostgreSQL's
+/// jsonb writes them out in full (309 digits for 1.8e308), and reading that back must
+/// not overflow (found by the schema fuzzer: the read answered by dropping the
+/// connection).
+#[tokio::test]
+async fn extreme_custom_numbers_read_back_as_sent() {
+    let app = TestApp::spawn().await;
+    let custom = serde_json::json!({
+        "big": 1.797_693_134_862_315_7e308,
+        "small": -1.797_693_134_862_315_7e308,
+        "tiny": 5e-324,
+        "third": 0.1 + 0.2,
+    });
+    let (id, position) = app
+        .create_contact(&serde_json::json!({"given_name": "Extreme", "custom": custom}))
+        .await;
+    let r = app
+        .get(&format!("/v1/contacts/{id}?min_position={position}"))
+        .await;
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["custom"], custom, "{v}");
+    let r = app.get("/v1/contacts?q=Extreme").await;
+    assert_eq!(r.status(), 200);
+    let page: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(page["items"][0]["custom"], custom);
+}
