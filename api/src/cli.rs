@@ -131,6 +131,39 @@ pub struct Common {
         default_value = "http://127.0.0.1:8080"
     )]
     pub public_url: String,
+    /// Longest a client may take to send a request's head, in ms (then: connection closed).
+    #[arg(
+        long,
+        env = "CRM_HTTP_HEAD_TIMEOUT_MS",
+        global = true,
+        default_value_t = 10_000
+    )]
+    pub http_head_timeout_ms: u64,
+    /// Longest pause between two reads of a request body, in ms (then: 408).
+    #[arg(
+        long,
+        env = "CRM_HTTP_BODY_READ_TIMEOUT_MS",
+        global = true,
+        default_value_t = 10_000
+    )]
+    pub http_body_read_timeout_ms: u64,
+    /// Longest a client may take to send a whole request body, in ms (then: 408).
+    #[arg(
+        long,
+        env = "CRM_HTTP_BODY_TIMEOUT_MS",
+        global = true,
+        default_value_t = 30_000
+    )]
+    pub http_body_timeout_ms: u64,
+    /// After SIGTERM: how long requests in flight may still take, in ms, before the
+    /// connections left are closed and the process exits.
+    #[arg(
+        long,
+        env = "CRM_SHUTDOWN_GRACE_MS",
+        global = true,
+        default_value_t = 10_000
+    )]
+    pub shutdown_grace_ms: u64,
     /// Requests per second per client IP on the API (0: no limit).
     #[arg(long, env = "CRM_RATE_LIMIT_API", global = true, default_value_t = 30)]
     pub rate_limit_api: u32,
@@ -256,6 +289,12 @@ impl Common {
                     api_per_sec: self.rate_limit_api,
                     auth_per_sec: self.rate_limit_auth,
                     failed_logins_per_hour: self.failed_logins_per_hour,
+                },
+                timeouts: crate::config::HttpTimeouts {
+                    head: Duration::from_millis(self.http_head_timeout_ms),
+                    body_read: Duration::from_millis(self.http_body_read_timeout_ms),
+                    body_total: Duration::from_millis(self.http_body_timeout_ms),
+                    shutdown_grace: Duration::from_millis(self.shutdown_grace_ms),
                 },
             },
             jwt: JwtSettings {

@@ -32,6 +32,33 @@ pub struct HttpSettings {
     /// Origins the client portal (`/portal/…`) may be called from; its own list.
     pub portal_cors_origins: Vec<String>,
     pub rate_limits: crate::edge::ratelimit::RateLimitSettings,
+    pub timeouts: HttpTimeouts,
+}
+
+/// How long the edge waits for a client, and for itself at shutdown (docs/operations.md).
+#[derive(Clone, Copy, Debug)]
+pub struct HttpTimeouts {
+    /// Reading a request's head (request line and headers): a client slower than this
+    /// has its connection closed (`CRM_HTTP_HEAD_TIMEOUT_MS`).
+    pub head: Duration,
+    /// Between two reads of a request body (`CRM_HTTP_BODY_READ_TIMEOUT_MS`): 408.
+    pub body_read: Duration,
+    /// Reading a whole request body (`CRM_HTTP_BODY_TIMEOUT_MS`): 408.
+    pub body_total: Duration,
+    /// After SIGTERM/SIGINT: how long requests in flight may still take before the
+    /// connections left are closed and the process exits (`CRM_SHUTDOWN_GRACE_MS`).
+    pub shutdown_grace: Duration,
+}
+
+impl Default for HttpTimeouts {
+    fn default() -> Self {
+        Self {
+            head: Duration::from_secs(10),
+            body_read: Duration::from_secs(10),
+            body_total: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
 }
 
 #[derive(Clone, Debug)]

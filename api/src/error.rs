@@ -78,6 +78,9 @@ pub enum ApiError {
     Conflict(String),
     #[error("request body is too large")]
     PayloadTooLarge,
+    /// The client took too long to send its body.
+    #[error("the request body did not arrive in time")]
+    RequestTimeout,
     #[error("request body must be application/json")]
     UnsupportedMediaType,
     #[error("method not allowed")]
@@ -90,7 +93,7 @@ pub enum ApiError {
         position: i64,
         behind: i64,
     },
-    #[error("service unavailable: {0}")]
+    #[error("a dependency of the service is unavailable; retry after Retry-After")]
     Unavailable(String),
     /// Anything unexpected: logged with its cause, answered without it.
     #[error("internal error")]
@@ -138,6 +141,7 @@ impl ApiError {
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -156,6 +160,7 @@ impl ApiError {
             Self::NotFound(_) => "not_found",
             Self::Conflict(_) => "version_conflict",
             Self::PayloadTooLarge => "payload_too_large",
+            Self::RequestTimeout => "request_timeout",
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::TooManyRequests { .. } => "rate_limited",
@@ -167,8 +172,12 @@ impl ApiError {
 
     /// The JSON error response, tagged with the request id.
     pub fn into_response(self, request_id: &str) -> Response {
-        if let Self::Internal(cause) = &self {
-            tracing::error!(request_id, cause = %cause, "internal error");
+        match &self {
+            Self::Internal(cause) => tracing::error!(request_id, cause = %cause, "internal error"),
+            Self::Unavailable(cause) => {
+                tracing::warn!(request_id, cause = %cause, "answered 503: a dependency is unavailable")
+            }
+            _ => {}
         }
         let mut body = json!({
             "code": self.code(),
@@ -207,7 +216,7 @@ impl ApiError {
             }
             // The rest of the body is not read: say so, so the client does not send
             // its next request on a connection the server is about to close.
-            Self::PayloadTooLarge => {
+            Self::PayloadTooLarge | Self::RequestTimeout => {
                 headers.insert("connection", "close".parse().expect("static header"));
             }
             _ => {}
@@ -222,6 +231,9 @@ impl From<StoreError> for ApiError {
             StoreError::Conflict => {
                 Self::Conflict("another command changed this record first; reload and retry".into())
             }
+            StoreError::Db(e) => e.into(),
+            StoreError::Pool(e) => e.into(),
+            StoreError::Unavailable(what) => Self::Unavailable(what.into()),
             other => Self::internal(other),
         }
     }
@@ -229,7 +241,13 @@ impl From<StoreError> for ApiError {
 
 impl From<crm_infra::feed::projector::ProjectionError> for ApiError {
     fn from(e: crm_infra::feed::projector::ProjectionError) -> Self {
-        Self::internal(e)
+        use crm_infra::feed::projector::ProjectionError as P;
+        match e {
+            P::Db(e) => e.into(),
+            P::Pool(e) => e.into(),
+            P::Store(e) => e.into(),
+            other => Self::internal(other),
+        }
     }
 }
 
@@ -240,8 +258,13 @@ impl From<deadpool_postgres::PoolError> for ApiError {
 }
 
 impl From<tokio_postgres::Error> for ApiError {
+    /// The database away is a 503 (retry); anything else it says is a 500.
     fn from(e: tokio_postgres::Error) -> Self {
-        Self::internal(e)
+        if crm_infra::db::is_unavailable(&e) {
+            Self::Unavailable(format!("database: {}", crm_infra::db::describe(&e)))
+        } else {
+            Self::internal(crm_infra::db::describe(&e))
+        }
     }
 }
 

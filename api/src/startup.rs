@@ -171,10 +171,12 @@ impl Application {
         }
         let routes = crate::routes::routes(self.state.clone());
         let server_token = token.clone();
-        let server = warp::serve(routes)
-            .incoming(self.listener)
-            .graceful(async move { server_token.cancelled().await })
-            .run();
+        let server = crate::edge::server::serve(
+            self.listener,
+            routes,
+            self.state.settings.http.timeouts,
+            async move { server_token.cancelled().await },
+        );
         tokio::pin!(server);
         tokio::select! {
             _ = &mut server => {},

@@ -98,6 +98,24 @@ pub async fn migrate(settings: &DatabaseSettings) -> Result<usize, DbError> {
 /// A database error for logs: PostgreSQL's SQLSTATE and message when the server sent
 /// one (tokio-postgres alone only says "db error"), never its DETAIL, which can quote
 /// the values involved (personal data).
+/// Whether `e` means the database is away (the connection is gone or refused, the
+/// server is shutting down, starting up or out of connections) rather than that the
+/// statement was wrong: a reason to answer 503 and retry, not 500.
+pub fn is_unavailable(e: &tokio_postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    if let Some(db) = e.as_db_error() {
+        let code = db.code().code();
+        // 08: connection exception; 57P01-03: admin/crash shutdown, cannot connect now;
+        // 53300: too many connections.
+        return code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300");
+    }
+    // No server answer at all: an I/O error on the socket, or a timeout.
+    std::error::Error::source(e).is_some_and(|s| s.downcast_ref::<std::io::Error>().is_some())
+        || e.to_string().contains("timed out")
+}
+
 pub fn describe(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!("{} ({})", db.message(), db.code().code()),

@@ -17,7 +17,14 @@ pub struct Metrics {
     pub relay_lag_events: IntGauge,
     pub projector_applied: IntCounterVec,
     pub projector_lag_events: IntGaugeVec,
+    /// Events a projector read from the store rather than from a message: catching up
+    /// at the start of a session, or filling a gap in a batch.
+    pub projector_from_store: IntCounterVec,
+    pub projector_caught_up: prometheus::IntCounter,
+    pub projector_gap_filled: prometheus::IntCounter,
     pub http_requests: IntCounterVec,
+    /// Requests given up at the edge for being too slow, by stage (`head`, `body`).
+    pub http_timeouts: IntCounterVec,
     pub access_lookups: IntCounterVec,
     /// `access_lookups` by source, resolved once (counted on every staff request).
     pub access_from_cache: prometheus::IntCounter,
@@ -81,6 +88,22 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         &["projection"],
     )
     .expect("metric");
+    let projector_from_store = IntCounterVec::new(
+        Opts::new(
+            "crm_projector_store_reads_total",
+            "Events projectors read from the store instead of a message, by reason (catch_up, gap)",
+        ),
+        &["reason"],
+    )
+    .expect("metric");
+    let http_timeouts = IntCounterVec::new(
+        Opts::new(
+            "crm_http_timeouts_total",
+            "Requests given up for being too slow, by stage (head, body)",
+        ),
+        &["stage"],
+    )
+    .expect("metric");
     let http_requests = IntCounterVec::new(
         Opts::new(
             "crm_http_requests_total",
@@ -108,6 +131,8 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         Box::new(projector_lag_events.clone()),
         Box::new(http_requests.clone()),
         Box::new(access_lookups.clone()),
+        Box::new(projector_from_store.clone()),
+        Box::new(http_timeouts.clone()),
     ] {
         registry.register(c).expect("metric registered once");
     }
@@ -121,7 +146,11 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         relay_lag_events,
         projector_applied,
         projector_lag_events,
+        projector_caught_up: projector_from_store.with_label_values(&["catch_up"]),
+        projector_gap_filled: projector_from_store.with_label_values(&["gap"]),
+        projector_from_store,
         http_requests,
+        http_timeouts,
         access_from_cache: access_lookups.with_label_values(&["cache"]),
         access_from_database: access_lookups.with_label_values(&["database"]),
         access_lookups,

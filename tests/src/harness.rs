@@ -86,6 +86,11 @@ pub struct Options {
     pub portal_cors_origins: Vec<String>,
     /// Off by default: a test's many requests all come from 127.0.0.1.
     pub rate_limits: crm_api::edge::ratelimit::RateLimitSettings,
+    /// The edge's timeouts (the service's defaults unless a test shortens them).
+    pub timeouts: crm_api::config::HttpTimeouts,
+    /// A superuser URL of the PostgreSQL server to use (default: [`admin_url`]); a
+    /// test that stops its server gives its [`PrivatePostgres`]'s.
+    pub admin_url: Option<String>,
 }
 
 impl Default for Options {
@@ -101,6 +106,8 @@ impl Default for Options {
                 auth_per_sec: 0,
                 failed_logins_per_hour: 100,
             },
+            timeouts: crm_api::config::HttpTimeouts::default(),
+            admin_url: None,
         }
     }
 }
@@ -172,12 +179,13 @@ impl TestApp {
         ensure_anchor_stream().await;
         let id = Uuid::new_v4().simple().to_string();
         let db_name = format!("crm_test_{id}");
-        let admin = connect(&admin_url()).await;
+        let server_url = opts.admin_url.clone().unwrap_or_else(admin_url);
+        let admin = connect(&server_url).await;
         admin
             .batch_execute(&format!("CREATE DATABASE {db_name}"))
             .await
             .expect("create test database");
-        let db_url = with_database(&admin_url(), &db_name);
+        let db_url = with_database(&server_url, &db_name);
         let mut kek = [0u8; 32];
         kek.iter_mut()
             .enumerate()
@@ -204,6 +212,7 @@ impl TestApp {
                 cors_origins: opts.cors_origins.clone(),
                 portal_cors_origins: opts.portal_cors_origins.clone(),
                 rate_limits: opts.rate_limits,
+                timeouts: opts.timeouts,
             },
             mail: crm_api::config::MailSettings {
                 spool_dir: None,
@@ -363,7 +372,7 @@ impl TestApp {
             .delete_stream(&self.settings.nats.stream)
             .await;
         drop(self.state);
-        let admin = connect(&admin_url()).await;
+        let admin = connect(&with_database(&self.db_url, "postgres")).await;
         let _ = admin
             .batch_execute(&format!(
                 "DROP DATABASE IF EXISTS {} WITH (FORCE)",
@@ -442,4 +451,137 @@ where
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// A PostgreSQL server of a test's own (initdb into a temporary directory, a free port),
+/// for tests that stop and start it. Binaries from `CRM_TEST_PG_BIN` (scripts/test sets
+/// it), else the newest /usr/lib/postgresql/*/bin.
+pub struct PrivatePostgres {
+    pub dir: std::path::PathBuf,
+    pub port: u16,
+    bin: std::path::PathBuf,
+}
+
+impl PrivatePostgres {
+    pub fn start() -> Self {
+        let bin = std::env::var_os("CRM_TEST_PG_BIN")
+            .map(std::path::PathBuf::from)
+            .or_else(|| {
+                let mut dirs: Vec<_> = std::fs::read_dir("/usr/lib/postgresql")
+                    .ok()?
+                    .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+                    .filter(|p| p.join("initdb").exists())
+                    .collect();
+                dirs.sort();
+                dirs.pop()
+            })
+            .expect("no PostgreSQL binaries: set CRM_TEST_PG_BIN");
+        let dir = std::env::temp_dir().join(format!("crm-pg-{}", Uuid::new_v4().simple()));
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        std::fs::create_dir_all(&dir).unwrap();
+        if is_root() {
+            let _ = std::process::Command::new("chown")
+                .args(["postgres:postgres", dir.to_str().unwrap()])
+                .status();
+        }
+        let data = dir.join("data");
+        let out = as_postgres(
+            &bin.join("initdb"),
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+            ],
+        )
+        .output()
+        .expect("run initdb");
+        assert!(
+            out.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let pg = Self { dir, port, bin };
+        pg.start_server();
+        pg
+    }
+
+    fn pg_ctl(&self, args: &[&str]) -> std::process::Output {
+        let data = self.dir.join("data");
+        let mut all = vec!["-D", data.to_str().unwrap()];
+        all.extend_from_slice(args);
+        as_postgres(&self.bin.join("pg_ctl"), &all)
+            .output()
+            .expect("run pg_ctl")
+    }
+
+    /// Starts the server and waits until it accepts connections.
+    pub fn start_server(&self) {
+        let opts = format!(
+            "-p {} -c listen_addresses=127.0.0.1 -k {} -c fsync=off -c max_connections=200",
+            self.port,
+            self.dir.display()
+        );
+        let log = self.dir.join("log");
+        let out = self.pg_ctl(&["-w", "-l", log.to_str().unwrap(), "-o", &opts, "start"]);
+        assert!(
+            out.status.success(),
+            "pg_ctl start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Stops the server (fast: sessions are ended).
+    pub fn stop_server(&self) {
+        let out = self.pg_ctl(&["-w", "-m", "fast", "stop"]);
+        assert!(
+            out.status.success(),
+            "pg_ctl stop: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let _ = self.pg_ctl(&["-m", "immediate", "stop"]);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `program args`, as the `postgres` user when this process is root (initdb and
+/// postgres refuse to run as root).
+fn as_postgres(program: &std::path::Path, args: &[&str]) -> std::process::Command {
+    if is_root() {
+        let mut c = std::process::Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(program).args(args);
+        c
+    } else {
+        let mut c = std::process::Command::new(program);
+        c.args(args);
+        c
+    }
+}
+
+/// Whether this process runs as root.
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
 }

@@ -15,6 +15,7 @@ pub mod extract;
 pub mod ratelimit;
 pub mod reply;
 pub mod route;
+pub mod server;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -68,14 +69,14 @@ pub fn serve(state: AppState, table: Vec<Route>) -> BoxedFilter<(Response,)> {
         .and(warp::path::full())
         .and(warp::query::raw().or(warp::any().map(String::new)).unify())
         .and(warp::header::headers_cloned())
-        .and(warp::addr::remote())
+        .and(warp::ext::optional::<server::ClientAddr>())
         .and(warp::body::stream())
         .then(
             move |method: Method,
                   path: warp::path::FullPath,
                   query: String,
                   headers: HeaderMap,
-                  addr: Option<std::net::SocketAddr>,
+                  addr: Option<server::ClientAddr>,
                   body| {
                 let edge = edge.clone();
                 async move {
@@ -84,7 +85,7 @@ pub fn serve(state: AppState, table: Vec<Route>) -> BoxedFilter<(Response,)> {
                         path: path.as_str(),
                         query,
                         headers,
-                        addr,
+                        addr: addr.map(|a| a.0),
                     };
                     edge.dispatch(request, body).await
                 }
@@ -265,7 +266,7 @@ impl Edge {
             {
                 return Err(ApiError::PayloadTooLarge);
             }
-            let bytes = collect_body(body, limit).await?;
+            let bytes = collect_body(body, limit, &state.settings.http.timeouts).await?;
             *body_read = true;
             bytes
         } else {
@@ -283,14 +284,28 @@ impl Edge {
     }
 }
 
-async fn collect_body<S, B>(stream: S, limit: u64) -> Result<bytes::Bytes, ApiError>
+/// Reads a body of at most `limit` bytes, with `body_read` between reads and
+/// `body_total` in all (408 `request_timeout` otherwise).
+async fn collect_body<S, B>(
+    stream: S,
+    limit: u64,
+    timeouts: &crate::config::HttpTimeouts,
+) -> Result<bytes::Bytes, ApiError>
 where
     S: futures::Stream<Item = Result<B, warp::Error>>,
     B: Buf,
 {
     let mut buf = bytes::BytesMut::new();
     futures::pin_mut!(stream);
-    while let Some(chunk) = futures::StreamExt::next(&mut stream).await {
+    let deadline = tokio::time::Instant::now() + timeouts.body_total;
+    loop {
+        let wait = (tokio::time::Instant::now() + timeouts.body_read).min(deadline);
+        let Ok(next) = tokio::time::timeout_at(wait, futures::StreamExt::next(&mut stream)).await
+        else {
+            METRICS.http_timeouts.with_label_values(&["body"]).inc();
+            return Err(ApiError::RequestTimeout);
+        };
+        let Some(chunk) = next else { break };
         let mut chunk = chunk.map_err(|_| {
             ApiError::bad_request("invalid_body", "the request body could not be read")
         })?;

@@ -145,6 +145,7 @@ pub fn error_description(status: u16) -> &'static str {
         404 => "No such record in the caller's organisation (another organisation's id answers the same)",
         405 => "The path exists, the method does not (see Allow)",
         409 => "Version conflict or a rule of the record (last Owner, retired role, archived contact…)",
+        408 => "The body did not arrive in time (the connection is closed after the answer)",
         413 => "Body too large (the connection is closed after the answer)",
         415 => "The body is not application/json",
         422 => "Invalid values, each named in `fields`",
@@ -319,7 +320,7 @@ impl RouteBuilder {
         }
         let reads_body = doc.body.is_some();
         if reads_body {
-            for s in [400, 413, 415, 422] {
+            for s in [400, 408, 413, 415, 422] {
                 doc.error(s);
             }
         }

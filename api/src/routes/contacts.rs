@@ -52,23 +52,47 @@ where
 #[schema(as = Address)]
 pub(crate) struct AddressInput {
     #[schema(value_type = String, required = false, max_length = 300, pattern = "@line")]
-    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     line1: Option<String>,
     #[schema(value_type = String, required = false, max_length = 300, pattern = "@line")]
-    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     line2: Option<String>,
     #[schema(value_type = String, required = false, max_length = 300, pattern = "@line")]
-    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     city: Option<String>,
     #[schema(value_type = String, required = false, max_length = 300, pattern = "@line")]
-    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     region: Option<String>,
     #[schema(value_type = String, required = false, max_length = 20, pattern = "@line")]
-    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     postal_code: Option<String>,
     /// ISO 3166-1 alpha-2, e.g. `DE`.
     #[schema(value_type = String, required = false, pattern = "@country")]
-    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     country: Option<String>,
 }
 

@@ -5,11 +5,15 @@
 //! batch of messages is applied in one PostgreSQL transaction together with each
 //! projection's checkpoint, a commit key (tx_id, global_position) in the relay's
 //! publishing order. For each projection, an event is applied only if it is the next one
-//! after its checkpoint: at or below it, it is a redelivery; if an event between the
-//! checkpoint and it exists in the store, another worker holds that one, so the message
-//! is nak'ed and comes back later (projections that did apply it then see a redelivery).
-//! With each projection's advisory lock held for the transaction, several processes of
-//! one projection share the work without applying anything twice or out of order.
+//! after its checkpoint: at or below it, it is a redelivery; if events between the
+//! checkpoint and it are missing from the batch (another worker holds them, or a killed
+//! worker's or a failed batch's messages wait for their redelivery), they are read from
+//! the store, which is the source of truth, and applied first, in the same transaction:
+//! recovery never waits for JetStream's ack wait. A worker also catches up from the
+//! store when its session starts (a restarted process, PostgreSQL back after an
+//! outage), before it takes messages. With each projection's advisory lock held for the
+//! transaction, several processes of one projection share the work without applying
+//! anything twice or out of order.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,6 +37,11 @@ const BATCH: usize = 500;
 /// How long a small batch waits for more messages before it is applied.
 const LINGER: Duration = Duration::from_millis(5);
 const RETRY_DELAY: Duration = Duration::from_millis(200);
+/// How long a failed session waits before it tries again (PostgreSQL or NATS away):
+/// short, so that a worker is current within about this long of their return.
+const SESSION_RETRY: Duration = Duration::from_millis(250);
+/// Events read from the store at a time while catching up.
+const CATCH_UP_BATCH: i64 = 1000;
 /// How long a delivered message may stay unacknowledged before JetStream hands it to
 /// another worker: the time a killed worker's batch takes to come back.
 pub const ACK_WAIT: Duration = Duration::from_secs(10);
@@ -220,10 +229,10 @@ impl ProjectorWorker {
             match self.session(&shutdown).await {
                 Ok(()) => break,
                 Err(e) => {
-                    tracing::warn!(projection = name, error = %e, "projector session ended; retrying in 1s");
+                    tracing::warn!(projection = name, error = %e, "projector session ended; retrying in 250 ms");
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = tokio::time::sleep(SESSION_RETRY) => {}
                     }
                 }
             }
@@ -254,6 +263,9 @@ impl ProjectorWorker {
             .messages()
             .await
             .map_err(|e| ProjectionError::Bus(e.to_string()))?;
+        // What committed while this worker was away (a restart, an outage) is read from
+        // the store now, not when its messages' ack wait runs out.
+        self.catch_up(shutdown).await?;
         let mut batches = messages.ready_chunks(BATCH);
         loop {
             let batch = tokio::select! {
@@ -323,11 +335,39 @@ impl ProjectorWorker {
         }
     }
 
+    /// Applies what the store holds after the lowest checkpoint, up to its horizon,
+    /// in batches, until nothing is left.
+    async fn catch_up(&self, shutdown: &CancellationToken) -> Result<(), ProjectionError> {
+        loop {
+            if shutdown.is_cancelled() {
+                return Ok(());
+            }
+            let from = {
+                let client = self.pool.get().await?;
+                let mut lowest: Option<CommitKey> = None;
+                for p in &self.projections {
+                    let ck = checkpoint(&client, p.name()).await?;
+                    lowest = Some(lowest.map_or(ck, |l| l.min(ck)));
+                }
+                let Some(from) = lowest else { return Ok(()) };
+                let batch = event_store::read_committed_raw(&client, from, CATCH_UP_BATCH).await?;
+                if batch.is_empty() {
+                    return Ok(());
+                }
+                batch
+            };
+            let n = from.len();
+            self.apply_batch(from).await?;
+            METRICS.projector_caught_up.inc_by(n as u64);
+        }
+    }
+
     async fn apply_batch(&self, batch: Vec<RawEvent>) -> Result<Vec<Verdict>, ProjectionError> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         let upto = batch.last().map(RawEvent::commit_key);
         let cap = (batch.len() as i64) * 4 + 16;
+        let messages = batch.len();
         let mut progress = Vec::with_capacity(self.projections.len());
         for p in &self.projections {
             let ck = checkpoint::lock_projection(&tx, p.name()).await?;
@@ -342,9 +382,13 @@ impl ProjectorWorker {
                 ready: Vec::with_capacity(batch.len()),
             });
         }
+        // Events some projection needs before the batch's own but that are not in it
+        // (with another worker, or in a killed worker's or failed batch's messages):
+        // read from the store and applied in order, in this transaction.
+        let batch = fill_gaps(&tx, batch, &progress, cap).await?;
         let mut verdicts = Vec::with_capacity(batch.len());
         let mut takes = vec![false; self.projections.len()];
-        for event in batch {
+        for (event, from_message) in batch {
             let key = event.commit_key();
             let mut deferred = false;
             for (take, st) in takes.iter_mut().zip(progress.iter_mut()) {
@@ -378,6 +422,9 @@ impl ProjectorWorker {
                 st.ready
                     .push(decode_for(e, p.as_ref(), &self.crypto, &tx).await?);
             }
+            if !from_message {
+                continue; // read from the store: no message to answer
+            }
             // A message some projection could not apply yet comes back; those that did
             // apply it will then see a redelivery.
             verdicts.push(if deferred {
@@ -397,6 +444,7 @@ impl ProjectorWorker {
             }
         }
         tx.commit().await?;
+        debug_assert_eq!(verdicts.len(), messages);
         for (st, p) in progress.iter().zip(&self.projections) {
             METRICS
                 .projector_applied
@@ -405,4 +453,43 @@ impl ProjectorWorker {
         }
         Ok(verdicts)
     }
+}
+
+/// The batch in commit order with what the projections need before its events but it
+/// lacks, read from the store; each event marked whether it came in a message.
+async fn fill_gaps(
+    tx: &Transaction<'_>,
+    batch: Vec<RawEvent>,
+    progress: &[Progress],
+    cap: i64,
+) -> Result<Vec<(RawEvent, bool)>, ProjectionError> {
+    let have: std::collections::BTreeSet<CommitKey> =
+        batch.iter().map(RawEvent::commit_key).collect();
+    let missing: std::collections::BTreeSet<CommitKey> = progress
+        .iter()
+        .flat_map(|st| st.expected.clone())
+        .filter(|k| !have.contains(k))
+        .collect();
+    let mut out: Vec<(RawEvent, bool)> = batch.into_iter().map(|e| (e, true)).collect();
+    if let (Some(first), Some(last)) = (missing.first(), missing.last()) {
+        // Everything from just before the first missing event up to the last one, in
+        // commit order (the batch's own events among them are dropped here).
+        let before = progress
+            .iter()
+            .map(|st| st.ck)
+            .filter(|ck| ck < first)
+            .max()
+            .unwrap_or_default();
+        // At most `cap` events lie between a checkpoint and the batch's last event
+        // (each projection's expected keys were read with the same cap).
+        let read = event_store::read_committed_raw(tx, before, cap).await?;
+        out.extend(
+            read.into_iter()
+                .filter(|e| e.commit_key() <= *last && missing.contains(&e.commit_key()))
+                .map(|e| (e, false)),
+        );
+        out.sort_by_key(|(e, _)| e.commit_key());
+        METRICS.projector_gap_filled.inc_by(missing.len() as u64);
+    }
+    Ok(out)
 }

@@ -10,6 +10,7 @@ mod contacts;
 mod contract;
 mod edge;
 mod escalation;
+mod faults;
 mod fields;
 mod headers;
 mod health;
