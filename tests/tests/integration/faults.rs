@@ -213,6 +213,28 @@ async fn a_client_trickling_its_head_is_cut_off_by_the_head_timeout() {
         after > before,
         "crm_http_timeouts_total{{stage=\"head\"}} did not count it"
     );
+    // An idle kept-alive connection is closed after the same time.
+    let addr = app.base.trim_start_matches("http://").to_owned();
+    let idle_closed = tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(&addr).unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
+        let mut buf = [0u8; 4096];
+        let n = s.read(&mut buf).unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+        let idle = Instant::now();
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => return idle.elapsed(),
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .unwrap();
+    println!("idle keep-alive closed after {idle_closed:?}");
+    assert!(idle_closed < Duration::from_secs(6), "{idle_closed:?}");
     // The server still answers everyone else.
     assert_eq!(app.get("/healthz").await.status(), 200);
     app.stop().await;
