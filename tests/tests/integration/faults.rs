@@ -28,6 +28,22 @@ fn crm_binary() -> std::path::PathBuf {
     bin
 }
 
+/// A `crm <command>` process on the test's database, stream and keys.
+fn crm(app: &TestApp, command: &str) -> std::process::Command {
+    let s = &app.settings;
+    let mut c = std::process::Command::new(crm_binary());
+    c.arg(command)
+        .env("DATABASE_URL", s.database.url.expose_secret())
+        .env("CRM_DB_APP_ROLE", &s.database.app_role)
+        .env("NATS_URL", &s.nats.url)
+        .env("CRM_NATS_STREAM", &s.nats.stream)
+        .env("CRM_NATS_SUBJECT_PREFIX", &s.nats.subject_prefix)
+        .env("CRM_KEK", s.keys.kek.expose_secret())
+        .env("CRM_KEK_ID", &s.keys.kek_id)
+        .env("CRM_JWT_SECRET", s.jwt.secret.expose_secret());
+    c
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -56,17 +72,7 @@ async fn sigterm_with_stalled_clients_exits_within_the_grace_period() {
     .await;
     let port = free_port();
     let grace = Duration::from_millis(2000);
-    let s = &app.settings;
-    let mut child = std::process::Command::new(crm_binary())
-        .arg("serve")
-        .env("DATABASE_URL", s.database.url.expose_secret())
-        .env("CRM_DB_APP_ROLE", &s.database.app_role)
-        .env("NATS_URL", &s.nats.url)
-        .env("CRM_NATS_STREAM", &s.nats.stream)
-        .env("CRM_NATS_SUBJECT_PREFIX", &s.nats.subject_prefix)
-        .env("CRM_KEK", s.keys.kek.expose_secret())
-        .env("CRM_KEK_ID", &s.keys.kek_id)
-        .env("CRM_JWT_SECRET", s.jwt.secret.expose_secret())
+    let mut child = crm(&app, "serve")
         .env("CRM_BIND", format!("127.0.0.1:{port}"))
         .env("CRM_SHUTDOWN_GRACE_MS", grace.as_millis().to_string())
         .env("CRM_RATE_LIMIT_API", "0")
@@ -408,5 +414,67 @@ async fn a_postgres_restart_under_load_answers_503_and_recovers_at_once() {
         took < Duration::from_secs(5),
         "lag 0 only {took:?} after PostgreSQL returned"
     );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_projector_process_killed_under_load_is_current_at_once_after_its_restart() {
+    let app = TestApp::spawn_with(Options {
+        run_projectors: false,
+        ..Default::default()
+    })
+    .await;
+    let project = |app: &TestApp| {
+        crm(app, "project")
+            .arg("contacts")
+            .env("CRM_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut worker = project(&app);
+    let writer = {
+        let (http, base, token) = (app.http.clone(), app.base.clone(), app.token.clone());
+        tokio::spawn(async move {
+            for i in 0..300 {
+                let r = http
+                    .post(format!("{base}/v1/contacts"))
+                    .bearer_auth(&token)
+                    .json(&json!({"given_name": format!("Load {i}")}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 201);
+            }
+        })
+    };
+    // Once it has applied some of the load, kill -9 it.
+    let pool = app.admin_pool();
+    let started = eventually(Duration::from_secs(30), || async {
+        let c = pool.get().await.unwrap();
+        let ck = projector::checkpoint(&c, "contacts").await.unwrap();
+        (ck.position > 0).then_some(())
+    })
+    .await;
+    assert!(started.is_some(), "the projector process applied nothing");
+    worker.kill().unwrap(); // SIGKILL
+    let _ = worker.wait();
+    writer.await.unwrap();
+
+    let mut restarted = project(&app);
+    let restart = Instant::now();
+    time_to_lag_zero(&app, "contacts", projector::ACK_WAIT * 3).await;
+    let took = restart.elapsed();
+    println!(
+        "contacts lag 0 {took:?} after restarting the killed process (ack wait {:?}; includes the process start)",
+        projector::ACK_WAIT
+    );
+    assert!(
+        took < projector::ACK_WAIT / 2,
+        "took {took:?}: the restart waited for redelivery"
+    );
+    restarted.kill().unwrap();
+    let _ = restarted.wait();
     app.stop().await;
 }
