@@ -91,6 +91,9 @@ pub struct Options {
     /// A superuser URL of the PostgreSQL server to use (default: [`admin_url`]); a
     /// test that stops its server gives its [`PrivatePostgres`]'s.
     pub admin_url: Option<String>,
+    /// The NATS server to use (default: [`nats_url`]); a test that stops its server
+    /// gives its [`PrivateNats`]'s.
+    pub nats_url: Option<String>,
 }
 
 impl Default for Options {
@@ -108,6 +111,7 @@ impl Default for Options {
             },
             timeouts: crm_api::config::HttpTimeouts::default(),
             admin_url: None,
+            nats_url: None,
         }
     }
 }
@@ -197,7 +201,7 @@ impl TestApp {
                 pool_size: 40,
             },
             nats: NatsSettings {
-                url: nats_url(),
+                url: opts.nats_url.clone().unwrap_or_else(nats_url),
                 stream: format!("T_{id}"),
                 subject_prefix: format!("t{id}.evt"),
             },
@@ -584,4 +588,77 @@ fn is_root() -> bool {
                 .and_then(|l| l.split_whitespace().nth(1).map(|u| u == "0"))
         })
         .unwrap_or(false)
+}
+
+/// A nats-server of a test's own with JetStream on disk (a temporary directory, a free
+/// port), for tests that kill and restart it. The binary is `nats-server` on PATH.
+pub struct PrivateNats {
+    pub dir: std::path::PathBuf,
+    pub port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl PrivateNats {
+    pub fn start() -> Self {
+        let dir = std::env::temp_dir().join(format!("crm-nats-{}", Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut n = Self {
+            dir,
+            port,
+            child: None,
+        };
+        n.start_server();
+        n
+    }
+
+    /// Starts the server (on the same port and store) and waits until it accepts.
+    pub fn start_server(&mut self) {
+        let child = std::process::Command::new("nats-server")
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
+            .arg(&self.dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start nats-server (is it on PATH?)");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nats-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills the server (SIGKILL).
+    pub fn kill_server(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for PrivateNats {
+    fn drop(&mut self) {
+        self.kill_server();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }

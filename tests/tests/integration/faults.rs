@@ -478,3 +478,61 @@ async fn a_projector_process_killed_under_load_is_current_at_once_after_its_rest
     let _ = restarted.wait();
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_nats_restart_under_load_loses_nothing_and_recovers_at_once() {
+    let mut nats = crm_tests::harness::PrivateNats::start();
+    let app = TestApp::spawn_with(Options {
+        nats_url: Some(nats.url()),
+        ..Default::default()
+    })
+    .await;
+    let stop = CancellationToken::new();
+    let writer = {
+        let (http, base, token, stop) = (
+            app.http.clone(),
+            app.base.clone(),
+            app.token.clone(),
+            stop.clone(),
+        );
+        tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            let mut i = 0;
+            while !stop.is_cancelled() {
+                i += 1;
+                let r = http
+                    .post(format!("{base}/v1/contacts"))
+                    .bearer_auth(&token)
+                    .json(&json!({"given_name": format!("Bus {i}")}))
+                    .send()
+                    .await
+                    .unwrap();
+                statuses.push(r.status().as_u16());
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            statuses
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    nats.kill_server();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    nats.start_server();
+    let back = Instant::now();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.cancel();
+    let statuses = writer.await.unwrap();
+    time_to_lag_zero(&app, "contacts", Duration::from_secs(60)).await;
+    let took = back.elapsed();
+    println!(
+        "{} commands ({} not 201) with nats-server killed for 3 s; contacts lag 0 {took:?} after it was back",
+        statuses.len(),
+        statuses.iter().filter(|s| **s != 201).count()
+    );
+    // Commands need only PostgreSQL: the bus being away costs nothing but lag.
+    assert!(statuses.iter().all(|s| *s == 201), "{statuses:?}");
+    assert!(
+        took < Duration::from_secs(5),
+        "lag 0 only {took:?} after nats-server returned"
+    );
+    app.stop().await;
+}
