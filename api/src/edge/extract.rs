@@ -95,7 +95,8 @@ impl<T: DeserializeOwned + ToSchema + Send + 'static> FromCall for Json<T> {
 
 impl<T: DeserializeOwned + ToSchema + Default + Send + 'static> FromCall for OptionalJson<T> {
     fn from_call(call: &mut Call) -> Result<Self, ApiError> {
-        if call.body.iter().all(u8::is_ascii_whitespace) {
+        // No body at all is the default; anything else (white space too) must be JSON.
+        if call.body.is_empty() {
             return Ok(OptionalJson(T::default()));
         }
         require_json(call.content_type.as_deref())?;

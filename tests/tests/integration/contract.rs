@@ -1048,3 +1048,34 @@ async fn extreme_custom_numbers_read_back_as_sent() {
     let page: serde_json::Value = r.json().await.unwrap();
     assert_eq!(page["items"][0]["custom"], custom);
 }
+
+/// An optional body is either absent or JSON: white space alone is not "no body"
+/// (a schemathesis find: `' '` was taken as an empty grant).
+#[tokio::test]
+async fn an_optional_body_of_white_space_is_not_an_absent_one() {
+    let app = TestApp::spawn().await;
+    let (id, _) = app
+        .create_contact(&serde_json::json!({"given_name": "Ada", "email": "ada@example.com"}))
+        .await;
+    let url = app.url(&format!("/v1/contacts/{id}/portal-access"));
+    let r = app
+        .http
+        .post(&url)
+        .bearer_auth(&app.token)
+        .header("content-type", "application/json")
+        .body(" ")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["code"], "invalid_json", "{v}");
+    let r = app
+        .http
+        .post(&url)
+        .bearer_auth(&app.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "no body at all is the default grant");
+}
