@@ -1054,6 +1054,15 @@ async fn extreme_custom_numbers_read_back_as_sent() {
 #[tokio::test]
 async fn an_optional_body_of_white_space_is_not_an_absent_one() {
     let app = TestApp::spawn().await;
+    let r = app
+        .http
+        .put(app.url("/v1/organization/modules"))
+        .bearer_auth(&app.token)
+        .json(&serde_json::json!({"modules": ["contacts", "activity", "reports", "portal"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
     let (id, _) = app
         .create_contact(&serde_json::json!({"given_name": "Ada", "email": "ada@example.com"}))
         .await;
