@@ -397,8 +397,11 @@ pub async fn run(
             )
             .await?;
             bar.finish();
+            // The process's peak memory (Linux), which scripts/bench --scale follows as
+            // the store grows.
+            let peak = peak_rss_mib().map_or_else(String::new, |m| format!(", peak RSS {m} MiB"));
             println!(
-                "rebuilt {name}: {} events in {:.2}s ({:.0} events/s)",
+                "rebuilt {name}: {} events in {:.2}s ({:.0} events/s){peak}",
                 report.events,
                 report.seconds,
                 report.events as f64 / report.seconds.max(1e-9)
@@ -507,4 +510,13 @@ async fn admin(common: Common, command: AdminCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The process's peak resident set (`VmHWM` of /proc/self/status), in MiB; `None`
+/// where there is no such file.
+fn peak_rss_mib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib.div_ceil(1024))
 }

@@ -13,6 +13,7 @@ use crm_domain::values::{
 use crm_infra::read_models::contacts::{self as contacts_rm, ContactFilter};
 use crm_infra::store::decode::decode;
 use crm_infra::store::event_store::{self, StreamId};
+use crm_infra::store::snapshots;
 use crm_projections::contacts::ContactView;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{json, Value};
@@ -225,11 +226,28 @@ pub(crate) struct ContactPage {
     next_after: Option<Uuid>,
 }
 
-/// A contact's events, oldest first.
+/// A page of a contact's events, oldest first.
 #[derive(Serialize, ToSchema)]
 pub(crate) struct History {
     id: Uuid,
     events: Vec<HistoryEvent>,
+    /// Pass as `after` for the next page (the last event's `sequence`); null on the
+    /// last page.
+    next_after: Option<i64>,
+}
+
+/// `GET /v1/contacts/{id}/history` parameters.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct HistoryQuery {
+    /// Page size, 1 to 500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
+    limit: Option<i64>,
+    /// Events after this sequence (`next_after` of the previous page; default 0, the
+    /// first event on).
+    #[param(minimum = 0)]
+    after: Option<i64>,
 }
 
 /// One event of a contact's stream, decrypted and redacted for the caller.
@@ -637,7 +655,10 @@ pub(crate) async fn get_one(
     Ok(Ok200(Shaped::new(body)))
 }
 
-/// The contact as it was at `as_of`, rebuilt from its events.
+/// The contact as it was at `as_of`: from the latest snapshot whose last event was
+/// recorded by then (if any), and the stream's events after it up to `as_of`. A stream
+/// is recorded in sequence order, so this is exactly the replay of every event recorded
+/// at or before `as_of`.
 async fn as_of_read(
     s: AppState,
     a: Authed,
@@ -651,18 +672,21 @@ async fn as_of_read(
         aggregate_type: Contact::TYPE,
         aggregate_id: &sid,
     };
-    let events = event_store::read_stream(&client, &stream, 0, Some(as_of)).await?;
-    if events.is_empty() {
-        return Err(ApiError::NotFound("contact not found at that time"));
-    }
-    let mut contact = Contact::default();
-    let mut version = 0;
-    let mut updated_at = None;
-    for stored in events {
+    let (mut contact, mut version, mut updated_at) =
+        match snapshots::load_at_or_before::<Contact>(s.executor.crypto(), &client, &stream, Some(as_of))
+            .await?
+        {
+            Some(snap) => (snap.aggregate, snap.head.version, Some(snap.recorded_at)),
+            None => (Contact::default(), 0, None),
+        };
+    for stored in event_store::read_stream(&client, &stream, version, Some(as_of)).await? {
         version = stored.sequence;
         updated_at = Some(stored.recorded_at);
         let decoded = decode(s.executor.crypto(), &client, stored).await?;
         contact.apply(decoded.typed::<ContactEvent>()?);
+    }
+    if version == 0 {
+        return Err(ApiError::NotFound("contact not found at that time"));
     }
     let mut body = contact_json(id, version, &contact.profile, contact.archived);
     body["as_of"] = json!(as_of);
@@ -675,7 +699,14 @@ pub(crate) async fn history(
     s: AppState,
     a: Authed,
     Id(id): Id,
+    Query(q): Query<HistoryQuery>,
 ) -> Result<Ok200<History>, ApiError> {
+    let limit = parse_limit(q.limit)?;
+    let after = match q.after {
+        None => 0,
+        Some(n) if n >= 0 => n,
+        Some(_) => return Err(super::query_error("after", "must be 0 or more")),
+    };
     let client = s.pool.get().await?;
     let sid = id.to_string();
     let stream = StreamId {
@@ -683,10 +714,16 @@ pub(crate) async fn history(
         aggregate_type: Contact::TYPE,
         aggregate_id: &sid,
     };
-    let events = event_store::read_stream(&client, &stream, 0, None).await?;
-    if events.is_empty() {
+    let events = event_store::read_stream_page(&client, &stream, after, limit).await?;
+    // An empty page is the end of an existing stream, or no contact at all (here, or in
+    // another organisation: the same 404).
+    if events.is_empty() && (after == 0 || !event_store::stream_exists(&client, &stream).await?)
+    {
         return Err(ApiError::NotFound("contact not found"));
     }
+    let next_after = (events.len() as i64 == limit)
+        .then(|| events.last().map(|e| e.sequence))
+        .flatten();
     let mut items = Vec::with_capacity(events.len());
     for stored in events {
         let d = decode(s.executor.crypto(), &client, stored).await?;
@@ -709,7 +746,11 @@ pub(crate) async fn history(
             hash: d.stored.hash,
         });
     }
-    Ok(Ok200(History { id, events: items }))
+    Ok(Ok200(History {
+        id,
+        events: items,
+        next_after,
+    }))
 }
 
 pub(crate) async fn list(

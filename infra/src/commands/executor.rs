@@ -160,6 +160,7 @@ impl Executor {
         };
         let (mut aggregate, mut head) = snapshots::load::<A>(&self.crypto, client, &stream)
             .await?
+            .map(|s| (s.aggregate, s.head))
             .unwrap_or_default();
         for stored in event_store::read_stream(client, &stream, head.version, None).await? {
             head.version = stored.sequence;

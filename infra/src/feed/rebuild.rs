@@ -95,33 +95,34 @@ impl Scan {
     }
 }
 
-/// The wrapped data keys that exist, by organisation and subject.
+/// The wrapped data keys of the subjects of one chunk, by organisation and subject.
 type Keys = HashMap<(Uuid, String), Vec<u8>>;
 
-/// Reads the wrapped data keys (in the caller's snapshot: exactly the keys of the
-/// events it reads, with the destroyed ones left out).
-async fn wrapped_keys(client: &tokio_postgres::Client) -> Result<Keys, ProjectionError> {
-    // Sized up front from the planner's estimate (a large map rehashed as it grows
-    // costs more than the reading).
-    let estimate: f64 = client
-        .query_one(
-            "SELECT reltuples::float8 FROM pg_class WHERE oid = 'data_keys'::regclass",
-            &[],
-        )
+/// Reads the wrapped data keys of the subjects of `rows` (in the scan's snapshot, which
+/// `keys` imported: exactly the keys of the events read, the destroyed ones left out).
+/// One query per chunk, so memory holds the keys of one chunk at a time, however many
+/// subjects the store has.
+async fn chunk_keys(
+    keys: &KeyReader,
+    rows: &[tokio_postgres::Row],
+) -> Result<Keys, ProjectionError> {
+    let mut subjects: Vec<(Uuid, &str)> = rows.iter().map(|r| (r.get(3), r.get(5))).collect();
+    subjects.sort_unstable();
+    subjects.dedup();
+    let (orgs, ids): (Vec<Uuid>, Vec<&str>) = subjects.into_iter().unzip();
+    Ok(keys
+        .client
+        .query(&keys.statement, &[&orgs, &ids])
         .await?
-        .get(0);
-    let mut keys = Keys::with_capacity(estimate.clamp(0.0, 10_000_000.0) as usize);
-    let rows = client
-        .query_raw(
-            "SELECT org_id, subject_id, wrapped_key FROM data_keys WHERE wrapped_key IS NOT NULL",
-            Vec::<i64>::new(),
-        )
-        .await?;
-    pin_mut!(rows);
-    while let Some(r) = rows.try_next().await? {
-        keys.insert((r.get(0), r.get(1)), r.get(2));
-    }
-    Ok(keys)
+        .iter()
+        .map(|r| ((r.get(0), r.get(1)), r.get(2)))
+        .collect())
+}
+
+/// A connection in the scan's snapshot and its statement for [`chunk_keys`].
+struct KeyReader {
+    client: deadpool_postgres::ClientWrapper,
+    statement: tokio_postgres::Statement,
 }
 
 /// Parses a row and decrypts its personal members with `keys` (as [`decode`] does with
@@ -148,18 +149,21 @@ fn decode_row(
     DecodedEvent::new(stored, payload, metadata)
 }
 
-/// Chunks being decoded, in scan order.
-type Decoding = JoinHandle<Vec<Result<DecodedEvent, StoreError>>>;
+/// A chunk being decoded (its keys read, then its rows parsed and decrypted), in scan
+/// order.
+type Decoding = JoinHandle<Result<Vec<Result<DecodedEvent, StoreError>>, ProjectionError>>;
 
-/// Streams the scan's rows to blocking decoders, CHUNK rows at a time, and their
-/// results (in order) into `out`. Runs in its own task on a connection of its own, in
-/// one REPEATABLE READ snapshot. Returns the last commit key below the snapshot's
-/// horizon (the rebuild reflects every event up to it) and the events read.
+/// Streams the scan's rows to decoders, CHUNK rows at a time, and their results (in
+/// order) into `out`. Runs in its own task on a connection of its own, in one
+/// REPEATABLE READ snapshot; with `keys` (for a projection that reads personal data),
+/// that connection imports the snapshot and serves each chunk's data keys. Returns the
+/// last commit key below the snapshot's horizon (the rebuild reflects every event up
+/// to it) and the events read.
 async fn read(
     reader: Object,
+    keys: Option<Object>,
     crypto: Arc<Crypto>,
     scan: Scan,
-    personal: bool,
     out: mpsc::Sender<Decoding>,
 ) -> Result<(CommitKey, u64), ProjectionError> {
     // Not returned to the pool: if this fails half-way, the connection (and the open
@@ -172,6 +176,32 @@ async fn read(
         )
         .await?;
     // The first statement takes the snapshot: the horizon is fixed from here on.
+    let snapshot: String = reader
+        .query_one("SELECT pg_export_snapshot()", &[])
+        .await?
+        .get(0);
+    let keys = match keys {
+        Some(keys) => {
+            let client = Object::take(keys);
+            client
+                .batch_execute(&format!(
+                    "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; \
+                     SET TRANSACTION SNAPSHOT '{}'",
+                    snapshot.replace('\'', "''")
+                ))
+                .await?;
+            let statement = client
+                .prepare(
+                    "SELECT d.org_id, d.subject_id, d.wrapped_key \
+                     FROM unnest($1::uuid[], $2::text[]) AS s (org_id, subject_id) \
+                     JOIN data_keys d ON d.org_id = s.org_id AND d.subject_id = s.subject_id \
+                     WHERE d.wrapped_key IS NOT NULL",
+                )
+                .await?;
+            Some(Arc::new(KeyReader { client, statement }))
+        }
+        None => None,
+    };
     let last = reader
         .query_opt(
             "SELECT tx_id::text::bigint, global_position FROM events \
@@ -185,11 +215,6 @@ async fn read(
             position: r.get(1),
         })
         .unwrap_or_default();
-    let keys = if personal {
-        Some(Arc::new(wrapped_keys(&reader).await?))
-    } else {
-        None
-    };
     let params: Vec<&str> = scan.aggregate_type.into_iter().collect();
     let rows = reader.query_raw(&scan.sql(), params).await?;
     pin_mut!(rows);
@@ -205,10 +230,19 @@ async fn read(
             read += chunk.len() as u64;
             let rows = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK));
             let (crypto, keys) = (crypto.clone(), keys.clone());
-            let job = tokio::task::spawn_blocking(move || {
-                rows.iter()
-                    .map(|row| decode_row(&crypto, keys.as_deref(), row))
-                    .collect()
+            let job = tokio::spawn(async move {
+                let keys = match &keys {
+                    Some(client) => Some(chunk_keys(client, &rows).await?),
+                    None => None,
+                };
+                let decoded = tokio::task::spawn_blocking(move || {
+                    rows.iter()
+                        .map(|row| decode_row(&crypto, keys.as_ref(), row))
+                        .collect()
+                })
+                .await
+                .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+                Ok(decoded)
             });
             if out.send(job).await.is_err() {
                 // The fold stopped (it reports why).
@@ -407,6 +441,11 @@ pub async fn rebuild(
     let scan = Scan::of(&*projection);
     let personal = projection.needs_personal_data();
     let reader = admin.get().await?;
+    let keys = if personal {
+        Some(admin.get().await?)
+    } else {
+        None
+    };
     let writer = admin.get().await?;
     writer
         .batch_execute(&format!(
@@ -427,7 +466,7 @@ pub async fn rebuild(
 
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let (chunks, mut decoded) = mpsc::channel::<Decoding>(2 * threads + 2);
-    let mut reading = tokio::spawn(read(reader, crypto.clone(), scan, personal, chunks));
+    let mut reading = tokio::spawn(read(reader, keys, crypto.clone(), scan, chunks));
     let mut others = Vec::new();
     if matches!(scan.order, Order::Stream | Order::Any) {
         for _ in 0..WRITES_IN_FLIGHT {
@@ -442,7 +481,7 @@ pub async fn rebuild(
         while let Some(job) = decoded.recv().await {
             let events = job
                 .await
-                .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+                .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?;
             for event in events {
                 let event = event?;
                 let boundary = match scan.order {

@@ -11,7 +11,7 @@ use tokio_postgres::types::Type;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
-use super::envelope;
+use super::{envelope, ListQuery};
 use crate::feed::projector::{Projection, ProjectionError, Rebuilder};
 use crate::store::decode::DecodedEvent;
 
@@ -191,38 +191,23 @@ pub struct ActivityFilter {
     pub limit: i64,
 }
 
-/// A page of an organisation's activity, newest first.
+/// A page of an organisation's activity, newest first. The statement names only the
+/// filters given; each documented filter has an index in this order (migration V5).
 pub async fn list(
     client: &impl GenericClient,
     org_id: Uuid,
     f: &ActivityFilter,
 ) -> Result<Vec<ActivityEntry>, ProjectionError> {
-    let sql = format!(
-        "SELECT {COLUMNS} FROM activity WHERE org_id = $1 \
-         AND ($2::text IS NULL OR actor_id = $2) \
-         AND ($3::text IS NULL OR action = $3) \
-         AND ($4::text IS NULL OR entity_type = $4) \
-         AND ($5::text IS NULL OR entity_id = $5) \
-         AND ($6::timestamptz IS NULL OR occurred_at >= $6) \
-         AND ($7::timestamptz IS NULL OR occurred_at < $7) \
-         AND ($8::bigint IS NULL OR global_position < $8) \
-         ORDER BY global_position DESC LIMIT $9"
-    );
-    let rows = client
-        .query(
-            &sql,
-            &[
-                &org_id,
-                &f.actor_id,
-                &f.action,
-                &f.entity_type,
-                &f.entity_id,
-                &f.since,
-                &f.until,
-                &f.before,
-                &f.limit,
-            ],
-        )
+    let mut query = ListQuery::new(COLUMNS, "activity", &org_id);
+    query.and("actor_id", "=", &f.actor_id);
+    query.and("action", "=", &f.action);
+    query.and("entity_type", "=", &f.entity_type);
+    query.and("entity_id", "=", &f.entity_id);
+    query.and("occurred_at", ">=", &f.since);
+    query.and("occurred_at", "<", &f.until);
+    query.and("global_position", "<", &f.before);
+    let rows = query
+        .page(client, "global_position DESC", &f.limit)
         .await?;
     Ok(rows.iter().map(from_row).collect())
 }

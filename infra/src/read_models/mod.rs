@@ -6,6 +6,8 @@ pub mod contacts;
 use std::sync::Arc;
 
 use crm_projections::Envelope;
+use deadpool_postgres::GenericClient;
+use tokio_postgres::types::ToSql;
 
 use crate::feed::projector::Projection;
 use crate::store::decode::DecodedEvent;
@@ -21,6 +23,47 @@ pub fn all() -> Vec<Arc<dyn Projection>> {
 /// The projection called `name`.
 pub fn by_name(name: &str) -> Option<Arc<dyn Projection>> {
     all().into_iter().find(|p| p.name() == name)
+}
+
+/// A list query built from the filters a request gives: only those appear in the
+/// statement, each with its own numbered parameter. A statement that names every
+/// possible filter as `($n IS NULL OR column = $n)` is one plan for all of them, and
+/// that plan can use no filter's index.
+pub(crate) struct ListQuery<'a> {
+    sql: String,
+    params: Vec<&'a (dyn ToSql + Sync)>,
+}
+
+impl<'a> ListQuery<'a> {
+    /// `SELECT {columns} FROM {table} WHERE org_id = $1`.
+    pub(crate) fn new(columns: &str, table: &str, org_id: &'a uuid::Uuid) -> Self {
+        Self {
+            sql: format!("SELECT {columns} FROM {table} WHERE org_id = $1"),
+            params: vec![org_id],
+        }
+    }
+
+    /// Adds `AND {column} {op} $n` when `value` is given.
+    pub(crate) fn and<T: ToSql + Sync>(&mut self, column: &str, op: &str, value: &'a Option<T>) {
+        if let Some(v) = value {
+            self.params.push(v);
+            self.sql
+                .push_str(&format!(" AND {column} {op} ${}", self.params.len()));
+        }
+    }
+
+    /// Ends the statement with `ORDER BY {order} LIMIT $n` and runs it.
+    pub(crate) async fn page(
+        mut self,
+        client: &impl GenericClient,
+        order: &str,
+        limit: &'a i64,
+    ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+        self.params.push(limit);
+        self.sql
+            .push_str(&format!(" ORDER BY {order} LIMIT ${}", self.params.len()));
+        client.query(&self.sql, &self.params).await
+    }
 }
 
 pub(crate) fn envelope(e: &DecodedEvent) -> Envelope<'_> {

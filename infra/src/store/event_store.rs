@@ -327,6 +327,54 @@ pub async fn read_stream(
     Ok(rows.iter().map(from_row).collect())
 }
 
+/// At most `limit` events of one stream after `after_sequence`, in sequence order: a
+/// page of its history. Scoped by organisation like [`read_stream`].
+pub async fn read_stream_page(
+    client: &impl GenericClient,
+    stream: &StreamId<'_>,
+    after_sequence: i64,
+    limit: i64,
+) -> Result<Vec<StoredEvent>, StoreError> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM events WHERE aggregate_type = $1 AND aggregate_id = $2 \
+         AND org_id = $3 AND sequence > $4 ORDER BY sequence LIMIT $5"
+    );
+    let stmt = client.prepare_cached(&sql).await?;
+    let rows = client
+        .query(
+            &stmt,
+            &[
+                &stream.aggregate_type,
+                &stream.aggregate_id,
+                &stream.org_id,
+                &after_sequence,
+                &limit,
+            ],
+        )
+        .await?;
+    Ok(rows.iter().map(from_row).collect())
+}
+
+/// Whether the stream has any event (in its organisation).
+pub async fn stream_exists(
+    client: &impl GenericClient,
+    stream: &StreamId<'_>,
+) -> Result<bool, StoreError> {
+    let stmt = client
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM events WHERE aggregate_type = $1 \
+             AND aggregate_id = $2 AND org_id = $3)",
+        )
+        .await?;
+    let row = client
+        .query_one(
+            &stmt,
+            &[&stream.aggregate_type, &stream.aggregate_id, &stream.org_id],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
 /// Committed events after `after` in commit order, only below the visibility horizon:
 /// no transaction that could still commit an earlier event is running, so nothing read
 /// here can later be overtaken by an event that sorts before it.

@@ -1,0 +1,35 @@
+-- Reads that stay fast as an organisation grows (docs/benchmarks.md, "Scale phase").
+
+-- `GET /v1/contacts?q=`: a case-insensitive substring of name, email or company
+-- (`search_text LIKE '%…%'`). A trigram index serves any pattern of three or more
+-- characters; PostgreSQL rechecks every candidate row against the pattern, so the rows
+-- are exactly those of the LIKE. Shorter patterns match so many rows that walking the
+-- primary key in id order finds a page at once. (One column, not (org_id, …) with
+-- btree_gin: an organisation's entry would list every one of its rows, read whole by
+-- each query.) pg_trgm is a trusted extension: a database owner may create it.
+CREATE EXTENSION IF NOT EXISTS pg_trgm;
+CREATE INDEX contacts_search_trgm ON contacts USING gin (search_text gin_trgm_ops);
+
+-- `GET /v1/activity`: each documented filter, per organisation, in the list's order
+-- (newest first), so a page reads only matching rows however rare or common they are.
+-- (org_id, entity_id, global_position DESC) and (org_id, global_position DESC) exist.
+CREATE INDEX activity_org_action ON activity (org_id, action, global_position DESC);
+CREATE INDEX activity_org_actor ON activity (org_id, actor_id, global_position DESC);
+CREATE INDEX activity_org_entity_type ON activity (org_id, entity_type, global_position DESC);
+-- since / until: the rows of a time window (then the newest of them first).
+CREATE INDEX activity_org_occurred ON activity (org_id, occurred_at);
+
+-- Snapshots are kept, not replaced: `GET /v1/contacts/{id}?as_of=T` starts from the
+-- latest one whose last event was recorded at or before T, and the executor from the
+-- latest of all. last_recorded_at is that event's recorded_at.
+ALTER TABLE snapshots ADD COLUMN last_recorded_at timestamptz;
+UPDATE snapshots s SET last_recorded_at = e.recorded_at
+FROM events e
+WHERE e.aggregate_type = s.aggregate_type AND e.aggregate_id = s.aggregate_id
+  AND e.sequence = s.last_sequence;
+-- A snapshot is a cache: one without its event (none should exist) is dropped.
+DELETE FROM snapshots WHERE last_recorded_at IS NULL;
+ALTER TABLE snapshots
+    ALTER COLUMN last_recorded_at SET NOT NULL,
+    DROP CONSTRAINT snapshots_pkey,
+    ADD PRIMARY KEY (aggregate_type, aggregate_id, last_sequence);
