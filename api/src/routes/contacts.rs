@@ -672,13 +672,17 @@ async fn as_of_read(
         aggregate_type: Contact::TYPE,
         aggregate_id: &sid,
     };
-    let (mut contact, mut version, mut updated_at) =
-        match snapshots::load_at_or_before::<Contact>(s.executor.crypto(), &client, &stream, Some(as_of))
-            .await?
-        {
-            Some(snap) => (snap.aggregate, snap.head.version, Some(snap.recorded_at)),
-            None => (Contact::default(), 0, None),
-        };
+    let (mut contact, mut version, mut updated_at) = match snapshots::load_at_or_before::<Contact>(
+        s.executor.crypto(),
+        &client,
+        &stream,
+        Some(as_of),
+    )
+    .await?
+    {
+        Some(snap) => (snap.aggregate, snap.head.version, Some(snap.recorded_at)),
+        None => (Contact::default(), 0, None),
+    };
     for stored in event_store::read_stream(&client, &stream, version, Some(as_of)).await? {
         version = stored.sequence;
         updated_at = Some(stored.recorded_at);
@@ -717,8 +721,7 @@ pub(crate) async fn history(
     let events = event_store::read_stream_page(&client, &stream, after, limit).await?;
     // An empty page is the end of an existing stream, or no contact at all (here, or in
     // another organisation: the same 404).
-    if events.is_empty() && (after == 0 || !event_store::stream_exists(&client, &stream).await?)
-    {
+    if events.is_empty() && (after == 0 || !event_store::stream_exists(&client, &stream).await?) {
         return Err(ApiError::NotFound("contact not found"));
     }
     let next_after = (events.len() as i64 == limit)

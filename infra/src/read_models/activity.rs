@@ -206,8 +206,6 @@ pub async fn list(
     query.and("occurred_at", ">=", &f.since);
     query.and("occurred_at", "<", &f.until);
     query.and("global_position", "<", &f.before);
-    let rows = query
-        .page(client, "global_position DESC", &f.limit)
-        .await?;
+    let rows = query.page(client, "global_position DESC", &f.limit).await?;
     Ok(rows.iter().map(from_row).collect())
 }

@@ -307,10 +307,9 @@ pub async fn list(
     org_id: Uuid,
     f: &ContactFilter,
 ) -> Result<Vec<ContactView>, ProjectionError> {
-    let like = f
-        .q
-        .as_ref()
-        .map(|q| format!("%{}%", like_escape(&q.to_lowercase())));
+    let like =
+        f.q.as_ref()
+            .map(|q| format!("%{}%", like_escape(&q.to_lowercase())));
     let email = f.email.as_ref().map(|e| e.to_lowercase());
     let mut query = ListQuery::new(VIEW_COLUMNS, "contacts", &org_id);
     query.and("email", "=", &email);

@@ -21,6 +21,7 @@ mod portal;
 mod queries;
 mod ratelimit;
 mod rls;
+mod scale;
 mod store;
 mod tenants;
 mod two_factor;
