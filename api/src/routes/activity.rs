@@ -101,6 +101,7 @@ pub(crate) async fn list(
         until: q.until.map(|t| t.0),
         before: q.before,
         limit,
+        time_window_cap: None,
     };
     s.await_projection("activity", pos, wait).await?;
     let mut client = s.pool.get().await?;

@@ -189,7 +189,15 @@ pub struct ActivityFilter {
     /// Keyset pagination: entries before this global position (newest first).
     pub before: Option<i64>,
     pub limit: i64,
+    /// The most entries of a `since`/`until` window read whole (default
+    /// [`TIME_WINDOW_CAP`]); tests set it low to compare both ways of answering.
+    pub time_window_cap: Option<i64>,
 }
+
+/// A `since`/`until` window of at most this many entries is read whole (by the
+/// `occurred_at` index) and sorted; a larger one is found by walking the log newest
+/// first (see [`ListQuery::window_page`]).
+pub const TIME_WINDOW_CAP: i64 = 5_000;
 
 /// A page of an organisation's activity, newest first. The statement names only the
 /// filters given; each documented filter has an index in this order (migration V5).
@@ -206,6 +214,18 @@ pub async fn list(
     query.and("occurred_at", ">=", &f.since);
     query.and("occurred_at", "<", &f.until);
     query.and("global_position", "<", &f.before);
-    let rows = query.page(client, "global_position DESC", &f.limit).await?;
+    let rows = if f.since.is_some() || f.until.is_some() {
+        query
+            .window_page(
+                client,
+                "occurred_at",
+                f.time_window_cap.unwrap_or(TIME_WINDOW_CAP),
+                "global_position DESC",
+                &f.limit,
+            )
+            .await?
+    } else {
+        query.page(client, "global_position DESC", &f.limit).await?
+    };
     Ok(rows.iter().map(from_row).collect())
 }

@@ -52,6 +52,39 @@ impl<'a> ListQuery<'a> {
         }
     }
 
+    /// Like [`Self::page`], for a filter on a range (`window`: an indexed column) whose
+    /// rows the index of `order` cannot find: the rows of the range are read in
+    /// `window` order up to `cap`, then sorted. That costs at most `cap` rows however
+    /// large the table, where walking the `order` index past every row outside the
+    /// range grows with it (the planner cannot know where in that order the range's
+    /// rows lie). A range of more than `cap` rows is common enough for the walk to find
+    /// a page soon: then the plain query runs. Exact either way.
+    pub(crate) async fn window_page(
+        self,
+        client: &impl GenericClient,
+        window: &str,
+        cap: i64,
+        order: &str,
+        limit: &'a i64,
+    ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+        let n = self.params.len();
+        let sql = format!(
+            "WITH w AS MATERIALIZED ({} ORDER BY {window} LIMIT {}) \
+             SELECT *, (SELECT count(*) FROM w) FROM w ORDER BY {order} LIMIT ${}",
+            self.sql,
+            cap + 1,
+            n + 1
+        );
+        let mut params = self.params.clone();
+        params.push(limit);
+        let rows = client.query(&sql, &params).await?;
+        let in_window: i64 = rows.first().map_or(0, |r| r.get(r.len() - 1));
+        if in_window <= cap {
+            return Ok(rows);
+        }
+        self.page(client, order, limit).await
+    }
+
     /// Ends the statement with `ORDER BY {order} LIMIT $n` and runs it.
     pub(crate) async fn page(
         mut self,
