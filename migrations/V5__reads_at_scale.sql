@@ -10,6 +10,17 @@
 CREATE EXTENSION IF NOT EXISTS pg_trgm;
 CREATE INDEX contacts_search_trgm ON contacts USING gin (search_text gin_trgm_ops);
 
+-- The exact filters of `GET /v1/contacts`, in the list's order (by id), so that a page
+-- of a common company is a range of the index rather than a sort of all its rows;
+-- `archived=true` (a few rows, however many contacts) likewise; `updated_since` reads
+-- the contacts changed since then by this index (see `ListQuery::window_page`).
+DROP INDEX contacts_org_email;
+DROP INDEX contacts_org_company;
+CREATE INDEX contacts_org_email ON contacts (org_id, email, id);
+CREATE INDEX contacts_org_company ON contacts (org_id, company, id);
+CREATE INDEX contacts_org_archived ON contacts (org_id, id) WHERE archived;
+CREATE INDEX contacts_org_updated ON contacts (org_id, updated_at);
+
 -- `GET /v1/activity`: each documented filter, per organisation, in the list's order
 -- (newest first), so a page reads only matching rows however rare or common they are.
 -- (org_id, entity_id, global_position DESC) and (org_id, global_position DESC) exist.

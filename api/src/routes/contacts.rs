@@ -789,6 +789,7 @@ pub(crate) async fn list(
         updated_since: q.updated_since.map(|t| t.0),
         after: q.after,
         limit,
+        updated_since_cap: None,
     };
     s.await_projection("contacts", pos, wait).await?;
     let mut client = s.pool.get().await?;

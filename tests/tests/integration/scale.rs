@@ -256,6 +256,66 @@ async fn contact_search_returns_exactly_the_rows_whose_text_contains_the_term() 
         );
         assert_eq!(got, expected, "q={term:?}: other rows than its model");
     }
+    // archived=true: the few archived ones, in id order.
+    let archived: Vec<Uuid> = ids.iter().step_by(101).copied().collect();
+    for id in &archived {
+        let r = app
+            .http
+            .post(app.url(&format!("/v1/contacts/{id}/archive")))
+            .bearer_auth(&app.token)
+            .send()
+            .await
+            .unwrap();
+        expect(r, 200).await;
+    }
+    caught_up(&app, "contacts").await;
+    let mut expected = archived.clone();
+    expected.sort();
+    assert_eq!(list_all(&app, "archived=true", 4).await, expected);
+    // updated_since: those changed since then (the archived ones), read whole or by
+    // walking the id order, the same pages either way.
+    let since: DateTime<Utc> = expect(app.get(&format!("/v1/contacts/{}", archived[0])).await, 200)
+        .await["updated_at"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let pool = app.admin_pool();
+    let db = pool.get().await.unwrap();
+    for cap in [Some(2), None] {
+        let mut got = Vec::new();
+        let mut after = None;
+        loop {
+            let f = read_models::contacts::ContactFilter {
+                updated_since: Some(since),
+                archived: None,
+                after,
+                limit: 3,
+                updated_since_cap: cap,
+                ..Default::default()
+            };
+            let page = read_models::contacts::list(&db, app.org_id, &f)
+                .await
+                .unwrap();
+            after = page.last().map(|v| v.id);
+            let full = page.len() == 3;
+            got.extend(page.into_iter().map(|v| v.id));
+            if !full {
+                break;
+            }
+        }
+        assert_eq!(got, expected, "updated_since, cap {cap:?}");
+    }
+    assert_eq!(
+        list_all(
+            &app,
+            &format!("updated_since={}&archived=any", time(since)),
+            5
+        )
+        .await,
+        expected
+    );
+
     // Combined with another filter, and an empty result.
     let mut expected: Vec<Uuid> = ids
         .iter()
