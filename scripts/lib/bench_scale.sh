@@ -352,7 +352,7 @@ scale_report() {
     for key in "${READ_KEYS[@]}"; do
         printf ' %s %s→%s;' "$key" "${R_ITEMS[$key:0]}" "${R_ITEMS[$key:$last]}"
     done
-    printf '\nStep durations (growth, drain, reads, rebuilds):'
+    printf '\n\nStep durations (growth, drain, reads, rebuilds):'
     for ((i = 0; i <= last; i++)); do printf ' %s s' "${STEP_SECS[$i]}"; done
     printf '.\n'
 }
