@@ -7,8 +7,10 @@
 //!   (read from PostgreSQL every `--poll-ms`) covers its event; the relay's checkpoint is
 //!   read by the same query, which splits the lag into its two hops.
 //! - `drop-stream`: deletes the JetStream stream a run used.
+//! - `scale-seed`, `scale-grow`, `read`: the scale phase (`scripts/bench --scale`, see
+//!   `scale.rs`).
 //!
-//! `load` and `lag` print one line of `key=value` fields, ending with `cpu_s`, the CPU
+//! `load`, `lag` and the scale phase's commands print one line of `key=value` fields, ending with `cpu_s`, the CPU
 //! time this process used (Linux; `na` elsewhere). The JWT comes from CRM_BENCH_TOKEN
 //! (out of `ps`) and is never printed.
 
@@ -21,6 +23,9 @@ use clap::{Args, Parser, Subcommand};
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 use tokio::sync::{Mutex, Semaphore};
+
+#[path = "crm-bench/scale.rs"]
+mod scale;
 
 #[derive(Parser)]
 #[command(name = "crm-bench", about = "Load generator for scripts/bench")]
@@ -63,6 +68,13 @@ enum Command {
         #[arg(long, env = "CRM_NATS_STREAM")]
         stream: String,
     },
+    /// Scale phase, before the first step: long contacts and a second staff user.
+    ScaleSeed(scale::SeedArgs),
+    /// Scale phase: grow the organisation by contacts --from..--to, then a few markers
+    /// and archives.
+    ScaleGrow(scale::GrowArgs),
+    /// Scale phase: one GET, sequentially, warm-up then measured; p50 and p95.
+    Read(scale::ReadArgs),
 }
 
 #[derive(Args)]
@@ -127,8 +139,8 @@ async fn post(http: &reqwest::Client, t: &Target, body: &Value) -> Result<Value,
     r.json().await.map_err(|e| e.to_string())
 }
 
-/// One keep-alive HTTP/1.1 connection posting contacts: a bare hyper client, so that
-/// the load generator spends as little of the machine's CPU as it can.
+/// One keep-alive HTTP/1.1 connection: a bare hyper client, so that the load generator
+/// spends as little of the machine's CPU as it can.
 struct Conn {
     addr: String,
     authorization: hyper::header::HeaderValue,
@@ -137,22 +149,39 @@ struct Conn {
 
 impl Conn {
     fn new(t: &Target) -> anyhow::Result<Self> {
-        let addr = t
-            .url
+        Self::with_token(&t.url, &t.token)
+    }
+
+    fn with_token(url: &str, token: &str) -> anyhow::Result<Self> {
+        let addr = url
             .strip_prefix("http://")
             .ok_or_else(|| anyhow::anyhow!("--url must be http://host:port"))?
             .trim_end_matches('/')
             .to_owned();
         Ok(Self {
             addr,
-            authorization: format!("Bearer {}", t.token).parse()?,
+            authorization: format!("Bearer {token}").parse()?,
             sender: None,
         })
     }
 
-    /// Posts one contact; the response status must be 201.
-    async fn post(&mut self, body: bytes::Bytes) -> Result<(), String> {
+    /// Sends one request (a JSON body if any) and reads the whole response. An error is
+    /// a failure to connect, send or read; any status is an answer.
+    async fn send(
+        &mut self,
+        method: hyper::Method,
+        path: &str,
+        body: Option<bytes::Bytes>,
+    ) -> Result<(hyper::StatusCode, bytes::Bytes), String> {
         use http_body_util::BodyExt;
+        // The connection takes the next request only once it has finished with the last
+        // (sending on it before is a "connection was not ready" error); a closed one is
+        // replaced.
+        if let Some(sender) = self.sender.as_mut() {
+            if sender.ready().await.is_err() {
+                self.sender = None;
+            }
+        }
         if self.sender.is_none() {
             let stream = tokio::net::TcpStream::connect(&self.addr)
                 .await
@@ -166,11 +195,16 @@ impl Conn {
             self.sender = Some(sender);
         }
         let sender = self.sender.as_mut().expect("connected above");
-        let request = hyper::Request::post("/v1/contacts")
+        let mut request = hyper::Request::builder()
+            .method(method)
+            .uri(path)
             .header(hyper::header::HOST, &self.addr)
-            .header(hyper::header::AUTHORIZATION, self.authorization.clone())
-            .header(hyper::header::CONTENT_TYPE, "application/json")
-            .body(http_body_util::Full::new(body))
+            .header(hyper::header::AUTHORIZATION, self.authorization.clone());
+        if body.is_some() {
+            request = request.header(hyper::header::CONTENT_TYPE, "application/json");
+        }
+        let request = request
+            .body(http_body_util::Full::new(body.unwrap_or_default()))
             .map_err(|e| e.to_string())?;
         let result = async {
             let response = sender
@@ -178,15 +212,13 @@ impl Conn {
                 .await
                 .map_err(|e| e.to_string())?;
             let status = response.status();
-            response
+            let body = response
                 .into_body()
                 .collect()
                 .await
-                .map_err(|e| e.to_string())?;
-            if status != hyper::StatusCode::CREATED {
-                return Err(format!("status {status}"));
-            }
-            Ok(())
+                .map_err(|e| e.to_string())?
+                .to_bytes();
+            Ok((status, body))
         }
         .await;
         if result.is_err() {
@@ -194,6 +226,19 @@ impl Conn {
             self.sender = None;
         }
         result
+    }
+
+    /// Posts one contact; the response status must be 201.
+    async fn post(&mut self, body: bytes::Bytes) -> Result<(), String> {
+        let (status, _) = self
+            .send(hyper::Method::POST, "/v1/contacts", Some(body))
+            .await?;
+        if status != hyper::StatusCode::CREATED {
+            // Start afresh on the next request.
+            self.sender = None;
+            return Err(format!("status {status}"));
+        }
+        Ok(())
     }
 }
 
@@ -490,5 +535,8 @@ async fn main() -> anyhow::Result<()> {
         } => load(target, connections, seconds, warmup).await,
         Command::Lag(args) => lag(args).await,
         Command::DropStream { nats_url, stream } => drop_stream(&nats_url, &stream).await,
+        Command::ScaleSeed(args) => scale::seed(args).await,
+        Command::ScaleGrow(args) => scale::grow(args).await,
+        Command::Read(args) => scale::read(args).await,
     }
 }
