@@ -254,6 +254,16 @@ impl<T: DeserializeOwned + IntoParams + Send + 'static> FromCall for Query<T> {
     }
 }
 
+/// The answer to a query string on an operation that takes no parameters: 400
+/// `invalid_query` naming the first one.
+pub fn no_query_expected(raw: &str) -> ApiError {
+    let first = form_urlencoded_pairs(raw)
+        .next()
+        .map(|(k, _)| k.replace('\0', "\\u0000"))
+        .unwrap_or_default();
+    query_error(&first, "this operation takes no query parameters".into())
+}
+
 fn query_error(field: &str, message: String) -> ApiError {
     let text = if field.is_empty() {
         message.clone()

@@ -253,6 +253,9 @@ impl Edge {
                 crate::routes::portal::authenticate(state, authorization, &ctx).await?,
             ),
         };
+        if !route.takes_query && !req.query.is_empty() {
+            return Err(crate::edge::extract::no_query_expected(&req.query));
+        }
         let content_type = req.header("content-type").map(str::to_owned);
         let body = if route.reads_body {
             let limit = match route.body_limit {

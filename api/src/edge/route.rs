@@ -234,6 +234,8 @@ pub struct Route {
     pub segments: Vec<Segment>,
     /// Whether the handler reads a body (the dispatcher reads it only then).
     pub reads_body: bool,
+    /// Whether the handler takes query parameters (else any is refused).
+    pub takes_query: bool,
     pub(crate) handler: Erased,
 }
 
@@ -324,9 +326,13 @@ impl RouteBuilder {
                 doc.error(s);
             }
         }
-        if !doc.parameters.is_empty() {
-            doc.error(400);
-        }
+        let takes_query = doc
+            .parameters
+            .iter()
+            .any(|p| matches!(p.parameter_in, utoipa::openapi::path::ParameterIn::Query));
+        // Every operation can refuse its query (an operation without parameters refuses
+        // any: 400 `invalid_query` naming it).
+        doc.error(400);
         if segments.iter().any(|s| matches!(s, Segment::Id(_))) {
             doc.error(400);
             doc.error(404);
@@ -361,6 +367,7 @@ impl RouteBuilder {
             doc,
             segments,
             reads_body,
+            takes_query,
             handler,
         }
     }

@@ -200,6 +200,27 @@ async fn bad_ids_and_queries_are_400() {
         "invalid_query",
     )
     .await;
+    // An operation that takes no parameters refuses any, naming the first: a client's
+    // `?limit=` there is a mistake to report, not to ignore.
+    for path in [
+        "/v1/me?verbose=1".to_owned(),
+        format!("/v1/contacts/{id}/archive?now=1"),
+        "/healthz?probe=1".to_owned(),
+    ] {
+        let r = if path.contains("archive") {
+            app.http
+                .post(app.url(&path))
+                .bearer_auth(&app.token)
+                .send()
+                .await
+                .unwrap()
+        } else {
+            app.get(&path).await
+        };
+        let v = expect_error(r, 400, "invalid_query").await;
+        let name = path.split('?').nth(1).unwrap().split('=').next().unwrap();
+        assert_eq!(v["fields"][0]["field"], name, "{path}: {v}");
+    }
     expect_error(
         app.get("/v1/contacts?min_position=999999").await,
         400,
