@@ -14,8 +14,21 @@ CREATE INDEX contacts_search_trgm ON contacts USING gin (search_text gin_trgm_op
 -- of a common company is a range of the index rather than a sort of all its rows;
 -- `archived=true` (a few rows, however many contacts) likewise; `updated_since` reads
 -- the contacts changed since then by this index (see `ListQuery::window_page`).
-DROP INDEX contacts_org_email;
-DROP INDEX contacts_org_company;
+-- (By definition, not by name: a `crm rebuild` before this version left generated names.)
+DO $$
+DECLARE
+    old_index regclass;
+BEGIN
+    FOR old_index IN
+        SELECT x.indexrelid::regclass FROM pg_index x
+        WHERE x.indrelid = 'contacts'::regclass AND NOT x.indisunique
+          AND regexp_replace(pg_get_indexdef(x.indexrelid), '^.*? USING ', '')
+              IN ('btree (org_id, email)', 'btree (org_id, company)')
+    LOOP
+        EXECUTE format('DROP INDEX %s', old_index);
+    END LOOP;
+END
+$$;
 CREATE INDEX contacts_org_email ON contacts (org_id, email, id);
 CREATE INDEX contacts_org_company ON contacts (org_id, company, id);
 CREATE INDEX contacts_org_archived ON contacts (org_id, id) WHERE archived;

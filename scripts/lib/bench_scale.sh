@@ -132,6 +132,7 @@ c_email|GET /v1/contacts?email= (exact, one hit)|/v1/contacts|email=$SAMPLE_EMAI
 c_company|GET /v1/contacts?company=|/v1/contacts|company=$SAMPLE_COMPANY
 c_q_rare|GET /v1/contacts?q= rare (\`zyzzyva\`, 5 hits per step)|/v1/contacts|q=zyzzyva
 c_q_common|GET /v1/contacts?q= common (\`son\`, ~1 in 8)|/v1/contacts|q=son
+c_q_address|GET /v1/contacts?q= one whole address (one hit; its trigrams are common)|/v1/contacts|q=$SAMPLE_EMAIL
 c_archived|GET /v1/contacts?archived=true (10 per step)|/v1/contacts|archived=true
 c_updated|GET /v1/contacts?updated_since= (the step's 5 markers)|/v1/contacts|updated_since=$UPDATED_SINCE
 get|GET /v1/contacts/{id}|/v1/contacts/$SAMPLE_ID

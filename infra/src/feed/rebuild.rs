@@ -332,6 +332,52 @@ impl DeferredIndexes {
     }
 }
 
+/// The statements that give the shadow's indexes (and the constraints they back) the
+/// names the live table's had, once the live table is gone: a rebuilt read model keeps
+/// the names that migrations and operators refer to. Indexes are matched by what they
+/// index (method, columns, predicate, uniqueness); one whose definition is not unique
+/// on either side keeps its generated name.
+async fn index_renames(
+    tx: &tokio_postgres::Transaction<'_>,
+    table: &str,
+    shadow: &str,
+) -> Result<String, ProjectionError> {
+    let rows = tx
+        .query(
+            "SELECT x.indrelid = $1::text::regclass, quote_ident(i.relname), \
+                    quote_ident(c.conname), \
+                    x.indisunique::text || x.indisprimary::text || \
+                    regexp_replace(pg_get_indexdef(x.indexrelid), '^.*? USING ', '') \
+             FROM pg_index x \
+             JOIN pg_class i ON i.oid = x.indexrelid \
+             LEFT JOIN pg_constraint c ON c.conindid = x.indexrelid AND c.conrelid = x.indrelid \
+             WHERE x.indrelid IN ($1::text::regclass, $2::text::regclass)",
+            &[&table, &shadow],
+        )
+        .await?;
+    type Named = (String, Option<String>);
+    let mut by_def: HashMap<String, (Vec<Named>, Vec<Named>)> = HashMap::new();
+    for r in &rows {
+        let (live, name, constraint, def): (bool, String, Option<String>, String) =
+            (r.get(0), r.get(1), r.get(2), r.get(3));
+        let sides = by_def.entry(def).or_default();
+        if live { &mut sides.0 } else { &mut sides.1 }.push((name, constraint));
+    }
+    let mut sql = String::new();
+    for (live, rebuilt) in by_def.values() {
+        let ([(name, constraint)], [(new_name, new_constraint)]) = (&live[..], &rebuilt[..]) else {
+            continue;
+        };
+        match (constraint, new_constraint) {
+            (Some(c), Some(nc)) => sql.push_str(&format!(
+                "ALTER TABLE {table} RENAME CONSTRAINT {nc} TO {c};"
+            )),
+            _ => sql.push_str(&format!("ALTER INDEX {new_name} RENAME TO {name};")),
+        }
+    }
+    Ok(sql)
+}
+
 /// A rebuilder and the connection it writes with.
 type Writer = (Box<dyn Rebuilder>, Object);
 
@@ -545,10 +591,12 @@ pub async fn rebuild(
         done += decoded.len() as u64;
         projection.apply(&tx, &shadow, &decoded).await?;
     }
+    let renames = index_renames(&tx, table, &shadow).await?;
     let mut swap = format!(
         "ALTER TABLE {table} RENAME TO {table}_old; \
          ALTER TABLE {shadow} RENAME TO {table}; \
          DROP TABLE {table}_old; \
+         {renames} \
          ALTER TABLE {table} ENABLE ROW LEVEL SECURITY; \
          CREATE POLICY org_isolation ON {table} {policy};",
         policy = crate::read_models::RLS_POLICY

@@ -808,6 +808,22 @@ async fn a_rebuild_reading_keys_chunk_by_chunk_reproduces_the_read_model() {
     };
     let live = table(app.db().await).await;
     assert_eq!(live.len(), 1600);
+    let indexes = |db: tokio_postgres::Client| async move {
+        let mut names: Vec<(String, String)> = db
+            .query(
+                "SELECT indexrelid::regclass::text, pg_get_indexdef(indexrelid) FROM pg_index \
+                 WHERE indrelid = 'contacts'::regclass",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        names.sort();
+        names
+    };
+    let indexes_before = indexes(app.db().await).await;
     let report = rebuild::rebuild(
         &app.admin_pool(),
         &app.state.crypto,
@@ -820,6 +836,8 @@ async fn a_rebuild_reading_keys_chunk_by_chunk_reproduces_the_read_model() {
     assert!(report.events >= 1600 + 300, "{} events", report.events);
     let rebuilt = table(app.db().await).await;
     assert_eq!(live.len(), rebuilt.len());
+    // The same indexes, under the same names (migrations and operators name them).
+    assert_eq!(indexes(app.db().await).await, indexes_before);
     for (a, b) in live.iter().zip(&rebuilt) {
         assert_eq!(a, b, "the rebuild changed a contact");
     }
