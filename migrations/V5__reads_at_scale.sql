@@ -10,6 +10,48 @@
 CREATE EXTENSION IF NOT EXISTS pg_trgm;
 CREATE INDEX contacts_search_trgm ON contacts USING gin (search_text gin_trgm_ops);
 
+-- Under row-level security PostgreSQL evaluates the policy before any operator that is
+-- not LEAKPROOF, and LIKE is not (a bad pattern raises an error): as `crm_app`, the
+-- trigram index could not serve `q`, and a page read every row of the organisation
+-- (200 ms at a million contacts). This function runs the `q` list as the tables' owner,
+-- whom the policy does not bind, and applies the policy's own condition itself: only
+-- rows of the organisation the transaction named (`crm.org_id`, set by
+-- `read_models::org_scope`), none when it named none. Its SQL is fixed text with
+-- parameters; the other filters are added only when given, so each call is planned
+-- for what it asks.
+CREATE FUNCTION contacts_matching(
+    pattern text, email_is text, company_is text, archived_is boolean,
+    updated_since timestamptz, after_id uuid, page_size bigint)
+RETURNS TABLE (id uuid, org_id uuid, version bigint, profile jsonb, archived boolean,
+               created_at timestamptz, updated_at timestamptz, last_position bigint)
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    org uuid := NULLIF(current_setting('crm.org_id', true), '')::uuid;
+    sql text := 'SELECT c.id, c.org_id, c.version, c.profile, c.archived, c.created_at, '
+        'c.updated_at, c.last_position FROM public.contacts c '
+        'WHERE c.org_id = $1 AND c.search_text LIKE $2';
+BEGIN
+    IF org IS NULL OR pattern IS NULL THEN
+        RETURN;
+    END IF;
+    IF email_is IS NOT NULL THEN sql := sql || ' AND c.email = $3'; END IF;
+    IF company_is IS NOT NULL THEN sql := sql || ' AND c.company = $4'; END IF;
+    IF archived_is IS NOT NULL THEN sql := sql || ' AND c.archived = $5'; END IF;
+    IF updated_since IS NOT NULL THEN sql := sql || ' AND c.updated_at >= $6'; END IF;
+    IF after_id IS NOT NULL THEN sql := sql || ' AND c.id > $7'; END IF;
+    sql := sql || ' ORDER BY c.id LIMIT $8';
+    RETURN QUERY EXECUTE sql
+        USING org, pattern, email_is, company_is, archived_is, updated_since, after_id,
+              page_size;
+END
+$fn$;
+REVOKE ALL ON FUNCTION contacts_matching(text, text, text, boolean, timestamptz, uuid, bigint)
+    FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION contacts_matching(text, text, text, boolean, timestamptz, uuid, bigint)
+    TO crm_app;
+
 -- The exact filters of `GET /v1/contacts`, in the list's order (by id), so that a page
 -- of a common company is a range of the index rather than a sort of all its rows;
 -- `archived=true` (a few rows, however many contacts) likewise; `updated_since` reads

@@ -318,10 +318,33 @@ pub async fn list(
         f.q.as_ref()
             .map(|q| format!("%{}%", like_escape(&q.to_lowercase())));
     let email = f.email.as_ref().map(|e| e.to_lowercase());
+    if let Some(like) = &like {
+        // Row-level security would keep the trigram index from serving LIKE (not a
+        // LEAKPROOF operator): this function applies the organisation's wall itself
+        // (migrations/V5__reads_at_scale.sql). `org_id` must also be the transaction's.
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {VIEW_COLUMNS} FROM contacts_matching($1, $2, $3, $4, $5, $6, $7) \
+                     WHERE org_id = $8"
+                ),
+                &[
+                    like,
+                    &email,
+                    &f.company,
+                    &f.archived,
+                    &f.updated_since,
+                    &f.after,
+                    &f.limit,
+                    &org_id,
+                ],
+            )
+            .await?;
+        return rows.iter().map(view_from_row).collect();
+    }
     let mut query = ListQuery::new(VIEW_COLUMNS, "contacts", &org_id);
     query.and("email", "=", &email);
     query.and("company", "=", &f.company);
-    query.and("search_text", "LIKE", &like);
     query.and("archived", "=", &f.archived);
     query.and("updated_at", ">=", &f.updated_since);
     query.and("id", ">", &f.after);

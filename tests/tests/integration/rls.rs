@@ -33,6 +33,28 @@ async fn unfiltered(app: &TestApp, scope: Option<Uuid>) -> (Vec<Uuid>, i64, i64)
         .await
         .unwrap()
         .get(0);
+    // The `q` search runs as the tables' owner (row-level security would keep its
+    // index out) and applies the same wall itself: asked for every row, it answers
+    // exactly the rows the policy lets this transaction see.
+    let matching: Vec<Uuid> = tx
+        .query(
+            "SELECT org_id FROM contacts_matching('%', NULL, NULL, NULL, NULL, NULL, 1000)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        matching.len() as i64,
+        contacts,
+        "contacts_matching: {matching:?}"
+    );
+    assert!(
+        matching.iter().all(|o| orgs.contains(o)),
+        "contacts_matching: {matching:?}"
+    );
     (orgs, contacts, activity)
 }
 
