@@ -57,8 +57,10 @@ impl<'a> ListQuery<'a> {
     /// `window` order up to `cap`, then sorted. That costs at most `cap` rows however
     /// large the table, where walking the `order` index past every row outside the
     /// range grows with it (the planner cannot know where in that order the range's
-    /// rows lie). A range of more than `cap` rows is common enough for the walk to find
-    /// a page soon: then the plain query runs. Exact either way.
+    /// rows lie). A range of more than `cap` rows runs the plain query: the walk finds
+    /// a page soon when the range reaches the newest rows, and reads past every newer
+    /// row when it ends far behind them (the one case whose cost still grows with the
+    /// table). Exact either way.
     pub(crate) async fn window_page(
         self,
         client: &impl GenericClient,
