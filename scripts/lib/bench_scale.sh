@@ -129,7 +129,7 @@ scale_reads() {
 c_first|GET /v1/contacts (first page)|/v1/contacts
 c_deep|GET /v1/contacts?after= (a page 90 % deep)|/v1/contacts|after=$DEEP_ID
 c_email|GET /v1/contacts?email= (exact, one hit)|/v1/contacts|email=$SAMPLE_EMAIL
-c_company|GET /v1/contacts?company=|/v1/contacts|company=$SAMPLE_COMPANY
+c_company|GET /v1/contacts?company=&limit=5 (a page as full at every step)|/v1/contacts|company=$SAMPLE_COMPANY|limit=5
 c_q_rare|GET /v1/contacts?q= rare (\`zyzzyva\`, 5 hits per step)|/v1/contacts|q=zyzzyva
 c_q_common|GET /v1/contacts?q= common (\`son\`, ~1 in 8)|/v1/contacts|q=son
 c_q_address|GET /v1/contacts?q= one whole address (one hit; its trigrams are common)|/v1/contacts|q=$SAMPLE_EMAIL
