@@ -306,10 +306,32 @@ pub async fn read_stream(
     after_sequence: i64,
     as_of: Option<DateTime<Utc>>,
 ) -> Result<Vec<StoredEvent>, StoreError> {
+    read_stream_part(client, stream, after_sequence, as_of, None).await
+}
+
+/// At most `limit` events of one stream after `after_sequence`, in sequence order: a
+/// page of its history. Scoped by organisation like [`read_stream`].
+pub async fn read_stream_page(
+    client: &impl GenericClient,
+    stream: &StreamId<'_>,
+    after_sequence: i64,
+    limit: i64,
+) -> Result<Vec<StoredEvent>, StoreError> {
+    read_stream_part(client, stream, after_sequence, None, Some(limit)).await
+}
+
+/// One statement for both: `LIMIT NULL` is no limit.
+async fn read_stream_part(
+    client: &impl GenericClient,
+    stream: &StreamId<'_>,
+    after_sequence: i64,
+    as_of: Option<DateTime<Utc>>,
+    limit: Option<i64>,
+) -> Result<Vec<StoredEvent>, StoreError> {
     let sql = format!(
         "SELECT {COLUMNS} FROM events WHERE aggregate_type = $1 AND aggregate_id = $2 \
          AND org_id = $3 AND sequence > $4 AND ($5::timestamptz IS NULL OR recorded_at <= $5) \
-         ORDER BY sequence"
+         ORDER BY sequence LIMIT $6"
     );
     let stmt = client.prepare_cached(&sql).await?;
     let rows = client
@@ -321,33 +343,6 @@ pub async fn read_stream(
                 &stream.org_id,
                 &after_sequence,
                 &as_of,
-            ],
-        )
-        .await?;
-    Ok(rows.iter().map(from_row).collect())
-}
-
-/// At most `limit` events of one stream after `after_sequence`, in sequence order: a
-/// page of its history. Scoped by organisation like [`read_stream`].
-pub async fn read_stream_page(
-    client: &impl GenericClient,
-    stream: &StreamId<'_>,
-    after_sequence: i64,
-    limit: i64,
-) -> Result<Vec<StoredEvent>, StoreError> {
-    let sql = format!(
-        "SELECT {COLUMNS} FROM events WHERE aggregate_type = $1 AND aggregate_id = $2 \
-         AND org_id = $3 AND sequence > $4 ORDER BY sequence LIMIT $5"
-    );
-    let stmt = client.prepare_cached(&sql).await?;
-    let rows = client
-        .query(
-            &stmt,
-            &[
-                &stream.aggregate_type,
-                &stream.aggregate_id,
-                &stream.org_id,
-                &after_sequence,
                 &limit,
             ],
         )
