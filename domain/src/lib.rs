@@ -11,6 +11,7 @@
 
 pub mod access;
 pub mod api_key;
+pub mod consent;
 pub mod contact;
 pub mod metadata;
 pub mod organization;
