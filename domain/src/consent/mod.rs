@@ -9,6 +9,7 @@
 //! on) becomes an event.
 
 pub mod gate;
+pub mod proof;
 
 use serde::{Deserialize, Serialize};
 
