@@ -361,6 +361,19 @@ impl TestApp {
         .unwrap()
     }
 
+    /// Rebuilds read model `name` now, as `crm rebuild NAME` does.
+    pub async fn rebuild(&self, name: &str) -> crm_infra::feed::rebuild::RebuildReport {
+        crm_infra::feed::rebuild::rebuild(
+            &self.admin_pool(),
+            &self.state.crypto,
+            crm_infra::read_models::by_name(name).expect("a read model of that name"),
+            "crm_app",
+            |_, _| {},
+        )
+        .await
+        .expect("rebuild")
+    }
+
     /// Stops the service, deletes the stream and drops the database.
     pub async fn stop(mut self) {
         if let Some(tx) = self.shutdown.take() {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use crm_api::startup;
-use crm_infra::feed::{projector, rebuild};
+use crm_infra::feed::projector;
 use crm_infra::read_models;
 use crm_infra::store::event_store::{self, CommitKey, StoredEvent};
 use crm_tests::harness::{eventually, Options, TestApp};
@@ -270,15 +270,7 @@ async fn a_killed_projector_converges_to_the_rebuild() {
     assert_eq!(live.len(), 40);
     assert!(live.iter().all(|(_, v, _, _)| *v >= 6));
 
-    let report = rebuild::rebuild(
-        &app.admin_pool(),
-        &app.state.crypto,
-        contacts,
-        "crm_app",
-        |_, _| {},
-    )
-    .await
-    .unwrap();
+    let report = app.rebuild("contacts").await;
     assert!(report.events >= 40 * 6);
     let rebuilt = contacts_table(&app).await;
     assert_eq!(live, rebuilt, "live projection and rebuild disagree");
@@ -323,7 +315,7 @@ async fn two_projector_processes_share_the_work_without_double_applying() {
     for w in workers {
         w.await.unwrap();
     }
-    rebuild_now(&app, "contacts").await;
+    app.rebuild("contacts").await;
     assert_eq!(live, contacts_table(&app).await);
     app.stop().await;
 }
@@ -438,7 +430,7 @@ async fn queries_keep_working_during_a_rebuild() {
         })
     };
     for p in read_models::all() {
-        rebuild_now(&app, p.name()).await;
+        app.rebuild(p.name()).await;
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     assert!(reader.await.unwrap() > 0);
@@ -449,20 +441,6 @@ async fn queries_keep_working_during_a_rebuild() {
         .await;
     assert_eq!(r.status(), 200);
     app.stop().await;
-}
-
-/// Rebuilds projection `name` now (as `crm rebuild NAME` does).
-async fn rebuild_now(app: &TestApp, name: &str) -> rebuild::RebuildReport {
-    let projection = read_models::by_name(name).unwrap();
-    rebuild::rebuild(
-        &app.admin_pool(),
-        &app.state.crypto,
-        projection,
-        "crm_app",
-        |_, _| {},
-    )
-    .await
-    .unwrap()
 }
 
 async fn count(app: &TestApp, sql: &str) -> i64 {
@@ -506,7 +484,7 @@ async fn one_worker_feeds_read_models_at_different_checkpoints() {
     );
     let live = contacts_table(&app).await;
     assert_eq!(live.len(), 7);
-    rebuild_now(&app, "contacts").await;
+    app.rebuild("contacts").await;
     assert_eq!(
         live,
         contacts_table(&app).await,

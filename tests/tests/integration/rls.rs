@@ -2,7 +2,6 @@
 //! the service's database role, still sees one organisation only, before and after a
 //! rebuild swaps the table.
 
-use crm_infra::feed::rebuild;
 use crm_infra::read_models;
 use crm_tests::harness::TestApp;
 use serde_json::{json, Value};
@@ -108,24 +107,8 @@ async fn a_query_without_its_org_filter_sees_one_organisation() {
             (vec![], 0, 0),
             "{round}: no organisation named, nothing seen"
         );
-        rebuild::rebuild(
-            &app.admin_pool(),
-            &app.state.crypto,
-            read_models::by_name("contacts").unwrap(),
-            "crm_app",
-            |_, _| {},
-        )
-        .await
-        .unwrap();
-        rebuild::rebuild(
-            &app.admin_pool(),
-            &app.state.crypto,
-            read_models::by_name("activity").unwrap(),
-            "crm_app",
-            |_, _| {},
-        )
-        .await
-        .unwrap();
+        app.rebuild("contacts").await;
+        app.rebuild("activity").await;
     }
     // The projectors (every organisation) still write after the swap.
     let (_, pos) = app.create_contact(&json!({"given_name": "Ana"})).await;

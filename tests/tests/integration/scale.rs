@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use crm_domain::access::{Role, RoleRef};
-use crm_infra::feed::rebuild;
 use crm_infra::read_models;
 use crm_infra::read_models::activity::{self as activity_rm, ActivityFilter};
 use crm_tests::harness::{eventually, TestApp};
@@ -824,15 +823,7 @@ async fn a_rebuild_reading_keys_chunk_by_chunk_reproduces_the_read_model() {
         names
     };
     let indexes_before = indexes(app.db().await).await;
-    let report = rebuild::rebuild(
-        &app.admin_pool(),
-        &app.state.crypto,
-        read_models::by_name("contacts").unwrap(),
-        "crm_app",
-        |_, _| {},
-    )
-    .await
-    .unwrap();
+    let report = app.rebuild("contacts").await;
     assert!(report.events >= 1600 + 300, "{} events", report.events);
     let rebuilt = table(app.db().await).await;
     assert_eq!(live.len(), rebuilt.len());
