@@ -135,15 +135,9 @@ impl Decision {
     }
 }
 
-/// Quiet hours end (inclusive) and start (exclusive) in local time.
-pub const DAY_STARTS: NaiveTime = match NaiveTime::from_hms_opt(8, 0, 0) {
-    Some(t) => t,
-    None => panic!("08:00 is a time"),
-};
-pub const DAY_ENDS: NaiveTime = match NaiveTime::from_hms_opt(21, 0, 0) {
-    Some(t) => t,
-    None => panic!("21:00 is a time"),
-};
+/// The local day for sms and phone: from 08:00 (inclusive) to 21:00 (exclusive).
+pub const DAY_STARTS: NaiveTime = NaiveTime::from_hms_opt(8, 0, 0).unwrap();
+pub const DAY_ENDS: NaiveTime = NaiveTime::from_hms_opt(21, 0, 0).unwrap();
 
 /// Whether `record` applies to `request`.
 fn applies(record: &ConsentRecord, request: &Request) -> bool {

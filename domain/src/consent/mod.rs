@@ -8,6 +8,26 @@
 //! the gate decides, and the decision (with its reason code and the events it relied
 //! on) becomes an event.
 
+/// Serde for a string value object that is parsed, never trusted: it deserialises
+/// through `$t::parse` (`#[serde(try_from = "String", into = "String")]` on the type)
+/// and serialises as its string.
+macro_rules! parsed_string {
+    ($t:ident) => {
+        impl TryFrom<String> for $t {
+            type Error = $crate::values::InvalidValue;
+            fn try_from(s: String) -> Result<Self, Self::Error> {
+                Self::parse(&s)
+            }
+        }
+
+        impl From<$t> for String {
+            fn from(v: $t) -> Self {
+                v.0
+            }
+        }
+    };
+}
+
 pub mod gate;
 pub mod proof;
 
@@ -91,18 +111,7 @@ impl PurposeKey {
     }
 }
 
-impl TryFrom<String> for PurposeKey {
-    type Error = InvalidValue;
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        Self::parse(&s)
-    }
-}
-
-impl From<PurposeKey> for String {
-    fn from(k: PurposeKey) -> Self {
-        k.0
-    }
-}
+parsed_string!(PurposeKey);
 
 impl std::fmt::Display for PurposeKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -46,18 +46,7 @@ impl NoticeHash {
     }
 }
 
-impl TryFrom<String> for NoticeHash {
-    type Error = InvalidValue;
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        Self::parse(&s)
-    }
-}
-
-impl From<NoticeHash> for String {
-    fn from(h: NoticeHash) -> Self {
-        h.0
-    }
-}
+parsed_string!(NoticeHash);
 
 /// A BCP 47 language tag in its common form: a 2–3 letter language, then subtags of
 /// 1–8 letters or digits (`en`, `de-CH`, `zh-Hant-TW`); at most 35 characters.
@@ -84,18 +73,7 @@ impl LanguageTag {
     }
 }
 
-impl TryFrom<String> for LanguageTag {
-    type Error = InvalidValue;
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        Self::parse(&s)
-    }
-}
-
-impl From<LanguageTag> for String {
-    fn from(t: LanguageTag) -> Self {
-        t.0
-    }
-}
+parsed_string!(LanguageTag);
 
 /// Where the law that governs a record applies: an ISO 3166-1 alpha-2 country, an
 /// ISO 3166-2 subdivision (`US-CA`), or `EU`. Upper case.
@@ -124,18 +102,7 @@ impl Jurisdiction {
     }
 }
 
-impl TryFrom<String> for Jurisdiction {
-    type Error = InvalidValue;
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        Self::parse(&s)
-    }
-}
-
-impl From<Jurisdiction> for String {
-    fn from(j: Jurisdiction) -> Self {
-        j.0
-    }
-}
+parsed_string!(Jurisdiction);
 
 /// The notice (privacy policy, consent text) shown when the choice was made.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
