@@ -289,6 +289,16 @@ impl TestApp {
             .unwrap()
     }
 
+    /// A POST without a body (archive, revoke, …) as this test's owner.
+    pub async fn post_without_body(&self, path: &str) -> reqwest::Response {
+        self.http
+            .post(self.url(path))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .unwrap()
+    }
+
     pub async fn patch(&self, path: &str, body: &Value) -> reqwest::Response {
         self.http
             .patch(self.url(path))

@@ -678,17 +678,22 @@ pub struct ReadArgs {
     requests: u64,
 }
 
-/// Percent-encodes everything but RFC 3986's unreserved characters.
-fn encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
+/// `path` with `params` (`key=value` each) as its query string, form-encoded as the
+/// service decodes it.
+fn with_query(path: &str, params: &[String]) -> anyhow::Result<String> {
+    let mut query = form_urlencoded::Serializer::new(String::new());
+    for p in params {
+        let (k, v) = p
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--param {p}: expected key=value"))?;
+        query.append_pair(k, v);
     }
-    out
+    let query = query.finish();
+    Ok(if query.is_empty() {
+        path.to_owned()
+    } else {
+        format!("{path}?{query}")
+    })
 }
 
 /// How many entries the page holds (`items` of a list, `events` of a history; 1 for
@@ -701,16 +706,7 @@ fn entries(v: &Value) -> usize {
 }
 
 pub async fn read(a: ReadArgs) -> anyhow::Result<()> {
-    let mut path = a.path.clone();
-    for (i, p) in a.params.iter().enumerate() {
-        let (k, v) = p
-            .split_once('=')
-            .ok_or_else(|| anyhow::anyhow!("--param {p}: expected key=value"))?;
-        path.push(if i == 0 { '?' } else { '&' });
-        path.push_str(&encode(k));
-        path.push('=');
-        path.push_str(&encode(v));
-    }
+    let path = with_query(&a.path, &a.params)?;
     let mut conn = Conn::new(&a.target)?;
     let mut h = histogram();
     let (mut errors, mut first_error, mut items) = (0u64, None::<String>, None::<usize>);
@@ -787,6 +783,27 @@ mod tests {
 
     #[test]
     fn encodes_query_values() {
-        assert_eq!(encode("a b+c:d@e"), "a%20b%2Bc%3Ad%40e");
+        let path = with_query(
+            "/v1/x",
+            &[
+                "q=a b+c:d@e".into(),
+                "as_of=2026-01-01T00:00:00+01:00".into(),
+            ],
+        )
+        .unwrap();
+        let (p, query) = path.split_once('?').unwrap();
+        assert_eq!(p, "/v1/x");
+        let decoded: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
+            .into_owned()
+            .collect();
+        assert_eq!(
+            decoded,
+            [
+                ("q".into(), "a b+c:d@e".into()),
+                ("as_of".into(), "2026-01-01T00:00:00+01:00".into())
+            ]
+        );
+        assert_eq!(with_query("/v1/x", &[]).unwrap(), "/v1/x");
+        assert!(with_query("/v1/x", &["novalue".into()]).is_err());
     }
 }
