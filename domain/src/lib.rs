@@ -11,6 +11,7 @@
 
 pub mod access;
 pub mod api_key;
+pub mod carrier;
 pub mod consent;
 pub mod contact;
 pub mod metadata;
