@@ -14,6 +14,7 @@ pub mod api_key;
 pub mod carrier;
 pub mod consent;
 pub mod contact;
+pub mod message;
 pub mod metadata;
 pub mod organization;
 pub mod personal;

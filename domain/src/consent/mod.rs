@@ -29,6 +29,8 @@ macro_rules! parsed_string {
 }
 
 pub mod gate;
+pub mod ledger;
+pub mod privacy;
 pub mod proof;
 
 use serde::{Deserialize, Serialize};

@@ -1,0 +1,388 @@
+//! An organisation's privacy settings and its registry of purposes: one stream per
+//! organisation (type `privacy`, id the organisation's id). Every change says who,
+//! when (the event's metadata) and why (its `reason`).
+//!
+//! A new organisation gets [`PrivacySettings::defaults`] recorded as its first event
+//! (`PrivacyDefaultsRecorded`): GDPR mode, double opt-in for marketing, UTC, and the
+//! purposes `marketing` (consent), `service` (contract: transactional messages) and
+//! `research` (consent). An organisation from before this stream existed has the same
+//! defaults, recorded by its first change.
+
+use chrono_tz::Tz;
+use cqrs_es::event_sink::EventSink;
+use cqrs_es::{Aggregate, DomainEvent};
+use serde::{Deserialize, Serialize};
+
+use super::gate::Settings;
+use super::{Channel, LawfulBasis, PrivacyMode, Purpose, PurposeKey};
+use crate::PersonalData;
+
+/// A purpose as the registry holds it: what the gate needs, and how people read it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PurposeDefinition {
+    #[serde(flatten)]
+    pub purpose: Purpose,
+    pub name: String,
+    pub description: String,
+}
+
+/// The organisation's privacy settings and purposes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrivacySettings {
+    pub mode: PrivacyMode,
+    pub double_opt_in_for_marketing: bool,
+    /// For contacts without a time zone of their own (quiet hours).
+    pub time_zone: Tz,
+    pub purposes: Vec<PurposeDefinition>,
+}
+
+fn key(s: &str) -> PurposeKey {
+    PurposeKey::parse(s).expect("a built-in purpose key is valid")
+}
+
+impl PrivacySettings {
+    /// What every organisation starts with.
+    pub fn defaults() -> Self {
+        let all = Channel::ALL.to_vec();
+        Self {
+            mode: PrivacyMode::Gdpr,
+            double_opt_in_for_marketing: true,
+            time_zone: Tz::UTC,
+            purposes: vec![
+                PurposeDefinition {
+                    purpose: Purpose {
+                        key: key("marketing"),
+                        default_basis: LawfulBasis::Consent,
+                        channels: all.clone(),
+                        retired: false,
+                        sells_or_shares: false,
+                    },
+                    name: "Marketing".into(),
+                    description: "Newsletters, offers and announcements".into(),
+                },
+                PurposeDefinition {
+                    purpose: Purpose {
+                        key: key("service"),
+                        default_basis: LawfulBasis::Contract,
+                        channels: all.clone(),
+                        retired: false,
+                        sells_or_shares: false,
+                    },
+                    name: "Service".into(),
+                    description: "Transactional messages: confirmations, receipts, account notices"
+                        .into(),
+                },
+                PurposeDefinition {
+                    purpose: Purpose {
+                        key: key("research"),
+                        default_basis: LawfulBasis::Consent,
+                        channels: vec![Channel::Email, Channel::Phone],
+                        retired: false,
+                        sells_or_shares: false,
+                    },
+                    name: "Research".into(),
+                    description: "Surveys and user research".into(),
+                },
+            ],
+        }
+    }
+
+    /// What the send gate reads.
+    pub fn gate_settings(&self) -> Settings {
+        Settings {
+            mode: self.mode,
+            purposes: self.purposes.iter().map(|p| p.purpose.clone()).collect(),
+            time_zone: self.time_zone,
+        }
+    }
+
+    pub fn purpose(&self, key: &PurposeKey) -> Option<&PurposeDefinition> {
+        self.purposes.iter().find(|p| &p.purpose.key == key)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum PrivacyCommand {
+    /// Records the defaults (a new organisation).
+    Initialize,
+    Configure {
+        mode: PrivacyMode,
+        double_opt_in_for_marketing: bool,
+        time_zone: Tz,
+        reason: String,
+    },
+    /// Defines a purpose, or changes one (its key stays).
+    DefinePurpose {
+        definition: PurposeDefinition,
+        reason: String,
+    },
+    RetirePurpose {
+        key: PurposeKey,
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum PrivacyEvent {
+    PrivacyDefaultsRecorded {
+        settings: PrivacySettings,
+    },
+    PrivacySettingsChanged {
+        mode: PrivacyMode,
+        double_opt_in_for_marketing: bool,
+        time_zone: Tz,
+        reason: String,
+    },
+    PurposeDefined {
+        definition: PurposeDefinition,
+        reason: String,
+    },
+    PurposeRetired {
+        key: PurposeKey,
+        reason: String,
+    },
+}
+
+impl DomainEvent for PrivacyEvent {
+    fn event_type(&self) -> String {
+        match self {
+            Self::PrivacyDefaultsRecorded { .. } => "PrivacyDefaultsRecorded",
+            Self::PrivacySettingsChanged { .. } => "PrivacySettingsChanged",
+            Self::PurposeDefined { .. } => "PurposeDefined",
+            Self::PurposeRetired { .. } => "PurposeRetired",
+        }
+        .to_owned()
+    }
+
+    fn event_version(&self) -> String {
+        "1".to_owned()
+    }
+}
+
+impl PersonalData for PrivacyEvent {
+    fn personal_sections(&self) -> &'static [&'static str] {
+        &[]
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PrivacyError {
+    #[error("no purpose `{0}` in this organisation's registry")]
+    UnknownPurpose(String),
+    #[error("purpose `{0}` is retired: its history is kept and its key cannot be reused")]
+    Retired(String),
+    #[error("a purpose needs at least one channel")]
+    NoChannel,
+}
+
+/// The stream's state: the settings once recorded.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Privacy {
+    pub settings: Option<PrivacySettings>,
+}
+
+impl Privacy {
+    /// The settings in force (the defaults until any are recorded).
+    pub fn current(&self) -> PrivacySettings {
+        self.settings
+            .clone()
+            .unwrap_or_else(PrivacySettings::defaults)
+    }
+}
+
+impl Aggregate for Privacy {
+    const TYPE: &'static str = "privacy";
+    type Command = PrivacyCommand;
+    type Event = PrivacyEvent;
+    type Error = PrivacyError;
+    type Services = ();
+
+    async fn handle(
+        &mut self,
+        command: PrivacyCommand,
+        _: &(),
+        sink: &EventSink<Self>,
+    ) -> Result<(), PrivacyError> {
+        let current = self.current();
+        let mut events = Vec::new();
+        if self.settings.is_none() {
+            events.push(PrivacyEvent::PrivacyDefaultsRecorded {
+                settings: current.clone(),
+            });
+        }
+        match command {
+            PrivacyCommand::Initialize => {}
+            PrivacyCommand::Configure {
+                mode,
+                double_opt_in_for_marketing,
+                time_zone,
+                reason,
+            } => {
+                let same = current.mode == mode
+                    && current.double_opt_in_for_marketing == double_opt_in_for_marketing
+                    && current.time_zone == time_zone;
+                if !same {
+                    events.push(PrivacyEvent::PrivacySettingsChanged {
+                        mode,
+                        double_opt_in_for_marketing,
+                        time_zone,
+                        reason,
+                    });
+                }
+            }
+            PrivacyCommand::DefinePurpose {
+                mut definition,
+                reason,
+            } => {
+                if definition.purpose.channels.is_empty() {
+                    return Err(PrivacyError::NoChannel);
+                }
+                definition.purpose.channels.sort();
+                definition.purpose.channels.dedup();
+                definition.purpose.retired = false;
+                match current.purpose(&definition.purpose.key) {
+                    Some(p) if p.purpose.retired => {
+                        return Err(PrivacyError::Retired(definition.purpose.key.to_string()))
+                    }
+                    Some(p) if *p == definition => {}
+                    _ => events.push(PrivacyEvent::PurposeDefined { definition, reason }),
+                }
+            }
+            PrivacyCommand::RetirePurpose { key, reason } => match current.purpose(&key) {
+                None => return Err(PrivacyError::UnknownPurpose(key.to_string())),
+                Some(p) if p.purpose.retired => {}
+                Some(_) => events.push(PrivacyEvent::PurposeRetired { key, reason }),
+            },
+        }
+        for e in events {
+            sink.write(e, self).await;
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, event: PrivacyEvent) {
+        if let PrivacyEvent::PrivacyDefaultsRecorded { settings } = event {
+            self.settings = Some(settings);
+            return;
+        }
+        let s = self.settings.get_or_insert_with(PrivacySettings::defaults);
+        match event {
+            PrivacyEvent::PrivacyDefaultsRecorded { .. } => {}
+            PrivacyEvent::PrivacySettingsChanged {
+                mode,
+                double_opt_in_for_marketing,
+                time_zone,
+                ..
+            } => {
+                s.mode = mode;
+                s.double_opt_in_for_marketing = double_opt_in_for_marketing;
+                s.time_zone = time_zone;
+            }
+            PrivacyEvent::PurposeDefined { definition, .. } => {
+                match s
+                    .purposes
+                    .iter_mut()
+                    .find(|p| p.purpose.key == definition.purpose.key)
+                {
+                    Some(p) => *p = definition,
+                    None => s.purposes.push(definition),
+                }
+            }
+            PrivacyEvent::PurposeRetired { key, .. } => {
+                if let Some(p) = s.purposes.iter_mut().find(|p| p.purpose.key == key) {
+                    p.purpose.retired = true;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use cqrs_es::test::TestFramework;
+
+    use super::*;
+
+    type Given = TestFramework<Privacy>;
+
+    #[test]
+    fn the_first_change_records_the_defaults_first() {
+        let defaults = PrivacySettings::defaults();
+        Given::with(())
+            .given_no_previous_events()
+            .when(PrivacyCommand::Configure {
+                mode: PrivacyMode::Ccpa,
+                double_opt_in_for_marketing: false,
+                time_zone: Tz::America__Los_Angeles,
+                reason: "US launch".into(),
+            })
+            .then_expect_events(vec![
+                PrivacyEvent::PrivacyDefaultsRecorded { settings: defaults },
+                PrivacyEvent::PrivacySettingsChanged {
+                    mode: PrivacyMode::Ccpa,
+                    double_opt_in_for_marketing: false,
+                    time_zone: Tz::America__Los_Angeles,
+                    reason: "US launch".into(),
+                },
+            ]);
+    }
+
+    #[test]
+    fn retiring_keeps_the_purpose_and_refuses_its_redefinition() {
+        let defaults = PrivacySettings::defaults();
+        let research = defaults.purposes[2].clone();
+        Given::with(())
+            .given(vec![PrivacyEvent::PrivacyDefaultsRecorded {
+                settings: defaults.clone(),
+            }])
+            .when(PrivacyCommand::RetirePurpose {
+                key: key("research"),
+                reason: "study over".into(),
+            })
+            .then_expect_events(vec![PrivacyEvent::PurposeRetired {
+                key: key("research"),
+                reason: "study over".into(),
+            }]);
+        Given::with(())
+            .given(vec![
+                PrivacyEvent::PrivacyDefaultsRecorded { settings: defaults },
+                PrivacyEvent::PurposeRetired {
+                    key: key("research"),
+                    reason: "study over".into(),
+                },
+            ])
+            .when(PrivacyCommand::DefinePurpose {
+                definition: research,
+                reason: "again".into(),
+            })
+            .then_expect_error(PrivacyError::Retired("research".into()));
+    }
+
+    #[test]
+    fn unknown_purposes_cannot_be_retired_and_purposes_need_a_channel() {
+        Given::with(())
+            .given_no_previous_events()
+            .when(PrivacyCommand::RetirePurpose {
+                key: key("nope"),
+                reason: String::new(),
+            })
+            .then_expect_error(PrivacyError::UnknownPurpose("nope".into()));
+        let mut def = PrivacySettings::defaults().purposes[0].clone();
+        def.purpose.channels.clear();
+        Given::with(())
+            .given_no_previous_events()
+            .when(PrivacyCommand::DefinePurpose {
+                definition: def,
+                reason: String::new(),
+            })
+            .then_expect_error(PrivacyError::NoChannel);
+    }
+
+    #[test]
+    fn defaults_cover_marketing_service_and_research() {
+        let s = PrivacySettings::defaults().gate_settings();
+        let keys: Vec<&str> = s.purposes.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["marketing", "service", "research"]);
+        assert_eq!(s.mode, PrivacyMode::Gdpr);
+    }
+}
