@@ -9,6 +9,7 @@
 //! - [`access`]: organisations, users, roles, API keys, the portal, mailed tokens, the
 //!   access cache and field-access history;
 //! - [`crypto`]: field encryption of personal data under per-subject data keys;
+//! - [`receipts`]: consent receipts (JWS, EdDSA), their signing keys and the JWKS;
 //! - cross-cutting: the connection pool and migrations ([`db`]), [`settings`],
 //!   [`metrics`].
 //!
@@ -19,8 +20,10 @@ pub mod access;
 pub mod commands;
 pub mod crypto;
 pub mod db;
+pub mod dispatch;
 pub mod feed;
 pub mod metrics;
 pub mod read_models;
+pub mod receipts;
 pub mod settings;
 pub mod store;

@@ -15,6 +15,8 @@
 #   run_cargo_deny         `cargo deny check` (advisories skipped, with a message, when
 #                          the advisory database cannot be had)
 #   ensure_schemathesis    private virtualenv with the pinned schemathesis (scripts/fuzz)
+#   ensure_jose_python     private virtualenv with the pinned PyJWT + cryptography
+#                          (the receipts tests verify JWS with it) -> CRM_TEST_PYTHON
 #   run_child / spawn_child / wait_child / on_signal
 #                          run long commands so that INT/TERM reach them promptly
 #
@@ -725,6 +727,22 @@ _python_for_venv() {
     return 1
 }
 
+# Like _python_for_venv; installs Debian's python3 and python3-venv when there is none.
+_python_for_venv_or_install() {
+    local py
+    if py="$(_python_for_venv)"; then
+        printf '%s\n' "$py"
+        return 0
+    fi
+    command -v apt-get >/dev/null 2>&1 || die "need Python >= 3.11 with venv (set CRM_PYTHON)"
+    log "installing python3 and python3-venv (apt-get)"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2 || die "apt-get update failed"
+    as_root env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y --no-install-recommends python3 python3-venv >&2 ||
+        die "apt-get install python3 python3-venv failed"
+    _python_for_venv || die "no Python >= 3.11 with venv after installing python3-venv (set CRM_PYTHON)"
+}
+
 # Make $CRM_DATA_DIR/fuzz/venv-schemathesis-$CRM_SCHEMATHESIS_VERSION once; set
 # CRM_SCHEMATHESIS (its `st`) and CRM_FUZZ_PYTHON (its python).
 ensure_schemathesis() {
@@ -734,15 +752,7 @@ ensure_schemathesis() {
         [[ "$("$CRM_SCHEMATHESIS" --version 2>/dev/null)" == *" $CRM_SCHEMATHESIS_VERSION" ]]; then
         return 0
     fi
-    if ! py="$(_python_for_venv)"; then
-        command -v apt-get >/dev/null 2>&1 || die "need Python >= 3.11 with venv (set CRM_PYTHON)"
-        log "installing python3 and python3-venv (apt-get)"
-        as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2 || die "apt-get update failed"
-        as_root env DEBIAN_FRONTEND=noninteractive \
-            apt-get install -y --no-install-recommends python3 python3-venv >&2 ||
-            die "apt-get install python3 python3-venv failed"
-        py="$(_python_for_venv)" || die "no Python >= 3.11 with venv after installing python3-venv (set CRM_PYTHON)"
-    fi
+    py="$(_python_for_venv_or_install)"
     log "installing schemathesis $CRM_SCHEMATHESIS_VERSION into $venv (pip, $("$py" --version))"
     rm -rf "$venv"
     "$py" -m venv "$venv" || die "python -m venv $venv failed"
@@ -752,4 +762,38 @@ ensure_schemathesis() {
     [[ "$("$CRM_SCHEMATHESIS" --version 2>/dev/null)" == *" $CRM_SCHEMATHESIS_VERSION" ]] ||
         die "schemathesis was installed but \`st --version\` does not say $CRM_SCHEMATHESIS_VERSION"
     touch "$venv/.complete"
+}
+
+# ---------------------------------------------------------------------------
+# PyJWT + cryptography (the receipts tests: a second JOSE implementation)
+# ---------------------------------------------------------------------------
+
+# The consent receipts' integration tests verify each JWS with PyJWT, whose EdDSA is
+# the `cryptography` package's (OpenSSL's Ed25519), not the Rust code that signed it.
+CRM_PYJWT_VERSION=2.10.1
+CRM_PY_CRYPTOGRAPHY_VERSION=44.0.3
+
+# Make $CRM_DATA_DIR/venv-jose once (again when the pins change); export
+# CRM_TEST_PYTHON (its python). tests/tests/integration/receipts.rs calls this too
+# when CRM_TEST_PYTHON is unset, so the pins live here only. Under a lock: tests run
+# in parallel processes.
+ensure_jose_python() {
+    local venv="$CRM_DATA_DIR/venv-jose"
+    local pins="pyjwt[crypto]==$CRM_PYJWT_VERSION cryptography==$CRM_PY_CRYPTOGRAPHY_VERSION"
+    export CRM_TEST_PYTHON="$venv/bin/python"
+    (
+        flock -w 600 8 || die "timed out waiting for $CRM_DATA_DIR/.venv-jose.lock"
+        if [[ -x $CRM_TEST_PYTHON && "$(cat "$venv/.complete" 2>/dev/null)" == "$pins" ]]; then
+            exit 0
+        fi
+        py="$(_python_for_venv_or_install)"
+        log "installing $pins into $venv (pip, $("$py" --version))"
+        rm -rf "$venv"
+        "$py" -m venv "$venv" || die "python -m venv $venv failed"
+        # shellcheck disable=SC2086 # $pins is two words on purpose
+        "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-input $pins >&2 ||
+            die "pip install $pins failed"
+        "$CRM_TEST_PYTHON" -c 'import jwt, cryptography' || die "PyJWT was installed but does not import"
+        printf '%s' "$pins" >"$venv/.complete"
+    ) 8>"$CRM_DATA_DIR/.venv-jose.lock"
 }

@@ -8,7 +8,8 @@
 //! all its personal data unreadable everywhere it was copied (crypto-shredding).
 //!
 //! - this module: the service ([`Crypto`]: the KEK and a short-lived cache of unwrapped
-//!   keys) and its AEAD primitives;
+//!   keys) and its AEAD primitives, and the wrapping of the service's own secrets
+//!   ([`Crypto::wrap_secret`]: the consent receipts' signing keys);
 //! - [`data_keys`]: creating, wrapping, storing, finding and caching data keys;
 //! - [`fields`]: which members of an event are personal, and encrypting and
 //!   decrypting them (and opaque bytes such as snapshots) under a subject's key.
@@ -110,6 +111,24 @@ impl Crypto {
     }
 }
 
+impl Crypto {
+    /// Wraps one of the service's own secrets (not a subject's data key) under the
+    /// KEK, bound to `aad` (say `receipt-key|<kid>`): it unwraps only with the same.
+    pub fn wrap_secret(&self, aad: &str, plain: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        seal(&self.kek, &secret_aad(aad), plain)
+    }
+
+    /// The secret [`Self::wrap_secret`] wrapped with `aad`.
+    pub fn unwrap_secret(&self, aad: &str, wrapped: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        open(&self.kek, &secret_aad(aad), wrapped).ok_or(CryptoError::Unwrap)
+    }
+}
+
+/// Apart from data keys (`crm-dek|…`) and fields (`crm-field|…`).
+fn secret_aad(aad: &str) -> Vec<u8> {
+    format!("crm-secret|{aad}").into_bytes()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,5 +141,23 @@ mod tests {
             kek: SecretString::from(B64.encode([7u8; 16])),
         });
         assert!(matches!(bad, Err(CryptoError::BadKek)));
+    }
+
+    #[test]
+    fn a_wrapped_secret_unwraps_only_with_its_aad() {
+        let crypto = Crypto::new(&KeySettings {
+            kek_id: "x".into(),
+            kek: SecretString::from(B64.encode([7u8; 32])),
+        })
+        .unwrap();
+        let wrapped = crypto.wrap_secret("receipt-key|a", b"secret").unwrap();
+        assert_eq!(
+            crypto.unwrap_secret("receipt-key|a", &wrapped).unwrap(),
+            b"secret"
+        );
+        assert!(matches!(
+            crypto.unwrap_secret("receipt-key|b", &wrapped),
+            Err(CryptoError::Unwrap)
+        ));
     }
 }
