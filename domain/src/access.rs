@@ -92,6 +92,11 @@ permissions! {
     ApiKeysManage = "api_keys.manage", Core, false;
     OrganizationManage = "organization.manage", Core, false;
     PortalManage = "portal.manage", Portal, false;
+    ConsentRead = "consent.read", Contacts, false;
+    ConsentManage = "consent.manage", Contacts, false;
+    MessagesSend = "messages.send", Contacts, false;
+    MessagesRead = "messages.read", Contacts, false;
+    PrivacyManage = "privacy.manage", Core, false;
     ContactsExport = "contacts.export", Contacts, true;
     ContactsErase = "contacts.erase", Contacts, true;
     ConsentProofView = "consent.proof.view", Contacts, true;
@@ -118,7 +123,7 @@ pub enum FieldAccess {
 
 /// The contact fields field-level permissions apply to (`custom` covers every custom
 /// field).
-pub const CONTACT_FIELDS: [&str; 8] = [
+pub const CONTACT_FIELDS: [&str; 9] = [
     "given_name",
     "family_name",
     "email",
@@ -126,6 +131,7 @@ pub const CONTACT_FIELDS: [&str; 8] = [
     "address",
     "company",
     "title",
+    "time_zone",
     "custom",
 ];
 
@@ -323,6 +329,8 @@ pub fn builtin_policy(role: Role) -> Policy {
                 UsersRead,
                 RolesRead,
                 ContactsExport,
+                ConsentRead,
+                MessagesRead,
             ],
             &all_fields(R),
         ),
@@ -340,6 +348,10 @@ pub fn builtin_policy(role: Role) -> Policy {
                 ContactsExport,
                 AiApprove,
                 PortalManage,
+                ConsentRead,
+                ConsentManage,
+                MessagesSend,
+                MessagesRead,
             ],
             &all_fields(W),
         ),
@@ -350,11 +362,23 @@ pub fn builtin_policy(role: Role) -> Policy {
                 ContactsUpdate,
                 ContactsHistory,
                 ActivityRead,
+                ConsentRead,
+                ConsentManage,
+                MessagesSend,
+                MessagesRead,
             ],
             &all_fields(W),
         ),
         Role::Support => Policy::build(
-            &[ContactsRead, ContactsUpdate, ContactsHistory, PortalManage],
+            &[
+                ContactsRead,
+                ContactsUpdate,
+                ContactsHistory,
+                PortalManage,
+                ConsentRead,
+                ConsentManage,
+                MessagesRead,
+            ],
             &[
                 ("given_name", R),
                 ("family_name", R),
@@ -363,6 +387,7 @@ pub fn builtin_policy(role: Role) -> Policy {
                 ("address", W),
                 ("company", R),
                 ("title", R),
+                ("time_zone", W),
                 ("custom", R),
             ],
         ),
@@ -376,6 +401,7 @@ pub fn builtin_policy(role: Role) -> Policy {
                 ("address", H),
                 ("company", W),
                 ("title", W),
+                ("time_zone", H),
                 ("custom", H),
             ],
         ),

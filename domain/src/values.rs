@@ -42,6 +42,34 @@ impl<const MAX: usize> fmt::Display for Text<MAX> {
     }
 }
 
+/// An IANA time zone (`Europe/Berlin`, `America/New_York`, `UTC`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct TimeZone(pub chrono_tz::Tz);
+
+impl TimeZone {
+    pub fn parse(input: &str) -> Result<Self, InvalidValue> {
+        input
+            .trim()
+            .parse::<chrono_tz::Tz>()
+            .map(Self)
+            .map_err(|_| invalid("must be an IANA time zone such as `Europe/Berlin`"))
+    }
+}
+
+impl TryFrom<String> for TimeZone {
+    type Error = InvalidValue;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Self::parse(&s)
+    }
+}
+
+impl From<TimeZone> for String {
+    fn from(v: TimeZone) -> Self {
+        v.0.name().to_owned()
+    }
+}
+
 /// A personal or organisation name.
 pub type Name = Text<200>;
 /// A short free-text field (company, job title, address line, ...).

@@ -8,7 +8,7 @@ use crm_domain::contact::{
 };
 use crm_domain::values::{
     Address, CountryCode, CustomFieldKey, CustomFieldValue, Email, InvalidValue, Line, Name, Phone,
-    Text,
+    Text, TimeZone,
 };
 use crm_infra::read_models::contacts::{self as contacts_rm, ContactFilter};
 use crm_infra::store::decode::decode;
@@ -129,6 +129,10 @@ pub(crate) struct NewContactInput {
     #[serde(default, deserialize_with = "nullable")]
     #[schema(value_type = String, required = false, max_length = 300, pattern = "@line")]
     title: Option<Option<String>>,
+    /// IANA time zone (`Europe/Berlin`): quiet hours for sms and phone.
+    #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = String, required = false, max_length = 64, pattern = "@line")]
+    time_zone: Option<Option<String>>,
     #[serde(default, deserialize_with = "present")]
     #[schema(value_type = CustomFields, required = false)]
     custom: Option<BTreeMap<String, Value>>,
@@ -148,6 +152,7 @@ impl From<NewContactInput> for ContactInput {
             address: i.address,
             company: i.company,
             title: i.title,
+            time_zone: i.time_zone,
             custom: i.custom,
             expected_version: i.expected_version,
         }
@@ -184,6 +189,10 @@ pub(crate) struct ContactInput {
     #[serde(default, deserialize_with = "nullable")]
     #[schema(value_type = Option<String>, max_length = 300, pattern = "@line")]
     title: Option<Option<String>>,
+    /// IANA time zone (`Europe/Berlin`): quiet hours for sms and phone.
+    #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<String>, max_length = 64, pattern = "@line")]
+    time_zone: Option<Option<String>>,
     #[serde(default)]
     #[schema(value_type = CustomFieldChanges, required = false)]
     custom: Option<BTreeMap<String, Value>>,
@@ -208,6 +217,8 @@ pub(crate) struct ContactDoc {
     address: Option<AddressInput>,
     company: Option<String>,
     title: Option<String>,
+    /// IANA time zone.
+    time_zone: Option<String>,
     /// Custom fields (absent when the role hides them).
     #[schema(value_type = Option<Object>)]
     custom: Option<BTreeMap<String, Value>>,
@@ -429,6 +440,13 @@ fn parse_input(input: ContactInput) -> Result<Parsed, ApiError> {
             &mut cleared,
         ),
         title: field(&mut errors, "title", input.title, Line::parse, &mut cleared),
+        time_zone: field(
+            &mut errors,
+            "time_zone",
+            input.time_zone,
+            TimeZone::parse,
+            &mut cleared,
+        ),
         ..Default::default()
     };
     match input.address {
@@ -500,6 +518,7 @@ fn set_names(p: &ContactProfile) -> impl Iterator<Item = &'static str> + '_ {
         ("address", p.address.is_some()),
         ("company", p.company.is_some()),
         ("title", p.title.is_some()),
+        ("time_zone", p.time_zone.is_some()),
         ("custom", !p.custom.is_empty()),
     ]
     .into_iter()

@@ -52,7 +52,8 @@ impl Contact {
             phone,
             address,
             company,
-            title
+            title,
+            time_zone
         );
         for (key, value) in set.custom {
             if cur.custom.get(&key) != Some(&value) {
@@ -68,6 +69,7 @@ impl Contact {
                 ContactField::Address => cur.address.is_some(),
                 ContactField::Company => cur.company.is_some(),
                 ContactField::Title => cur.title.is_some(),
+                ContactField::TimeZone => cur.time_zone.is_some(),
             };
             if present && !out.cleared.contains(&field) {
                 out.cleared.push(field);
@@ -99,7 +101,8 @@ pub fn apply_changes(profile: &mut ContactProfile, changes: &ContactChanges) {
         phone,
         address,
         company,
-        title
+        title,
+        time_zone
     );
     for (k, v) in &set.custom {
         profile.custom.insert(k.clone(), v.clone());
@@ -113,6 +116,7 @@ pub fn apply_changes(profile: &mut ContactProfile, changes: &ContactChanges) {
             ContactField::Address => profile.address = None,
             ContactField::Company => profile.company = None,
             ContactField::Title => profile.title = None,
+            ContactField::TimeZone => profile.time_zone = None,
         }
     }
     for key in &changes.cleared_custom {

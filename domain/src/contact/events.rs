@@ -4,7 +4,9 @@ use cqrs_es::DomainEvent;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::values::{Address, CustomFieldKey, CustomFieldValue, Email, Line, Name, Phone};
+use crate::values::{
+    Address, CustomFieldKey, CustomFieldValue, Email, Line, Name, Phone, TimeZone,
+};
 use crate::PersonalData;
 
 /// The standard and custom fields of a contact. Every member is personal data.
@@ -25,6 +27,9 @@ pub struct ContactProfile {
     pub company: Option<Line>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub title: Option<Line>,
+    /// Where the contact lives, for quiet hours (sms, phone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_zone: Option<TimeZone>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub custom: BTreeMap<CustomFieldKey, CustomFieldValue>,
 }
@@ -46,10 +51,11 @@ pub enum ContactField {
     Address,
     Company,
     Title,
+    TimeZone,
 }
 
 impl ContactField {
-    pub const ALL: [ContactField; 7] = [
+    pub const ALL: [ContactField; 8] = [
         Self::GivenName,
         Self::FamilyName,
         Self::Email,
@@ -57,6 +63,7 @@ impl ContactField {
         Self::Address,
         Self::Company,
         Self::Title,
+        Self::TimeZone,
     ];
 
     pub fn name(self) -> &'static str {
@@ -68,6 +75,7 @@ impl ContactField {
             Self::Address => "address",
             Self::Company => "company",
             Self::Title => "title",
+            Self::TimeZone => "time_zone",
         }
     }
 

@@ -62,6 +62,7 @@ fn profile() -> ContactProfile {
         email: Some(email("ada@example.com")),
         address: Some(address("London")),
         title: Some(line("Countess")),
+        time_zone: None,
         custom: BTreeMap::from([
             (key("tier"), text("gold")),
             (key("newsletter"), CustomFieldValue::Bool(true)),
@@ -126,6 +127,7 @@ fn create_records_id_org_and_profile() {
 #[test]
 fn create_with_a_single_custom_field_is_enough() {
     let only_custom = ContactProfile {
+        time_zone: None,
         custom: BTreeMap::from([(key("tier"), text("gold"))]),
         ..Default::default()
     };
@@ -175,6 +177,7 @@ fn update_sets_absent_and_changed_fields() {
         address: Some(address("Ockham")),
         company: Some(line("Analytical Engine Ltd")),
         title: Some(line("Countess of Lovelace")),
+        time_zone: None,
         custom: BTreeMap::from([
             (key("tier"), text("platinum")),
             (key("visits"), CustomFieldValue::Number(3.into())),
@@ -196,6 +199,7 @@ fn update_emits_only_what_differs() {
         address: Some(address("London")),          // unchanged
         company: None,                             // not mentioned
         title: Some(line("Countess of Lovelace")), // changed
+        time_zone: None,
         custom: BTreeMap::from([
             (key("tier"), text("gold")),                         // unchanged
             (key("newsletter"), CustomFieldValue::Bool(false)),  // changed
@@ -205,6 +209,7 @@ fn update_emits_only_what_differs() {
     let expected = ContactProfile {
         phone: Some(phone("+441632960961")),
         title: Some(line("Countess of Lovelace")),
+        time_zone: None,
         custom: BTreeMap::from([
             (key("newsletter"), CustomFieldValue::Bool(false)),
             (key("visits"), CustomFieldValue::Number(1.into())),
@@ -220,10 +225,12 @@ fn update_emits_only_what_differs() {
 #[test]
 fn update_setting_a_custom_field_to_its_value_is_not_recorded() {
     let requested = ContactProfile {
+        time_zone: None,
         custom: BTreeMap::from([(key("tier"), text("gold")), (key("seen"), text("yes"))]),
         ..Default::default()
     };
     let expected = ContactProfile {
+        time_zone: None,
         custom: BTreeMap::from([(key("seen"), text("yes"))]),
         ..Default::default()
     };
@@ -412,6 +419,7 @@ fn replaying_created_updated_archived_rebuilds_the_state() {
         set: ContactProfile {
             given_name: Some(name("Augusta Ada")),
             phone: Some(phone("+441632960961")),
+            time_zone: None,
             custom: BTreeMap::from([
                 (key("tier"), text("platinum")),
                 (key("visits"), CustomFieldValue::Number(2.into())),
@@ -437,6 +445,7 @@ fn replaying_created_updated_archived_rebuilds_the_state() {
                 address: Some(address("London")),
                 company: None,
                 title: None,
+                time_zone: None,
                 custom: BTreeMap::from([
                     (key("tier"), text("platinum")),
                     (key("visits"), CustomFieldValue::Number(2.into())),
@@ -455,6 +464,7 @@ fn every_event() -> Vec<ContactEvent> {
         updated(ContactChanges {
             set: ContactProfile {
                 phone: Some(phone("+441632960961")),
+                time_zone: None,
                 custom: BTreeMap::from([
                     (key("visits"), CustomFieldValue::Number(2.into())),
                     (
