@@ -1,0 +1,473 @@
+//! An organisation's carrier per channel, and its secret.
+//!
+//! The carrier is an event-sourced stream (`crm_domain::carrier`, stream type
+//! `carrier`, id = the channel's name). Its events carry the non-secret settings and
+//! the secret's last four characters only. The secret itself (an SMTP password, a
+//! Twilio auth token) is sealed with AES-256-GCM under the KEK, bound to
+//! `carrier|{org}|{channel}` ([`secret_aad`]), and stored in `carrier_secrets` by the
+//! transaction that appends `CarrierConfigured` (an effect of
+//! [`Executor::execute_with`]); `CarrierRemoved` deletes the row in its transaction.
+//! The table has row-level security by organisation: every statement here runs in a
+//! transaction that names it.
+//!
+//! Every decryption is on record: [`resolve`] appends `CarrierSecretDecrypted` (with
+//! the system principal `dispatch`) and reads the sealed secret in that event's
+//! transaction, at the stream version it loaded (a change racing it is a conflict,
+//! retried), and only then decrypts.
+
+use std::sync::{Arc, Mutex};
+
+use chrono::{DateTime, Utc};
+use crm_domain::carrier::{
+    channel_name, Carrier as CarrierStream, CarrierCommand, CarrierError as DomainError,
+    CarrierEvent, CarrierSettings,
+};
+use crm_domain::consent::Channel;
+use crm_domain::metadata::EventMetadata;
+use deadpool_postgres::{Pool, Transaction};
+use futures::FutureExt;
+use secrecy::{ExposeSecret, SecretString};
+use uuid::Uuid;
+
+use super::smtp::{SmtpCarrier, SmtpUrl};
+use super::twilio::TwilioCarrier;
+use super::{Carrier, CarrierError};
+use crate::commands::executor::{effect, CommandError, CommandOutcome, Executor};
+use crate::store::event_store::StoreError;
+
+/// Why configuring, removing or listing a carrier failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CarrierAdminError {
+    #[error(transparent)]
+    Command(#[from] CommandError<DomainError>),
+    #[error("the secret could not be sealed")]
+    Seal,
+    #[error("a stored carrier is unreadable: {0}")]
+    Corrupt(String),
+    #[error("database: {}", crate::db::describe(.0))]
+    Db(#[from] tokio_postgres::Error),
+    #[error("database pool: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+}
+
+/// The associated data a channel's secret is sealed with.
+pub fn secret_aad(org_id: Uuid, channel: Channel) -> String {
+    format!("carrier|{org_id}|{}", channel_name(channel))
+}
+
+/// The last four characters of a secret of at least eight (a shorter one shows none:
+/// four of its characters would give too much of it away).
+pub fn last4(secret: &str) -> Option<String> {
+    let chars: Vec<char> = secret.chars().collect();
+    (chars.len() >= 8).then(|| chars[chars.len() - 4..].iter().collect())
+}
+
+/// What is wrong with these settings and secret, by field (`settings.url`, `secret`…);
+/// empty when an adapter can be built from them.
+pub fn check(settings: &CarrierSettings, secret: Option<&str>) -> Vec<(&'static str, String)> {
+    let mut errors = Vec::new();
+    match settings {
+        CarrierSettings::Smtp { url, from } => {
+            match SmtpUrl::parse(url) {
+                Ok(u) if u.password.is_some() => errors.push((
+                    "settings.url",
+                    "must not hold the password: send it as secret".to_owned(),
+                )),
+                Ok(u) if u.user.is_none() && secret.is_some() => errors.push((
+                    "settings.url",
+                    "names no user to log in with the secret (smtp://user@host)".to_owned(),
+                )),
+                Ok(_) => {}
+                Err(e) => errors.push(("settings.url", e)),
+            }
+            if from.parse::<lettre::message::Mailbox>().is_err() {
+                errors.push(("settings.from", "must be an email address".to_owned()));
+            }
+        }
+        CarrierSettings::Twilio {
+            base_url,
+            account_sid,
+            from,
+        } => {
+            let parsed = url::Url::parse(base_url);
+            if !matches!(&parsed, Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some() && u.query().is_none())
+            {
+                errors.push(("settings.base_url", "must be an http(s) URL".to_owned()));
+            }
+            if account_sid.is_empty()
+                || account_sid.len() > 64
+                || !account_sid.chars().all(|c| c.is_ascii_alphanumeric())
+            {
+                errors.push((
+                    "settings.account_sid",
+                    "must be 1 to 64 letters and digits".to_owned(),
+                ));
+            }
+            let number = from.strip_prefix("whatsapp:").unwrap_or(from);
+            let digits = number.strip_prefix('+').unwrap_or("");
+            if !(8..=15).contains(&digits.len()) || !digits.chars().all(|c| c.is_ascii_digit()) {
+                errors.push((
+                    "settings.from",
+                    "must be an E.164 number (+ and 8 to 15 digits)".to_owned(),
+                ));
+            }
+            if secret.is_none_or(str::is_empty) {
+                errors.push(("secret", "the auth token is required".to_owned()));
+            }
+        }
+    }
+    if secret.is_some_and(|s| s.is_empty() || s.len() > 4096 || s.contains('\0')) {
+        errors.push(("secret", "must be 1 to 4096 bytes without NUL".to_owned()));
+    }
+    errors
+}
+
+/// The adapter for these settings, with the decrypted secret.
+pub fn build(
+    settings: &CarrierSettings,
+    secret: Option<SecretString>,
+) -> Result<Arc<dyn Carrier>, CarrierError> {
+    match settings {
+        CarrierSettings::Smtp { url, from } => Ok(Arc::new(SmtpCarrier::from_url(
+            url,
+            from,
+            secret.as_ref().map(|s| s.expose_secret()),
+        )?)),
+        CarrierSettings::Twilio {
+            base_url,
+            account_sid,
+            from,
+        } => {
+            let token = secret
+                .ok_or_else(|| CarrierError::permanent("the twilio carrier has no auth token"))?;
+            Ok(Arc::new(TwilioCarrier::new(
+                base_url,
+                account_sid,
+                token,
+                from,
+            )?))
+        }
+    }
+}
+
+fn db(e: tokio_postgres::Error) -> CommandError<DomainError> {
+    CommandError::Store(StoreError::from(e))
+}
+
+/// Names the organisation for the rest of the transaction (row-level security).
+async fn name_org(tx: &Transaction<'_>, org_id: Uuid) -> Result<(), tokio_postgres::Error> {
+    tx.execute(
+        "SELECT set_config('crm.org_id', $1, true)",
+        &[&org_id.to_string()],
+    )
+    .await
+    .map(|_| ())
+}
+
+/// Sets (or replaces) the carrier of `channel`; `secret` is sealed into
+/// `carrier_secrets` by the same transaction as `CarrierConfigured`. Check the input
+/// with [`check`] first.
+pub async fn configure(
+    executor: &Executor,
+    org_id: Uuid,
+    channel: Channel,
+    settings: CarrierSettings,
+    secret: Option<SecretString>,
+    meta: &EventMetadata,
+) -> Result<CommandOutcome, CarrierAdminError> {
+    let sealed = secret
+        .as_ref()
+        .map(|s| {
+            executor
+                .crypto()
+                .wrap_secret(&secret_aad(org_id, channel), s.expose_secret().as_bytes())
+        })
+        .transpose()
+        .map_err(|_| CarrierAdminError::Seal)?;
+    let last4 = secret.as_ref().and_then(|s| last4(s.expose_secret()));
+    let kek_id = executor.crypto().kek_id().to_owned();
+    let write = effect(move |tx, events: &[CarrierEvent]| {
+        let (sealed, kek_id) = (sealed.clone(), kek_id.clone());
+        async move {
+            for event in events {
+                if let CarrierEvent::CarrierConfigured {
+                    settings,
+                    secret_last4,
+                    ..
+                } = event
+                {
+                    let json = serde_json::to_value(settings)
+                        .map_err(|e| CommandError::Store(StoreError::Corrupt(0, e.to_string())))?;
+                    name_org(tx, org_id).await.map_err(db)?;
+                    tx.execute(
+                        "INSERT INTO carrier_secrets \
+                           (org_id, channel, kind, settings, sealed_secret, secret_last4, kek_id) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7) \
+                         ON CONFLICT (org_id, channel) DO UPDATE SET kind = EXCLUDED.kind, \
+                           settings = EXCLUDED.settings, sealed_secret = EXCLUDED.sealed_secret, \
+                           secret_last4 = EXCLUDED.secret_last4, kek_id = EXCLUDED.kek_id, \
+                           configured_at = now()",
+                        &[
+                            &org_id,
+                            &channel_name(channel),
+                            &settings.kind(),
+                            &json,
+                            &sealed,
+                            secret_last4,
+                            &kek_id,
+                        ],
+                    )
+                    .await
+                    .map_err(db)?;
+                }
+            }
+            Ok(())
+        }
+        .boxed()
+    });
+    Ok(executor
+        .execute_with::<CarrierStream>(
+            org_id,
+            channel_name(channel),
+            CarrierCommand::Configure {
+                channel,
+                settings,
+                secret_last4: last4,
+            },
+            meta,
+            None,
+            &write,
+        )
+        .await?)
+}
+
+/// Removes the carrier of `channel` (its messages go to the defaults again) and its
+/// sealed secret, in one transaction.
+pub async fn remove(
+    executor: &Executor,
+    org_id: Uuid,
+    channel: Channel,
+    meta: &EventMetadata,
+) -> Result<CommandOutcome, CarrierAdminError> {
+    let delete = effect(move |tx, events: &[CarrierEvent]| {
+        async move {
+            if !events.is_empty() {
+                name_org(tx, org_id).await.map_err(db)?;
+                tx.execute(
+                    "DELETE FROM carrier_secrets WHERE org_id = $1 AND channel = $2",
+                    &[&org_id, &channel_name(channel)],
+                )
+                .await
+                .map_err(db)?;
+            }
+            Ok(())
+        }
+        .boxed()
+    });
+    Ok(executor
+        .execute_with::<CarrierStream>(
+            org_id,
+            channel_name(channel),
+            CarrierCommand::Remove { channel },
+            meta,
+            None,
+            &delete,
+        )
+        .await?)
+}
+
+/// A configured carrier as listed: never its secret, only the secret's last four.
+#[derive(Debug, Clone)]
+pub struct CarrierRow {
+    pub channel: Channel,
+    pub settings: CarrierSettings,
+    pub secret_last4: Option<String>,
+    pub has_secret: bool,
+    pub configured_at: DateTime<Utc>,
+}
+
+/// The organisation's carriers, by channel.
+pub async fn list(pool: &Pool, org_id: Uuid) -> Result<Vec<CarrierRow>, CarrierAdminError> {
+    let mut client = pool.get().await?;
+    let tx = crate::read_models::org_scope(&mut client, org_id).await?;
+    let rows = tx
+        .query(
+            "SELECT channel, settings, secret_last4, sealed_secret IS NOT NULL, configured_at \
+             FROM carrier_secrets WHERE org_id = $1 ORDER BY channel",
+            &[&org_id],
+        )
+        .await?;
+    tx.commit().await?;
+    rows.iter()
+        .map(|r| {
+            let channel: String = r.get(0);
+            Ok(CarrierRow {
+                channel: crm_domain::carrier::parse_channel(&channel)
+                    .ok_or_else(|| CarrierAdminError::Corrupt(channel.clone()))?,
+                settings: serde_json::from_value(r.get(1))
+                    .map_err(|e| CarrierAdminError::Corrupt(e.to_string()))?,
+                secret_last4: r.get(2),
+                has_secret: r.get(3),
+                configured_at: r.get(4),
+            })
+        })
+        .collect()
+}
+
+/// What [`resolve`] found for an (organisation, channel).
+pub enum Resolved {
+    /// The organisation's own carrier, built from the carrier stream at `version`.
+    Own {
+        carrier: Arc<dyn Carrier>,
+        version: i64,
+    },
+    /// None configured (the stream is at `version`): the process's defaults apply.
+    NoneConfigured { version: i64 },
+}
+
+/// How often a decryption racing a change of the carrier is tried again.
+const ATTEMPTS: usize = 3;
+
+/// The organisation's carrier for `channel`, with its secret decrypted after
+/// `CarrierSecretDecrypted` is committed.
+pub async fn resolve(
+    executor: &Executor,
+    pool: &Pool,
+    crypto: &crate::crypto::Crypto,
+    org_id: Uuid,
+    channel: Channel,
+) -> Result<Resolved, CarrierError> {
+    let unavailable = |e: &dyn std::fmt::Display| {
+        CarrierError::retryable(format!("carrier configuration unavailable: {e}"))
+    };
+    let id = channel_name(channel);
+    for _ in 0..ATTEMPTS {
+        let loaded = {
+            let client = pool.get().await.map_err(|e| unavailable(&e))?;
+            executor
+                .load::<CarrierStream>(&client, org_id, id)
+                .await
+                .map_err(|e| unavailable(&e))?
+        };
+        let Some(settings) = loaded.aggregate.settings else {
+            return Ok(Resolved::NoneConfigured {
+                version: loaded.head.version,
+            });
+        };
+        let slot: Arc<Mutex<Option<Option<Vec<u8>>>>> = Arc::default();
+        let read = {
+            let slot = slot.clone();
+            effect(move |tx, _: &[CarrierEvent]| {
+                let slot = slot.clone();
+                async move {
+                    name_org(tx, org_id).await.map_err(db)?;
+                    let row = tx
+                        .query_opt(
+                            "SELECT sealed_secret FROM carrier_secrets \
+                             WHERE org_id = $1 AND channel = $2",
+                            &[&org_id, &id],
+                        )
+                        .await
+                        .map_err(db)?;
+                    if let (Some(row), Ok(mut slot)) = (row, slot.lock()) {
+                        *slot = Some(row.get(0));
+                    }
+                    Ok(())
+                }
+                .boxed()
+            })
+        };
+        let recorded = executor
+            .execute_with::<CarrierStream>(
+                org_id,
+                id,
+                CarrierCommand::RecordDecryption {
+                    channel,
+                    purpose: "dispatch".into(),
+                },
+                &EventMetadata::system(org_id, "dispatch"),
+                Some(loaded.head.version),
+                &read,
+            )
+            .await;
+        let outcome = match recorded {
+            Ok(outcome) => outcome,
+            Err(CommandError::Conflict | CommandError::VersionMismatch { .. }) => continue,
+            Err(e) => return Err(unavailable(&e)),
+        };
+        let sealed = slot.lock().ok().and_then(|mut s| s.take());
+        let Some(sealed) = sealed else {
+            return Err(CarrierError::retryable(
+                "the carrier's stored settings are missing",
+            ));
+        };
+        let secret = match sealed {
+            Some(sealed) => {
+                let plain = crypto
+                    .unwrap_secret(&secret_aad(org_id, channel), &sealed)
+                    .map_err(|_| {
+                        CarrierError::permanent(
+                            "the carrier's secret cannot be decrypted (another KEK?)",
+                        )
+                    })?;
+                Some(SecretString::from(String::from_utf8(plain).map_err(
+                    |_| CarrierError::permanent("the carrier's secret is not text"),
+                )?))
+            }
+            None => None,
+        };
+        return Ok(Resolved::Own {
+            carrier: build(&settings, secret)?,
+            version: outcome.version,
+        });
+    }
+    Err(CarrierError::retryable(
+        "the carrier kept changing while it was loaded",
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn last_four_only_of_a_long_enough_secret() {
+        assert_eq!(last4("abcdefghij").as_deref(), Some("ghij"));
+        assert_eq!(last4("short"), None);
+    }
+
+    #[test]
+    fn settings_are_checked_by_field() {
+        let smtp = |url: &str| CarrierSettings::Smtp {
+            url: url.into(),
+            from: "crm@example.com".into(),
+        };
+        assert!(check(&smtp("smtp://127.0.0.1:2525"), None).is_empty());
+        assert!(check(
+            &smtp("smtp+starttls://me@mx.example.com"),
+            Some("pw-123456")
+        )
+        .is_empty());
+        let fields =
+            |e: Vec<(&'static str, String)>| e.into_iter().map(|(f, _)| f).collect::<Vec<_>>();
+        assert_eq!(
+            fields(check(&smtp("smtp://me:pw@mx"), None)),
+            ["settings.url"]
+        );
+        assert_eq!(fields(check(&smtp("ftp://mx"), None)), ["settings.url"]);
+        let twilio = CarrierSettings::Twilio {
+            base_url: "nope".into(),
+            account_sid: "AC/1".into(),
+            from: "123".into(),
+        };
+        assert_eq!(
+            fields(check(&twilio, None)),
+            [
+                "settings.base_url",
+                "settings.account_sid",
+                "settings.from",
+                "secret"
+            ]
+        );
+    }
+}
