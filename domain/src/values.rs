@@ -160,6 +160,9 @@ impl CountryCode {
             Err(invalid("must be a two-letter ISO 3166-1 country code"))
         }
     }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
 }
 
 /// A postal address; every part optional, at least one present.

@@ -8,6 +8,7 @@
 //! - [`read_models`]: the read models' SQL and the queries the API runs;
 //! - [`access`]: organisations, users, roles, API keys, the portal, mailed tokens, the
 //!   access cache and field-access history;
+//! - [`consent`]: privacy settings, consent commands and the gate's read path;
 //! - [`crypto`]: field encryption of personal data under per-subject data keys;
 //! - [`receipts`]: consent receipts (JWS, EdDSA), their signing keys and the JWKS;
 //! - cross-cutting: the connection pool and migrations ([`db`]), [`settings`],
@@ -18,6 +19,7 @@
 
 pub mod access;
 pub mod commands;
+pub mod consent;
 pub mod crypto;
 pub mod db;
 pub mod dispatch;

@@ -225,6 +225,7 @@ pub async fn create_organization(executor: &Executor, name: Name) -> Result<Uuid
         &org_effect(org_id),
     )
     .await?;
+    crate::consent::privacy::initialize(executor, org_id).await?;
     Ok(org_id)
 }
 
