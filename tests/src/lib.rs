@@ -2,3 +2,4 @@
 //! and a running application per test, against real PostgreSQL and NATS.
 
 pub mod harness;
+pub mod sinks;
