@@ -1,5 +1,5 @@
 //! The `crm` command line: `serve`, `relay`, `project`, `rebuild`, `migrate`, `admin`,
-//! `audit`. Every setting is a flag or an environment variable.
+//! `audit`, `receipts`. Every setting is a flag or an environment variable.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -209,6 +209,11 @@ pub enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Consent receipt commands.
+    Receipts {
+        #[command(subcommand)]
+        command: ReceiptsCommand,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -246,6 +251,13 @@ pub enum AuditCommand {
         #[arg(long)]
         org: Option<Uuid>,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ReceiptsCommand {
+    /// Retire the receipt signing key and make a new one; prints its kid. The retired
+    /// key stays in the JWKS, so the receipts it signed still verify.
+    RotateKey,
 }
 
 impl Common {
@@ -418,6 +430,17 @@ pub async fn run(
             if !report.ok() {
                 bail!("{} broken link(s) in the hash chains", report.breaks.len());
             }
+        }
+        Command::Receipts {
+            command: ReceiptsCommand::RotateKey,
+        } => {
+            let settings = common.settings()?;
+            let pool = db::app_pool(&settings.database)?;
+            let crypto = std::sync::Arc::new(crm_infra::crypto::Crypto::new(&settings.keys)?);
+            let kid = crm_infra::receipts::ReceiptSigner::new(pool, crypto)
+                .rotate()
+                .await?;
+            println!("kid={kid}");
         }
     }
     Ok(())

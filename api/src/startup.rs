@@ -50,6 +50,7 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<AppState> {
     Ok(AppState::new(crate::state::Services {
         executor: Executor::new(pool.clone(), crypto.clone()).with_hook(access_cache.clone()),
         access_cache,
+        receipts: crm_infra::receipts::ReceiptSigner::new(pool.clone(), crypto.clone()),
         pool,
         crypto,
         bus,

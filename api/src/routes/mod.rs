@@ -9,6 +9,7 @@ pub mod contacts;
 pub mod health;
 pub mod login;
 pub mod portal;
+pub mod receipts;
 pub mod reports;
 pub mod roles;
 pub mod schemas;

@@ -6,7 +6,7 @@
 use crm_domain::access::Permission as P;
 use warp::http::Method;
 
-use super::{activity, api_keys, contacts, health, login, portal, reports, roles, users};
+use super::{activity, api_keys, contacts, health, login, portal, receipts, reports, roles, users};
 use crate::edge::route::{route, Auth, Route};
 
 pub fn table() -> Vec<Route> {
@@ -222,6 +222,10 @@ pub fn table() -> Vec<Route> {
             .auth(Auth::Portal)
             .errors(&[404])
             .to(portal::portal_me),
+        // Consent receipts: the keys that verify them.
+        route(get.clone(), "/.well-known/jwks.json", "consent")
+            .summary("The public keys of consent receipts (JWKS; retired keys included)")
+            .to(receipts::jwks),
         // Operations.
         route(get.clone(), "/healthz", "operations")
             .summary("Liveness")

@@ -20,6 +20,7 @@ mod pipeline;
 mod portal;
 mod queries;
 mod ratelimit;
+mod receipts;
 mod rls;
 mod scale;
 mod store;
