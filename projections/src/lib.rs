@@ -5,6 +5,7 @@
 //! idempotence) lives in `crm-infra`; nothing here does I/O.
 
 pub mod activity;
+pub mod consent;
 pub mod contacts;
 
 use chrono::{DateTime, Utc};
