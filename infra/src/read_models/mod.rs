@@ -1,6 +1,8 @@
 //! SQL of the read models: how each projection persists, and the queries the API runs.
 
 pub mod activity;
+pub mod consent_log;
+pub mod consent_state;
 pub mod contacts;
 
 use std::sync::Arc;
@@ -17,6 +19,8 @@ pub fn all() -> Vec<Arc<dyn Projection>> {
     vec![
         Arc::new(contacts::ContactsProjection),
         Arc::new(activity::ActivityProjection),
+        Arc::new(consent_state::ConsentStateProjection),
+        Arc::new(consent_log::ConsentLogProjection),
     ]
 }
 
