@@ -398,6 +398,54 @@ impl From<CommandError<OrganizationError>> for ApiError {
     }
 }
 
+impl From<CommandError<crm_domain::consent::ledger::ConsentError>> for ApiError {
+    fn from(e: CommandError<crm_domain::consent::ledger::ConsentError>) -> Self {
+        use crm_domain::consent::ledger::ConsentError as C;
+        match e {
+            CommandError::Domain(d @ C::NoticeRequired) => {
+                Self::Validation(vec![FieldError::new("notice", d.to_string())])
+            }
+            CommandError::Domain(d @ C::ExpiryTooLong) => {
+                Self::Validation(vec![FieldError::new("expires_in_hours", d.to_string())])
+            }
+            CommandError::Domain(C::UnknownToken) => {
+                Self::NotFound("the confirmation link is unknown, used or expired")
+            }
+            CommandError::Domain(d @ (C::DoubleOptInRequired | C::NotMarked | C::NotOptedOut)) => {
+                Self::Conflict(d.to_string())
+            }
+            other => command_conflict(other, "consent record"),
+        }
+    }
+}
+
+impl From<CommandError<crm_domain::consent::privacy::PrivacyError>> for ApiError {
+    fn from(e: CommandError<crm_domain::consent::privacy::PrivacyError>) -> Self {
+        use crm_domain::consent::privacy::PrivacyError as P;
+        match e {
+            CommandError::Domain(d @ P::UnknownPurpose(_)) => {
+                Self::Validation(vec![FieldError::new("key", d.to_string())])
+            }
+            CommandError::Domain(d @ P::NoChannel) => {
+                Self::Validation(vec![FieldError::new("channels", d.to_string())])
+            }
+            CommandError::Domain(d @ P::Retired(_)) => Self::Conflict(d.to_string()),
+            other => command_conflict(other, "privacy settings"),
+        }
+    }
+}
+
+impl From<CommandError<crm_domain::message::MessageError>> for ApiError {
+    fn from(e: CommandError<crm_domain::message::MessageError>) -> Self {
+        use crm_domain::message::MessageError as M;
+        match e {
+            CommandError::Domain(M::NotFound) => Self::NotFound("message not found"),
+            CommandError::Domain(d) => Self::Conflict(d.to_string()),
+            other => command_conflict(other, "message"),
+        }
+    }
+}
+
 impl From<AccountError> for ApiError {
     fn from(e: AccountError) -> Self {
         match e {

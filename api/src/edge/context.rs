@@ -11,6 +11,9 @@ pub struct RequestContext {
     pub request_id: String,
     pub ip: Option<String>,
     pub user_agent: Option<String>,
+    /// `Sec-GPC: 1`: the browser's Global Privacy Control signal (an opt-out of sale
+    /// and sharing, honoured wherever a request identifies a contact).
+    pub global_privacy_control: bool,
     pub correlation_id: Option<String>,
     pub causation_id: Option<String>,
 }
@@ -54,6 +57,7 @@ impl RequestContext {
             request_id,
             ip: addr.map(|a| a.ip().to_string()),
             user_agent: header(headers, "user-agent").and_then(clean_user_agent),
+            global_privacy_control: header(headers, "sec-gpc").is_some_and(|v| v.trim() == "1"),
         }
     }
 }

@@ -420,6 +420,16 @@ pub(crate) async fn portal_me(
     s: AppState,
     p: PortalAuthed,
 ) -> Result<Ok200<Shaped<ContactDoc>>, ApiError> {
+    // `Sec-GPC: 1` from the contact's own browser: an opt-out of sale and sharing.
+    super::consent::honour_gpc(
+        &s,
+        &p.ctx,
+        p.org_id,
+        p.contact_id,
+        crm_domain::consent::proof::CaptureSource::Portal,
+        &p.metadata(),
+    )
+    .await?;
     let mut client = s.pool.get().await?;
     let tx = crm_infra::read_models::org_scope(&mut client, p.org_id).await?;
     // Scoped to the contact's own id: there is no other id a portal caller can name.

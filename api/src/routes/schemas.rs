@@ -238,3 +238,74 @@ documented!(
     CustomFieldChanges,
     custom_fields(true)
 );
+
+/// The wire names of a domain enum (its serde names, snake_case).
+fn serde_names<T: serde::Serialize>(values: impl IntoIterator<Item = T>) -> Vec<String> {
+    values
+        .into_iter()
+        .filter_map(|v| serde_json::to_value(v).ok()?.as_str().map(str::to_owned))
+        .collect()
+}
+
+fn names_enum<T: serde::Serialize>(values: impl IntoIterator<Item = T>) -> Schema {
+    let names = serde_names(values);
+    string_enum(names.iter().map(String::as_str))
+}
+
+documented!(
+    /// A channel: `email`, `sms`, `whatsapp`, `phone` or `postal`.
+    ChannelName,
+    names_enum(crm_domain::consent::Channel::ALL)
+);
+
+documented!(
+    /// A lawful basis (GDPR Art. 6(1)).
+    LawfulBasisName,
+    {
+        use crm_domain::consent::LawfulBasis as L;
+        names_enum([
+            L::Consent,
+            L::Contract,
+            L::LegalObligation,
+            L::VitalInterests,
+            L::PublicTask,
+            L::LegitimateInterests,
+        ])
+    }
+);
+
+documented!(
+    /// How a consent change was captured.
+    CaptureSourceName,
+    names_enum(crm_domain::consent::proof::CaptureSource::ALL)
+);
+
+documented!(
+    /// The state of a consent record.
+    ConsentStatusName,
+    {
+        use crm_domain::consent::ConsentStatus as S;
+        names_enum([
+            S::Granted,
+            S::PendingConfirmation,
+            S::Withdrawn,
+            S::Denied,
+            S::Expired,
+        ])
+    }
+);
+
+documented!(
+    /// A privacy mode: `gdpr` (opt-in) or `ccpa` (opt-out).
+    PrivacyModeName,
+    {
+        use crm_domain::consent::PrivacyMode as M;
+        names_enum([M::Gdpr, M::Ccpa])
+    }
+);
+
+documented!(
+    /// The send gate's reason code (docs/consent.md).
+    ReasonName,
+    names_enum(crm_domain::consent::gate::Reason::ALL)
+);

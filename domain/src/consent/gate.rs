@@ -55,6 +55,24 @@ pub enum Reason {
 }
 
 impl Reason {
+    pub const ALL: [Reason; 15] = [
+        Self::Consent,
+        Self::LawfulBasis,
+        Self::OptOutModel,
+        Self::PurposeUnknown,
+        Self::PurposeRetired,
+        Self::ChannelNotCovered,
+        Self::Suppressed,
+        Self::DoNotContact,
+        Self::ConsentWithdrawn,
+        Self::ConsentDenied,
+        Self::ConsentPendingConfirmation,
+        Self::ConsentExpired,
+        Self::NoConsent,
+        Self::SaleOrSharingOptedOut,
+        Self::QuietHours,
+    ];
+
     pub fn allows(self) -> bool {
         matches!(
             self,

@@ -274,9 +274,13 @@ impl PersonalData for ConsentEvent {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConsentError {
-    #[error("GDPR mode: a consent change needs the notice shown (id, version and SHA-256 of its text)")]
+    #[error(
+        "GDPR mode: a consent change needs the notice shown (id, version and SHA-256 of its text)"
+    )]
     NoticeRequired,
-    #[error("this organisation requires double opt-in for marketing: request a confirmation instead")]
+    #[error(
+        "this organisation requires double opt-in for marketing: request a confirmation instead"
+    )]
     DoubleOptInRequired,
     #[error("a confirmation link lives at most 72 hours")]
     ExpiryTooLong,
@@ -316,7 +320,8 @@ fn check_rules(
     choice: Choice,
     proof: &ConsentProof,
 ) -> Result<(), ConsentError> {
-    if rules.mode == PrivacyMode::Gdpr && proof.notice.is_none() {
+    // Withdrawing is as easy as granting: only a grant needs the notice shown.
+    if rules.mode == PrivacyMode::Gdpr && choice == Choice::Granted && proof.notice.is_none() {
         return Err(ConsentError::NoticeRequired);
     }
     let marketing = purpose.as_str() == "marketing";
@@ -491,9 +496,7 @@ impl Aggregate for ConsentLedger {
             ConsentEvent::DoNotContactSet { .. } => self.do_not_contact = true,
             ConsentEvent::DoNotContactLifted { .. } => self.do_not_contact = false,
             ConsentEvent::SaleOrSharingOptedOut { .. } => self.sale_or_sharing_opt_out = true,
-            ConsentEvent::SaleOrSharingOptOutLifted { .. } => {
-                self.sale_or_sharing_opt_out = false
-            }
+            ConsentEvent::SaleOrSharingOptOutLifted { .. } => self.sale_or_sharing_opt_out = false,
         }
     }
 }

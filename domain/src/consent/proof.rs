@@ -22,6 +22,21 @@ pub enum CaptureSource {
     Portal,
     Agent,
     DoubleOptIn,
+    /// A one-click unsubscribe link (RFC 8058) in a message.
+    UnsubscribeLink,
+}
+
+impl CaptureSource {
+    pub const ALL: [CaptureSource; 8] = [
+        Self::Form,
+        Self::Import,
+        Self::Api,
+        Self::PreferenceCenter,
+        Self::Portal,
+        Self::Agent,
+        Self::DoubleOptIn,
+        Self::UnsubscribeLink,
+    ];
 }
 
 /// The SHA-256 of the notice text shown, as 64 lowercase hex digits.

@@ -350,6 +350,30 @@ async fn read_stream_part(
     Ok(rows.iter().map(from_row).collect())
 }
 
+/// The event at global `position`, if it is `org_id`'s.
+pub async fn read_by_position(
+    client: &impl GenericClient,
+    org_id: Uuid,
+    position: i64,
+) -> Result<Option<StoredEvent>, StoreError> {
+    let sql = format!("SELECT {COLUMNS} FROM events WHERE global_position = $1 AND org_id = $2");
+    let stmt = client.prepare_cached(&sql).await?;
+    let row = client.query_opt(&stmt, &[&position, &org_id]).await?;
+    Ok(row.as_ref().map(from_row))
+}
+
+/// The event with id `event_id`, if it is `org_id`'s.
+pub async fn read_by_id(
+    client: &impl GenericClient,
+    org_id: Uuid,
+    event_id: Uuid,
+) -> Result<Option<StoredEvent>, StoreError> {
+    let sql = format!("SELECT {COLUMNS} FROM events WHERE event_id = $1 AND org_id = $2");
+    let stmt = client.prepare_cached(&sql).await?;
+    let row = client.query_opt(&stmt, &[&event_id, &org_id]).await?;
+    Ok(row.as_ref().map(from_row))
+}
+
 /// Whether the stream has any event (in its organisation).
 pub async fn stream_exists(
     client: &impl GenericClient,

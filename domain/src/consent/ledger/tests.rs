@@ -78,6 +78,15 @@ fn gdpr_needs_a_notice_ccpa_does_not() {
 }
 
 #[test]
+fn withdrawing_needs_no_notice_even_in_gdpr_mode() {
+    assert!(Given::with(())
+        .given_no_previous_events()
+        .when(record(Choice::Withdrawn, CaptureSource::Form, false, GDPR))
+        .inspect_result()
+        .is_ok());
+}
+
+#[test]
 fn double_opt_in_cannot_be_skipped_for_marketing_but_withdrawal_is_always_allowed() {
     Given::with(())
         .given_no_previous_events()
@@ -85,12 +94,22 @@ fn double_opt_in_cannot_be_skipped_for_marketing_but_withdrawal_is_always_allowe
         .then_expect_error(ConsentError::DoubleOptInRequired);
     let ok = Given::with(())
         .given_no_previous_events()
-        .when(record(Choice::Withdrawn, CaptureSource::Form, true, GDPR_DOI))
+        .when(record(
+            Choice::Withdrawn,
+            CaptureSource::Form,
+            true,
+            GDPR_DOI,
+        ))
         .inspect_result();
     assert!(ok.is_ok());
     let imported = Given::with(())
         .given_no_previous_events()
-        .when(record(Choice::Granted, CaptureSource::Import, true, GDPR_DOI))
+        .when(record(
+            Choice::Granted,
+            CaptureSource::Import,
+            true,
+            GDPR_DOI,
+        ))
         .inspect_result();
     assert!(imported.is_ok());
 }
@@ -215,7 +234,11 @@ fn do_not_contact_is_set_once_and_lifted_only_when_set() {
 #[test]
 fn fold_keeps_the_latest_change_per_record_with_its_event() {
     let mut state = ConsentState::default();
-    let (e1, e2, e3) = (Uuid::from_u128(11), Uuid::from_u128(12), Uuid::from_u128(13));
+    let (e1, e2, e3) = (
+        Uuid::from_u128(11),
+        Uuid::from_u128(12),
+        Uuid::from_u128(13),
+    );
     let granted = ConsentEvent::ConsentRecorded {
         contact_id: contact(),
         channel: Channel::Email,
