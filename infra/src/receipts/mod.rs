@@ -36,6 +36,11 @@ use crate::crypto::{Crypto, CryptoError};
 /// verifiable: it stays in the JWKS).
 const ACTIVE_KEY_TTL: Duration = Duration::from_secs(60);
 
+/// How long a process answers the JWKS it last read (a public route, not rate
+/// limited: at most one query per this time, however many ask). A rotation in this
+/// process shows at once; one in another process within this time.
+const JWKS_TTL: Duration = Duration::from_secs(10);
+
 /// One transaction-level advisory lock serialises rotations (a second rotation waits,
 /// then retires the first one's new key rather than colliding with it).
 const ROTATION_LOCK: i64 = 0x6372_6d5f_7263_7074; // "crm_rcpt"
@@ -71,6 +76,7 @@ struct Inner {
     pool: Pool,
     crypto: Arc<Crypto>,
     active: Mutex<Option<(Arc<ActiveKey>, Instant)>>,
+    jwks: Mutex<Option<(Value, Instant)>>,
 }
 
 /// Signs receipts with the active key, read from `receipt_keys` (created there on
@@ -84,6 +90,7 @@ impl ReceiptSigner {
             pool,
             crypto,
             active: Mutex::new(None),
+            jwks: Mutex::new(None),
         }))
     }
 
@@ -140,13 +147,19 @@ impl ReceiptSigner {
         tx.commit().await?;
         let kid = new.kid.clone();
         self.remember(Arc::new(new));
+        *self.0.jwks.lock().expect("jwks poisoned") = None;
         Ok(kid)
     }
 
     /// Every key, retired ones included, as a JWK Set (RFC 7517; OKP keys, RFC 8037),
     /// oldest first. Makes the first key when there is none yet, so the set always
-    /// holds the key that signs next.
+    /// holds the key that signs next. Read again at most every [`JWKS_TTL`].
     pub async fn jwks(&self) -> Result<Value, ReceiptError> {
+        if let Some((set, at)) = self.0.jwks.lock().expect("jwks poisoned").as_ref() {
+            if at.elapsed() < JWKS_TTL {
+                return Ok(set.clone());
+            }
+        }
         self.active_key().await?;
         let client = self.0.pool.get().await?;
         let rows = client
@@ -170,7 +183,9 @@ impl ReceiptSigner {
                 })
             })
             .collect();
-        Ok(json!({ "keys": keys }))
+        let set = json!({ "keys": keys });
+        *self.0.jwks.lock().expect("jwks poisoned") = Some((set.clone(), Instant::now()));
+        Ok(set)
     }
 
     /// The key that signs now: from memory while fresh, else the stored active key,
