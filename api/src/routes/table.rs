@@ -6,7 +6,7 @@
 use crm_domain::access::Permission as P;
 use warp::http::Method;
 
-use super::{activity, api_keys, contacts, health, login, portal, receipts, reports, roles, users};
+use super::{activity, api_keys, consent_log, contacts, health, login, portal, receipts, reports, roles, users};
 use crate::edge::route::{route, Auth, Route};
 
 pub fn table() -> Vec<Route> {
@@ -108,6 +108,21 @@ pub fn table() -> Vec<Route> {
             .summary("Contact counts (no personal data)")
             .staff(P::ReportsRead)
             .to(reports::contacts),
+        // Reading consent: the ConsentLog, a contact's consent, the bulk gate check.
+        route(get.clone(), "/v1/consent/log", "consent")
+            .summary("The ConsentLog: every consent change with its proof, newest first")
+            .staff(P::ConsentRead)
+            .to(consent_log::log),
+        route(get.clone(), "/v1/contacts/{id}/consent", "consent")
+            .summary("A contact's consent now (read model) or as_of a past moment (events)")
+            .staff(P::ConsentRead)
+            .to(consent_log::contact_consent),
+        route(post.clone(), "/v1/consent/check", "consent")
+            .summary("May a message go to each of these contacts now (up to 10,000)")
+            .staff(P::ConsentRead)
+            .large_body()
+            .errors(&[422])
+            .to(consent_log::check),
         // Users.
         route(get.clone(), "/v1/users", "users")
             .summary("List staff users")

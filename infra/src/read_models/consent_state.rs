@@ -26,6 +26,7 @@ use tokio_postgres::Row;
 use uuid::Uuid;
 
 use super::envelope;
+use crate::consent::normalize_point;
 use crate::consent::state::{contact_point, point_sha256};
 use crate::feed::projector::{Projection, ProjectionError, Rebuilder};
 use crate::store::decode::DecodedEvent;
@@ -439,7 +440,9 @@ pub async fn check(
         HashMap::with_capacity(rows.len());
     for row in &rows {
         let JsonbIn(state) = row.try_get::<_, JsonbIn<ConsentState>>(1)?;
-        let point: Option<String> = row.get(2);
+        let point = row
+            .get::<_, Option<String>>(2)
+            .map(|p| normalize_point(channel, &p));
         let hash = point.as_deref().map(|p| point_sha256(channel, p));
         found.insert(row.get(0), (state, point, hash));
     }
