@@ -123,6 +123,19 @@ pub struct Common {
     /// files for a mail transfer agent; unset: mail is not delivered.
     #[arg(long, env = "CRM_MAIL_SPOOL_DIR", global = true)]
     pub mail_spool_dir: Option<std::path::PathBuf>,
+    /// SMTP relay for outbound email of organisations without a carrier of their own
+    /// (`smtp://host:port`, `smtp+starttls://user:password@host`, `smtps://…`); unset:
+    /// such email is spooled to CRM_MAIL_SPOOL_DIR.
+    #[arg(long, env = "CRM_SMTP_URL", global = true, hide_env_values = true)]
+    pub smtp_url: Option<String>,
+    /// Sender address of outbound email sent through CRM_SMTP_URL or the spool.
+    #[arg(
+        long,
+        env = "CRM_MAIL_FROM",
+        global = true,
+        default_value = "crm@localhost"
+    )]
+    pub mail_from: String,
     /// Base URL of the front end that links in mails point to.
     #[arg(
         long,
@@ -318,6 +331,8 @@ impl Common {
             mail: crate::config::MailSettings {
                 spool_dir: self.mail_spool_dir.clone(),
                 link_base: self.public_url.trim_end_matches('/').to_owned(),
+                smtp_url: self.smtp_url.clone().map(SecretString::from),
+                from: self.mail_from.clone(),
             },
             run_relay: true,
             run_projectors: true,

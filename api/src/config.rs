@@ -76,4 +76,23 @@ pub struct MailSettings {
     pub spool_dir: Option<std::path::PathBuf>,
     /// The base URL links in mails point to (the front end), e.g. `https://crm.example.com`.
     pub link_base: String,
+    /// `CRM_SMTP_URL`: outbound email of organisations without a carrier of their own
+    /// goes through this relay (`smtp://`, `smtp+starttls://`, `smtps://`; it may hold a
+    /// user and password, hence secret); unset: it is spooled.
+    pub smtp_url: Option<SecretString>,
+    /// `CRM_MAIL_FROM`: the sender of that email.
+    pub from: String,
+}
+
+impl MailSettings {
+    /// The carriers of organisations that configured none
+    /// (`crm_infra::dispatch::carriers`).
+    pub fn carrier_defaults(&self) -> crm_infra::dispatch::carriers::CarrierDefaults {
+        use secrecy::ExposeSecret;
+        crm_infra::dispatch::carriers::CarrierDefaults {
+            smtp_url: self.smtp_url.as_ref().map(|u| u.expose_secret().to_owned()),
+            mail_from: self.from.clone(),
+            spool_dir: self.spool_dir.clone(),
+        }
+    }
 }

@@ -221,6 +221,8 @@ impl TestApp {
             mail: crm_api::config::MailSettings {
                 spool_dir: None,
                 link_base: "https://crm.example.com".into(),
+                smtp_url: None,
+                from: "crm@localhost".into(),
             },
             jwt: JwtSettings {
                 secret: SecretString::from(format!("test-secret-{id}")),

@@ -5,6 +5,7 @@
 
 pub mod activity;
 pub mod api_keys;
+pub mod carriers;
 pub mod consent_log;
 pub mod contacts;
 pub mod health;

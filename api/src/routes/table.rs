@@ -6,7 +6,7 @@
 use crm_domain::access::Permission as P;
 use warp::http::Method;
 
-use super::{activity, api_keys, consent_log, contacts, health, login, portal, receipts, reports, roles, users};
+use super::{activity, api_keys, carriers, consent_log, contacts, health, login, portal, receipts, reports, roles, users};
 use crate::edge::route::{route, Auth, Route};
 
 pub fn table() -> Vec<Route> {
@@ -191,6 +191,20 @@ pub fn table() -> Vec<Route> {
             .staff(P::OrganizationManage)
             .errors(&[409])
             .to(roles::set_two_factor),
+        route(put.clone(), "/v1/organization/carriers", "organization")
+            .summary("Set the carrier of a channel (its secret is stored sealed, never answered)")
+            .staff(P::OrganizationManage)
+            .errors(&[409])
+            .to(carriers::configure),
+        route(get.clone(), "/v1/organization/carriers", "organization")
+            .summary("The organisation's carriers (a secret's last four characters only)")
+            .staff(P::OrganizationManage)
+            .to(carriers::list),
+        route(post.clone(), "/v1/organization/carriers/remove", "organization")
+            .summary("Remove the carrier of a channel (the service's defaults apply again)")
+            .staff(P::OrganizationManage)
+            .errors(&[404, 409])
+            .to(carriers::remove),
         route(post.clone(), "/v1/api-keys", "api-keys")
             .summary("Issue an API key (shown once)")
             .staff(P::ApiKeysManage)

@@ -3,6 +3,7 @@
 
 mod access_history;
 mod api_keys;
+mod carriers;
 mod auth;
 mod bad_input;
 mod concurrency;
