@@ -201,7 +201,11 @@ pub enum Command {
         no_relay: bool,
         #[arg(long, env = "CRM_NO_PROJECTORS")]
         no_projectors: bool,
+        #[arg(long, env = "CRM_NO_DISPATCHER")]
+        no_dispatcher: bool,
     },
+    /// Run only the dispatcher: sends queued messages through their carriers.
+    Dispatch,
     /// Run only the relay (Postgres → JetStream).
     Relay,
     /// Run only the projector of one read model (`contacts`, `activity`).
@@ -336,6 +340,7 @@ impl Common {
             },
             run_relay: true,
             run_projectors: true,
+            run_dispatcher: true,
         })
     }
 }
@@ -369,10 +374,12 @@ pub async fn run(
         Command::Serve {
             no_relay,
             no_projectors,
+            no_dispatcher,
         } => {
             let mut settings = common.settings()?;
             settings.run_relay = !no_relay;
             settings.run_projectors = !no_projectors;
+            settings.run_dispatcher = !no_dispatcher;
             let app = Application::build(settings).await?;
             tracing::info!(addr = %app.local_addr(), "listening");
             app.run_until_stopped(shutdown).await;
@@ -381,6 +388,14 @@ pub async fn run(
             let state = startup::connect(&common.settings()?).await?;
             run_workers(
                 vec![Background::Relay(Box::new(startup::relay(&state)?))],
+                shutdown,
+            )
+            .await;
+        }
+        Command::Dispatch => {
+            let state = startup::connect(&common.settings()?).await?;
+            run_workers(
+                vec![Background::Dispatcher(Box::new(startup::dispatcher(&state)))],
                 shutdown,
             )
             .await;

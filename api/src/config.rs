@@ -18,6 +18,8 @@ pub struct Settings {
     pub run_relay: bool,
     /// Run every projector inside `serve`.
     pub run_projectors: bool,
+    /// Run the dispatcher inside `serve`.
+    pub run_dispatcher: bool,
 }
 
 #[derive(Clone, Debug)]

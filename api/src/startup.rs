@@ -10,6 +10,8 @@ use crm_infra::commands::executor::Executor;
 use crm_infra::crypto::Crypto;
 use crm_infra::feed::bus::Bus;
 use crm_infra::feed::projector::{Projection, ProjectorWorker};
+use crm_infra::dispatch::carriers::Carriers;
+use crm_infra::dispatch::worker::{Dispatcher, UnsubscribeLinks};
 use crm_infra::feed::relay::Relay;
 use crm_infra::{db, read_models};
 use tokio::net::TcpListener;
@@ -30,6 +32,7 @@ pub struct Application {
 pub enum Background {
     Relay(Box<Relay>),
     Projector(Box<ProjectorWorker>),
+    Dispatcher(Box<Dispatcher>),
 }
 
 /// Connections and services every process of the service needs.
@@ -47,8 +50,16 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<AppState> {
     tokio::task::spawn_blocking(crate::auth::dummy_hash).await?;
     let rate_limits = crate::edge::ratelimit::RateLimits::new(settings.http.rate_limits);
     let access_cache = AccessCache::new();
+    let carriers = Arc::new(Carriers::new(
+        pool.clone(),
+        crypto.clone(),
+        settings.mail.carrier_defaults(),
+    ));
     Ok(AppState::new(crate::state::Services {
-        executor: Executor::new(pool.clone(), crypto.clone()).with_hook(access_cache.clone()),
+        executor: Executor::new(pool.clone(), crypto.clone())
+            .with_hook(access_cache.clone())
+            .with_hook(carriers.commit_hook()),
+        carriers,
         access_cache,
         receipts: crm_infra::receipts::ReceiptSigner::new(pool.clone(), crypto.clone()),
         pool,
@@ -69,6 +80,31 @@ pub fn relay(state: &AppState) -> anyhow::Result<Relay> {
         bus: state.bus.clone(),
         local_wake: Some(state.executor.appended()),
     })
+}
+
+/// The dispatcher: sends queued messages, with one-click unsubscribe links signed by
+/// this process's token key.
+pub fn dispatcher(state: &AppState) -> Dispatcher {
+    let s = state.clone();
+    let base = state.settings.mail.link_base.clone();
+    let links: UnsubscribeLinks = Arc::new(move |org_id, contact_id, channel, purpose, message_id| {
+        let link = crate::auth::UnsubscribeLink {
+            org_id,
+            contact_id,
+            channel,
+            purpose: purpose.clone(),
+            message_id,
+        };
+        let token = s.tokens.issue_unsubscribe(&link).ok()?;
+        Some(format!("{base}/v1/public/unsubscribe?token={token}"))
+    });
+    Dispatcher {
+        executor: state.executor.clone(),
+        bus: state.bus.clone(),
+        carriers: state.carriers.clone(),
+        links,
+        ack_wait: Dispatcher::DEFAULT_ACK_WAIT,
+    }
 }
 
 pub fn projector(state: &AppState, projection: Arc<dyn Projection>) -> ProjectorWorker {
@@ -94,6 +130,7 @@ pub async fn run_background(workers: Vec<Background>, shutdown: CancellationToke
             match w {
                 Background::Relay(r) => r.run(token).await,
                 Background::Projector(p) => p.run(token).await,
+                Background::Dispatcher(d) => d.run(token).await,
             }
         }));
     }
@@ -114,6 +151,9 @@ impl Application {
                 &state,
                 read_models::all(),
             ))));
+        }
+        if settings.run_dispatcher {
+            background.push(Background::Dispatcher(Box::new(dispatcher(&state))));
         }
         let listener = TcpListener::bind(settings.http.bind)
             .await

@@ -42,6 +42,8 @@ pub struct Services {
     pub settings: Arc<Settings>,
     pub rate_limits: crate::edge::ratelimit::RateLimits,
     pub mailer: crate::mail::Mailer,
+    /// The carriers messages leave through (cached; see `crm_infra::dispatch`).
+    pub carriers: Arc<crm_infra::dispatch::carriers::Carriers>,
     /// Signs consent receipts; publishes their keys (`/.well-known/jwks.json`).
     pub receipts: crm_infra::receipts::ReceiptSigner,
 }

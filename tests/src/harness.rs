@@ -79,6 +79,11 @@ pub async fn ensure_anchor_stream() {
 pub struct Options {
     pub run_relay: bool,
     pub run_projectors: bool,
+    /// The dispatcher in the process (sends queued messages).
+    pub run_dispatcher: bool,
+    /// `CRM_SMTP_URL`: where email goes without an organisation's carrier (a test's
+    /// SMTP sink); unset: nowhere (messages fail with "no carrier").
+    pub smtp_url: Option<String>,
     pub max_body_bytes: u64,
     /// Origins allowed for CORS (none by default, as in production).
     pub cors_origins: Vec<String>,
@@ -101,6 +106,8 @@ impl Default for Options {
         Self {
             run_relay: true,
             run_projectors: true,
+            run_dispatcher: true,
+            smtp_url: None,
             max_body_bytes: 64 * 1024,
             cors_origins: Vec::new(),
             portal_cors_origins: Vec::new(),
@@ -221,7 +228,7 @@ impl TestApp {
             mail: crm_api::config::MailSettings {
                 spool_dir: None,
                 link_base: "https://crm.example.com".into(),
-                smtp_url: None,
+                smtp_url: opts.smtp_url.clone().map(SecretString::from),
                 from: "crm@localhost".into(),
             },
             jwt: JwtSettings {
@@ -232,6 +239,7 @@ impl TestApp {
             },
             run_relay: opts.run_relay,
             run_projectors: opts.run_projectors,
+            run_dispatcher: opts.run_dispatcher,
         };
         crm_infra::db::migrate(&settings.database)
             .await

@@ -6,10 +6,12 @@
 pub mod activity;
 pub mod api_keys;
 pub mod carriers;
+pub mod consent;
 pub mod consent_log;
 pub mod contacts;
 pub mod health;
 pub mod login;
+pub mod messages;
 pub mod portal;
 pub mod receipts;
 pub mod reports;

@@ -6,7 +6,7 @@
 use crm_domain::access::Permission as P;
 use warp::http::Method;
 
-use super::{activity, api_keys, carriers, consent_log, contacts, health, login, portal, receipts, reports, roles, users};
+use super::{activity, api_keys, carriers, consent, consent_log, contacts, health, login, messages, portal, receipts, reports, roles, users};
 use crate::edge::route::{route, Auth, Route};
 
 pub fn table() -> Vec<Route> {
@@ -99,6 +99,96 @@ pub fn table() -> Vec<Route> {
         .staff(P::PortalManage)
         .errors(&[409])
         .to(portal::revoke),
+        // Consent, messages and the send gate.
+        route(post.clone(), "/v1/contacts/{id}/consent", "consent")
+            .summary("Record a consent change with its proof (answers its signed receipt)")
+            .staff(P::ConsentManage)
+            .errors(&[404, 409])
+            .to(consent::record),
+        route(
+            post.clone(),
+            "/v1/contacts/{id}/consent/double-opt-in",
+            "consent",
+        )
+        .summary("Ask the contact to confirm by e-mail (pending until confirmed)")
+        .staff(P::ConsentManage)
+        .errors(&[404, 409])
+        .to(consent::request_double_opt_in),
+        route(post.clone(), "/v1/contacts/{id}/do-not-contact", "consent")
+            .summary("Mark the contact Do Not Contact: every channel blocked")
+            .staff(P::ConsentManage)
+            .errors(&[404, 409])
+            .to(consent::set_do_not_contact),
+        route(
+            post.clone(),
+            "/v1/contacts/{id}/do-not-contact/lift",
+            "consent",
+        )
+        .summary("Lift the contact's Do Not Contact mark")
+        .staff(P::ConsentManage)
+        .errors(&[404, 409])
+        .to(consent::lift_do_not_contact),
+        route(
+            post.clone(),
+            "/v1/contacts/{id}/sale-sharing-opt-out",
+            "consent",
+        )
+        .summary("Record the contact's opt-out of sale and sharing (CCPA)")
+        .staff(P::ConsentManage)
+        .errors(&[404, 409])
+        .to(consent::opt_out_of_sale),
+        route(
+            post.clone(),
+            "/v1/contacts/{id}/sale-sharing-opt-out/lift",
+            "consent",
+        )
+        .summary("Lift the contact's opt-out of sale and sharing")
+        .staff(P::ConsentManage)
+        .errors(&[404, 409])
+        .to(consent::lift_sale_opt_out),
+        route(get.clone(), "/v1/consent/receipts/{id}", "consent")
+            .summary("The signed receipt of a consent event")
+            .staff(P::ConsentRead)
+            .errors(&[404])
+            .to(consent::receipt),
+        route(post.clone(), "/v1/contacts/{id}/messages", "messages")
+            .summary("Send a message through the send gate: queued or blocked, with the reason")
+            .staff(P::MessagesSend)
+            .large_body()
+            .errors(&[404, 409])
+            .to(messages::send),
+        route(get.clone(), "/v1/messages/{id}", "messages")
+            .summary("A message and every decision on it: why it was sent, or not")
+            .staff(P::MessagesRead)
+            .errors(&[404])
+            .to(messages::get_one),
+        route(get.clone(), "/v1/privacy", "privacy")
+            .summary("The organisation's privacy mode and purposes")
+            .staff(P::ConsentRead)
+            .to(consent::get_privacy),
+        route(put.clone(), "/v1/privacy/settings", "privacy")
+            .summary("Set the privacy mode, double opt-in and default time zone (with why)")
+            .staff(P::PrivacyManage)
+            .errors(&[409])
+            .to(consent::configure_privacy),
+        route(put.clone(), "/v1/privacy/purposes", "privacy")
+            .summary("Define a purpose or change one (with why)")
+            .staff(P::PrivacyManage)
+            .errors(&[409])
+            .to(consent::define_purpose),
+        route(post.clone(), "/v1/privacy/purposes/retire", "privacy")
+            .summary("Retire a purpose (its history is kept)")
+            .staff(P::PrivacyManage)
+            .errors(&[409])
+            .to(consent::retire_purpose),
+        route(post.clone(), "/v1/public/consent/confirm", "consent")
+            .summary("A contact confirms a double opt-in with the link's token")
+            .errors(&[404, 409])
+            .to(consent::confirm),
+        route(post.clone(), "/v1/public/unsubscribe", "consent")
+            .summary("One-click unsubscribe (RFC 8058): withdraws at once")
+            .errors(&[404, 409])
+            .to(consent::unsubscribe),
         // The activity log and reports.
         route(get.clone(), "/v1/activity", "activity")
             .summary("The organisation's activity log, newest first")

@@ -9,3 +9,4 @@
 //! de-duplicates sees the message once.
 
 pub mod carriers;
+pub mod worker;
