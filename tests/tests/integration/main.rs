@@ -7,6 +7,7 @@ mod carriers;
 mod auth;
 mod bad_input;
 mod concurrency;
+mod consent_log;
 mod contacts;
 mod contract;
 mod edge;
