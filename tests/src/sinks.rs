@@ -146,6 +146,12 @@ impl SmtpSink {
         self.state.lock().unwrap().defer_data = n;
     }
 
+    /// The same as [`Self::defer_next_data`] (named like [`HttpReceiver::fail_next`]):
+    /// the next `n` attempts fail temporarily.
+    pub fn fail_next(&self, n: usize) {
+        self.defer_next_data(n);
+    }
+
     /// Replies `554` (transaction failed, permanently) to the next `n` DATA commands.
     pub fn reject_next_data(&self, n: usize) {
         self.state.lock().unwrap().reject_data = n;
