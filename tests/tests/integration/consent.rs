@@ -1,0 +1,460 @@
+//! Consent and the send gate through the API: GDPR and CCPA modes, double opt-in
+//! (single use, expiry, pending blocks marketing), Do Not Contact, quiet hours in the
+//! contact's time zone, `Sec-GPC`, receipts, and every decision an event.
+
+use std::time::Duration;
+
+use chrono::{Timelike, Utc};
+use crm_tests::harness::{eventually, Options, TestApp};
+use crm_tests::sinks::SmtpSink;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+const NOTICE_SHA: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+
+async fn post(app: &TestApp, path: &str, body: Value) -> (u16, Value) {
+    let r = app.post(path, &body).await;
+    let s = r.status().as_u16();
+    (s, r.json().await.unwrap_or(Value::Null))
+}
+
+async fn get(app: &TestApp, path: &str) -> (u16, Value) {
+    let r = app.get(path).await;
+    let s = r.status().as_u16();
+    (s, r.json().await.unwrap_or(Value::Null))
+}
+
+async fn contact(app: &TestApp, extra: Value) -> Uuid {
+    let mut body = json!({
+        "given_name": "Ada",
+        "email": format!("{}@example.com", Uuid::new_v4().simple()),
+        "phone": "+14155550123",
+    });
+    if let (Value::Object(b), Value::Object(e)) = (&mut body, extra) {
+        b.extend(e);
+    }
+    app.create_contact(&body).await.0
+}
+
+fn grant(purpose: &str, source: &str) -> Value {
+    json!({
+        "channel": "email", "purpose": purpose, "status": "granted", "source": source,
+        "notice": {"id": "privacy-policy", "version": "2026-01", "sha256": NOTICE_SHA},
+        "language": "en", "jurisdiction": "EU"
+    })
+}
+
+async fn send(app: &TestApp, contact: Uuid, channel: &str, purpose: &str) -> (u16, Value) {
+    post(
+        app,
+        &format!("/v1/contacts/{contact}/messages"),
+        json!({"channel": channel, "purpose": purpose, "subject": "Hi", "body": "Hello"}),
+    )
+    .await
+}
+
+/// The confirmation token of a mail as the sink received it (quoted-printable decoded:
+/// soft line breaks joined, `=3D` back to `=`).
+fn mailed_token(raw: &str) -> Option<String> {
+    let text = raw.replace("=\r\n", "").replace("=3D", "=");
+    let token = text.split("#token=").nth(1)?.split_whitespace().next()?;
+    Some(token.to_owned())
+}
+
+fn reason(v: &Value) -> &str {
+    v["decision"]["reason"].as_str().unwrap_or("?")
+}
+
+#[tokio::test]
+async fn gdpr_mode_needs_consent_with_its_notice_and_every_decision_is_an_event() {
+    let app = TestApp::spawn().await;
+    let c = contact(&app, json!({})).await;
+    // Nothing implied: no consent, no marketing; a contract-based purpose is allowed.
+    let (s, v) = send(&app, c, "email", "marketing").await;
+    assert_eq!(
+        (s, v["status"].as_str(), reason(&v)),
+        (201, Some("blocked"), "no_consent")
+    );
+    let blocked = v["id"].as_str().unwrap().to_owned();
+    let (s, v) = send(&app, c, "email", "service").await;
+    assert_eq!((s, reason(&v)), (201, "lawful_basis"), "{v}");
+
+    // A grant without the notice is refused in GDPR mode; double opt-in is required for
+    // marketing unless the record was confirmed elsewhere (an import).
+    let mut no_notice = grant("marketing", "import");
+    no_notice.as_object_mut().unwrap().remove("notice");
+    let (s, v) = post(&app, &format!("/v1/contacts/{c}/consent"), no_notice).await;
+    assert_eq!(
+        (s, v["fields"][0]["field"].as_str()),
+        (422, Some("notice")),
+        "{v}"
+    );
+    let (s, v) = post(
+        &app,
+        &format!("/v1/contacts/{c}/consent"),
+        grant("marketing", "form"),
+    )
+    .await;
+    assert_eq!(s, 409, "double opt-in required: {v}");
+    let (s, v) = post(
+        &app,
+        &format!("/v1/contacts/{c}/consent"),
+        grant("marketing", "import"),
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    let granted_event = v["event_id"].as_str().unwrap().to_owned();
+    assert!(v["receipt"]["jws"].as_str().unwrap().split('.').count() == 3);
+
+    let (s, v) = send(&app, c, "email", "marketing").await;
+    assert_eq!(
+        (s, v["status"].as_str(), reason(&v)),
+        (201, Some("queued"), "consent")
+    );
+    assert_eq!(v["decision"]["relied_on"], json!([granted_event]));
+
+    // Withdrawal is as easy as granting (no notice needed) and wins at once.
+    let (s, v) = post(
+        &app,
+        &format!("/v1/contacts/{c}/consent"),
+        json!({"channel": "email", "purpose": "marketing", "status": "withdrawn"}),
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    let withdrawn_event = v["event_id"].as_str().unwrap().to_owned();
+    let (_, v) = send(&app, c, "email", "marketing").await;
+    assert_eq!(reason(&v), "consent_withdrawn");
+    assert_eq!(v["decision"]["relied_on"], json!([withdrawn_event]));
+
+    // Why was it not sent? The message's own events say, forever.
+    let (s, m) = get(&app, &format!("/v1/messages/{blocked}")).await;
+    assert_eq!((s, m["status"].as_str()), (200, Some("blocked")), "{m}");
+    assert_eq!(m["steps"][0]["type"], "MessageBlocked");
+    assert_eq!(m["steps"][0]["decision"]["reason"], "no_consent");
+    // The receipt is retrievable later.
+    let (s, r) = get(&app, &format!("/v1/consent/receipts/{granted_event}")).await;
+    assert_eq!(
+        (s, r["event_id"].as_str()),
+        (200, Some(granted_event.as_str())),
+        "{r}"
+    );
+
+    // Another organisation sees none of it.
+    let (_, _, other) = app.another_org("Other").await;
+    let r = app
+        .http
+        .get(app.url(&format!("/v1/messages/{blocked}")))
+        .bearer_auth(&other)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+}
+
+#[tokio::test]
+async fn ccpa_mode_is_opt_out_and_honours_a_do_not_sell_opt_out() {
+    let app = TestApp::spawn().await;
+    let r = app
+        .http
+        .put(app.url("/v1/privacy/settings"))
+        .bearer_auth(&app.token)
+        .json(
+            &json!({"mode": "ccpa", "double_opt_in_for_marketing": false,
+                      "time_zone": "America/Los_Angeles", "reason": "US launch"}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = app
+        .http
+        .put(app.url("/v1/privacy/purposes"))
+        .bearer_auth(&app.token)
+        .json(
+            &json!({"key": "partners", "name": "Partner offers", "default_basis": "consent",
+                      "channels": ["email"], "sells_or_shares": true, "reason": "co-marketing"}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (_, p) = get(&app, "/v1/privacy").await;
+    assert_eq!(p["mode"], "ccpa");
+    assert!(p["purposes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|x| x["key"] == "partners"));
+
+    let c = contact(&app, json!({})).await;
+    let (_, v) = send(&app, c, "email", "marketing").await;
+    assert_eq!(reason(&v), "opt_out_model", "nobody opted out: allowed");
+    let (_, v) = send(&app, c, "email", "partners").await;
+    assert_eq!(reason(&v), "opt_out_model");
+    let (s, _) = post(
+        &app,
+        &format!("/v1/contacts/{c}/sale-sharing-opt-out"),
+        json!({}),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let (_, v) = send(&app, c, "email", "partners").await;
+    assert_eq!(reason(&v), "sale_or_sharing_opted_out");
+    let (_, v) = send(&app, c, "email", "marketing").await;
+    assert_eq!(
+        reason(&v),
+        "opt_out_model",
+        "a purpose that does not sell is unaffected"
+    );
+    // A withdrawal is honoured in CCPA mode too.
+    let (s, _) = post(
+        &app,
+        &format!("/v1/contacts/{c}/consent"),
+        json!({"channel": "email", "purpose": "marketing", "status": "withdrawn"}),
+    )
+    .await;
+    assert_eq!(s, 201);
+    let (_, v) = send(&app, c, "email", "marketing").await;
+    assert_eq!(reason(&v), "consent_withdrawn");
+
+    // Retiring a purpose keeps its history and blocks it.
+    let (s, _) = post(
+        &app,
+        "/v1/privacy/purposes/retire",
+        json!({"key": "partners", "reason": "programme ended"}),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let (_, v) = send(&app, c, "email", "partners").await;
+    assert_eq!(reason(&v), "purpose_retired");
+}
+
+#[tokio::test]
+async fn do_not_contact_blocks_every_channel_until_lifted() {
+    let app = TestApp::spawn().await;
+    let c = contact(&app, json!({})).await;
+    let (s, _) = post(
+        &app,
+        &format!("/v1/contacts/{c}/do-not-contact"),
+        json!({"reason": "asked by phone"}),
+    )
+    .await;
+    assert_eq!(s, 200);
+    for channel in ["email", "sms", "phone"] {
+        let (_, v) = send(&app, c, channel, "service").await;
+        assert_eq!(reason(&v), "do_not_contact", "{channel}: {v}");
+    }
+    let (s, _) = post(
+        &app,
+        &format!("/v1/contacts/{c}/do-not-contact/lift"),
+        json!({"reason": "asked again"}),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let (s, v) = post(
+        &app,
+        &format!("/v1/contacts/{c}/do-not-contact/lift"),
+        json!({}),
+    )
+    .await;
+    assert_eq!(s, 409, "not marked: {v}");
+    let (_, v) = send(&app, c, "email", "service").await;
+    assert_eq!(reason(&v), "lawful_basis");
+}
+
+/// A fixed-offset zone where it is now `hour` o'clock (Etc/GMT signs are reversed).
+fn zone_where_it_is(hour: u32) -> String {
+    let utc = Utc::now().hour() as i32;
+    let mut offset = hour as i32 - utc;
+    if offset > 12 {
+        offset -= 24;
+    }
+    if offset < -12 {
+        offset += 24;
+    }
+    match offset {
+        0 => "Etc/GMT".into(),
+        o if o > 0 => format!("Etc/GMT-{o}"),
+        o => format!("Etc/GMT+{}", -o),
+    }
+}
+
+#[tokio::test]
+async fn quiet_hours_follow_the_contacts_time_zone_for_sms_and_phone_only() {
+    let app = TestApp::spawn().await;
+    // 02:xx where the night owl lives, 12:xx where the other lives.
+    let night = contact(&app, json!({"time_zone": zone_where_it_is(2)})).await;
+    let noon = contact(&app, json!({"time_zone": zone_where_it_is(12)})).await;
+    let (_, v) = send(&app, night, "sms", "service").await;
+    assert_eq!(reason(&v), "quiet_hours", "{v}");
+    let (_, v) = send(&app, night, "email", "service").await;
+    assert_eq!(reason(&v), "lawful_basis", "email has no quiet hours");
+    let (_, v) = send(&app, noon, "sms", "service").await;
+    assert_eq!(reason(&v), "lawful_basis", "{v}");
+    // A bad zone is refused by name.
+    let r = app
+        .post(
+            "/v1/contacts",
+            &json!({"given_name": "X", "time_zone": "Mars/Olympus"}),
+        )
+        .await;
+    assert_eq!(r.status(), 422);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["fields"][0]["field"], "time_zone");
+}
+
+#[tokio::test]
+async fn double_opt_in_is_single_use_expires_and_pending_blocks_marketing() {
+    let sink = SmtpSink::start().await;
+    let app = TestApp::spawn_with(Options {
+        smtp_url: Some(sink.url()),
+        ..Options::default()
+    })
+    .await;
+    let c = contact(&app, json!({})).await;
+    let mut body = grant("marketing", "form");
+    body.as_object_mut().unwrap().remove("status");
+    let (s, v) = post(
+        &app,
+        &format!("/v1/contacts/{c}/consent/double-opt-in"),
+        body.clone(),
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    let (_, m) = send(&app, c, "email", "marketing").await;
+    assert_eq!(reason(&m), "consent_pending_confirmation");
+
+    // The confirmation went out through the gate and the dispatcher, over SMTP.
+    let mail = eventually(Duration::from_secs(15), || async {
+        sink.messages()
+            .into_iter()
+            .find(|m| m.raw.contains("#token"))
+    })
+    .await
+    .expect("the confirmation mail reaches the SMTP sink");
+    let token = mailed_token(&mail.raw).expect("a token in the mail");
+    let confirm = |token: String| {
+        let app = &app;
+        async move {
+            app.http
+                .post(app.url("/v1/public/consent/confirm"))
+                .header("user-agent", "Mail/1.0")
+                .json(&json!({"token": token}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(confirm(token.clone()).await, 200);
+    assert_eq!(confirm(token).await, 404, "single use");
+    let (_, m) = send(&app, c, "email", "marketing").await;
+    assert_eq!(reason(&m), "consent", "{m}");
+
+    // An expired link is refused.
+    let c2 = contact(&app, json!({})).await;
+    let (s, _) = post(
+        &app,
+        &format!("/v1/contacts/{c2}/consent/double-opt-in"),
+        body,
+    )
+    .await;
+    assert_eq!(s, 201);
+    let mail = eventually(Duration::from_secs(15), || async {
+        let to = sink.messages();
+        (to.iter().filter(|m| m.raw.contains("#token")).count() >= 2)
+            .then(|| to.into_iter().filter(|m| m.raw.contains("#token")).nth(1))
+            .flatten()
+    })
+    .await
+    .expect("a second confirmation mail");
+    let token2 = mailed_token(&mail.raw).expect("a token in the mail");
+    app.db()
+        .await
+        .execute(
+            "UPDATE consent_confirmations SET expires_at = now() - interval '1 second'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(confirm(token2).await, 404, "expired");
+    let (_, m) = send(&app, c2, "email", "marketing").await;
+    assert_eq!(reason(&m), "consent_pending_confirmation");
+}
+
+#[tokio::test]
+async fn sec_gpc_from_the_portal_records_an_opt_out_of_sale_and_sharing() {
+    let app = TestApp::spawn().await;
+    let email = format!("{}@client.example.com", Uuid::new_v4().simple());
+    let c = contact(&app, json!({"email": email})).await;
+    let r = app
+        .http
+        .put(app.url("/v1/organization/modules"))
+        .bearer_auth(&app.token)
+        .json(&json!({"modules": ["contacts", "activity", "reports", "portal"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (s, _) = post(&app, &format!("/v1/contacts/{c}/portal-access"), json!({})).await;
+    assert_eq!(s, 200);
+    let r = app
+        .http
+        .post(app.url("/portal/auth/magic-link"))
+        .json(&json!({"org_id": app.org_id, "email": email}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let mail = eventually(Duration::from_secs(5), || async {
+        app.state.mailer.sent().into_iter().find(|m| m.to == email)
+    })
+    .await
+    .expect("a magic link");
+    let link = mail
+        .body
+        .split("#token=")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap();
+    let r = app
+        .http
+        .post(app.url("/portal/auth/magic-link/redeem"))
+        .json(&json!({"token": link}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let portal: Value = r.json().await.unwrap();
+    let portal = portal["access_token"].as_str().unwrap().to_owned();
+    let opted_out = || async {
+        let n: i64 = app
+            .db()
+            .await
+            .query_one(
+                "SELECT count(*) FROM events WHERE aggregate_type = 'consent' \
+                 AND aggregate_id = $1 AND event_type = 'SaleOrSharingOptedOut'",
+                &[&c.to_string()],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        n
+    };
+    // Without the signal, nothing is recorded; with it, one opt-out, once.
+    let me = |gpc: bool| {
+        let mut rb = app.http.get(app.url("/portal/me")).bearer_auth(&portal);
+        if gpc {
+            rb = rb.header("sec-gpc", "1");
+        }
+        rb.send()
+    };
+    me(false).await.unwrap();
+    assert_eq!(opted_out().await, 0);
+    me(true).await.unwrap();
+    me(true).await.unwrap();
+    assert_eq!(opted_out().await, 1);
+}
