@@ -9,6 +9,7 @@ use std::collections::BTreeSet;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -98,6 +99,8 @@ struct SmtpState {
     /// Reply 554 (permanent failure) to this many more DATA commands.
     reject_data: usize,
     data_attempts: usize,
+    /// How long to wait, after recording a message, before answering its DATA with 250.
+    accept_delay: Duration,
 }
 
 /// An SMTP server on 127.0.0.1 (EHLO/HELO, MAIL FROM, RCPT TO, DATA with
@@ -155,6 +158,12 @@ impl SmtpSink {
     /// Replies `554` (transaction failed, permanently) to the next `n` DATA commands.
     pub fn reject_next_data(&self, n: usize) {
         self.state.lock().unwrap().reject_data = n;
+    }
+
+    /// Waits `delay` after recording each accepted message before answering `250`: a
+    /// sender killed meanwhile has had its message received but not acknowledged.
+    pub fn delay_acceptance(&self, delay: Duration) {
+        self.state.lock().unwrap().accept_delay = delay;
     }
 
     /// DATA commands received, accepted or not.
@@ -256,7 +265,14 @@ async fn smtp_session(stream: TcpStream, state: Arc<Mutex<SmtpState>>) -> std::i
                         std::mem::take(&mut to),
                         body.join("\r\n"),
                     );
-                    state.lock().unwrap().messages.push(mail);
+                    let delay = {
+                        let mut s = state.lock().unwrap();
+                        s.messages.push(mail);
+                        s.accept_delay
+                    };
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
                     b"250 OK queued\r\n"
                 }
             }
