@@ -29,7 +29,7 @@ use warp::reply::Response;
 use warp::Filter;
 
 use self::context::RequestContext;
-use self::route::{Auth, BodyLimit, Call, Caller, Route, SMALL_BODY_BYTES};
+use self::route::{Auth, BodyLimit, Call, Caller, Route, BULK_BODY_BYTES, SMALL_BODY_BYTES};
 use crate::error::ApiError;
 use crate::state::AppState;
 
@@ -261,6 +261,7 @@ impl Edge {
             let limit = match route.body_limit {
                 BodyLimit::Small => SMALL_BODY_BYTES,
                 BodyLimit::Large => state.settings.http.max_body_bytes,
+                BodyLimit::Bulk => state.settings.http.max_body_bytes.max(BULK_BODY_BYTES),
             };
             if req
                 .header("content-length")

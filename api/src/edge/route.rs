@@ -61,9 +61,13 @@ pub enum BodyLimit {
     Small,
     /// `CRM_MAX_BODY_BYTES`: records with free text (contacts).
     Large,
+    /// [`BULK_BODY_BYTES`] (or `CRM_MAX_BODY_BYTES` if larger): bulk operations (the
+    /// consent check of up to 10,000 contacts, consent imports).
+    Bulk,
 }
 
 pub const SMALL_BODY_BYTES: u64 = 16 * 1024;
+pub const BULK_BODY_BYTES: u64 = 4 * 1024 * 1024;
 
 /// One response of an operation in the document.
 #[derive(Clone)]
@@ -282,6 +286,10 @@ impl RouteBuilder {
     }
     pub fn large_body(mut self) -> Self {
         self.body_limit = BodyLimit::Large;
+        self
+    }
+    pub fn bulk_body(mut self) -> Self {
+        self.body_limit = BodyLimit::Bulk;
         self
     }
     /// Error statuses of the operation's own rules (409, 422, 401 for credentials…);

@@ -6,7 +6,10 @@
 use crm_domain::access::Permission as P;
 use warp::http::Method;
 
-use super::{activity, api_keys, carriers, consent, consent_log, contacts, health, login, messages, portal, receipts, reports, roles, users};
+use super::{
+    activity, api_keys, carriers, consent, consent_log, contacts, health, login, messages, portal,
+    receipts, reports, roles, users,
+};
 use crate::edge::route::{route, Auth, Route};
 
 pub fn table() -> Vec<Route> {
@@ -210,7 +213,7 @@ pub fn table() -> Vec<Route> {
         route(post.clone(), "/v1/consent/check", "consent")
             .summary("May a message go to each of these contacts now (up to 10,000)")
             .staff(P::ConsentRead)
-            .large_body()
+            .bulk_body()
             .errors(&[422])
             .to(consent_log::check),
         // Users.
@@ -290,11 +293,15 @@ pub fn table() -> Vec<Route> {
             .summary("The organisation's carriers (a secret's last four characters only)")
             .staff(P::OrganizationManage)
             .to(carriers::list),
-        route(post.clone(), "/v1/organization/carriers/remove", "organization")
-            .summary("Remove the carrier of a channel (the service's defaults apply again)")
-            .staff(P::OrganizationManage)
-            .errors(&[404, 409])
-            .to(carriers::remove),
+        route(
+            post.clone(),
+            "/v1/organization/carriers/remove",
+            "organization",
+        )
+        .summary("Remove the carrier of a channel (the service's defaults apply again)")
+        .staff(P::OrganizationManage)
+        .errors(&[404, 409])
+        .to(carriers::remove),
         route(post.clone(), "/v1/api-keys", "api-keys")
             .summary("Issue an API key (shown once)")
             .staff(P::ApiKeysManage)

@@ -7,7 +7,7 @@ use crm_tests::harness::TestApp;
 use serde_json::{json, Value};
 
 /// A value of each field, unlike anything else in a response.
-const VALUES: [(&str, &str); 8] = [
+const VALUES: [(&str, &str); 9] = [
     ("given_name", "Givenxq"),
     ("family_name", "Familyxq"),
     ("email", "mailxq@example.com"),
@@ -15,6 +15,7 @@ const VALUES: [(&str, &str); 8] = [
     ("address", "Streetxq 1"),
     ("company", "Companyxq"),
     ("title", "Titlexq"),
+    ("time_zone", "Pacific/Chatham"),
     ("custom", "Customxq"),
 ];
 
@@ -66,7 +67,7 @@ async fn hidden_fields_are_absent_from_every_output() {
             "email": value_of("email"), "phone": value_of("phone"),
             "address": {"line1": value_of("address"), "country": "DE"},
             "company": value_of("company"), "title": value_of("title"),
-            "custom": {"note": value_of("custom")},
+            "time_zone": value_of("time_zone"), "custom": {"note": value_of("custom")},
         }))
         .await;
     // An update that clears fields: history carries their names.
