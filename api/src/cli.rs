@@ -231,6 +231,23 @@ pub enum Command {
         #[command(subcommand)]
         command: ReceiptsCommand,
     },
+    /// Consent operations.
+    Consent {
+        #[command(subcommand)]
+        command: ConsentCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ConsentCommand {
+    /// Import consent changes from a CSV (header row) or JSON-lines file: each valid
+    /// row becomes an event with source `import`; prints the report (bad rows by line).
+    Import {
+        #[arg(long)]
+        org: Uuid,
+        /// The file; `.jsonl`/`.ndjson` is read as JSON lines, anything else as CSV.
+        file: std::path::PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -395,7 +412,9 @@ pub async fn run(
         Command::Dispatch => {
             let state = startup::connect(&common.settings()?).await?;
             run_workers(
-                vec![Background::Dispatcher(Box::new(startup::dispatcher(&state)))],
+                vec![Background::Dispatcher(Box::new(startup::dispatcher(
+                    &state,
+                )))],
                 shutdown,
             )
             .await;
@@ -460,6 +479,44 @@ pub async fn run(
             if !report.ok() {
                 bail!("{} broken link(s) in the hash chains", report.breaks.len());
             }
+        }
+        Command::Consent {
+            command: ConsentCommand::Import { org, file },
+        } => {
+            use crm_infra::consent::import::{self as imports, Format};
+            let data = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let format = match file.extension().and_then(|e| e.to_str()) {
+                Some("jsonl" | "ndjson") => Format::JsonLines,
+                _ => Format::Csv,
+            };
+            let rows = imports::read(format, &data)?;
+            let settings = common.settings()?;
+            let pool = db::app_pool(&settings.database)?;
+            let crypto = std::sync::Arc::new(crm_infra::crypto::Crypto::new(&settings.keys)?);
+            let executor = crm_infra::commands::executor::Executor::new(pool, crypto);
+            let bar = ProgressBar::new(rows.len() as u64);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{spinner} import [{bar:40}] {pos}/{len} rows ({per_sec}, eta {eta})",
+                )
+                .expect("a valid template"),
+            );
+            let meta = EventMetadata::system(org, "import");
+            let progress_bar = bar.clone();
+            let report = imports::run(&executor, org, Uuid::now_v7(), rows, &meta, &move |done| {
+                progress_bar.set_position(done as u64)
+            })
+            .await?;
+            bar.finish_and_clear();
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            eprintln!(
+                "import {}: {} of {} rows recorded, {} refused",
+                report.import_id,
+                report.recorded,
+                report.rows,
+                report.errors.len()
+            );
         }
         Command::Receipts {
             command: ReceiptsCommand::RotateKey,

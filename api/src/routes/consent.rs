@@ -307,16 +307,7 @@ fn contact_point(
     channel: Channel,
     raw: Option<&str>,
 ) -> Option<String> {
-    let raw = raw?;
-    let parsed = match channel {
-        Channel::Email => crm_domain::values::Email::parse(raw).map(|e| e.to_string()),
-        Channel::Sms | Channel::Whatsapp | Channel::Phone => {
-            crm_domain::values::Phone::parse(raw).map(|p| p.as_str().to_owned())
-        }
-        Channel::Postal => Line::parse(raw).map(|l| l.to_string()),
-    };
-    parsed
-        .map(|p| crm_infra::consent::normalize_point(channel, &p))
+    crm_infra::consent::parse_point(channel, raw?)
         .map_err(|e| errors.push(FieldError::new("contact_point", e.0)))
         .ok()
 }
@@ -1022,4 +1013,98 @@ pub(crate) async fn retire_purpose(
     )
     .await?;
     Ok(super::outcome(&o))
+}
+
+// ---- imports -----------------------------------------------------------------------
+
+/// The format of an import's rows.
+#[derive(Debug, Clone, Copy, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum ImportFormat {
+    /// A header row naming the columns, then one row per change.
+    Csv,
+    /// One JSON object per line.
+    Jsonl,
+}
+
+/// `POST /v1/consent/imports`: many consent changes at once, each recorded with source
+/// `import` and the import's id. Columns: `contact_id`, `channel`, `purpose`, `status`,
+/// and optionally `contact_point`, `lawful_basis`, `notice_id`, `notice_version`,
+/// `notice_sha256`, `language`, `jurisdiction`, `expires_at`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({
+    "format": "csv",
+    "data": "contact_id,channel,purpose,status,notice_id,notice_version,notice_sha256\n0193a1c2-7d1e-7c3a-9f00-2b5c1d9e8a11,email,marketing,granted,pp,3,9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\n"
+}))]
+pub(crate) struct ImportInput {
+    format: ImportFormat,
+    /// The file's text (at most 100,000 rows; the body at most 4 MiB).
+    data: String,
+}
+
+/// A row that was not recorded.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct ImportRowError {
+    /// The row's line in the file (the CSV header is line 1).
+    line: usize,
+    /// The column at fault, when there is one.
+    field: Option<String>,
+    message: String,
+}
+
+/// What an import did: every valid row recorded, every other named.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct ImportReport {
+    import_id: Uuid,
+    rows: usize,
+    recorded: usize,
+    errors: Vec<ImportRowError>,
+}
+
+pub(crate) fn import_report(r: crm_infra::consent::import::Report) -> ImportReport {
+    ImportReport {
+        import_id: r.import_id,
+        rows: r.rows,
+        recorded: r.recorded,
+        errors: r
+            .errors
+            .into_iter()
+            .map(|e| ImportRowError {
+                line: e.line,
+                field: e.field,
+                message: e.message,
+            })
+            .collect(),
+    }
+}
+
+pub(crate) async fn import(
+    s: AppState,
+    a: Authed,
+    Json(input): Json<ImportInput>,
+) -> Result<Ok200<ImportReport>, ApiError> {
+    use crm_infra::consent::import::{self as imports, Format, ImportError};
+    let format = match input.format {
+        ImportFormat::Csv => Format::Csv,
+        ImportFormat::Jsonl => Format::JsonLines,
+    };
+    let file_error =
+        |e: ImportError| ApiError::Validation(vec![FieldError::new("data", e.to_string())]);
+    let rows = imports::read(format, &input.data).map_err(file_error)?;
+    let import_id = Uuid::now_v7();
+    let report = imports::run(
+        &s.executor,
+        a.caller.org_id,
+        import_id,
+        rows,
+        &a.metadata(),
+        &|_| {},
+    )
+    .await
+    .map_err(|e| match e {
+        ImportError::Store(e) => ApiError::from(e),
+        other => file_error(other),
+    })?;
+    Ok(Ok200(import_report(report)))
 }

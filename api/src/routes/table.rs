@@ -149,6 +149,11 @@ pub fn table() -> Vec<Route> {
         .staff(P::ConsentManage)
         .errors(&[404, 409])
         .to(consent::lift_sale_opt_out),
+        route(post.clone(), "/v1/consent/imports", "consent")
+            .summary("Import consent changes (CSV or JSON lines): each row an event, bad rows named")
+            .staff(P::ConsentManage)
+            .bulk_body()
+            .to(consent::import),
         route(get.clone(), "/v1/consent/receipts/{id}", "consent")
             .summary("The signed receipt of a consent event")
             .staff(P::ConsentRead)

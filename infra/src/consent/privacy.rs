@@ -45,14 +45,15 @@ pub async fn execute(
                 )
                 .await
                 .map_err(db)?;
-            let mut privacy = Privacy {
-                settings: match row {
-                    Some(r) => Some(serde_json::from_value(r.get(0)).map_err(|e| {
-                        CommandError::Store(StoreError::Corrupt(0, e.to_string()))
-                    })?),
-                    None => None,
-                },
-            };
+            let mut privacy =
+                Privacy {
+                    settings: match row {
+                        Some(r) => Some(serde_json::from_value(r.get(0)).map_err(|e| {
+                            CommandError::Store(StoreError::Corrupt(0, e.to_string()))
+                        })?),
+                        None => None,
+                    },
+                };
             for e in events {
                 privacy.apply(e.clone());
             }

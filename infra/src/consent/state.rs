@@ -5,12 +5,12 @@
 //! at its moment, whatever a projection's lag.
 
 use chrono::{DateTime, Utc};
+use cqrs_es::Aggregate;
 use crm_domain::consent::gate::{self, ConsentState, Decision, Request};
 use crm_domain::consent::ledger::{fold, ConsentEvent, ConsentLedger};
 use crm_domain::consent::privacy::PrivacySettings;
 use crm_domain::consent::Channel;
 use crm_domain::contact::Contact;
-use cqrs_es::Aggregate;
 use deadpool_postgres::GenericClient;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
@@ -111,7 +111,11 @@ pub async fn suppressed_by(
     let row = client
         .query_opt(
             &stmt,
-            &[&org_id, &channel_name(channel), &point_sha256(channel, point)],
+            &[
+                &org_id,
+                &channel_name(channel),
+                &point_sha256(channel, point),
+            ],
         )
         .await?;
     Ok(row.map(|r| r.get(0)))

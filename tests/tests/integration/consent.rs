@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use chrono::{Timelike, Utc};
+use clap::Parser;
 use crm_tests::harness::{eventually, Options, TestApp};
 use crm_tests::sinks::SmtpSink;
 use serde_json::{json, Value};
@@ -457,4 +458,120 @@ async fn sec_gpc_from_the_portal_records_an_opt_out_of_sale_and_sharing() {
     me(true).await.unwrap();
     me(true).await.unwrap();
     assert_eq!(opted_out().await, 1);
+}
+
+#[tokio::test]
+async fn a_bulk_import_records_every_valid_row_and_names_every_bad_one() {
+    let app = TestApp::spawn().await;
+    let mut contacts = Vec::new();
+    for _ in 0..20 {
+        contacts.push(contact(&app, json!({})).await);
+    }
+    // 2,000 rows over 20 contacts (grant, then withdraw, alternately: the last per
+    // contact wins), plus bad ones.
+    let mut csv = String::from(
+        "contact_id,channel,purpose,status,notice_id,notice_version,notice_sha256,language\n",
+    );
+    for i in 0..2000 {
+        let status = if i % 2 == 0 { "granted" } else { "withdrawn" };
+        let c = contacts[(i / 2) % contacts.len()];
+        csv.push_str(&format!(
+            "{c},email,marketing,{status},privacy-policy,7,{NOTICE_SHA},en\n"
+        ));
+    }
+    let unknown = Uuid::now_v7();
+    csv.push_str(&format!("{},fax,marketing,granted,,,,\n", contacts[0]));
+    csv.push_str(&format!(
+        "{unknown},email,marketing,granted,pp,1,{NOTICE_SHA},\n"
+    ));
+    csv.push_str(&format!("{},email,marketing,granted,,,,\n", contacts[1]));
+    let (s, v) = post(
+        &app,
+        "/v1/consent/imports",
+        json!({"format": "csv", "data": csv}),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        (v["rows"].as_u64(), v["recorded"].as_u64()),
+        (Some(2003), Some(2000)),
+        "{v}"
+    );
+    let errors = v["errors"].as_array().unwrap();
+    let named: Vec<(u64, &str)> = errors
+        .iter()
+        .map(|e| {
+            (
+                e["line"].as_u64().unwrap(),
+                e["field"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        named,
+        [(2002, "channel"), (2003, "contact_id"), (2004, "notice_id")],
+        "{v}"
+    );
+    // Each row is an event with source import and the import's id.
+    let import_id = v["import_id"].as_str().unwrap().to_owned();
+    let n: i64 = app
+        .db()
+        .await
+        .query_one(
+            "SELECT count(*) FROM events WHERE aggregate_type = 'consent' \
+             AND payload->'ConsentRecorded'->'proof'->>'import_id' = $1 \
+             AND payload->'ConsentRecorded'->'proof'->>'source' = 'import'",
+            &[&import_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 2000);
+    // In file order per contact: the last row of each was a withdrawal.
+    let (_, m) = send(&app, contacts[3], "email", "marketing").await;
+    assert_eq!(reason(&m), "consent_withdrawn", "{m}");
+
+    // JSON lines, from the command line, the same rules.
+    let fresh = contact(&app, json!({})).await;
+    let dir = std::env::temp_dir().join(format!("crm-import-{}", Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("consent.jsonl");
+    std::fs::write(
+        &file,
+        format!(
+            "{}\n{{\"contact_id\":\"{}\",\"channel\":\"email\",\"purpose\":\"nope\",\"status\":\"granted\"}}\n",
+            json!({"contact_id": contacts[5], "channel": "email", "purpose": "marketing",
+                   "status": "granted", "notice_id": "pp", "notice_version": "1",
+                   "notice_sha256": NOTICE_SHA}),
+            fresh
+        ),
+    )
+    .unwrap();
+    let cli = crm_api::cli::Cli::try_parse_from([
+        "crm",
+        "--database-url",
+        &app.db_url,
+        "--kek",
+        secrecy::ExposeSecret::expose_secret(&app.settings.keys.kek),
+        "--kek-id",
+        &app.settings.keys.kek_id,
+        "--jwt-secret",
+        "a-secret-only-for-parsing-the-command-line",
+        "consent",
+        "import",
+        "--org",
+        &app.org_id.to_string(),
+        file.to_str().unwrap(),
+    ])
+    .unwrap();
+    crm_api::cli::run(cli, async {}).await.unwrap();
+    let (_, m) = send(&app, contacts[5], "email", "marketing").await;
+    assert_eq!(reason(&m), "consent", "{m}");
+    let (_, m) = send(&app, fresh, "email", "marketing").await;
+    assert_eq!(
+        reason(&m),
+        "no_consent",
+        "the bad row recorded nothing: {m}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
 }
