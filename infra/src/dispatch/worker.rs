@@ -146,6 +146,9 @@ impl Dispatcher {
             let this = self.clone();
             tokio::spawn(async move {
                 let _permit = permit;
+                // Work starts now: the ack wait counts from here, not from the
+                // delivery (which may have waited for a free slot).
+                let _ = msg.ack_with(AckKind::Progress).await;
                 let ack = match serde_json::from_slice::<RawEvent>(&msg.payload) {
                     Err(e) => {
                         tracing::error!(subject = %msg.subject, error = %e, "not an event; terminated");
@@ -228,6 +231,14 @@ impl Dispatcher {
             }
         };
         let Some(decision) = decision else {
+            // The contact is gone from the organisation: nothing to send it to.
+            let command = MessageCommand::RecordFailure {
+                attempt,
+                error: "the contact no longer exists".into(),
+                retryable: false,
+                now: Utc::now(),
+            };
+            self.record(org_id, &id, command, &meta).await?;
             return Ok(Handled::Done);
         };
         if !decision.allowed {
