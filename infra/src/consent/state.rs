@@ -136,12 +136,17 @@ pub async fn load(
     org_id: Uuid,
     contact_id: Uuid,
 ) -> Result<Option<GateInput>, StoreError> {
-    let Some(contact) = contact(executor, client, org_id, contact_id).await? else {
+    // Three independent reads, pipelined on one connection.
+    let (contact, state, settings) = futures::try_join!(
+        contact(executor, client, org_id, contact_id),
+        consent_state(executor, client, org_id, contact_id, None),
+        super::privacy::load(client, org_id),
+    )?;
+    let Some(contact) = contact else {
         return Ok(None);
     };
-    let mut state = consent_state(executor, client, org_id, contact_id, None).await?;
+    let mut state = state;
     state.time_zone = contact.profile.time_zone.map(|tz| tz.0);
-    let settings = super::privacy::load(client, org_id).await?;
     Ok(Some(GateInput {
         contact,
         state,
