@@ -423,8 +423,8 @@ impl From<CommandError<crm_domain::consent::privacy::PrivacyError>> for ApiError
     fn from(e: CommandError<crm_domain::consent::privacy::PrivacyError>) -> Self {
         use crm_domain::consent::privacy::PrivacyError as P;
         match e {
-            CommandError::Domain(d @ P::UnknownPurpose(_)) => {
-                Self::Validation(vec![FieldError::new("key", d.to_string())])
+            CommandError::Domain(P::UnknownPurpose(_)) => {
+                Self::NotFound("no such purpose in this organisation's registry")
             }
             CommandError::Domain(d @ P::NoChannel) => {
                 Self::Validation(vec![FieldError::new("channels", d.to_string())])

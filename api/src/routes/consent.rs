@@ -23,7 +23,9 @@ use sha2::{Digest, Sha256};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
-use super::schemas::{CaptureSourceName, ChannelName, LawfulBasisName, Outcome, PrivacyModeName};
+use super::schemas::{
+    CaptureSourceName, ChannelName, LawfulBasisName, Outcome, PrivacyModeName, TimeZoneName,
+};
 use super::Authed;
 use crate::edge::context::RequestContext;
 use crate::edge::extract::{Id, Json, Query};
@@ -80,11 +82,11 @@ pub(crate) struct ConsentInput {
     notice: Option<NoticeInput>,
     /// BCP 47 (`en`, `de-CH`).
     #[serde(default)]
-    #[schema(max_length = 35)]
+    #[schema(max_length = 35, pattern = "^[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8})*$")]
     language: Option<String>,
     /// `DE`, `US-CA`, `EU`.
     #[serde(default)]
-    #[schema(max_length = 6)]
+    #[schema(pattern = "^[A-Za-z]{2}(-[A-Za-z0-9]{1,3})?$")]
     jurisdiction: Option<String>,
     /// A grant that holds until then.
     #[serde(default)]
@@ -132,10 +134,10 @@ pub(crate) struct DoubleOptInInput {
     #[serde(default)]
     notice: Option<NoticeInput>,
     #[serde(default)]
-    #[schema(max_length = 35)]
+    #[schema(max_length = 35, pattern = "^[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8})*$")]
     language: Option<String>,
     #[serde(default)]
-    #[schema(max_length = 6)]
+    #[schema(pattern = "^[A-Za-z]{2}(-[A-Za-z0-9]{1,3})?$")]
     jurisdiction: Option<String>,
     /// How long the link works: 1 to 72 hours (default 72).
     #[serde(default, deserialize_with = "crate::edge::extract::whole_number")]
@@ -195,6 +197,7 @@ pub(crate) struct PrivacyDoc {
     mode: PrivacyMode,
     double_opt_in_for_marketing: bool,
     /// IANA time zone for contacts without one (quiet hours).
+    #[schema(value_type = TimeZoneName)]
     time_zone: String,
     purposes: Vec<PurposeDoc>,
 }
@@ -221,7 +224,8 @@ pub(crate) struct PrivacySettingsInput {
     #[schema(value_type = PrivacyModeName)]
     mode: PrivacyMode,
     double_opt_in_for_marketing: bool,
-    #[schema(max_length = 64)]
+    /// An IANA time zone.
+    #[schema(value_type = TimeZoneName)]
     time_zone: String,
     /// Why (kept with the change).
     #[schema(max_length = 300, pattern = "@line")]

@@ -309,3 +309,9 @@ documented!(
     ReasonName,
     names_enum(crm_domain::consent::gate::Reason::ALL)
 );
+
+documented!(
+    /// An IANA time zone (`Europe/Berlin`, `America/New_York`, `UTC`).
+    TimeZoneName,
+    string_enum(chrono_tz::TZ_VARIANTS.iter().map(|tz| tz.name()))
+);
