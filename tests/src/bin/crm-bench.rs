@@ -6,6 +6,10 @@
 //!   from the command's response to the moment the `contacts` projection's checkpoint
 //!   (read from PostgreSQL every `--poll-ms`) covers its event; the relay's checkpoint is
 //!   read by the same query, which splits the lag into its two hops.
+//!   With `--kind consent` it records consent withdrawals instead (`POST
+//!   /v1/contacts/{id}/consent`, one contact each) and follows the `consent_log`
+//!   projection: commit-to-ConsentLog lag.
+//! - `messages`, `consent-check`: the send gate and the bulk check (`consent.rs`).
 //! - `drop-stream`: deletes the JetStream stream a run used.
 //! - `scale-seed`, `scale-grow`, `read`: the scale phase (`scripts/bench --scale`, see
 //!   `scale.rs`).
@@ -24,6 +28,8 @@ use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 use tokio::sync::{Mutex, Semaphore};
 
+#[path = "crm-bench/consent.rs"]
+mod consent;
 #[path = "crm-bench/scale.rs"]
 mod scale;
 
@@ -68,6 +74,11 @@ enum Command {
         #[arg(long, env = "CRM_NATS_STREAM")]
         stream: String,
     },
+    /// Closed loop: every connection sends its next message through the send gate
+    /// (`POST /v1/contacts/{id}/messages`) as soon as the last returns.
+    Messages(consent::MessagesArgs),
+    /// `POST /v1/consent/check` of 10,000 ids beside a plain SELECT of their rows.
+    ConsentCheck(consent::CheckArgs),
     /// Scale phase, before the first step: long contacts and a second staff user.
     ScaleSeed(scale::SeedArgs),
     /// Scale phase: grow the organisation by contacts --from..--to, then a few markers
@@ -77,10 +88,22 @@ enum Command {
     Read(scale::ReadArgs),
 }
 
+/// What the `lag` phase writes and which read model it follows.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LagKind {
+    /// `POST /v1/contacts`, followed in the `contacts` projection.
+    Contacts,
+    /// `POST /v1/contacts/{id}/consent` (a withdrawal, one contact each), followed in
+    /// the `consent_log` projection.
+    Consent,
+}
+
 #[derive(Args)]
 struct LagArgs {
     #[command(flatten)]
     target: Target,
+    #[arg(long, value_enum, default_value_t = LagKind::Contacts)]
+    kind: LagKind,
     /// Commands per second.
     #[arg(long, default_value_t = 1000)]
     rate: u64,
@@ -126,8 +149,18 @@ fn contact(tag: u64, n: u64) -> Value {
 }
 
 async fn post(http: &reqwest::Client, t: &Target, body: &Value) -> Result<Value, String> {
+    post_to(http, t, "/v1/contacts", body).await
+}
+
+/// Posts `body` to `path`; the response status must be 201.
+async fn post_to(
+    http: &reqwest::Client,
+    t: &Target,
+    path: &str,
+    body: &Value,
+) -> Result<Value, String> {
     let r = http
-        .post(format!("{}/v1/contacts", t.url))
+        .post(format!("{}{path}", t.url))
         .bearer_auth(&t.token)
         .json(body)
         .send()
@@ -337,6 +370,7 @@ fn covered_after(samples: &[(u64, Key)], key: Key, at: u64) -> Option<u64> {
 async fn lag(args: LagArgs) -> anyhow::Result<()> {
     let LagArgs {
         target: t,
+        kind,
         rate,
         seconds,
         max_in_flight,
@@ -352,6 +386,21 @@ async fn lag(args: LagArgs) -> anyhow::Result<()> {
     let (db, conn) = tokio_postgres::connect(&database_url, tokio_postgres::NoTls).await?;
     tokio::spawn(conn);
     let db = Arc::new(db);
+    let total = rate * (warmup + seconds);
+    let projection = match kind {
+        LagKind::Contacts => "contacts",
+        LagKind::Consent => "consent_log",
+    };
+    // Consent: one contact per change (of the run's contacts, newest ids first; reused
+    // in turn when there are fewer).
+    let consent_ids: Arc<Vec<uuid::Uuid>> = Arc::new(match kind {
+        LagKind::Contacts => Vec::new(),
+        LagKind::Consent => {
+            let ids = consent::contact_ids(&db, total as i64, true).await?;
+            anyhow::ensure!(!ids.is_empty(), "no contacts to record consent for");
+            ids.into_iter().map(|(_, id)| id).collect()
+        }
+    });
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(max_in_flight)
         .build()?;
@@ -370,7 +419,7 @@ async fn lag(args: LagArgs) -> anyhow::Result<()> {
                  FROM projection_checkpoints p \
                  LEFT JOIN LATERAL (SELECT tx_id, global_position FROM relay_checkpoints \
                                     ORDER BY tx_id DESC, global_position DESC LIMIT 1) r ON true \
-                 WHERE p.name = 'contacts'",
+                 WHERE p.name = $1",
             )
             .await?;
         tokio::spawn(async move {
@@ -378,7 +427,7 @@ async fn lag(args: LagArgs) -> anyhow::Result<()> {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             while !stop.load(Ordering::Relaxed) {
                 tick.tick().await;
-                if let Ok(Some(r)) = db.query_opt(&stmt, &[]).await {
+                if let Ok(Some(r)) = db.query_opt(&stmt, &[&projection]).await {
                     let at = origin.elapsed().as_micros() as u64;
                     let mut s = samples.lock().await;
                     s.projection.push((at, (r.get(0), r.get(1))));
@@ -393,8 +442,9 @@ async fn lag(args: LagArgs) -> anyhow::Result<()> {
     let limit = Arc::new(Semaphore::new(max_in_flight));
     // (µs since the origin at which the response arrived, global position of its event)
     let results = Arc::new(Mutex::new(Vec::<(u64, i64)>::new()));
+    // The consent events written (checked against the `consent_log` table at the end).
+    let event_ids = Arc::new(Mutex::new(Vec::<uuid::Uuid>::new()));
     let errors = Arc::new(AtomicU64::new(0));
-    let total = rate * (warmup + seconds);
     let mut tick = tokio::time::interval(Duration::from_nanos(1_000_000_000 / rate));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let started = Instant::now();
@@ -403,11 +453,34 @@ async fn lag(args: LagArgs) -> anyhow::Result<()> {
         tick.tick().await;
         let permit = limit.clone().acquire_owned().await?;
         let (http, t, results, errors) = (http.clone(), t.clone(), results.clone(), errors.clone());
+        let (consent_ids, event_ids) = (consent_ids.clone(), event_ids.clone());
         tasks.push(tokio::spawn(async move {
-            match post(&http, &t, &contact(tag, n)).await {
+            let answer = match kind {
+                LagKind::Contacts => post(&http, &t, &contact(tag, n)).await,
+                LagKind::Consent => {
+                    let id = consent_ids[n as usize % consent_ids.len()];
+                    post_to(
+                        &http,
+                        &t,
+                        &format!("/v1/contacts/{id}/consent"),
+                        &consent::withdrawal(),
+                    )
+                    .await
+                }
+            };
+            match answer {
                 Ok(v) => {
                     let at = origin.elapsed().as_micros() as u64;
-                    match v["positions"][0].as_i64() {
+                    let position = match kind {
+                        LagKind::Contacts => v["positions"][0].as_i64(),
+                        LagKind::Consent => v["position"].as_i64(),
+                    };
+                    if kind == LagKind::Consent {
+                        if let Some(id) = v["event_id"].as_str().and_then(|s| s.parse().ok()) {
+                            event_ids.lock().await.push(id);
+                        }
+                    }
+                    match position {
                         Some(p) => results.lock().await.push((at, p)),
                         None => {
                             errors.fetch_add(1, Ordering::Relaxed);
@@ -440,6 +513,25 @@ async fn lag(args: LagArgs) -> anyhow::Result<()> {
         .await?;
     let tx_of: HashMap<i64, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
     let samples = std::mem::take(&mut *samples.lock().await);
+    // Consent: how many of the events written are rows of the ConsentLog by now.
+    let in_log = match kind {
+        LagKind::Contacts => String::new(),
+        LagKind::Consent => {
+            let ids = std::mem::take(&mut *event_ids.lock().await);
+            let n: i64 = db
+                .query_one(
+                    "SELECT count(*) FROM consent_log WHERE event_id = ANY($1)",
+                    &[&ids],
+                )
+                .await?
+                .get(0);
+            format!(
+                " kind=consent contacts={} events={} in_log={n}",
+                consent_ids.len(),
+                ids.len()
+            )
+        }
+    };
 
     let mut total_lag = histogram();
     let mut relay_lag = histogram();
@@ -498,7 +590,7 @@ async fn lag(args: LagArgs) -> anyhow::Result<()> {
         "lag target_rate={rate} achieved_rate={achieved:.0} poll_ms={poll_ms} warmup_s={warmup} \
          warmup_p50_ms={:.2} warmup_p99_ms={:.2} commands={} errors={} unseen={unseen} \
          p50_ms={:.2} p99_ms={:.2} max_ms={:.2} first2s_p50_ms={:.2} last2s_p50_ms={:.2} \
-         relay_p50_ms={:.2} relay_p99_ms={:.2} cpu_s={}",
+         relay_p50_ms={:.2} relay_p99_ms={:.2}{in_log} cpu_s={}",
         ms(&warmup_lag, 0.5),
         ms(&warmup_lag, 0.99),
         total_lag.len(),
@@ -534,6 +626,8 @@ async fn main() -> anyhow::Result<()> {
             warmup,
         } => load(target, connections, seconds, warmup).await,
         Command::Lag(args) => lag(args).await,
+        Command::Messages(args) => consent::messages(args).await,
+        Command::ConsentCheck(args) => consent::check(args).await,
         Command::DropStream { nats_url, stream } => drop_stream(&nats_url, &stream).await,
         Command::ScaleSeed(args) => scale::seed(args).await,
         Command::ScaleGrow(args) => scale::grow(args).await,
