@@ -19,15 +19,17 @@ pub struct Text<const MAX: usize>(String);
 
 impl<const MAX: usize> Text<MAX> {
     pub fn parse(input: &str) -> Result<Self, InvalidValue> {
+        // Control characters are refused anywhere, also where trimming would drop them
+        // (a vertical tab is white space): the document's pattern says so.
+        if input.chars().any(|c| c.is_control()) {
+            return Err(invalid("must not contain control characters"));
+        }
         let trimmed = input.trim();
         if trimmed.is_empty() {
             return Err(invalid("must not be empty"));
         }
         if trimmed.chars().count() > MAX {
             return Err(invalid(format!("must be at most {MAX} characters")));
-        }
-        if trimmed.chars().any(|c| c.is_control()) {
-            return Err(invalid("must not contain control characters"));
         }
         Ok(Self(trimmed.to_owned()))
     }

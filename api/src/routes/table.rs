@@ -187,7 +187,7 @@ pub fn table() -> Vec<Route> {
         route(post.clone(), "/v1/privacy/purposes/retire", "privacy")
             .summary("Retire a purpose (its history is kept)")
             .staff(P::PrivacyManage)
-            .errors(&[409])
+            .errors(&[404, 409])
             .to(consent::retire_purpose),
         route(post.clone(), "/v1/public/consent/confirm", "consent")
             .summary("A contact confirms a double opt-in with the link's token")
