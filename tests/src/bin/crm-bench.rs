@@ -104,6 +104,10 @@ struct LagArgs {
     target: Target,
     #[arg(long, value_enum, default_value_t = LagKind::Contacts)]
     kind: LagKind,
+    /// `--kind consent`: skip this many of the newest contacts (those an earlier run
+    /// of this phase changed), so that every change is a contact's first.
+    #[arg(long, default_value_t = 0)]
+    skip_contacts: i64,
     /// Commands per second.
     #[arg(long, default_value_t = 1000)]
     rate: u64,
@@ -371,6 +375,7 @@ async fn lag(args: LagArgs) -> anyhow::Result<()> {
     let LagArgs {
         target: t,
         kind,
+        skip_contacts,
         rate,
         seconds,
         max_in_flight,
@@ -396,7 +401,7 @@ async fn lag(args: LagArgs) -> anyhow::Result<()> {
     let consent_ids: Arc<Vec<uuid::Uuid>> = Arc::new(match kind {
         LagKind::Contacts => Vec::new(),
         LagKind::Consent => {
-            let ids = consent::contact_ids(&db, total as i64, true).await?;
+            let ids = consent::contact_ids(&db, total as i64, skip_contacts, true).await?;
             anyhow::ensure!(!ids.is_empty(), "no contacts to record consent for");
             ids.into_iter().map(|(_, id)| id).collect()
         }

@@ -34,11 +34,13 @@ pub(crate) fn withdrawal() -> Value {
 }
 
 /// Up to `limit` contacts of the run that have an e-mail address, as (org, contact), in
-/// the order of their ids (UUIDv7: creation order), newest first if `newest_first`.
+/// the order of their ids (UUIDv7: creation order), newest first if `newest_first`,
+/// after the first `skip`.
 /// Read from `consent_state` as its owner: these are contacts the gate knows.
 pub(crate) async fn contact_ids(
     db: &tokio_postgres::Client,
     limit: i64,
+    skip: i64,
     newest_first: bool,
 ) -> anyhow::Result<Vec<(Uuid, Uuid)>> {
     let order = if newest_first { "DESC" } else { "ASC" };
@@ -46,9 +48,9 @@ pub(crate) async fn contact_ids(
         .query(
             &format!(
                 "SELECT org_id, contact_id FROM consent_state WHERE email IS NOT NULL \
-                 ORDER BY contact_id {order} LIMIT $1"
+                 ORDER BY contact_id {order} LIMIT $1 OFFSET $2"
             ),
-            &[&limit],
+            &[&limit, &skip],
         )
         .await?;
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
@@ -95,7 +97,7 @@ pub(crate) async fn messages(args: MessagesArgs) -> anyhow::Result<()> {
     } = args;
     let db = connect(&database_url).await?;
     let ids: Arc<Vec<Uuid>> = Arc::new(
-        contact_ids(&db, contacts, false)
+        contact_ids(&db, contacts, 0, false)
             .await?
             .into_iter()
             .map(|(_, id)| id)
@@ -213,7 +215,7 @@ pub(crate) async fn check(args: CheckArgs) -> anyhow::Result<()> {
     // The consent_state projection may still be applying the run's last contacts.
     let deadline = Instant::now() + Duration::from_secs(120);
     let picked = loop {
-        let picked = contact_ids(&db, want, false).await?;
+        let picked = contact_ids(&db, want, 0, false).await?;
         if picked.len() as i64 >= want || Instant::now() >= deadline {
             break picked;
         }
