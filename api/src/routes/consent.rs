@@ -350,10 +350,17 @@ fn registered<'s>(
 
 async fn require_contact(s: &AppState, org_id: Uuid, contact_id: Uuid) -> Result<(), ApiError> {
     let client = s.pool.get().await?;
-    state::contact(&s.executor, &client, org_id, contact_id)
-        .await?
-        .map(|_| ())
-        .ok_or(ApiError::NotFound("contact not found"))
+    let id = contact_id.to_string();
+    let stream = crm_infra::store::event_store::StreamId {
+        org_id,
+        aggregate_type: "contact",
+        aggregate_id: &id,
+    };
+    if crm_infra::store::event_store::stream_exists(&client, &stream).await? {
+        Ok(())
+    } else {
+        Err(ApiError::NotFound("contact not found"))
+    }
 }
 
 // ---- receipts ----------------------------------------------------------------------
@@ -419,9 +426,9 @@ async fn change_with_receipt(
     let decoded = decode(s.executor.crypto(), &client, stored).await?;
     let event: ConsentEvent = decoded.typed()?;
     let claims = receipt_claims(org_id, event_id, &hash, recorded_at, &event);
-    let receipt = s
-        .receipts
-        .issue(&mut client, org_id, event_id, &claims)
+    // A new event has no receipt yet: sign and store (a racing GET stores the same).
+    let signed = s.receipts.sign(&claims).await.map_err(ApiError::internal)?;
+    let receipt = crm_infra::receipts::store(&mut client, org_id, event_id, &signed)
         .await
         .map_err(ApiError::internal)?;
     Ok(ConsentChange {

@@ -10,7 +10,7 @@ use crm_domain::consent::gate::{self, ConsentState, Decision, Request};
 use crm_domain::consent::ledger::{fold, ConsentEvent, ConsentLedger};
 use crm_domain::consent::privacy::PrivacySettings;
 use crm_domain::consent::Channel;
-use crm_domain::contact::Contact;
+use crm_domain::contact::{Contact, ContactEvent};
 use deadpool_postgres::GenericClient;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
@@ -136,16 +136,31 @@ pub async fn load(
     org_id: Uuid,
     contact_id: Uuid,
 ) -> Result<Option<GateInput>, StoreError> {
-    // Three independent reads, pipelined on one connection.
-    let (contact, state, settings) = futures::try_join!(
-        contact(executor, client, org_id, contact_id),
-        consent_state(executor, client, org_id, contact_id, None),
+    // The contact's two streams in one statement, the settings beside it (pipelined).
+    let id = contact_id.to_string();
+    let (events, settings) = futures::try_join!(
+        event_store::read_sibling_streams(
+            client,
+            org_id,
+            &[Contact::TYPE, ConsentLedger::TYPE],
+            &id
+        ),
         super::privacy::load(client, org_id),
     )?;
-    let Some(contact) = contact else {
+    let mut contact = Contact::default();
+    let mut state = ConsentState::default();
+    for stored in events {
+        let (event_id, is_contact) = (stored.event_id, stored.aggregate_type == Contact::TYPE);
+        let decoded = decode(executor.crypto(), client, stored).await?;
+        if is_contact {
+            contact.apply(decoded.typed::<ContactEvent>()?);
+        } else {
+            fold(&mut state, event_id, &decoded.typed::<ConsentEvent>()?);
+        }
+    }
+    if !contact.exists() {
         return Ok(None);
-    };
-    let mut state = state;
+    }
     state.time_zone = contact.profile.time_zone.map(|tz| tz.0);
     Ok(Some(GateInput {
         contact,

@@ -372,6 +372,12 @@ pub async fn load(
 /// returns the one stored. One short transaction of its own on `client` (a plain
 /// pooled connection; inside a caller's transaction, a savepoint), which names
 /// `org_id` for row-level security.
+///
+/// The commit does not wait for its WAL flush (`synchronous_commit = off` for this
+/// transaction): a stored receipt is a copy of what its event and the key can always
+/// give again, so one lost in a crash right after is simply signed again when it is
+/// next asked for ([`ReceiptSigner::issue`]), while every consent change no longer
+/// pays a second synchronous flush after its event's.
 pub async fn store(
     client: &mut impl GenericClient,
     org_id: Uuid,
@@ -379,16 +385,27 @@ pub async fn store(
     receipt: &Receipt,
 ) -> Result<Receipt, ReceiptError> {
     let tx = client.transaction().await?;
-    name_org(&tx, org_id).await?;
     tx.execute(
-        "INSERT INTO consent_receipts (org_id, event_id, kid, jws) VALUES ($1, $2, $3, $4) \
-         ON CONFLICT DO NOTHING",
-        &[&org_id, &event_id, &receipt.kid, &receipt.jws],
+        "SELECT set_config('crm.org_id', $1, true), set_config('synchronous_commit', 'off', true)",
+        &[&org_id.to_string()],
     )
     .await?;
-    let stored = load(&tx, org_id, event_id)
-        .await?
-        .expect("a receipt is stored after inserting one");
+    let inserted = tx
+        .query_opt(
+            "INSERT INTO consent_receipts (org_id, event_id, kid, jws) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT DO NOTHING RETURNING kid, jws",
+            &[&org_id, &event_id, &receipt.kid, &receipt.jws],
+        )
+        .await?;
+    let stored = match inserted {
+        Some(r) => Receipt {
+            kid: r.get(0),
+            jws: r.get(1),
+        },
+        None => load(&tx, org_id, event_id)
+            .await?
+            .expect("a receipt is stored after inserting one"),
+    };
     tx.commit().await?;
     Ok(stored)
 }

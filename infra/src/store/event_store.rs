@@ -350,6 +350,27 @@ async fn read_stream_part(
     Ok(rows.iter().map(from_row).collect())
 }
 
+/// Every event of the streams of `aggregate_types` that share the id `aggregate_id` (a
+/// contact's `contact` and `consent` streams), in one statement: ordered by type, then
+/// sequence. Scoped by organisation like [`read_stream`].
+pub async fn read_sibling_streams(
+    client: &impl GenericClient,
+    org_id: Uuid,
+    aggregate_types: &[&str],
+    aggregate_id: &str,
+) -> Result<Vec<StoredEvent>, StoreError> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM events WHERE aggregate_type = ANY($1) AND aggregate_id = $2 \
+         AND org_id = $3 ORDER BY aggregate_type, sequence"
+    );
+    let stmt = client.prepare_cached(&sql).await?;
+    let types: Vec<&str> = aggregate_types.to_vec();
+    let rows = client
+        .query(&stmt, &[&types, &aggregate_id, &org_id])
+        .await?;
+    Ok(rows.iter().map(from_row).collect())
+}
+
 /// The event at global `position`, if it is `org_id`'s.
 pub async fn read_by_position(
     client: &impl GenericClient,
