@@ -348,6 +348,8 @@ fn registered<'s>(
     }
 }
 
+/// 404 unless the contact exists; its data key (which its consent events share) is
+/// fetched beside, so that the change's append finds it in the cache.
 async fn require_contact(s: &AppState, org_id: Uuid, contact_id: Uuid) -> Result<(), ApiError> {
     let client = s.pool.get().await?;
     let id = contact_id.to_string();
@@ -356,7 +358,20 @@ async fn require_contact(s: &AppState, org_id: Uuid, contact_id: Uuid) -> Result
         aggregate_type: "contact",
         aggregate_id: &id,
     };
-    if crm_infra::store::event_store::stream_exists(&client, &stream).await? {
+    let (exists, _key) = futures::try_join!(
+        async {
+            crm_infra::store::event_store::stream_exists(&client, &stream)
+                .await
+                .map_err(ApiError::from)
+        },
+        async {
+            s.crypto
+                .key_for_reading(&client, &org_id, &id)
+                .await
+                .map_err(ApiError::internal)
+        },
+    )?;
+    if exists {
         Ok(())
     } else {
         Err(ApiError::NotFound("contact not found"))

@@ -126,6 +126,8 @@ pub struct GateInput {
     pub contact: Contact,
     pub state: ConsentState,
     pub settings: PrivacySettings,
+    /// Whether the organisation's suppression list has any entry at all.
+    pub suppressions: bool,
 }
 
 /// Loads what the gate needs to decide for `contact_id` now; `None` when there is no
@@ -138,14 +140,14 @@ pub async fn load(
 ) -> Result<Option<GateInput>, StoreError> {
     // The contact's two streams in one statement, the settings beside it (pipelined).
     let id = contact_id.to_string();
-    let (events, settings) = futures::try_join!(
+    let (events, (settings, suppressions)) = futures::try_join!(
         event_store::read_sibling_streams(
             client,
             org_id,
             &[Contact::TYPE, ConsentLedger::TYPE],
             &id
         ),
-        super::privacy::load(client, org_id),
+        super::privacy::load_with_suppressions(client, org_id),
     )?;
     let mut contact = Contact::default();
     let mut state = ConsentState::default();
@@ -166,6 +168,7 @@ pub async fn load(
         contact,
         state,
         settings,
+        suppressions,
     }))
 }
 
@@ -179,8 +182,11 @@ impl GateInput {
         request: &Request,
         now: DateTime<Utc>,
     ) -> Result<Decision, StoreError> {
-        self.state.suppressed_by =
-            suppressed_by(client, org_id, request.channel, &request.contact_point).await?;
+        self.state.suppressed_by = if self.suppressions {
+            suppressed_by(client, org_id, request.channel, &request.contact_point).await?
+        } else {
+            None
+        };
         Ok(gate::decide(
             &self.state,
             &self.settings.gate_settings(),

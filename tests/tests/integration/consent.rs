@@ -575,3 +575,38 @@ async fn a_bulk_import_records_every_valid_row_and_names_every_bad_one() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[tokio::test]
+async fn a_suppressed_contact_point_is_refused_on_every_purpose() {
+    let app = TestApp::spawn().await;
+    let email = format!("{}@example.com", Uuid::new_v4().simple());
+    let c = contact(&app, json!({"email": email})).await;
+    let (_, v) = send(&app, c, "email", "service").await;
+    assert_eq!(reason(&v), "lawful_basis");
+    // The suppression list is filled by erasure (a later issue); here by hand, keyed
+    // by the SHA-256 of the lower-cased address.
+    let marker = Uuid::now_v7();
+    let digest = crm_infra::consent::state::point_sha256(
+        crm_domain::consent::Channel::Email,
+        &email.to_uppercase(),
+    );
+    app.db()
+        .await
+        .execute(
+            "INSERT INTO suppression_list (org_id, channel, point_sha256, event_id) \
+             VALUES ($1, 'email', $2, $3)",
+            &[&app.org_id, &digest, &marker],
+        )
+        .await
+        .unwrap();
+    let (_, v) = send(&app, c, "email", "service").await;
+    assert_eq!(reason(&v), "suppressed", "{v}");
+    assert_eq!(v["decision"]["relied_on"], json!([marker]));
+    // WhatsApp: no quiet hours, so the answer does not depend on the hour.
+    let (_, v) = send(&app, c, "whatsapp", "service").await;
+    assert_eq!(
+        reason(&v),
+        "lawful_basis",
+        "another channel's point is not suppressed"
+    );
+}
