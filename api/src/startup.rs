@@ -8,10 +8,10 @@ use anyhow::Context;
 use crm_infra::access::cache::AccessCache;
 use crm_infra::commands::executor::Executor;
 use crm_infra::crypto::Crypto;
-use crm_infra::feed::bus::Bus;
-use crm_infra::feed::projector::{Projection, ProjectorWorker};
 use crm_infra::dispatch::carriers::Carriers;
 use crm_infra::dispatch::worker::{Dispatcher, UnsubscribeLinks};
+use crm_infra::feed::bus::Bus;
+use crm_infra::feed::projector::{Projection, ProjectorWorker};
 use crm_infra::feed::relay::Relay;
 use crm_infra::{db, read_models};
 use tokio::net::TcpListener;
@@ -87,17 +87,18 @@ pub fn relay(state: &AppState) -> anyhow::Result<Relay> {
 pub fn dispatcher(state: &AppState) -> Dispatcher {
     let s = state.clone();
     let base = state.settings.mail.link_base.clone();
-    let links: UnsubscribeLinks = Arc::new(move |org_id, contact_id, channel, purpose, message_id| {
-        let link = crate::auth::UnsubscribeLink {
-            org_id,
-            contact_id,
-            channel,
-            purpose: purpose.clone(),
-            message_id,
-        };
-        let token = s.tokens.issue_unsubscribe(&link).ok()?;
-        Some(format!("{base}/v1/public/unsubscribe?token={token}"))
-    });
+    let links: UnsubscribeLinks =
+        Arc::new(move |org_id, contact_id, channel, purpose, message_id| {
+            let link = crate::auth::UnsubscribeLink {
+                org_id,
+                contact_id,
+                channel,
+                purpose: purpose.clone(),
+                message_id,
+            };
+            let token = s.tokens.issue_unsubscribe(&link).ok()?;
+            Some(format!("{base}/v1/public/unsubscribe?token={token}"))
+        });
     Dispatcher {
         executor: state.executor.clone(),
         bus: state.bus.clone(),

@@ -267,7 +267,14 @@ impl Aggregate for Message {
                 purpose,
                 content,
                 ..
-            } => self.start(message_id, contact_id, channel, purpose, content, MessageStatus::Queued),
+            } => self.start(
+                message_id,
+                contact_id,
+                channel,
+                purpose,
+                content,
+                MessageStatus::Queued,
+            ),
             MessageEvent::MessageBlocked {
                 message_id,
                 contact_id,
@@ -275,7 +282,14 @@ impl Aggregate for Message {
                 purpose,
                 content,
                 ..
-            } => self.start(message_id, contact_id, channel, purpose, content, MessageStatus::Blocked),
+            } => self.start(
+                message_id,
+                contact_id,
+                channel,
+                purpose,
+                content,
+                MessageStatus::Blocked,
+            ),
             MessageEvent::MessageBlockedAtDispatch { attempt, .. } => {
                 self.status = Some(MessageStatus::Blocked);
                 self.attempts = self.attempts.max(attempt);

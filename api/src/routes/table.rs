@@ -150,7 +150,9 @@ pub fn table() -> Vec<Route> {
         .errors(&[404, 409])
         .to(consent::lift_sale_opt_out),
         route(post.clone(), "/v1/consent/imports", "consent")
-            .summary("Import consent changes (CSV or JSON lines): each row an event, bad rows named")
+            .summary(
+                "Import consent changes (CSV or JSON lines): each row an event, bad rows named",
+            )
             .staff(P::ConsentManage)
             .bulk_body()
             .to(consent::import),

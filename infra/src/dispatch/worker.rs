@@ -202,7 +202,9 @@ impl Dispatcher {
         if let Some(at) = message.next_attempt_at {
             let wait = at - Utc::now();
             if wait > chrono::Duration::zero() {
-                return Ok(Handled::Later(wait.to_std().unwrap_or(Duration::from_secs(1))));
+                return Ok(Handled::Later(
+                    wait.to_std().unwrap_or(Duration::from_secs(1)),
+                ));
             }
         }
         let (Some(contact_id), Some(channel), Some(purpose), Some(content)) = (
@@ -242,8 +244,13 @@ impl Dispatcher {
             return Ok(Handled::Done);
         };
         if !decision.allowed {
-            self.record(org_id, &id, MessageCommand::Recheck { decision, attempt }, &meta)
-                .await?;
+            self.record(
+                org_id,
+                &id,
+                MessageCommand::Recheck { decision, attempt },
+                &meta,
+            )
+            .await?;
             return Ok(Handled::Done);
         }
         let outbound = Outbound {

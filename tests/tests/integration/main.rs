@@ -3,12 +3,12 @@
 
 mod access_history;
 mod api_keys;
-mod carriers;
 mod auth;
 mod bad_input;
+mod carriers;
 mod concurrency;
-mod consent_log;
 mod consent;
+mod consent_log;
 mod contacts;
 mod contract;
 mod dispatch;
