@@ -9,7 +9,6 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use cqrs_es::Aggregate;
-use crm_domain::access::Permission;
 use crm_domain::consent::gate::{Decision, Reason, Request};
 use crm_domain::consent::{Channel, PurposeKey};
 use crm_domain::message::{Content, Message, MessageCommand, MessageEvent};
@@ -351,7 +350,6 @@ pub(crate) async fn get_one(
     };
     let visible = a.access.policy.first_hidden([field_of(channel)]).is_none();
     let content = message.content.clone().filter(|_| visible);
-    let _ = Permission::MessagesRead;
     Ok(Ok200(MessageDoc {
         id,
         contact_id,
