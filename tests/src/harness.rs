@@ -62,16 +62,32 @@ pub async fn ensure_anchor_stream() {
     let client = async_nats::connect(nats_url())
         .await
         .expect("connect to NATS");
-    async_nats::jetstream::new(client)
-        .get_or_create_stream(Config {
-            name: "CRM_TEST_ANCHOR".into(),
-            subjects: vec!["crm-test-anchor".into()],
-            storage: StorageType::File,
-            max_messages: 1,
-            ..Default::default()
-        })
-        .await
-        .expect("create the JetStream anchor stream");
+    let js = async_nats::jetstream::new(client);
+    // Tests start in parallel: when two create the stream at once, the loser is told
+    // that its subjects overlap an existing stream, which is the winner's: fine.
+    let mut last = None;
+    for _ in 0..10 {
+        match js
+            .get_or_create_stream(Config {
+                name: "CRM_TEST_ANCHOR".into(),
+                subjects: vec!["crm-test-anchor".into()],
+                storage: StorageType::File,
+                max_messages: 1,
+                ..Default::default()
+            })
+            .await
+        {
+            Ok(_) => return,
+            Err(e) => {
+                if js.get_stream("CRM_TEST_ANCHOR").await.is_ok() {
+                    return;
+                }
+                last = Some(e);
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+    panic!("create the JetStream anchor stream: {last:?}");
 }
 
 /// Options for [`TestApp::spawn_with`].
