@@ -113,7 +113,9 @@ fn portal_off() -> ApiError {
 }
 
 /// Authenticates a portal request: a valid portal token of a contact whose access is
-/// live (staff tokens are refused).
+/// live (staff tokens are refused). A request that carries `Sec-GPC: 1` records the
+/// contact's opt-out of sale and sharing before its route runs (once: a contact that
+/// opted out already records nothing).
 pub async fn authenticate(
     state: &AppState,
     authorization: Option<&str>,
@@ -130,11 +132,22 @@ pub async fn authenticate(
             if !c.portal_on {
                 return Err(portal_off());
             }
-            Ok(PortalAuthed {
+            let authed = PortalAuthed {
                 contact_id: c.contact_id,
                 org_id: c.org_id,
                 ctx: ctx.clone(),
-            })
+            };
+            drop(client);
+            super::consent::honour_gpc(
+                state,
+                ctx,
+                authed.org_id,
+                authed.contact_id,
+                crm_domain::consent::proof::CaptureSource::Portal,
+                &authed.metadata(),
+            )
+            .await?;
+            Ok(authed)
         }
         _ => Err(invalid),
     }
@@ -420,16 +433,6 @@ pub(crate) async fn portal_me(
     s: AppState,
     p: PortalAuthed,
 ) -> Result<Ok200<Shaped<ContactDoc>>, ApiError> {
-    // `Sec-GPC: 1` from the contact's own browser: an opt-out of sale and sharing.
-    super::consent::honour_gpc(
-        &s,
-        &p.ctx,
-        p.org_id,
-        p.contact_id,
-        crm_domain::consent::proof::CaptureSource::Portal,
-        &p.metadata(),
-    )
-    .await?;
     let mut client = s.pool.get().await?;
     let tx = crm_infra::read_models::org_scope(&mut client, p.org_id).await?;
     // Scoped to the contact's own id: there is no other id a portal caller can name.
