@@ -182,7 +182,8 @@ impl Application {
         let token = CancellationToken::new();
         let workers = tokio::spawn(run_background(self.background, token.clone()));
         // Every minute: the limiters forget idle clients (their memory stays bounded),
-        // and mailed tokens expired a day ago are deleted.
+        // and mailed tokens and double opt-in confirmations expired a day ago are
+        // deleted.
         let (limits, pool, forget_token) = (
             self.state.rate_limits.clone(),
             self.state.pool.clone(),
@@ -197,6 +198,9 @@ impl Application {
                         if let Ok(client) = pool.get().await {
                             if let Err(e) = crm_infra::access::auth_tokens::purge(&client).await {
                                 tracing::warn!(error = %crm_infra::db::describe(&e), "expired link tokens not purged");
+                            }
+                            if let Err(e) = crm_infra::consent::ledger::purge_expired(&client).await {
+                                tracing::warn!(error = %crm_infra::db::describe(&e), "expired consent confirmations not purged");
                             }
                         }
                     }

@@ -6,6 +6,7 @@
 //! sharing for that contact, in the same request.
 
 use chrono::{DateTime, Utc};
+use cqrs_es::DomainEvent;
 use crm_domain::consent::gate::Request;
 use crm_domain::consent::ledger::{Choice, ConsentCommand, ConsentEvent, Rules};
 use crm_domain::consent::privacy::{PrivacyCommand, PrivacySettings, PurposeDefinition};
@@ -348,30 +349,9 @@ fn registered<'s>(
     }
 }
 
-/// 404 unless the contact exists; its data key (which its consent events share) is
-/// fetched beside, so that the change's append finds it in the cache.
 async fn require_contact(s: &AppState, org_id: Uuid, contact_id: Uuid) -> Result<(), ApiError> {
     let client = s.pool.get().await?;
-    let id = contact_id.to_string();
-    let stream = crm_infra::store::event_store::StreamId {
-        org_id,
-        aggregate_type: "contact",
-        aggregate_id: &id,
-    };
-    let (exists, _key) = futures::try_join!(
-        async {
-            crm_infra::store::event_store::stream_exists(&client, &stream)
-                .await
-                .map_err(ApiError::from)
-        },
-        async {
-            s.crypto
-                .key_for_reading(&client, &org_id, &id)
-                .await
-                .map_err(ApiError::internal)
-        },
-    )?;
-    if exists {
+    if state::contact_exists(&s.executor, &client, org_id, contact_id).await? {
         Ok(())
     } else {
         Err(ApiError::NotFound("contact not found"))
@@ -390,10 +370,9 @@ fn receipt_claims(
     recorded_at: DateTime<Utc>,
     event: &ConsentEvent,
 ) -> Value {
-    let mut consent = json!({ "action": crm_domain_event_type(event) });
-    if let Some(r) = event.record() {
-        consent = json!({
-            "action": crm_domain_event_type(event),
+    let consent = match event.record() {
+        Some(r) => json!({
+            "action": event.event_type(),
             "channel": r.channel,
             "purpose": r.purpose,
             "status": r.status,
@@ -405,8 +384,9 @@ fn receipt_claims(
             "jurisdiction": r.proof.jurisdiction,
             "expires_at": r.proof.expires_at,
             "import_id": r.proof.import_id,
-        });
-    }
+        }),
+        None => json!({ "action": event.event_type() }),
+    };
     json!({
         "iss": "crm-consent",
         "sub": event.contact_id(),
@@ -416,11 +396,6 @@ fn receipt_claims(
         "consent": consent,
         "event_hash": event_hash,
     })
-}
-
-fn crm_domain_event_type(event: &ConsentEvent) -> String {
-    use cqrs_es::DomainEvent;
-    event.event_type()
 }
 
 /// The consent event at `position` (just written by this request), its receipt issued.

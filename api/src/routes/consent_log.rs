@@ -341,10 +341,7 @@ pub(crate) async fn contact_consent(
     let org = a.caller.org_id;
     if let Some(Time(as_of)) = q.as_of {
         let client = s.pool.get().await?;
-        if state::contact(&s.executor, &client, org, id)
-            .await?
-            .is_none()
-        {
+        if !state::contact_exists(&s.executor, &client, org, id).await? {
             return Err(ApiError::NotFound("contact not found"));
         }
         let past = state::consent_state(&s.executor, &client, org, id, Some(as_of)).await?;

@@ -15,14 +15,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use chrono::{DateTime, Utc};
-use cqrs_es::Aggregate;
 use crm_domain::consent::ledger::{Choice, ConsentCommand, ConsentError, Rules};
 use crm_domain::consent::privacy::PrivacySettings;
 use crm_domain::consent::proof::{
     CaptureSource, ConsentProof, Jurisdiction, LanguageTag, Notice, NoticeHash,
 };
 use crm_domain::consent::{Channel, LawfulBasis, PurposeKey};
-use crm_domain::contact::Contact;
 use crm_domain::metadata::EventMetadata;
 use crm_domain::values::Line;
 use futures::StreamExt;
@@ -31,7 +29,7 @@ use uuid::Uuid;
 
 use super::{ledger, parse_point, privacy};
 use crate::commands::executor::{CommandError, Executor};
-use crate::store::event_store::{self, StoreError, StreamId};
+use crate::store::event_store::StoreError;
 
 /// The most rows one import takes.
 pub const MAX_ROWS: usize = 100_000;
@@ -382,7 +380,7 @@ pub async fn run(
             let (done, recorded, failures, fatal, settings) =
                 (&done, &recorded, &failures, &fatal, &settings);
             async move {
-                let exists = match contact_exists(executor, org_id, contact_id).await {
+                let exists = match exists(executor, org_id, contact_id).await {
                     Ok(e) => e,
                     Err(e) => {
                         *fatal.lock().expect("lock") = Some(e);
@@ -453,22 +451,9 @@ pub async fn run(
     })
 }
 
-async fn contact_exists(
-    executor: &Executor,
-    org_id: Uuid,
-    contact_id: Uuid,
-) -> Result<bool, StoreError> {
+async fn exists(executor: &Executor, org_id: Uuid, contact_id: Uuid) -> Result<bool, StoreError> {
     let client = executor.pool().get().await?;
-    let id = contact_id.to_string();
-    event_store::stream_exists(
-        &client,
-        &StreamId {
-            org_id,
-            aggregate_type: Contact::TYPE,
-            aggregate_id: &id,
-        },
-    )
-    .await
+    super::state::contact_exists(executor, &client, org_id, contact_id).await
 }
 
 #[cfg(test)]

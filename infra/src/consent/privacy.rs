@@ -18,14 +18,7 @@ pub async fn load(
     client: &impl GenericClient,
     org_id: Uuid,
 ) -> Result<PrivacySettings, StoreError> {
-    let stmt = client
-        .prepare_cached("SELECT settings FROM privacy_settings WHERE org_id = $1")
-        .await?;
-    match client.query_opt(&stmt, &[&org_id]).await? {
-        Some(row) => serde_json::from_value(row.get(0))
-            .map_err(|e| StoreError::Corrupt(0, format!("privacy settings: {e}"))),
-        None => Ok(PrivacySettings::defaults()),
-    }
+    Ok(load_with_suppressions(client, org_id).await?.0)
 }
 
 /// [`load`], and whether the organisation's suppression list has any entry (so that a

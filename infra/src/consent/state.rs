@@ -44,17 +44,30 @@ pub async fn consent_state(
     Ok(state)
 }
 
-/// The contact, if it exists in `org_id` (archived ones included).
-pub async fn contact(
+/// Whether the contact exists in `org_id` (archived ones included).
+pub async fn contact_exists(
     executor: &Executor,
     client: &impl GenericClient,
     org_id: Uuid,
     contact_id: Uuid,
-) -> Result<Option<Contact>, StoreError> {
-    let loaded = executor
-        .load::<Contact>(client, org_id, &contact_id.to_string())
-        .await?;
-    Ok(loaded.aggregate.exists().then_some(loaded.aggregate))
+) -> Result<bool, StoreError> {
+    let id = contact_id.to_string();
+    let stream = StreamId {
+        org_id,
+        aggregate_type: Contact::TYPE,
+        aggregate_id: &id,
+    };
+    // The contact's data key, which its consent events share, is fetched beside (and
+    // cached): the consent append that usually follows then takes the group-commit
+    // fast path instead of finding the key taken and falling back to a transaction.
+    let (exists, _key) = futures::try_join!(event_store::stream_exists(client, &stream), async {
+        executor
+            .crypto()
+            .key_for_reading(client, &org_id, &id)
+            .await
+            .map_err(StoreError::from)
+    },)?;
+    Ok(exists)
 }
 
 /// Where `channel` reaches the contact: its e-mail address, its phone number, or its

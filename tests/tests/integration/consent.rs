@@ -380,6 +380,27 @@ async fn double_opt_in_is_single_use_expires_and_pending_blocks_marketing() {
         .await
         .unwrap();
     assert_eq!(confirm(token2).await, 404, "expired");
+    // `crm serve` purges confirmations a day past their expiry (every minute).
+    let admin = app.admin_pool().get().await.unwrap();
+    assert_eq!(
+        crm_infra::consent::ledger::purge_expired(&admin)
+            .await
+            .unwrap(),
+        0
+    );
+    admin
+        .execute(
+            "UPDATE consent_confirmations SET expires_at = now() - interval '2 days'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        crm_infra::consent::ledger::purge_expired(&admin)
+            .await
+            .unwrap(),
+        1
+    );
     let (_, m) = send(&app, c2, "email", "marketing").await;
     assert_eq!(reason(&m), "consent_pending_confirmation");
 }
