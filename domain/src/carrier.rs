@@ -51,22 +51,6 @@ impl CarrierSettings {
     }
 }
 
-/// The channels a carrier can be configured for, by their stream ids.
-pub fn channel_name(channel: Channel) -> &'static str {
-    match channel {
-        Channel::Email => "email",
-        Channel::Sms => "sms",
-        Channel::Whatsapp => "whatsapp",
-        Channel::Phone => "phone",
-        Channel::Postal => "postal",
-    }
-}
-
-/// The channel named `name` (as [`channel_name`] spells it).
-pub fn parse_channel(name: &str) -> Option<Channel> {
-    Channel::ALL.into_iter().find(|c| channel_name(*c) == name)
-}
-
 #[derive(Debug, Clone, PartialEq)]
 pub enum CarrierCommand {
     /// Sets (or replaces) the carrier of `channel`.
@@ -152,8 +136,8 @@ impl Carrier {
     fn check_channel(&self, channel: Channel) -> Result<(), CarrierError> {
         match self.channel {
             Some(stream) if stream != channel => Err(CarrierError::OtherChannel {
-                stream: channel_name(stream),
-                channel: channel_name(channel),
+                stream: stream.name(),
+                channel: channel.name(),
             }),
             _ => Ok(()),
         }
@@ -183,7 +167,7 @@ impl Aggregate for Carrier {
                 if !settings.serves(channel) {
                     return Err(CarrierError::WrongChannel {
                         kind: settings.kind(),
-                        channel: channel_name(channel),
+                        channel: channel.name(),
                     });
                 }
                 sink.write(
@@ -199,7 +183,7 @@ impl Aggregate for Carrier {
             CarrierCommand::Remove { channel } => {
                 self.check_channel(channel)?;
                 if self.settings.is_none() {
-                    return Err(CarrierError::NotConfigured(channel_name(channel)));
+                    return Err(CarrierError::NotConfigured(channel.name()));
                 }
                 sink.write(CarrierEvent::CarrierRemoved { channel }, self)
                     .await;
@@ -207,7 +191,7 @@ impl Aggregate for Carrier {
             CarrierCommand::RecordDecryption { channel, purpose } => {
                 self.check_channel(channel)?;
                 if self.settings.is_none() {
-                    return Err(CarrierError::NotConfigured(channel_name(channel)));
+                    return Err(CarrierError::NotConfigured(channel.name()));
                 }
                 sink.write(
                     CarrierEvent::CarrierSecretDecrypted { channel, purpose },
@@ -309,7 +293,7 @@ mod tests {
                 })
                 .then_expect_error(CarrierError::WrongChannel {
                     kind: settings.kind(),
-                    channel: channel_name(channel),
+                    channel: channel.name(),
                 });
         }
     }
@@ -369,13 +353,5 @@ mod tests {
                 purpose: "dispatch".into(),
             })
             .then_expect_error(CarrierError::NotConfigured("sms"));
-    }
-
-    #[test]
-    fn channel_names_round_trip() {
-        for c in Channel::ALL {
-            assert_eq!(parse_channel(channel_name(c)), Some(c));
-        }
-        assert_eq!(parse_channel("fax"), None);
     }
 }

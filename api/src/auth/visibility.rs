@@ -47,6 +47,12 @@ pub fn contact_event(policy: &Policy, data: &mut Value, metadata: &mut Value) {
     }
 }
 
+/// Whether `policy` may read a contact point (an address or number) of `channel`: it
+/// is the value of that channel's contact field (e-mail, phone or address).
+pub fn sees_contact_point(policy: &Policy, channel: crm_domain::consent::Channel) -> bool {
+    policy.first_hidden([channel.contact_field()]).is_none()
+}
+
 /// 403 naming the first field in `names` the caller may not write.
 pub fn check_writes<'a>(
     policy: &Policy,

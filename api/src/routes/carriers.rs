@@ -4,7 +4,7 @@
 //! go to the service's defaults again). The channel is a body member: path ids are
 //! UUIDs only (the edge parses every `{…}` segment as one).
 
-use crm_domain::carrier::{channel_name, parse_channel, CarrierError, CarrierSettings};
+use crm_domain::carrier::{CarrierError, CarrierSettings};
 use crm_domain::consent::Channel;
 use crm_infra::commands::executor::CommandError;
 use crm_infra::dispatch::carriers::credentials::{self, CarrierAdminError};
@@ -104,7 +104,7 @@ pub(crate) struct CarrierList {
 }
 
 fn channel_of(name: &str, errors: &mut Vec<FieldError>) -> Option<Channel> {
-    let channel = parse_channel(name).filter(|c| !matches!(c, Channel::Phone | Channel::Postal));
+    let channel = Channel::parse(name).filter(|c| !matches!(c, Channel::Phone | Channel::Postal));
     if channel.is_none() {
         errors.push(FieldError::new(
             "channel",
@@ -224,7 +224,7 @@ pub(crate) async fn configure(
                 format!(
                     "a {} carrier cannot send on the {} channel",
                     settings.kind(),
-                    channel_name(channel)
+                    channel.name()
                 ),
             ));
         }
@@ -259,7 +259,7 @@ pub(crate) async fn list(s: AppState, a: Authed) -> Result<Ok200<CarrierList>, A
         .map_err(answer)?
         .into_iter()
         .map(|c| CarrierItem {
-            channel: channel_name(c.channel).to_owned(),
+            channel: c.channel.name().to_owned(),
             kind: c.settings.kind().to_owned(),
             settings: doc_of(c.settings),
             secret_last4: c.secret_last4,

@@ -670,7 +670,7 @@ pub(crate) async fn request_double_opt_in(
     let mut gate = state::load(&s.executor, &client, org_id, contact_id)
         .await?
         .ok_or(ApiError::NotFound("contact not found"))?;
-    let Some(to) = state::contact_point(&gate.contact, Channel::Email) else {
+    let Some(to) = state::contact_point(&gate.contact.profile, Channel::Email) else {
         return Err(ApiError::Validation(vec![FieldError::new(
             "channel",
             "the contact has no e-mail address",

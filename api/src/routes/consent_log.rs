@@ -25,28 +25,11 @@ use uuid::Uuid;
 
 use super::schemas::{CaptureSourceName, ChannelName, ConsentStatusName, LawfulBasisName, Time};
 use super::{consistency, parse_limit, query_error, Authed};
+use crate::auth::visibility;
 use crate::edge::extract::{Id, Json, Query};
 use crate::edge::reply::Ok200;
 use crate::error::{ApiError, FieldError};
 use crate::state::AppState;
-
-/// The contact field a channel's address or number is.
-fn field_of(channel: Channel) -> &'static str {
-    match channel {
-        Channel::Email => "email",
-        Channel::Sms | Channel::Whatsapp | Channel::Phone => "phone",
-        Channel::Postal => "address",
-    }
-}
-
-/// Whether `policy` may read the contact point of a record on `channel`.
-fn sees_point(policy: &Policy, channel: Channel) -> bool {
-    policy.first_hidden([field_of(channel)]).is_none()
-}
-
-fn parse_channel(name: &str) -> Option<Channel> {
-    serde_json::from_value(serde_json::Value::String(name.to_owned())).ok()
-}
 
 fn name_of<T: Serialize>(value: &T) -> String {
     serde_json::to_value(value)
@@ -202,8 +185,8 @@ pub(crate) async fn log(
             let visible = e
                 .channel
                 .as_deref()
-                .and_then(parse_channel)
-                .is_some_and(|c| sees_point(policy, c));
+                .and_then(Channel::parse)
+                .is_some_and(|c| visibility::sees_contact_point(policy, c));
             let notice = match (e.notice_id, e.notice_version, e.notice_sha256) {
                 (Some(id), Some(version), Some(sha256)) => Some(NoticeDoc {
                     id,
@@ -311,7 +294,8 @@ impl ContactConsent {
                 event_id: r.event_id,
                 channel: r.channel,
                 purpose: r.purpose.as_str().to_owned(),
-                contact_point: sees_point(policy, r.channel).then(|| r.contact_point.clone()),
+                contact_point: visibility::sees_contact_point(policy, r.channel)
+                    .then(|| r.contact_point.clone()),
                 status: match (r.status, r.expires_at) {
                     (ConsentStatus::Granted, Some(until)) if until <= at => ConsentStatus::Expired,
                     (status, _) => status,

@@ -22,6 +22,7 @@ use uuid::Uuid;
 
 use super::schemas::{ChannelName, ReasonName};
 use super::Authed;
+use crate::auth::visibility;
 use crate::edge::extract::{Id, Json};
 use crate::edge::reply::{Created, Ok200};
 use crate::error::{ApiError, FieldError};
@@ -235,7 +236,7 @@ pub(crate) async fn send(
             .await?
             .ok_or(ApiError::NotFound("contact not found"))?
     };
-    let Some(to) = state::contact_point(&gate.contact, input.channel) else {
+    let Some(to) = state::contact_point(&gate.contact.profile, input.channel) else {
         return Err(ApiError::Validation(vec![FieldError::new(
             "channel",
             "the contact has no address or number for this channel",
@@ -273,15 +274,6 @@ pub(crate) async fn send(
             position,
         },
     })
-}
-
-/// The contact field a channel's address or number is.
-fn field_of(channel: Channel) -> &'static str {
-    match channel {
-        Channel::Email => "email",
-        Channel::Sms | Channel::Whatsapp | Channel::Phone => "phone",
-        Channel::Postal => "address",
-    }
 }
 
 pub(crate) async fn get_one(
@@ -348,7 +340,7 @@ pub(crate) async fn get_one(
     else {
         return Err(ApiError::NotFound("message not found"));
     };
-    let visible = a.access.policy.first_hidden([field_of(channel)]).is_none();
+    let visible = visibility::sees_contact_point(&a.access.policy, channel);
     let content = message.content.clone().filter(|_| visible);
     Ok(Ok200(MessageDoc {
         id,

@@ -57,6 +57,32 @@ impl Channel {
         Channel::Postal,
     ];
 
+    /// Its name on the wire, in stream ids and in tables (its serde name).
+    pub fn name(self) -> &'static str {
+        match self {
+            Channel::Email => "email",
+            Channel::Sms => "sms",
+            Channel::Whatsapp => "whatsapp",
+            Channel::Phone => "phone",
+            Channel::Postal => "postal",
+        }
+    }
+
+    /// The channel named `name` (as [`Channel::name`] spells it).
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.name() == name)
+    }
+
+    /// The contact field whose value the channel reaches (field-level permissions of
+    /// a contact point follow it).
+    pub fn contact_field(self) -> &'static str {
+        match self {
+            Channel::Email => "email",
+            Channel::Sms | Channel::Whatsapp | Channel::Phone => "phone",
+            Channel::Postal => "address",
+        }
+    }
+
     /// Channels that reach a person at a moment of the day (quiet hours apply).
     pub fn is_real_time(self) -> bool {
         matches!(self, Channel::Sms | Channel::Phone)
@@ -143,4 +169,18 @@ pub struct Purpose {
     /// Whether it sells or shares personal data (CCPA): a do-not-sell/share opt-out
     /// refuses it.
     pub sells_or_shares: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channel_names_are_their_serde_names_and_parse_back() {
+        for c in Channel::ALL {
+            assert_eq!(serde_json::to_value(c).unwrap(), c.name());
+            assert_eq!(Channel::parse(c.name()), Some(c));
+        }
+        assert_eq!(Channel::parse("fax"), None);
+    }
 }

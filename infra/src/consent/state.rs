@@ -10,7 +10,7 @@ use crm_domain::consent::gate::{self, ConsentState, Decision, Request};
 use crm_domain::consent::ledger::{fold, ConsentEvent, ConsentLedger};
 use crm_domain::consent::privacy::PrivacySettings;
 use crm_domain::consent::Channel;
-use crm_domain::contact::{Contact, ContactEvent};
+use crm_domain::contact::{Contact, ContactEvent, ContactProfile};
 use deadpool_postgres::GenericClient;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
@@ -72,8 +72,7 @@ pub async fn contact_exists(
 
 /// Where `channel` reaches the contact: its e-mail address, its phone number, or its
 /// postal address on one line.
-pub fn contact_point(contact: &Contact, channel: Channel) -> Option<String> {
-    let p = &contact.profile;
+pub fn contact_point(p: &ContactProfile, channel: Channel) -> Option<String> {
     match channel {
         Channel::Email => p.email.as_ref().map(|e| e.to_string()),
         Channel::Sms | Channel::Whatsapp | Channel::Phone => {
@@ -101,13 +100,6 @@ pub fn point_sha256(channel: Channel, point: &str) -> String {
     hex::encode(Sha256::digest(normalize_point(channel, point).as_bytes()))
 }
 
-fn channel_name(channel: Channel) -> String {
-    serde_json::to_value(channel)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_default()
-}
-
 /// The event that put `point` on the organisation's suppression list for `channel`.
 pub async fn suppressed_by(
     client: &impl GenericClient,
@@ -124,11 +116,7 @@ pub async fn suppressed_by(
     let row = client
         .query_opt(
             &stmt,
-            &[
-                &org_id,
-                &channel_name(channel),
-                &point_sha256(channel, point),
-            ],
+            &[&org_id, &channel.name(), &point_sha256(channel, point)],
         )
         .await?;
     Ok(row.map(|r| r.get(0)))

@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use crm_domain::consent::gate::{self, ConsentState, Decision, Request};
 use crm_domain::consent::ledger::ConsentEvent;
 use crm_domain::consent::{Channel, PurposeKey};
-use crm_domain::contact::{Contact, ContactEvent, ContactProfile};
+use crm_domain::contact::{ContactEvent, ContactProfile};
 use crm_projections::consent::{
     update, ConsentStateView, StateEvent, Update, CONSENT_STREAM, CONTACT_STREAM,
 };
@@ -84,16 +84,6 @@ impl<'a, T: DeserializeOwned> FromSql<'a> for JsonbIn<T> {
     }
 }
 
-/// Where the contact of `points` is reached on `channel` (the postal address as one
-/// line), as the gate's read path from the streams computes it.
-fn point(points: &ContactProfile, channel: Channel) -> Option<String> {
-    let contact = Contact {
-        profile: points.clone(),
-        ..Contact::default()
-    };
-    contact_point(&contact, channel)
-}
-
 /// The columns of a view derived from its points.
 struct Derived {
     email: Option<String>,
@@ -104,9 +94,9 @@ struct Derived {
 
 fn derived(v: &ConsentStateView) -> Derived {
     Derived {
-        email: point(&v.points, Channel::Email),
-        phone: point(&v.points, Channel::Phone),
-        postal: point(&v.points, Channel::Postal),
+        email: contact_point(&v.points, Channel::Email),
+        phone: contact_point(&v.points, Channel::Phone),
+        postal: contact_point(&v.points, Channel::Postal),
         time_zone: v.points.time_zone.map(String::from),
     }
 }
@@ -460,7 +450,7 @@ pub async fn check(
             )
             .await?;
         client
-            .query(&stmt, &[&org_id, &column_channel(channel), &hashes])
+            .query(&stmt, &[&org_id, &channel.name(), &hashes])
             .await?
             .iter()
             .map(|r| (r.get(0), r.get(1)))
@@ -487,12 +477,4 @@ pub async fn check(
             Checked::Decided(decision)
         })
         .collect())
-}
-
-/// The channel's name as the suppression list stores it (`email`, `sms`, …).
-fn column_channel(channel: Channel) -> String {
-    serde_json::to_value(channel)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_default()
 }

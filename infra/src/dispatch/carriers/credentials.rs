@@ -19,8 +19,8 @@ use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
 use crm_domain::carrier::{
-    channel_name, Carrier as CarrierStream, CarrierCommand, CarrierError as DomainError,
-    CarrierEvent, CarrierSettings,
+    Carrier as CarrierStream, CarrierCommand, CarrierError as DomainError, CarrierEvent,
+    CarrierSettings,
 };
 use crm_domain::consent::Channel;
 use crm_domain::metadata::EventMetadata;
@@ -52,7 +52,7 @@ pub enum CarrierAdminError {
 
 /// The associated data a channel's secret is sealed with.
 pub fn secret_aad(org_id: Uuid, channel: Channel) -> String {
-    format!("carrier|{org_id}|{}", channel_name(channel))
+    format!("carrier|{org_id}|{}", channel.name())
 }
 
 /// The last four characters of a secret of at least eight (a shorter one shows none:
@@ -209,7 +209,7 @@ pub async fn configure(
                            configured_at = now()",
                         &[
                             &org_id,
-                            &channel_name(channel),
+                            &channel.name(),
                             &settings.kind(),
                             &json,
                             &sealed,
@@ -228,7 +228,7 @@ pub async fn configure(
     Ok(executor
         .execute_with::<CarrierStream>(
             org_id,
-            channel_name(channel),
+            channel.name(),
             CarrierCommand::Configure {
                 channel,
                 settings,
@@ -255,7 +255,7 @@ pub async fn remove(
                 name_org(tx, org_id).await.map_err(db)?;
                 tx.execute(
                     "DELETE FROM carrier_secrets WHERE org_id = $1 AND channel = $2",
-                    &[&org_id, &channel_name(channel)],
+                    &[&org_id, &channel.name()],
                 )
                 .await
                 .map_err(db)?;
@@ -267,7 +267,7 @@ pub async fn remove(
     Ok(executor
         .execute_with::<CarrierStream>(
             org_id,
-            channel_name(channel),
+            channel.name(),
             CarrierCommand::Remove { channel },
             meta,
             None,
@@ -302,7 +302,7 @@ pub async fn list(pool: &Pool, org_id: Uuid) -> Result<Vec<CarrierRow>, CarrierA
         .map(|r| {
             let channel: String = r.get(0);
             Ok(CarrierRow {
-                channel: crm_domain::carrier::parse_channel(&channel)
+                channel: Channel::parse(&channel)
                     .ok_or_else(|| CarrierAdminError::Corrupt(channel.clone()))?,
                 settings: serde_json::from_value(r.get(1))
                     .map_err(|e| CarrierAdminError::Corrupt(e.to_string()))?,
@@ -340,7 +340,7 @@ pub async fn resolve(
     let unavailable = |e: &dyn std::fmt::Display| {
         CarrierError::retryable(format!("carrier configuration unavailable: {e}"))
     };
-    let id = channel_name(channel);
+    let id = channel.name();
     for _ in 0..ATTEMPTS {
         let loaded = {
             let client = pool.get().await.map_err(|e| unavailable(&e))?;

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cqrs_es::Aggregate;
-use crm_domain::carrier::{channel_name, parse_channel, Carrier as CarrierStream};
+use crm_domain::carrier::Carrier as CarrierStream;
 use crm_domain::consent::Channel;
 use deadpool_postgres::Pool;
 use uuid::Uuid;
@@ -91,10 +91,7 @@ impl CarrierError {
     }
 
     fn no_carrier(channel: Channel) -> Self {
-        Self::permanent(format!(
-            "no carrier configured for {}",
-            channel_name(channel)
-        ))
+        Self::permanent(format!("no carrier configured for {}", channel.name()))
     }
 }
 
@@ -189,7 +186,7 @@ impl CommitHook for CarrierCache {
         if commit.aggregate_type != CarrierStream::TYPE {
             return;
         }
-        let Some(channel) = parse_channel(&commit.outcome.id) else {
+        let Some(channel) = Channel::parse(&commit.outcome.id) else {
             return;
         };
         let key = (commit.org_id, channel);
@@ -258,7 +255,7 @@ impl Carriers {
         if matches!(channel, Channel::Phone | Channel::Postal) {
             return Err(CarrierError::permanent(format!(
                 "the {} channel has no carrier",
-                channel_name(channel)
+                channel.name()
             )));
         }
         let key = (org_id, channel);

@@ -8,7 +8,6 @@
 
 use std::path::{Path, PathBuf};
 
-use crm_domain::carrier::channel_name;
 use crm_domain::consent::Channel;
 
 use super::{Carrier, CarrierError, Delivered, Outbound};
@@ -46,7 +45,7 @@ fn file_name(key: &str, channel: Channel) -> String {
     let safe = safe.trim_start_matches('.');
     match channel {
         Channel::Email => format!("{safe}.eml"),
-        other => format!("{safe}.{}.txt", channel_name(other)),
+        other => format!("{safe}.{}.txt", other.name()),
     }
 }
 
@@ -69,7 +68,7 @@ fn render(from: &str, msg: &Outbound) -> String {
         one_line(&msg.idempotency_key),
         one_line(domain),
         chrono::Utc::now().to_rfc2822(),
-        channel_name(msg.channel),
+        msg.channel.name(),
     );
     if let Some(subject) = &msg.subject {
         text.push_str(&format!("Subject: {}\r\n", one_line(subject)));
@@ -99,7 +98,7 @@ impl Carrier for SpoolCarrier {
         if matches!(msg.channel, Channel::Phone | Channel::Postal) {
             return Err(CarrierError::permanent(format!(
                 "no carrier configured for {}",
-                channel_name(msg.channel)
+                msg.channel.name()
             )));
         }
         let name = file_name(&msg.idempotency_key, msg.channel);
