@@ -31,13 +31,6 @@ use crate::edge::reply::Ok200;
 use crate::error::{ApiError, FieldError};
 use crate::state::AppState;
 
-fn name_of<T: Serialize>(value: &T) -> String {
-    serde_json::to_value(value)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_default()
-}
-
 // ---- GET /v1/consent/log -------------------------------------------------------------
 
 /// `GET /v1/consent/log` parameters; every filter is exact but the time window.
@@ -162,9 +155,9 @@ pub(crate) async fn log(
     }
     let filter = ConsentLogFilter {
         contact_id: q.contact_id,
-        channel: q.channel.map(|c| name_of(&c)),
+        channel: q.channel.map(|c| c.name().to_owned()),
         purpose: q.purpose,
-        source: q.source.map(|c| name_of(&c)),
+        source: q.source.map(|c| super::schemas::wire_name(&c)),
         since: q.since.map(|t| t.0),
         until: q.until.map(|t| t.0),
         before: q.before,
@@ -374,7 +367,7 @@ impl utoipa::PartialSchema for CheckReason {
     fn schema() -> RefOr<Schema> {
         let names = Reason::ALL
             .iter()
-            .map(name_of)
+            .map(super::schemas::wire_name)
             .chain(["contact_unknown".to_owned(), "no_contact_point".to_owned()]);
         RefOr::T(Schema::Object(
             ObjectBuilder::new()
@@ -463,7 +456,7 @@ pub(crate) async fn check(
             Checked::Decided(d) => CheckResult {
                 contact_id: *id,
                 allowed: d.allowed,
-                reason: name_of(&d.reason),
+                reason: super::schemas::wire_name(&d.reason),
                 relied_on: d.relied_on,
             },
         })

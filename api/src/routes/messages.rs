@@ -154,13 +154,6 @@ fn render(
     out
 }
 
-fn status_name(m: &Message) -> String {
-    m.status
-        .and_then(|s| serde_json::to_value(s).ok())
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_else(|| "unknown".into())
-}
-
 /// Asks the gate for `request` and records its decision as the message's first event.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn submit(
@@ -347,7 +340,7 @@ pub(crate) async fn get_one(
         contact_id,
         channel,
         purpose: purpose.to_string(),
-        status: status_name(&message),
+        status: super::schemas::wire_name(&message.status),
         to: content.as_ref().map(|c| c.to.clone()),
         subject: content.and_then(|c| c.subject),
         steps,

@@ -241,10 +241,15 @@ documented!(
 
 /// The wire names of a domain enum (its serde names, snake_case).
 fn serde_names<T: serde::Serialize>(values: impl IntoIterator<Item = T>) -> Vec<String> {
-    values
-        .into_iter()
-        .filter_map(|v| serde_json::to_value(v).ok()?.as_str().map(str::to_owned))
-        .collect()
+    values.into_iter().map(|v| wire_name(&v)).collect()
+}
+
+/// A unit enum value's name on the wire (its serde name; empty for anything else).
+pub fn wire_name<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_value(value)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
 }
 
 fn names_enum<T: serde::Serialize>(values: impl IntoIterator<Item = T>) -> Schema {
