@@ -62,6 +62,7 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<AppState> {
         carriers,
         access_cache,
         receipts: crm_infra::receipts::ReceiptSigner::new(pool.clone(), crypto.clone()),
+        gate: crm_infra::consent::state::GateReader::spawn(pool.clone(), crypto.clone()),
         pool,
         crypto,
         bus,
@@ -101,6 +102,7 @@ pub fn dispatcher(state: &AppState) -> Dispatcher {
         });
     Dispatcher {
         executor: state.executor.clone(),
+        gate: state.gate.clone(),
         bus: state.bus.clone(),
         carriers: state.carriers.clone(),
         links,

@@ -46,6 +46,8 @@ pub struct Services {
     pub carriers: Arc<crm_infra::dispatch::carriers::Carriers>,
     /// Signs consent receipts; publishes their keys (`/.well-known/jwks.json`).
     pub receipts: crm_infra::receipts::ReceiptSigner,
+    /// The send gate's one read path (concurrent loads share a round trip).
+    pub gate: crm_infra::consent::state::GateReader,
 }
 
 impl AppState {

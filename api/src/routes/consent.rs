@@ -664,13 +664,14 @@ pub(crate) async fn request_double_opt_in(
     }
     validation(errors)?;
     let purpose = purpose.expect("parsed");
-    let client = s.pool.get().await?;
-    let settings = privacy::load(&client, org_id).await?;
-    let def = registered(&settings, &purpose)?;
-    let mut gate = state::load(&s.executor, &client, org_id, contact_id)
+    let mut gate = s
+        .gate
+        .load(org_id, contact_id)
         .await?
         .ok_or(ApiError::NotFound("contact not found"))?;
-    let Some(to) = state::contact_point(&gate.contact.profile, Channel::Email) else {
+    let settings = gate.settings.clone();
+    let def = registered(&settings, &purpose)?;
+    let Some(to) = state::contact_point(&gate.points, Channel::Email) else {
         return Err(ApiError::Validation(vec![FieldError::new(
             "channel",
             "the contact has no e-mail address",
@@ -712,11 +713,12 @@ pub(crate) async fn request_double_opt_in(
     )
     .await?;
     let position = *outcome.positions.last().unwrap_or(&0);
-    let stored = crm_infra::store::event_store::read_by_position(&client, org_id, position)
-        .await?
-        .ok_or_else(|| ApiError::internal("the event just written was not found"))?;
+    let stored = {
+        let client = s.pool.get().await?;
+        crm_infra::store::event_store::read_by_position(&client, org_id, position).await?
+    }
+    .ok_or_else(|| ApiError::internal("the event just written was not found"))?;
     let event_id = stored.event_id;
-    drop(client);
     // The confirmation is a message like any other: it passes the send gate (as a
     // `service` message: Do Not Contact and the suppression list still stop it).
     let base = s.settings.mail.link_base.trim_end_matches('/');

@@ -166,10 +166,7 @@ pub(crate) async fn submit(
     content: Content,
     meta: &EventMetadata,
 ) -> Result<(Decision, i64), ApiError> {
-    let decision = {
-        let client = s.pool.get().await?;
-        gate.decide(&client, org_id, &request, Utc::now()).await?
-    };
+    let decision = gate.decide(&s.pool, org_id, &request, Utc::now()).await?;
     let outcome = s
         .executor
         .execute::<Message>(
@@ -223,13 +220,12 @@ pub(crate) async fn send(
     if !errors.is_empty() {
         return Err(ApiError::Validation(errors));
     }
-    let mut gate = {
-        let client = s.pool.get().await?;
-        state::load(&s.executor, &client, org_id, contact_id)
-            .await?
-            .ok_or(ApiError::NotFound("contact not found"))?
-    };
-    let Some(to) = state::contact_point(&gate.contact.profile, input.channel) else {
+    let mut gate = s
+        .gate
+        .load(org_id, contact_id)
+        .await?
+        .ok_or(ApiError::NotFound("contact not found"))?;
+    let Some(to) = state::contact_point(&gate.points, input.channel) else {
         return Err(ApiError::Validation(vec![FieldError::new(
             "channel",
             "the contact has no address or number for this channel",

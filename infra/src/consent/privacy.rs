@@ -21,25 +21,33 @@ pub async fn load(
     Ok(load_with_suppressions(client, org_id).await?.0)
 }
 
-/// [`load`], and whether the organisation's suppression list has any entry (so that a
-/// decision looks its contact point up only then): one statement.
-pub async fn load_with_suppressions(
-    client: &impl GenericClient,
-    org_id: Uuid,
+/// The settings row of an organisation (`$1`) and whether its suppression list has any
+/// entry: one statement, read by [`settings_of`].
+pub(crate) const SETTINGS: &str =
+    "SELECT (SELECT settings FROM privacy_settings WHERE org_id = $1), \
+     EXISTS (SELECT 1 FROM suppression_list WHERE org_id = $1)";
+
+/// The settings (the defaults when the organisation has no row) and whether there are
+/// suppressions, from a row of [`SETTINGS`].
+pub(crate) fn settings_of(
+    row: &tokio_postgres::Row,
 ) -> Result<(PrivacySettings, bool), StoreError> {
-    let stmt = client
-        .prepare_cached(
-            "SELECT (SELECT settings FROM privacy_settings WHERE org_id = $1), \
-             EXISTS (SELECT 1 FROM suppression_list WHERE org_id = $1)",
-        )
-        .await?;
-    let row = client.query_one(&stmt, &[&org_id]).await?;
     let settings = match row.get::<_, Option<serde_json::Value>>(0) {
         Some(v) => serde_json::from_value(v)
             .map_err(|e| StoreError::Corrupt(0, format!("privacy settings: {e}")))?,
         None => PrivacySettings::defaults(),
     };
     Ok((settings, row.get(1)))
+}
+
+/// [`load`], and whether the organisation's suppression list has any entry (so that a
+/// decision looks its contact point up only then): one statement.
+pub async fn load_with_suppressions(
+    client: &impl GenericClient,
+    org_id: Uuid,
+) -> Result<(PrivacySettings, bool), StoreError> {
+    let stmt = client.prepare_cached(SETTINGS).await?;
+    settings_of(&client.query_one(&stmt, &[&org_id]).await?)
 }
 
 /// Runs a privacy command; the settings row follows its events in the same commit.

@@ -1,8 +1,26 @@
 //! The one read path of consent state for decisions: a contact's `consent` stream
 //! folded with the id of every event (`crm_domain::consent::ledger::fold`), its time
 //! zone and contact points from its `contact` stream, the suppression list, and the
-//! organisation's settings. Read from the store, not a read model: a decision is exact
-//! at its moment, whatever a projection's lag.
+//! organisation's settings.
+//!
+//! A decision is exact at its moment, whatever a projection's lag: [`GateReader::load`]
+//! takes the contact's row of the `consent_state` read model (the same fold, kept by
+//! its projection) only when that row has applied every event of both streams, which
+//! the same statement checks against the streams' heads in the store (one statement,
+//! one snapshot); otherwise (a change not yet projected, a rebuild under way) it folds
+//! the streams themselves. The row spares the common case reading and decrypting the
+//! contact's events.
+//!
+//! Concurrent loads share their round trip, as concurrent appends share their commit
+//! (`crate::store::group_commit`): a few reader tasks each take whatever loads are
+//! waiting (up to [`MAX_BATCH`]) and read them per organisation with one statement, in
+//! one read-only transaction scoped to that organisation (row-level security, as
+//! `crate::read_models::org_scope`), sent together with the settings' statement and
+//! the commit. Under load that turns N round trips into one; with a single client the
+//! batch is that one load.
+
+use std::collections::HashMap;
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use cqrs_es::Aggregate;
@@ -11,12 +29,16 @@ use crm_domain::consent::ledger::{fold, ConsentEvent, ConsentLedger};
 use crm_domain::consent::privacy::PrivacySettings;
 use crm_domain::consent::Channel;
 use crm_domain::contact::{Contact, ContactEvent, ContactProfile};
-use deadpool_postgres::GenericClient;
+use deadpool_postgres::{GenericClient, Pool};
 use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, oneshot, Mutex};
+use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 use super::normalize_point;
 use crate::commands::executor::Executor;
+use crate::crypto::Crypto;
+use crate::read_models::consent_state::JsonbIn;
 use crate::store::decode::decode;
 use crate::store::event_store::{self, StoreError, StreamId};
 
@@ -124,67 +146,254 @@ pub async fn suppressed_by(
 
 /// Everything one decision rests on.
 pub struct GateInput {
-    pub contact: Contact,
+    /// Where the contact is reached (e-mail, phone, postal address) and its time zone:
+    /// read [`contact_point`] from it.
+    pub points: ContactProfile,
     pub state: ConsentState,
     pub settings: PrivacySettings,
     /// Whether the organisation's suppression list has any entry at all.
     pub suppressions: bool,
 }
 
-/// Loads what the gate needs to decide for `contact_id` now; `None` when there is no
-/// such contact in `org_id`.
-pub async fn load(
-    executor: &Executor,
-    client: &impl GenericClient,
+/// Most loads read in one statement.
+pub const MAX_BATCH: usize = 256;
+/// Batches in flight at once (each on its own pooled connection).
+pub const READERS: usize = 2;
+
+/// What the read model holds for the gate of one contact, and the organisation's
+/// settings, as one batch read them.
+struct Read {
+    /// The contact's state and points, when its row has applied every event of both
+    /// of its streams (`None`: no row yet, or behind).
+    current: Option<(ConsentState, ContactProfile)>,
+    settings: PrivacySettings,
+    suppressions: bool,
+}
+
+struct Job {
     org_id: Uuid,
     contact_id: Uuid,
-) -> Result<Option<GateInput>, StoreError> {
-    // The contact's two streams in one statement, the settings beside it (pipelined).
-    let id = contact_id.to_string();
-    let (events, (settings, suppressions)) = futures::try_join!(
-        event_store::read_sibling_streams(
-            client,
+    reply: oneshot::Sender<Result<Read, StoreError>>,
+}
+
+/// Loads what the gate needs (the one read path: see the module's text); cheap to
+/// clone. Its reader tasks end when the last handle is dropped.
+#[derive(Clone)]
+pub struct GateReader {
+    jobs: mpsc::Sender<Job>,
+    pool: Pool,
+    crypto: Arc<Crypto>,
+}
+
+impl GateReader {
+    /// Starts the reader tasks on `pool` (must be called inside a tokio runtime).
+    pub fn spawn(pool: Pool, crypto: Arc<Crypto>) -> Self {
+        let (jobs, rx) = mpsc::channel::<Job>(MAX_BATCH * READERS * 2);
+        let rx = Arc::new(Mutex::new(rx));
+        for _ in 0..READERS {
+            let (rx, pool) = (rx.clone(), pool.clone());
+            tokio::spawn(async move {
+                let mut batch = Vec::with_capacity(MAX_BATCH);
+                loop {
+                    {
+                        // One reader at a time gathers: it waits for the first load,
+                        // then takes whatever else is already queued.
+                        let mut rx = rx.lock().await;
+                        if rx.recv_many(&mut batch, MAX_BATCH).await == 0 {
+                            return;
+                        }
+                        if batch.len() < MAX_BATCH {
+                            // One turn of the scheduler for the loads about to be asked.
+                            tokio::task::yield_now().await;
+                            while batch.len() < MAX_BATCH {
+                                match rx.try_recv() {
+                                    Ok(job) => batch.push(job),
+                                    Err(_) => break,
+                                }
+                            }
+                        }
+                    }
+                    read_batch(&pool, std::mem::take(&mut batch)).await;
+                }
+            });
+        }
+        Self { jobs, pool, crypto }
+    }
+
+    /// What the gate needs to decide for `contact_id` now; `None` when there is no
+    /// such contact in `org_id`.
+    pub async fn load(
+        &self,
+        org_id: Uuid,
+        contact_id: Uuid,
+    ) -> Result<Option<GateInput>, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.jobs
+            .send(Job {
+                org_id,
+                contact_id,
+                reply,
+            })
+            .await
+            .map_err(|_| StoreError::Unavailable("the gate's reader has stopped"))?;
+        let read = answer
+            .await
+            .map_err(|_| StoreError::Unavailable("the gate's reader has stopped"))??;
+        if let Some((state, points)) = read.current {
+            return Ok(Some(GateInput {
+                points,
+                state,
+                settings: read.settings,
+                suppressions: read.suppressions,
+            }));
+        }
+        // Not projected yet (or being rebuilt): the contact's two streams, in one
+        // statement, folded here.
+        let client = self.pool.get().await?;
+        let id = contact_id.to_string();
+        let events = event_store::read_sibling_streams(
+            &client,
             org_id,
             &[Contact::TYPE, ConsentLedger::TYPE],
-            &id
-        ),
-        super::privacy::load_with_suppressions(client, org_id),
-    )?;
-    let mut contact = Contact::default();
-    let mut state = ConsentState::default();
-    for stored in events {
-        let (event_id, is_contact) = (stored.event_id, stored.aggregate_type == Contact::TYPE);
-        let decoded = decode(executor.crypto(), client, stored).await?;
-        if is_contact {
-            contact.apply(decoded.typed::<ContactEvent>()?);
-        } else {
-            fold(&mut state, event_id, &decoded.typed::<ConsentEvent>()?);
+            &id,
+        )
+        .await?;
+        let mut contact = Contact::default();
+        let mut state = ConsentState::default();
+        for stored in events {
+            let (event_id, is_contact) = (stored.event_id, stored.aggregate_type == Contact::TYPE);
+            let decoded = decode(&self.crypto, &client, stored).await?;
+            if is_contact {
+                contact.apply(decoded.typed::<ContactEvent>()?);
+            } else {
+                fold(&mut state, event_id, &decoded.typed::<ConsentEvent>()?);
+            }
+        }
+        if !contact.exists() {
+            return Ok(None);
+        }
+        state.time_zone = contact.profile.time_zone.map(|tz| tz.0);
+        Ok(Some(GateInput {
+            points: contact.profile,
+            state,
+            settings: read.settings,
+            suppressions: read.suppressions,
+        }))
+    }
+}
+
+/// The rows of `consent_state` for `contact_ids` of one organisation that have applied
+/// every event of both of the contact's streams (the heads read in the same statement):
+/// state and points by contact id.
+const CURRENT_ROWS: &str = "\
+SELECT i.id, cs.state, cs.points
+FROM unnest($2::uuid[]) AS i (id)
+JOIN consent_state cs ON cs.org_id = $1 AND cs.contact_id = i.id
+WHERE cs.contact_version = (SELECT coalesce(max(e.sequence), 0) FROM events e
+        WHERE e.aggregate_type = 'contact' AND e.aggregate_id = i.id::text AND e.org_id = $1)
+  AND cs.consent_version = (SELECT coalesce(max(e.sequence), 0) FROM events e
+        WHERE e.aggregate_type = 'consent' AND e.aggregate_id = i.id::text AND e.org_id = $1)";
+
+/// Answers every job, reading each organisation's in one round trip; when a
+/// statement fails for several jobs, each is read again alone, so that it gets its
+/// own answer.
+async fn read_batch(pool: &Pool, jobs: Vec<Job>) {
+    let mut by_org: HashMap<Uuid, Vec<Job>> = HashMap::new();
+    for job in jobs {
+        by_org.entry(job.org_id).or_default().push(job);
+    }
+    for (org_id, jobs) in by_org {
+        let ids: Vec<Uuid> = jobs.iter().map(|j| j.contact_id).collect();
+        match read_org(pool, org_id, &ids).await {
+            Ok((mut rows, settings, suppressions)) => {
+                for job in jobs {
+                    let _ = job.reply.send(Ok(Read {
+                        current: rows.remove(&job.contact_id),
+                        settings: settings.clone(),
+                        suppressions,
+                    }));
+                }
+            }
+            Err(e) if jobs.len() == 1 => {
+                let job = jobs.into_iter().next().expect("one job");
+                let _ = job.reply.send(Err(e));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, loads = jobs.len(), "batched gate read failed; reading one by one");
+                for job in jobs {
+                    let result = read_org(pool, org_id, &[job.contact_id]).await.map(
+                        |(mut rows, settings, suppressions)| Read {
+                            current: rows.remove(&job.contact_id),
+                            settings,
+                            suppressions,
+                        },
+                    );
+                    let _ = job.reply.send(result);
+                }
+            }
         }
     }
-    if !contact.exists() {
-        return Ok(None);
+}
+
+type Rows = HashMap<Uuid, (ConsentState, ContactProfile)>;
+
+/// One organisation's current rows for `ids`, its settings and whether it has
+/// suppressions: the scope, both statements and the commit sent together.
+async fn read_org(
+    pool: &Pool,
+    org_id: Uuid,
+    ids: &[Uuid],
+) -> Result<(Rows, PrivacySettings, bool), StoreError> {
+    let client = pool.get().await?;
+    // Both statements prepared first (cached: no round trip once per connection), so
+    // that nothing below waits between sending its parts.
+    let rows_stmt = client.prepare_cached(CURRENT_ROWS).await?;
+    let settings_stmt = client.prepare_cached(super::privacy::SETTINGS).await?;
+    // (a Uuid prints as hex digits and dashes: nothing to quote)
+    let begin = format!("BEGIN READ ONLY; SELECT set_config('crm.org_id', '{org_id}', true)");
+    // All four are queued on the connection at their first poll, in this order, before
+    // any answer is awaited: the commit always follows (after a failed statement it
+    // rolls back), so the connection goes back to the pool outside any transaction.
+    let (rows_params, settings_params): ([&(dyn ToSql + Sync); 2], [&(dyn ToSql + Sync); 1]) =
+        ([&org_id, &ids], [&org_id]);
+    let (_, rows, settings, _) = futures::try_join!(
+        client.batch_execute(&begin),
+        client.query(&rows_stmt, &rows_params),
+        client.query_one(&settings_stmt, &settings_params),
+        client.batch_execute("COMMIT"),
+    )?;
+    let (settings, suppressions) = super::privacy::settings_of(&settings)?;
+    let mut current = HashMap::with_capacity(rows.len());
+    for row in rows {
+        let id: Uuid = row.get(0);
+        let corrupt = |what: &str, e: tokio_postgres::Error| {
+            StoreError::Corrupt(0, format!("{what} of contact {id} in consent_state: {e}"))
+        };
+        let JsonbIn(state) = row
+            .try_get::<_, JsonbIn<ConsentState>>(1)
+            .map_err(|e| corrupt("consent state", e))?;
+        let JsonbIn(points) = row
+            .try_get::<_, JsonbIn<ContactProfile>>(2)
+            .map_err(|e| corrupt("contact points", e))?;
+        current.insert(id, (state, points));
     }
-    state.time_zone = contact.profile.time_zone.map(|tz| tz.0);
-    Ok(Some(GateInput {
-        contact,
-        state,
-        settings,
-        suppressions,
-    }))
+    Ok((current, settings, suppressions))
 }
 
 impl GateInput {
     /// The gate's decision for `request` at `now` (the suppression list looked up for
-    /// the request's contact point).
+    /// the request's contact point, on a connection of `pool`, when the organisation
+    /// has any entry).
     pub async fn decide(
         &mut self,
-        client: &impl GenericClient,
+        pool: &Pool,
         org_id: Uuid,
         request: &Request,
         now: DateTime<Utc>,
     ) -> Result<Decision, StoreError> {
         self.state.suppressed_by = if self.suppressions {
-            suppressed_by(client, org_id, request.channel, &request.contact_point).await?
+            let client = pool.get().await?;
+            suppressed_by(&client, org_id, request.channel, &request.contact_point).await?
         } else {
             None
         };

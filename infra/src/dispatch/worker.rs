@@ -33,7 +33,7 @@ use uuid::Uuid;
 
 use super::carriers::{Carriers, Outbound};
 use crate::commands::executor::{CommandError, Executor};
-use crate::consent::state;
+use crate::consent::state::GateReader;
 use crate::feed::bus::Bus;
 use crate::store::event_store::{RawEvent, StoreError};
 
@@ -76,6 +76,8 @@ enum Handled {
 
 pub struct Dispatcher {
     pub executor: Executor,
+    /// The send gate's read path, asked again before each attempt.
+    pub gate: GateReader,
     pub bus: Bus,
     pub carriers: Arc<Carriers>,
     pub links: UnsubscribeLinks,
@@ -218,18 +220,15 @@ impl Dispatcher {
         let attempt = message.attempts + 1;
         let meta = EventMetadata::system(org_id, "dispatch");
         // The gate again, now: what changed since the message was queued counts.
-        let decision = {
-            let client = pool.get().await?;
-            match state::load(&self.executor, &client, org_id, contact_id).await? {
-                None => None,
-                Some(mut input) => {
-                    let request = Request {
-                        channel,
-                        purpose: purpose.clone(),
-                        contact_point: crate::consent::normalize_point(channel, &content.to),
-                    };
-                    Some(input.decide(&client, org_id, &request, Utc::now()).await?)
-                }
+        let decision = match self.gate.load(org_id, contact_id).await? {
+            None => None,
+            Some(mut input) => {
+                let request = Request {
+                    channel,
+                    purpose: purpose.clone(),
+                    contact_point: crate::consent::normalize_point(channel, &content.to),
+                };
+                Some(input.decide(&pool, org_id, &request, Utc::now()).await?)
             }
         };
         let Some(decision) = decision else {

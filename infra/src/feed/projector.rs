@@ -87,6 +87,12 @@ pub trait Projection: Send + Sync + 'static {
     fn reads_payload(&self) -> bool {
         true
     }
+    /// Whether events of streams of `aggregate_type` can change its read model. Those
+    /// that cannot are never parsed, decrypted or handed to [`Self::apply`]; its
+    /// checkpoint moves past them all the same.
+    fn reads_type(&self, _aggregate_type: &str) -> bool {
+        true
+    }
 }
 
 /// Parses what `projection` reads of an event as it arrives from JetStream (payload
@@ -414,6 +420,12 @@ impl ProjectorWorker {
                     continue;
                 }
                 left -= 1;
+                let reads = event
+                    .as_ref()
+                    .is_some_and(|e| p.reads_type(&e.aggregate_type));
+                if !reads {
+                    continue; // applied by moving the checkpoint past it
+                }
                 let e = if left == 0 {
                     event.take().expect("taken once")
                 } else {

@@ -138,6 +138,10 @@ impl Projection for ConsentLogProjection {
         "consent_log"
     }
 
+    fn reads_type(&self, aggregate_type: &str) -> bool {
+        aggregate_type == CONSENT_STREAM
+    }
+
     async fn apply(
         &self,
         tx: &Transaction<'_>,

@@ -61,7 +61,7 @@ impl<T: Serialize + std::fmt::Debug> ToSql for JsonbOut<'_, T> {
 
 /// A `jsonb` value read straight into `T` from the wire (no `serde_json::Value` built
 /// first: the bulk check decodes thousands of states per request).
-struct JsonbIn<T>(T);
+pub(crate) struct JsonbIn<T>(pub(crate) T);
 
 impl<'a, T: DeserializeOwned> FromSql<'a> for JsonbIn<T> {
     fn from_sql(
@@ -182,6 +182,10 @@ impl Projection for ConsentStateProjection {
 
     fn table(&self) -> &'static str {
         "consent_state"
+    }
+
+    fn reads_type(&self, aggregate_type: &str) -> bool {
+        matches!(aggregate_type, CONTACT_STREAM | CONSENT_STREAM)
     }
 
     async fn apply(

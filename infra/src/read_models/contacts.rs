@@ -59,6 +59,10 @@ impl Projection for ContactsProjection {
         "contacts"
     }
 
+    fn reads_type(&self, aggregate_type: &str) -> bool {
+        aggregate_type == REBUILD_AGGREGATE_TYPE
+    }
+
     async fn apply(
         &self,
         tx: &Transaction<'_>,

@@ -631,3 +631,140 @@ async fn a_suppressed_contact_point_is_refused_on_every_purpose() {
         "another channel's point is not suppressed"
     );
 }
+
+/// The consent_state row of `contact` once it has applied `consent_version` events of
+/// the contact's consent stream.
+async fn projected(app: &TestApp, contact: Uuid, consent_version: i64) {
+    let db = app.db().await;
+    eventually(Duration::from_secs(20), || async {
+        db.query_opt(
+            "SELECT 1 FROM consent_state WHERE contact_id = $1 AND consent_version = $2",
+            &[&contact, &consent_version],
+        )
+        .await
+        .unwrap()
+    })
+    .await
+    .expect("the consent_state projection applied the grant");
+}
+
+#[tokio::test]
+async fn a_decision_never_rests_on_a_consent_state_row_behind_the_events() {
+    // No projector at all: nothing is projected, and a grant still counts at once (the
+    // gate folds the contact's streams).
+    let app = TestApp::spawn_with(Options {
+        run_projectors: false,
+        ..Options::default()
+    })
+    .await;
+    let c = contact(&app, json!({})).await;
+    let (s, v) = post(
+        &app,
+        &format!("/v1/contacts/{c}/consent"),
+        grant("marketing", "import"),
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    let (s, v) = send(&app, c, "email", "marketing").await;
+    assert_eq!(
+        (s, v["status"].as_str(), reason(&v)),
+        (201, Some("queued"), "consent"),
+        "{v}"
+    );
+    app.stop().await;
+
+    // With the projector: the row, once it has applied every event of both streams, is
+    // what the gate reads; shown here by a row changed behind the projector's back.
+    let app = TestApp::spawn().await;
+    let c = contact(&app, json!({})).await;
+    let (s, v) = post(
+        &app,
+        &format!("/v1/contacts/{c}/consent"),
+        grant("marketing", "import"),
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    projected(&app, c, 1).await;
+    let db = app.db().await;
+    let no_records =
+        serde_json::to_value(crm_domain::consent::gate::ConsentState::default()).unwrap();
+    db.execute(
+        "UPDATE consent_state SET state = $2 WHERE contact_id = $1",
+        &[&c, &no_records],
+    )
+    .await
+    .unwrap();
+    let (_, v) = send(&app, c, "email", "marketing").await;
+    assert_eq!(reason(&v), "no_consent", "the current row is read: {v}");
+
+    // A row behind either of the contact's streams, or none, is never used: the gate
+    // folds the streams and finds the grant.
+    for (contact_version, consent_version) in [(1i64, 0i64), (0, 1)] {
+        db.execute(
+            "UPDATE consent_state SET contact_version = $2, consent_version = $3 \
+             WHERE contact_id = $1",
+            &[&c, &contact_version, &consent_version],
+        )
+        .await
+        .unwrap();
+        let (_, v) = send(&app, c, "email", "marketing").await;
+        assert_eq!(
+            (v["status"].as_str(), reason(&v)),
+            (Some("queued"), "consent"),
+            "row at contact {contact_version}, consent {consent_version}: {v}"
+        );
+    }
+    db.execute("DELETE FROM consent_state WHERE contact_id = $1", &[&c])
+        .await
+        .unwrap();
+    let (s, v) = send(&app, c, "email", "marketing").await;
+    assert_eq!((s, reason(&v)), (201, "consent"), "no row: {v}");
+}
+
+#[tokio::test]
+async fn concurrent_gate_reads_of_two_organisations_each_get_their_own_contact() {
+    let app = TestApp::spawn().await;
+    let (their_org, _, other) = app.another_org("Other").await;
+    // Contact id → (organisation, e-mail).
+    let mut known = std::collections::HashMap::new();
+    for i in 0..20 {
+        let email = format!("ada{i}@mine.example");
+        let (id, _) = app
+            .create_contact(&json!({"given_name": "Ada", "email": email}))
+            .await;
+        known.insert(id, (app.org_id, email));
+        let email = format!("bo{i}@other.example");
+        let r = app
+            .http
+            .post(app.url("/v1/contacts"))
+            .bearer_auth(&other)
+            .json(&json!({"given_name": "Bo", "email": email}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        let v: Value = r.json().await.unwrap();
+        known.insert(
+            v["id"].as_str().unwrap().parse::<Uuid>().unwrap(),
+            (their_org, email),
+        );
+    }
+    // Every contact asked in both organisations, all at once (the reader batches them
+    // per organisation): found with its own address in its own, not at all in the other.
+    let gate = &app.state.gate;
+    let asks: Vec<(Uuid, Uuid)> = known
+        .keys()
+        .flat_map(|c| [(app.org_id, *c), (their_org, *c)])
+        .collect();
+    let loaded = futures::future::join_all(asks.iter().map(|(org, c)| gate.load(*org, *c))).await;
+    for ((org, c), got) in asks.iter().zip(loaded) {
+        let got = got.unwrap();
+        let (owner, email) = &known[c];
+        if org == owner {
+            let points = got.expect("its own organisation finds it").points;
+            assert_eq!(points.email.map(|e| e.to_string()).as_ref(), Some(email));
+        } else {
+            assert!(got.is_none(), "{c} is not in {org}");
+        }
+    }
+}
