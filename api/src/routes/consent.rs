@@ -398,35 +398,36 @@ fn receipt_claims(
     })
 }
 
-/// The consent event at `position` (just written by this request), its receipt issued.
+/// The consent event this request just wrote (the last of `events`, as `outcome`
+/// wrote it), its receipt signed and stored.
 async fn change_with_receipt(
     s: &AppState,
     org_id: Uuid,
     outcome: &CommandOutcome,
+    events: &[ConsentEvent],
 ) -> Result<ConsentChange, ApiError> {
-    let position = *outcome
-        .positions
-        .last()
-        .ok_or_else(|| ApiError::Conflict("nothing changed".into()))?;
-    let mut client = s.pool.get().await?;
-    let stored = crm_infra::store::event_store::read_by_position(&client, org_id, position)
-        .await?
-        .ok_or_else(|| ApiError::internal("the event just written was not found"))?;
-    let (event_id, hash, recorded_at) = (stored.event_id, stored.hash.clone(), stored.recorded_at);
-    let decoded = decode(s.executor.crypto(), &client, stored).await?;
-    let event: ConsentEvent = decoded.typed()?;
-    let claims = receipt_claims(org_id, event_id, &hash, recorded_at, &event);
+    let (Some(written), Some(event)) = (outcome.appended.last(), events.last()) else {
+        return Err(ApiError::Conflict("nothing changed".into()));
+    };
+    let claims = receipt_claims(
+        org_id,
+        written.event_id,
+        &written.hash,
+        written.recorded_at,
+        event,
+    );
     // A new event has no receipt yet: sign and store (a racing GET stores the same).
     let signed = s.receipts.sign(&claims).await.map_err(ApiError::internal)?;
-    let receipt = crm_infra::receipts::store(&mut client, org_id, event_id, &signed)
+    let client = s.pool.get().await?;
+    let receipt = crm_infra::receipts::store(&client, org_id, written.event_id, &signed)
         .await
         .map_err(ApiError::internal)?;
     Ok(ConsentChange {
-        event_id,
-        position,
+        event_id: written.event_id,
+        position: written.global_position,
         version: outcome.version,
         receipt: ReceiptDoc {
-            event_id,
+            event_id: written.event_id,
             kid: receipt.kid,
             jws: receipt.jws,
         },
@@ -441,7 +442,7 @@ pub(crate) async fn receipt(
     Id(event_id): Id,
 ) -> Result<Ok200<ReceiptDoc>, ApiError> {
     let org_id = a.caller.org_id;
-    let mut client = s.pool.get().await?;
+    let client = s.pool.get().await?;
     let stored = crm_infra::store::event_store::read_by_id(&client, org_id, event_id)
         .await?
         .filter(|e| e.aggregate_type == "consent")
@@ -452,7 +453,7 @@ pub(crate) async fn receipt(
     let claims = receipt_claims(org_id, event_id, &hash, recorded_at, &event);
     let r = s
         .receipts
-        .issue(&mut client, org_id, event_id, &claims)
+        .issue(&client, org_id, event_id, &claims)
         .await
         .map_err(ApiError::internal)?;
     Ok(Ok200(ReceiptDoc {
@@ -489,9 +490,13 @@ pub(crate) async fn record(
     );
     validation(errors)?;
     let purpose = purpose.expect("parsed");
-    let settings = {
+    // The settings and whether the contact exists: one round trip.
+    let (settings, exists) = {
         let client = s.pool.get().await?;
-        privacy::load(&client, org_id).await?
+        futures::try_join!(
+            privacy::load(&client, org_id),
+            state::contact_exists(&s.executor, &client, org_id, contact_id),
+        )?
     };
     let def = registered(&settings, &purpose)?;
     if !def.purpose.channels.contains(&input.channel) {
@@ -500,7 +505,9 @@ pub(crate) async fn record(
             format!("purpose `{purpose}` does not cover this channel"),
         )]));
     }
-    require_contact(&s, org_id, contact_id).await?;
+    if !exists {
+        return Err(ApiError::NotFound("contact not found"));
+    }
     let proof = ConsentProof {
         lawful_basis: input.lawful_basis.unwrap_or(def.purpose.default_basis),
         source: input.source.unwrap_or(CaptureSource::Api),
@@ -519,8 +526,9 @@ pub(crate) async fn record(
         proof,
         rules: rules(&settings),
     };
-    let outcome = ledger::execute(&s.executor, org_id, contact_id, command, &a.metadata()).await?;
-    let change = change_with_receipt(&s, org_id, &outcome).await?;
+    let (outcome, events) =
+        ledger::execute_returning(&s.executor, org_id, contact_id, command, &a.metadata()).await?;
+    let change = change_with_receipt(&s, org_id, &outcome, &events).await?;
     Ok(Created {
         location: format!("/v1/consent/receipts/{}", change.event_id),
         body: change,

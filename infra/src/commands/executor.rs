@@ -46,6 +46,9 @@ pub struct CommandOutcome {
     pub version: i64,
     /// Global positions of the events written, in order (empty when nothing changed).
     pub positions: Vec<i64>,
+    /// What was written of each event, in order: id, position, hash, time.
+    #[serde(skip)]
+    pub appended: Vec<event_store::Appended>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -158,11 +161,21 @@ impl Executor {
             aggregate_type: A::TYPE,
             aggregate_id: id,
         };
-        let (mut aggregate, mut head) = snapshots::load::<A>(&self.crypto, client, &stream)
-            .await?
-            .map(|s| (s.aggregate, s.head))
-            .unwrap_or_default();
-        for stored in event_store::read_stream(client, &stream, head.version, None).await? {
+        // Most streams are shorter than a snapshot's interval: read from the start, one
+        // statement; only a stream with a full first page may have a snapshot to start
+        // from (the page is then not used).
+        let first = event_store::read_stream_page(client, &stream, 0, SNAPSHOT_EVERY).await?;
+        let (mut aggregate, mut head, events) = if (first.len() as i64) < SNAPSHOT_EVERY {
+            (A::default(), StreamHead::default(), first)
+        } else {
+            let (aggregate, head) = snapshots::load::<A>(&self.crypto, client, &stream)
+                .await?
+                .map(|s| (s.aggregate, s.head))
+                .unwrap_or_default();
+            let rest = event_store::read_stream(client, &stream, head.version, None).await?;
+            (aggregate, head, rest)
+        };
+        for stored in events {
             head.version = stored.sequence;
             head.last_hash = Some(hex::decode(&stored.hash).unwrap_or_default());
             let decoded = decode(&self.crypto, client, stored).await?;
@@ -284,6 +297,52 @@ impl Executor {
         A: Aggregate<Services = ()>,
         A::Event: PersonalData,
     {
+        self.execute_returning::<A>(org_id, id, command, metadata, expected_version, None)
+            .await
+            .map(|(outcome, _)| outcome)
+    }
+
+    /// [`Self::execute`], with `effect` run in the appending transaction.
+    pub async fn execute_with<A>(
+        &self,
+        org_id: Uuid,
+        id: &str,
+        command: A::Command,
+        metadata: &EventMetadata,
+        expected_version: Option<i64>,
+        effect: Effect<'_, A::Event, A::Error>,
+    ) -> Result<CommandOutcome, CommandError<A::Error>>
+    where
+        A: Aggregate<Services = ()>,
+        A::Event: PersonalData,
+    {
+        self.execute_returning::<A>(
+            org_id,
+            id,
+            command,
+            metadata,
+            expected_version,
+            Some(effect),
+        )
+        .await
+        .map(|(outcome, _)| outcome)
+    }
+
+    /// [`Self::execute`] (with `effect`, if any, run in the appending transaction),
+    /// also returning the events written, in clear and in order.
+    pub async fn execute_returning<A>(
+        &self,
+        org_id: Uuid,
+        id: &str,
+        command: A::Command,
+        metadata: &EventMetadata,
+        expected_version: Option<i64>,
+        effect: Option<Effect<'_, A::Event, A::Error>>,
+    ) -> Result<(CommandOutcome, Vec<A::Event>), CommandError<A::Error>>
+    where
+        A: Aggregate<Services = ()>,
+        A::Event: PersonalData,
+    {
         let span = tracing::info_span!(
             "command",
             aggregate = A::TYPE,
@@ -293,7 +352,7 @@ impl Executor {
         );
         let started = Instant::now();
         let result = self
-            .execute_inner::<A>(org_id, id, command, metadata, expected_version, None)
+            .execute_inner::<A>(org_id, id, command, metadata, expected_version, effect)
             .instrument(span)
             .await;
         let outcome = match &result {
@@ -319,46 +378,6 @@ impl Executor {
         result
     }
 
-    /// [`Self::execute`], with `effect` run in the appending transaction.
-    pub async fn execute_with<A>(
-        &self,
-        org_id: Uuid,
-        id: &str,
-        command: A::Command,
-        metadata: &EventMetadata,
-        expected_version: Option<i64>,
-        effect: Effect<'_, A::Event, A::Error>,
-    ) -> Result<CommandOutcome, CommandError<A::Error>>
-    where
-        A: Aggregate<Services = ()>,
-        A::Event: PersonalData,
-    {
-        let result = self
-            .execute_inner::<A>(
-                org_id,
-                id,
-                command,
-                metadata,
-                expected_version,
-                Some(effect),
-            )
-            .await;
-        let outcome = match &result {
-            Ok(_) => "ok",
-            Err(CommandError::Domain(_)) => "rejected",
-            Err(CommandError::Conflict | CommandError::VersionMismatch { .. }) => "conflict",
-            Err(CommandError::Store(_)) => "error",
-        };
-        METRICS
-            .commands
-            .with_label_values(&[A::TYPE, outcome])
-            .inc();
-        if let Err(CommandError::Store(e)) = &result {
-            tracing::error!(error = %e, "command failed in the store");
-        }
-        result
-    }
-
     async fn execute_inner<A>(
         &self,
         org_id: Uuid,
@@ -367,7 +386,7 @@ impl Executor {
         metadata: &EventMetadata,
         expected_version: Option<i64>,
         effect: Option<Effect<'_, A::Event, A::Error>>,
-    ) -> Result<CommandOutcome, CommandError<A::Error>>
+    ) -> Result<(CommandOutcome, Vec<A::Event>), CommandError<A::Error>>
     where
         A: Aggregate<Services = ()>,
         A::Event: PersonalData,
@@ -401,11 +420,13 @@ impl Executor {
             .map_err(CommandError::Domain)?;
         let events = sink.collect().await;
         if events.is_empty() {
-            return Ok(CommandOutcome {
+            let outcome = CommandOutcome {
                 id: id.to_owned(),
                 version: head.version,
                 positions: vec![],
-            });
+                appended: vec![],
+            };
+            return Ok((outcome, events));
         }
         let meta_json =
             serde_json::to_value(metadata).map_err(|e| StoreError::Corrupt(0, e.to_string()))?;
@@ -434,6 +455,7 @@ impl Executor {
             id: id.to_owned(),
             version: head.version + appended.len() as i64,
             positions: appended.iter().map(|a| a.global_position).collect(),
+            appended,
         };
         // Before the caller answers: whatever a hook keeps in this process (a cache)
         // already reflects the command when the caller acts on its answer.
@@ -468,6 +490,6 @@ impl Executor {
                 tracing::warn!(error = %e, "snapshot not written");
             }
         }
-        Ok(outcome)
+        Ok((outcome, events))
     }
 }

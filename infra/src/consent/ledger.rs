@@ -19,6 +19,19 @@ pub async fn execute(
     command: ConsentCommand,
     meta: &EventMetadata,
 ) -> Result<CommandOutcome, CommandError<ConsentError>> {
+    execute_returning(executor, org_id, contact_id, command, meta)
+        .await
+        .map(|(outcome, _)| outcome)
+}
+
+/// [`execute`], also returning the events written (what a receipt signs).
+pub async fn execute_returning(
+    executor: &Executor,
+    org_id: Uuid,
+    contact_id: Uuid,
+    command: ConsentCommand,
+    meta: &EventMetadata,
+) -> Result<(CommandOutcome, Vec<ConsentEvent>), CommandError<ConsentError>> {
     let confirm_token = match &command {
         ConsentCommand::Confirm { token_sha256, .. } => Some(token_sha256.clone()),
         _ => None,
@@ -29,7 +42,7 @@ pub async fn execute(
         ConsentCommand::RequestConfirmation { .. } | ConsentCommand::Confirm { .. }
     ) {
         return executor
-            .execute::<ConsentLedger>(org_id, &id, command, meta, None)
+            .execute_returning::<ConsentLedger>(org_id, &id, command, meta, None, None)
             .await;
     }
     let index_tokens = effect(move |tx, events: &[ConsentEvent]| {
@@ -68,7 +81,7 @@ pub async fn execute(
         .boxed()
     });
     executor
-        .execute_with::<ConsentLedger>(org_id, &id, command, meta, None, &index_tokens)
+        .execute_returning::<ConsentLedger>(org_id, &id, command, meta, None, Some(&index_tokens))
         .await
 }
 

@@ -39,6 +39,7 @@ use super::normalize_point;
 use crate::commands::executor::Executor;
 use crate::crypto::Crypto;
 use crate::read_models::consent_state::JsonbIn;
+use crate::read_models::{begin_in_org, Scope};
 use crate::store::decode::decode;
 use crate::store::event_store::{self, StoreError, StreamId};
 
@@ -349,11 +350,10 @@ async fn read_org(
     // that nothing below waits between sending its parts.
     let rows_stmt = client.prepare_cached(CURRENT_ROWS).await?;
     let settings_stmt = client.prepare_cached(super::privacy::SETTINGS).await?;
-    // (a Uuid prints as hex digits and dashes: nothing to quote)
-    let begin = format!("BEGIN READ ONLY; SELECT set_config('crm.org_id', '{org_id}', true)");
-    // All four are queued on the connection at their first poll, in this order, before
-    // any answer is awaited: the commit always follows (after a failed statement it
-    // rolls back), so the connection goes back to the pool outside any transaction.
+    let begin = begin_in_org(org_id, Scope::Read);
+    // As `pipelined_in_org`, with two statements: all four parts are queued on the
+    // connection at their first poll, in this order, before any answer is awaited; the
+    // commit always follows (after a failed statement it rolls back).
     let (rows_params, settings_params): ([&(dyn ToSql + Sync); 2], [&(dyn ToSql + Sync); 1]) =
         ([&org_id, &ids], [&org_id]);
     let (_, rows, settings, _) = futures::try_join!(

@@ -139,3 +139,50 @@ pub async fn org_scope(
     .await?;
     Ok(tx)
 }
+
+/// How a transaction of [`pipelined_in_org`] begins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Read only, as [`org_scope`].
+    Read,
+    /// Writes whose commit does not wait for its WAL flush (`synchronous_commit = off`
+    /// for this transaction only): for rows that can always be derived again.
+    UnflushedWrite,
+}
+
+/// The `BEGIN` and naming of `org_id` that [`pipelined_in_org`] sends first (simple
+/// protocol: a Uuid prints as hex digits and dashes, nothing to quote).
+pub fn begin_in_org(org_id: uuid::Uuid, scope: Scope) -> String {
+    match scope {
+        Scope::Read => {
+            format!("BEGIN READ ONLY; SELECT set_config('crm.org_id', '{org_id}', true)")
+        }
+        Scope::UnflushedWrite => format!(
+            "BEGIN; SELECT set_config('crm.org_id', '{org_id}', true), \
+             set_config('synchronous_commit', 'off', true)"
+        ),
+    }
+}
+
+/// One statement in a transaction of its own that names `org_id` (as [`org_scope`]),
+/// in one round trip instead of four: the start, the statement and the commit are sent
+/// together (pipelined) and answered together. Takes a pooled connection, never a
+/// transaction: its own `BEGIN` and `COMMIT` must not land in a caller's. All three are
+/// queued on the connection before any answer is awaited, so a caller that stops
+/// waiting still leaves the connection outside a transaction (after a failed statement
+/// the `COMMIT` rolls back).
+pub async fn pipelined_in_org(
+    client: &deadpool_postgres::Object,
+    org_id: uuid::Uuid,
+    scope: Scope,
+    statement: &tokio_postgres::Statement,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+    let begin = begin_in_org(org_id, scope);
+    let (_, rows, _) = futures::try_join!(
+        client.batch_execute(&begin),
+        client.query(statement, params),
+        client.batch_execute("COMMIT"),
+    )?;
+    Ok(rows)
+}

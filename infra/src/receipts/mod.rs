@@ -30,6 +30,7 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use crate::crypto::{Crypto, CryptoError};
+use crate::read_models::{pipelined_in_org, Scope};
 
 /// How long a process signs with the key it last read: a rotation by another process
 /// is followed within this time (receipts signed meanwhile with the retired key stay
@@ -106,23 +107,16 @@ impl ReceiptSigner {
 
     /// The receipt of event `event_id`: the one stored, else a new one signed over
     /// `claims` and stored. Idempotent; when two race, both return the stored one.
-    /// `client` is a plain pooled connection (not inside a transaction of the caller's
-    /// that has set another organisation): each step names `org_id` itself.
+    /// `client` is a pooled connection, not in a transaction: each step is a transaction
+    /// of its own that names `org_id`.
     pub async fn issue(
         &self,
-        client: &mut impl GenericClient,
+        client: &deadpool_postgres::Object,
         org_id: Uuid,
         event_id: Uuid,
         claims: &Value,
     ) -> Result<Receipt, ReceiptError> {
-        let existing = {
-            let tx = client.transaction().await?;
-            name_org(&tx, org_id).await?;
-            let found = load(&tx, org_id, event_id).await?;
-            tx.commit().await?;
-            found
-        };
-        if let Some(receipt) = existing {
+        if let Some(receipt) = load_scoped(client, org_id, event_id).await? {
             return Ok(receipt);
         }
         let receipt = self.sign(claims).await?;
@@ -337,17 +331,6 @@ fn sign_with(kid: &str, key: &SigningKey, claims: &Value) -> Receipt {
     }
 }
 
-/// Names `org_id` for the rest of the transaction (row-level security).
-async fn name_org(client: &impl GenericClient, org_id: Uuid) -> Result<(), tokio_postgres::Error> {
-    client
-        .execute(
-            "SELECT set_config('crm.org_id', $1, true)",
-            &[&org_id.to_string()],
-        )
-        .await
-        .map(drop)
-}
-
 /// The receipt issued for `event_id`, if any. `client` must be inside a transaction
 /// that named `org_id` (row-level security: `read_models::org_scope` does, and may
 /// be read-only); elsewhere nothing is found.
@@ -369,9 +352,9 @@ pub async fn load(
 }
 
 /// Stores `receipt` as the receipt of `event_id` unless one is stored already, and
-/// returns the one stored. One short transaction of its own on `client` (a plain
-/// pooled connection; inside a caller's transaction, a savepoint), which names
-/// `org_id` for row-level security.
+/// returns the one stored. One short transaction of its own on `client` (a pooled
+/// connection, not in a transaction), which names `org_id` for row-level security,
+/// sent in one round trip.
 ///
 /// The commit does not wait for its WAL flush (`synchronous_commit = off` for this
 /// transaction): a stored receipt is a copy of what its event and the key can always
@@ -379,35 +362,53 @@ pub async fn load(
 /// next asked for ([`ReceiptSigner::issue`]), while every consent change no longer
 /// pays a second synchronous flush after its event's.
 pub async fn store(
-    client: &mut impl GenericClient,
+    client: &deadpool_postgres::Object,
     org_id: Uuid,
     event_id: Uuid,
     receipt: &Receipt,
 ) -> Result<Receipt, ReceiptError> {
-    let tx = client.transaction().await?;
-    tx.execute(
-        "SELECT set_config('crm.org_id', $1, true), set_config('synchronous_commit', 'off', true)",
-        &[&org_id.to_string()],
-    )
-    .await?;
-    let inserted = tx
-        .query_opt(
+    let insert = client
+        .prepare_cached(
             "INSERT INTO consent_receipts (org_id, event_id, kid, jws) VALUES ($1, $2, $3, $4) \
              ON CONFLICT DO NOTHING RETURNING kid, jws",
-            &[&org_id, &event_id, &receipt.kid, &receipt.jws],
         )
         .await?;
-    let stored = match inserted {
-        Some(r) => Receipt {
+    let inserted = pipelined_in_org(
+        client,
+        org_id,
+        Scope::UnflushedWrite,
+        &insert,
+        &[&org_id, &event_id, &receipt.kid, &receipt.jws],
+    )
+    .await?;
+    match inserted.first() {
+        Some(r) => Ok(Receipt {
             kid: r.get(0),
             jws: r.get(1),
-        },
-        None => load(&tx, org_id, event_id)
+        }),
+        // Stored already (a racing issue won): that one.
+        None => Ok(load_scoped(client, org_id, event_id)
             .await?
-            .expect("a receipt is stored after inserting one"),
-    };
-    tx.commit().await?;
-    Ok(stored)
+            .expect("a receipt is stored when inserting one conflicts")),
+    }
+}
+
+/// [`load`] in a read-only transaction of its own that names `org_id`, in one round
+/// trip.
+async fn load_scoped(
+    client: &deadpool_postgres::Object,
+    org_id: Uuid,
+    event_id: Uuid,
+) -> Result<Option<Receipt>, ReceiptError> {
+    let select = client
+        .prepare_cached("SELECT kid, jws FROM consent_receipts WHERE org_id = $1 AND event_id = $2")
+        .await?;
+    let rows =
+        pipelined_in_org(client, org_id, Scope::Read, &select, &[&org_id, &event_id]).await?;
+    Ok(rows.first().map(|r| Receipt {
+        kid: r.get(0),
+        jws: r.get(1),
+    }))
 }
 
 #[cfg(test)]

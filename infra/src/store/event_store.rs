@@ -235,6 +235,10 @@ pub struct Appended {
     pub event_id: Uuid,
     pub sequence: i64,
     pub global_position: i64,
+    /// The event's hash-chain hash (hex), as stored.
+    pub hash: String,
+    /// When the store recorded it (the row's `recorded_at`).
+    pub recorded_at: DateTime<Utc>,
 }
 
 /// Appends events to one stream inside the caller's transaction (the caller commits,
@@ -251,7 +255,8 @@ pub async fn append(
         .prepare_cached(
             "INSERT INTO events (event_id, org_id, aggregate_type, aggregate_id, sequence, \
              event_type, event_version, payload, metadata, prev_hash, hash) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING global_position",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
+             RETURNING global_position, recorded_at",
         )
         .await?;
     let mut prev = head.last_hash.clone();
@@ -283,6 +288,8 @@ pub async fn append(
             event_id,
             sequence,
             global_position: row.get(0),
+            hash: hex::encode(hash),
+            recorded_at: row.get(1),
         });
         prev = Some(hash.to_vec());
     }

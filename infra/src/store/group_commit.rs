@@ -17,6 +17,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, Mutex};
@@ -155,15 +156,20 @@ FROM input
 WHERE wrapped_key IS NULL OR wrapped_key IN (SELECT wrapped_key FROM new_keys)
 ORDER BY ord
 ON CONFLICT ON CONSTRAINT events_stream_sequence DO NOTHING
-RETURNING event_id, global_position";
+RETURNING event_id, global_position, recorded_at";
 
-/// What a job's row came to, given the position it was written at (if it was).
-fn outcome(row: &Row, written: Option<i64>) -> Result<Appended, StoreError> {
+/// Where and when an inserted row was written.
+type Written = HashMap<Uuid, (i64, DateTime<Utc>)>;
+
+/// What a job's row came to, given the position and time it was written at (if it was).
+fn outcome(row: &Row, written: Option<(i64, DateTime<Utc>)>) -> Result<Appended, StoreError> {
     match written {
-        Some(global_position) => Ok(Appended {
+        Some((global_position, recorded_at)) => Ok(Appended {
             event_id: row.event_id,
             sequence: row.sequence,
             global_position,
+            hash: hex::encode(&row.hash),
+            recorded_at,
         }),
         // Its key was not inserted: the subject has one already (or its stream moved
         // on too); the caller takes the general path.
@@ -196,8 +202,9 @@ async fn flush(pool: &Pool, jobs: Vec<Job>) {
     }
 }
 
-/// Writes the rows in one statement; the global positions of those written, by event id.
-async fn insert_batch(pool: &Pool, jobs: &[Job]) -> Result<HashMap<Uuid, i64>, StoreError> {
+/// Writes the rows in one statement; the global positions and times of those written,
+/// by event id.
+async fn insert_batch(pool: &Pool, jobs: &[Job]) -> Result<Written, StoreError> {
     let n = jobs.len();
     let mut event_id = Vec::with_capacity(n);
     let mut org_id = Vec::with_capacity(n);
@@ -250,5 +257,8 @@ async fn insert_batch(pool: &Pool, jobs: &[Job]) -> Result<HashMap<Uuid, i64>, S
         )
         .await
         .map_err(event_store::conflict_or_db)?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    Ok(rows
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2))))
+        .collect())
 }

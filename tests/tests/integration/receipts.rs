@@ -352,5 +352,27 @@ async fn crm_receipts_rotate_key_retires_the_key_and_keeps_it_published() {
         .map(|k| k["kid"].as_str().unwrap())
         .collect();
     assert_eq!(kids, [before.kid.as_str(), active.as_str()]);
+    // A retired key is kept as it was, whoever asks (here a superuser): every receipt
+    // it signed keeps a key that verifies it.
+    for refused in [
+        "DELETE FROM receipt_keys WHERE retired_at IS NOT NULL",
+        "UPDATE receipt_keys SET public_key = decode(repeat('00', 32), 'hex')",
+        "UPDATE receipt_keys SET kid = kid || 'x'",
+        "TRUNCATE receipt_keys",
+    ] {
+        let e = db.batch_execute(refused).await.unwrap_err();
+        assert!(
+            e.to_string().contains("receipt keys are kept")
+                || e.as_db_error()
+                    .is_some_and(|d| d.message().contains("receipt keys are kept")),
+            "{refused}: {e}"
+        );
+    }
+    let kept: i64 = db
+        .query_one("SELECT count(*) FROM receipt_keys", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(kept, 2);
     app.stop().await;
 }
