@@ -213,26 +213,26 @@ async fn a_receipt_is_issued_once_per_event_and_read_only_by_its_organisation() 
     let event = Uuid::now_v7();
     let mut client = app.state.pool.get().await.unwrap();
     let first = signer
-        .issue(&mut client, app.org_id, event, &claims(&app, "granted"))
+        .issue(&client, app.org_id, event, &claims(&app, "granted"))
         .await
         .unwrap();
     // Issued again (a retry), with other claims: the stored receipt.
     let again = signer
-        .issue(&mut client, app.org_id, event, &claims(&app, "withdrawn"))
+        .issue(&client, app.org_id, event, &claims(&app, "withdrawn"))
         .await
         .unwrap();
     assert_eq!(again, first);
 
     // Two at once for a new event: both get the one stored.
     let racing = Uuid::now_v7();
-    let (mut c1, mut c2) = (
+    let (c1, c2) = (
         app.state.pool.get().await.unwrap(),
         app.state.pool.get().await.unwrap(),
     );
     let (granted, withdrawn) = (claims(&app, "granted"), claims(&app, "withdrawn"));
     let (a, b) = tokio::join!(
-        signer.issue(&mut c1, app.org_id, racing, &granted),
-        signer.issue(&mut c2, app.org_id, racing, &withdrawn),
+        signer.issue(&c1, app.org_id, racing, &granted),
+        signer.issue(&c2, app.org_id, racing, &withdrawn),
     );
     assert_eq!(a.unwrap(), b.unwrap());
 
@@ -242,7 +242,7 @@ async fn a_receipt_is_issued_once_per_event_and_read_only_by_its_organisation() 
         jws: "a.b.c".into(),
     };
     assert_eq!(
-        receipts::store(&mut client, app.org_id, event, &other)
+        receipts::store(&client, app.org_id, event, &other)
             .await
             .unwrap(),
         first
