@@ -8,7 +8,7 @@
 use chrono::{DateTime, Utc};
 use cqrs_es::DomainEvent;
 use crm_domain::consent::gate::Request;
-use crm_domain::consent::ledger::{Choice, ConsentCommand, ConsentEvent, Rules};
+use crm_domain::consent::ledger::{Choice, ConsentCommand, ConsentEvent, ConsentLedger, Rules};
 use crm_domain::consent::privacy::{PrivacyCommand, PrivacySettings, PurposeDefinition};
 use crm_domain::consent::proof::{CaptureSource, ConsentProof, Jurisdiction, LanguageTag, Notice};
 use crm_domain::consent::{Channel, LawfulBasis, PrivacyMode, Purpose, PurposeKey};
@@ -490,12 +490,14 @@ pub(crate) async fn record(
     );
     validation(errors)?;
     let purpose = purpose.expect("parsed");
-    // The settings and whether the contact exists: one round trip.
-    let (settings, exists) = {
+    // The settings, whether the contact exists and its consent stream: one round trip.
+    let (settings, exists, loaded) = {
         let client = s.pool.get().await?;
+        let id = contact_id.to_string();
         futures::try_join!(
             privacy::load(&client, org_id),
             state::contact_exists(&s.executor, &client, org_id, contact_id),
+            s.executor.load::<ConsentLedger>(&client, org_id, &id),
         )?
     };
     let def = registered(&settings, &purpose)?;
@@ -526,8 +528,15 @@ pub(crate) async fn record(
         proof,
         rules: rules(&settings),
     };
-    let (outcome, events) =
-        ledger::execute_returning(&s.executor, org_id, contact_id, command, &a.metadata()).await?;
+    let (outcome, events) = ledger::execute_returning(
+        &s.executor,
+        org_id,
+        contact_id,
+        command,
+        &a.metadata(),
+        Some(loaded),
+    )
+    .await?;
     let change = change_with_receipt(&s, org_id, &outcome, &events).await?;
     Ok(Created {
         location: format!("/v1/consent/receipts/{}", change.event_id),

@@ -297,7 +297,7 @@ impl Executor {
         A: Aggregate<Services = ()>,
         A::Event: PersonalData,
     {
-        self.execute_returning::<A>(org_id, id, command, metadata, expected_version, None)
+        self.execute_returning::<A>(org_id, id, command, metadata, expected_version, None, None)
             .await
             .map(|(outcome, _)| outcome)
     }
@@ -323,13 +323,18 @@ impl Executor {
             metadata,
             expected_version,
             Some(effect),
+            None,
         )
         .await
         .map(|(outcome, _)| outcome)
     }
 
     /// [`Self::execute`] (with `effect`, if any, run in the appending transaction),
-    /// also returning the events written, in clear and in order.
+    /// also returning the events written, in clear and in order. `loaded`, when given,
+    /// is the aggregate as the caller read it with [`Self::load`] (say in the same
+    /// round trip as its other reads) and is not read again: had the stream moved on
+    /// since, the append is a conflict, as for any command.
+    #[allow(clippy::too_many_arguments)]
     pub async fn execute_returning<A>(
         &self,
         org_id: Uuid,
@@ -338,6 +343,7 @@ impl Executor {
         metadata: &EventMetadata,
         expected_version: Option<i64>,
         effect: Option<Effect<'_, A::Event, A::Error>>,
+        loaded: Option<Loaded<A>>,
     ) -> Result<(CommandOutcome, Vec<A::Event>), CommandError<A::Error>>
     where
         A: Aggregate<Services = ()>,
@@ -352,7 +358,15 @@ impl Executor {
         );
         let started = Instant::now();
         let result = self
-            .execute_inner::<A>(org_id, id, command, metadata, expected_version, effect)
+            .execute_inner::<A>(
+                org_id,
+                id,
+                command,
+                metadata,
+                expected_version,
+                effect,
+                loaded,
+            )
             .instrument(span)
             .await;
         let outcome = match &result {
@@ -378,6 +392,7 @@ impl Executor {
         result
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn execute_inner<A>(
         &self,
         org_id: Uuid,
@@ -386,6 +401,7 @@ impl Executor {
         metadata: &EventMetadata,
         expected_version: Option<i64>,
         effect: Option<Effect<'_, A::Event, A::Error>>,
+        loaded: Option<Loaded<A>>,
     ) -> Result<(CommandOutcome, Vec<A::Event>), CommandError<A::Error>>
     where
         A: Aggregate<Services = ()>,
@@ -396,7 +412,9 @@ impl Executor {
         let Loaded {
             mut aggregate,
             head,
-        } = if expected_version == Some(0) {
+        } = if let Some(loaded) = loaded {
+            loaded
+        } else if expected_version == Some(0) {
             Loaded {
                 aggregate: A::default(),
                 head: StreamHead::default(),

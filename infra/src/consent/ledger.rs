@@ -8,7 +8,7 @@ use deadpool_postgres::GenericClient;
 use futures::FutureExt;
 use uuid::Uuid;
 
-use crate::commands::executor::{effect, CommandError, CommandOutcome, Executor};
+use crate::commands::executor::{effect, CommandError, CommandOutcome, Executor, Loaded};
 use crate::store::event_store::StoreError;
 
 /// Runs a consent command for `contact_id`.
@@ -19,18 +19,21 @@ pub async fn execute(
     command: ConsentCommand,
     meta: &EventMetadata,
 ) -> Result<CommandOutcome, CommandError<ConsentError>> {
-    execute_returning(executor, org_id, contact_id, command, meta)
+    execute_returning(executor, org_id, contact_id, command, meta, None)
         .await
         .map(|(outcome, _)| outcome)
 }
 
-/// [`execute`], also returning the events written (what a receipt signs).
+/// [`execute`], also returning the events written (what a receipt signs); `loaded` is
+/// the contact's consent stream as the caller read it, if it did
+/// ([`Executor::execute_returning`]).
 pub async fn execute_returning(
     executor: &Executor,
     org_id: Uuid,
     contact_id: Uuid,
     command: ConsentCommand,
     meta: &EventMetadata,
+    loaded: Option<Loaded<ConsentLedger>>,
 ) -> Result<(CommandOutcome, Vec<ConsentEvent>), CommandError<ConsentError>> {
     let confirm_token = match &command {
         ConsentCommand::Confirm { token_sha256, .. } => Some(token_sha256.clone()),
@@ -42,7 +45,7 @@ pub async fn execute_returning(
         ConsentCommand::RequestConfirmation { .. } | ConsentCommand::Confirm { .. }
     ) {
         return executor
-            .execute_returning::<ConsentLedger>(org_id, &id, command, meta, None, None)
+            .execute_returning::<ConsentLedger>(org_id, &id, command, meta, None, None, loaded)
             .await;
     }
     let index_tokens = effect(move |tx, events: &[ConsentEvent]| {
@@ -81,7 +84,15 @@ pub async fn execute_returning(
         .boxed()
     });
     executor
-        .execute_returning::<ConsentLedger>(org_id, &id, command, meta, None, Some(&index_tokens))
+        .execute_returning::<ConsentLedger>(
+            org_id,
+            &id,
+            command,
+            meta,
+            None,
+            Some(&index_tokens),
+            loaded,
+        )
         .await
 }
 

@@ -99,9 +99,15 @@ pub async fn lock_projection(
     // Projection work spans organisations: the same statement lets this transaction
     // see every organisation's read-model rows (row-level security, see
     // `read_models::RLS_POLICY`), without a round trip of its own.
+    // Its commit does not wait for the WAL flush (`synchronous_commit = off`, this
+    // transaction only): a read model and its checkpoint commit together and are
+    // derived from the events, so a commit lost in a database crash is applied again
+    // from the store (catch-up, or the gap check of the next batch). Not waiting keeps
+    // the transaction, whose id holds back the relay's visibility horizon, short.
     let stmt = tx
         .prepare_cached(
-            "SELECT pg_advisory_xact_lock(hashtext($1)), set_config('crm.scope', 'all', true)",
+            "SELECT pg_advisory_xact_lock(hashtext($1)), set_config('crm.scope', 'all', true), \
+             set_config('synchronous_commit', 'off', true)",
         )
         .await?;
     tx.execute(&stmt, &[&key]).await?;

@@ -374,20 +374,26 @@ impl ProjectorWorker {
         let upto = batch.last().map(RawEvent::commit_key);
         let cap = (batch.len() as i64) * 4 + 16;
         let messages = batch.len();
-        let mut progress = Vec::with_capacity(self.projections.len());
-        for p in &self.projections {
-            let ck = checkpoint::lock_projection(&tx, p.name()).await?;
-            // The events that must come next for this projection, in order: a message
-            // is applied only if it is the next of these (one query per batch).
-            let expected = event_store::keys_between(&tx, ck, upto.unwrap_or(ck), cap).await?;
-            progress.push(Progress {
-                ck,
-                start: ck,
-                expected: expected.into_iter().peekable(),
-                blocked: false,
-                ready: Vec::with_capacity(batch.len()),
-            });
-        }
+        // Each projection's lock and checkpoint, then the events that must come next
+        // for it, in order (a message is applied only if it is the next of these): the
+        // projections' statements are sent together (pipelined on the transaction's
+        // connection, executed in this order), not one round trip after another.
+        let tx_ref = &tx;
+        let batch_len = batch.len();
+        let mut progress =
+            futures::future::try_join_all(self.projections.iter().map(|p| async move {
+                let ck = checkpoint::lock_projection(tx_ref, p.name()).await?;
+                let expected =
+                    event_store::keys_between(tx_ref, ck, upto.unwrap_or(ck), cap).await?;
+                Ok::<_, ProjectionError>(Progress {
+                    ck,
+                    start: ck,
+                    expected: expected.into_iter().peekable(),
+                    blocked: false,
+                    ready: Vec::with_capacity(batch_len),
+                })
+            }))
+            .await?;
         // Events some projection needs before the batch's own but that are not in it
         // (with another worker, or in a killed worker's or failed batch's messages):
         // read from the store and applied in order, in this transaction.
@@ -447,14 +453,19 @@ impl ProjectorWorker {
                 Verdict::Duplicate
             });
         }
-        for (st, p) in progress.iter().zip(&self.projections) {
-            if !st.ready.is_empty() {
-                p.apply(&tx, p.table(), &st.ready).await?;
-            }
-            if st.ck != st.start {
-                set_checkpoint(&tx, p.name(), st.ck).await?;
-            }
-        }
+        // The projections write different tables: their statements are pipelined too.
+        futures::future::try_join_all(progress.iter().zip(&self.projections).map(
+            |(st, p)| async move {
+                if !st.ready.is_empty() {
+                    p.apply(tx_ref, p.table(), &st.ready).await?;
+                }
+                if st.ck != st.start {
+                    set_checkpoint(tx_ref, p.name(), st.ck).await?;
+                }
+                Ok::<_, ProjectionError>(())
+            },
+        ))
+        .await?;
         tx.commit().await?;
         debug_assert_eq!(verdicts.len(), messages);
         for (st, p) in progress.iter().zip(&self.projections) {
