@@ -57,7 +57,12 @@ impl Crypto {
     pub fn remember(&self, org: &Uuid, subject: &str, key: &DataKey) {
         let mut cache = self.cache.lock().expect("key cache poisoned");
         if cache.len() >= CACHE_MAX {
-            cache.clear();
+            // Expired entries first; everything only if the live ones fill it (rare:
+            // emptying it at once makes every subject a query again).
+            cache.retain(|_, (_, at)| at.elapsed() < CACHE_TTL);
+            if cache.len() >= CACHE_MAX {
+                cache.clear();
+            }
         }
         cache.insert((*org, subject.to_owned()), (key.clone(), Instant::now()));
     }
@@ -122,6 +127,41 @@ impl Crypto {
         subject: &str,
     ) -> Result<Option<DataKey>, CryptoError> {
         self.fetch_key(client, org, subject, true).await
+    }
+
+    /// Reads the keys of `subjects` that are not cached, in one query, and caches them
+    /// (a destroyed key stays absent): for a batch of events about to be decrypted one
+    /// by one, which would otherwise each wait for a query of its own.
+    pub async fn prefetch_keys(
+        &self,
+        client: &impl GenericClient,
+        subjects: &[(Uuid, &str)],
+    ) -> Result<(), CryptoError> {
+        let mut missing: Vec<(Uuid, &str)> = subjects
+            .iter()
+            .filter(|(org, subject)| self.cached(org, subject).is_none())
+            .copied()
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        missing.sort_unstable();
+        missing.dedup();
+        let (orgs, ids): (Vec<Uuid>, Vec<&str>) = missing.into_iter().unzip();
+        let stmt = client
+            .prepare_cached(
+                "SELECT d.org_id, d.subject_id, d.wrapped_key FROM data_keys d \
+                 JOIN unnest($1::uuid[], $2::text[]) AS s (org_id, subject_id) \
+                   ON d.org_id = s.org_id AND d.subject_id = s.subject_id \
+                 WHERE d.wrapped_key IS NOT NULL",
+            )
+            .await?;
+        for row in client.query(&stmt, &[&orgs, &ids]).await? {
+            let (org, subject): (Uuid, String) = (row.get(0), row.get(1));
+            let key = self.unwrap_key(&org, &subject, &row.get::<_, Vec<u8>>(2))?;
+            self.remember(&org, &subject, &key);
+        }
+        Ok(())
     }
 
     async fn fetch_key(

@@ -25,6 +25,7 @@ use deadpool_postgres::GenericClient;
 use deadpool_postgres::{Pool, Transaction};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 use crate::crypto::Crypto;
 use crate::feed::bus::Bus;
@@ -398,6 +399,22 @@ impl ProjectorWorker {
         // (with another worker, or in a killed worker's or failed batch's messages):
         // read from the store and applied in order, in this transaction.
         let batch = fill_gaps(&tx, batch, &progress, cap).await?;
+        // The data keys of the events some projection will decrypt, in one query (those
+        // not cached already): not one query per event.
+        let subjects: Vec<(Uuid, &str)> = batch
+            .iter()
+            .map(|(e, _)| e)
+            .filter(|e| {
+                self.projections
+                    .iter()
+                    .any(|p| p.needs_personal_data() && p.reads_type(&e.aggregate_type))
+            })
+            .map(|e| (e.org_id, e.aggregate_id.as_str()))
+            .collect();
+        self.crypto
+            .prefetch_keys(&tx, &subjects)
+            .await
+            .map_err(StoreError::from)?;
         let mut verdicts = Vec::with_capacity(batch.len());
         let mut takes = vec![false; self.projections.len()];
         for (event, from_message) in batch {

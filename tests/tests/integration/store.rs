@@ -243,3 +243,55 @@ async fn the_pool_reuses_its_most_recently_used_connection() {
     }
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_cold_key_cache_is_filled_for_a_whole_batch_in_one_query() {
+    let app = TestApp::spawn().await;
+    let mut subjects = Vec::new();
+    for i in 0..5 {
+        let (id, _) = app
+            .create_contact(&json!({"given_name": "Ada", "email": format!("ada{i}@example.com")}))
+            .await;
+        subjects.push((app.org_id, id.to_string()));
+    }
+    // Another process's view: the same key-encryption key, nothing cached.
+    let cold = crm_infra::crypto::Crypto::new(&app.settings.keys).unwrap();
+    let unknown = Uuid::now_v7().to_string();
+    let mut asked: Vec<(Uuid, &str)> = subjects.iter().map(|(o, s)| (*o, s.as_str())).collect();
+    asked.push((app.org_id, unknown.as_str()));
+    // Another organisation's id for a subject that exists: not its key.
+    let other_org = Uuid::now_v7();
+    asked.push((other_org, subjects[0].1.as_str()));
+    let client = app.state.pool.get().await.unwrap();
+    cold.prefetch_keys(&client, &asked).await.unwrap();
+    for (i, (org, subject)) in subjects.iter().enumerate() {
+        assert!(
+            cold.cached_key(org, subject).is_some(),
+            "fetched and cached"
+        );
+        // The key that decrypts the subject's events.
+        let stream = crm_infra::store::event_store::StreamId {
+            org_id: *org,
+            aggregate_type: "contact",
+            aggregate_id: subject,
+        };
+        let stored = crm_infra::store::event_store::read_stream(&client, &stream, 0, None)
+            .await
+            .unwrap();
+        let first = stored.into_iter().next().unwrap();
+        let decoded = crm_infra::store::decode::decode(&cold, &client, first)
+            .await
+            .unwrap();
+        assert!(
+            decoded
+                .payload
+                .to_string()
+                .contains(&format!("ada{i}@example.com")),
+            "{}",
+            decoded.payload
+        );
+    }
+    assert!(cold.cached_key(&app.org_id, &unknown).is_none());
+    assert!(cold.cached_key(&other_org, &subjects[0].1).is_none());
+    app.stop().await;
+}
