@@ -729,13 +729,11 @@ pub(crate) async fn request_double_opt_in(
         &meta,
     )
     .await?;
-    let position = *outcome.positions.last().unwrap_or(&0);
-    let stored = {
-        let client = s.pool.get().await?;
-        crm_infra::store::event_store::read_by_position(&client, org_id, position).await?
-    }
-    .ok_or_else(|| ApiError::internal("the event just written was not found"))?;
-    let event_id = stored.event_id;
+    let written = outcome
+        .appended
+        .last()
+        .ok_or_else(|| ApiError::internal("the confirmation request wrote no event"))?;
+    let (event_id, position) = (written.event_id, written.global_position);
     // The confirmation is a message like any other: it passes the send gate (as a
     // `service` message: Do Not Contact and the suppression list still stop it).
     let base = s.settings.mail.link_base.trim_end_matches('/');
