@@ -11,13 +11,14 @@
 //! - [`consent`]: privacy settings, consent commands and the gate's read path;
 //! - [`crypto`]: field encryption of personal data under per-subject data keys;
 //! - [`receipts`]: consent receipts (JWS, EdDSA), their signing keys and the JWKS;
-//! - cross-cutting: the connection pool and migrations ([`db`]), [`settings`],
-//!   [`metrics`].
+//! - cross-cutting: the connection pool and migrations ([`db`]), batching of
+//!   concurrent requests ([`batch`]), [`settings`], [`metrics`].
 //!
 //! Invariants: the events table is append-only; nothing personal is written to it or to
 //! NATS in clear; a projection's read model and checkpoint move in one transaction.
 
 pub mod access;
+pub mod batch;
 pub mod commands;
 pub mod consent;
 pub mod crypto;

@@ -31,7 +31,7 @@ use crm_domain::consent::Channel;
 use crm_domain::contact::{Contact, ContactEvent, ContactProfile};
 use deadpool_postgres::{GenericClient, Pool};
 use sha2::{Digest, Sha256};
-use tokio::sync::{mpsc, oneshot, Mutex};
+use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
@@ -189,35 +189,11 @@ pub struct GateReader {
 impl GateReader {
     /// Starts the reader tasks on `pool` (must be called inside a tokio runtime).
     pub fn spawn(pool: Pool, crypto: Arc<Crypto>) -> Self {
-        let (jobs, rx) = mpsc::channel::<Job>(MAX_BATCH * READERS * 2);
-        let rx = Arc::new(Mutex::new(rx));
-        for _ in 0..READERS {
-            let (rx, pool) = (rx.clone(), pool.clone());
-            tokio::spawn(async move {
-                let mut batch = Vec::with_capacity(MAX_BATCH);
-                loop {
-                    {
-                        // One reader at a time gathers: it waits for the first load,
-                        // then takes whatever else is already queued.
-                        let mut rx = rx.lock().await;
-                        if rx.recv_many(&mut batch, MAX_BATCH).await == 0 {
-                            return;
-                        }
-                        if batch.len() < MAX_BATCH {
-                            // One turn of the scheduler for the loads about to be asked.
-                            tokio::task::yield_now().await;
-                            while batch.len() < MAX_BATCH {
-                                match rx.try_recv() {
-                                    Ok(job) => batch.push(job),
-                                    Err(_) => break,
-                                }
-                            }
-                        }
-                    }
-                    read_batch(&pool, std::mem::take(&mut batch)).await;
-                }
-            });
-        }
+        let readers = pool.clone();
+        let jobs = crate::batch::spawn(READERS, MAX_BATCH, move |batch: Vec<Job>| {
+            let pool = readers.clone();
+            async move { read_batch(&pool, batch).await }
+        });
         Self { jobs, pool, crypto }
     }
 

@@ -15,12 +15,11 @@
 //! rows of that batch are retried one by one so that only the faulty one fails.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
 use serde_json::Value;
-use tokio::sync::{mpsc, oneshot, Mutex};
+use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use crate::store::event_store::{self, Appended, PendingEvent, StoreError, StreamHead, StreamId};
@@ -62,36 +61,10 @@ pub struct GroupCommitter {
 impl GroupCommitter {
     /// Starts the flushers on `pool` (must be called inside a tokio runtime).
     pub fn spawn(pool: Pool) -> Self {
-        let (jobs, rx) = mpsc::channel::<Job>(MAX_BATCH * FLUSHERS * 2);
-        let rx = Arc::new(Mutex::new(rx));
-        for _ in 0..FLUSHERS {
-            let (rx, pool) = (rx.clone(), pool.clone());
-            tokio::spawn(async move {
-                let mut batch = Vec::with_capacity(MAX_BATCH);
-                loop {
-                    {
-                        // One flusher at a time gathers: it waits for the first row, then
-                        // takes whatever else is already queued.
-                        let mut rx = rx.lock().await;
-                        if rx.recv_many(&mut batch, MAX_BATCH).await == 0 {
-                            return;
-                        }
-                        if batch.len() < MAX_BATCH {
-                            // Let the tasks that are about to append do so first (no
-                            // timer: one turn of the scheduler).
-                            tokio::task::yield_now().await;
-                            while batch.len() < MAX_BATCH {
-                                match rx.try_recv() {
-                                    Ok(job) => batch.push(job),
-                                    Err(_) => break,
-                                }
-                            }
-                        }
-                    }
-                    flush(&pool, std::mem::take(&mut batch)).await;
-                }
-            });
-        }
+        let jobs = crate::batch::spawn(FLUSHERS, MAX_BATCH, move |batch: Vec<Job>| {
+            let pool = pool.clone();
+            async move { flush(&pool, batch).await }
+        });
         Self { jobs }
     }
 
