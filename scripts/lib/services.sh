@@ -366,7 +366,7 @@ start_postgres() {
         log "PostgreSQL: starting on 127.0.0.1:$port (log: $_CRM_PG_LOG)"
         _CRM_STARTED_PG=1 # set before starting, so an interrupt still stops it
         _as_pg "$CRM_PG_BIN/pg_ctl" -D "$_CRM_PG_DATA" -l "$_CRM_PG_LOG" -w -t 60 \
-            -o "-p $port -k '$_CRM_PG_SOCK' -c listen_addresses=127.0.0.1 -c max_connections=300 -c idle_in_transaction_session_timeout=60000 -c fsync=on" \
+            -o "-p $port -k '$_CRM_PG_SOCK' -c listen_addresses=127.0.0.1 -c max_connections=300 -c idle_in_transaction_session_timeout=60000 -c fsync=on -c log_autovacuum_min_duration=1s" \
             start 9>&- >/dev/null ||
             die "PostgreSQL did not start; last lines of $_CRM_PG_LOG:
 $(tail -n 30 "$_CRM_PG_LOG")"
