@@ -13,14 +13,6 @@ use uuid::Uuid;
 use crate::commands::executor::{effect, CommandError, CommandOutcome, Executor};
 use crate::store::event_store::StoreError;
 
-/// The settings in force for `org_id`: its row, or the defaults.
-pub async fn load(
-    client: &impl GenericClient,
-    org_id: Uuid,
-) -> Result<PrivacySettings, StoreError> {
-    Ok(load_with_suppressions(client, org_id).await?.0)
-}
-
 /// The settings row of an organisation (`$1`) and whether its suppression list has any
 /// entry: one statement, read by [`settings_of`].
 pub(crate) const SETTINGS: &str =
@@ -40,14 +32,13 @@ pub(crate) fn settings_of(
     Ok((settings, row.get(1)))
 }
 
-/// [`load`], and whether the organisation's suppression list has any entry (so that a
-/// decision looks its contact point up only then): one statement.
-pub async fn load_with_suppressions(
+/// The settings in force for `org_id`: its row, or the defaults.
+pub async fn load(
     client: &impl GenericClient,
     org_id: Uuid,
-) -> Result<(PrivacySettings, bool), StoreError> {
+) -> Result<PrivacySettings, StoreError> {
     let stmt = client.prepare_cached(SETTINGS).await?;
-    settings_of(&client.query_one(&stmt, &[&org_id]).await?)
+    Ok(settings_of(&client.query_one(&stmt, &[&org_id]).await?)?.0)
 }
 
 /// Runs a privacy command; the settings row follows its events in the same commit.

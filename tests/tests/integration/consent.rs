@@ -632,6 +632,19 @@ async fn a_suppressed_contact_point_is_refused_on_every_purpose() {
     );
 }
 
+/// A new contact with marketing by e-mail granted (an imported, confirmed record).
+async fn contact_granted_marketing(app: &TestApp) -> Uuid {
+    let c = contact(app, json!({})).await;
+    let (s, v) = post(
+        app,
+        &format!("/v1/contacts/{c}/consent"),
+        grant("marketing", "import"),
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    c
+}
+
 /// The consent_state row of `contact` once it has applied `consent_version` events of
 /// the contact's consent stream.
 async fn projected(app: &TestApp, contact: Uuid, consent_version: i64) {
@@ -657,14 +670,7 @@ async fn a_decision_never_rests_on_a_consent_state_row_behind_the_events() {
         ..Options::default()
     })
     .await;
-    let c = contact(&app, json!({})).await;
-    let (s, v) = post(
-        &app,
-        &format!("/v1/contacts/{c}/consent"),
-        grant("marketing", "import"),
-    )
-    .await;
-    assert_eq!(s, 201, "{v}");
+    let c = contact_granted_marketing(&app).await;
     let (s, v) = send(&app, c, "email", "marketing").await;
     assert_eq!(
         (s, v["status"].as_str(), reason(&v)),
@@ -676,14 +682,7 @@ async fn a_decision_never_rests_on_a_consent_state_row_behind_the_events() {
     // With the projector: the row, once it has applied every event of both streams, is
     // what the gate reads; shown here by a row changed behind the projector's back.
     let app = TestApp::spawn().await;
-    let c = contact(&app, json!({})).await;
-    let (s, v) = post(
-        &app,
-        &format!("/v1/contacts/{c}/consent"),
-        grant("marketing", "import"),
-    )
-    .await;
-    assert_eq!(s, 201, "{v}");
+    let c = contact_granted_marketing(&app).await;
     projected(&app, c, 1).await;
     let db = app.db().await;
     let no_records =
