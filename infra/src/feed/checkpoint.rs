@@ -84,6 +84,66 @@ pub async fn write_relay_async(
         .await
 }
 
+/// The statement that takes the locks of projections `names` (in name order) for the
+/// rest of the caller's transaction, as [`lock_projection`] does for one: the same lock
+/// keys, taken left to right in one target list; with the same settings.
+///
+/// A statement of its own: the checkpoints must be read by a later statement, whose
+/// snapshot is taken once the locks are held (one taken by the same statement would
+/// read a snapshot from before a lock wait, and miss what the holder committed).
+pub fn lock_projections_sql(names: usize) -> String {
+    let locks: Vec<String> = (1..=names)
+        .map(|i| format!("pg_advisory_xact_lock(hashtext('crm-projection:' || ${i}))"))
+        .collect();
+    format!(
+        "SELECT {}, set_config('crm.scope', 'all', true), \
+         set_config('synchronous_commit', 'off', true)",
+        locks.join(", ")
+    )
+}
+
+/// Each of projections `names`' checkpoint (zero when there is none yet) beside the
+/// commit keys after it up to `($2, $3)`, at most `$4` of them: one row per key, or one
+/// with no key (`NULL`s) for a projection with none; ordered by projection (the
+/// 1-based index into `$1`), then key.
+pub const PROGRESS_SQL: &str = "\
+    SELECT u.i::int, coalesce(c.tx_id::text::bigint, 0), coalesce(c.global_position, 0), \
+           k.tx, k.pos \
+    FROM unnest($1::text[]) WITH ORDINALITY AS u (name, i) \
+    LEFT JOIN projection_checkpoints c ON c.name = u.name \
+    LEFT JOIN LATERAL ( \
+        SELECT e.tx_id::text::bigint AS tx, e.global_position AS pos FROM events e \
+        WHERE (e.tx_id, e.global_position) > \
+              (coalesce(c.tx_id, '0'::xid8), coalesce(c.global_position, 0)) \
+          AND (e.tx_id, e.global_position) <= ($2::bigint::text::xid8, $3) \
+        ORDER BY e.tx_id, e.global_position LIMIT $4) k ON true \
+    ORDER BY u.i, k.tx, k.pos";
+
+/// Sets the checkpoints of several projections in one statement (inside the caller's
+/// transaction).
+pub async fn write_projections(
+    client: &impl GenericClient,
+    checkpoints: &[(&str, CommitKey)],
+) -> Result<(), tokio_postgres::Error> {
+    if checkpoints.is_empty() {
+        return Ok(());
+    }
+    let stmt = client
+        .prepare_cached(
+            "INSERT INTO projection_checkpoints (name, tx_id, global_position) \
+             SELECT n, t::text::xid8, p FROM unnest($1::text[], $2::bigint[], $3::bigint[]) \
+                 AS u (n, t, p) \
+             ON CONFLICT (name) DO UPDATE SET tx_id = EXCLUDED.tx_id, \
+             global_position = EXCLUDED.global_position, updated_at = now()",
+        )
+        .await?;
+    let names: Vec<&str> = checkpoints.iter().map(|(n, _)| *n).collect();
+    let txs: Vec<i64> = checkpoints.iter().map(|(_, k)| k.tx_id).collect();
+    let positions: Vec<i64> = checkpoints.iter().map(|(_, k)| k.position).collect();
+    client.execute(&stmt, &[&names, &txs, &positions]).await?;
+    Ok(())
+}
+
 /// Takes the projection's lock for the rest of the caller's transaction and reads its
 /// checkpoint: other workers of the projection (and a rebuild's swap) wait for it.
 ///

@@ -182,6 +182,8 @@ pub struct ProjectorWorker {
     /// In name order (the order their locks are taken in).
     projections: Vec<Arc<dyn Projection>>,
     name: String,
+    /// The statement that takes the projections' locks (`checkpoint::lock_projections_sql`).
+    lock_sql: String,
 }
 
 /// One projection's progress through a batch.
@@ -215,12 +217,14 @@ impl ProjectorWorker {
             .map(|p| p.name())
             .collect::<Vec<_>>()
             .join("+");
+        let lock_sql = checkpoint::lock_projections_sql(projections.len());
         Self {
             pool,
             crypto,
             bus,
             projections,
             name,
+            lock_sql,
         }
     }
 
@@ -318,7 +322,15 @@ impl ProjectorWorker {
         parsed.sort_by_key(|(e, _)| e.commit_key());
         let (events, msgs): (Vec<RawEvent>, Vec<async_nats::jetstream::Message>) =
             parsed.into_iter().unzip();
+        let (n, started) = (events.len(), std::time::Instant::now());
         let result = self.apply_batch(events).await;
+        tracing::debug!(
+            projection = self.name.as_str(),
+            events = n,
+            elapsed_us = started.elapsed().as_micros() as u64,
+            ok = result.is_ok(),
+            "batch applied"
+        );
         match result {
             Ok(verdicts) => {
                 for (m, v) in msgs.iter().zip(verdicts) {
@@ -372,38 +384,22 @@ impl ProjectorWorker {
     async fn apply_batch(&self, batch: Vec<RawEvent>) -> Result<Vec<Verdict>, ProjectionError> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
-        let upto = batch.last().map(RawEvent::commit_key);
+        let upto = batch.last().map(RawEvent::commit_key).unwrap_or_default();
         let cap = (batch.len() as i64) * 4 + 16;
         let messages = batch.len();
-        // Each projection's lock and checkpoint, then the events that must come next
-        // for it, in order (a message is applied only if it is the next of these): the
-        // projections' statements are sent together (pipelined on the transaction's
-        // connection, executed in this order), not one round trip after another.
         let tx_ref = &tx;
-        let batch_len = batch.len();
-        let mut progress =
-            futures::future::try_join_all(self.projections.iter().map(|p| async move {
-                let ck = checkpoint::lock_projection(tx_ref, p.name()).await?;
-                let expected =
-                    event_store::keys_between(tx_ref, ck, upto.unwrap_or(ck), cap).await?;
-                Ok::<_, ProjectionError>(Progress {
-                    ck,
-                    start: ck,
-                    expected: expected.into_iter().peekable(),
-                    blocked: false,
-                    ready: Vec::with_capacity(batch_len),
-                })
-            }))
-            .await?;
-        // Events some projection needs before the batch's own but that are not in it
-        // (with another worker, or in a killed worker's or failed batch's messages):
-        // read from the store and applied in order, in this transaction.
-        let batch = fill_gaps(&tx, batch, &progress, cap).await?;
-        // The data keys of the events some projection will decrypt, in one query (those
-        // not cached already): not one query per event.
+        // One round trip before the events are applied: the projections' locks, then
+        // (a statement of its own, so its snapshot sees what a lock's holder committed)
+        // their checkpoints and the commit keys that must come next for each, in order
+        // (a message is applied only if it is the next of these), and the data keys of
+        // the events some projection will decrypt (those not cached already): the
+        // statements are prepared first and then sent together, pipelined on the
+        // transaction's connection and executed in this order.
+        let names: Vec<&str> = self.projections.iter().map(|p| p.name()).collect();
+        let lock = tx.prepare_cached(&self.lock_sql).await?;
+        let progress_stmt = tx.prepare_cached(checkpoint::PROGRESS_SQL).await?;
         let subjects: Vec<(Uuid, &str)> = batch
             .iter()
-            .map(|(e, _)| e)
             .filter(|e| {
                 self.projections
                     .iter()
@@ -411,10 +407,65 @@ impl ProjectorWorker {
             })
             .map(|e| (e.org_id, e.aggregate_id.as_str()))
             .collect();
-        self.crypto
-            .prefetch_keys(&tx, &subjects)
-            .await
-            .map_err(StoreError::from)?;
+        let lock_params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = names
+            .iter()
+            .map(|n| n as &(dyn tokio_postgres::types::ToSql + Sync))
+            .collect();
+        let (_, rows, ()) = futures::try_join!(
+            async {
+                tx_ref
+                    .execute(&lock, &lock_params)
+                    .await
+                    .map_err(ProjectionError::from)
+            },
+            async {
+                tx_ref
+                    .query(&progress_stmt, &[&names, &upto.tx_id, &upto.position, &cap])
+                    .await
+                    .map_err(ProjectionError::from)
+            },
+            async {
+                self.crypto
+                    .prefetch_keys(tx_ref, &subjects)
+                    .await
+                    .map_err(|e| ProjectionError::from(StoreError::from(e)))
+            },
+        )?;
+        let mut read: Vec<(CommitKey, Vec<CommitKey>)> = Vec::with_capacity(names.len());
+        for row in rows {
+            let i = row.get::<_, i32>(0) as usize - 1;
+            if read.len() == i {
+                let ck = CommitKey {
+                    tx_id: row.get(1),
+                    position: row.get(2),
+                };
+                read.push((ck, Vec::new()));
+            }
+            if let (Some(tx_id), Some(position)) = (row.get(3), row.get(4)) {
+                read[i].1.push(CommitKey { tx_id, position });
+            }
+        }
+        if read.len() != names.len() {
+            return Err(ProjectionError::OutOfOrder(format!(
+                "checkpoints read for {} of {} projections",
+                read.len(),
+                names.len()
+            )));
+        }
+        let mut progress: Vec<Progress> = read
+            .into_iter()
+            .map(|(ck, expected)| Progress {
+                ck,
+                start: ck,
+                expected: expected.into_iter().peekable(),
+                blocked: false,
+                ready: Vec::with_capacity(messages),
+            })
+            .collect();
+        // Events some projection needs before the batch's own but that are not in it
+        // (with another worker, or in a killed worker's or failed batch's messages):
+        // read from the store and applied in order, in this transaction.
+        let batch = fill_gaps(&tx, batch, &progress, cap).await?;
         let mut verdicts = Vec::with_capacity(batch.len());
         let mut takes = vec![false; self.projections.len()];
         for (event, from_message) in batch {
@@ -470,19 +521,29 @@ impl ProjectorWorker {
                 Verdict::Duplicate
             });
         }
-        // The projections write different tables: their statements are pipelined too.
-        futures::future::try_join_all(progress.iter().zip(&self.projections).map(
-            |(st, p)| async move {
-                if !st.ready.is_empty() {
+        // The projections write different tables: their statements are pipelined too,
+        // and the checkpoints that moved are set in one statement behind them.
+        let moved: Vec<(&str, CommitKey)> = progress
+            .iter()
+            .zip(&self.projections)
+            .filter(|(st, _)| st.ck != st.start)
+            .map(|(st, p)| (p.name(), st.ck))
+            .collect();
+        let applies = futures::future::try_join_all(
+            progress
+                .iter()
+                .zip(&self.projections)
+                .filter(|(st, _)| !st.ready.is_empty())
+                .map(|(st, p)| async move {
                     p.apply(tx_ref, p.table(), &st.ready).await?;
-                }
-                if st.ck != st.start {
-                    set_checkpoint(tx_ref, p.name(), st.ck).await?;
-                }
-                Ok::<_, ProjectionError>(())
-            },
-        ))
-        .await?;
+                    Ok::<_, ProjectionError>(())
+                }),
+        );
+        futures::try_join!(applies, async {
+            checkpoint::write_projections(tx_ref, &moved)
+                .await
+                .map_err(ProjectionError::from)
+        })?;
         tx.commit().await?;
         debug_assert_eq!(verdicts.len(), messages);
         for (st, p) in progress.iter().zip(&self.projections) {

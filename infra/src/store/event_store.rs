@@ -492,43 +492,6 @@ pub async fn read_committed_raw(
         .collect()
 }
 
-/// Commit keys of the events after `after` and up to `upto` (inclusive), in commit
-/// order, at most `limit` of them.
-pub async fn keys_between(
-    client: &impl GenericClient,
-    after: CommitKey,
-    upto: CommitKey,
-    limit: i64,
-) -> Result<Vec<CommitKey>, StoreError> {
-    let stmt = client
-        .prepare_cached(
-            "SELECT tx_id::text::bigint, global_position FROM events \
-             WHERE (tx_id, global_position) > ($1::bigint::text::xid8, $2) \
-               AND (tx_id, global_position) <= ($3::bigint::text::xid8, $4) \
-             ORDER BY events.tx_id, events.global_position LIMIT $5",
-        )
-        .await?;
-    let rows = client
-        .query(
-            &stmt,
-            &[
-                &after.tx_id,
-                &after.position,
-                &upto.tx_id,
-                &upto.position,
-                &limit,
-            ],
-        )
-        .await?;
-    Ok(rows
-        .iter()
-        .map(|r| CommitKey {
-            tx_id: r.get(0),
-            position: r.get(1),
-        })
-        .collect())
-}
-
 /// Number of committed events after `after` in commit order (capped at `cap`).
 pub async fn count_after(
     client: &impl GenericClient,
