@@ -425,14 +425,16 @@ pub(crate) async fn check(
     let now = Utc::now();
     let mut client = s.pool.get().await?;
     let tx = crm_infra::read_models::org_scope(&mut client, org).await?;
-    let settings = privacy::load(&tx, org).await?.gate_settings();
+    let (settings, has_suppressions) = privacy::load_with_suppressions(&tx, org).await?;
     let checked = state_rm::check(
         &tx,
         org,
-        &settings,
-        input.channel,
-        &purpose,
-        &input.contact_ids,
+        (&settings.gate_settings(), has_suppressions),
+        state_rm::CheckFor {
+            channel: input.channel,
+            purpose: &purpose,
+            contact_ids: &input.contact_ids,
+        },
         now,
     )
     .await?;

@@ -37,8 +37,17 @@ pub async fn load(
     client: &impl GenericClient,
     org_id: Uuid,
 ) -> Result<PrivacySettings, StoreError> {
+    Ok(load_with_suppressions(client, org_id).await?.0)
+}
+
+/// The settings in force for `org_id`, and whether its suppression list has any entry
+/// (when it has none, no contact point needs looking up there).
+pub async fn load_with_suppressions(
+    client: &impl GenericClient,
+    org_id: Uuid,
+) -> Result<(PrivacySettings, bool), StoreError> {
     let stmt = client.prepare_cached(SETTINGS).await?;
-    Ok(settings_of(&client.query_one(&stmt, &[&org_id]).await?)?.0)
+    settings_of(&client.query_one(&stmt, &[&org_id]).await?)
 }
 
 /// Runs a privacy command; the settings row follows its events in the same commit.

@@ -405,19 +405,31 @@ pub enum Checked {
     Decided(Decision),
 }
 
-/// The gate's answer, now, for a message on `channel` for `purpose` to each of
-/// `contact_ids` (in their order): one statement reads every asked contact's state and
-/// point (`= ANY`), one more the suppression list for all their points; the
-/// organisation's `settings` are passed in (`crate::consent::privacy::load`).
+/// What a bulk check asks: may a message on `channel` for `purpose` go to each of
+/// `contact_ids`?
+pub struct CheckFor<'a> {
+    pub channel: Channel,
+    pub purpose: &'a PurposeKey,
+    pub contact_ids: &'a [Uuid],
+}
+
+/// The gate's answer, now, for each contact of `asked` (in their order): one statement
+/// reads every asked contact's state and point (`= ANY`), and, only when the
+/// organisation `has_suppressions`, one more the suppression list for all their points;
+/// the organisation's `settings` are passed in
+/// (`crate::consent::privacy::load_with_suppressions`).
 pub async fn check(
     client: &impl GenericClient,
     org_id: Uuid,
-    settings: &gate::Settings,
-    channel: Channel,
-    purpose: &PurposeKey,
-    contact_ids: &[Uuid],
+    (settings, has_suppressions): (&gate::Settings, bool),
+    asked: CheckFor<'_>,
     now: DateTime<Utc>,
 ) -> Result<Vec<Checked>, ProjectionError> {
+    let CheckFor {
+        channel,
+        purpose,
+        contact_ids,
+    } = asked;
     let column = match channel {
         Channel::Email => "email",
         Channel::Sms | Channel::Whatsapp | Channel::Phone => "phone",
@@ -437,7 +449,11 @@ pub async fn check(
         let point = row
             .get::<_, Option<String>>(2)
             .map(|p| normalize_point(channel, &p));
-        let hash = point.as_deref().map(|p| point_sha256(channel, p));
+        // Digests only when the suppression list has entries to compare them with.
+        let hash = point
+            .as_deref()
+            .filter(|_| has_suppressions)
+            .map(|p| point_sha256(channel, p));
         found.insert(row.get(0), (state, point, hash));
     }
     let hashes: Vec<&str> = found

@@ -604,6 +604,13 @@ async fn a_suppressed_contact_point_is_refused_on_every_purpose() {
     let c = contact(&app, json!({"email": email})).await;
     let (_, v) = send(&app, c, "email", "service").await;
     assert_eq!(reason(&v), "lawful_basis");
+    // The bulk check reads the contact's consent_state row: once it is projected, it
+    // agrees (with no suppression in the organisation, nothing is looked up there).
+    projected(&app, c, 0).await;
+    assert_eq!(
+        bulk_check(&app, c, "service").await,
+        ("lawful_basis".into(), json!([]))
+    );
     // The suppression list is filled by erasure (a later issue); here by hand, keyed
     // by the SHA-256 of the lower-cased address.
     let marker = Uuid::now_v7();
@@ -623,6 +630,11 @@ async fn a_suppressed_contact_point_is_refused_on_every_purpose() {
     let (_, v) = send(&app, c, "email", "service").await;
     assert_eq!(reason(&v), "suppressed", "{v}");
     assert_eq!(v["decision"]["relied_on"], json!([marker]));
+    assert_eq!(
+        bulk_check(&app, c, "service").await,
+        ("suppressed".into(), json!([marker])),
+        "the bulk check answers as the gate does"
+    );
     // WhatsApp: no quiet hours, so the answer does not depend on the hour.
     let (_, v) = send(&app, c, "whatsapp", "service").await;
     assert_eq!(
@@ -630,6 +642,22 @@ async fn a_suppressed_contact_point_is_refused_on_every_purpose() {
         "lawful_basis",
         "another channel's point is not suppressed"
     );
+}
+
+/// `POST /v1/consent/check` for one contact by e-mail: (reason, relied_on).
+async fn bulk_check(app: &TestApp, contact: Uuid, purpose: &str) -> (String, Value) {
+    let (s, v) = post(
+        app,
+        "/v1/consent/check",
+        json!({"channel": "email", "purpose": purpose, "contact_ids": [contact]}),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let r = &v["results"][0];
+    (
+        r["reason"].as_str().unwrap().to_owned(),
+        r["relied_on"].clone(),
+    )
 }
 
 /// A new contact with marketing by e-mail granted (an imported, confirmed record).
