@@ -10,6 +10,7 @@
 //!   the event store can encrypt exactly those fields and erasure can shred them.
 
 pub mod access;
+pub mod ai;
 pub mod api_key;
 pub mod carrier;
 pub mod consent;
