@@ -190,6 +190,23 @@ impl Policy {
                 .all(|f| self.field(f) <= other.field(f))
     }
 
+    /// What `self` grants that `cap` grants too: the permissions of both, and each
+    /// field at the lesser of the two accesses.
+    pub fn capped_by(&self, cap: &Policy) -> Policy {
+        Policy {
+            permissions: self
+                .permissions
+                .intersection(&cap.permissions)
+                .copied()
+                .collect(),
+            fields: CONTACT_FIELDS
+                .iter()
+                .map(|f| ((*f).to_owned(), self.field(f).min(cap.field(f))))
+                .filter(|(_, a)| *a != FieldAccess::Hidden)
+                .collect(),
+        }
+    }
+
     /// What `self` grants beyond `other`, named (`contacts.export`, `field email: write`).
     pub fn excess_over(&self, other: &Policy) -> Vec<String> {
         let mut out: Vec<String> = self
@@ -464,6 +481,22 @@ mod tests {
             excess.contains(&"field email: write".to_owned()),
             "{excess:?}"
         );
+    }
+
+    #[test]
+    fn a_capped_policy_is_within_both_and_the_cap_of_a_superset_is_the_lesser() {
+        let team = builtin_policy(Role::Team);
+        let viewer = builtin_policy(Role::Viewer);
+        let support = builtin_policy(Role::Support);
+        assert_eq!(team.capped_by(&viewer), viewer);
+        assert_eq!(viewer.capped_by(&team), viewer);
+        for (a, b) in [(&team, &support), (&support, &team), (&viewer, &support)] {
+            let c = a.capped_by(b);
+            assert!(c.is_within(a) && c.is_within(b), "{c:?}");
+            for p in Permission::ALL {
+                assert_eq!(c.allows(*p), a.allows(*p) && b.allows(*p), "{p:?}");
+            }
+        }
     }
 
     /// docs/permissions.md is the written matrix: its tables must be the code's.

@@ -28,6 +28,9 @@ pub enum ApiKeyCommand {
         last4: String,
         expires_at: Option<DateTime<Utc>>,
         by: Grantor,
+        /// An AI agent's key: the user registering the agent, whose rights cap the
+        /// agent's at every request (`None`: an integration's key).
+        agent_of: Option<Uuid>,
     },
     Revoke,
 }
@@ -42,6 +45,9 @@ pub enum ApiKeyEvent {
         only: Option<BTreeSet<Permission>>,
         last4: String,
         expires_at: Option<DateTime<Utc>>,
+        /// An AI agent's key: the user who registered the agent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        agent_of: Option<Uuid>,
     },
     ApiKeyRevoked {},
 }
@@ -110,6 +116,7 @@ impl Aggregate for ApiKey {
                 last4,
                 expires_at,
                 by,
+                agent_of,
             } => {
                 if self.id.is_some() {
                     return Err(ApiKeyError::AlreadyExists);
@@ -138,6 +145,7 @@ impl Aggregate for ApiKey {
                     only,
                     last4,
                     expires_at,
+                    agent_of,
                 }
             }
             ApiKeyCommand::Revoke => {
@@ -184,6 +192,7 @@ mod tests {
                 is_owner: by == Role::Owner,
                 policy: builtin_policy(by),
             },
+            agent_of: None,
         }
     }
 
@@ -211,6 +220,7 @@ mod tests {
                 only: Some(only),
                 last4: "abcd".into(),
                 expires_at: None,
+                agent_of: None,
             }]);
         TestFramework::<ApiKey>::with(())
             .given_no_previous_events()
@@ -234,6 +244,7 @@ mod tests {
                     only: None,
                     last4: "abcd".into(),
                     expires_at: None,
+                    agent_of: None,
                 },
                 ApiKeyEvent::ApiKeyRevoked {},
             ])

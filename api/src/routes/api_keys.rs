@@ -1,9 +1,12 @@
-//! `/v1/api-keys`: issue (the key is in the response, once), list, revoke.
+//! `/v1/api-keys`: issue (the key is in the response, once), list, revoke. A key of
+//! kind `agent` is an AI agent's credential: the agent is then the principal of what
+//! it does, and can never do more than the user who registered it can at that moment.
 
 use std::collections::BTreeSet;
 
 use crm_domain::access::{Permission, RoleRef};
 use crm_domain::api_key::ApiKeyCommand;
+use crm_domain::metadata::PrincipalKind;
 use crm_domain::values::Name;
 use crm_infra::access::api_keys as keys;
 use serde::{Deserialize, Serialize};
@@ -17,10 +20,26 @@ use crate::edge::reply::{Created, Ok200};
 use crate::error::{ApiError, FieldError};
 use crate::state::AppState;
 
+/// Whose credential a key is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum KeyKind {
+    /// An integration's (a server acting as itself).
+    #[default]
+    Integration,
+    /// An AI agent's, registered by the user issuing it: the agent acts as principal
+    /// kind `ai_agent`, within that user's rights at every request.
+    Agent,
+}
+
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 #[schema(example = json!({"name": "nightly export", "role": "viewer", "permissions": ["contacts.read"], "expires_at": "2027-01-01T00:00:00Z"}))]
 pub(crate) struct IssueInput {
+    /// `integration` (the default) or `agent`. Only a signed-in user registers an
+    /// agent (not another key).
+    #[serde(default)]
+    kind: KeyKind,
     #[schema(max_length = 200, pattern = "@line")]
     name: String,
     /// A built-in role's name or a custom role's id.
@@ -42,6 +61,7 @@ pub(crate) struct IssuedKey {
     key: String,
     last4: String,
     role: String,
+    kind: KeyKind,
     expires_at: Option<chrono::DateTime<chrono::Utc>>,
     note: String,
 }
@@ -59,6 +79,9 @@ pub(crate) struct KeyItem {
     revoked_at: Option<chrono::DateTime<chrono::Utc>>,
     last_used_at: Option<chrono::DateTime<chrono::Utc>>,
     created_at: chrono::DateTime<chrono::Utc>,
+    kind: KeyKind,
+    /// An agent's key: the user who registered the agent.
+    registered_by: Option<Uuid>,
 }
 
 /// The organisation's API keys.
@@ -112,6 +135,16 @@ pub(crate) async fn issue(
     let (Some(name), Some(role), true) = (name, role, errors.is_empty()) else {
         return Err(ApiError::Validation(errors));
     };
+    let agent_of = match input.kind {
+        KeyKind::Integration => None,
+        KeyKind::Agent if a.kind == PrincipalKind::User => Some(a.caller.user_id),
+        KeyKind::Agent => {
+            return Err(ApiError::Forbidden {
+                code: "agent_needs_a_user",
+                message: "only a signed-in user registers an agent, not a key".into(),
+            })
+        }
+    };
     let grant = super::users::grant_of(&s, &a, role).await?;
     let key = crate::auth::api_keys::generate();
     let key_id = Uuid::now_v7();
@@ -129,6 +162,7 @@ pub(crate) async fn issue(
             last4: key.last4.clone(),
             expires_at,
             by: a.access.grantor(),
+            agent_of,
         },
         &a.metadata(),
     )
@@ -139,6 +173,7 @@ pub(crate) async fn issue(
             key: key.secret,
             last4: key.last4,
             role: role.to_string(),
+            kind: input.kind,
             expires_at,
             note: "the key is shown this once; only its digest is stored".into(),
         },
@@ -161,6 +196,12 @@ pub(crate) async fn list(s: AppState, a: Authed) -> Result<Ok200<KeyList>, ApiEr
             revoked_at: k.revoked_at,
             last_used_at: k.last_used_at,
             created_at: k.created_at,
+            kind: if k.kind == "agent" {
+                KeyKind::Agent
+            } else {
+                KeyKind::Integration
+            },
+            registered_by: k.registered_by,
         })
         .collect();
     Ok(Ok200(KeyList { items }))

@@ -178,6 +178,12 @@ pub async fn authenticate(
         let Some(access) = key_access(state, &digest).await? else {
             return Err(invalid);
         };
+        // An agent's key makes the agent the principal of what it does.
+        let kind = if access.agent_of.is_some() {
+            PrincipalKind::AiAgent
+        } else {
+            PrincipalKind::ApiKey
+        };
         return Ok(Authed {
             caller: Caller {
                 user_id: access.user_id,
@@ -186,7 +192,7 @@ pub async fn authenticate(
             },
             access,
             ctx: ctx.clone(),
-            kind: PrincipalKind::ApiKey,
+            kind,
         });
     }
     let Some(caller) = state.tokens.verify_staff(token) else {

@@ -70,6 +70,9 @@ pub struct Access {
     /// The organisation requires 2FA of this user's role and the user has not set it up:
     /// only their own account's routes are open.
     pub two_factor_pending: bool,
+    /// An AI agent's key: the user who registered the agent (the policy above is
+    /// already capped by that user's).
+    pub agent_of: Option<Uuid>,
 }
 
 impl Access {
@@ -123,6 +126,7 @@ pub async fn load_access(
         policy,
         modules: parse_modules(row.get(2)),
         token_generation: row.get(1),
+        agent_of: None,
         two_factor_pending: row.get(5),
     }))
 }

@@ -37,6 +37,7 @@ pub async fn issue(
                     only,
                     last4,
                     expires_at,
+                    agent_of,
                     ..
                 } = event
                 {
@@ -46,10 +47,11 @@ pub async fn issue(
                     };
                     let only: Option<Vec<&str>> =
                         only.as_ref().map(|o| o.iter().map(|p| p.name()).collect());
+                    let kind = if agent_of.is_some() { "agent" } else { "integration" };
                     tx.execute(
-                        "INSERT INTO api_keys (key_id, org_id, name, digest, last4, role, custom_role, only_permissions, expires_at) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-                        &[&key_id, &org_id, &name.as_str(), &digest, last4, &role.to_string(), &custom, &only, expires_at],
+                        "INSERT INTO api_keys (key_id, org_id, name, digest, last4, role, custom_role, only_permissions, expires_at, kind, registered_by) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                        &[&key_id, &org_id, &name.as_str(), &digest, last4, &role.to_string(), &custom, &only, expires_at, &kind, agent_of],
                     )
                     .await
                     .map_err(db)?;
@@ -116,6 +118,10 @@ pub struct KeyRow {
     pub revoked_at: Option<DateTime<Utc>>,
     pub last_used_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
+    /// `integration` or `agent`.
+    pub kind: String,
+    /// An agent's registering user.
+    pub registered_by: Option<Uuid>,
 }
 
 pub async fn list(
@@ -124,7 +130,8 @@ pub async fn list(
 ) -> Result<Vec<KeyRow>, tokio_postgres::Error> {
     Ok(client
         .query(
-            "SELECT key_id, name, last4, role, only_permissions, expires_at, revoked_at, last_used_at, created_at \
+            "SELECT key_id, name, last4, role, only_permissions, expires_at, revoked_at, last_used_at, created_at, \
+                    kind, registered_by \
              FROM api_keys WHERE org_id = $1 ORDER BY created_at",
             &[&org_id],
         )
@@ -140,12 +147,18 @@ pub async fn list(
             revoked_at: r.get(6),
             last_used_at: r.get(7),
             created_at: r.get(8),
+            kind: r.get(9),
+            registered_by: r.get(10),
         })
         .collect())
 }
 
 /// The access of the live key (not revoked, not expired) whose secret has `digest`.
 /// Records the use, at most once a minute per key.
+///
+/// An agent's key holds what its grant allows and its registering user may do now,
+/// never more (`Policy::capped_by`); while that user is deactivated, or has to set up
+/// two-factor authentication first, the agent can do nothing.
 pub async fn access_by_digest(
     client: &impl GenericClient,
     digest: &[u8],
@@ -153,7 +166,8 @@ pub async fn access_by_digest(
     let statement = client
         .prepare_cached(
             "SELECT k.key_id, k.org_id, k.role, k.only_permissions, o.modules, r.policy, r.retired, \
-                    k.last_used_at IS NULL OR k.last_used_at < now() - interval '1 minute' \
+                    k.last_used_at IS NULL OR k.last_used_at < now() - interval '1 minute', \
+                    k.registered_by \
              FROM api_keys k JOIN organizations o ON o.org_id = k.org_id \
              LEFT JOIN roles r ON r.role_id = k.custom_role AND r.org_id = k.org_id \
              WHERE k.digest = $1 AND k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > now())",
@@ -174,6 +188,15 @@ pub async fn access_by_digest(
             only.iter().filter_map(|p| Permission::parse(p)).collect();
         policy.permissions = policy.permissions.intersection(&only).copied().collect();
     }
+    let org_id: Uuid = row.get(1);
+    let agent_of: Option<Uuid> = row.get(8);
+    if let Some(user) = agent_of {
+        let cap = crate::access::accounts::load_access(client, user, org_id).await?;
+        match cap {
+            Some(cap) if !cap.two_factor_pending => policy = policy.capped_by(&cap.policy),
+            _ => return Ok(None),
+        }
+    }
     if row.get::<_, bool>(7) {
         client
             .execute(
@@ -184,11 +207,12 @@ pub async fn access_by_digest(
     }
     Ok(Some(Access {
         user_id: key_id,
-        org_id: row.get(1),
+        org_id,
         role,
         policy,
         modules: parse_modules(row.get(4)),
         token_generation: 0,
         two_factor_pending: false,
+        agent_of,
     }))
 }

@@ -187,3 +187,156 @@ async fn keys_expire_and_never_exceed_their_issuer() {
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn an_agent_acts_as_itself_and_never_beyond_its_registering_user_now() {
+    let app = TestApp::spawn().await;
+    let (admin_id, admin) = app
+        .user_with_role(crm_domain::access::RoleRef::Builtin(
+            crm_domain::access::Role::Admin,
+        ))
+        .await;
+    // The Admin registers an agent with the Team role.
+    let (s, issued) = with_key(
+        &app,
+        &admin,
+        reqwest::Method::POST,
+        "/v1/api-keys",
+        Some(json!({"name": "Assistant", "role": "team", "kind": "agent"})),
+    )
+    .await;
+    assert_eq!(
+        (s, issued["kind"].as_str()),
+        (201, Some("agent")),
+        "{issued}"
+    );
+    let agent = issued["key"].as_str().unwrap().to_owned();
+    let agent_id = issued["id"].as_str().unwrap().to_owned();
+    let listed = app.get("/v1/api-keys").await.json::<Value>().await.unwrap();
+    let item = listed["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["id"] == agent_id.as_str())
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        (item["kind"].as_str(), item["registered_by"].as_str()),
+        (Some("agent"), Some(admin_id.to_string().as_str()))
+    );
+
+    // It acts as principal ai_agent, under its own id.
+    let (s, created) = with_key(
+        &app,
+        &agent,
+        reqwest::Method::POST,
+        "/v1/contacts",
+        Some(json!({"given_name": "Ada"})),
+    )
+    .await;
+    assert_eq!(s, 201, "{created}");
+    let contact = created["id"].as_str().unwrap().to_owned();
+    let principal: Value = app
+        .db()
+        .await
+        .query_one(
+            "SELECT metadata -> 'principal' FROM events WHERE aggregate_id = $1",
+            &[&contact],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(principal, json!({"kind": "ai_agent", "id": agent_id}));
+
+    // The Admin is demoted to Viewer: from the next request on, the agent may only
+    // read, though its own grant (Team) is unchanged.
+    let r = app
+        .post(
+            &format!("/v1/users/{admin_id}/role"),
+            &json!({"role": "viewer"}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let (s, body) = with_key(
+        &app,
+        &agent,
+        reqwest::Method::POST,
+        "/v1/contacts",
+        Some(json!({"given_name": "Eve"})),
+    )
+    .await;
+    assert_eq!(s, 403, "{body}");
+    let (s, _) = with_key(
+        &app,
+        &agent,
+        reqwest::Method::GET,
+        &format!("/v1/contacts/{contact}"),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "what both may do, it still does");
+
+    // Deactivated: the agent authenticates nothing until the user is back.
+    let r = app
+        .post(&format!("/v1/users/{admin_id}/deactivate"), &json!({}))
+        .await;
+    assert_eq!(r.status(), 200);
+    let (s, _) = with_key(&app, &agent, reqwest::Method::GET, "/v1/contacts", None).await;
+    assert_eq!(s, 401);
+    let r = app
+        .post(&format!("/v1/users/{admin_id}/reactivate"), &json!({}))
+        .await;
+    assert_eq!(r.status(), 200);
+    let (s, _) = with_key(&app, &agent, reqwest::Method::GET, "/v1/contacts", None).await;
+    assert_eq!(s, 200);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn only_a_signed_in_user_registers_an_agent_and_within_their_own_grant() {
+    let app = TestApp::spawn().await;
+    // A key (even an Admin one) cannot register an agent.
+    let r = app
+        .post("/v1/api-keys", &json!({"name": "Ops", "role": "admin"}))
+        .await;
+    assert_eq!(r.status(), 201);
+    let ops: Value = r.json().await.unwrap();
+    let (s, body) = with_key(
+        &app,
+        ops["key"].as_str().unwrap(),
+        reqwest::Method::POST,
+        "/v1/api-keys",
+        Some(json!({"name": "Bot", "role": "viewer", "kind": "agent"})),
+    )
+    .await;
+    assert_eq!(
+        (s, body["code"].as_str()),
+        (403, Some("agent_needs_a_user")),
+        "{body}"
+    );
+    // A user cannot give an agent more than they hold.
+    let (_, admin) = app
+        .user_with_role(crm_domain::access::RoleRef::Builtin(
+            crm_domain::access::Role::Admin,
+        ))
+        .await;
+    let (s, body) = with_key(
+        &app,
+        &admin,
+        reqwest::Method::POST,
+        "/v1/api-keys",
+        Some(json!({"name": "Root bot", "role": "owner", "kind": "agent"})),
+    )
+    .await;
+    assert_eq!(s, 403, "{body}");
+    let (s, body) = with_key(
+        &app,
+        &admin,
+        reqwest::Method::POST,
+        "/v1/api-keys",
+        Some(json!({"name": "Bot", "role": "viewer", "kind": "robot"})),
+    )
+    .await;
+    assert_eq!(s, 400, "an unknown kind: {body}");
+    app.stop().await;
+}
