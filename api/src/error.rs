@@ -150,7 +150,8 @@ impl ApiError {
         }
     }
 
-    fn code(&self) -> &'static str {
+    /// The machine-readable code of the answer (`permission_denied`, `not_found`, …).
+    pub fn code(&self) -> &'static str {
         match self {
             Self::BadRequest { code, .. } => code,
             Self::Validation(_) => "validation_failed",
@@ -442,6 +443,21 @@ impl From<CommandError<crm_domain::message::MessageError>> for ApiError {
             CommandError::Domain(M::NotFound) => Self::NotFound("message not found"),
             CommandError::Domain(d) => Self::Conflict(d.to_string()),
             other => command_conflict(other, "message"),
+        }
+    }
+}
+
+impl From<CommandError<crm_domain::ai::AiActionError>> for ApiError {
+    fn from(e: CommandError<crm_domain::ai::AiActionError>) -> Self {
+        use crm_domain::ai::AiActionError as E;
+        match e {
+            CommandError::Domain(E::NotFound) => Self::NotFound("AI action not found"),
+            CommandError::Domain(d @ E::OwnAction) => forbidden("own_action", d),
+            CommandError::Domain(d @ (E::ReasonRequired | E::ExpiryInPast)) => {
+                Self::Validation(vec![FieldError::new("reason", d.to_string())])
+            }
+            CommandError::Domain(d) => Self::Conflict(d.to_string()),
+            other => command_conflict(other, "AI action"),
         }
     }
 }

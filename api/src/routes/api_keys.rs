@@ -6,7 +6,6 @@ use std::collections::BTreeSet;
 
 use crm_domain::access::{Permission, RoleRef};
 use crm_domain::api_key::ApiKeyCommand;
-use crm_domain::metadata::PrincipalKind;
 use crm_domain::values::Name;
 use crm_infra::access::api_keys as keys;
 use serde::{Deserialize, Serialize};
@@ -137,12 +136,9 @@ pub(crate) async fn issue(
     };
     let agent_of = match input.kind {
         KeyKind::Integration => None,
-        KeyKind::Agent if a.kind == PrincipalKind::User => Some(a.caller.user_id),
         KeyKind::Agent => {
-            return Err(ApiError::Forbidden {
-                code: "agent_needs_a_user",
-                message: "only a signed-in user registers an agent, not a key".into(),
-            })
+            a.require_user()?;
+            Some(a.caller.user_id)
         }
     };
     let grant = super::users::grant_of(&s, &a, role).await?;

@@ -199,7 +199,7 @@ pub(crate) struct ContactInput {
     /// Optimistic concurrency: the version the client last saw (409 when stale).
     #[serde(default, deserialize_with = "crate::edge::extract::whole_number")]
     #[schema(value_type = Option<i64>, minimum = 1)]
-    expected_version: Option<i64>,
+    pub(crate) expected_version: Option<i64>,
 }
 
 /// A contact, with the fields the caller's role may read (the others are absent).
@@ -523,6 +523,27 @@ fn set_names(p: &ContactProfile) -> impl Iterator<Item = &'static str> + '_ {
     ]
     .into_iter()
     .filter_map(|(name, set)| set.then_some(name))
+}
+
+/// What a change (as `PATCH /v1/contacts/{id}` takes it) would touch, validated as
+/// that route validates it: the standard fields it sets or clears, and whether it sets
+/// or clears a custom field. For the risk policy of AI actions.
+pub(crate) fn fields_touched(input: ContactInput) -> Result<(Vec<ContactField>, bool), ApiError> {
+    let parsed = parse_input(input)?;
+    let mut fields: Vec<ContactField> = set_names(&parsed.set)
+        .filter_map(|n| ContactField::ALL.into_iter().find(|f| f.name() == n))
+        .chain(parsed.cleared.iter().copied())
+        .collect();
+    fields.sort();
+    fields.dedup();
+    let custom = !parsed.set.custom.is_empty() || !parsed.cleared_custom.is_empty();
+    if fields.is_empty() && !custom {
+        return Err(ApiError::Validation(vec![FieldError::new(
+            "arguments",
+            "names no field to change",
+        )]));
+    }
+    Ok((fields, custom))
 }
 
 /// 403 naming the first field the caller may not write: among those `set` sets,

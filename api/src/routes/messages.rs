@@ -55,9 +55,9 @@ pub(crate) struct MessageInput {
 /// The gate's decision on a message.
 #[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct DecisionDoc {
-    allowed: bool,
+    pub(crate) allowed: bool,
     #[schema(value_type = ReasonName)]
-    reason: Reason,
+    pub(crate) reason: Reason,
     /// The consent events the decision rests on.
     relied_on: Vec<Uuid>,
 }
@@ -75,12 +75,12 @@ impl From<&Decision> for DecisionDoc {
 /// A submitted message: queued (the dispatcher sends it) or blocked.
 #[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct Submitted {
-    id: Uuid,
+    pub(crate) id: Uuid,
     /// `queued` or `blocked`.
-    status: String,
-    decision: DecisionDoc,
+    pub(crate) status: String,
+    pub(crate) decision: DecisionDoc,
     /// The position of the decision's event.
-    position: i64,
+    pub(crate) position: i64,
 }
 
 /// One step of a message's life.
@@ -193,6 +193,18 @@ pub(crate) async fn send(
     Id(contact_id): Id,
     Json(input): Json<MessageInput>,
 ) -> Result<Created<Submitted>, ApiError> {
+    send_with_id(&s, &a, contact_id, input, Uuid::now_v7()).await
+}
+
+/// [`send`] with the message's id chosen by the caller (an AI action's execution uses
+/// the action's id, so that a retry finds the message it already submitted).
+pub(crate) async fn send_with_id(
+    s: &AppState,
+    a: &Authed,
+    contact_id: Uuid,
+    input: MessageInput,
+    message_id: Uuid,
+) -> Result<Created<Submitted>, ApiError> {
     let org_id = a.caller.org_id;
     let mut errors = Vec::new();
     let purpose = PurposeKey::parse(&input.purpose)
@@ -231,7 +243,6 @@ pub(crate) async fn send(
             "the contact has no address or number for this channel",
         )]));
     };
-    let message_id = Uuid::now_v7();
     let request = Request {
         channel: input.channel,
         purpose: purpose.expect("parsed"),
@@ -239,7 +250,7 @@ pub(crate) async fn send(
     };
     let content = Content { to, subject, body };
     let (decision, position) = submit(
-        &s,
+        s,
         &mut gate,
         org_id,
         contact_id,

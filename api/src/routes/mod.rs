@@ -4,6 +4,7 @@
 //! ([`crate::openapi`]) is generated from it.
 
 pub mod activity;
+pub mod ai;
 pub mod api_keys;
 pub mod carriers;
 pub mod consent;

@@ -7,8 +7,8 @@ use crm_domain::access::Permission as P;
 use warp::http::Method;
 
 use super::{
-    activity, api_keys, carriers, consent, consent_log, contacts, health, login, messages, portal,
-    receipts, reports, roles, users,
+    activity, ai, api_keys, carriers, consent, consent_log, contacts, health, login, messages,
+    portal, receipts, reports, roles, users,
 };
 use crate::edge::route::{route, Auth, Route};
 
@@ -172,6 +172,30 @@ pub fn table() -> Vec<Route> {
             .staff(P::MessagesRead)
             .errors(&[404])
             .to(messages::get_one),
+        // AI actions (docs/ai.md).
+        route(post.clone(), "/v1/ai/actions", "ai")
+            .summary(
+                "Propose an AI action: run at once if the risk policy allows, else queued for approval",
+            )
+            .auth(Auth::SignedIn)
+            .large_body()
+            .errors(&[403, 404, 409])
+            .to(ai::propose),
+        route(get.clone(), "/v1/ai/actions/{id}", "ai")
+            .summary("An AI action: its risk and rule, where it stands, every step and its outcome")
+            .auth(Auth::SignedIn)
+            .errors(&[404])
+            .to(ai::get_one),
+        route(post.clone(), "/v1/ai/actions/{id}/approve", "ai")
+            .summary("Approve an AI action's exact arguments (by their SHA-256); it then runs")
+            .staff(P::AiApprove)
+            .errors(&[404, 409])
+            .to(ai::approve),
+        route(post.clone(), "/v1/ai/actions/{id}/reject", "ai")
+            .summary("Reject an AI action, with a reason")
+            .staff(P::AiApprove)
+            .errors(&[404, 409])
+            .to(ai::reject),
         route(get.clone(), "/v1/privacy", "privacy")
             .summary("The organisation's privacy mode and purposes")
             .staff(P::ConsentRead)

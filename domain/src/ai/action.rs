@@ -145,6 +145,8 @@ pub enum AiActionCommand {
         /// A reason code: the send gate's, or the refusal's (`permission_denied`, ...).
         reason: String,
         detail: String,
+        /// The events the refusal itself produced (a message blocked by the gate).
+        event_ids: Vec<Uuid>,
     },
 }
 
@@ -201,6 +203,8 @@ pub enum AiActionEvent {
     AiActionFailed {
         reason: String,
         detail: String,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        event_ids: Vec<Uuid>,
     },
 }
 
@@ -428,8 +432,16 @@ impl Aggregate for AiAction {
                 ActionStatus::Approved => vec![AiActionEvent::AiActionExecuted { event_ids }],
                 s => return Err(AiActionError::NotAllowedNow(s, "executed")),
             },
-            AiActionCommand::RecordFailed { reason, detail } => match self.status()? {
-                ActionStatus::Approved => vec![AiActionEvent::AiActionFailed { reason, detail }],
+            AiActionCommand::RecordFailed {
+                reason,
+                detail,
+                event_ids,
+            } => match self.status()? {
+                ActionStatus::Approved => vec![AiActionEvent::AiActionFailed {
+                    reason,
+                    detail,
+                    event_ids,
+                }],
                 s => return Err(AiActionError::NotAllowedNow(s, "failed")),
             },
         };

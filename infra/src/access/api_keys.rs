@@ -163,17 +163,39 @@ pub async fn access_by_digest(
     client: &impl GenericClient,
     digest: &[u8],
 ) -> Result<Option<Access>, tokio_postgres::Error> {
+    access_where(client, "k.digest = $1", &digest, true).await
+}
+
+/// The access of the live key `key_id` of `org_id` now (an agent's, capped by its
+/// registering user's as at a request), as when the key itself calls: to act for it
+/// later, as an approved AI action does. Records no use.
+pub async fn access_by_key_id(
+    client: &impl GenericClient,
+    org_id: Uuid,
+    key_id: Uuid,
+) -> Result<Option<Access>, tokio_postgres::Error> {
+    Ok(access_where(client, "k.key_id = $1", &key_id, false)
+        .await?
+        .filter(|a| a.org_id == org_id))
+}
+
+async fn access_where(
+    client: &impl GenericClient,
+    key_is: &str,
+    key: &(dyn tokio_postgres::types::ToSql + Sync),
+    record_use: bool,
+) -> Result<Option<Access>, tokio_postgres::Error> {
     let statement = client
-        .prepare_cached(
+        .prepare_cached(&format!(
             "SELECT k.key_id, k.org_id, k.role, k.only_permissions, o.modules, r.policy, r.retired, \
                     k.last_used_at IS NULL OR k.last_used_at < now() - interval '1 minute', \
                     k.registered_by \
              FROM api_keys k JOIN organizations o ON o.org_id = k.org_id \
              LEFT JOIN roles r ON r.role_id = k.custom_role AND r.org_id = k.org_id \
-             WHERE k.digest = $1 AND k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > now())",
-        )
+             WHERE {key_is} AND k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > now())",
+        ))
         .await?;
-    let row = client.query_opt(&statement, &[&digest]).await?;
+    let row = client.query_opt(&statement, &[key]).await?;
     let Some(row) = row else { return Ok(None) };
     let key_id: Uuid = row.get(0);
     let Some(role) = RoleRef::parse(row.get(2)) else {
@@ -197,7 +219,7 @@ pub async fn access_by_digest(
             _ => return Ok(None),
         }
     }
-    if row.get::<_, bool>(7) {
+    if record_use && row.get::<_, bool>(7) {
         client
             .execute(
                 "UPDATE api_keys SET last_used_at = now() WHERE key_id = $1",

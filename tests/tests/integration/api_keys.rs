@@ -311,7 +311,7 @@ async fn only_a_signed_in_user_registers_an_agent_and_within_their_own_grant() {
     .await;
     assert_eq!(
         (s, body["code"].as_str()),
-        (403, Some("agent_needs_a_user")),
+        (403, Some("user_only")),
         "{body}"
     );
     // A user cannot give an agent more than they hold.

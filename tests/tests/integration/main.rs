@@ -2,6 +2,7 @@
 //! spawns its own database, stream and server (see `crm_tests::harness`).
 
 mod access_history;
+mod ai;
 mod api_keys;
 mod auth;
 mod bad_input;

@@ -1,0 +1,807 @@
+//! AI actions (docs/ai.md): an agent, or a user through an assistant, proposes a
+//! domain command; the risk policy (`crm_domain::ai::risk`) decides whether it runs at
+//! once or waits for a human holding `ai.approve`; once approved it runs as the real
+//! command, as its proposer with the proposer's rights at that moment, through the same
+//! permission, field-level and send-gate checks as any caller, with the action's id as
+//! causation id; the outcome (the events it produced, or the refusal's reason code) is
+//! recorded on the action. Each step is an event of the action's own stream.
+//!
+//! Served kinds: `update_contact` and `send_message`.
+
+use chrono::{DateTime, Duration, Utc};
+use cqrs_es::Aggregate;
+use crm_domain::access::Permission;
+use crm_domain::ai::risk::{ActionKind, InitiatorKind, Oversight, RiskInput};
+use crm_domain::ai::{
+    ActionStatus, AiAction, AiActionCommand, AiActionEvent, Initiator, ModelInfo, Request,
+};
+use crm_domain::contact::Contact;
+use crm_domain::message::Message;
+use crm_domain::metadata::PrincipalKind;
+use crm_infra::store::decode::decode;
+use crm_infra::store::event_store::{self, StreamId};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use super::contacts::ContactInput;
+use super::messages::MessageInput;
+use super::Authed;
+use crate::auth::Caller;
+use crate::edge::extract::{Id, Json};
+use crate::edge::reply::{Created, Ok200};
+use crate::error::{ApiError, FieldError};
+use crate::state::AppState;
+
+/// How long a proposal waits for a decision before it expires.
+pub const APPROVAL_TTL: Duration = Duration::hours(72);
+
+/// The kinds of action served so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum ServedKind {
+    /// `arguments` as `PATCH /v1/contacts/{id}` takes its body.
+    UpdateContact,
+    /// `arguments` as `POST /v1/contacts/{id}/messages` takes its body.
+    SendMessage,
+}
+
+impl ServedKind {
+    fn kind(self) -> ActionKind {
+        match self {
+            Self::UpdateContact => ActionKind::UpdateContact,
+            Self::SendMessage => ActionKind::SendMessage,
+        }
+    }
+
+    fn permission(self) -> Permission {
+        match self {
+            Self::UpdateContact => Permission::ContactsUpdate,
+            Self::SendMessage => Permission::MessagesSend,
+        }
+    }
+}
+
+/// Who started the action.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum InitiatedBy {
+    /// The agent, on its own (the default for an agent's call).
+    #[default]
+    Autonomous,
+    /// A user, through the agent: `on_behalf_of` names them, and they cannot approve it.
+    User,
+}
+
+/// The model behind the proposal (OpenTelemetry GenAI names in docs/ai.md).
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ModelInput {
+    /// `gen_ai.system`.
+    #[schema(max_length = 100)]
+    provider: Option<String>,
+    /// `gen_ai.request.model`.
+    #[schema(max_length = 200)]
+    model: Option<String>,
+    /// `gen_ai.response.model`.
+    #[schema(max_length = 200)]
+    model_version: Option<String>,
+    #[schema(max_length = 200)]
+    prompt_version: Option<String>,
+    /// `gen_ai.usage.input_tokens`.
+    input_tokens: Option<u64>,
+    /// `gen_ai.usage.output_tokens`.
+    output_tokens: Option<u64>,
+}
+
+/// `POST /v1/ai/actions`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({
+    "type": "update_contact", "contact_id": "0193a1c2-7d1e-7c3a-9f00-2b5c1d9e8a11",
+    "arguments": {"company": "Analytical Engines Ltd"},
+    "initiated_by": "user", "on_behalf_of": "0193a1c2-7d1e-7c3a-9f00-2b5c1d9e8a12",
+    "model": {"provider": "anthropic", "model": "claude", "prompt_version": "crm-assist-3"},
+    "reasoning_summary": "The contact wrote that she moved company."
+}))]
+pub(crate) struct ProposeInput {
+    #[serde(rename = "type")]
+    kind: ServedKind,
+    contact_id: Uuid,
+    /// The command's body, as the route named under `type` takes it.
+    #[schema(value_type = Object)]
+    arguments: Value,
+    /// An agent's call: `autonomous` (the default) or `user`. A user's own call is
+    /// always `user`, on their own behalf.
+    #[serde(default)]
+    initiated_by: InitiatedBy,
+    /// With `initiated_by: user` from an agent: the user it acts for.
+    on_behalf_of: Option<Uuid>,
+    #[serde(default)]
+    model: ModelInput,
+    /// What the agent acted on (personal data: stored encrypted).
+    #[schema(max_length = 4000)]
+    input_summary: Option<String>,
+    /// Why it proposes this (personal data: stored encrypted).
+    #[schema(max_length = 4000)]
+    reasoning_summary: Option<String>,
+}
+
+/// An action's state: what it would run, its risk and the rule that set it, where it
+/// stands, and its outcome.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct ActionDoc {
+    id: Uuid,
+    /// `pending_approval`, `approved`, `rejected`, `expired`, `executed` or `failed`.
+    status: String,
+    #[serde(rename = "type")]
+    kind: String,
+    contact_id: Option<Uuid>,
+    /// `low`, `medium` or `high`.
+    risk: String,
+    /// The id of the policy rule that set the risk (docs/ai.md).
+    rule: String,
+    /// SHA-256 (hex) of the arguments' JSON with sorted keys and no white space: an
+    /// approval names it.
+    arguments_sha256: String,
+    /// The command's body as proposed (or as last edited).
+    #[schema(value_type = Object)]
+    arguments: Option<Value>,
+    /// The proposer: an agent's key id, or a user's id.
+    proposed_by: String,
+    initiated_by: String,
+    on_behalf_of: Option<Uuid>,
+    /// When a pending action expires.
+    expires_at: Option<DateTime<Utc>>,
+    /// The events the executed command produced (or its refusal, e.g. a blocked message).
+    result_events: Vec<Uuid>,
+    /// Why execution failed: the send gate's reason code, or the refusal's.
+    failure_reason: Option<String>,
+    /// Every step, in order.
+    steps: Vec<ActionStep>,
+}
+
+/// One event of an action's life.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct ActionStep {
+    event_id: Uuid,
+    event_type: String,
+    recorded_at: DateTime<Utc>,
+    /// Who caused it (`kind:id`).
+    by: String,
+}
+
+/// `POST /v1/ai/actions/{id}/approve`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ApproveInput {
+    /// The `arguments_sha256` the approver saw.
+    #[schema(pattern = "^[0-9a-f]{64}$")]
+    arguments_sha256: String,
+    #[schema(max_length = 2000)]
+    reason: Option<String>,
+}
+
+/// `POST /v1/ai/actions/{id}/reject`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RejectInput {
+    #[schema(min_length = 1, max_length = 2000)]
+    reason: String,
+}
+
+/// SHA-256 (hex) of the canonical JSON of what an action would run.
+fn digest(kind: ServedKind, contact_id: Uuid, arguments: &Value) -> String {
+    // serde_json's maps are sorted by key: this is the canonical form.
+    let canonical = serde_json::json!({
+        "type": kind, "contact_id": contact_id, "arguments": arguments
+    });
+    hex::encode(Sha256::digest(
+        serde_json::to_vec(&canonical).expect("a JSON value serialises"),
+    ))
+}
+
+fn text(errors: &mut Vec<FieldError>, name: &str, v: &Option<String>, max: usize) {
+    if v.as_deref()
+        .is_some_and(|t| t.chars().count() > max || t.contains('\0'))
+    {
+        errors.push(FieldError::new(
+            name,
+            format!("at most {max} characters, no NUL"),
+        ));
+    }
+}
+
+/// The facts of the arguments the risk policy reads, validated as the command's own
+/// route validates them.
+fn risk_input(kind: ServedKind, arguments: &Value) -> Result<RiskInput, ApiError> {
+    let invalid = |e: serde_json::Error| {
+        ApiError::Validation(vec![FieldError::new("arguments", e.to_string())])
+    };
+    let mut input = RiskInput {
+        kind: kind.kind(),
+        fields: vec![],
+        custom_fields: false,
+        contacts: 1,
+        blocks: true,
+    };
+    match kind {
+        ServedKind::UpdateContact => {
+            let changes: ContactInput =
+                serde_json::from_value(arguments.clone()).map_err(invalid)?;
+            if changes.expected_version.is_some() {
+                return Err(ApiError::Validation(vec![FieldError::new(
+                    "arguments.expected_version",
+                    "not part of an AI action",
+                )]));
+            }
+            let (fields, custom) = super::contacts::fields_touched(changes)?;
+            input.fields = fields;
+            input.custom_fields = custom;
+        }
+        ServedKind::SendMessage => {
+            let _: MessageInput = serde_json::from_value(arguments.clone()).map_err(invalid)?;
+        }
+    }
+    Ok(input)
+}
+
+pub(crate) async fn propose(
+    s: AppState,
+    a: Authed,
+    Json(input): Json<ProposeInput>,
+) -> Result<Created<ActionDoc>, ApiError> {
+    // Proposing needs what running needs: deny by default.
+    a.require(input.kind.permission())?;
+    let mut errors = Vec::new();
+    text(&mut errors, "input_summary", &input.input_summary, 4000);
+    text(
+        &mut errors,
+        "reasoning_summary",
+        &input.reasoning_summary,
+        4000,
+    );
+    for (name, v) in [
+        ("model.provider", &input.model.provider),
+        ("model.model", &input.model.model),
+        ("model.model_version", &input.model.model_version),
+        ("model.prompt_version", &input.model.prompt_version),
+    ] {
+        text(&mut errors, name, v, 200);
+    }
+    let initiator = match (a.kind, input.initiated_by, input.on_behalf_of) {
+        // A user's own call: on their own behalf, whatever the body says.
+        (PrincipalKind::User, _, _) => Initiator {
+            kind: InitiatorKind::User,
+            on_behalf_of: Some(a.caller.user_id),
+        },
+        (_, InitiatedBy::User, Some(user)) => Initiator {
+            kind: InitiatorKind::User,
+            on_behalf_of: Some(user),
+        },
+        (_, InitiatedBy::User, None) => {
+            errors.push(FieldError::new(
+                "on_behalf_of",
+                "is required when initiated_by is user",
+            ));
+            Initiator {
+                kind: InitiatorKind::User,
+                on_behalf_of: None,
+            }
+        }
+        (_, InitiatedBy::Autonomous, Some(_)) => {
+            errors.push(FieldError::new(
+                "on_behalf_of",
+                "only with initiated_by: user",
+            ));
+            Initiator {
+                kind: InitiatorKind::Autonomous,
+                on_behalf_of: None,
+            }
+        }
+        (_, InitiatedBy::Autonomous, None) => Initiator {
+            kind: InitiatorKind::Autonomous,
+            on_behalf_of: None,
+        },
+    };
+    if !errors.is_empty() {
+        return Err(ApiError::Validation(errors));
+    }
+    let risk = risk_input(input.kind, &input.arguments)?;
+    // The contact must be one of the organisation's (the same 404 as the command's).
+    let org = a.caller.org_id;
+    {
+        let client = s.pool.get().await?;
+        let contact = s
+            .executor
+            .load::<Contact>(&client, org, &input.contact_id.to_string())
+            .await?;
+        if contact.aggregate.id.is_none() {
+            return Err(ApiError::NotFound("contact not found"));
+        }
+    }
+    let action_id = Uuid::now_v7();
+    let now = Utc::now();
+    let request = Request {
+        kind: input.kind.kind(),
+        arguments_sha256: digest(input.kind, input.contact_id, &input.arguments),
+        arguments: serde_json::json!({
+            "type": input.kind, "contact_id": input.contact_id, "arguments": input.arguments
+        }),
+        contacts: vec![input.contact_id],
+    };
+    let m = input.model;
+    s.executor
+        .execute::<AiAction>(
+            org,
+            &action_id.to_string(),
+            AiActionCommand::Propose {
+                action_id,
+                org_id: org,
+                agent_id: a.caller.user_id,
+                initiator,
+                request,
+                risk_input: risk,
+                oversight: Oversight::Standard,
+                stopped: false,
+                model: ModelInfo {
+                    provider: m.provider,
+                    model: m.model,
+                    model_version: m.model_version,
+                    prompt_version: m.prompt_version,
+                    input_tokens: m.input_tokens,
+                    output_tokens: m.output_tokens,
+                },
+                input_summary: input.input_summary,
+                reasoning_summary: input.reasoning_summary,
+                expires_at: now + APPROVAL_TTL,
+                now,
+            },
+            &a.metadata(),
+            Some(0),
+        )
+        .await?;
+    let (action, _) = read(&s, org, action_id).await?;
+    if action.status == Some(ActionStatus::Approved) {
+        run(&s, &a, org, action_id).await?;
+    }
+    let doc = describe(&s, &a, action_id).await?;
+    Ok(Created {
+        location: format!("/v1/ai/actions/{action_id}"),
+        body: doc,
+    })
+}
+
+pub(crate) async fn get_one(
+    s: AppState,
+    a: Authed,
+    Id(id): Id,
+) -> Result<Ok200<ActionDoc>, ApiError> {
+    Ok(Ok200(describe(&s, &a, id).await?))
+}
+
+pub(crate) async fn approve(
+    s: AppState,
+    a: Authed,
+    Id(id): Id,
+    Json(input): Json<ApproveInput>,
+) -> Result<Ok200<ActionDoc>, ApiError> {
+    let org = a.caller.org_id;
+    let (action, _) = read(&s, org, id).await?;
+    // Approving again answers as the first time did (a retry after a lost answer): an
+    // action already run is not run again, and one approved but not yet run (the
+    // service stopped in between) runs now, exactly once whoever calls (see `run`).
+    if matches!(
+        action.status,
+        Some(ActionStatus::Executed | ActionStatus::Failed)
+    ) {
+        return Ok(Ok200(describe(&s, &a, id).await?));
+    }
+    if action.status != Some(ActionStatus::Approved) {
+        s.executor
+            .execute::<AiAction>(
+                org,
+                &id.to_string(),
+                AiActionCommand::Approve {
+                    by: a.caller.user_id,
+                    arguments_sha256: input.arguments_sha256,
+                    reason: input.reason,
+                    now: Utc::now(),
+                },
+                &a.metadata(),
+                None,
+            )
+            .await?;
+    }
+    run(&s, &a, org, id).await?;
+    Ok(Ok200(describe(&s, &a, id).await?))
+}
+
+pub(crate) async fn reject(
+    s: AppState,
+    a: Authed,
+    Id(id): Id,
+    Json(input): Json<RejectInput>,
+) -> Result<Ok200<ActionDoc>, ApiError> {
+    let org = a.caller.org_id;
+    read(&s, org, id).await?;
+    s.executor
+        .execute::<AiAction>(
+            org,
+            &id.to_string(),
+            AiActionCommand::Reject {
+                by: a.caller.user_id,
+                reason: input.reason,
+            },
+            &a.metadata(),
+            None,
+        )
+        .await?;
+    Ok(Ok200(describe(&s, &a, id).await?))
+}
+
+/// The action's state and its events (404 when the organisation has no such action).
+async fn read(
+    s: &AppState,
+    org: Uuid,
+    id: Uuid,
+) -> Result<
+    (
+        AiAction,
+        Vec<(crm_infra::store::decode::DecodedEvent, AiActionEvent)>,
+    ),
+    ApiError,
+> {
+    let client = s.pool.get().await?;
+    let sid = id.to_string();
+    let stream = StreamId {
+        org_id: org,
+        aggregate_type: AiAction::TYPE,
+        aggregate_id: &sid,
+    };
+    let mut action = AiAction::default();
+    let mut events = Vec::new();
+    for stored in event_store::read_stream(&client, &stream, 0, None).await? {
+        let decoded = decode(s.executor.crypto(), &client, stored).await?;
+        let event: AiActionEvent = decoded.typed()?;
+        action.apply(event.clone());
+        events.push((decoded, event));
+    }
+    if action.id.is_none() {
+        return Err(ApiError::NotFound("AI action not found"));
+    }
+    Ok((action, events))
+}
+
+async fn describe(s: &AppState, a: &Authed, id: Uuid) -> Result<ActionDoc, ApiError> {
+    let (action, events) = read(s, a.caller.org_id, id).await?;
+    let proposer = action.agent_id.unwrap_or_default();
+    // An action (its arguments hold personal data) is for the approvers, its proposer
+    // and the user it was proposed for: anyone else gets the same 404 as for no action.
+    let on_behalf_of = action.initiator.and_then(|i| i.on_behalf_of);
+    let sees = a.access.policy.allows(Permission::AiApprove)
+        || a.caller.user_id == proposer
+        || on_behalf_of == Some(a.caller.user_id);
+    if !sees {
+        return Err(ApiError::NotFound("AI action not found"));
+    }
+    let mut doc = ActionDoc {
+        id,
+        status: super::schemas::wire_name(&action.status.unwrap_or(ActionStatus::Failed)),
+        kind: String::new(),
+        contact_id: None,
+        risk: action
+            .risk
+            .map(|r| super::schemas::wire_name(&r))
+            .unwrap_or_default(),
+        rule: String::new(),
+        arguments_sha256: action.arguments_sha256.clone(),
+        arguments: None,
+        proposed_by: proposer.to_string(),
+        initiated_by: String::new(),
+        on_behalf_of,
+        expires_at: (action.status == Some(ActionStatus::PendingApproval))
+            .then_some(action.expires_at)
+            .flatten(),
+        result_events: vec![],
+        failure_reason: None,
+        steps: Vec::with_capacity(events.len()),
+    };
+    for (decoded, event) in events {
+        match event {
+            AiActionEvent::AiActionProposed {
+                request,
+                rule,
+                initiator,
+                ..
+            } => {
+                doc.kind = super::schemas::wire_name(&request.kind);
+                doc.contact_id = request.contacts.first().copied();
+                doc.rule = rule;
+                doc.initiated_by = super::schemas::wire_name(&initiator.kind);
+                doc.arguments = Some(request.arguments["arguments"].clone());
+            }
+            AiActionEvent::AiActionEdited { request, rule, .. } => {
+                doc.rule = rule;
+                doc.arguments = Some(request.arguments["arguments"].clone());
+            }
+            AiActionEvent::AiActionExecuted { event_ids } => doc.result_events = event_ids,
+            AiActionEvent::AiActionFailed {
+                reason, event_ids, ..
+            } => {
+                doc.result_events = event_ids;
+                doc.failure_reason = Some(reason);
+            }
+            _ => {}
+        }
+        let principal = &decoded.metadata.principal;
+        doc.steps.push(ActionStep {
+            event_id: decoded.stored.event_id,
+            event_type: decoded.stored.event_type.clone(),
+            recorded_at: decoded.stored.recorded_at,
+            by: format!(
+                "{}:{}",
+                super::schemas::wire_name(&principal.kind),
+                principal.id
+            ),
+        });
+    }
+    Ok(doc)
+}
+
+/// Runs an approved action once: as its proposer, with the proposer's rights now,
+/// through the command's own route logic, with the action's id as causation id; then
+/// records the outcome on the action. A retry finds what an earlier run wrote (the
+/// contact's events caused by the action; the message whose id is the action's) and
+/// records that instead of running again.
+async fn run(s: &AppState, a: &Authed, org: Uuid, id: Uuid) -> Result<(), ApiError> {
+    let (action, events) = read(s, org, id).await?;
+    if action.status != Some(ActionStatus::Approved) {
+        return Ok(());
+    }
+    let Some(AiActionEvent::AiActionProposed {
+        initiator: _,
+        request,
+        ..
+    }) = events
+        .iter()
+        .map(|(_, e)| e)
+        .find(|e| matches!(e, AiActionEvent::AiActionProposed { .. }))
+        .cloned()
+    else {
+        return Err(ApiError::NotFound("AI action not found"));
+    };
+    // The arguments in force: the last edit's, else the proposal's.
+    let request = events
+        .iter()
+        .rev()
+        .find_map(|(_, e)| match e {
+            AiActionEvent::AiActionEdited { request, .. } => Some(request.clone()),
+            _ => None,
+        })
+        .unwrap_or(request);
+    let (kind, contact_id, arguments) = (
+        serde_json::from_value::<ServedKind>(request.arguments["type"].clone()),
+        serde_json::from_value::<Uuid>(request.arguments["contact_id"].clone()),
+        request.arguments["arguments"].clone(),
+    );
+    let (Ok(kind), Ok(contact_id)) = (kind, contact_id) else {
+        return record_failed(s, a, org, id, "unsupported", "not a served kind", vec![]).await;
+    };
+    let proposer_id = action.agent_id.unwrap_or_default();
+    let proposer_kind = events
+        .first()
+        .map(|(d, _)| d.metadata.principal.kind)
+        .unwrap_or(PrincipalKind::AiAgent);
+    // The proposer, with its rights now (an agent's capped by its user's now).
+    let access = {
+        let client = s.pool.get().await?;
+        match proposer_kind {
+            PrincipalKind::User => {
+                crm_infra::access::accounts::load_access(&client, proposer_id, org).await?
+            }
+            _ => crm_infra::access::api_keys::access_by_key_id(&client, org, proposer_id).await?,
+        }
+    };
+    let Some(access) = access else {
+        return record_failed(
+            s,
+            a,
+            org,
+            id,
+            "proposer_gone",
+            "the proposer's credential or account is no longer active",
+            vec![],
+        )
+        .await;
+    };
+    let mut ctx = a.ctx.clone();
+    ctx.causation_id = Some(id.to_string());
+    let proposer = Authed {
+        caller: Caller {
+            user_id: proposer_id,
+            org_id: org,
+            generation: 0,
+        },
+        access: std::sync::Arc::new(access),
+        ctx,
+        kind: proposer_kind,
+    };
+    if let Err(e) = proposer.require(kind.permission()) {
+        return record_failed(s, a, org, id, e.code(), &e.to_string(), vec![]).await;
+    }
+    match kind {
+        ServedKind::UpdateContact => {
+            let earlier = caused_events(s, org, Contact::TYPE, &contact_id.to_string(), id).await?;
+            if !earlier.is_empty() {
+                return record_executed(s, a, org, id, earlier).await;
+            }
+            let input: ContactInput = match serde_json::from_value(arguments) {
+                Ok(i) => i,
+                Err(e) => {
+                    return record_failed(
+                        s,
+                        a,
+                        org,
+                        id,
+                        "validation_failed",
+                        &e.to_string(),
+                        vec![],
+                    )
+                    .await
+                }
+            };
+            match super::contacts::update(s.clone(), proposer, Id(contact_id), Json(input)).await {
+                Ok(_) => {
+                    let ids =
+                        caused_events(s, org, Contact::TYPE, &contact_id.to_string(), id).await?;
+                    record_executed(s, a, org, id, ids).await
+                }
+                Err(e) => record_failed(s, a, org, id, e.code(), &e.to_string(), vec![]).await,
+            }
+        }
+        ServedKind::SendMessage => {
+            // The message's id is the action's: a retry finds it.
+            let earlier = caused_events(s, org, Message::TYPE, &id.to_string(), id).await?;
+            let (status, reason, ids) = if earlier.is_empty() {
+                let input: MessageInput = match serde_json::from_value(arguments) {
+                    Ok(i) => i,
+                    Err(e) => {
+                        return record_failed(
+                            s,
+                            a,
+                            org,
+                            id,
+                            "validation_failed",
+                            &e.to_string(),
+                            vec![],
+                        )
+                        .await
+                    }
+                };
+                match super::messages::send_with_id(s, &proposer, contact_id, input, id).await {
+                    Ok(c) => {
+                        let ids = caused_events(s, org, Message::TYPE, &id.to_string(), id).await?;
+                        (
+                            c.body.status,
+                            super::schemas::wire_name(&c.body.decision.reason),
+                            ids,
+                        )
+                    }
+                    Err(e) => {
+                        return record_failed(s, a, org, id, e.code(), &e.to_string(), vec![]).await
+                    }
+                }
+            } else {
+                message_outcome(s, org, id, earlier).await?
+            };
+            if status == "queued" {
+                record_executed(s, a, org, id, ids).await
+            } else {
+                record_failed(s, a, org, id, &reason, "blocked by the send gate", ids).await
+            }
+        }
+    }
+}
+
+/// The ids of the events of stream (`aggregate_type`, `aggregate_id`) caused by action
+/// `action_id`, in order.
+async fn caused_events(
+    s: &AppState,
+    org: Uuid,
+    aggregate_type: &str,
+    aggregate_id: &str,
+    action_id: Uuid,
+) -> Result<Vec<Uuid>, ApiError> {
+    let client = s.pool.get().await?;
+    let rows = client
+        .query(
+            "SELECT event_id FROM events WHERE org_id = $1 AND aggregate_type = $2 \
+             AND aggregate_id = $3 AND metadata ->> 'causation_id' = $4 ORDER BY sequence",
+            &[&org, &aggregate_type, &aggregate_id, &action_id.to_string()],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// What an earlier run's message says: (`queued` or `blocked`, reason code, event ids).
+async fn message_outcome(
+    s: &AppState,
+    org: Uuid,
+    message_id: Uuid,
+    ids: Vec<Uuid>,
+) -> Result<(String, String, Vec<Uuid>), ApiError> {
+    use crm_domain::message::MessageEvent;
+    let client = s.pool.get().await?;
+    let sid = message_id.to_string();
+    let stream = StreamId {
+        org_id: org,
+        aggregate_type: Message::TYPE,
+        aggregate_id: &sid,
+    };
+    for stored in event_store::read_stream_page(&client, &stream, 0, 1).await? {
+        let decoded = decode(s.executor.crypto(), &client, stored).await?;
+        match decoded.typed::<MessageEvent>()? {
+            MessageEvent::MessageQueued { decision, .. } => {
+                return Ok((
+                    "queued".into(),
+                    super::schemas::wire_name(&decision.reason),
+                    ids,
+                ))
+            }
+            MessageEvent::MessageBlocked { decision, .. } => {
+                return Ok((
+                    "blocked".into(),
+                    super::schemas::wire_name(&decision.reason),
+                    ids,
+                ))
+            }
+            _ => {}
+        }
+    }
+    Ok(("blocked".into(), "unknown".into(), ids))
+}
+
+async fn record_executed(
+    s: &AppState,
+    a: &Authed,
+    org: Uuid,
+    id: Uuid,
+    event_ids: Vec<Uuid>,
+) -> Result<(), ApiError> {
+    record(s, a, org, id, AiActionCommand::RecordExecuted { event_ids }).await
+}
+
+async fn record_failed(
+    s: &AppState,
+    a: &Authed,
+    org: Uuid,
+    id: Uuid,
+    reason: &str,
+    detail: &str,
+    event_ids: Vec<Uuid>,
+) -> Result<(), ApiError> {
+    let command = AiActionCommand::RecordFailed {
+        reason: reason.to_owned(),
+        detail: detail.to_owned(),
+        event_ids,
+    };
+    record(s, a, org, id, command).await
+}
+
+async fn record(
+    s: &AppState,
+    a: &Authed,
+    org: Uuid,
+    id: Uuid,
+    command: AiActionCommand,
+) -> Result<(), ApiError> {
+    let mut meta = a.metadata();
+    meta.causation_id = Some(id.to_string());
+    s.executor
+        .execute::<AiAction>(org, &id.to_string(), command, &meta, None)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,397 @@
+//! AI actions over HTTP (docs/ai.md): the risk policy decides what runs at once and what
+//! waits; a decision is someone else's and binds the exact arguments; an approved
+//! action runs as the real command, as its proposer with the proposer's rights then,
+//! through the send gate, exactly once; every step is an event.
+
+use crm_domain::access::{Role, RoleRef};
+use std::time::Duration;
+
+use crm_tests::harness::{eventually, TestApp};
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+async fn call(
+    app: &TestApp,
+    token: &str,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut rb = app.http.request(method, app.url(path)).bearer_auth(token);
+    if let Some(b) = body {
+        rb = rb.json(&b);
+    }
+    let r = rb.send().await.unwrap();
+    let s = r.status().as_u16();
+    (s, r.json().await.unwrap_or(Value::Null))
+}
+
+async fn post(app: &TestApp, token: &str, path: &str, body: Value) -> (u16, Value) {
+    call(app, token, reqwest::Method::POST, path, Some(body)).await
+}
+
+/// An Admin, and an agent (Team role) the Admin registered: (admin id, admin token,
+/// agent key, agent id).
+async fn admin_and_agent(app: &TestApp) -> (Uuid, String, String, String) {
+    let (admin_id, admin) = app.user_with_role(RoleRef::Builtin(Role::Admin)).await;
+    let (s, issued) = post(
+        app,
+        &admin,
+        "/v1/api-keys",
+        json!({"name": "Assistant", "role": "team", "kind": "agent"}),
+    )
+    .await;
+    assert_eq!(s, 201, "{issued}");
+    (
+        admin_id,
+        admin,
+        issued["key"].as_str().unwrap().to_owned(),
+        issued["id"].as_str().unwrap().to_owned(),
+    )
+}
+
+async fn new_contact(app: &TestApp, body: Value) -> String {
+    let r = app.post("/v1/contacts", &body).await;
+    assert_eq!(r.status(), 201);
+    r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// The events of a contact's stream caused by `action`: (event id, principal).
+async fn caused(app: &TestApp, contact: &str, action: &str) -> Vec<(Uuid, Value)> {
+    app.db()
+        .await
+        .query(
+            "SELECT event_id, metadata -> 'principal' FROM events \
+             WHERE aggregate_type = 'contact' AND aggregate_id = $1 \
+               AND metadata ->> 'causation_id' = $2 ORDER BY sequence",
+            &[&contact, &action],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+async fn given_name(app: &TestApp, contact: &str) -> Value {
+    app.get(&format!("/v1/contacts/{contact}"))
+        .await
+        .json::<Value>()
+        .await
+        .unwrap()["given_name"]
+        .clone()
+}
+
+#[tokio::test]
+async fn a_low_risk_change_runs_at_once_and_a_personal_one_waits_for_someone_else() {
+    let app = TestApp::spawn().await;
+    let (admin_id, admin, agent, agent_id) = admin_and_agent(&app).await;
+    let contact = new_contact(&app, json!({"given_name": "Ada", "company": "Old"})).await;
+
+    // A company change touches no personal data: low risk, run at once, as the agent.
+    let (s, done) = post(
+        &app,
+        &agent,
+        "/v1/ai/actions",
+        json!({"type": "update_contact", "contact_id": contact,
+               "arguments": {"company": "Analytical Engines"},
+               "model": {"provider": "anthropic", "model": "claude", "input_tokens": 812},
+               "reasoning_summary": "She wrote that she moved."}),
+    )
+    .await;
+    assert_eq!(s, 201, "{done}");
+    assert_eq!(
+        (
+            done["status"].as_str(),
+            done["risk"].as_str(),
+            done["rule"].as_str(),
+            done["initiated_by"].as_str()
+        ),
+        (
+            Some("executed"),
+            Some("low"),
+            Some("default"),
+            Some("autonomous")
+        ),
+        "{done}"
+    );
+    let id = done["id"].as_str().unwrap();
+    let events = caused(&app, &contact, id).await;
+    assert_eq!(events.len(), 1, "one contact event, caused by the action");
+    assert_eq!(events[0].1, json!({"kind": "ai_agent", "id": agent_id}));
+    assert_eq!(done["result_events"], json!([events[0].0]));
+    let steps: Vec<&str> = done["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["event_type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            "AiActionProposed",
+            "AiActionAutoApproved",
+            "AiActionExecuted"
+        ]
+    );
+
+    // A name change touches personal data: it waits, and nothing changes meanwhile.
+    let (s, pending) = post(
+        &app,
+        &agent,
+        "/v1/ai/actions",
+        json!({"type": "update_contact", "contact_id": contact,
+               "arguments": {"given_name": "Eve"},
+               "initiated_by": "user", "on_behalf_of": admin_id}),
+    )
+    .await;
+    assert_eq!(s, 201, "{pending}");
+    assert_eq!(
+        (
+            pending["status"].as_str(),
+            pending["risk"].as_str(),
+            pending["rule"].as_str()
+        ),
+        (
+            Some("pending_approval"),
+            Some("medium"),
+            Some("personal_data")
+        )
+    );
+    assert!(pending["expires_at"].is_string());
+    let id = pending["id"].as_str().unwrap().to_owned();
+    let sha = pending["arguments_sha256"].as_str().unwrap().to_owned();
+    assert_eq!(given_name(&app, &contact).await, json!("Ada"));
+
+    // The user it was proposed for holds ai.approve, and still may not decide it.
+    let path = format!("/v1/ai/actions/{id}/approve");
+    let (s, body) = post(&app, &admin, &path, json!({"arguments_sha256": sha})).await;
+    assert_eq!(
+        (s, body["code"].as_str()),
+        (403, Some("own_action")),
+        "{body}"
+    );
+    // An approval names the arguments it saw.
+    let (s, body) = post(
+        &app,
+        &app.token,
+        &path,
+        json!({"arguments_sha256": "0".repeat(64)}),
+    )
+    .await;
+    assert_eq!(s, 409, "{body}");
+    assert_eq!(given_name(&app, &contact).await, json!("Ada"));
+    let (s, done) = post(&app, &app.token, &path, json!({"arguments_sha256": sha})).await;
+    assert_eq!(
+        (s, done["status"].as_str()),
+        (200, Some("executed")),
+        "{done}"
+    );
+    // The read model follows the event.
+    eventually(Duration::from_secs(10), || async {
+        (given_name(&app, &contact).await == json!("Eve")).then_some(())
+    })
+    .await
+    .expect("the contact read model shows the approved change");
+    // Approving again (a retry after a lost answer) runs nothing twice.
+    let (s, again) = post(&app, &app.token, &path, json!({"arguments_sha256": sha})).await;
+    assert_eq!((s, again["status"].as_str()), (200, Some("executed")));
+    assert_eq!(caused(&app, &contact, &id).await.len(), 1);
+    let steps: Vec<(String, String)> = again["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["event_type"].as_str().unwrap().to_owned(),
+                s["by"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            ("AiActionProposed".into(), format!("ai_agent:{agent_id}")),
+            (
+                "AiActionApprovalRequested".into(),
+                format!("ai_agent:{agent_id}")
+            ),
+            ("AiActionApproved".into(), format!("user:{}", app.user_id)),
+            ("AiActionExecuted".into(), format!("user:{}", app.user_id)),
+        ]
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn an_approved_message_without_consent_is_blocked_by_the_gate_and_recorded() {
+    let app = TestApp::spawn().await;
+    let (_, _, agent, _) = admin_and_agent(&app).await;
+    let contact = new_contact(
+        &app,
+        json!({"given_name": "Ada", "email": format!("{}@example.com", Uuid::new_v4().simple())}),
+    )
+    .await;
+    let (s, pending) = post(
+        &app,
+        &agent,
+        "/v1/ai/actions",
+        json!({"type": "send_message", "contact_id": contact,
+               "arguments": {"channel": "email", "purpose": "marketing",
+                             "subject": "Spring", "body": "Our offers"}}),
+    )
+    .await;
+    assert_eq!(s, 201, "{pending}");
+    assert_eq!(
+        (pending["status"].as_str(), pending["rule"].as_str()),
+        (Some("pending_approval"), Some("send_message"))
+    );
+    let id = pending["id"].as_str().unwrap().to_owned();
+    let (s, done) = post(
+        &app,
+        &app.token,
+        &format!("/v1/ai/actions/{id}/approve"),
+        json!({"arguments_sha256": pending["arguments_sha256"]}),
+    )
+    .await;
+    assert_eq!(s, 200, "{done}");
+    assert_eq!(
+        (done["status"].as_str(), done["failure_reason"].as_str()),
+        (Some("failed"), Some("no_consent")),
+        "{done}"
+    );
+    // The message (its id is the action's) was blocked, and the action names its event.
+    let r = app.get(&format!("/v1/messages/{id}")).await;
+    assert_eq!(r.status(), 200);
+    let message: Value = r.json().await.unwrap();
+    assert_eq!(message["status"], "blocked", "{message}");
+    assert_eq!(done["result_events"].as_array().unwrap().len(), 1);
+    assert_eq!(done["result_events"][0], message["steps"][0]["event_id"]);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_rejection_needs_a_reason_ends_the_action_and_strangers_see_nothing() {
+    let app = TestApp::spawn().await;
+    let (_, _, agent, _) = admin_and_agent(&app).await;
+    let contact = new_contact(&app, json!({"given_name": "Ada"})).await;
+    let (_, pending) = post(
+        &app,
+        &agent,
+        "/v1/ai/actions",
+        json!({"type": "update_contact", "contact_id": contact,
+               "arguments": {"family_name": "Lovelace"}}),
+    )
+    .await;
+    let id = pending["id"].as_str().unwrap().to_owned();
+    // A Viewer neither proposed it nor may approve: it does not exist for them.
+    let (_, viewer) = app.user_with_role(RoleRef::Builtin(Role::Viewer)).await;
+    let (s, _) = call(
+        &app,
+        &viewer,
+        reqwest::Method::GET,
+        &format!("/v1/ai/actions/{id}"),
+        None,
+    )
+    .await;
+    assert_eq!(s, 404);
+    let (s, mine) = call(
+        &app,
+        &agent,
+        reqwest::Method::GET,
+        &format!("/v1/ai/actions/{id}"),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (s, mine["arguments"].clone()),
+        (200, json!({"family_name": "Lovelace"}))
+    );
+    let reject = format!("/v1/ai/actions/{id}/reject");
+    let (s, body) = post(&app, &app.token, &reject, json!({"reason": " "})).await;
+    assert_eq!(s, 422, "{body}");
+    let (s, done) = post(
+        &app,
+        &app.token,
+        &reject,
+        json!({"reason": "not asked for"}),
+    )
+    .await;
+    assert_eq!((s, done["status"].as_str()), (200, Some("rejected")));
+    let (s, _) = post(
+        &app,
+        &app.token,
+        &format!("/v1/ai/actions/{id}/approve"),
+        json!({"arguments_sha256": pending["arguments_sha256"]}),
+    )
+    .await;
+    assert_eq!(s, 409, "a rejected action stays rejected");
+    assert!(caused(&app, &contact, &id).await.is_empty());
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn an_action_runs_with_its_proposers_rights_at_approval_and_proposals_need_them() {
+    let app = TestApp::spawn().await;
+    let (admin_id, _, agent, _) = admin_and_agent(&app).await;
+    let contact = new_contact(&app, json!({"given_name": "Ada"})).await;
+    let (_, pending) = post(
+        &app,
+        &agent,
+        "/v1/ai/actions",
+        json!({"type": "update_contact", "contact_id": contact,
+               "arguments": {"given_name": "Eve"}}),
+    )
+    .await;
+    let id = pending["id"].as_str().unwrap().to_owned();
+    // The agent's user is demoted before the decision: the agent may no longer update.
+    let r = app
+        .post(
+            &format!("/v1/users/{admin_id}/role"),
+            &json!({"role": "viewer"}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let (s, done) = post(
+        &app,
+        &app.token,
+        &format!("/v1/ai/actions/{id}/approve"),
+        json!({"arguments_sha256": pending["arguments_sha256"]}),
+    )
+    .await;
+    assert_eq!(s, 200, "{done}");
+    assert_eq!(
+        (done["status"].as_str(), done["failure_reason"].as_str()),
+        (Some("failed"), Some("permission_denied"))
+    );
+    assert_eq!(given_name(&app, &contact).await, json!("Ada"));
+    // And now it may not propose an update either; bad arguments are named.
+    let (s, body) = post(
+        &app,
+        &agent,
+        "/v1/ai/actions",
+        json!({"type": "update_contact", "contact_id": contact, "arguments": {"given_name": "X"}}),
+    )
+    .await;
+    assert_eq!((s, body["code"].as_str()), (403, Some("permission_denied")));
+    let (s, body) = post(
+        &app,
+        &app.token,
+        "/v1/ai/actions",
+        json!({"type": "update_contact", "contact_id": contact, "arguments": {"email": "not an address"}}),
+    )
+    .await;
+    assert_eq!(s, 422, "{body}");
+    let (s, _) = post(
+        &app,
+        &app.token,
+        "/v1/ai/actions",
+        json!({"type": "update_contact", "contact_id": Uuid::now_v7(), "arguments": {"company": "X"}}),
+    )
+    .await;
+    assert_eq!(s, 404);
+    app.stop().await;
+}
