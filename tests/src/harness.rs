@@ -305,6 +305,24 @@ impl TestApp {
         format!("{}{path}", self.base)
     }
 
+    /// A request with `token` (a JWT or an API key) as the bearer: (status, JSON body or
+    /// null).
+    pub async fn call_as(
+        &self,
+        token: &str,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut rb = self.http.request(method, self.url(path)).bearer_auth(token);
+        if let Some(b) = body {
+            rb = rb.json(&b);
+        }
+        let r = rb.send().await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
     pub async fn post(&self, path: &str, body: &Value) -> reqwest::Response {
         self.http
             .post(self.url(path))

@@ -561,6 +561,19 @@ async fn run(s: &AppState, a: &Authed, org: Uuid, id: Uuid) -> Result<(), ApiErr
     if action.status != Some(ActionStatus::Approved) {
         return Ok(());
     }
+    let outcome = outcome_of(s, a, org, id, &action, &events).await?;
+    record_outcome(s, a, org, id, outcome).await
+}
+
+/// Runs the approved `action` (with its `events`) and says how it ended.
+async fn outcome_of(
+    s: &AppState,
+    a: &Authed,
+    org: Uuid,
+    id: Uuid,
+    action: &AiAction,
+    events: &[(crm_infra::store::decode::DecodedEvent, AiActionEvent)],
+) -> Result<Outcome, ApiError> {
     let Some(AiActionEvent::AiActionProposed {
         initiator: _,
         request,
@@ -588,7 +601,7 @@ async fn run(s: &AppState, a: &Authed, org: Uuid, id: Uuid) -> Result<(), ApiErr
         request.arguments["arguments"].clone(),
     );
     let (Ok(kind), Ok(contact_id)) = (kind, contact_id) else {
-        return record_failed(s, a, org, id, "unsupported", "not a served kind", vec![]).await;
+        return Ok(Outcome::failed("unsupported", "not a served kind"));
     };
     let proposer_id = action.agent_id.unwrap_or_default();
     let proposer_kind = events
@@ -606,16 +619,10 @@ async fn run(s: &AppState, a: &Authed, org: Uuid, id: Uuid) -> Result<(), ApiErr
         }
     };
     let Some(access) = access else {
-        return record_failed(
-            s,
-            a,
-            org,
-            id,
+        return Ok(Outcome::failed(
             "proposer_gone",
             "the proposer's credential or account is no longer active",
-            vec![],
-        )
-        .await;
+        ));
     };
     let mut ctx = a.ctx.clone();
     ctx.causation_id = Some(id.to_string());
@@ -629,81 +636,134 @@ async fn run(s: &AppState, a: &Authed, org: Uuid, id: Uuid) -> Result<(), ApiErr
         ctx,
         kind: proposer_kind,
     };
-    if let Err(e) = proposer.require(kind.permission()) {
-        return record_failed(s, a, org, id, e.code(), &e.to_string(), vec![]).await;
-    }
-    match kind {
-        ServedKind::UpdateContact => {
-            let earlier = caused_events(s, org, Contact::TYPE, &contact_id.to_string(), id).await?;
-            if !earlier.is_empty() {
-                return record_executed(s, a, org, id, earlier).await;
+    Ok(match proposer.require(kind.permission()) {
+        Err(e) => Outcome::refused(&e),
+        Ok(()) => match kind {
+            ServedKind::UpdateContact => {
+                update_contact(s, proposer, org, id, contact_id, arguments).await?
             }
-            let input: ContactInput = match serde_json::from_value(arguments) {
-                Ok(i) => i,
-                Err(e) => {
-                    return record_failed(
-                        s,
-                        a,
-                        org,
-                        id,
-                        "validation_failed",
-                        &e.to_string(),
-                        vec![],
-                    )
-                    .await
-                }
-            };
-            match super::contacts::update(s.clone(), proposer, Id(contact_id), Json(input)).await {
-                Ok(_) => {
-                    let ids =
-                        caused_events(s, org, Contact::TYPE, &contact_id.to_string(), id).await?;
-                    record_executed(s, a, org, id, ids).await
-                }
-                Err(e) => record_failed(s, a, org, id, e.code(), &e.to_string(), vec![]).await,
+            ServedKind::SendMessage => {
+                send_message(s, &proposer, org, id, contact_id, arguments).await?
             }
-        }
-        ServedKind::SendMessage => {
-            // The message's id is the action's: a retry finds it.
-            let earlier = caused_events(s, org, Message::TYPE, &id.to_string(), id).await?;
-            let (status, reason, ids) = if earlier.is_empty() {
-                let input: MessageInput = match serde_json::from_value(arguments) {
-                    Ok(i) => i,
-                    Err(e) => {
-                        return record_failed(
-                            s,
-                            a,
-                            org,
-                            id,
-                            "validation_failed",
-                            &e.to_string(),
-                            vec![],
-                        )
-                        .await
-                    }
-                };
-                match super::messages::send_with_id(s, &proposer, contact_id, input, id).await {
-                    Ok(c) => {
-                        let ids = caused_events(s, org, Message::TYPE, &id.to_string(), id).await?;
-                        (
-                            c.body.status,
-                            super::schemas::wire_name(&c.body.decision.reason),
-                            ids,
-                        )
-                    }
-                    Err(e) => {
-                        return record_failed(s, a, org, id, e.code(), &e.to_string(), vec![]).await
-                    }
-                }
-            } else {
-                message_outcome(s, org, id, earlier).await?
-            };
-            if status == "queued" {
-                record_executed(s, a, org, id, ids).await
-            } else {
-                record_failed(s, a, org, id, &reason, "blocked by the send gate", ids).await
-            }
+        },
+    })
+}
+
+/// Records how a run ended on the action.
+async fn record_outcome(
+    s: &AppState,
+    a: &Authed,
+    org: Uuid,
+    id: Uuid,
+    outcome: Outcome,
+) -> Result<(), ApiError> {
+    let command = match outcome {
+        Outcome::Executed(event_ids) => AiActionCommand::RecordExecuted { event_ids },
+        Outcome::Failed {
+            reason,
+            detail,
+            event_ids,
+        } => AiActionCommand::RecordFailed {
+            reason,
+            detail,
+            event_ids,
+        },
+    };
+    record(s, a, org, id, command).await
+}
+
+/// How a run ended.
+enum Outcome {
+    Executed(Vec<Uuid>),
+    Failed {
+        reason: String,
+        detail: String,
+        event_ids: Vec<Uuid>,
+    },
+}
+
+impl Outcome {
+    fn failed(reason: &str, detail: &str) -> Self {
+        Self::Failed {
+            reason: reason.to_owned(),
+            detail: detail.to_owned(),
+            event_ids: vec![],
         }
     }
+
+    /// The command's route refused it: its answer's code and message.
+    fn refused(e: &ApiError) -> Self {
+        Self::failed(e.code(), &e.to_string())
+    }
+}
+
+/// The arguments as the command's route takes them.
+fn arguments_of<T: serde::de::DeserializeOwned>(arguments: Value) -> Result<T, Outcome> {
+    serde_json::from_value(arguments)
+        .map_err(|e| Outcome::failed("validation_failed", &e.to_string()))
+}
+
+async fn update_contact(
+    s: &AppState,
+    proposer: Authed,
+    org: Uuid,
+    id: Uuid,
+    contact_id: Uuid,
+    arguments: Value,
+) -> Result<Outcome, ApiError> {
+    let stream = contact_id.to_string();
+    let earlier = caused_events(s, org, Contact::TYPE, &stream, id).await?;
+    if !earlier.is_empty() {
+        return Ok(Outcome::Executed(earlier));
+    }
+    let input: ContactInput = match arguments_of(arguments) {
+        Ok(i) => i,
+        Err(o) => return Ok(o),
+    };
+    Ok(
+        match super::contacts::update(s.clone(), proposer, Id(contact_id), Json(input)).await {
+            Ok(_) => Outcome::Executed(caused_events(s, org, Contact::TYPE, &stream, id).await?),
+            Err(e) => Outcome::refused(&e),
+        },
+    )
+}
+
+async fn send_message(
+    s: &AppState,
+    proposer: &Authed,
+    org: Uuid,
+    id: Uuid,
+    contact_id: Uuid,
+    arguments: Value,
+) -> Result<Outcome, ApiError> {
+    // The message's id is the action's: a retry finds it.
+    let stream = id.to_string();
+    let earlier = caused_events(s, org, Message::TYPE, &stream, id).await?;
+    let (queued, reason, event_ids) = if earlier.is_empty() {
+        let input: MessageInput = match arguments_of(arguments) {
+            Ok(i) => i,
+            Err(o) => return Ok(o),
+        };
+        match super::messages::send_with_id(s, proposer, contact_id, input, id).await {
+            Ok(c) => (
+                c.body.decision.allowed,
+                super::schemas::wire_name(&c.body.decision.reason),
+                caused_events(s, org, Message::TYPE, &stream, id).await?,
+            ),
+            Err(e) => return Ok(Outcome::refused(&e)),
+        }
+    } else {
+        message_outcome(s, org, id, earlier).await?
+    };
+    Ok(if queued {
+        Outcome::Executed(event_ids)
+    } else {
+        Outcome::Failed {
+            reason,
+            detail: "blocked by the send gate".into(),
+            event_ids,
+        }
+    })
 }
 
 /// The ids of the events of stream (`aggregate_type`, `aggregate_id`) caused by action
@@ -726,13 +786,13 @@ async fn caused_events(
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
-/// What an earlier run's message says: (`queued` or `blocked`, reason code, event ids).
+/// What an earlier run's message says: (queued, the gate's reason code, event ids).
 async fn message_outcome(
     s: &AppState,
     org: Uuid,
     message_id: Uuid,
     ids: Vec<Uuid>,
-) -> Result<(String, String, Vec<Uuid>), ApiError> {
+) -> Result<(bool, String, Vec<Uuid>), ApiError> {
     use crm_domain::message::MessageEvent;
     let client = s.pool.get().await?;
     let sid = message_id.to_string();
@@ -743,52 +803,17 @@ async fn message_outcome(
     };
     for stored in event_store::read_stream_page(&client, &stream, 0, 1).await? {
         let decoded = decode(s.executor.crypto(), &client, stored).await?;
-        match decoded.typed::<MessageEvent>()? {
-            MessageEvent::MessageQueued { decision, .. } => {
-                return Ok((
-                    "queued".into(),
-                    super::schemas::wire_name(&decision.reason),
-                    ids,
-                ))
-            }
-            MessageEvent::MessageBlocked { decision, .. } => {
-                return Ok((
-                    "blocked".into(),
-                    super::schemas::wire_name(&decision.reason),
-                    ids,
-                ))
-            }
-            _ => {}
+        if let MessageEvent::MessageQueued { decision, .. }
+        | MessageEvent::MessageBlocked { decision, .. } = decoded.typed::<MessageEvent>()?
+        {
+            return Ok((
+                decision.allowed,
+                super::schemas::wire_name(&decision.reason),
+                ids,
+            ));
         }
     }
-    Ok(("blocked".into(), "unknown".into(), ids))
-}
-
-async fn record_executed(
-    s: &AppState,
-    a: &Authed,
-    org: Uuid,
-    id: Uuid,
-    event_ids: Vec<Uuid>,
-) -> Result<(), ApiError> {
-    record(s, a, org, id, AiActionCommand::RecordExecuted { event_ids }).await
-}
-
-async fn record_failed(
-    s: &AppState,
-    a: &Authed,
-    org: Uuid,
-    id: Uuid,
-    reason: &str,
-    detail: &str,
-    event_ids: Vec<Uuid>,
-) -> Result<(), ApiError> {
-    let command = AiActionCommand::RecordFailed {
-        reason: reason.to_owned(),
-        detail: detail.to_owned(),
-        event_ids,
-    };
-    record(s, a, org, id, command).await
+    Ok((false, "unknown".into(), ids))
 }
 
 async fn record(

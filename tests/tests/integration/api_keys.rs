@@ -11,13 +11,7 @@ async fn with_key(
     path: &str,
     body: Option<Value>,
 ) -> (u16, Value) {
-    let mut rb = app.http.request(method, app.url(path)).bearer_auth(key);
-    if let Some(b) = body {
-        rb = rb.json(&b);
-    }
-    let r = rb.send().await.unwrap();
-    let s = r.status().as_u16();
-    (s, r.json().await.unwrap_or(Value::Null))
+    app.call_as(key, method, path, body).await
 }
 
 #[tokio::test]
@@ -236,6 +230,7 @@ async fn an_agent_acts_as_itself_and_never_beyond_its_registering_user_now() {
     .await;
     assert_eq!(s, 201, "{created}");
     let contact = created["id"].as_str().unwrap().to_owned();
+    let created_at = created["positions"][0].as_i64().unwrap();
     let principal: Value = app
         .db()
         .await
@@ -270,7 +265,7 @@ async fn an_agent_acts_as_itself_and_never_beyond_its_registering_user_now() {
         &app,
         &agent,
         reqwest::Method::GET,
-        &format!("/v1/contacts/{contact}"),
+        &format!("/v1/contacts/{contact}?min_position={created_at}&wait_ms=10000"),
         None,
     )
     .await;

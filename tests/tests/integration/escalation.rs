@@ -18,13 +18,7 @@ async fn send(
     path: &str,
     body: Option<Value>,
 ) -> (u16, Value) {
-    let mut rb = app.http.request(method, app.url(path)).bearer_auth(token);
-    if let Some(b) = body {
-        rb = rb.json(&b);
-    }
-    let r = rb.send().await.unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
+    app.call_as(token, method, path, body).await
 }
 
 async fn post(app: &TestApp, token: &str, path: &str, body: Value) -> (u16, Value) {
