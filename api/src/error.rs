@@ -462,6 +462,17 @@ impl From<CommandError<crm_domain::ai::AiActionError>> for ApiError {
     }
 }
 
+impl From<CommandError<crm_domain::ai::AiSettingsError>> for ApiError {
+    fn from(e: CommandError<crm_domain::ai::AiSettingsError>) -> Self {
+        match e {
+            CommandError::Domain(d) => {
+                Self::Validation(vec![FieldError::new("reason", d.to_string())])
+            }
+            other => command_conflict(other, "AI settings"),
+        }
+    }
+}
+
 impl From<AccountError> for ApiError {
     fn from(e: AccountError) -> Self {
         match e {

@@ -13,7 +13,8 @@ use cqrs_es::Aggregate;
 use crm_domain::access::Permission;
 use crm_domain::ai::risk::{ActionKind, InitiatorKind, Oversight, RiskInput};
 use crm_domain::ai::{
-    ActionStatus, AiAction, AiActionCommand, AiActionEvent, Initiator, ModelInfo, Request,
+    ActionStatus, AiAction, AiActionCommand, AiActionEvent, AiSettings, AiSettingsCommand,
+    Initiator, ModelInfo, Request,
 };
 use crm_domain::contact::Contact;
 use crm_domain::message::Message;
@@ -312,7 +313,7 @@ pub(crate) async fn propose(
     let risk = risk_input(input.kind, &input.arguments)?;
     // The contact must be one of the organisation's (the same 404 as the command's).
     let org = a.caller.org_id;
-    {
+    let settings = {
         let client = s.pool.get().await?;
         let contact = s
             .executor
@@ -321,7 +322,8 @@ pub(crate) async fn propose(
         if contact.aggregate.id.is_none() {
             return Err(ApiError::NotFound("contact not found"));
         }
-    }
+        settings_of(&s, &client, org).await?
+    };
     let action_id = Uuid::now_v7();
     let now = Utc::now();
     let request = Request {
@@ -344,8 +346,8 @@ pub(crate) async fn propose(
                 initiator,
                 request,
                 risk_input: risk,
-                oversight: Oversight::Standard,
-                stopped: false,
+                oversight: settings.oversight,
+                stopped: settings.stopped,
                 model: ModelInfo {
                     provider: m.provider,
                     model: m.model,
@@ -400,6 +402,10 @@ pub(crate) async fn approve(
         return Ok(Ok200(describe(&s, &a, id).await?));
     }
     if action.status != Some(ActionStatus::Approved) {
+        let stopped = {
+            let client = s.pool.get().await?;
+            settings_of(&s, &client, org).await?.stopped
+        };
         s.executor
             .execute::<AiAction>(
                 org,
@@ -408,6 +414,7 @@ pub(crate) async fn approve(
                     by: a.caller.user_id,
                     arguments_sha256: input.arguments_sha256,
                     reason: input.reason,
+                    stopped,
                     now: Utc::now(),
                 },
                 &a.metadata(),
@@ -440,6 +447,114 @@ pub(crate) async fn reject(
         )
         .await?;
     Ok(Ok200(describe(&s, &a, id).await?))
+}
+
+/// The organisation's AI oversight and stop switch.
+async fn settings_of(
+    s: &AppState,
+    client: &impl deadpool_postgres::GenericClient,
+    org: Uuid,
+) -> Result<AiSettings, ApiError> {
+    Ok(s.executor
+        .load::<AiSettings>(client, org, &org.to_string())
+        .await?
+        .aggregate)
+}
+
+/// `PUT /v1/ai/oversight`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"oversight": "approve_all", "reason": "pilot month: a person checks every agent action"}))]
+pub(crate) struct OversightInput {
+    /// `standard`, `autonomous_needs_approval` or `approve_all` (docs/ai.md).
+    #[schema(value_type = String)]
+    oversight: Oversight,
+    #[schema(min_length = 1, max_length = 2000)]
+    reason: String,
+}
+
+/// `POST /v1/ai/stop`, `POST /v1/ai/resume`: why.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ReasonInput {
+    #[schema(min_length = 1, max_length = 2000)]
+    reason: String,
+}
+
+/// The organisation's AI oversight.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct SettingsDoc {
+    /// `standard`, `autonomous_needs_approval` or `approve_all`.
+    oversight: String,
+    /// The stop switch: while on, every autonomous action waits and none can be approved.
+    stopped: bool,
+}
+
+pub(crate) async fn get_settings(s: AppState, a: Authed) -> Result<Ok200<SettingsDoc>, ApiError> {
+    let client = s.pool.get().await?;
+    let settings = settings_of(&s, &client, a.caller.org_id).await?;
+    Ok(Ok200(SettingsDoc {
+        oversight: super::schemas::wire_name(&settings.oversight),
+        stopped: settings.stopped,
+    }))
+}
+
+pub(crate) async fn set_oversight(
+    s: AppState,
+    a: Authed,
+    Json(input): Json<OversightInput>,
+) -> Result<Ok200<SettingsDoc>, ApiError> {
+    change_settings(
+        &s,
+        &a,
+        AiSettingsCommand::SetOversight {
+            oversight: input.oversight,
+            reason: input.reason,
+        },
+    )
+    .await
+}
+
+pub(crate) async fn stop(
+    s: AppState,
+    a: Authed,
+    Json(input): Json<ReasonInput>,
+) -> Result<Ok200<SettingsDoc>, ApiError> {
+    change_settings(
+        &s,
+        &a,
+        AiSettingsCommand::Stop {
+            reason: input.reason,
+        },
+    )
+    .await
+}
+
+pub(crate) async fn resume(
+    s: AppState,
+    a: Authed,
+    Json(input): Json<ReasonInput>,
+) -> Result<Ok200<SettingsDoc>, ApiError> {
+    change_settings(
+        &s,
+        &a,
+        AiSettingsCommand::Resume {
+            reason: input.reason,
+        },
+    )
+    .await
+}
+
+async fn change_settings(
+    s: &AppState,
+    a: &Authed,
+    command: AiSettingsCommand,
+) -> Result<Ok200<SettingsDoc>, ApiError> {
+    let org = a.caller.org_id;
+    s.executor
+        .execute::<AiSettings>(org, &org.to_string(), command, &a.metadata(), None)
+        .await?;
+    get_settings(s.clone(), a.clone()).await
 }
 
 /// The action's state and its events (404 when the organisation has no such action).
@@ -560,6 +675,18 @@ async fn run(s: &AppState, a: &Authed, org: Uuid, id: Uuid) -> Result<(), ApiErr
     let (action, events) = read(s, org, id).await?;
     if action.status != Some(ActionStatus::Approved) {
         return Ok(());
+    }
+    // Approved before the stop switch went on, not run yet (the service stopped in
+    // between): held for a fresh decision, never run by itself.
+    let autonomous = action.initiator.map(|i| i.kind) == Some(InitiatorKind::Autonomous);
+    if autonomous {
+        let client = s.pool.get().await?;
+        if settings_of(s, &client, org).await?.stopped {
+            let hold = AiActionCommand::Hold {
+                expires_at: Utc::now() + APPROVAL_TTL,
+            };
+            return record(s, a, org, id, hold).await;
+        }
     }
     let outcome = outcome_of(s, a, org, id, &action, &events).await?;
     record_outcome(s, a, org, id, outcome).await

@@ -196,6 +196,22 @@ pub fn table() -> Vec<Route> {
             .staff(P::AiApprove)
             .errors(&[404, 409])
             .to(ai::reject),
+        route(get.clone(), "/v1/ai/settings", "ai")
+            .summary("The organisation's AI oversight level and stop switch")
+            .staff(P::AiApprove)
+            .to(ai::get_settings),
+        route(put.clone(), "/v1/ai/oversight", "ai")
+            .summary("Set how much human approval agent actions need (with why)")
+            .staff(P::OrganizationManage)
+            .to(ai::set_oversight),
+        route(post.clone(), "/v1/ai/stop", "ai")
+            .summary("Stop every autonomous AI action, queued ones included (with why)")
+            .staff(P::AiApprove)
+            .to(ai::stop),
+        route(post.clone(), "/v1/ai/resume", "ai")
+            .summary("Lift the AI stop switch (with why); what waited still needs a decision")
+            .staff(P::OrganizationManage)
+            .to(ai::resume),
         route(get.clone(), "/v1/privacy", "privacy")
             .summary("The organisation's privacy mode and purposes")
             .staff(P::ConsentRead)

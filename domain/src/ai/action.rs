@@ -115,6 +115,9 @@ pub enum AiActionCommand {
         /// The digest the approver saw: it must be the action's current one.
         arguments_sha256: String,
         reason: Option<String>,
+        /// Whether the organisation's stop switch is on: an autonomous action cannot
+        /// be approved then.
+        stopped: bool,
         now: DateTime<Utc>,
     },
     Reject {
@@ -260,6 +263,8 @@ pub enum AiActionError {
     ReasonRequired,
     #[error("the expiry must lie after the proposal")]
     ExpiryInPast,
+    #[error("the organisation's AI stop switch is on: autonomous actions wait until it is lifted")]
+    Stopped,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -368,10 +373,14 @@ impl Aggregate for AiAction {
                 by,
                 arguments_sha256,
                 reason,
+                stopped,
                 now,
             } => {
                 self.pending("approved")?;
                 self.decider(by)?;
+                if stopped && self.initiator.map(|i| i.kind) == Some(InitiatorKind::Autonomous) {
+                    return Err(AiActionError::Stopped);
+                }
                 if arguments_sha256 != self.arguments_sha256 {
                     return Err(AiActionError::StaleApproval);
                 }

@@ -4,12 +4,14 @@
 
 pub mod action;
 pub mod risk;
+pub mod settings;
 
 pub use action::{
     ActionStatus, AiAction, AiActionCommand, AiActionError, AiActionEvent, Initiator, ModelInfo,
     Request,
 };
 pub use risk::{ActionKind, InitiatorKind, Oversight, Risk, RiskInput, Rule, RULES};
+pub use settings::{AiSettings, AiSettingsCommand, AiSettingsError, AiSettingsEvent};
 
 #[cfg(test)]
 mod tests;

@@ -253,6 +253,7 @@ fn the_user_it_was_proposed_for_cannot_approve_or_reject_it() {
             by: user,
             arguments_sha256: SHA_A.into(),
             reason: None,
+            stopped: false,
             now: Utc::now(),
         })
         .then_expect_error(AiActionError::OwnAction);
@@ -270,6 +271,7 @@ fn the_user_it_was_proposed_for_cannot_approve_or_reject_it() {
             by: other,
             arguments_sha256: SHA_A.into(),
             reason: None,
+            stopped: false,
             now: Utc::now(),
         })
         .then_expect_events(vec![AiActionEvent::AiActionApproved {
@@ -299,6 +301,7 @@ fn an_approval_holds_for_the_exact_arguments_only() {
             by: approver,
             arguments_sha256: SHA_A.into(),
             reason: None,
+            stopped: false,
             now: Utc::now(),
         })
         .then_expect_error(AiActionError::StaleApproval);
@@ -308,6 +311,7 @@ fn an_approval_holds_for_the_exact_arguments_only() {
             by: approver,
             arguments_sha256: SHA_B.into(),
             reason: None,
+            stopped: false,
             now: Utc::now(),
         })
         .then_expect_events(vec![AiActionEvent::AiActionApproved {
@@ -379,6 +383,7 @@ fn a_pending_action_expires_only_once_its_time_is_up_and_cannot_be_approved_afte
             by: Uuid::from_u128(10),
             arguments_sha256: SHA_A.into(),
             reason: None,
+            stopped: false,
             now: expires_at,
         })
         .then_expect_error(AiActionError::ExpiredApproval);
@@ -449,6 +454,7 @@ fn the_stop_switch_holds_an_approved_action_until_a_fresh_decision() {
             by: Uuid::from_u128(10),
             arguments_sha256: SHA_A.into(),
             reason: Some("checked again".into()),
+            stopped: false,
             now: Utc::now(),
         })
         .then_expect_events(vec![AiActionEvent::AiActionApproved {
@@ -491,4 +497,34 @@ fn the_documented_table_is_the_policy_in_code() {
         })
         .collect();
     assert_eq!(rows, code);
+}
+
+#[test]
+fn with_the_stop_switch_on_an_autonomous_action_cannot_be_approved() {
+    Framework::with(())
+        .given(pending_history(None))
+        .when(AiActionCommand::Approve {
+            by: Uuid::from_u128(10),
+            arguments_sha256: SHA_A.into(),
+            reason: None,
+            stopped: true,
+            now: Utc::now(),
+        })
+        .then_expect_error(AiActionError::Stopped);
+    // A user-initiated one can: the stop switch holds what agents do on their own.
+    let user = Uuid::from_u128(9);
+    Framework::with(())
+        .given(pending_history(Some(user)))
+        .when(AiActionCommand::Approve {
+            by: Uuid::from_u128(10),
+            arguments_sha256: SHA_A.into(),
+            reason: None,
+            stopped: true,
+            now: Utc::now(),
+        })
+        .then_expect_events(vec![AiActionEvent::AiActionApproved {
+            by: Uuid::from_u128(10),
+            arguments_sha256: SHA_A.into(),
+            reason: None,
+        }]);
 }

@@ -389,3 +389,94 @@ async fn an_action_runs_with_its_proposers_rights_at_approval_and_proposals_need
     assert_eq!(s, 404);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn the_stop_switch_holds_autonomous_actions_until_a_fresh_decision_and_oversight_tightens() {
+    let app = TestApp::spawn().await;
+    let (admin_id, _, agent, _) = admin_and_agent(&app).await;
+    let contact = new_contact(&app, json!({"given_name": "Ada"})).await;
+    let company = |name: &str| json!({"type": "update_contact", "contact_id": contact, "arguments": {"company": name}});
+    let (s, body) = post(&app, &app.token, "/v1/ai/stop", json!({"reason": ""})).await;
+    assert_eq!(s, 422, "a stop needs a why: {body}");
+    let (s, settings) = post(
+        &app,
+        &app.token,
+        "/v1/ai/stop",
+        json!({"reason": "odd sends overnight"}),
+    )
+    .await;
+    assert_eq!((s, settings["stopped"].as_bool()), (200, Some(true)));
+
+    // Stopped: even a low-risk autonomous action waits, and cannot be approved.
+    let (_, held) = post(&app, &agent, "/v1/ai/actions", company("A")).await;
+    assert_eq!(held["status"], "pending_approval", "{held}");
+    let approve = format!("/v1/ai/actions/{}/approve", held["id"].as_str().unwrap());
+    let sha = json!({"arguments_sha256": held["arguments_sha256"]});
+    let (s, body) = post(&app, &app.token, &approve, sha.clone()).await;
+    assert_eq!(s, 409, "{body}");
+    // What a user asked the agent for still runs: the switch holds what agents do alone.
+    let mut asked = company("B");
+    asked["initiated_by"] = json!("user");
+    asked["on_behalf_of"] = json!(admin_id);
+    let (_, ran) = post(&app, &agent, "/v1/ai/actions", asked).await;
+    assert_eq!(ran["status"], "executed", "{ran}");
+
+    // Lifted: what waited does not run by itself; it needs (and can now get) a decision.
+    let (s, settings) = post(
+        &app,
+        &app.token,
+        "/v1/ai/resume",
+        json!({"reason": "carrier fixed"}),
+    )
+    .await;
+    assert_eq!((s, settings["stopped"].as_bool()), (200, Some(false)));
+    let (_, still) = call(
+        &app,
+        &app.token,
+        reqwest::Method::GET,
+        &format!("/v1/ai/actions/{}", held["id"].as_str().unwrap()),
+        None,
+    )
+    .await;
+    assert_eq!(still["status"], "pending_approval");
+    let (s, done) = post(&app, &app.token, &approve, sha).await;
+    assert_eq!(
+        (s, done["status"].as_str()),
+        (200, Some("executed")),
+        "{done}"
+    );
+
+    // Tightened: every agent action waits for a person.
+    let (s, settings) = call(
+        &app,
+        &app.token,
+        reqwest::Method::PUT,
+        "/v1/ai/oversight",
+        Some(json!({"oversight": "approve_all", "reason": "pilot month"})),
+    )
+    .await;
+    assert_eq!(
+        (s, settings["oversight"].as_str()),
+        (200, Some("approve_all"))
+    );
+    let (_, waits) = post(&app, &agent, "/v1/ai/actions", company("C")).await;
+    assert_eq!(waits["status"], "pending_approval", "{waits}");
+
+    // Each change is an event with who and why.
+    let org = app.org_id.to_string();
+    let types: Vec<String> = app
+        .db()
+        .await
+        .query(
+            "SELECT event_type FROM events WHERE aggregate_type = 'ai_settings' \
+             AND aggregate_id = $1 ORDER BY sequence",
+            &[&org],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(types, ["AiStopped", "AiResumed", "AiOversightSet"]);
+    app.stop().await;
+}
