@@ -465,6 +465,9 @@ impl From<CommandError<crm_domain::ai::AiActionError>> for ApiError {
 impl From<CommandError<crm_domain::ai::AiSettingsError>> for ApiError {
     fn from(e: CommandError<crm_domain::ai::AiSettingsError>) -> Self {
         match e {
+            CommandError::Domain(d @ crm_domain::ai::AiSettingsError::TtlOutOfRange) => {
+                Self::Validation(vec![FieldError::new("approval_ttl_secs", d.to_string())])
+            }
             CommandError::Domain(d) => {
                 Self::Validation(vec![FieldError::new("reason", d.to_string())])
             }

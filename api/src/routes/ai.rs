@@ -36,20 +36,17 @@ use crate::edge::reply::{Created, Ok200};
 use crate::error::{ApiError, FieldError};
 use crate::state::AppState;
 
-/// How long a proposal waits for a decision before it expires.
-pub const APPROVAL_TTL: Duration = Duration::hours(72);
-
 /// The kinds of action served so far.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
-pub(crate) enum ServedKind {
+pub(crate) enum AiActionKind {
     /// `arguments` as `PATCH /v1/contacts/{id}` takes its body.
     UpdateContact,
     /// `arguments` as `POST /v1/contacts/{id}/messages` takes its body.
     SendMessage,
 }
 
-impl ServedKind {
+impl AiActionKind {
     fn kind(self) -> ActionKind {
         match self {
             Self::UpdateContact => ActionKind::UpdateContact,
@@ -68,7 +65,7 @@ impl ServedKind {
 /// Who started the action.
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
-pub(crate) enum InitiatedBy {
+pub(crate) enum AiInitiatedBy {
     /// The agent, on its own (the default for an agent's call).
     #[default]
     Autonomous,
@@ -79,22 +76,37 @@ pub(crate) enum InitiatedBy {
 /// The model behind the proposal (OpenTelemetry GenAI names in docs/ai.md).
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct ModelInput {
+pub(crate) struct AiModelInput {
     /// `gen_ai.system`.
-    #[schema(max_length = 100)]
+    #[schema(max_length = 200, pattern = "@no_nul")]
     provider: Option<String>,
     /// `gen_ai.request.model`.
-    #[schema(max_length = 200)]
+    #[schema(max_length = 200, pattern = "@no_nul")]
     model: Option<String>,
     /// `gen_ai.response.model`.
-    #[schema(max_length = 200)]
+    #[schema(max_length = 200, pattern = "@no_nul")]
     model_version: Option<String>,
-    #[schema(max_length = 200)]
+    #[schema(max_length = 200, pattern = "@no_nul")]
     prompt_version: Option<String>,
     /// `gen_ai.usage.input_tokens`.
-    input_tokens: Option<u64>,
+    #[serde(default, deserialize_with = "crate::edge::extract::whole_number")]
+    #[schema(minimum = 0)]
+    input_tokens: Option<i64>,
     /// `gen_ai.usage.output_tokens`.
-    output_tokens: Option<u64>,
+    #[serde(default, deserialize_with = "crate::edge::extract::whole_number")]
+    #[schema(minimum = 0)]
+    output_tokens: Option<i64>,
+}
+
+/// An action's arguments: the body the route of its `type` takes.
+#[derive(Deserialize, ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)] // the document's shape only: arguments are kept as sent (`Value`)
+pub(crate) enum AiActionArguments {
+    /// `update_contact`: as `PATCH /v1/contacts/{id}` takes it.
+    UpdateContact(Box<ContactInput>),
+    /// `send_message`: as `POST /v1/contacts/{id}/messages` takes it.
+    SendMessage(Box<MessageInput>),
 }
 
 /// `POST /v1/ai/actions`.
@@ -107,33 +119,33 @@ pub(crate) struct ModelInput {
     "model": {"provider": "anthropic", "model": "claude", "prompt_version": "crm-assist-3"},
     "reasoning_summary": "The contact wrote that she moved company."
 }))]
-pub(crate) struct ProposeInput {
+pub(crate) struct AiProposeInput {
     #[serde(rename = "type")]
-    kind: ServedKind,
+    kind: AiActionKind,
     contact_id: Uuid,
     /// The command's body, as the route named under `type` takes it.
-    #[schema(value_type = Object)]
+    #[schema(value_type = AiActionArguments)]
     arguments: Value,
     /// An agent's call: `autonomous` (the default) or `user`. A user's own call is
     /// always `user`, on their own behalf.
     #[serde(default)]
-    initiated_by: InitiatedBy,
+    initiated_by: AiInitiatedBy,
     /// With `initiated_by: user` from an agent: the user it acts for.
     on_behalf_of: Option<Uuid>,
     #[serde(default)]
-    model: ModelInput,
+    model: AiModelInput,
     /// What the agent acted on (personal data: stored encrypted).
-    #[schema(max_length = 4000)]
+    #[schema(max_length = 4000, pattern = "@no_nul")]
     input_summary: Option<String>,
     /// Why it proposes this (personal data: stored encrypted).
-    #[schema(max_length = 4000)]
+    #[schema(max_length = 4000, pattern = "@no_nul")]
     reasoning_summary: Option<String>,
 }
 
 /// An action's state: what it would run, its risk and the rule that set it, where it
 /// stands, and its outcome.
 #[derive(Debug, Serialize, ToSchema)]
-pub(crate) struct ActionDoc {
+pub(crate) struct AiActionDoc {
     id: Uuid,
     /// `pending_approval`, `approved`, `rejected`, `expired`, `executed` or `failed`.
     status: String,
@@ -161,12 +173,12 @@ pub(crate) struct ActionDoc {
     /// Why execution failed: the send gate's reason code, or the refusal's.
     failure_reason: Option<String>,
     /// Every step, in order.
-    steps: Vec<ActionStep>,
+    steps: Vec<AiActionStep>,
 }
 
 /// One event of an action's life.
 #[derive(Debug, Serialize, ToSchema)]
-pub(crate) struct ActionStep {
+pub(crate) struct AiActionStep {
     event_id: Uuid,
     event_type: String,
     recorded_at: DateTime<Utc>,
@@ -177,24 +189,33 @@ pub(crate) struct ActionStep {
 /// `POST /v1/ai/actions/{id}/approve`.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct ApproveInput {
+pub(crate) struct AiApproveInput {
     /// The `arguments_sha256` the approver saw.
     #[schema(pattern = "^[0-9a-f]{64}$")]
     arguments_sha256: String,
-    #[schema(max_length = 2000)]
+    #[schema(max_length = 2000, pattern = "@no_nul")]
     reason: Option<String>,
+}
+
+/// `POST /v1/ai/actions/{id}/edit`: new arguments for a pending action.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AiEditInput {
+    /// The command's body, as the action's route takes it (its type and contact stay).
+    #[schema(value_type = AiActionArguments)]
+    arguments: Value,
 }
 
 /// `POST /v1/ai/actions/{id}/reject`.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct RejectInput {
-    #[schema(min_length = 1, max_length = 2000)]
+pub(crate) struct AiRejectInput {
+    #[schema(max_length = 2000, pattern = "@line")]
     reason: String,
 }
 
 /// SHA-256 (hex) of the canonical JSON of what an action would run.
-fn digest(kind: ServedKind, contact_id: Uuid, arguments: &Value) -> String {
+fn digest(kind: AiActionKind, contact_id: Uuid, arguments: &Value) -> String {
     // serde_json's maps are sorted by key: this is the canonical form.
     let canonical = serde_json::json!({
         "type": kind, "contact_id": contact_id, "arguments": arguments
@@ -215,9 +236,24 @@ fn text(errors: &mut Vec<FieldError>, name: &str, v: &Option<String>, max: usize
     }
 }
 
+/// A reason: a line of at most 2,000 characters with something besides white space and
+/// no control characters (the document's `@line`).
+fn reason_line(reason: &str) -> Result<(), ApiError> {
+    if reason.trim().is_empty()
+        || reason.chars().count() > 2000
+        || reason.chars().any(char::is_control)
+    {
+        return Err(ApiError::Validation(vec![FieldError::new(
+            "reason",
+            "one line of at most 2,000 characters, not blank",
+        )]));
+    }
+    Ok(())
+}
+
 /// The facts of the arguments the risk policy reads, validated as the command's own
 /// route validates them.
-fn risk_input(kind: ServedKind, arguments: &Value) -> Result<RiskInput, ApiError> {
+fn risk_input(kind: AiActionKind, arguments: &Value) -> Result<RiskInput, ApiError> {
     let invalid = |e: serde_json::Error| {
         ApiError::Validation(vec![FieldError::new("arguments", e.to_string())])
     };
@@ -229,7 +265,7 @@ fn risk_input(kind: ServedKind, arguments: &Value) -> Result<RiskInput, ApiError
         blocks: true,
     };
     match kind {
-        ServedKind::UpdateContact => {
+        AiActionKind::UpdateContact => {
             let changes: ContactInput =
                 serde_json::from_value(arguments.clone()).map_err(invalid)?;
             if changes.expected_version.is_some() {
@@ -242,7 +278,7 @@ fn risk_input(kind: ServedKind, arguments: &Value) -> Result<RiskInput, ApiError
             input.fields = fields;
             input.custom_fields = custom;
         }
-        ServedKind::SendMessage => {
+        AiActionKind::SendMessage => {
             let _: MessageInput = serde_json::from_value(arguments.clone()).map_err(invalid)?;
         }
     }
@@ -252,8 +288,8 @@ fn risk_input(kind: ServedKind, arguments: &Value) -> Result<RiskInput, ApiError
 pub(crate) async fn propose(
     s: AppState,
     a: Authed,
-    Json(input): Json<ProposeInput>,
-) -> Result<Created<ActionDoc>, ApiError> {
+    Json(input): Json<AiProposeInput>,
+) -> Result<Created<AiActionDoc>, ApiError> {
     // Proposing needs what running needs: deny by default.
     a.require(input.kind.permission())?;
     let mut errors = Vec::new();
@@ -272,17 +308,25 @@ pub(crate) async fn propose(
     ] {
         text(&mut errors, name, v, 200);
     }
+    for (name, n) in [
+        ("model.input_tokens", input.model.input_tokens),
+        ("model.output_tokens", input.model.output_tokens),
+    ] {
+        if n.is_some_and(|n| n < 0) {
+            errors.push(FieldError::new(name, "must not be negative"));
+        }
+    }
     let initiator = match (a.kind, input.initiated_by, input.on_behalf_of) {
         // A user's own call: on their own behalf, whatever the body says.
         (PrincipalKind::User, _, _) => Initiator {
             kind: InitiatorKind::User,
             on_behalf_of: Some(a.caller.user_id),
         },
-        (_, InitiatedBy::User, Some(user)) => Initiator {
+        (_, AiInitiatedBy::User, Some(user)) => Initiator {
             kind: InitiatorKind::User,
             on_behalf_of: Some(user),
         },
-        (_, InitiatedBy::User, None) => {
+        (_, AiInitiatedBy::User, None) => {
             errors.push(FieldError::new(
                 "on_behalf_of",
                 "is required when initiated_by is user",
@@ -292,7 +336,7 @@ pub(crate) async fn propose(
                 on_behalf_of: None,
             }
         }
-        (_, InitiatedBy::Autonomous, Some(_)) => {
+        (_, AiInitiatedBy::Autonomous, Some(_)) => {
             errors.push(FieldError::new(
                 "on_behalf_of",
                 "only with initiated_by: user",
@@ -302,7 +346,7 @@ pub(crate) async fn propose(
                 on_behalf_of: None,
             }
         }
-        (_, InitiatedBy::Autonomous, None) => Initiator {
+        (_, AiInitiatedBy::Autonomous, None) => Initiator {
             kind: InitiatorKind::Autonomous,
             on_behalf_of: None,
         },
@@ -353,12 +397,12 @@ pub(crate) async fn propose(
                     model: m.model,
                     model_version: m.model_version,
                     prompt_version: m.prompt_version,
-                    input_tokens: m.input_tokens,
-                    output_tokens: m.output_tokens,
+                    input_tokens: m.input_tokens.and_then(|n| u64::try_from(n).ok()),
+                    output_tokens: m.output_tokens.and_then(|n| u64::try_from(n).ok()),
                 },
                 input_summary: input.input_summary,
                 reasoning_summary: input.reasoning_summary,
-                expires_at: now + APPROVAL_TTL,
+                expires_at: now + Duration::seconds(settings.approval_ttl_secs().into()),
                 now,
             },
             &a.metadata(),
@@ -380,7 +424,7 @@ pub(crate) async fn get_one(
     s: AppState,
     a: Authed,
     Id(id): Id,
-) -> Result<Ok200<ActionDoc>, ApiError> {
+) -> Result<Ok200<AiActionDoc>, ApiError> {
     Ok(Ok200(describe(&s, &a, id).await?))
 }
 
@@ -388,8 +432,24 @@ pub(crate) async fn approve(
     s: AppState,
     a: Authed,
     Id(id): Id,
-    Json(input): Json<ApproveInput>,
-) -> Result<Ok200<ActionDoc>, ApiError> {
+    Json(input): Json<AiApproveInput>,
+) -> Result<Ok200<AiActionDoc>, ApiError> {
+    let mut errors = Vec::new();
+    if input.arguments_sha256.len() != 64
+        || !input
+            .arguments_sha256
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        errors.push(FieldError::new(
+            "arguments_sha256",
+            "64 lower-case hexadecimal digits",
+        ));
+    }
+    text(&mut errors, "reason", &input.reason, 2000);
+    if !errors.is_empty() {
+        return Err(ApiError::Validation(errors));
+    }
     let org = a.caller.org_id;
     let (action, _) = read(&s, org, id).await?;
     // Approving again answers as the first time did (a retry after a lost answer): an
@@ -399,7 +459,22 @@ pub(crate) async fn approve(
         action.status,
         Some(ActionStatus::Executed | ActionStatus::Failed)
     ) {
+        if input.arguments_sha256 != action.arguments_sha256 {
+            return Err(ApiError::Conflict(
+                "the action was decided and run on other arguments".into(),
+            ));
+        }
         return Ok(Ok200(describe(&s, &a, id).await?));
+    }
+    // Past its time, a pending action expires (recorded now) instead of being approved.
+    let now = Utc::now();
+    if action.status == Some(ActionStatus::PendingApproval)
+        && action.expires_at.is_some_and(|t| t <= now)
+    {
+        record(&s, &a, org, id, AiActionCommand::Expire { now }).await?;
+        return Err(ApiError::Conflict(
+            "the action expired before a decision".into(),
+        ));
     }
     if action.status != Some(ActionStatus::Approved) {
         let stopped = {
@@ -415,7 +490,7 @@ pub(crate) async fn approve(
                     arguments_sha256: input.arguments_sha256,
                     reason: input.reason,
                     stopped,
-                    now: Utc::now(),
+                    now,
                 },
                 &a.metadata(),
                 None,
@@ -426,12 +501,66 @@ pub(crate) async fn approve(
     Ok(Ok200(describe(&s, &a, id).await?))
 }
 
+/// Edits a pending action's arguments (a person holding `ai.approve`, not the one it was
+/// proposed for): the risk is assessed again, and the action waits for a fresh decision
+/// on the new digest, which an approval must then name.
+pub(crate) async fn edit(
+    s: AppState,
+    a: Authed,
+    Id(id): Id,
+    Json(input): Json<AiEditInput>,
+) -> Result<Ok200<AiActionDoc>, ApiError> {
+    let org = a.caller.org_id;
+    let (_, events) = read(&s, org, id).await?;
+    let Some(AiActionEvent::AiActionProposed { request, .. }) =
+        events.into_iter().map(|(_, e)| e).next()
+    else {
+        return Err(ApiError::NotFound("AI action not found"));
+    };
+    let (Ok(kind), Ok(contact_id)) = (
+        serde_json::from_value::<AiActionKind>(request.arguments["type"].clone()),
+        serde_json::from_value::<Uuid>(request.arguments["contact_id"].clone()),
+    ) else {
+        return Err(ApiError::Conflict(
+            "this action's kind cannot be edited".into(),
+        ));
+    };
+    let risk = risk_input(kind, &input.arguments)?;
+    let ttl = {
+        let client = s.pool.get().await?;
+        settings_of(&s, &client, org).await?.approval_ttl_secs()
+    };
+    s.executor
+        .execute::<AiAction>(
+            org,
+            &id.to_string(),
+            AiActionCommand::Edit {
+                by: a.caller.user_id,
+                request: Request {
+                    kind: kind.kind(),
+                    arguments_sha256: digest(kind, contact_id, &input.arguments),
+                    arguments: serde_json::json!({
+                        "type": kind, "contact_id": contact_id, "arguments": input.arguments
+                    }),
+                    contacts: vec![contact_id],
+                },
+                risk_input: risk,
+                expires_at: Utc::now() + Duration::seconds(ttl.into()),
+            },
+            &a.metadata(),
+            None,
+        )
+        .await?;
+    Ok(Ok200(describe(&s, &a, id).await?))
+}
+
 pub(crate) async fn reject(
     s: AppState,
     a: Authed,
     Id(id): Id,
-    Json(input): Json<RejectInput>,
-) -> Result<Ok200<ActionDoc>, ApiError> {
+    Json(input): Json<AiRejectInput>,
+) -> Result<Ok200<AiActionDoc>, ApiError> {
+    reason_line(&input.reason)?;
     let org = a.caller.org_id;
     read(&s, org, id).await?;
     s.executor
@@ -465,50 +594,86 @@ async fn settings_of(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 #[schema(example = json!({"oversight": "approve_all", "reason": "pilot month: a person checks every agent action"}))]
-pub(crate) struct OversightInput {
-    /// `standard`, `autonomous_needs_approval` or `approve_all` (docs/ai.md).
-    #[schema(value_type = String)]
-    oversight: Oversight,
-    #[schema(min_length = 1, max_length = 2000)]
+pub(crate) struct AiOversightInput {
+    oversight: AiOversight,
+    /// How long a proposal waits for a decision, 1 s to 30 days (absent: 72 hours).
+    #[serde(default, deserialize_with = "crate::edge::extract::whole_number")]
+    #[schema(minimum = 1, maximum = 2592000)]
+    approval_ttl_secs: Option<i64>,
+    #[schema(max_length = 2000, pattern = "@line")]
     reason: String,
+}
+
+/// How much human approval agent actions need (docs/ai.md).
+#[derive(Debug, Clone, Copy, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum AiOversight {
+    /// Low-risk actions run at once; medium and high wait for a person.
+    Standard,
+    /// Autonomous actions always wait.
+    AutonomousNeedsApproval,
+    /// Every agent action waits.
+    ApproveAll,
+}
+
+impl From<AiOversight> for Oversight {
+    fn from(o: AiOversight) -> Self {
+        match o {
+            AiOversight::Standard => Self::Standard,
+            AiOversight::AutonomousNeedsApproval => Self::AutonomousNeedsApproval,
+            AiOversight::ApproveAll => Self::ApproveAll,
+        }
+    }
 }
 
 /// `POST /v1/ai/stop`, `POST /v1/ai/resume`: why.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct ReasonInput {
-    #[schema(min_length = 1, max_length = 2000)]
+pub(crate) struct AiReasonInput {
+    #[schema(max_length = 2000, pattern = "@line")]
     reason: String,
 }
 
 /// The organisation's AI oversight.
 #[derive(Debug, Serialize, ToSchema)]
-pub(crate) struct SettingsDoc {
+pub(crate) struct AiSettingsDoc {
     /// `standard`, `autonomous_needs_approval` or `approve_all`.
     oversight: String,
     /// The stop switch: while on, every autonomous action waits and none can be approved.
     stopped: bool,
+    /// How long a proposal waits for a decision.
+    approval_ttl_secs: u32,
 }
 
-pub(crate) async fn get_settings(s: AppState, a: Authed) -> Result<Ok200<SettingsDoc>, ApiError> {
+pub(crate) async fn get_settings(s: AppState, a: Authed) -> Result<Ok200<AiSettingsDoc>, ApiError> {
     let client = s.pool.get().await?;
     let settings = settings_of(&s, &client, a.caller.org_id).await?;
-    Ok(Ok200(SettingsDoc {
+    Ok(Ok200(AiSettingsDoc {
         oversight: super::schemas::wire_name(&settings.oversight),
         stopped: settings.stopped,
+        approval_ttl_secs: settings.approval_ttl_secs(),
     }))
 }
 
 pub(crate) async fn set_oversight(
     s: AppState,
     a: Authed,
-    Json(input): Json<OversightInput>,
-) -> Result<Ok200<SettingsDoc>, ApiError> {
+    Json(input): Json<AiOversightInput>,
+) -> Result<Ok200<AiSettingsDoc>, ApiError> {
     change_settings(
         &s,
         &a,
         AiSettingsCommand::SetOversight {
-            oversight: input.oversight,
+            oversight: input.oversight.into(),
+            approval_ttl_secs: match input.approval_ttl_secs {
+                None => None,
+                Some(t) => Some(u32::try_from(t).map_err(|_| {
+                    ApiError::Validation(vec![FieldError::new(
+                        "approval_ttl_secs",
+                        "between 1 second and 30 days",
+                    )])
+                })?),
+            },
             reason: input.reason,
         },
     )
@@ -518,8 +683,8 @@ pub(crate) async fn set_oversight(
 pub(crate) async fn stop(
     s: AppState,
     a: Authed,
-    Json(input): Json<ReasonInput>,
-) -> Result<Ok200<SettingsDoc>, ApiError> {
+    Json(input): Json<AiReasonInput>,
+) -> Result<Ok200<AiSettingsDoc>, ApiError> {
     change_settings(
         &s,
         &a,
@@ -533,8 +698,8 @@ pub(crate) async fn stop(
 pub(crate) async fn resume(
     s: AppState,
     a: Authed,
-    Json(input): Json<ReasonInput>,
-) -> Result<Ok200<SettingsDoc>, ApiError> {
+    Json(input): Json<AiReasonInput>,
+) -> Result<Ok200<AiSettingsDoc>, ApiError> {
     change_settings(
         &s,
         &a,
@@ -549,7 +714,11 @@ async fn change_settings(
     s: &AppState,
     a: &Authed,
     command: AiSettingsCommand,
-) -> Result<Ok200<SettingsDoc>, ApiError> {
+) -> Result<Ok200<AiSettingsDoc>, ApiError> {
+    let (AiSettingsCommand::SetOversight { reason, .. }
+    | AiSettingsCommand::Stop { reason }
+    | AiSettingsCommand::Resume { reason }) = &command;
+    reason_line(reason)?;
     let org = a.caller.org_id;
     s.executor
         .execute::<AiSettings>(org, &org.to_string(), command, &a.metadata(), None)
@@ -590,7 +759,7 @@ async fn read(
     Ok((action, events))
 }
 
-async fn describe(s: &AppState, a: &Authed, id: Uuid) -> Result<ActionDoc, ApiError> {
+async fn describe(s: &AppState, a: &Authed, id: Uuid) -> Result<AiActionDoc, ApiError> {
     let (action, events) = read(s, a.caller.org_id, id).await?;
     let proposer = action.agent_id.unwrap_or_default();
     // An action (its arguments hold personal data) is for the approvers, its proposer
@@ -602,7 +771,7 @@ async fn describe(s: &AppState, a: &Authed, id: Uuid) -> Result<ActionDoc, ApiEr
     if !sees {
         return Err(ApiError::NotFound("AI action not found"));
     }
-    let mut doc = ActionDoc {
+    let mut doc = AiActionDoc {
         id,
         status: super::schemas::wire_name(&action.status.unwrap_or(ActionStatus::Failed)),
         kind: String::new(),
@@ -652,7 +821,7 @@ async fn describe(s: &AppState, a: &Authed, id: Uuid) -> Result<ActionDoc, ApiEr
             _ => {}
         }
         let principal = &decoded.metadata.principal;
-        doc.steps.push(ActionStep {
+        doc.steps.push(AiActionStep {
             event_id: decoded.stored.event_id,
             event_type: decoded.stored.event_type.clone(),
             recorded_at: decoded.stored.recorded_at,
@@ -681,9 +850,10 @@ async fn run(s: &AppState, a: &Authed, org: Uuid, id: Uuid) -> Result<(), ApiErr
     let autonomous = action.initiator.map(|i| i.kind) == Some(InitiatorKind::Autonomous);
     if autonomous {
         let client = s.pool.get().await?;
-        if settings_of(s, &client, org).await?.stopped {
+        let settings = settings_of(s, &client, org).await?;
+        if settings.stopped {
             let hold = AiActionCommand::Hold {
-                expires_at: Utc::now() + APPROVAL_TTL,
+                expires_at: Utc::now() + Duration::seconds(settings.approval_ttl_secs().into()),
             };
             return record(s, a, org, id, hold).await;
         }
@@ -723,7 +893,7 @@ async fn outcome_of(
         })
         .unwrap_or(request);
     let (kind, contact_id, arguments) = (
-        serde_json::from_value::<ServedKind>(request.arguments["type"].clone()),
+        serde_json::from_value::<AiActionKind>(request.arguments["type"].clone()),
         serde_json::from_value::<Uuid>(request.arguments["contact_id"].clone()),
         request.arguments["arguments"].clone(),
     );
@@ -766,10 +936,10 @@ async fn outcome_of(
     Ok(match proposer.require(kind.permission()) {
         Err(e) => Outcome::refused(&e),
         Ok(()) => match kind {
-            ServedKind::UpdateContact => {
+            AiActionKind::UpdateContact => {
                 update_contact(s, proposer, org, id, contact_id, arguments).await?
             }
-            ServedKind::SendMessage => {
+            AiActionKind::SendMessage => {
                 send_message(s, &proposer, org, id, contact_id, arguments).await?
             }
         },

@@ -191,6 +191,12 @@ pub fn table() -> Vec<Route> {
             .staff(P::AiApprove)
             .errors(&[404, 409])
             .to(ai::approve),
+        route(post.clone(), "/v1/ai/actions/{id}/edit", "ai")
+            .summary("Edit a pending AI action's arguments: it then needs a fresh decision")
+            .staff(P::AiApprove)
+            .large_body()
+            .errors(&[404, 409])
+            .to(ai::edit),
         route(post.clone(), "/v1/ai/actions/{id}/reject", "ai")
             .summary("Reject an AI action, with a reason")
             .staff(P::AiApprove)

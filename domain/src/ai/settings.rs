@@ -14,6 +14,8 @@ use crate::PersonalData;
 pub enum AiSettingsCommand {
     SetOversight {
         oversight: Oversight,
+        /// How long a proposal waits for a decision (`None`: the default, 72 hours).
+        approval_ttl_secs: Option<u32>,
         reason: String,
     },
     Stop {
@@ -28,6 +30,8 @@ pub enum AiSettingsCommand {
 pub enum AiSettingsEvent {
     AiOversightSet {
         oversight: Oversight,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        approval_ttl_secs: Option<u32>,
         reason: String,
     },
     AiStopped {
@@ -63,12 +67,27 @@ impl PersonalData for AiSettingsEvent {
 pub enum AiSettingsError {
     #[error("a reason is required")]
     ReasonRequired,
+    #[error("the approval time must be between 1 second and 30 days")]
+    TtlOutOfRange,
 }
+
+/// The longest a proposal may wait for a decision.
+pub const MAX_APPROVAL_TTL_SECS: u32 = 30 * 24 * 3600;
+/// How long a proposal waits when the organisation has not said.
+pub const DEFAULT_APPROVAL_TTL_SECS: u32 = 72 * 3600;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AiSettings {
     pub oversight: Oversight,
     pub stopped: bool,
+    pub approval_ttl_secs: Option<u32>,
+}
+
+impl AiSettings {
+    /// How long a new proposal waits for a decision.
+    pub fn approval_ttl_secs(&self) -> u32 {
+        self.approval_ttl_secs.unwrap_or(DEFAULT_APPROVAL_TTL_SECS)
+    }
 }
 
 impl Aggregate for AiSettings {
@@ -93,8 +112,20 @@ impl Aggregate for AiSettings {
             return Err(AiSettingsError::ReasonRequired);
         }
         let event = match command {
-            AiSettingsCommand::SetOversight { oversight, .. } if oversight != self.oversight => {
-                AiSettingsEvent::AiOversightSet { oversight, reason }
+            AiSettingsCommand::SetOversight {
+                approval_ttl_secs: Some(t),
+                ..
+            } if t == 0 || t > MAX_APPROVAL_TTL_SECS => return Err(AiSettingsError::TtlOutOfRange),
+            AiSettingsCommand::SetOversight {
+                oversight,
+                approval_ttl_secs,
+                ..
+            } if oversight != self.oversight || approval_ttl_secs != self.approval_ttl_secs => {
+                AiSettingsEvent::AiOversightSet {
+                    oversight,
+                    approval_ttl_secs,
+                    reason,
+                }
             }
             AiSettingsCommand::Stop { .. } if !self.stopped => {
                 AiSettingsEvent::AiStopped { reason }
@@ -111,7 +142,14 @@ impl Aggregate for AiSettings {
 
     fn apply(&mut self, event: AiSettingsEvent) {
         match event {
-            AiSettingsEvent::AiOversightSet { oversight, .. } => self.oversight = oversight,
+            AiSettingsEvent::AiOversightSet {
+                oversight,
+                approval_ttl_secs,
+                ..
+            } => {
+                self.oversight = oversight;
+                self.approval_ttl_secs = approval_ttl_secs;
+            }
             AiSettingsEvent::AiStopped { .. } => self.stopped = true,
             AiSettingsEvent::AiResumed { .. } => self.stopped = false,
         }
@@ -155,11 +193,21 @@ mod tests {
             .given_no_previous_events()
             .when(AiSettingsCommand::SetOversight {
                 oversight: Oversight::ApproveAll,
+                approval_ttl_secs: None,
                 reason: "pilot".into(),
             })
             .then_expect_events(vec![AiSettingsEvent::AiOversightSet {
                 oversight: Oversight::ApproveAll,
+                approval_ttl_secs: None,
                 reason: "pilot".into(),
             }]);
+        TestFramework::<AiSettings>::with(())
+            .given_no_previous_events()
+            .when(AiSettingsCommand::SetOversight {
+                oversight: Oversight::Standard,
+                approval_ttl_secs: Some(MAX_APPROVAL_TTL_SECS + 1),
+                reason: "forever".into(),
+            })
+            .then_expect_error(AiSettingsError::TtlOutOfRange);
     }
 }

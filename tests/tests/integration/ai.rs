@@ -480,3 +480,109 @@ async fn the_stop_switch_holds_autonomous_actions_until_a_fresh_decision_and_ove
     assert_eq!(types, ["AiStopped", "AiResumed", "AiOversightSet"]);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn an_edit_needs_a_fresh_decision_and_a_pending_action_expires_after_the_set_time() {
+    let app = TestApp::spawn().await;
+    let (_, _, agent, _) = admin_and_agent(&app).await;
+    let contact = new_contact(&app, json!({"given_name": "Ada"})).await;
+    let (_, pending) = post(
+        &app,
+        &agent,
+        "/v1/ai/actions",
+        json!({"type": "update_contact", "contact_id": contact,
+               "arguments": {"given_name": "Eve"}}),
+    )
+    .await;
+    let id = pending["id"].as_str().unwrap().to_owned();
+    let old = pending["arguments_sha256"].clone();
+    // An approver edits it to a company change: a new digest, assessed again, and
+    // still waiting for a decision.
+    let (s, edited) = post(
+        &app,
+        &app.token,
+        &format!("/v1/ai/actions/{id}/edit"),
+        json!({"arguments": {"company": "Analytical Engines"}}),
+    )
+    .await;
+    assert_eq!(s, 200, "{edited}");
+    assert_eq!(
+        (
+            edited["status"].as_str(),
+            edited["rule"].as_str(),
+            edited["arguments"].clone()
+        ),
+        (
+            Some("pending_approval"),
+            Some("default"),
+            json!({"company": "Analytical Engines"})
+        )
+    );
+    assert_ne!(edited["arguments_sha256"], old);
+    let approve = format!("/v1/ai/actions/{id}/approve");
+    let (s, _) = post(&app, &app.token, &approve, json!({"arguments_sha256": old})).await;
+    assert_eq!(s, 409, "an approval of the old arguments does not hold");
+    let (s, done) = post(
+        &app,
+        &app.token,
+        &approve,
+        json!({"arguments_sha256": edited["arguments_sha256"]}),
+    )
+    .await;
+    assert_eq!(
+        (s, done["status"].as_str()),
+        (200, Some("executed")),
+        "{done}"
+    );
+    let ran = caused(&app, &contact, &id).await;
+    assert_eq!(ran.len(), 1);
+
+    // The organisation gives decisions one second; a proposal left alone expires.
+    let (s, settings) = call(
+        &app,
+        &app.token,
+        reqwest::Method::PUT,
+        "/v1/ai/oversight",
+        Some(json!({"oversight": "standard", "approval_ttl_secs": 1, "reason": "test"})),
+    )
+    .await;
+    assert_eq!((s, settings["approval_ttl_secs"].as_u64()), (200, Some(1)));
+    let (_, late) = post(
+        &app,
+        &agent,
+        "/v1/ai/actions",
+        json!({"type": "update_contact", "contact_id": contact,
+               "arguments": {"given_name": "Zoe"}}),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let late_id = late["id"].as_str().unwrap();
+    let (s, _) = post(
+        &app,
+        &app.token,
+        &format!("/v1/ai/actions/{late_id}/approve"),
+        json!({"arguments_sha256": late["arguments_sha256"]}),
+    )
+    .await;
+    assert_eq!(s, 409, "too late");
+    let (_, gone) = call(
+        &app,
+        &app.token,
+        reqwest::Method::GET,
+        &format!("/v1/ai/actions/{late_id}"),
+        None,
+    )
+    .await;
+    assert_eq!(gone["status"], "expired", "{gone}");
+    assert!(caused(&app, &contact, late_id).await.is_empty());
+    let (s, _) = call(
+        &app,
+        &app.token,
+        reqwest::Method::PUT,
+        "/v1/ai/oversight",
+        Some(json!({"oversight": "standard", "approval_ttl_secs": 0, "reason": "test"})),
+    )
+    .await;
+    assert_eq!(s, 422);
+    app.stop().await;
+}
