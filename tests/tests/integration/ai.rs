@@ -586,3 +586,111 @@ async fn an_edit_needs_a_fresh_decision_and_a_pending_action_expires_after_the_s
     assert_eq!(s, 422);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_run_cut_short_by_a_stop_is_finished_once_when_approved_again() {
+    use crm_domain::ai::{AiAction, AiActionCommand};
+    use crm_domain::contact::{Contact, ContactChanges, ContactCommand, ContactProfile};
+    use crm_domain::metadata::EventMetadata;
+    use crm_domain::values::Name;
+
+    let app = TestApp::spawn().await;
+    let (_, _, agent, _) = admin_and_agent(&app).await;
+    let contact = new_contact(&app, json!({"given_name": "Ada"})).await;
+    let propose = |name: &str| {
+        json!({"type": "update_contact", "contact_id": contact,
+               "arguments": {"family_name": name}})
+    };
+    let (_, first) = post(&app, &agent, "/v1/ai/actions", propose("Byron")).await;
+    let (_, second) = post(&app, &agent, "/v1/ai/actions", propose("King")).await;
+    let org = app.org_id;
+    let meta = |causation: &str| {
+        let mut m = EventMetadata::system(org, "test");
+        m.causation_id = Some(causation.to_owned());
+        m
+    };
+    // The first was approved, then the service stopped before it ran: the approval is
+    // in the store and nothing else.
+    let first_id = first["id"].as_str().unwrap().to_owned();
+    app.state
+        .executor
+        .execute::<AiAction>(
+            org,
+            &first_id,
+            AiActionCommand::Approve {
+                by: app.user_id,
+                arguments_sha256: first["arguments_sha256"].as_str().unwrap().into(),
+                reason: None,
+                stopped: false,
+                now: chrono::Utc::now(),
+            },
+            &meta(&first_id),
+            None,
+        )
+        .await
+        .unwrap();
+    // The second was approved and its command ran, then the service stopped before the
+    // outcome was recorded.
+    let second_id = second["id"].as_str().unwrap().to_owned();
+    app.state
+        .executor
+        .execute::<AiAction>(
+            org,
+            &second_id,
+            AiActionCommand::Approve {
+                by: app.user_id,
+                arguments_sha256: second["arguments_sha256"].as_str().unwrap().into(),
+                reason: None,
+                stopped: false,
+                now: chrono::Utc::now(),
+            },
+            &meta(&second_id),
+            None,
+        )
+        .await
+        .unwrap();
+    app.state
+        .executor
+        .execute::<Contact>(
+            org,
+            &contact,
+            ContactCommand::Update {
+                changes: ContactChanges {
+                    set: ContactProfile {
+                        family_name: Some(Name::parse("King").unwrap()),
+                        ..ContactProfile::default()
+                    },
+                    cleared: vec![],
+                    cleared_custom: vec![],
+                },
+            },
+            &meta(&second_id),
+            None,
+        )
+        .await
+        .unwrap();
+    let ran_before = caused(&app, &contact, &second_id).await;
+    assert_eq!(ran_before.len(), 1);
+
+    // Approving again finishes each: the first runs now, the second is recorded with
+    // the event it already produced; neither runs twice.
+    for (id, action) in [(&first_id, &first), (&second_id, &second)] {
+        let (s, done) = post(
+            &app,
+            &app.token,
+            &format!("/v1/ai/actions/{id}/approve"),
+            json!({"arguments_sha256": action["arguments_sha256"]}),
+        )
+        .await;
+        assert_eq!(
+            (s, done["status"].as_str()),
+            (200, Some("executed")),
+            "{done}"
+        );
+        let events = caused(&app, &contact, id).await;
+        assert_eq!(events.len(), 1, "exactly one run of {id}");
+        assert_eq!(done["result_events"], json!([events[0].0]));
+    }
+    assert_eq!(caused(&app, &contact, &second_id).await, ran_before);
+    app.stop().await;
+}
