@@ -78,15 +78,6 @@ pub enum ActionStatus {
     Failed,
 }
 
-impl ActionStatus {
-    pub fn is_final(self) -> bool {
-        matches!(
-            self,
-            Self::Rejected | Self::Expired | Self::Executed | Self::Failed
-        )
-    }
-}
-
 // One command value lives for one request: its size does not matter.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]

@@ -24,6 +24,28 @@ async fn post(app: &TestApp, token: &str, path: &str, body: Value) -> (u16, Valu
     call(app, token, reqwest::Method::POST, path, Some(body)).await
 }
 
+/// Proposes an AI action as `token`: (status, body).
+async fn propose(app: &TestApp, token: &str, body: Value) -> (u16, Value) {
+    post(app, token, "/v1/ai/actions", body).await
+}
+
+/// The body proposing to change `contact` with `arguments` (a PATCH body).
+fn update(contact: &str, arguments: Value) -> Value {
+    json!({"type": "update_contact", "contact_id": contact, "arguments": arguments})
+}
+
+/// `GET /v1/ai/actions/{id}` as `token`: (status, body).
+async fn action(app: &TestApp, token: &str, id: &str) -> (u16, Value) {
+    call(
+        app,
+        token,
+        reqwest::Method::GET,
+        &format!("/v1/ai/actions/{id}"),
+        None,
+    )
+    .await
+}
+
 /// An Admin, and an agent (Team role) the Admin registered: (admin id, admin token,
 /// agent key, agent id).
 async fn admin_and_agent(app: &TestApp) -> (Uuid, String, String, String) {
@@ -86,10 +108,9 @@ async fn a_low_risk_change_runs_at_once_and_a_personal_one_waits_for_someone_els
     let contact = new_contact(&app, json!({"given_name": "Ada", "company": "Old"})).await;
 
     // A company change touches no personal data: low risk, run at once, as the agent.
-    let (s, done) = post(
+    let (s, done) = propose(
         &app,
         &agent,
-        "/v1/ai/actions",
         json!({"type": "update_contact", "contact_id": contact,
                "arguments": {"company": "Analytical Engines"},
                "model": {"provider": "anthropic", "model": "claude", "input_tokens": 812},
@@ -133,10 +154,9 @@ async fn a_low_risk_change_runs_at_once_and_a_personal_one_waits_for_someone_els
     );
 
     // A name change touches personal data: it waits, and nothing changes meanwhile.
-    let (s, pending) = post(
+    let (s, pending) = propose(
         &app,
         &agent,
-        "/v1/ai/actions",
         json!({"type": "update_contact", "contact_id": contact,
                "arguments": {"given_name": "Eve"},
                "initiated_by": "user", "on_behalf_of": admin_id}),
@@ -229,10 +249,9 @@ async fn an_approved_message_without_consent_is_blocked_by_the_gate_and_recorded
         json!({"given_name": "Ada", "email": format!("{}@example.com", Uuid::new_v4().simple())}),
     )
     .await;
-    let (s, pending) = post(
+    let (s, pending) = propose(
         &app,
         &agent,
-        "/v1/ai/actions",
         json!({"type": "send_message", "contact_id": contact,
                "arguments": {"channel": "email", "purpose": "marketing",
                              "subject": "Spring", "body": "Our offers"}}),
@@ -272,34 +291,18 @@ async fn a_rejection_needs_a_reason_ends_the_action_and_strangers_see_nothing() 
     let app = TestApp::spawn().await;
     let (_, _, agent, _) = admin_and_agent(&app).await;
     let contact = new_contact(&app, json!({"given_name": "Ada"})).await;
-    let (_, pending) = post(
+    let (_, pending) = propose(
         &app,
         &agent,
-        "/v1/ai/actions",
-        json!({"type": "update_contact", "contact_id": contact,
-               "arguments": {"family_name": "Lovelace"}}),
+        update(&contact, json!({"family_name": "Lovelace"})),
     )
     .await;
     let id = pending["id"].as_str().unwrap().to_owned();
     // A Viewer neither proposed it nor may approve: it does not exist for them.
     let (_, viewer) = app.user_with_role(RoleRef::Builtin(Role::Viewer)).await;
-    let (s, _) = call(
-        &app,
-        &viewer,
-        reqwest::Method::GET,
-        &format!("/v1/ai/actions/{id}"),
-        None,
-    )
-    .await;
+    let (s, _) = action(&app, &viewer, &id).await;
     assert_eq!(s, 404);
-    let (s, mine) = call(
-        &app,
-        &agent,
-        reqwest::Method::GET,
-        &format!("/v1/ai/actions/{id}"),
-        None,
-    )
-    .await;
+    let (s, mine) = action(&app, &agent, &id).await;
     assert_eq!(
         (s, mine["arguments"].clone()),
         (200, json!({"family_name": "Lovelace"}))
@@ -332,14 +335,7 @@ async fn an_action_runs_with_its_proposers_rights_at_approval_and_proposals_need
     let app = TestApp::spawn().await;
     let (admin_id, _, agent, _) = admin_and_agent(&app).await;
     let contact = new_contact(&app, json!({"given_name": "Ada"})).await;
-    let (_, pending) = post(
-        &app,
-        &agent,
-        "/v1/ai/actions",
-        json!({"type": "update_contact", "contact_id": contact,
-               "arguments": {"given_name": "Eve"}}),
-    )
-    .await;
+    let (_, pending) = propose(&app, &agent, update(&contact, json!({"given_name": "Eve"}))).await;
     let id = pending["id"].as_str().unwrap().to_owned();
     // The agent's user is demoted before the decision: the agent may no longer update.
     let r = app
@@ -363,29 +359,17 @@ async fn an_action_runs_with_its_proposers_rights_at_approval_and_proposals_need
     );
     assert!(caused(&app, &contact, &id).await.is_empty());
     // And now it may not propose an update either; bad arguments are named.
-    let (s, body) = post(
-        &app,
-        &agent,
-        "/v1/ai/actions",
-        json!({"type": "update_contact", "contact_id": contact, "arguments": {"given_name": "X"}}),
-    )
-    .await;
+    let (s, body) = propose(&app, &agent, update(&contact, json!({"given_name": "X"}))).await;
     assert_eq!((s, body["code"].as_str()), (403, Some("permission_denied")));
-    let (s, body) = post(
+    let (s, body) = propose(
         &app,
         &app.token,
-        "/v1/ai/actions",
-        json!({"type": "update_contact", "contact_id": contact, "arguments": {"email": "not an address"}}),
+        update(&contact, json!({"email": "not an address"})),
     )
     .await;
     assert_eq!(s, 422, "{body}");
-    let (s, _) = post(
-        &app,
-        &app.token,
-        "/v1/ai/actions",
-        json!({"type": "update_contact", "contact_id": Uuid::now_v7(), "arguments": {"company": "X"}}),
-    )
-    .await;
+    let unknown = Uuid::now_v7().to_string();
+    let (s, _) = propose(&app, &app.token, update(&unknown, json!({"company": "X"}))).await;
     assert_eq!(s, 404);
     app.stop().await;
 }
@@ -395,7 +379,7 @@ async fn the_stop_switch_holds_autonomous_actions_until_a_fresh_decision_and_ove
     let app = TestApp::spawn().await;
     let (admin_id, _, agent, _) = admin_and_agent(&app).await;
     let contact = new_contact(&app, json!({"given_name": "Ada"})).await;
-    let company = |name: &str| json!({"type": "update_contact", "contact_id": contact, "arguments": {"company": name}});
+    let company = |name: &str| update(&contact, json!({"company": name}));
     let (s, body) = post(&app, &app.token, "/v1/ai/stop", json!({"reason": ""})).await;
     assert_eq!(s, 422, "a stop needs a why: {body}");
     let (s, settings) = post(
@@ -408,7 +392,7 @@ async fn the_stop_switch_holds_autonomous_actions_until_a_fresh_decision_and_ove
     assert_eq!((s, settings["stopped"].as_bool()), (200, Some(true)));
 
     // Stopped: even a low-risk autonomous action waits, and cannot be approved.
-    let (_, held) = post(&app, &agent, "/v1/ai/actions", company("A")).await;
+    let (_, held) = propose(&app, &agent, company("A")).await;
     assert_eq!(held["status"], "pending_approval", "{held}");
     let approve = format!("/v1/ai/actions/{}/approve", held["id"].as_str().unwrap());
     let sha = json!({"arguments_sha256": held["arguments_sha256"]});
@@ -418,7 +402,7 @@ async fn the_stop_switch_holds_autonomous_actions_until_a_fresh_decision_and_ove
     let mut asked = company("B");
     asked["initiated_by"] = json!("user");
     asked["on_behalf_of"] = json!(admin_id);
-    let (_, ran) = post(&app, &agent, "/v1/ai/actions", asked).await;
+    let (_, ran) = propose(&app, &agent, asked).await;
     assert_eq!(ran["status"], "executed", "{ran}");
 
     // Lifted: what waited does not run by itself; it needs (and can now get) a decision.
@@ -430,14 +414,7 @@ async fn the_stop_switch_holds_autonomous_actions_until_a_fresh_decision_and_ove
     )
     .await;
     assert_eq!((s, settings["stopped"].as_bool()), (200, Some(false)));
-    let (_, still) = call(
-        &app,
-        &app.token,
-        reqwest::Method::GET,
-        &format!("/v1/ai/actions/{}", held["id"].as_str().unwrap()),
-        None,
-    )
-    .await;
+    let (_, still) = action(&app, &app.token, held["id"].as_str().unwrap()).await;
     assert_eq!(still["status"], "pending_approval");
     let (s, done) = post(&app, &app.token, &approve, sha).await;
     assert_eq!(
@@ -459,7 +436,7 @@ async fn the_stop_switch_holds_autonomous_actions_until_a_fresh_decision_and_ove
         (s, settings["oversight"].as_str()),
         (200, Some("approve_all"))
     );
-    let (_, waits) = post(&app, &agent, "/v1/ai/actions", company("C")).await;
+    let (_, waits) = propose(&app, &agent, company("C")).await;
     assert_eq!(waits["status"], "pending_approval", "{waits}");
 
     // Each change is an event with who and why.
@@ -486,14 +463,7 @@ async fn an_edit_needs_a_fresh_decision_and_a_pending_action_expires_after_the_s
     let app = TestApp::spawn().await;
     let (_, _, agent, _) = admin_and_agent(&app).await;
     let contact = new_contact(&app, json!({"given_name": "Ada"})).await;
-    let (_, pending) = post(
-        &app,
-        &agent,
-        "/v1/ai/actions",
-        json!({"type": "update_contact", "contact_id": contact,
-               "arguments": {"given_name": "Eve"}}),
-    )
-    .await;
+    let (_, pending) = propose(&app, &agent, update(&contact, json!({"given_name": "Eve"}))).await;
     let id = pending["id"].as_str().unwrap().to_owned();
     let old = pending["arguments_sha256"].clone();
     // An approver edits it to a company change: a new digest, assessed again, and
@@ -547,14 +517,7 @@ async fn an_edit_needs_a_fresh_decision_and_a_pending_action_expires_after_the_s
     )
     .await;
     assert_eq!((s, settings["approval_ttl_secs"].as_u64()), (200, Some(1)));
-    let (_, late) = post(
-        &app,
-        &agent,
-        "/v1/ai/actions",
-        json!({"type": "update_contact", "contact_id": contact,
-               "arguments": {"given_name": "Zoe"}}),
-    )
-    .await;
+    let (_, late) = propose(&app, &agent, update(&contact, json!({"given_name": "Zoe"}))).await;
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let late_id = late["id"].as_str().unwrap();
     let (s, _) = post(
@@ -565,14 +528,7 @@ async fn an_edit_needs_a_fresh_decision_and_a_pending_action_expires_after_the_s
     )
     .await;
     assert_eq!(s, 409, "too late");
-    let (_, gone) = call(
-        &app,
-        &app.token,
-        reqwest::Method::GET,
-        &format!("/v1/ai/actions/{late_id}"),
-        None,
-    )
-    .await;
+    let (_, gone) = action(&app, &app.token, late_id).await;
     assert_eq!(gone["status"], "expired", "{gone}");
     assert!(caused(&app, &contact, late_id).await.is_empty());
     let (s, _) = call(
@@ -597,12 +553,18 @@ async fn a_run_cut_short_by_a_stop_is_finished_once_when_approved_again() {
     let app = TestApp::spawn().await;
     let (_, _, agent, _) = admin_and_agent(&app).await;
     let contact = new_contact(&app, json!({"given_name": "Ada"})).await;
-    let propose = |name: &str| {
-        json!({"type": "update_contact", "contact_id": contact,
-               "arguments": {"family_name": name}})
-    };
-    let (_, first) = post(&app, &agent, "/v1/ai/actions", propose("Byron")).await;
-    let (_, second) = post(&app, &agent, "/v1/ai/actions", propose("King")).await;
+    let (_, first) = propose(
+        &app,
+        &agent,
+        update(&contact, json!({"family_name": "Byron"})),
+    )
+    .await;
+    let (_, second) = propose(
+        &app,
+        &agent,
+        update(&contact, json!({"family_name": "King"})),
+    )
+    .await;
     let org = app.org_id;
     let meta = |causation: &str| {
         let mut m = EventMetadata::system(org, "test");
