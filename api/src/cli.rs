@@ -177,6 +177,15 @@ pub struct Common {
         default_value_t = 10_000
     )]
     pub shutdown_grace_ms: u64,
+    /// How often `serve` sweeps AI actions, in ms: records the expiry of pending ones past
+    /// their time, runs approved ones whose run was cut short (docs/ai.md).
+    #[arg(
+        long,
+        env = "CRM_AI_SWEEP_INTERVAL_MS",
+        global = true,
+        default_value_t = 10_000
+    )]
+    pub ai_sweep_interval_ms: u64,
     /// Requests per second per client IP on the API (0: no limit).
     #[arg(long, env = "CRM_RATE_LIMIT_API", global = true, default_value_t = 30)]
     pub rate_limit_api: u32,
@@ -358,6 +367,7 @@ impl Common {
             run_relay: true,
             run_projectors: true,
             run_dispatcher: true,
+            ai_sweep_interval: Duration::from_millis(self.ai_sweep_interval_ms.max(100)),
         })
     }
 }

@@ -20,6 +20,8 @@ pub struct Settings {
     pub run_projectors: bool,
     /// Run the dispatcher inside `serve`.
     pub run_dispatcher: bool,
+    /// How often `serve` sweeps AI actions (expiries, runs cut short).
+    pub ai_sweep_interval: Duration,
 }
 
 #[derive(Clone, Debug)]

@@ -209,6 +209,25 @@ impl Application {
                 }
             }
         });
+        // AI actions: expiries nobody asked about are recorded, runs cut short finished.
+        let (sweep_state, sweep_token) = (self.state.clone(), token.clone());
+        let every = self.state.settings.ai_sweep_interval;
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = sweep_token.cancelled() => break,
+                    _ = tokio::time::sleep(every) => {
+                        match crate::routes::ai::sweep(&sweep_state).await {
+                            Ok(swept) if swept != Default::default() => {
+                                tracing::info!(expired = swept.expired, run = swept.run, "AI actions swept");
+                            }
+                            Ok(_) => {}
+                            Err(e) => tracing::warn!(error = %e, "AI sweep failed; retried at the next"),
+                        }
+                    }
+                }
+            }
+        });
         // Who may do what is cached while its invalidations can be heard.
         match db::app_config(&self.state.settings.database) {
             Ok(pg) => {

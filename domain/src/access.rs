@@ -104,6 +104,7 @@ permissions! {
     WebhooksManage = "webhooks.manage", Core, true;
     RolesManage = "roles.manage", Core, true;
     AiApprove = "ai.approve", Core, true;
+    AiAuditRead = "ai.audit.read", Core, true;
 }
 
 impl Permission {
@@ -364,6 +365,7 @@ pub fn builtin_policy(role: Role) -> Policy {
                 RolesRead,
                 ContactsExport,
                 AiApprove,
+                AiAuditRead,
                 PortalManage,
                 ConsentRead,
                 ConsentManage,

@@ -5,6 +5,7 @@
 //! idempotence) lives in `crm-infra`; nothing here does I/O.
 
 pub mod activity;
+pub mod ai_audit;
 pub mod consent;
 pub mod contacts;
 

@@ -97,6 +97,8 @@ pub struct Options {
     pub run_projectors: bool,
     /// The dispatcher in the process (sends queued messages).
     pub run_dispatcher: bool,
+    /// How often the AI sweep runs (short in tests, so expiries show soon).
+    pub ai_sweep_interval: Duration,
     /// `CRM_SMTP_URL`: where email goes without an organisation's carrier (a test's
     /// SMTP sink); unset: nowhere (messages fail with "no carrier").
     pub smtp_url: Option<String>,
@@ -123,6 +125,7 @@ impl Default for Options {
             run_relay: true,
             run_projectors: true,
             run_dispatcher: true,
+            ai_sweep_interval: Duration::from_millis(300),
             smtp_url: None,
             max_body_bytes: 64 * 1024,
             cors_origins: Vec::new(),
@@ -256,6 +259,7 @@ impl TestApp {
             run_relay: opts.run_relay,
             run_projectors: opts.run_projectors,
             run_dispatcher: opts.run_dispatcher,
+            ai_sweep_interval: opts.ai_sweep_interval,
         };
         crm_infra::db::migrate(&settings.database)
             .await

@@ -13,7 +13,7 @@ use cqrs_es::Aggregate;
 use crm_domain::access::Permission;
 use crm_domain::ai::risk::{ActionKind, InitiatorKind, Oversight, RiskInput};
 use crm_domain::ai::{
-    ActionStatus, AiAction, AiActionCommand, AiActionEvent, AiSettings, AiSettingsCommand,
+    ActionStatus, AiAction, AiActionCommand, AiActionEvent, AiSettings, AiSettingsCommand, Content,
     Initiator, ModelInfo, Request,
 };
 use crm_domain::contact::Contact;
@@ -51,6 +51,15 @@ impl AiActionKind {
         match self {
             Self::UpdateContact => ActionKind::UpdateContact,
             Self::SendMessage => ActionKind::SendMessage,
+        }
+    }
+
+    /// The served kind of a recorded action.
+    fn of(kind: ActionKind) -> Option<Self> {
+        match kind {
+            ActionKind::UpdateContact => Some(Self::UpdateContact),
+            ActionKind::SendMessage => Some(Self::SendMessage),
+            _ => None,
         }
     }
 
@@ -373,10 +382,12 @@ pub(crate) async fn propose(
     let request = Request {
         kind: input.kind.kind(),
         arguments_sha256: digest(input.kind, input.contact_id, &input.arguments),
-        arguments: serde_json::json!({
-            "type": input.kind, "contact_id": input.contact_id, "arguments": input.arguments
-        }),
         contacts: vec![input.contact_id],
+    };
+    let content = Content {
+        arguments: input.arguments,
+        input_summary: input.input_summary,
+        reasoning_summary: input.reasoning_summary,
     };
     let m = input.model;
     s.executor
@@ -389,6 +400,7 @@ pub(crate) async fn propose(
                 agent_id: a.caller.user_id,
                 initiator,
                 request,
+                content,
                 risk_input: risk,
                 oversight: settings.oversight,
                 stopped: settings.stopped,
@@ -400,8 +412,6 @@ pub(crate) async fn propose(
                     input_tokens: m.input_tokens.and_then(|n| u64::try_from(n).ok()),
                     output_tokens: m.output_tokens.and_then(|n| u64::try_from(n).ok()),
                 },
-                input_summary: input.input_summary,
-                reasoning_summary: input.reasoning_summary,
                 expires_at: now + Duration::seconds(settings.approval_ttl_secs().into()),
                 now,
             },
@@ -411,7 +421,7 @@ pub(crate) async fn propose(
         .await?;
     let (action, _) = read(&s, org, action_id).await?;
     if action.status == Some(ActionStatus::Approved) {
-        run(&s, &a, org, action_id).await?;
+        run(&s, &Runner::of(&a), org, action_id).await?;
     }
     let doc = describe(&s, &a, action_id).await?;
     Ok(Created {
@@ -471,7 +481,14 @@ pub(crate) async fn approve(
     if action.status == Some(ActionStatus::PendingApproval)
         && action.expires_at.is_some_and(|t| t <= now)
     {
-        record(&s, &a, org, id, AiActionCommand::Expire { now }).await?;
+        record(
+            &s,
+            &Runner::of(&a),
+            org,
+            id,
+            AiActionCommand::Expire { now },
+        )
+        .await?;
         return Err(ApiError::Conflict(
             "the action expired before a decision".into(),
         ));
@@ -497,7 +514,7 @@ pub(crate) async fn approve(
             )
             .await?;
     }
-    run(&s, &a, org, id).await?;
+    run(&s, &Runner::of(&a), org, id).await?;
     Ok(Ok200(describe(&s, &a, id).await?))
 }
 
@@ -512,15 +529,12 @@ pub(crate) async fn edit(
 ) -> Result<Ok200<AiActionDoc>, ApiError> {
     let org = a.caller.org_id;
     let (_, events) = read(&s, org, id).await?;
-    let Some(AiActionEvent::AiActionProposed { request, .. }) =
-        events.into_iter().map(|(_, e)| e).next()
-    else {
+    let Some((request, _)) = in_force(&events) else {
         return Err(ApiError::NotFound("AI action not found"));
     };
-    let (Ok(kind), Ok(contact_id)) = (
-        serde_json::from_value::<AiActionKind>(request.arguments["type"].clone()),
-        serde_json::from_value::<Uuid>(request.arguments["contact_id"].clone()),
-    ) else {
+    let (Some(kind), Some(&contact_id)) =
+        (AiActionKind::of(request.kind), request.contacts.first())
+    else {
         return Err(ApiError::Conflict(
             "this action's kind cannot be edited".into(),
         ));
@@ -539,10 +553,12 @@ pub(crate) async fn edit(
                 request: Request {
                     kind: kind.kind(),
                     arguments_sha256: digest(kind, contact_id, &input.arguments),
-                    arguments: serde_json::json!({
-                        "type": kind, "contact_id": contact_id, "arguments": input.arguments
-                    }),
                     contacts: vec![contact_id],
+                },
+                content: Content {
+                    arguments: input.arguments,
+                    input_summary: None,
+                    reasoning_summary: None,
                 },
                 risk_input: risk,
                 expires_at: Utc::now() + Duration::seconds(ttl.into()),
@@ -797,6 +813,7 @@ async fn describe(s: &AppState, a: &Authed, id: Uuid) -> Result<AiActionDoc, Api
         match event {
             AiActionEvent::AiActionProposed {
                 request,
+                content,
                 rule,
                 initiator,
                 ..
@@ -805,11 +822,11 @@ async fn describe(s: &AppState, a: &Authed, id: Uuid) -> Result<AiActionDoc, Api
                 doc.contact_id = request.contacts.first().copied();
                 doc.rule = rule;
                 doc.initiated_by = super::schemas::wire_name(&initiator.kind);
-                doc.arguments = Some(request.arguments["arguments"].clone());
+                doc.arguments = Some(content.arguments);
             }
-            AiActionEvent::AiActionEdited { request, rule, .. } => {
+            AiActionEvent::AiActionEdited { content, rule, .. } => {
                 doc.rule = rule;
-                doc.arguments = Some(request.arguments["arguments"].clone());
+                doc.arguments = Some(content.arguments);
             }
             AiActionEvent::AiActionExecuted { event_ids } => doc.result_events = event_ids,
             AiActionEvent::AiActionFailed {
@@ -835,12 +852,60 @@ async fn describe(s: &AppState, a: &Authed, id: Uuid) -> Result<AiActionDoc, Api
     Ok(doc)
 }
 
+/// Who runs an approved action and records its outcome: the request that approved it
+/// (or proposed it, when the policy approved it at once), or the service's sweep.
+pub(crate) struct Runner {
+    ctx: crate::edge::context::RequestContext,
+    meta: crm_domain::metadata::EventMetadata,
+}
+
+impl Runner {
+    fn of(a: &Authed) -> Self {
+        Self {
+            ctx: a.ctx.clone(),
+            meta: a.metadata(),
+        }
+    }
+
+    /// The service's own sweep (principal `system:ai-sweep`).
+    fn sweep(org: Uuid) -> Self {
+        let request_id = crate::edge::context::new_request_id();
+        let mut meta = crm_domain::metadata::EventMetadata::system(org, "ai-sweep");
+        meta.request_id = Some(request_id.clone());
+        Self {
+            ctx: crate::edge::context::RequestContext {
+                request_id,
+                ip: None,
+                user_agent: None,
+                global_privacy_control: false,
+                correlation_id: None,
+                causation_id: None,
+            },
+            meta,
+        }
+    }
+}
+
 /// Runs an approved action once: as its proposer, with the proposer's rights now,
 /// through the command's own route logic, with the action's id as causation id; then
 /// records the outcome on the action. A retry finds what an earlier run wrote (the
 /// contact's events caused by the action; the message whose id is the action's) and
-/// records that instead of running again.
-async fn run(s: &AppState, a: &Authed, org: Uuid, id: Uuid) -> Result<(), ApiError> {
+/// records that instead of running again. Runs of one action never overlap: each holds
+/// the action's advisory lock, and one that cannot take it leaves the action to the
+/// run that holds it.
+async fn run(s: &AppState, by: &Runner, org: Uuid, id: Uuid) -> Result<(), ApiError> {
+    let mut lock_client = s.pool.get().await?;
+    let lock = lock_client.transaction().await?;
+    let held: bool = lock
+        .query_one(
+            "SELECT pg_try_advisory_xact_lock(hashtextextended('ai_action:' || $1, 0))",
+            &[&id.to_string()],
+        )
+        .await?
+        .get(0);
+    if !held {
+        return Ok(());
+    }
     let (action, events) = read(s, org, id).await?;
     if action.status != Some(ActionStatus::Approved) {
         return Ok(());
@@ -855,51 +920,81 @@ async fn run(s: &AppState, a: &Authed, org: Uuid, id: Uuid) -> Result<(), ApiErr
             let hold = AiActionCommand::Hold {
                 expires_at: Utc::now() + Duration::seconds(settings.approval_ttl_secs().into()),
             };
-            return record(s, a, org, id, hold).await;
+            return record(s, by, org, id, hold).await;
         }
     }
-    let outcome = outcome_of(s, a, org, id, &action, &events).await?;
-    record_outcome(s, a, org, id, outcome).await
+    let outcome = outcome_of(s, &by.ctx, org, id, &action, &events).await?;
+    record_outcome(s, by, org, id, outcome).await?;
+    lock.commit().await?;
+    Ok(())
+}
+
+/// What the service's sweep did: pending actions past their time recorded as expired,
+/// and approved actions left unrun (a process stopped between the approval and the
+/// run) run.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Swept {
+    pub expired: usize,
+    pub run: usize,
+}
+
+/// How long an approved action may wait for the run its approval started before the
+/// sweep runs it instead.
+const STRANDED_AFTER: i64 = 5;
+
+/// One pass of the sweep, over every organisation (at most 100 actions of each kind):
+/// records the expiry of pending actions past their time, so the queue and the audit
+/// log say so without anyone asking, and finishes approved actions whose run was cut
+/// short. Runs inside the API process (`Application::run_until_stopped`).
+pub async fn sweep(s: &AppState) -> Result<Swept, ApiError> {
+    use crm_infra::read_models::ai_audit as audit_rm;
+    let now = Utc::now();
+    let (expired, stranded) = {
+        let mut client = s.pool.get().await?;
+        let tx = client.build_transaction().read_only(true).start().await?;
+        tx.batch_execute("SELECT set_config('crm.scope', 'all', true)")
+            .await?;
+        let expired = audit_rm::past_their_time(&tx, now, 100).await?;
+        let stranded =
+            audit_rm::approved_not_run(&tx, now - Duration::seconds(STRANDED_AFTER), 100).await?;
+        tx.commit().await?;
+        (expired, stranded)
+    };
+    let mut swept = Swept::default();
+    for (org, id) in expired {
+        let by = Runner::sweep(org);
+        match record(s, &by, org, id, AiActionCommand::Expire { now }).await {
+            Ok(()) => swept.expired += 1,
+            // Decided (or edited) since the read model saw it: nothing to expire.
+            Err(ApiError::Conflict(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    for (org, id) in stranded {
+        run(s, &Runner::sweep(org), org, id).await?;
+        swept.run += 1;
+    }
+    Ok(swept)
 }
 
 /// Runs the approved `action` (with its `events`) and says how it ended.
 async fn outcome_of(
     s: &AppState,
-    a: &Authed,
+    ctx: &crate::edge::context::RequestContext,
     org: Uuid,
     id: Uuid,
     action: &AiAction,
     events: &[(crm_infra::store::decode::DecodedEvent, AiActionEvent)],
 ) -> Result<Outcome, ApiError> {
-    let Some(AiActionEvent::AiActionProposed {
-        initiator: _,
-        request,
-        ..
-    }) = events
-        .iter()
-        .map(|(_, e)| e)
-        .find(|e| matches!(e, AiActionEvent::AiActionProposed { .. }))
-        .cloned()
-    else {
+    let Some((request, content)) = in_force(events) else {
         return Err(ApiError::NotFound("AI action not found"));
     };
-    // The arguments in force: the last edit's, else the proposal's.
-    let request = events
-        .iter()
-        .rev()
-        .find_map(|(_, e)| match e {
-            AiActionEvent::AiActionEdited { request, .. } => Some(request.clone()),
-            _ => None,
-        })
-        .unwrap_or(request);
-    let (kind, contact_id, arguments) = (
-        serde_json::from_value::<AiActionKind>(request.arguments["type"].clone()),
-        serde_json::from_value::<Uuid>(request.arguments["contact_id"].clone()),
-        request.arguments["arguments"].clone(),
-    );
-    let (Ok(kind), Ok(contact_id)) = (kind, contact_id) else {
+    let (Some(kind), Some(&contact_id)) =
+        (AiActionKind::of(request.kind), request.contacts.first())
+    else {
         return Ok(Outcome::failed("unsupported", "not a served kind"));
     };
+    let arguments = content.arguments;
     let proposer_id = action.agent_id.unwrap_or_default();
     let proposer_kind = events
         .first()
@@ -921,7 +1016,7 @@ async fn outcome_of(
             "the proposer's credential or account is no longer active",
         ));
     };
-    let mut ctx = a.ctx.clone();
+    let mut ctx = ctx.clone();
     ctx.causation_id = Some(id.to_string());
     let proposer = Authed {
         caller: Caller {
@@ -946,10 +1041,26 @@ async fn outcome_of(
     })
 }
 
+/// What the action would run now: the last edit's request and arguments, else the
+/// proposal's (`None` without a proposal).
+fn in_force(
+    events: &[(crm_infra::store::decode::DecodedEvent, AiActionEvent)],
+) -> Option<(Request, Content)> {
+    events.iter().rev().find_map(|(_, e)| match e {
+        AiActionEvent::AiActionProposed {
+            request, content, ..
+        }
+        | AiActionEvent::AiActionEdited {
+            request, content, ..
+        } => Some((request.clone(), content.clone())),
+        _ => None,
+    })
+}
+
 /// Records how a run ended on the action.
 async fn record_outcome(
     s: &AppState,
-    a: &Authed,
+    by: &Runner,
     org: Uuid,
     id: Uuid,
     outcome: Outcome,
@@ -966,7 +1077,7 @@ async fn record_outcome(
             event_ids,
         },
     };
-    record(s, a, org, id, command).await
+    record(s, by, org, id, command).await
 }
 
 /// How a run ended.
@@ -1115,12 +1226,13 @@ async fn message_outcome(
 
 async fn record(
     s: &AppState,
-    a: &Authed,
+    by: &Runner,
     org: Uuid,
     id: Uuid,
     command: AiActionCommand,
 ) -> Result<(), ApiError> {
-    let mut meta = a.metadata();
+    let mut meta = by.meta.clone();
+    meta.occurred_at = Utc::now();
     meta.causation_id = Some(id.to_string());
     s.executor
         .execute::<AiAction>(org, &id.to_string(), command, &meta, None)

@@ -5,6 +5,7 @@
 
 pub mod activity;
 pub mod ai;
+pub mod ai_audit;
 pub mod api_keys;
 pub mod carriers;
 pub mod consent;

@@ -7,8 +7,8 @@ use crm_domain::access::Permission as P;
 use warp::http::Method;
 
 use super::{
-    activity, ai, api_keys, carriers, consent, consent_log, contacts, health, login, messages,
-    portal, receipts, reports, roles, users,
+    activity, ai, ai_audit, api_keys, carriers, consent, consent_log, contacts, health, login,
+    messages, portal, receipts, reports, roles, users,
 };
 use crate::edge::route::{route, Auth, Route};
 
@@ -202,6 +202,16 @@ pub fn table() -> Vec<Route> {
             .staff(P::AiApprove)
             .errors(&[404, 409])
             .to(ai::reject),
+        route(get.clone(), "/v1/ai/approvals", "ai")
+            .summary("Pending AI actions, each with a readable diff of what it would change")
+            .staff(P::AiApprove)
+            .to(ai_audit::approvals),
+        route(get.clone(), "/v1/ai/audit", "ai")
+            .summary(
+                "The AI audit log: every action with its risk, rule, model, approval chain and outcome",
+            )
+            .staff(P::AiAuditRead)
+            .to(ai_audit::audit),
         route(get.clone(), "/v1/ai/settings", "ai")
             .summary("The organisation's AI oversight level and stop switch")
             .staff(P::AiApprove)

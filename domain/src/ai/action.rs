@@ -51,17 +51,42 @@ pub struct Initiator {
     pub on_behalf_of: Option<Uuid>,
 }
 
-/// What the action would run, as the API would take it, and its digest: an approval
-/// names the digest, so it holds for these exact arguments only.
+/// What the action would run (without its arguments, which are personal: see
+/// [`Content`]) and the digest of the exact arguments: an approval names the digest, so
+/// it holds for these arguments only.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Request {
     pub kind: ActionKind,
-    /// The command's arguments (personal data).
-    pub arguments: serde_json::Value,
-    /// SHA-256 of the canonical JSON of `arguments`, hex.
+    /// SHA-256 of the canonical JSON of what would run (kind, contacts, arguments), hex.
     pub arguments_sha256: String,
     /// The contacts the action touches.
     pub contacts: Vec<Uuid>,
+}
+
+/// The personal part of a proposal or an edit: the command's arguments and what the
+/// agent acted on. Every member is encrypted under the action's data key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Content {
+    /// The command's arguments, as its API route takes its body.
+    pub arguments: serde_json::Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_summary: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning_summary: Option<String>,
+}
+
+/// Free text a person (or a refusal) wrote about a step: it may name someone, so it is
+/// encrypted under the action's data key.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Note {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+}
+
+impl Note {
+    pub fn of(text: Option<String>) -> Self {
+        Self { text }
+    }
 }
 
 /// Where an action stands.
@@ -88,6 +113,7 @@ pub enum AiActionCommand {
         agent_id: Uuid,
         initiator: Initiator,
         request: Request,
+        content: Content,
         /// The facts of the arguments the risk policy reads.
         risk_input: RiskInput,
         oversight: Oversight,
@@ -95,8 +121,6 @@ pub enum AiActionCommand {
         /// whatever their risk.
         stopped: bool,
         model: ModelInfo,
-        input_summary: Option<String>,
-        reasoning_summary: Option<String>,
         /// When a pending approval runs out.
         expires_at: DateTime<Utc>,
         now: DateTime<Utc>,
@@ -120,6 +144,7 @@ pub enum AiActionCommand {
     Edit {
         by: Uuid,
         request: Request,
+        content: Content,
         risk_input: RiskInput,
         expires_at: DateTime<Utc>,
     },
@@ -154,14 +179,12 @@ pub enum AiActionEvent {
         agent_id: Uuid,
         initiator: Initiator,
         request: Request,
+        /// Personal: encrypted.
+        content: Content,
         risk: Risk,
         /// The id of the policy rule that set the risk.
         rule: String,
         model: ModelInfo,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        input_summary: Option<String>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        reasoning_summary: Option<String>,
     },
     AiActionAutoApproved {
         rule: String,
@@ -174,16 +197,20 @@ pub enum AiActionEvent {
     AiActionApproved {
         by: Uuid,
         arguments_sha256: String,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        reason: Option<String>,
+        /// Why (optional; personal: encrypted).
+        #[serde(default)]
+        note: Note,
     },
     AiActionRejected {
         by: Uuid,
-        reason: String,
+        /// Why (personal: encrypted).
+        note: Note,
     },
     AiActionEdited {
         by: Uuid,
         request: Request,
+        /// The new arguments (personal: encrypted).
+        content: Content,
         risk: Risk,
         rule: String,
     },
@@ -195,8 +222,11 @@ pub enum AiActionEvent {
         event_ids: Vec<Uuid>,
     },
     AiActionFailed {
+        /// A reason code (the send gate's, or the refusal's).
         reason: String,
-        detail: String,
+        /// The refusal's message (personal: encrypted).
+        #[serde(default)]
+        note: Note,
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         event_ids: Vec<Uuid>,
     },
@@ -226,11 +256,11 @@ impl DomainEvent for AiActionEvent {
 impl PersonalData for AiActionEvent {
     fn personal_sections(&self) -> &'static [&'static str] {
         match self {
-            Self::AiActionProposed { .. } => &["request", "input_summary", "reasoning_summary"],
-            Self::AiActionEdited { .. } => &["request"],
+            Self::AiActionProposed { .. } | Self::AiActionEdited { .. } => &["content"],
             // Free text a person or a refusal wrote may name someone.
-            Self::AiActionRejected { .. } | Self::AiActionApproved { .. } => &["reason"],
-            Self::AiActionFailed { .. } => &["detail"],
+            Self::AiActionRejected { .. }
+            | Self::AiActionApproved { .. }
+            | Self::AiActionFailed { .. } => &["note"],
             _ => &[],
         }
     }
@@ -310,12 +340,11 @@ impl Aggregate for AiAction {
                 agent_id,
                 initiator,
                 request,
+                content,
                 risk_input,
                 oversight,
                 stopped,
                 model,
-                input_summary,
-                reasoning_summary,
                 expires_at,
                 now,
             } => {
@@ -343,11 +372,10 @@ impl Aggregate for AiAction {
                     agent_id,
                     initiator,
                     request,
+                    content,
                     risk: rule.risk,
                     rule: rule.id.to_owned(),
                     model,
-                    input_summary,
-                    reasoning_summary,
                 };
                 let next = match waits {
                     Some(because) => AiActionEvent::AiActionApprovalRequested {
@@ -381,7 +409,7 @@ impl Aggregate for AiAction {
                 vec![AiActionEvent::AiActionApproved {
                     by,
                     arguments_sha256,
-                    reason,
+                    note: Note::of(reason),
                 }]
             }
             AiActionCommand::Reject { by, reason } => {
@@ -390,11 +418,15 @@ impl Aggregate for AiAction {
                 if reason.trim().is_empty() {
                     return Err(AiActionError::ReasonRequired);
                 }
-                vec![AiActionEvent::AiActionRejected { by, reason }]
+                vec![AiActionEvent::AiActionRejected {
+                    by,
+                    note: Note::of(Some(reason)),
+                }]
             }
             AiActionCommand::Edit {
                 by,
                 request,
+                content,
                 risk_input,
                 expires_at,
             } => {
@@ -405,6 +437,7 @@ impl Aggregate for AiAction {
                     AiActionEvent::AiActionEdited {
                         by,
                         request,
+                        content,
                         risk: rule.risk,
                         rule: rule.id.to_owned(),
                     },
@@ -439,7 +472,7 @@ impl Aggregate for AiAction {
             } => match self.status()? {
                 ActionStatus::Approved => vec![AiActionEvent::AiActionFailed {
                     reason,
-                    detail,
+                    note: Note::of(Some(detail)),
                     event_ids,
                 }],
                 s => return Err(AiActionError::NotAllowedNow(s, "failed")),

@@ -7,8 +7,8 @@ pub mod risk;
 pub mod settings;
 
 pub use action::{
-    ActionStatus, AiAction, AiActionCommand, AiActionError, AiActionEvent, Initiator, ModelInfo,
-    Request,
+    ActionStatus, AiAction, AiActionCommand, AiActionError, AiActionEvent, Content, Initiator,
+    ModelInfo, Note, Request,
 };
 pub use risk::{ActionKind, InitiatorKind, Oversight, Risk, RiskInput, Rule, RULES};
 pub use settings::{AiSettings, AiSettingsCommand, AiSettingsError, AiSettingsEvent};

@@ -148,9 +148,16 @@ const SHA_B: &str = "bbbb";
 fn request(sha: &str) -> Request {
     Request {
         kind: ActionKind::SendMessage,
-        arguments: json!({"channel": "email", "purpose": "marketing", "body": "Hi"}),
         arguments_sha256: sha.to_owned(),
         contacts: vec![Uuid::nil()],
+    }
+}
+
+fn content() -> Content {
+    Content {
+        arguments: json!({"channel": "email", "purpose": "marketing", "body": "Hi"}),
+        input_summary: None,
+        reasoning_summary: None,
     }
 }
 
@@ -162,12 +169,11 @@ fn propose(kind: InitiatorKind, on_behalf_of: Option<Uuid>, stopped: bool) -> Ai
         agent_id: Uuid::from_u128(3),
         initiator: Initiator { kind, on_behalf_of },
         request: request(SHA_A),
+        content: content(),
         risk_input: input(ActionKind::SendMessage),
         oversight: Oversight::Standard,
         stopped,
         model: ModelInfo::default(),
-        input_summary: None,
-        reasoning_summary: None,
         expires_at: now + Duration::hours(1),
         now,
     }
@@ -277,7 +283,7 @@ fn the_user_it_was_proposed_for_cannot_approve_or_reject_it() {
         .then_expect_events(vec![AiActionEvent::AiActionApproved {
             by: other,
             arguments_sha256: SHA_A.into(),
-            reason: None,
+            note: Note::of(None),
         }]);
 }
 
@@ -288,6 +294,7 @@ fn an_approval_holds_for_the_exact_arguments_only() {
     history.push(AiActionEvent::AiActionEdited {
         by: approver,
         request: request(SHA_B),
+        content: content(),
         risk: Risk::Medium,
         rule: "send_message".into(),
     });
@@ -317,7 +324,7 @@ fn an_approval_holds_for_the_exact_arguments_only() {
         .then_expect_events(vec![AiActionEvent::AiActionApproved {
             by: approver,
             arguments_sha256: SHA_B.into(),
-            reason: None,
+            note: Note::of(None),
         }]);
 }
 
@@ -328,12 +335,13 @@ fn an_edit_of_an_approved_action_is_refused_and_an_edit_asks_again() {
     approved.push(AiActionEvent::AiActionApproved {
         by: approver,
         arguments_sha256: SHA_A.into(),
-        reason: None,
+        note: Note::of(None),
     });
     let expires_at = Utc::now() + Duration::hours(1);
     let edit = AiActionCommand::Edit {
         by: approver,
         request: request(SHA_B),
+        content: content(),
         risk_input: input(ActionKind::SendMessage),
         expires_at,
     };
@@ -351,6 +359,7 @@ fn an_edit_of_an_approved_action_is_refused_and_an_edit_asks_again() {
             AiActionEvent::AiActionEdited {
                 by: approver,
                 request: request(SHA_B),
+                content: content(),
                 risk: Risk::Medium,
                 rule: "send_message".into(),
             },
@@ -409,7 +418,7 @@ fn only_an_approved_action_is_executed_and_only_once() {
     approved.push(AiActionEvent::AiActionApproved {
         by: Uuid::from_u128(10),
         arguments_sha256: SHA_A.into(),
-        reason: None,
+        note: Note::of(None),
     });
     Framework::with(())
         .given(approved.clone())
@@ -437,7 +446,7 @@ fn the_stop_switch_holds_an_approved_action_until_a_fresh_decision() {
     approved.push(AiActionEvent::AiActionApproved {
         by: Uuid::from_u128(10),
         arguments_sha256: SHA_A.into(),
-        reason: None,
+        note: Note::of(None),
     });
     let expires_at = Utc::now() + Duration::hours(1);
     approved.push(AiActionEvent::AiActionHeld { expires_at });
@@ -460,7 +469,7 @@ fn the_stop_switch_holds_an_approved_action_until_a_fresh_decision() {
         .then_expect_events(vec![AiActionEvent::AiActionApproved {
             by: Uuid::from_u128(10),
             arguments_sha256: SHA_A.into(),
-            reason: Some("checked again".into()),
+            note: Note::of(Some("checked again".into())),
         }]);
 }
 
@@ -525,6 +534,66 @@ fn with_the_stop_switch_on_an_autonomous_action_cannot_be_approved() {
         .then_expect_events(vec![AiActionEvent::AiActionApproved {
             by: Uuid::from_u128(10),
             arguments_sha256: SHA_A.into(),
-            reason: None,
+            note: Note::of(None),
         }]);
+}
+
+#[test]
+fn the_personal_data_of_every_step_sits_in_its_encrypted_sections() {
+    use crate::PersonalData;
+    let mut c = content();
+    c.input_summary = Some("SECRET-input".into());
+    c.reasoning_summary = Some("SECRET-reasoning".into());
+    let events = vec![
+        AiActionEvent::AiActionProposed {
+            action_id: Uuid::nil(),
+            org_id: Uuid::nil(),
+            agent_id: Uuid::nil(),
+            initiator: Initiator {
+                kind: InitiatorKind::Autonomous,
+                on_behalf_of: None,
+            },
+            request: request(SHA_A),
+            content: c.clone(),
+            risk: Risk::Medium,
+            rule: "r".into(),
+            model: ModelInfo::default(),
+        },
+        AiActionEvent::AiActionEdited {
+            by: Uuid::nil(),
+            request: request(SHA_B),
+            content: c,
+            risk: Risk::Medium,
+            rule: "r".into(),
+        },
+        AiActionEvent::AiActionApproved {
+            by: Uuid::nil(),
+            arguments_sha256: SHA_A.into(),
+            note: Note::of(Some("SECRET-why".into())),
+        },
+        AiActionEvent::AiActionRejected {
+            by: Uuid::nil(),
+            note: Note::of(Some("SECRET-why".into())),
+        },
+        AiActionEvent::AiActionFailed {
+            reason: "blocked".into(),
+            note: Note::of(Some("SECRET-detail".into())),
+            event_ids: vec![],
+        },
+    ];
+    for event in events {
+        let mut json = serde_json::to_value(&event).unwrap();
+        let body = json.as_object_mut().unwrap().values_mut().next().unwrap();
+        for section in event.personal_sections() {
+            // The store encrypts the direct members of objects: each section is one.
+            assert!(body[*section].is_object(), "{event:?}: {section}");
+            body.as_object_mut().unwrap().remove(*section);
+        }
+        // Nothing personal is left outside them (the message body "Hi" included).
+        let rest = json.to_string();
+        assert!(
+            !rest.contains("SECRET") && !rest.contains("\"Hi\""),
+            "{rest}"
+        );
+    }
 }

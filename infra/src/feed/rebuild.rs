@@ -58,13 +58,17 @@ struct Scan {
 }
 
 impl Scan {
-    /// The scan for a projection. The `Rebuilder`s of `contacts` and `activity` rely on
+    /// The scan for a projection. The `Rebuilder`s of `contacts`, `ai_audit` and `activity` rely on
     /// the order given here (see their docs); any other projection gets every event in
     /// commit order.
     fn of(projection: &dyn Projection) -> Self {
         match projection.name() {
             "contacts" => Scan {
                 aggregate_type: Some(crate::read_models::contacts::REBUILD_AGGREGATE_TYPE),
+                order: Order::Stream,
+            },
+            "ai_audit" => Scan {
+                aggregate_type: Some(crate::read_models::ai_audit::REBUILD_AGGREGATE_TYPE),
                 order: Order::Stream,
             },
             "activity" => Scan {

@@ -1,6 +1,7 @@
 //! SQL of the read models: how each projection persists, and the queries the API runs.
 
 pub mod activity;
+pub mod ai_audit;
 pub mod consent_log;
 pub mod consent_state;
 pub mod contacts;
@@ -21,6 +22,7 @@ pub fn all() -> Vec<Arc<dyn Projection>> {
         Arc::new(activity::ActivityProjection),
         Arc::new(consent_state::ConsentStateProjection),
         Arc::new(consent_log::ConsentLogProjection),
+        Arc::new(ai_audit::AiAuditProjection),
     ]
 }
 

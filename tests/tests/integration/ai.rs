@@ -656,3 +656,430 @@ async fn a_run_cut_short_by_a_stop_is_finished_once_when_approved_again() {
     assert_eq!(caused(&app, &contact, &second_id).await, ran_before);
     app.stop().await;
 }
+
+/// `GET path` as `token`, waiting until `ready` holds of the answer (the audit log is a
+/// read model): the last answer.
+async fn audit_until(
+    app: &TestApp,
+    token: &str,
+    path: &str,
+    ready: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let (s, v) = call(app, token, reqwest::Method::GET, path, None).await;
+        assert_eq!(s, 200, "{path}: {v}");
+        if ready(&v) {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{path}: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn items(v: &Value) -> Vec<Value> {
+    v["items"].as_array().cloned().unwrap_or_default()
+}
+
+#[tokio::test]
+async fn executed_actions_are_in_the_ai_audit_log_with_their_chain_and_sealed_at_rest() {
+    let app = TestApp::spawn().await;
+    let (admin_id, admin, agent, agent_id) = admin_and_agent(&app).await;
+    let contact = new_contact(
+        &app,
+        json!({"given_name": "Ada", "email": "ada@example.com", "company": "Old Ltd"}),
+    )
+    .await;
+    let other = new_contact(&app, json!({"given_name": "Bob"})).await;
+    // The admin, through an assistant: low risk, runs at once.
+    let mut low = update(&contact, json!({"company": "New Ltd"}));
+    low["reasoning_summary"] = json!("SECRET-reasoning: she wrote from her new company");
+    low["model"] = json!({"provider": "anthropic", "model": "claude", "input_tokens": 812});
+    let (s, done) = propose(&app, &admin, low).await;
+    assert_eq!(
+        (s, done["status"].as_str()),
+        (201, Some("executed")),
+        "{done}"
+    );
+    let low_id = done["id"].as_str().unwrap().to_owned();
+    // The agent on its own: a personal field, waits; someone else approves it.
+    let (_, pending) = propose(
+        &app,
+        &agent,
+        update(&contact, json!({"email": "ada@new.example"})),
+    )
+    .await;
+    let medium_id = pending["id"].as_str().unwrap().to_owned();
+    let (s, approved) = post(
+        &app,
+        &app.token,
+        &format!("/v1/ai/actions/{medium_id}/approve"),
+        json!({"arguments_sha256": pending["arguments_sha256"], "reason": "SECRET-why: checked by phone"}),
+    )
+    .await;
+    assert_eq!(
+        (s, approved["status"].as_str()),
+        (200, Some("executed")),
+        "{approved}"
+    );
+
+    let log = audit_until(&app, &app.token, "/v1/ai/audit", |v| {
+        items(v).len() == 2 && items(v).iter().all(|i| i["status"] == "executed")
+    })
+    .await;
+    let entries = items(&log);
+    // Newest first.
+    let (medium, low) = (&entries[0], &entries[1]);
+    assert_eq!(medium["id"], medium_id.as_str());
+    assert_eq!(
+        (
+            low["risk"].as_str(),
+            low["rule"].as_str(),
+            low["initiated_by"].as_str()
+        ),
+        (Some("low"), Some("default"), Some("user"))
+    );
+    assert_eq!(low["on_behalf_of"], admin_id.to_string());
+    assert_eq!(low["model"]["model"], "claude");
+    assert_eq!(low["model"]["input_tokens"], 812);
+    assert_eq!(
+        low["reasoning_summary"],
+        "SECRET-reasoning: she wrote from her new company"
+    );
+    assert_eq!(low["arguments"], json!({"company": "New Ltd"}));
+    // The causal links: the result events are the contact's events caused by the action.
+    for (entry, id) in [(low, &low_id), (medium, &medium_id)] {
+        let caused: Vec<Value> = caused(&app, &contact, id)
+            .await
+            .into_iter()
+            .map(|(e, _)| json!(e))
+            .collect();
+        assert_eq!(caused.len(), 1);
+        assert_eq!(entry["result_events"], json!(caused), "{entry}");
+        assert_eq!(entry["contacts"], json!([contact]));
+    }
+    // The approval chain: who proposed, who decided, why, the digest decided on.
+    let steps: Vec<&str> = medium["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["step"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        steps,
+        ["proposed", "approval_requested", "approved", "executed"]
+    );
+    let approval = &medium["steps"][2];
+    assert_eq!(approval["decided_by"], app.user_id.to_string());
+    assert_eq!(approval["note"], "SECRET-why: checked by phone");
+    assert_eq!(approval["arguments_sha256"], pending["arguments_sha256"]);
+    assert_eq!(medium["steps"][0]["by"]["kind"], "ai_agent");
+    assert_eq!(medium["steps"][0]["by"]["id"], agent_id.as_str());
+    assert_eq!(medium["steps"][1]["because"], "risk");
+
+    // Filters.
+    let only = |path: String| {
+        let app = &app;
+        async move {
+            let (s, v) = call(app, &app.token, reqwest::Method::GET, &path, None).await;
+            assert_eq!(s, 200, "{path}: {v}");
+            items(&v)
+                .iter()
+                .map(|i| i["id"].as_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        only(format!("/v1/ai/audit?agent_id={agent_id}")).await,
+        [medium_id.as_str()]
+    );
+    assert_eq!(
+        only("/v1/ai/audit?risk=low".into()).await,
+        [low_id.as_str()]
+    );
+    assert_eq!(
+        only("/v1/ai/audit?status=executed&limit=1".into()).await,
+        [medium_id.as_str()]
+    );
+    assert_eq!(
+        only(format!(
+            "/v1/ai/audit?status=executed&limit=1&before={medium_id}"
+        ))
+        .await,
+        [low_id.as_str()]
+    );
+    assert!(only(format!("/v1/ai/audit?contact_id={other}"))
+        .await
+        .is_empty());
+    assert_eq!(
+        only(format!("/v1/ai/audit?contact_id={contact}"))
+            .await
+            .len(),
+        2
+    );
+    assert!(only("/v1/ai/audit?type=send_message".into())
+        .await
+        .is_empty());
+    assert!(only("/v1/ai/audit?until=2020-01-01T00:00:00Z".into())
+        .await
+        .is_empty());
+    let (s, bad) = call(
+        &app,
+        &app.token,
+        reqwest::Method::GET,
+        "/v1/ai/audit?risk=extreme",
+        None,
+    )
+    .await;
+    assert_eq!(s, 400, "{bad}");
+    // Only holders of ai.audit.read read it.
+    let (_, team) = app.user_with_role(RoleRef::Builtin(Role::Team)).await;
+    let (s, _) = call(&app, &team, reqwest::Method::GET, "/v1/ai/audit", None).await;
+    assert_eq!(s, 403);
+    let (s, _) = call(&app, &agent, reqwest::Method::GET, "/v1/ai/audit", None).await;
+    assert_eq!(s, 403);
+
+    // At rest the personal data is sealed under the action's key.
+    let db = app.db().await;
+    for row in db
+        .query("SELECT content::text || steps::text FROM ai_audit", &[])
+        .await
+        .unwrap()
+    {
+        let text: String = row.get(0);
+        assert!(
+            !text.contains("SECRET") && !text.contains("New Ltd") && !text.contains("ada@new"),
+            "{text}"
+        );
+    }
+    // Rebuilt from the events alone, the log is the same.
+    let before: Vec<String> = db
+        .query("SELECT (to_jsonb(a) - 'content' - 'steps')::text || (a.steps - 0)::text FROM ai_audit a ORDER BY action_id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    app.rebuild("ai_audit").await;
+    let db = app.db().await;
+    let after: Vec<String> = db
+        .query("SELECT (to_jsonb(a) - 'content' - 'steps')::text || (a.steps - 0)::text FROM ai_audit a ORDER BY action_id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(before, after);
+    // Shredding the action's key (what erasing the contact does) leaves the entry
+    // without its personal data, everything else intact.
+    db.execute(
+        "UPDATE data_keys SET wrapped_key = NULL, destroyed_at = now() \
+         WHERE org_id = $1 AND subject_id = $2",
+        &[&app.org_id, &medium_id],
+    )
+    .await
+    .unwrap();
+    app.state.crypto.forget(&app.org_id, &medium_id);
+    let (_, log) = call(
+        &app,
+        &app.token,
+        reqwest::Method::GET,
+        &format!("/v1/ai/audit?agent_id={agent_id}"),
+        None,
+    )
+    .await;
+    let shredded = &items(&log)[0];
+    assert_eq!(shredded["arguments"], Value::Null);
+    assert_eq!(shredded["steps"][2]["note"], Value::Null);
+    assert_eq!(shredded["status"], "executed");
+    assert_eq!(shredded["arguments_sha256"], pending["arguments_sha256"]);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_approval_queue_shows_what_would_change_and_who_may_decide() {
+    let app = TestApp::spawn().await;
+    let (_, _, agent, _) = admin_and_agent(&app).await;
+    let contact = new_contact(
+        &app,
+        json!({"given_name": "Ada", "email": "ada@example.com", "company": "Old Ltd"}),
+    )
+    .await;
+    let (_, pending) = propose(
+        &app,
+        &agent,
+        update(
+            &contact,
+            json!({"email": "ada@new.example", "company": "Old Ltd", "given_name": null}),
+        ),
+    )
+    .await;
+    let id = pending["id"].as_str().unwrap().to_owned();
+    // A message for someone else's sake: its proposer's user may see it, not decide it.
+    let (user_id, user) = app.user_with_role(RoleRef::Builtin(Role::Director)).await;
+    let (s, msg) = propose(
+        &app,
+        &agent,
+        json!({"type": "send_message", "contact_id": contact, "initiated_by": "user",
+               "on_behalf_of": user_id,
+               "arguments": {"channel": "email", "purpose": "service", "subject": "Hi", "body": "Hello"}}),
+    )
+    .await;
+    assert_eq!(
+        (s, msg["status"].as_str()),
+        (201, Some("pending_approval")),
+        "{msg}"
+    );
+    let queue = audit_until(&app, &app.token, "/v1/ai/approvals", |v| {
+        items(v).len() == 2
+    })
+    .await;
+    let entries = items(&queue);
+    let update_entry = entries
+        .iter()
+        .find(|i| i["action"]["id"] == id.as_str())
+        .unwrap();
+    // The unchanged company is no change; the cleared name goes to null.
+    assert_eq!(
+        update_entry["changes"],
+        json!([
+            {"field": "email", "from": "ada@example.com", "to": "ada@new.example"},
+            {"field": "given_name", "from": "Ada", "to": null},
+        ])
+    );
+    assert_eq!(update_entry["can_decide"], true);
+    // The same moment (the read model keeps microseconds).
+    let queued = update_entry["action"]["expires_at"].as_str().unwrap();
+    assert!(
+        pending["expires_at"]
+            .as_str()
+            .unwrap()
+            .starts_with(queued.trim_end_matches('Z')),
+        "{queued}"
+    );
+    let message = entries
+        .iter()
+        .find(|i| i["action"]["type"] == "send_message")
+        .unwrap();
+    assert!(message["changes"]
+        .as_array()
+        .unwrap()
+        .contains(&json!({"field": "message.body", "from": null, "to": "Hello"})));
+    // The director holds ai.approve, but this one was proposed on their behalf.
+    let (s, theirs) = call(&app, &user, reqwest::Method::GET, "/v1/ai/approvals", None).await;
+    assert_eq!(s, 200);
+    let mine = items(&theirs)
+        .into_iter()
+        .find(|i| i["action"]["type"] == "send_message")
+        .unwrap();
+    assert_eq!(mine["can_decide"], false);
+    // Decided actions leave the queue.
+    let (s, _) = post(
+        &app,
+        &app.token,
+        &format!("/v1/ai/actions/{id}/reject"),
+        json!({"reason": "not what she asked"}),
+    )
+    .await;
+    assert_eq!(s, 200);
+    audit_until(&app, &app.token, "/v1/ai/approvals", |v| {
+        items(v).len() == 1
+    })
+    .await;
+    // Only approvers see the queue.
+    let (_, team) = app.user_with_role(RoleRef::Builtin(Role::Team)).await;
+    let (s, _) = call(&app, &team, reqwest::Method::GET, "/v1/ai/approvals", None).await;
+    assert_eq!(s, 403);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_sweep_records_expiries_and_finishes_runs_cut_short() {
+    use crm_domain::ai::{AiAction, AiActionCommand};
+    use crm_domain::metadata::EventMetadata;
+
+    let app = TestApp::spawn().await;
+    let (_, _, agent, _) = admin_and_agent(&app).await;
+    let contact = new_contact(&app, json!({"given_name": "Ada"})).await;
+    // Approved, then the service stopped before it ran: nobody approves it again.
+    let (_, cut) = propose(
+        &app,
+        &agent,
+        update(&contact, json!({"family_name": "Byron"})),
+    )
+    .await;
+    let cut_id = cut["id"].as_str().unwrap().to_owned();
+    let mut meta = EventMetadata::system(app.org_id, "test");
+    meta.causation_id = Some(cut_id.clone());
+    app.state
+        .executor
+        .execute::<AiAction>(
+            app.org_id,
+            &cut_id,
+            AiActionCommand::Approve {
+                by: app.user_id,
+                arguments_sha256: cut["arguments_sha256"].as_str().unwrap().into(),
+                reason: None,
+                stopped: false,
+                now: chrono::Utc::now(),
+            },
+            &meta,
+            None,
+        )
+        .await
+        .unwrap();
+    // A proposal nobody decides, with one second to decide it.
+    let (s, _) = call(
+        &app,
+        &app.token,
+        reqwest::Method::PUT,
+        "/v1/ai/oversight",
+        Some(json!({"oversight": "standard", "approval_ttl_secs": 1, "reason": "test"})),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let (_, late) = propose(&app, &agent, update(&contact, json!({"given_name": "Zoe"}))).await;
+    let late_id = late["id"].as_str().unwrap().to_owned();
+    // The sweep records the expiry on its own, and it leaves the queue.
+    let log = audit_until(&app, &app.token, "/v1/ai/audit?status=expired", |v| {
+        items(v).len() == 1
+    })
+    .await;
+    let expired = &items(&log)[0];
+    assert_eq!(expired["id"], late_id.as_str());
+    let last = expired["steps"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(
+        (
+            last["step"].as_str(),
+            last["by"]["kind"].as_str(),
+            last["by"]["id"].as_str()
+        ),
+        (Some("expired"), Some("system"), Some("ai-sweep"))
+    );
+    let (_, queue) = call(
+        &app,
+        &app.token,
+        reqwest::Method::GET,
+        "/v1/ai/approvals",
+        None,
+    )
+    .await;
+    assert!(items(&queue).is_empty(), "{queue}");
+    // The run cut short is finished by the sweep, exactly once.
+    let done = audit_until(&app, &app.token, "/v1/ai/audit?status=executed", |v| {
+        items(v).len() == 1
+    })
+    .await;
+    assert_eq!(items(&done)[0]["id"], cut_id.as_str());
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(caused(&app, &contact, &cut_id).await.len(), 1);
+    assert!(caused(&app, &contact, &late_id).await.is_empty());
+    let got: Value = app
+        .get(&format!("/v1/contacts/{contact}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(got["family_name"], "Byron");
+    app.stop().await;
+}
