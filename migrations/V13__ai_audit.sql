@@ -20,6 +20,7 @@ CREATE TABLE ai_audit (
     on_behalf_of     uuid,
     model            jsonb       NOT NULL,
     contacts         uuid[]      NOT NULL,
+    user_id          uuid,
     arguments_sha256 text        NOT NULL,
     content          jsonb       NOT NULL,
     steps            jsonb       NOT NULL,

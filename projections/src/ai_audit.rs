@@ -48,6 +48,8 @@ pub struct AiAuditEntry {
     /// GenAI names).
     pub model: Value,
     pub contacts: Vec<Uuid>,
+    /// The user the action is about (a role change).
+    pub user_id: Option<Uuid>,
     pub arguments_sha256: String,
     /// The arguments in force and the summaries the agent acted on
     /// (`crm_domain::ai::Content`), sealed as stored.
@@ -195,6 +197,7 @@ pub fn update(
                 on_behalf_of: initiator.on_behalf_of,
                 model: serde_json::to_value(model).unwrap_or(Value::Null),
                 contacts: request.contacts.clone(),
+                user_id: request.user_id,
                 arguments_sha256: request.arguments_sha256.clone(),
                 content: serde_json::to_value(content).unwrap_or(Value::Null),
                 steps: Vec::new(),
@@ -265,6 +268,7 @@ pub fn update(
             step.rule = Some(rule.clone());
             next.arguments_sha256 = request.arguments_sha256.clone();
             next.contacts = request.contacts.clone();
+            next.user_id = request.user_id;
             next.content = serde_json::to_value(content).unwrap_or(Value::Null);
             next.risk = wire(risk);
             next.rule = rule.clone();
@@ -327,6 +331,7 @@ mod tests {
                 kind: ActionKind::SendMessage,
                 arguments_sha256: "aa".into(),
                 contacts: vec![Uuid::from_u128(5)],
+                user_id: None,
             },
             content: Content {
                 arguments: Value::String("enc:v1:sealed".into()),

@@ -271,7 +271,6 @@ fn risk_input(kind: AiActionKind, arguments: &Value) -> Result<RiskInput, ApiErr
         fields: vec![],
         custom_fields: false,
         contacts: 1,
-        blocks: true,
     };
     match kind {
         AiActionKind::UpdateContact => {
@@ -383,6 +382,7 @@ pub(crate) async fn propose(
         kind: input.kind.kind(),
         arguments_sha256: digest(input.kind, input.contact_id, &input.arguments),
         contacts: vec![input.contact_id],
+        user_id: None,
     };
     let content = Content {
         arguments: input.arguments,
@@ -554,6 +554,7 @@ pub(crate) async fn edit(
                     kind: kind.kind(),
                     arguments_sha256: digest(kind, contact_id, &input.arguments),
                     contacts: vec![contact_id],
+                    user_id: None,
                 },
                 content: Content {
                     arguments: input.arguments,

@@ -61,6 +61,9 @@ pub struct Request {
     pub arguments_sha256: String,
     /// The contacts the action touches.
     pub contacts: Vec<Uuid>,
+    /// The user the action is about (a role change).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<Uuid>,
 }
 
 /// The personal part of a proposal or an edit: the command's arguments and what the

@@ -28,6 +28,7 @@ pub enum ActionKind {
     SendMessage,
     ChangeConsent,
     SetDoNotContact,
+    LiftDoNotContact,
     BulkUpdate,
     Export,
     Erase,
@@ -35,11 +36,12 @@ pub enum ActionKind {
 }
 
 impl ActionKind {
-    pub const ALL: [ActionKind; 8] = [
+    pub const ALL: [ActionKind; 9] = [
         Self::UpdateContact,
         Self::SendMessage,
         Self::ChangeConsent,
         Self::SetDoNotContact,
+        Self::LiftDoNotContact,
         Self::BulkUpdate,
         Self::Export,
         Self::Erase,
@@ -59,8 +61,6 @@ pub struct RiskInput {
     pub custom_fields: bool,
     /// How many contacts it touches.
     pub contacts: usize,
-    /// Set Do Not Contact: `false` when the action lifts the block.
-    pub blocks: bool,
 }
 
 /// The contact fields that hold no personal data: a change to anything else touches
@@ -115,7 +115,7 @@ pub const RULES: &[Rule] = &[
         id: "lift_do_not_contact",
         matches: "lifting a contact's Do Not Contact",
         risk: Risk::High,
-        test: |i| i.kind == ActionKind::SetDoNotContact && !i.blocks,
+        test: |i| i.kind == ActionKind::LiftDoNotContact,
     },
     Rule {
         id: "bulk",

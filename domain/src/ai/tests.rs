@@ -13,7 +13,6 @@ fn input(kind: ActionKind) -> RiskInput {
         fields: vec![],
         custom_fields: false,
         contacts: 1,
-        blocks: true,
     }
 }
 
@@ -54,11 +53,14 @@ fn a_bulk_update_of_more_than_100_contacts_is_high_and_of_100_medium() {
 
 #[test]
 fn lifting_do_not_contact_is_high_and_setting_it_medium() {
-    let mut i = input(ActionKind::SetDoNotContact);
-    i.blocks = false;
-    assert_eq!(rule_for(i.clone()), ("lift_do_not_contact", Risk::High));
-    i.blocks = true;
-    assert_eq!(rule_for(i), ("set_do_not_contact", Risk::Medium));
+    assert_eq!(
+        rule_for(input(ActionKind::LiftDoNotContact)),
+        ("lift_do_not_contact", Risk::High)
+    );
+    assert_eq!(
+        rule_for(input(ActionKind::SetDoNotContact)),
+        ("set_do_not_contact", Risk::Medium)
+    );
 }
 
 #[test]
@@ -150,6 +152,7 @@ fn request(sha: &str) -> Request {
         kind: ActionKind::SendMessage,
         arguments_sha256: sha.to_owned(),
         contacts: vec![Uuid::nil()],
+        user_id: None,
     }
 }
 

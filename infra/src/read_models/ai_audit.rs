@@ -89,7 +89,7 @@ fn upsert(
     let sql = format!(
         "{insert} ON CONFLICT (org_id, action_id) DO UPDATE SET \
          kind = EXCLUDED.kind, status = EXCLUDED.status, risk = EXCLUDED.risk, \
-         rule = EXCLUDED.rule, contacts = EXCLUDED.contacts, \
+         rule = EXCLUDED.rule, contacts = EXCLUDED.contacts, user_id = EXCLUDED.user_id, \
          arguments_sha256 = EXCLUDED.arguments_sha256, content = EXCLUDED.content, \
          steps = EXCLUDED.steps, result_events = EXCLUDED.result_events, \
          failure_reason = EXCLUDED.failure_reason, expires_at = EXCLUDED.expires_at, \
