@@ -30,11 +30,14 @@ use uuid::Uuid;
 const KEY_1: &str = "sk-test-first-0123456789-AAAA";
 const KEY_2: &str = "sk-test-second-9876543210-BBBB";
 
+/// What a provider received: (path, `Authorization` header), in order.
+type Seen = Arc<Mutex<Vec<(String, Option<String>)>>>;
+
 /// An OpenAI-shaped provider on 127.0.0.1: `GET …/models` answers 200 for the one key
 /// it accepts (as `Authorization: Bearer …`), 401 otherwise; records what it got.
 struct Provider {
     url: String,
-    seen: Arc<Mutex<Vec<(String, Option<String>)>>>,
+    seen: Seen,
     task: JoinHandle<()>,
 }
 
@@ -42,7 +45,7 @@ impl Provider {
     async fn start(accepts: &'static str) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/v1", listener.local_addr().unwrap());
-        let seen: Arc<Mutex<Vec<(String, Option<String>)>>> = Arc::default();
+        let seen = Seen::default();
         let shared = seen.clone();
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
