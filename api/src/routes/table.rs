@@ -252,7 +252,7 @@ pub fn table() -> Vec<Route> {
             .summary(
                 "Decrypt the key (recorded as credentials.decrypt, purpose verify) and call GET {base_url}/models with it",
             )
-            .staff(P::OrganizationManage)
+            .staff(P::CredentialsDecrypt)
             .errors(&[404, 409])
             .to(credentials::verify),
         route(get.clone(), "/v1/privacy", "privacy")

@@ -400,6 +400,41 @@ async fn credentials_need_organization_manage_and_a_valid_body() {
     let (status, answer) = create(&app, &app.token, good).await;
     assert_eq!(status, 201, "{answer}");
     assert_eq!(answer["base_url"], "https://api.anthropic.com/v1");
+    let id = answer["id"].as_str().unwrap();
+
+    // Decrypting is the sensitive `credentials.decrypt`, apart from managing: a role
+    // that manages the organisation without it lists and rotates, but cannot verify.
+    let (status, role) = app
+        .call_as(
+            &app.token,
+            Method::POST,
+            "/v1/roles",
+            Some(json!({"name": "Org manager", "permissions": ["organization.manage"]})),
+        )
+        .await;
+    assert_eq!(status, 201, "{role}");
+    let (_, manager) = app
+        .user_with_role(RoleRef::Custom(
+            role["id"].as_str().unwrap().parse().unwrap(),
+        ))
+        .await;
+    let (status, listed) = app
+        .call_as(&manager, Method::GET, "/v1/ai/credentials", None)
+        .await;
+    assert_eq!(status, 200, "{listed}");
+    assert_eq!(listed["items"].as_array().unwrap().len(), 1);
+    let (status, body) = verify(&app, &manager, id.parse().unwrap()).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("credentials.decrypt"),
+        "{body}"
+    );
+    let (status, body) = verify(&app, &team, id.parse().unwrap()).await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(decryptions(&app, "credential", id).await, vec![]);
     app.stop().await;
 }
 
