@@ -76,6 +76,11 @@ pub enum ApiError {
     NotFound(&'static str),
     #[error("{0}")]
     Conflict(String),
+    /// 409 `secret_unreadable`: a stored secret does not open at its row (sealed for
+    /// another row, altered, or under another key-encryption key); its decryption is
+    /// on record, nothing was decrypted.
+    #[error("{0}")]
+    Unreadable(String),
     #[error("request body is too large")]
     PayloadTooLarge,
     /// The client took too long to send its body.
@@ -139,7 +144,7 @@ impl ApiError {
             Self::Unauthorized(_) | Self::Unauthenticated { .. } => StatusCode::UNAUTHORIZED,
             Self::Forbidden { .. } => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
-            Self::Conflict(_) => StatusCode::CONFLICT,
+            Self::Conflict(_) | Self::Unreadable(_) => StatusCode::CONFLICT,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -160,6 +165,7 @@ impl ApiError {
             Self::Forbidden { code, .. } => code,
             Self::NotFound(_) => "not_found",
             Self::Conflict(_) => "version_conflict",
+            Self::Unreadable(_) => "secret_unreadable",
             Self::PayloadTooLarge => "payload_too_large",
             Self::RequestTimeout => "request_timeout",
             Self::UnsupportedMediaType => "unsupported_media_type",

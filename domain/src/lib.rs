@@ -15,6 +15,7 @@ pub mod api_key;
 pub mod carrier;
 pub mod consent;
 pub mod contact;
+pub mod credential;
 pub mod message;
 pub mod metadata;
 pub mod organization;

@@ -11,6 +11,8 @@
 //! - [`consent`]: privacy settings, consent commands and the gate's read path;
 //! - [`crypto`]: field encryption of personal data under per-subject data keys;
 //! - [`receipts`]: consent receipts (JWS, EdDSA), their signing keys and the JWKS;
+//! - [`vault`]: every secret kept for an organisation (AI provider keys, carrier
+//!   secrets), sealed per value and bound to its row, decrypted only on the record;
 //! - cross-cutting: the connection pool and migrations ([`db`]), batching of
 //!   concurrent requests ([`batch`]), [`settings`], [`metrics`].
 //!
@@ -30,3 +32,4 @@ pub mod read_models;
 pub mod receipts;
 pub mod settings;
 pub mod store;
+pub mod vault;

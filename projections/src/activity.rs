@@ -16,12 +16,31 @@ pub struct ActivityEntry {
     pub recorded_at: DateTime<Utc>,
     pub actor_kind: String,
     pub actor_id: String,
-    /// The event type, e.g. `ContactUpdated`.
+    /// The event type, e.g. `ContactUpdated`; `credentials.decrypt` for every
+    /// decryption of a stored secret ([`action_name`]).
     pub action: String,
     pub entity_type: String,
     pub entity_id: String,
     pub request_id: Option<String>,
     pub correlation_id: Option<String>,
+}
+
+/// Event types whose activity entries share one action name, whatever stream they
+/// belong to: every decryption of a stored secret (an AI provider key, a carrier's
+/// secret) reads `credentials.decrypt`, so one filter finds them all; the entity type
+/// says whose secret it was.
+pub const ACTION_NAMES: &[(&str, &str)] = &[
+    ("CredentialDecrypted", "credentials.decrypt"),
+    ("CarrierSecretDecrypted", "credentials.decrypt"),
+];
+
+/// The activity log's name of an event type's action: [`ACTION_NAMES`], else the event
+/// type itself.
+pub fn action_name(event_type: &str) -> &str {
+    ACTION_NAMES
+        .iter()
+        .find(|(t, _)| *t == event_type)
+        .map_or(event_type, |(_, name)| name)
 }
 
 /// The activity entry an event produces. Personal metadata (IP, user agent) is left out.
@@ -38,7 +57,7 @@ pub fn entry(env: &Envelope<'_>, meta: &EventMetadata) -> ActivityEntry {
         recorded_at: env.recorded_at,
         actor_kind,
         actor_id: meta.principal.id.clone(),
-        action: env.event_type.to_owned(),
+        action: action_name(env.event_type).to_owned(),
         entity_type: env.aggregate_type.to_owned(),
         entity_id: env.aggregate_id.to_owned(),
         request_id: meta.request_id.clone(),
@@ -75,5 +94,13 @@ mod tests {
             ("ContactCreated", "c1")
         );
         assert!(!serde_json::to_string(&e).unwrap().contains("203.0.113.9"));
+    }
+
+    #[test]
+    fn every_decryption_reads_credentials_decrypt() {
+        assert_eq!(action_name("CredentialDecrypted"), "credentials.decrypt");
+        assert_eq!(action_name("CarrierSecretDecrypted"), "credentials.decrypt");
+        assert_eq!(action_name("CredentialRotated"), "CredentialRotated");
+        assert_eq!(action_name("ContactCreated"), "ContactCreated");
     }
 }

@@ -178,6 +178,19 @@ def seed(url: str) -> int:
     key = api.call("POST", "/v1/api-keys", {"name": "fuzz key", "role": "viewer"}, token=owner)
     out["CRM_FUZZ_API_KEY_ID"] = key["id"]
 
+    # AI provider credentials (docs/vault.md): one to read, rotate and verify, one to
+    # delete. Their provider is the discard port of this host: verification is refused
+    # at once (ok: false, unreachable), nothing leaves the machine.
+    for name in ("ID", "DELETE"):
+        credential = api.call(
+            "POST",
+            "/v1/ai/credentials",
+            {"provider": "other", "label": f"Fuzz {name.lower()}", "secret": "sk-fuzz-0123456789",
+             "base_url": "http://127.0.0.1:9/v1"},
+            token=owner,
+        )
+        out[f"CRM_FUZZ_CREDENTIAL_{name}"] = credential["id"]
+
     # Users whose sessions the session-ending operations may end.
     for name in ("LOGOUT", "PASSWORD", "2FA"):
         email = f"fuzz.session.{name.lower()}@example.com"
@@ -210,7 +223,7 @@ def seed(url: str) -> int:
         if not re.fullmatch(r"[A-Za-z0-9._~+/=-]+", v):
             sys.exit(f"[crm] seed: unexpected characters in {k}")
         print(f"export {k}={v}")
-    log(f"seeded {len(contacts)} contacts, 2 roles, 5 users, 1 API key, portal access for 3 contacts")
+    log(f"seeded {len(contacts)} contacts, 2 roles, 5 users, 1 API key, 2 AI credentials, portal access for 3 contacts")
     return 0
 
 

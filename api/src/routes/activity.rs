@@ -20,7 +20,8 @@ pub(crate) struct ActivityQuery {
     /// The principal's id (a user's or API key's id).
     #[param(pattern = "@no_nul")]
     actor_id: Option<String>,
-    /// The event type, e.g. `ContactUpdated`.
+    /// The event type, e.g. `ContactUpdated`; `credentials.decrypt` for every
+    /// decryption of a stored secret (docs/vault.md).
     #[param(pattern = "@no_nul")]
     action: Option<String>,
     /// e.g. `contact`, `user`, `role`.

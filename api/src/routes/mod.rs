@@ -11,6 +11,7 @@ pub mod carriers;
 pub mod consent;
 pub mod consent_log;
 pub mod contacts;
+pub mod credentials;
 pub mod health;
 pub mod login;
 pub mod messages;

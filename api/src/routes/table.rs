@@ -7,13 +7,19 @@ use crm_domain::access::Permission as P;
 use warp::http::Method;
 
 use super::{
-    activity, ai, ai_audit, api_keys, carriers, consent, consent_log, contacts, health, login,
-    messages, portal, receipts, reports, roles, users,
+    activity, ai, ai_audit, api_keys, carriers, consent, consent_log, contacts, credentials,
+    health, login, messages, portal, receipts, reports, roles, users,
 };
 use crate::edge::route::{route, Auth, Route};
 
 pub fn table() -> Vec<Route> {
-    let (get, post, patch, put) = (Method::GET, Method::POST, Method::PATCH, Method::PUT);
+    let (get, post, patch, put, delete) = (
+        Method::GET,
+        Method::POST,
+        Method::PATCH,
+        Method::PUT,
+        Method::DELETE,
+    );
     vec![
         // The caller's own account.
         route(post.clone(), "/v1/auth/login", "auth")
@@ -228,6 +234,37 @@ pub fn table() -> Vec<Route> {
             .summary("Lift the AI stop switch (with why); what waited still needs a decision")
             .staff(P::OrganizationManage)
             .to(ai::resume),
+        // AI provider credentials, kept in the vault (docs/vault.md).
+        route(post.clone(), "/v1/ai/credentials", "ai")
+            .summary("Store an AI provider's API key (sealed; only its last four are ever answered)")
+            .staff(P::OrganizationManage)
+            .to(credentials::create),
+        route(get.clone(), "/v1/ai/credentials", "ai")
+            .summary("The organisation's AI provider credentials (last four characters only)")
+            .staff(P::OrganizationManage)
+            .to(credentials::list),
+        route(get.clone(), "/v1/ai/credentials/{id}", "ai")
+            .summary("An AI provider credential (last four characters only)")
+            .staff(P::OrganizationManage)
+            .errors(&[404])
+            .to(credentials::get_one),
+        route(post.clone(), "/v1/ai/credentials/{id}/rotate", "ai")
+            .summary("Replace a credential's API key")
+            .staff(P::OrganizationManage)
+            .errors(&[404, 409])
+            .to(credentials::rotate),
+        route(delete, "/v1/ai/credentials/{id}", "ai")
+            .summary("Delete a credential and its sealed key")
+            .staff(P::OrganizationManage)
+            .errors(&[404, 409])
+            .to(credentials::delete),
+        route(post.clone(), "/v1/ai/credentials/{id}/verify", "ai")
+            .summary(
+                "Decrypt the key (recorded as credentials.decrypt, purpose verify) and call GET {base_url}/models with it",
+            )
+            .staff(P::CredentialsDecrypt)
+            .errors(&[404, 409])
+            .to(credentials::verify),
         route(get.clone(), "/v1/privacy", "privacy")
             .summary("The organisation's privacy mode and purposes")
             .staff(P::ConsentRead)

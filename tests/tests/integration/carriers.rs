@@ -244,11 +244,14 @@ async fn a_carrier_is_configured_with_its_secret_sealed_and_every_decryption_rec
     assert_eq!(list["items"][0]["secret_last4"], "WXYZ");
     assert_eq!(list["items"][0]["settings"]["account_sid"], "AC42");
 
-    // Neither the table nor the events hold it in clear.
+    // Neither the tables nor the events hold it in clear: it is sealed in the vault.
     let db = app.db().await;
     let row = db
         .query_one(
-            "SELECT sealed_secret, settings::text FROM carrier_secrets WHERE org_id = $1 AND channel = 'sms'",
+            "SELECT v.sealed, c.settings::text, c.sealed_secret IS NULL \
+             FROM carrier_secrets c JOIN vault_secrets v ON v.org_id = c.org_id \
+               AND v.record_type = 'carrier' AND v.record_id = c.channel AND v.field = 'secret' \
+             WHERE c.org_id = $1 AND c.channel = 'sms'",
             &[&app.org_id],
         )
         .await
@@ -256,6 +259,7 @@ async fn a_carrier_is_configured_with_its_secret_sealed_and_every_decryption_rec
     let sealed: Vec<u8> = row.get(0);
     assert!(!sealed.windows(secret.len()).any(|w| w == secret.as_bytes()));
     assert!(!row.get::<_, String>(1).contains(secret));
+    assert!(row.get::<_, bool>(2), "no legacy secret beside the vault's");
     let events: Vec<String> = db
         .query(
             "SELECT payload::text FROM events WHERE aggregate_type = 'carrier'",
@@ -330,7 +334,10 @@ async fn a_carrier_is_configured_with_its_secret_sealed_and_every_decryption_rec
         .unwrap();
     assert_eq!(list["items"], json!([]));
     let left: i64 = db
-        .query_one("SELECT count(*) FROM carrier_secrets", &[])
+        .query_one(
+            "SELECT (SELECT count(*) FROM carrier_secrets) + (SELECT count(*) FROM vault_secrets)",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);

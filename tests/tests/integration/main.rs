@@ -31,3 +31,4 @@ mod scale;
 mod store;
 mod tenants;
 mod two_factor;
+mod vault;

@@ -86,6 +86,7 @@ async fn the_document_covers_every_route_with_auth_and_errors() {
                 "post" => app.http.post(url).json(&json!({})),
                 "put" => app.http.put(url).json(&json!({})),
                 "patch" => app.http.patch(url).json(&json!({})),
+                "delete" => app.http.delete(url),
                 other => panic!("{other}"),
             };
             let r = rb.send().await.unwrap();

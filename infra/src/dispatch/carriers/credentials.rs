@@ -2,18 +2,25 @@
 //!
 //! The carrier is an event-sourced stream (`crm_domain::carrier`, stream type
 //! `carrier`, id = the channel's name). Its events carry the non-secret settings and
-//! the secret's last four characters only. The secret itself (an SMTP password, a
-//! Twilio auth token) is sealed with AES-256-GCM under the KEK, bound to
-//! `carrier|{org}|{channel}` ([`secret_aad`]), and stored in `carrier_secrets` by the
-//! transaction that appends `CarrierConfigured` (an effect of
-//! [`Executor::execute_with`]); `CarrierRemoved` deletes the row in its transaction.
-//! The table has row-level security by organisation: every statement here runs in a
-//! transaction that names it.
+//! the secret's last four characters only. The non-secret settings are kept in
+//! `carrier_secrets`; the secret itself (an SMTP password, a Twilio auth token) is in
+//! the vault ([`crate::vault`]: `vault_secrets`, record type `carrier`, record id = the
+//! channel, field `secret`, [`secret_ref`]), sealed with AES-256-GCM under the KEK and
+//! bound to that row. Both are written by the transaction that appends
+//! `CarrierConfigured` (an effect of [`Executor::execute_with`]); `CarrierRemoved`
+//! deletes both in its transaction. Both tables have row-level security by
+//! organisation: every statement here runs in a transaction that names it.
 //!
 //! Every decryption is on record: [`resolve`] appends `CarrierSecretDecrypted` (with
 //! the system principal `dispatch`) and reads the sealed secret in that event's
 //! transaction, at the stream version it loaded (a change racing it is a conflict,
 //! retried), and only then decrypts.
+//!
+//! Secrets sealed before the vault (migration V14) stay in
+//! `carrier_secrets.sealed_secret`, bound to `carrier|{org}|{channel}`
+//! ([`legacy_aad`]): SQL cannot re-bind them without the KEK. [`resolve`] reads such a
+//! legacy secret where the vault has none (its decryption recorded the same way), and
+//! the next [`configure`] of the channel writes the vault and clears the legacy column.
 
 use std::sync::{Arc, Mutex};
 
@@ -34,6 +41,9 @@ use super::twilio::TwilioCarrier;
 use super::{Carrier, CarrierError};
 use crate::commands::executor::{effect, CommandError, CommandOutcome, Executor};
 use crate::store::event_store::StoreError;
+use crate::vault::{self, SecretRef, Stored};
+
+pub use crate::vault::last4;
 
 /// Why configuring, removing or listing a carrier failed.
 #[derive(Debug, thiserror::Error)]
@@ -50,16 +60,15 @@ pub enum CarrierAdminError {
     Pool(#[from] deadpool_postgres::PoolError),
 }
 
-/// The associated data a channel's secret is sealed with.
-pub fn secret_aad(org_id: Uuid, channel: Channel) -> String {
-    format!("carrier|{org_id}|{}", channel.name())
+/// Where the secret of a channel's carrier lives in the vault.
+pub fn secret_ref(org_id: Uuid, channel: Channel) -> SecretRef {
+    SecretRef::new(org_id, "carrier", channel.name(), "secret")
 }
 
-/// The last four characters of a secret of at least eight (a shorter one shows none:
-/// four of its characters would give too much of it away).
-pub fn last4(secret: &str) -> Option<String> {
-    let chars: Vec<char> = secret.chars().collect();
-    (chars.len() >= 8).then(|| chars[chars.len() - 4..].iter().collect())
+/// The associated data a channel's secret was sealed with before the vault (V14):
+/// only for reading `carrier_secrets.sealed_secret`, never for sealing.
+pub fn legacy_aad(org_id: Uuid, channel: Channel) -> String {
+    format!("carrier|{org_id}|{}", channel.name())
 }
 
 /// What is wrong with these settings and secret, by field (`settings.url`, `secret`…);
@@ -164,9 +173,10 @@ async fn name_org(tx: &Transaction<'_>, org_id: Uuid) -> Result<(), tokio_postgr
     .map(|_| ())
 }
 
-/// Sets (or replaces) the carrier of `channel`; `secret` is sealed into
-/// `carrier_secrets` by the same transaction as `CarrierConfigured`. Check the input
-/// with [`check`] first.
+/// Sets (or replaces) the carrier of `channel`; `secret` is sealed into the vault (or
+/// the vault's secret of the channel deleted, without one) by the same transaction as
+/// `CarrierConfigured`, which also clears a legacy secret. Check the input with
+/// [`check`] first.
 pub async fn configure(
     executor: &Executor,
     org_id: Uuid,
@@ -175,19 +185,16 @@ pub async fn configure(
     secret: Option<SecretString>,
     meta: &EventMetadata,
 ) -> Result<CommandOutcome, CarrierAdminError> {
+    let at = secret_ref(org_id, channel);
     let sealed = secret
         .as_ref()
-        .map(|s| {
-            executor
-                .crypto()
-                .wrap_secret(&secret_aad(org_id, channel), s.expose_secret().as_bytes())
-        })
+        .map(|s| vault::seal(executor.crypto(), &at, s))
         .transpose()
         .map_err(|_| CarrierAdminError::Seal)?;
-    let last4 = secret.as_ref().and_then(|s| last4(s.expose_secret()));
+    let last4 = sealed.as_ref().and_then(|s| s.last4.clone());
     let kek_id = executor.crypto().kek_id().to_owned();
     let write = effect(move |tx, events: &[CarrierEvent]| {
-        let (sealed, kek_id) = (sealed.clone(), kek_id.clone());
+        let (at, sealed, kek_id) = (at.clone(), sealed.clone(), kek_id.clone());
         async move {
             for event in events {
                 if let CarrierEvent::CarrierConfigured {
@@ -202,9 +209,9 @@ pub async fn configure(
                     tx.execute(
                         "INSERT INTO carrier_secrets \
                            (org_id, channel, kind, settings, sealed_secret, secret_last4, kek_id) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7) \
+                         VALUES ($1, $2, $3, $4, NULL, $5, $6) \
                          ON CONFLICT (org_id, channel) DO UPDATE SET kind = EXCLUDED.kind, \
-                           settings = EXCLUDED.settings, sealed_secret = EXCLUDED.sealed_secret, \
+                           settings = EXCLUDED.settings, sealed_secret = NULL, \
                            secret_last4 = EXCLUDED.secret_last4, kek_id = EXCLUDED.kek_id, \
                            configured_at = now()",
                         &[
@@ -212,12 +219,16 @@ pub async fn configure(
                             &channel.name(),
                             &settings.kind(),
                             &json,
-                            &sealed,
                             secret_last4,
                             &kek_id,
                         ],
                     )
                     .await
+                    .map_err(db)?;
+                    match &sealed {
+                        Some(sealed) => vault::put(tx, &at, sealed).await,
+                        None => vault::delete(tx, &at).await,
+                    }
                     .map_err(db)?;
                 }
             }
@@ -242,14 +253,16 @@ pub async fn configure(
 }
 
 /// Removes the carrier of `channel` (its messages go to the defaults again) and its
-/// sealed secret, in one transaction.
+/// sealed secret (the vault's, and a legacy one), in one transaction.
 pub async fn remove(
     executor: &Executor,
     org_id: Uuid,
     channel: Channel,
     meta: &EventMetadata,
 ) -> Result<CommandOutcome, CarrierAdminError> {
+    let at = secret_ref(org_id, channel);
     let delete = effect(move |tx, events: &[CarrierEvent]| {
+        let at = at.clone();
         async move {
             if !events.is_empty() {
                 name_org(tx, org_id).await.map_err(db)?;
@@ -259,6 +272,7 @@ pub async fn remove(
                 )
                 .await
                 .map_err(db)?;
+                vault::delete(tx, &at).await.map_err(db)?;
             }
             Ok(())
         }
@@ -292,8 +306,11 @@ pub async fn list(pool: &Pool, org_id: Uuid) -> Result<Vec<CarrierRow>, CarrierA
     let tx = crate::read_models::org_scope(&mut client, org_id).await?;
     let rows = tx
         .query(
-            "SELECT channel, settings, secret_last4, sealed_secret IS NOT NULL, configured_at \
-             FROM carrier_secrets WHERE org_id = $1 ORDER BY channel",
+            "SELECT c.channel, c.settings, c.secret_last4, \
+               c.sealed_secret IS NOT NULL OR v.org_id IS NOT NULL, c.configured_at \
+             FROM carrier_secrets c LEFT JOIN vault_secrets v ON v.org_id = c.org_id \
+               AND v.record_type = 'carrier' AND v.record_id = c.channel AND v.field = 'secret' \
+             WHERE c.org_id = $1 ORDER BY c.channel",
             &[&org_id],
         )
         .await?;
@@ -325,6 +342,16 @@ pub enum Resolved {
     NoneConfigured { version: i64 },
 }
 
+/// What the decryption's transaction found for a configured channel.
+enum Found {
+    /// The secret in the vault.
+    Vault(Stored),
+    /// A secret sealed before the vault, in `carrier_secrets` ([`legacy_aad`]).
+    Legacy(Vec<u8>),
+    /// The carrier has no secret (an SMTP relay without login).
+    NoSecret,
+}
+
 /// How often a decryption racing a change of the carrier is tried again.
 const ATTEMPTS: usize = 3;
 
@@ -354,11 +381,12 @@ pub async fn resolve(
                 version: loaded.head.version,
             });
         };
-        let slot: Arc<Mutex<Option<Option<Vec<u8>>>>> = Arc::default();
+        let slot: Arc<Mutex<Option<Found>>> = Arc::default();
+        let at = secret_ref(org_id, channel);
         let read = {
-            let slot = slot.clone();
+            let (slot, at) = (slot.clone(), at.clone());
             effect(move |tx, _: &[CarrierEvent]| {
-                let slot = slot.clone();
+                let (slot, at) = (slot.clone(), at.clone());
                 async move {
                     name_org(tx, org_id).await.map_err(db)?;
                     let row = tx
@@ -369,8 +397,16 @@ pub async fn resolve(
                         )
                         .await
                         .map_err(db)?;
-                    if let (Some(row), Ok(mut slot)) = (row, slot.lock()) {
-                        *slot = Some(row.get(0));
+                    let Some(row) = row else { return Ok(()) };
+                    let found = match vault::read_sealed(tx, &at).await.map_err(db)? {
+                        Some(stored) => Found::Vault(stored),
+                        None => match row.get::<_, Option<Vec<u8>>>(0) {
+                            Some(legacy) => Found::Legacy(legacy),
+                            None => Found::NoSecret,
+                        },
+                    };
+                    if let Ok(mut slot) = slot.lock() {
+                        *slot = Some(found);
                     }
                     Ok(())
                 }
@@ -395,26 +431,30 @@ pub async fn resolve(
             Err(CommandError::Conflict | CommandError::VersionMismatch { .. }) => continue,
             Err(e) => return Err(unavailable(&e)),
         };
-        let sealed = slot.lock().ok().and_then(|mut s| s.take());
-        let Some(sealed) = sealed else {
+        let found = slot.lock().ok().and_then(|mut s| s.take());
+        let Some(found) = found else {
             return Err(CarrierError::retryable(
                 "the carrier's stored settings are missing",
             ));
         };
-        let secret = match sealed {
-            Some(sealed) => {
+        let unreadable = |e: &dyn std::fmt::Display| {
+            CarrierError::permanent(format!("the carrier's secret cannot be decrypted: {e}"))
+        };
+        let secret = match found {
+            Found::Vault(stored) => {
+                Some(vault::open(crypto, &at, &stored).map_err(|e| unreadable(&e))?)
+            }
+            Found::Legacy(sealed) => {
                 let plain = crypto
-                    .unwrap_secret(&secret_aad(org_id, channel), &sealed)
+                    .unwrap_secret(&legacy_aad(org_id, channel), &sealed)
                     .map_err(|_| {
-                        CarrierError::permanent(
-                            "the carrier's secret cannot be decrypted (another KEK?)",
-                        )
+                        unreadable(&"sealed before the vault, for another row or under another KEK")
                     })?;
                 Some(SecretString::from(String::from_utf8(plain).map_err(
                     |_| CarrierError::permanent("the carrier's secret is not text"),
                 )?))
             }
-            None => None,
+            Found::NoSecret => None,
         };
         return Ok(Resolved::Own {
             carrier: build(&settings, secret)?,

@@ -7,8 +7,8 @@
 //!   `I-Twilio-Idempotency-Token` and `Idempotency-Key`;
 //! - [`spool`]: the default without a carrier: one RFC 5322 file per message in the
 //!   spool directory, named by the key (a retry overwrites, never duplicates);
-//! - [`credentials`]: an organisation's carrier per channel, its secret sealed under the
-//!   KEK, every decryption recorded as a `CarrierSecretDecrypted` event.
+//! - [`credentials`]: an organisation's carrier per channel, its secret in the vault
+//!   (`crate::vault`), every decryption recorded as a `CarrierSecretDecrypted` event.
 //!
 //! Invariants: a message is sent under its one idempotency key (the message id) on
 //! every attempt; a [`CarrierError`] says whether a retry may succeed and never carries
