@@ -6,7 +6,10 @@
 //! causation id; the outcome (the events it produced, or the refusal's reason code) is
 //! recorded on the action. Each step is an event of the action's own stream.
 //!
-//! Served kinds: `update_contact` and `send_message`.
+//! Served kinds: `update_contact`, `bulk_update`, `send_message`, `change_consent`,
+//! `set_do_not_contact`, `lift_do_not_contact` and `change_permissions` (a user's
+//! role). Export and erasure arrive with the data-subject rights (their commands do not
+//! exist yet).
 
 use chrono::{DateTime, Duration, Utc};
 use cqrs_es::Aggregate;
@@ -16,9 +19,11 @@ use crm_domain::ai::{
     ActionStatus, AiAction, AiActionCommand, AiActionEvent, AiSettings, AiSettingsCommand, Content,
     Initiator, ModelInfo, Request,
 };
+use crm_domain::consent::ledger::ConsentLedger;
 use crm_domain::contact::Contact;
 use crm_domain::message::Message;
 use crm_domain::metadata::PrincipalKind;
+use crm_domain::user::User;
 use crm_infra::store::decode::decode;
 use crm_infra::store::event_store::{self, StreamId};
 use serde::{Deserialize, Serialize};
@@ -27,8 +32,10 @@ use sha2::{Digest, Sha256};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use super::consent::{ConsentInput, ReasonInput};
 use super::contacts::ContactInput;
 use super::messages::MessageInput;
+use super::users::RoleChange;
 use super::Authed;
 use crate::auth::Caller;
 use crate::edge::extract::{Id, Json};
@@ -40,34 +47,152 @@ use crate::state::AppState;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub(crate) enum AiActionKind {
-    /// `arguments` as `PATCH /v1/contacts/{id}` takes its body.
+    /// `contact_id`; `arguments` as `PATCH /v1/contacts/{id}` takes its body.
     UpdateContact,
-    /// `arguments` as `POST /v1/contacts/{id}/messages` takes its body.
+    /// `contact_ids` (1 to 1,000); `arguments` as `PATCH /v1/contacts/{id}` takes its
+    /// body, applied to each.
+    BulkUpdate,
+    /// `contact_id`; `arguments` as `POST /v1/contacts/{id}/messages` takes its body.
     SendMessage,
+    /// `contact_id`; `arguments` as `POST /v1/contacts/{id}/consent` takes its body.
+    ChangeConsent,
+    /// `contact_id`; `arguments` as `POST /v1/contacts/{id}/do-not-contact` takes its
+    /// body.
+    SetDoNotContact,
+    /// `contact_id`; `arguments` as `POST /v1/contacts/{id}/do-not-contact/lift` takes
+    /// its body.
+    LiftDoNotContact,
+    /// `user_id`; `arguments` as `POST /v1/users/{id}/role` takes its body.
+    ChangePermissions,
 }
+
+/// What an action is about, as its kind names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TargetKind {
+    Contact,
+    Contacts,
+    User,
+}
+
+/// The most contacts one bulk update may touch.
+const MAX_BULK: usize = 1000;
 
 impl AiActionKind {
     fn kind(self) -> ActionKind {
         match self {
             Self::UpdateContact => ActionKind::UpdateContact,
+            Self::BulkUpdate => ActionKind::BulkUpdate,
             Self::SendMessage => ActionKind::SendMessage,
+            Self::ChangeConsent => ActionKind::ChangeConsent,
+            Self::SetDoNotContact => ActionKind::SetDoNotContact,
+            Self::LiftDoNotContact => ActionKind::LiftDoNotContact,
+            Self::ChangePermissions => ActionKind::ChangePermissions,
         }
     }
 
     /// The served kind of a recorded action.
     fn of(kind: ActionKind) -> Option<Self> {
-        match kind {
-            ActionKind::UpdateContact => Some(Self::UpdateContact),
-            ActionKind::SendMessage => Some(Self::SendMessage),
-            _ => None,
+        [
+            Self::UpdateContact,
+            Self::BulkUpdate,
+            Self::SendMessage,
+            Self::ChangeConsent,
+            Self::SetDoNotContact,
+            Self::LiftDoNotContact,
+            Self::ChangePermissions,
+        ]
+        .into_iter()
+        .find(|k| k.kind() == kind)
+    }
+
+    /// The permission running it needs (the command route's).
+    fn permission(self) -> Permission {
+        match self {
+            Self::UpdateContact | Self::BulkUpdate => Permission::ContactsUpdate,
+            Self::SendMessage => Permission::MessagesSend,
+            Self::ChangeConsent | Self::SetDoNotContact | Self::LiftDoNotContact => {
+                Permission::ConsentManage
+            }
+            Self::ChangePermissions => Permission::UsersManage,
         }
     }
 
-    fn permission(self) -> Permission {
+    fn target(self) -> TargetKind {
         match self {
-            Self::UpdateContact => Permission::ContactsUpdate,
-            Self::SendMessage => Permission::MessagesSend,
+            Self::BulkUpdate => TargetKind::Contacts,
+            Self::ChangePermissions => TargetKind::User,
+            _ => TargetKind::Contact,
         }
+    }
+}
+
+/// What an action is about: its contacts (one, or a bulk update's), or a user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Target {
+    contacts: Vec<Uuid>,
+    user_id: Option<Uuid>,
+}
+
+impl Target {
+    /// The target a proposal names, as its kind wants it (exactly one of `contact_id`,
+    /// `contact_ids`, `user_id`).
+    fn of(
+        kind: AiActionKind,
+        contact_id: Option<Uuid>,
+        contact_ids: Option<Vec<Uuid>>,
+        user_id: Option<Uuid>,
+    ) -> Result<Self, ApiError> {
+        let mut errors = Vec::new();
+        let wants = kind.target();
+        for (name, given, takes) in [
+            ("contact_id", contact_id.is_some(), TargetKind::Contact),
+            ("contact_ids", contact_ids.is_some(), TargetKind::Contacts),
+            ("user_id", user_id.is_some(), TargetKind::User),
+        ] {
+            if given && wants != takes {
+                errors.push(FieldError::new(name, "not taken by this type"));
+            } else if !given && wants == takes {
+                errors.push(FieldError::new(name, "is required by this type"));
+            }
+        }
+        if let Some(ids) = &contact_ids {
+            let mut unique = ids.clone();
+            unique.sort();
+            unique.dedup();
+            if ids.is_empty() || ids.len() > MAX_BULK || unique.len() != ids.len() {
+                errors.push(FieldError::new(
+                    "contact_ids",
+                    format!("1 to {MAX_BULK} contact ids, each once"),
+                ));
+            }
+        }
+        if !errors.is_empty() {
+            return Err(ApiError::Validation(errors));
+        }
+        Ok(Self {
+            contacts: contact_id
+                .map(|c| vec![c])
+                .or(contact_ids)
+                .unwrap_or_default(),
+            user_id,
+        })
+    }
+
+    /// The target of a recorded action.
+    fn recorded(kind: AiActionKind, request: &Request) -> Option<Self> {
+        let ok = match kind.target() {
+            TargetKind::Contact => request.contacts.len() == 1,
+            TargetKind::Contacts => !request.contacts.is_empty(),
+            TargetKind::User => request.user_id.is_some(),
+        };
+        ok.then(|| Self {
+            contacts: request.contacts.clone(),
+            user_id: request.user_id,
+        })
+    }
+
+    fn contact(&self) -> Uuid {
+        self.contacts.first().copied().unwrap_or_default()
     }
 }
 
@@ -112,10 +237,17 @@ pub(crate) struct AiModelInput {
 #[serde(untagged)]
 #[allow(dead_code)] // the document's shape only: arguments are kept as sent (`Value`)
 pub(crate) enum AiActionArguments {
-    /// `update_contact`: as `PATCH /v1/contacts/{id}` takes it.
+    /// `update_contact`, `bulk_update`: as `PATCH /v1/contacts/{id}` takes it.
     UpdateContact(Box<ContactInput>),
     /// `send_message`: as `POST /v1/contacts/{id}/messages` takes it.
     SendMessage(Box<MessageInput>),
+    /// `change_consent`: as `POST /v1/contacts/{id}/consent` takes it.
+    ChangeConsent(Box<ConsentInput>),
+    /// `set_do_not_contact`, `lift_do_not_contact`: as `POST
+    /// /v1/contacts/{id}/do-not-contact` takes it.
+    DoNotContact(ReasonInput),
+    /// `change_permissions`: as `POST /v1/users/{id}/role` takes it.
+    ChangePermissions(RoleChange),
 }
 
 /// `POST /v1/ai/actions`.
@@ -131,7 +263,12 @@ pub(crate) enum AiActionArguments {
 pub(crate) struct AiProposeInput {
     #[serde(rename = "type")]
     kind: AiActionKind,
-    contact_id: Uuid,
+    /// The contact (every type but `bulk_update` and `change_permissions`).
+    contact_id: Option<Uuid>,
+    /// `bulk_update`: the contacts, 1 to 1,000, each once.
+    contact_ids: Option<Vec<Uuid>>,
+    /// `change_permissions`: the user whose role changes.
+    user_id: Option<Uuid>,
     /// The command's body, as the route named under `type` takes it.
     #[schema(value_type = AiActionArguments)]
     arguments: Value,
@@ -160,7 +297,12 @@ pub(crate) struct AiActionDoc {
     status: String,
     #[serde(rename = "type")]
     kind: String,
+    /// The contact (the first, for a bulk update).
     contact_id: Option<Uuid>,
+    /// Every contact the action touches.
+    contacts: Vec<Uuid>,
+    /// The user a role change is about.
+    user_id: Option<Uuid>,
     /// `low`, `medium` or `high`.
     risk: String,
     /// The id of the policy rule that set the risk (docs/ai.md).
@@ -181,6 +323,8 @@ pub(crate) struct AiActionDoc {
     result_events: Vec<Uuid>,
     /// Why execution failed: the send gate's reason code, or the refusal's.
     failure_reason: Option<String>,
+    /// The refusal's message (null once erased).
+    failure_detail: Option<String>,
     /// Every step, in order.
     steps: Vec<AiActionStep>,
 }
@@ -224,11 +368,14 @@ pub(crate) struct AiRejectInput {
 }
 
 /// SHA-256 (hex) of the canonical JSON of what an action would run.
-fn digest(kind: AiActionKind, contact_id: Uuid, arguments: &Value) -> String {
+fn digest(kind: AiActionKind, target: &Target, arguments: &Value) -> String {
     // serde_json's maps are sorted by key: this is the canonical form.
-    let canonical = serde_json::json!({
-        "type": kind, "contact_id": contact_id, "arguments": arguments
-    });
+    let mut canonical = serde_json::json!({"type": kind, "arguments": arguments});
+    match kind.target() {
+        TargetKind::Contact => canonical["contact_id"] = serde_json::json!(target.contact()),
+        TargetKind::Contacts => canonical["contact_ids"] = serde_json::json!(target.contacts),
+        TargetKind::User => canonical["user_id"] = serde_json::json!(target.user_id),
+    }
     hex::encode(Sha256::digest(
         serde_json::to_vec(&canonical).expect("a JSON value serialises"),
     ))
@@ -262,7 +409,11 @@ fn reason_line(reason: &str) -> Result<(), ApiError> {
 
 /// The facts of the arguments the risk policy reads, validated as the command's own
 /// route validates them.
-fn risk_input(kind: AiActionKind, arguments: &Value) -> Result<RiskInput, ApiError> {
+fn risk_input(
+    kind: AiActionKind,
+    target: &Target,
+    arguments: &Value,
+) -> Result<RiskInput, ApiError> {
     let invalid = |e: serde_json::Error| {
         ApiError::Validation(vec![FieldError::new("arguments", e.to_string())])
     };
@@ -270,10 +421,10 @@ fn risk_input(kind: AiActionKind, arguments: &Value) -> Result<RiskInput, ApiErr
         kind: kind.kind(),
         fields: vec![],
         custom_fields: false,
-        contacts: 1,
+        contacts: target.contacts.len(),
     };
     match kind {
-        AiActionKind::UpdateContact => {
+        AiActionKind::UpdateContact | AiActionKind::BulkUpdate => {
             let changes: ContactInput =
                 serde_json::from_value(arguments.clone()).map_err(invalid)?;
             if changes.expected_version.is_some() {
@@ -288,6 +439,18 @@ fn risk_input(kind: AiActionKind, arguments: &Value) -> Result<RiskInput, ApiErr
         }
         AiActionKind::SendMessage => {
             let _: MessageInput = serde_json::from_value(arguments.clone()).map_err(invalid)?;
+        }
+        AiActionKind::ChangeConsent => {
+            let body: ConsentInput = serde_json::from_value(arguments.clone()).map_err(invalid)?;
+            super::consent::check_consent_input(&body)?;
+        }
+        AiActionKind::SetDoNotContact | AiActionKind::LiftDoNotContact => {
+            let body: ReasonInput = serde_json::from_value(arguments.clone()).map_err(invalid)?;
+            super::consent::reason(body.reason)?;
+        }
+        AiActionKind::ChangePermissions => {
+            let body: RoleChange = serde_json::from_value(arguments.clone()).map_err(invalid)?;
+            super::users::check_role_change(&body)?;
         }
     }
     Ok(input)
@@ -362,27 +525,27 @@ pub(crate) async fn propose(
     if !errors.is_empty() {
         return Err(ApiError::Validation(errors));
     }
-    let risk = risk_input(input.kind, &input.arguments)?;
-    // The contact must be one of the organisation's (the same 404 as the command's).
+    let target = Target::of(
+        input.kind,
+        input.contact_id,
+        input.contact_ids,
+        input.user_id,
+    )?;
+    let risk = risk_input(input.kind, &target, &input.arguments)?;
+    // What it is about must be the organisation's (the same 404 as the command's).
     let org = a.caller.org_id;
     let settings = {
         let client = s.pool.get().await?;
-        let contact = s
-            .executor
-            .load::<Contact>(&client, org, &input.contact_id.to_string())
-            .await?;
-        if contact.aggregate.id.is_none() {
-            return Err(ApiError::NotFound("contact not found"));
-        }
+        require_target(&s, &client, org, &target).await?;
         settings_of(&s, &client, org).await?
     };
     let action_id = Uuid::now_v7();
     let now = Utc::now();
     let request = Request {
         kind: input.kind.kind(),
-        arguments_sha256: digest(input.kind, input.contact_id, &input.arguments),
-        contacts: vec![input.contact_id],
-        user_id: None,
+        arguments_sha256: digest(input.kind, &target, &input.arguments),
+        contacts: target.contacts,
+        user_id: target.user_id,
     };
     let content = Content {
         arguments: input.arguments,
@@ -532,14 +695,14 @@ pub(crate) async fn edit(
     let Some((request, _)) = in_force(&events) else {
         return Err(ApiError::NotFound("AI action not found"));
     };
-    let (Some(kind), Some(&contact_id)) =
-        (AiActionKind::of(request.kind), request.contacts.first())
+    let Some((kind, target)) =
+        AiActionKind::of(request.kind).and_then(|k| Some((k, Target::recorded(k, &request)?)))
     else {
         return Err(ApiError::Conflict(
             "this action's kind cannot be edited".into(),
         ));
     };
-    let risk = risk_input(kind, &input.arguments)?;
+    let risk = risk_input(kind, &target, &input.arguments)?;
     let ttl = {
         let client = s.pool.get().await?;
         settings_of(&s, &client, org).await?.approval_ttl_secs()
@@ -552,9 +715,9 @@ pub(crate) async fn edit(
                 by: a.caller.user_id,
                 request: Request {
                     kind: kind.kind(),
-                    arguments_sha256: digest(kind, contact_id, &input.arguments),
-                    contacts: vec![contact_id],
-                    user_id: None,
+                    arguments_sha256: digest(kind, &target, &input.arguments),
+                    contacts: target.contacts,
+                    user_id: target.user_id,
                 },
                 content: Content {
                     arguments: input.arguments,
@@ -793,6 +956,8 @@ async fn describe(s: &AppState, a: &Authed, id: Uuid) -> Result<AiActionDoc, Api
         status: super::schemas::wire_name(&action.status.unwrap_or(ActionStatus::Failed)),
         kind: String::new(),
         contact_id: None,
+        contacts: vec![],
+        user_id: None,
         risk: action
             .risk
             .map(|r| super::schemas::wire_name(&r))
@@ -808,6 +973,7 @@ async fn describe(s: &AppState, a: &Authed, id: Uuid) -> Result<AiActionDoc, Api
             .flatten(),
         result_events: vec![],
         failure_reason: None,
+        failure_detail: None,
         steps: Vec::with_capacity(events.len()),
     };
     for (decoded, event) in events {
@@ -821,20 +987,31 @@ async fn describe(s: &AppState, a: &Authed, id: Uuid) -> Result<AiActionDoc, Api
             } => {
                 doc.kind = super::schemas::wire_name(&request.kind);
                 doc.contact_id = request.contacts.first().copied();
+                doc.contacts = request.contacts;
+                doc.user_id = request.user_id;
                 doc.rule = rule;
                 doc.initiated_by = super::schemas::wire_name(&initiator.kind);
                 doc.arguments = Some(content.arguments);
             }
-            AiActionEvent::AiActionEdited { content, rule, .. } => {
+            AiActionEvent::AiActionEdited {
+                content,
+                rule,
+                request,
+                ..
+            } => {
                 doc.rule = rule;
+                doc.contacts = request.contacts;
                 doc.arguments = Some(content.arguments);
             }
             AiActionEvent::AiActionExecuted { event_ids } => doc.result_events = event_ids,
             AiActionEvent::AiActionFailed {
-                reason, event_ids, ..
+                reason,
+                event_ids,
+                note,
             } => {
                 doc.result_events = event_ids;
                 doc.failure_reason = Some(reason);
+                doc.failure_detail = note.text;
             }
             _ => {}
         }
@@ -990,8 +1167,8 @@ async fn outcome_of(
     let Some((request, content)) = in_force(events) else {
         return Err(ApiError::NotFound("AI action not found"));
     };
-    let (Some(kind), Some(&contact_id)) =
-        (AiActionKind::of(request.kind), request.contacts.first())
+    let Some((kind, target)) =
+        AiActionKind::of(request.kind).and_then(|k| Some((k, Target::recorded(k, &request)?)))
     else {
         return Ok(Outcome::failed("unsupported", "not a served kind"));
     };
@@ -1033,10 +1210,22 @@ async fn outcome_of(
         Err(e) => Outcome::refused(&e),
         Ok(()) => match kind {
             AiActionKind::UpdateContact => {
-                update_contact(s, proposer, org, id, contact_id, arguments).await?
+                update_contact(s, proposer, org, id, target.contact(), arguments).await?
+            }
+            AiActionKind::BulkUpdate => {
+                bulk_update(s, proposer, org, id, &target.contacts, arguments).await?
             }
             AiActionKind::SendMessage => {
-                send_message(s, &proposer, org, id, contact_id, arguments).await?
+                send_message(s, &proposer, org, id, target.contact(), arguments).await?
+            }
+            AiActionKind::ChangeConsent
+            | AiActionKind::SetDoNotContact
+            | AiActionKind::LiftDoNotContact => {
+                consent_change(s, proposer, org, id, kind, target.contact(), arguments).await?
+            }
+            AiActionKind::ChangePermissions => {
+                let user = target.user_id.unwrap_or_default();
+                change_permissions(s, proposer, org, id, user, arguments).await?
             }
         },
     })
@@ -1135,6 +1324,141 @@ async fn update_contact(
             Err(e) => Outcome::refused(&e),
         },
     )
+}
+
+/// Updates each contact in turn, each once (a retry finds the contacts already done by
+/// their causation id). Contacts are separate streams, so a bulk update is not atomic:
+/// a refusal ends it, and the failure names what was done before it.
+async fn bulk_update(
+    s: &AppState,
+    proposer: Authed,
+    org: Uuid,
+    id: Uuid,
+    contacts: &[Uuid],
+    arguments: Value,
+) -> Result<Outcome, ApiError> {
+    let mut done = Vec::new();
+    for (n, contact) in contacts.iter().enumerate() {
+        match update_contact(s, proposer.clone(), org, id, *contact, arguments.clone()).await? {
+            Outcome::Executed(ids) => done.extend(ids),
+            Outcome::Failed { reason, detail, .. } => {
+                return Ok(Outcome::Failed {
+                    reason,
+                    detail: format!(
+                        "contact {contact} ({} of {}) refused, {n} updated before it: {detail}",
+                        n + 1,
+                        contacts.len()
+                    ),
+                    event_ids: done,
+                })
+            }
+        }
+    }
+    Ok(Outcome::Executed(done))
+}
+
+/// A consent change or a Do Not Contact mark (set or lifted), through its route.
+async fn consent_change(
+    s: &AppState,
+    proposer: Authed,
+    org: Uuid,
+    id: Uuid,
+    kind: AiActionKind,
+    contact_id: Uuid,
+    arguments: Value,
+) -> Result<Outcome, ApiError> {
+    let stream = contact_id.to_string();
+    let earlier = caused_events(s, org, ConsentLedger::TYPE, &stream, id).await?;
+    if !earlier.is_empty() {
+        return Ok(Outcome::Executed(earlier));
+    }
+    let ran = match kind {
+        AiActionKind::ChangeConsent => match arguments_of::<ConsentInput>(arguments) {
+            Ok(input) => super::consent::record(s.clone(), proposer, Id(contact_id), Json(input))
+                .await
+                .map(|_| ()),
+            Err(o) => return Ok(o),
+        },
+        _ => match arguments_of::<ReasonInput>(arguments) {
+            Ok(input) if kind == AiActionKind::SetDoNotContact => {
+                super::consent::set_do_not_contact(s.clone(), proposer, Id(contact_id), Json(input))
+                    .await
+                    .map(|_| ())
+            }
+            Ok(input) => super::consent::lift_do_not_contact(
+                s.clone(),
+                proposer,
+                Id(contact_id),
+                Json(input),
+            )
+            .await
+            .map(|_| ()),
+            Err(o) => return Ok(o),
+        },
+    };
+    Ok(match ran {
+        Ok(()) => Outcome::Executed(caused_events(s, org, ConsentLedger::TYPE, &stream, id).await?),
+        Err(e) => Outcome::refused(&e),
+    })
+}
+
+/// A user's role change, through its route (the proposer's grant must cover the role).
+async fn change_permissions(
+    s: &AppState,
+    proposer: Authed,
+    org: Uuid,
+    id: Uuid,
+    user_id: Uuid,
+    arguments: Value,
+) -> Result<Outcome, ApiError> {
+    let stream = user_id.to_string();
+    let earlier = caused_events(s, org, User::TYPE, &stream, id).await?;
+    if !earlier.is_empty() {
+        return Ok(Outcome::Executed(earlier));
+    }
+    let input: RoleChange = match arguments_of(arguments) {
+        Ok(i) => i,
+        Err(o) => return Ok(o),
+    };
+    Ok(
+        match super::users::change_role(s.clone(), proposer, Id(user_id), Json(input)).await {
+            Ok(_) => Outcome::Executed(caused_events(s, org, User::TYPE, &stream, id).await?),
+            Err(e) => Outcome::refused(&e),
+        },
+    )
+}
+
+/// 404 unless every contact (or the user) of `target` is the organisation's.
+async fn require_target(
+    s: &AppState,
+    client: &deadpool_postgres::Object,
+    org: Uuid,
+    target: &Target,
+) -> Result<(), ApiError> {
+    if let Some(user) = target.user_id {
+        let found = s
+            .executor
+            .load::<User>(client, org, &user.to_string())
+            .await?;
+        if found.aggregate.id.is_none() {
+            return Err(ApiError::NotFound("user not found"));
+        }
+        return Ok(());
+    }
+    // One query for all: a contact exists once its stream has an event.
+    let ids: Vec<String> = target.contacts.iter().map(Uuid::to_string).collect();
+    let found: i64 = client
+        .query_one(
+            "SELECT count(DISTINCT aggregate_id) FROM events WHERE org_id = $1 \
+             AND aggregate_type = $2 AND aggregate_id = ANY($3) AND sequence = 1",
+            &[&org, &Contact::TYPE, &ids],
+        )
+        .await?
+        .get(0);
+    if found != ids.len() as i64 {
+        return Err(ApiError::NotFound("contact not found"));
+    }
+    Ok(())
 }
 
 async fn send_message(

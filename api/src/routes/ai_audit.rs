@@ -357,8 +357,10 @@ pub(crate) struct AiApprovalsQuery {
 }
 
 /// One change an action would make: a contact field (`custom.<key>` for a custom
-/// field) from its current value to the proposed one, or a member of a message to be
-/// sent (`message.<member>`, from null).
+/// field) from its current value to the proposed one (from null for a bulk update:
+/// the value now differs per contact), a member of a message to be sent
+/// (`message.<member>`), of a consent change (`consent.<member>`), of a role change
+/// (`user.role`), or the Do Not Contact mark (`do_not_contact`, with its reason).
 #[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct AiChange {
     field: String,
@@ -435,18 +437,30 @@ fn contact_changes(arguments: &Value, current: &Value, policy: &Policy) -> (Vec<
     (changes, hidden)
 }
 
-/// A message to be sent, member by member.
-fn message_changes(arguments: &Value) -> Vec<AiChange> {
+/// Something new (a message, a consent change, a role), member by member, each named
+/// `{prefix}.{member}`, from null.
+fn new_members(prefix: &str, arguments: &Value) -> Vec<AiChange> {
     arguments
         .as_object()
         .into_iter()
         .flatten()
         .map(|(name, to)| AiChange {
-            field: format!("message.{name}"),
+            field: format!("{prefix}.{name}"),
             from: Value::Null,
             to: to.clone(),
         })
         .collect()
+}
+
+/// A Do Not Contact mark set (`to` true) or lifted, with the reason given.
+fn do_not_contact(set: bool, arguments: &Value) -> Vec<AiChange> {
+    let mut changes = vec![AiChange {
+        field: "do_not_contact".into(),
+        from: Value::Bool(!set),
+        to: Value::Bool(set),
+    }];
+    changes.extend(new_members("do_not_contact", arguments));
+    changes
 }
 
 pub(crate) async fn approvals(
@@ -499,7 +513,13 @@ pub(crate) async fn approvals(
                 };
                 contact_changes(&arguments, &current, policy)
             }
-            "send_message" => (message_changes(&arguments), 0),
+            // The same change to each contact: from what each has now is per contact.
+            "bulk_update" => contact_changes(&arguments, &Value::Null, policy),
+            "send_message" => (new_members("message", &arguments), 0),
+            "change_consent" => (new_members("consent", &arguments), 0),
+            "set_do_not_contact" => (do_not_contact(true, &arguments), 0),
+            "lift_do_not_contact" => (do_not_contact(false, &arguments), 0),
+            "change_permissions" => (new_members("user", &arguments), 0),
             _ => (vec![], 0),
         };
         let can_decide = e.on_behalf_of != Some(a.caller.user_id);

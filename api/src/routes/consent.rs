@@ -162,7 +162,7 @@ pub(crate) struct DoubleOptInStarted {
 pub(crate) struct ReasonInput {
     #[serde(default)]
     #[schema(max_length = 300, pattern = "@line")]
-    reason: Option<String>,
+    pub(crate) reason: Option<String>,
 }
 
 /// `POST /v1/public/consent/confirm`.
@@ -465,13 +465,18 @@ pub(crate) async fn receipt(
 
 // ---- consent commands --------------------------------------------------------------
 
-pub(crate) async fn record(
-    s: AppState,
-    a: Authed,
-    Id(contact_id): Id,
-    Json(input): Json<ConsentInput>,
-) -> Result<Created<ConsentChange>, ApiError> {
-    let org_id = a.caller.org_id;
+/// What a consent change's body says, checked without reading anything.
+pub(crate) struct Checked {
+    purpose: PurposeKey,
+    point: Option<String>,
+    notice: Option<Notice>,
+    language: Option<LanguageTag>,
+    jurisdiction: Option<Jurisdiction>,
+}
+
+/// The checks of a consent change that need its body only: [`record`]'s first, and an
+/// AI action's when it proposes one.
+pub(crate) fn check_consent_input(input: &ConsentInput) -> Result<Checked, ApiError> {
     let mut errors = Vec::new();
     let purpose = purpose_key(&mut errors, &input.purpose);
     let point = contact_point(&mut errors, input.channel, input.contact_point.as_deref());
@@ -489,7 +494,29 @@ pub(crate) async fn record(
         Jurisdiction::parse,
     );
     validation(errors)?;
-    let purpose = purpose.expect("parsed");
+    Ok(Checked {
+        purpose: purpose.expect("parsed"),
+        point,
+        notice,
+        language,
+        jurisdiction,
+    })
+}
+
+pub(crate) async fn record(
+    s: AppState,
+    a: Authed,
+    Id(contact_id): Id,
+    Json(input): Json<ConsentInput>,
+) -> Result<Created<ConsentChange>, ApiError> {
+    let org_id = a.caller.org_id;
+    let Checked {
+        purpose,
+        point,
+        notice,
+        language,
+        jurisdiction,
+    } = check_consent_input(&input)?;
     // The settings, whether the contact exists and its consent stream: one round trip.
     let (settings, exists, loaded) = {
         let client = s.pool.get().await?;
@@ -622,7 +649,7 @@ pub(crate) async fn lift_sale_opt_out(
     Ok(super::outcome(&o))
 }
 
-fn reason(raw: Option<String>) -> Result<Option<String>, ApiError> {
+pub(crate) fn reason(raw: Option<String>) -> Result<Option<String>, ApiError> {
     let mut errors = Vec::new();
     let r = opt(&mut errors, "reason", raw.as_deref(), Line::parse);
     validation(errors)?;

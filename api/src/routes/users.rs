@@ -116,6 +116,11 @@ pub(crate) struct PasswordInput {
     new_password: String,
 }
 
+/// The role a role change names, checked without reading anything.
+pub(crate) fn check_role_change(input: &RoleChange) -> Result<(), ApiError> {
+    parse_role(&input.role).map(|_| ())
+}
+
 fn parse_role(raw: &str) -> Result<RoleRef, ApiError> {
     RoleRef::parse(raw).ok_or_else(|| {
         ApiError::Validation(vec![FieldError::new(

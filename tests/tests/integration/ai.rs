@@ -949,6 +949,17 @@ async fn the_approval_queue_shows_what_would_change_and_who_may_decide() {
     );
     assert_eq!(update_entry["can_decide"], true);
     // The same moment (the read model keeps microseconds).
+    let at = |v: &Value| {
+        chrono::DateTime::parse_from_rfc3339(v.as_str().unwrap())
+            .unwrap()
+            .timestamp_micros()
+    };
+    assert_eq!(
+        at(&update_entry["action"]["expires_at"]),
+        at(&pending["expires_at"])
+    );
+    assert_eq!(update_entry["can_decide"], true);
+    // The same moment (the read model keeps microseconds).
     let queued = update_entry["action"]["expires_at"].as_str().unwrap();
     assert!(
         pending["expires_at"]
@@ -1081,5 +1092,213 @@ async fn the_sweep_records_expiries_and_finishes_runs_cut_short() {
         .await
         .unwrap();
     assert_eq!(got["family_name"], "Byron");
+    app.stop().await;
+}
+
+/// Approves `action` (as proposed) as `token`: the answer.
+async fn approve(app: &TestApp, token: &str, action: &Value) -> Value {
+    let id = action["id"].as_str().unwrap();
+    let (s, v) = post(
+        app,
+        token,
+        &format!("/v1/ai/actions/{id}/approve"),
+        json!({"arguments_sha256": action["arguments_sha256"]}),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    v
+}
+
+/// The ids of the events of stream (`aggregate_type`, `id`) caused by `action`.
+async fn caused_in(app: &TestApp, aggregate_type: &str, id: &str, action: &Value) -> Value {
+    let rows = app
+        .db()
+        .await
+        .query(
+            "SELECT event_id FROM events WHERE aggregate_type = $1 AND aggregate_id = $2 \
+               AND metadata ->> 'causation_id' = $3 ORDER BY sequence",
+            &[&aggregate_type, &id, &action["id"].as_str().unwrap()],
+        )
+        .await
+        .unwrap();
+    json!(rows.iter().map(|r| r.get::<_, Uuid>(0)).collect::<Vec<_>>())
+}
+
+#[tokio::test]
+async fn consent_do_not_contact_bulk_and_role_changes_run_as_their_commands_once_approved() {
+    let app = TestApp::spawn().await;
+    let (_, admin, agent, _) = admin_and_agent(&app).await;
+    let ada = new_contact(
+        &app,
+        json!({"given_name": "Ada", "email": "ada@example.com"}),
+    )
+    .await;
+    let contacts = [
+        ada.clone(),
+        new_contact(&app, json!({"given_name": "Bob"})).await,
+        new_contact(&app, json!({"given_name": "Cy"})).await,
+    ];
+
+    // A consent change: medium, waits, then is recorded with the action as its cause.
+    let (s, consent) = propose(
+        &app,
+        &agent,
+        json!({"type": "change_consent", "contact_id": ada, "arguments": {
+            "channel": "email", "purpose": "service", "status": "granted", "source": "form",
+            "notice": {"id": "privacy-policy", "version": "2026-01",
+                       "sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"}}}),
+    )
+    .await;
+    assert_eq!(s, 201, "{consent}");
+    assert_eq!(
+        (consent["status"].as_str(), consent["rule"].as_str()),
+        (Some("pending_approval"), Some("consent"))
+    );
+    let done = approve(&app, &admin, &consent).await;
+    assert_eq!(done["status"], "executed", "{done}");
+    let events = caused_in(&app, "consent", &ada, &consent).await;
+    assert_eq!(events.as_array().unwrap().len(), 1);
+    assert_eq!(done["result_events"], events);
+
+    // Do Not Contact: setting it is medium, lifting it high; both run once approved.
+    for (kind, rule) in [
+        ("set_do_not_contact", "set_do_not_contact"),
+        ("lift_do_not_contact", "lift_do_not_contact"),
+    ] {
+        let (s, dnc) = propose(
+            &app,
+            &agent,
+            json!({"type": kind, "contact_id": ada, "arguments": {"reason": "asked by mail"}}),
+        )
+        .await;
+        assert_eq!((s, dnc["rule"].as_str()), (201, Some(rule)), "{dnc}");
+        let done = approve(&app, &admin, &dnc).await;
+        assert_eq!(done["status"], "executed", "{done}");
+        assert_eq!(
+            caused_in(&app, "consent", &ada, &dnc)
+                .await
+                .as_array()
+                .unwrap()
+                .len(),
+            1
+        );
+    }
+    let (_, lifted) = propose(
+        &app,
+        &agent,
+        json!({"type": "lift_do_not_contact", "contact_id": ada, "arguments": {}}),
+    )
+    .await;
+    assert_eq!(lifted["risk"], "high");
+
+    // A bulk update: each contact once, all events on the action.
+    let (s, bulk) = propose(
+        &app,
+        &agent,
+        json!({"type": "bulk_update", "contact_ids": contacts, "arguments": {"company": "Acme"}}),
+    )
+    .await;
+    assert_eq!(
+        (s, bulk["rule"].as_str(), bulk["contacts"].clone()),
+        (201, Some("bulk"), json!(contacts)),
+        "{bulk}"
+    );
+    let done = approve(&app, &admin, &bulk).await;
+    assert_eq!(done["status"], "executed", "{done}");
+    let mut all = Vec::new();
+    for c in &contacts {
+        let ids = caused_in(&app, "contact", c, &bulk).await;
+        assert_eq!(ids.as_array().unwrap().len(), 1, "{c}");
+        all.extend(ids.as_array().unwrap().clone());
+        let got: Value = app
+            .get(&format!("/v1/contacts/{c}"))
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(got["company"], "Acme");
+    }
+    assert_eq!(done["result_events"], json!(all));
+
+    // A role change: high; the agent needs users.manage to propose it.
+    let (target, _) = app.user_with_role(RoleRef::Builtin(Role::Team)).await;
+    let (s, refused) = propose(
+        &app,
+        &agent,
+        json!({"type": "change_permissions", "user_id": target, "arguments": {"role": "support"}}),
+    )
+    .await;
+    assert_eq!(s, 403, "{refused}");
+    let (s, key) = post(
+        &app,
+        &admin,
+        "/v1/api-keys",
+        json!({"name": "Ops agent", "role": "admin", "kind": "agent"}),
+    )
+    .await;
+    assert_eq!(s, 201, "{key}");
+    let ops = key["key"].as_str().unwrap();
+    let (s, role) = propose(
+        &app,
+        ops,
+        json!({"type": "change_permissions", "user_id": target, "arguments": {"role": "support"}}),
+    )
+    .await;
+    assert_eq!(
+        (s, role["risk"].as_str(), role["rule"].as_str()),
+        (201, Some("high"), Some("permissions")),
+        "{role}"
+    );
+    assert_eq!(role["user_id"], target.to_string());
+    let done = approve(&app, &admin, &role).await;
+    assert_eq!(done["status"], "executed", "{done}");
+    let (_, user) = call(
+        &app,
+        &admin,
+        reqwest::Method::GET,
+        &format!("/v1/users/{target}"),
+        None,
+    )
+    .await;
+    assert_eq!(user["role"], "support", "{user}");
+
+    // What each type takes is checked at the proposal.
+    for (body, status) in [
+        (
+            json!({"type": "update_contact", "contact_ids": [ada], "arguments": {"company": "X"}}),
+            422,
+        ),
+        (
+            json!({"type": "bulk_update", "contact_ids": [ada, ada], "arguments": {"company": "X"}}),
+            422,
+        ),
+        (
+            json!({"type": "bulk_update", "contact_ids": [], "arguments": {"company": "X"}}),
+            422,
+        ),
+        (
+            json!({"type": "bulk_update", "contact_ids": [ada, Uuid::now_v7()], "arguments": {"company": "X"}}),
+            404,
+        ),
+        (
+            json!({"type": "change_consent", "contact_id": ada, "arguments": {"channel": "email", "purpose": "Not A Key", "status": "granted"}}),
+            422,
+        ),
+        (
+            json!({"type": "change_permissions", "user_id": target, "arguments": {"role": "emperor"}}),
+            422,
+        ),
+        (
+            json!({"type": "change_permissions", "user_id": Uuid::now_v7(), "arguments": {"role": "team"}}),
+            404,
+        ),
+        (
+            json!({"type": "set_do_not_contact", "user_id": target, "arguments": {}}),
+            422,
+        ),
+    ] {
+        let (s, v) = propose(&app, ops, body.clone()).await;
+        assert_eq!(s, status, "{body}: {v}");
+    }
     app.stop().await;
 }
