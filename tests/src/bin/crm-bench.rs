@@ -10,6 +10,8 @@
 //!   /v1/contacts/{id}/consent`, one contact each) and follows the `consent_log`
 //!   projection: commit-to-ConsentLog lag.
 //! - `messages`, `consent-check`: the send gate and the bulk check (`consent.rs`).
+//! - `ai-actions`, `ai-approvals`: AI actions run at once beside plain commands, and
+//!   approval-to-execution latency (`ai.rs`).
 //! - `drop-stream`: deletes the JetStream stream a run used.
 //! - `scale-seed`, `scale-grow`, `read`: the scale phase (`scripts/bench --scale`, see
 //!   `scale.rs`).
@@ -28,6 +30,8 @@ use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 use tokio::sync::{Mutex, Semaphore};
 
+#[path = "crm-bench/ai.rs"]
+mod ai;
 #[path = "crm-bench/consent.rs"]
 mod consent;
 #[path = "crm-bench/scale.rs"]
@@ -79,6 +83,11 @@ enum Command {
     Messages(consent::MessagesArgs),
     /// `POST /v1/consent/check` of 10,000 ids beside a plain SELECT of their rows.
     ConsentCheck(consent::CheckArgs),
+    /// AI actions run at once (user-initiated, low risk) beside `POST /v1/contacts`,
+    /// alternating in 1 s slices.
+    AiActions(ai::ActionsArgs),
+    /// Approvals of pending AI actions at a fixed rate: approval-to-execution latency.
+    AiApprovals(ai::ApprovalsArgs),
     /// Scale phase, before the first step: long contacts and a second staff user.
     ScaleSeed(scale::SeedArgs),
     /// Scale phase: grow the organisation by contacts --from..--to, then a few markers
@@ -633,6 +642,8 @@ async fn main() -> anyhow::Result<()> {
         Command::Lag(args) => lag(args).await,
         Command::Messages(args) => consent::messages(args).await,
         Command::ConsentCheck(args) => consent::check(args).await,
+        Command::AiActions(args) => ai::actions(args).await,
+        Command::AiApprovals(args) => ai::approvals(args).await,
         Command::DropStream { nats_url, stream } => drop_stream(&nats_url, &stream).await,
         Command::ScaleSeed(args) => scale::seed(args).await,
         Command::ScaleGrow(args) => scale::grow(args).await,

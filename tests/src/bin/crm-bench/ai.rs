@@ -1,0 +1,354 @@
+//! The AI phases of `scripts/bench` (issue 13; figures: docs/benchmarks.md).
+//!
+//! - `ai-actions`: 32 connections propose AI actions that the policy runs at once (the
+//!   bench user's own, so user-initiated, changing `company`, so low risk: proposed,
+//!   auto-approved, run as `PATCH /v1/contacts/{id}` and recorded, all in the one
+//!   request), beside plain `POST /v1/contacts`, alternating in 1 s slices so that both
+//!   see the same machine; prints both rates and their ratio.
+//! - `ai-approvals`: an agent (registered by the bench user) proposes changes of a
+//!   personal field, which wait for a person; then the bench user approves them at a
+//!   fixed rate (open loop). An approval answers once the action ran and its outcome
+//!   is recorded, so the answer's latency is the approval-to-execution time; prints its
+//!   percentiles.
+//!
+//! Each prints one line of `key=value` fields ending with `cpu_s`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use hdrhistogram::Histogram;
+use serde_json::{json, Value};
+use tokio::sync::Mutex;
+use uuid::Uuid;
+
+use super::consent::contact_ids;
+use super::{contact, cpu_seconds, histogram, ms, run_tag, Conn, Target};
+
+async fn connect(database_url: &str) -> anyhow::Result<tokio_postgres::Client> {
+    let (db, conn) = tokio_postgres::connect(database_url, tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    Ok(db)
+}
+
+/// The run's contacts (those with an e-mail address the gate knows), by id.
+async fn contacts(database_url: &str, limit: i64) -> anyhow::Result<Arc<Vec<Uuid>>> {
+    let db = connect(database_url).await?;
+    let ids: Vec<Uuid> = contact_ids(&db, limit, 0, false)
+        .await?
+        .into_iter()
+        .map(|(_, id)| id)
+        .collect();
+    anyhow::ensure!(!ids.is_empty(), "no contacts to act on");
+    Ok(Arc::new(ids))
+}
+
+#[derive(Args)]
+pub(crate) struct ActionsArgs {
+    #[command(flatten)]
+    target: Target,
+    #[arg(long, default_value_t = 32)]
+    connections: usize,
+    /// Measured seconds of each of the two (alternating in 1 s slices).
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// The database `crm serve` writes to (read directly, as its owner).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: String,
+}
+
+/// What one side of the alternation measured.
+struct Side {
+    latency: Mutex<Histogram<u64>>,
+    errors: AtomicU64,
+    last_error: Mutex<Option<String>>,
+}
+
+impl Side {
+    fn new() -> Self {
+        Self {
+            latency: Mutex::new(histogram()),
+            errors: AtomicU64::new(0),
+            last_error: Mutex::new(None),
+        }
+    }
+}
+
+pub(crate) async fn actions(args: ActionsArgs) -> anyhow::Result<()> {
+    let ActionsArgs {
+        target: t,
+        connections,
+        seconds,
+        database_url,
+    } = args;
+    let ids = contacts(&database_url, 20_000).await?;
+    let tag = run_tag();
+    let counter = Arc::new(AtomicU64::new(0));
+    let sides = Arc::new([Side::new(), Side::new()]);
+    // One slice of each first (warm-up), then `seconds` of each: slice k is contacts
+    // when k is even, AI actions when odd.
+    let slices = 2 * (seconds + 1);
+    let start = Instant::now();
+    let slice_of = move |at: Instant| (at - start).as_millis() as u64 / 1000;
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        let mut conn = Conn::new(&t)?;
+        let (ids, counter, sides) = (ids.clone(), counter.clone(), sides.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let t0 = Instant::now();
+                let slice = slice_of(t0);
+                if slice >= slices {
+                    break;
+                }
+                let side = (slice % 2) as usize;
+                let n = counter.fetch_add(1, Ordering::Relaxed);
+                let (path, body, want) = if side == 0 {
+                    ("/v1/contacts", contact(tag, n), "\"id\"")
+                } else {
+                    let id = ids[n as usize % ids.len()];
+                    (
+                        "/v1/ai/actions",
+                        json!({"type": "update_contact", "contact_id": id,
+                               "arguments": {"company": format!("Company {n}")}}),
+                        "\"status\":\"executed\"",
+                    )
+                };
+                let body = bytes::Bytes::from(serde_json::to_vec(&body).expect("json"));
+                let result = conn.send(hyper::Method::POST, path, Some(body)).await;
+                // Only requests sent and answered inside one measured slice count.
+                if slice < 2 || slice_of(Instant::now()) != slice {
+                    continue;
+                }
+                let s = &sides[side];
+                match result {
+                    Ok((status, answer))
+                        if status == hyper::StatusCode::CREATED
+                            && answer.windows(want.len()).any(|w| w == want.as_bytes()) =>
+                    {
+                        s.latency
+                            .lock()
+                            .await
+                            .record(t0.elapsed().as_micros() as u64)
+                            .unwrap();
+                    }
+                    Ok((status, answer)) => {
+                        s.errors.fetch_add(1, Ordering::Relaxed);
+                        *s.last_error.lock().await = Some(format!(
+                            "status {status}: {}",
+                            String::from_utf8_lossy(&answer[..answer.len().min(300)])
+                        ));
+                    }
+                    Err(e) => {
+                        s.errors.fetch_add(1, Ordering::Relaxed);
+                        *s.last_error.lock().await = Some(e);
+                    }
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        task.await?;
+    }
+    for (name, s) in ["contacts", "ai actions"].iter().zip(sides.iter()) {
+        if let Some(e) = s.last_error.lock().await.as_ref() {
+            eprintln!("crm-bench ai-actions: {name}: last error: {e}");
+        }
+    }
+    let (c, a) = (
+        sides[0].latency.lock().await.clone(),
+        sides[1].latency.lock().await.clone(),
+    );
+    let (c_rate, a_rate) = (
+        c.len() as f64 / seconds as f64,
+        a.len() as f64 / seconds as f64,
+    );
+    println!(
+        "ai-actions connections={connections} seconds={seconds} contacts_per_s={c_rate:.0} \
+         contacts_p50_ms={:.2} contacts_p99_ms={:.2} contacts_errors={} ai_per_s={a_rate:.0} \
+         ai_p50_ms={:.2} ai_p99_ms={:.2} ai_errors={} ratio={:.2} cpu_s={}",
+        ms(&c, 0.5),
+        ms(&c, 0.99),
+        sides[0].errors.load(Ordering::Relaxed),
+        ms(&a, 0.5),
+        ms(&a, 0.99),
+        sides[1].errors.load(Ordering::Relaxed),
+        if c_rate > 0.0 { a_rate / c_rate } else { 0.0 },
+        cpu_seconds()
+    );
+    Ok(())
+}
+
+#[derive(Args)]
+pub(crate) struct ApprovalsArgs {
+    #[command(flatten)]
+    target: Target,
+    /// Approvals per second.
+    #[arg(long, default_value_t = 100)]
+    rate: u64,
+    /// Measured seconds (after the warm-up).
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Seconds of approvals before measuring.
+    #[arg(long, default_value_t = 2)]
+    warmup: u64,
+    /// Connections proposing the pending actions first.
+    #[arg(long, default_value_t = 16)]
+    connections: usize,
+    /// The database `crm serve` writes to (read directly, as its owner).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: String,
+}
+
+/// POST `body` to `path` as `conn`: the JSON answer of a 2xx, else an error.
+async fn post_json(conn: &mut Conn, path: &str, body: &Value) -> anyhow::Result<Value> {
+    let bytes = bytes::Bytes::from(serde_json::to_vec(body)?);
+    let (status, answer) = conn
+        .send(hyper::Method::POST, path, Some(bytes))
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    anyhow::ensure!(
+        status.is_success(),
+        "{path}: status {status}: {}",
+        String::from_utf8_lossy(&answer[..answer.len().min(300)])
+    );
+    Ok(serde_json::from_slice(&answer)?)
+}
+
+pub(crate) async fn approvals(args: ApprovalsArgs) -> anyhow::Result<()> {
+    let ApprovalsArgs {
+        target: t,
+        rate,
+        seconds,
+        warmup,
+        connections,
+        database_url,
+    } = args;
+    let ids = contacts(&database_url, 20_000).await?;
+    let total = (rate * (warmup + seconds)) as usize;
+    anyhow::ensure!(
+        total <= ids.len(),
+        "{total} approvals need as many contacts"
+    );
+    // An agent of the bench user's, whose own proposals of a personal field wait.
+    let mut owner = Conn::new(&t)?;
+    let agent = post_json(
+        &mut owner,
+        "/v1/api-keys",
+        &json!({"name": format!("bench agent {}", run_tag()), "role": "admin", "kind": "agent"}),
+    )
+    .await?;
+    let key = agent["key"].as_str().unwrap_or_default().to_owned();
+    let next = Arc::new(AtomicU64::new(0));
+    let pending = Arc::new(Mutex::new(Vec::with_capacity(total)));
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        let mut conn = Conn::with_token(&t.url, &key)?;
+        let (ids, next, pending) = (ids.clone(), next.clone(), pending.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed) as usize;
+                if n >= total {
+                    return Ok::<_, anyhow::Error>(());
+                }
+                let action = post_json(
+                    &mut conn,
+                    "/v1/ai/actions",
+                    &json!({"type": "update_contact", "contact_id": ids[n],
+                            "arguments": {"given_name": format!("Name {n}")}}),
+                )
+                .await?;
+                anyhow::ensure!(
+                    action["status"] == "pending_approval",
+                    "a proposal did not wait: {action}"
+                );
+                pending.lock().await.push((
+                    action["id"].as_str().unwrap_or_default().to_owned(),
+                    action["arguments_sha256"].clone(),
+                ));
+            }
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    let pending = Arc::new(std::mem::take(&mut *pending.lock().await));
+    // Open loop: approval k is sent at start + k / rate, whatever the earlier ones do.
+    let start = Instant::now();
+    let measure_from = Duration::from_secs(warmup);
+    let latency = Arc::new(Mutex::new(histogram()));
+    let errors = Arc::new(AtomicU64::new(0));
+    let last_error = Arc::new(Mutex::new(None::<String>));
+    let mut in_flight = Vec::with_capacity(pending.len());
+    let conns = Arc::new(Mutex::new(Vec::<Conn>::new()));
+    for k in 0..pending.len() {
+        let due = start + Duration::from_secs_f64(k as f64 / rate as f64);
+        tokio::time::sleep_until(due.into()).await;
+        let (pending, latency, errors, last_error, conns, t) = (
+            pending.clone(),
+            latency.clone(),
+            errors.clone(),
+            last_error.clone(),
+            conns.clone(),
+            Target {
+                url: t.url.clone(),
+                token: t.token.clone(),
+            },
+        );
+        in_flight.push(tokio::spawn(async move {
+            let mut conn = match conns.lock().await.pop() {
+                Some(c) => c,
+                None => Conn::new(&t).expect("a connection"),
+            };
+            let (id, sha) = &pending[k];
+            let sent = Instant::now();
+            let answer = post_json(
+                &mut conn,
+                &format!("/v1/ai/actions/{id}/approve"),
+                &json!({"arguments_sha256": sha}),
+            )
+            .await;
+            let took = sent.elapsed();
+            match answer {
+                Ok(v) if v["status"] == "executed" => {
+                    if sent - start >= measure_from {
+                        latency
+                            .lock()
+                            .await
+                            .record(took.as_micros() as u64)
+                            .unwrap();
+                    }
+                }
+                Ok(v) => {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                    *last_error.lock().await = Some(format!("not executed: {v}"));
+                }
+                Err(e) => {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                    *last_error.lock().await = Some(e.to_string());
+                }
+            }
+            conns.lock().await.push(conn);
+        }));
+    }
+    for task in in_flight {
+        task.await?;
+    }
+    let achieved = pending.len() as f64 / start.elapsed().as_secs_f64();
+    if let Some(e) = last_error.lock().await.as_ref() {
+        eprintln!("crm-bench ai-approvals: last error: {e}");
+    }
+    let h = latency.lock().await.clone();
+    println!(
+        "ai-approvals target_rate={rate} achieved_rate={achieved:.0} seconds={seconds} \
+         approvals={} errors={} p50_ms={:.2} p99_ms={:.2} max_ms={:.2} cpu_s={}",
+        h.len(),
+        errors.load(Ordering::Relaxed),
+        ms(&h, 0.5),
+        ms(&h, 0.99),
+        h.max() as f64 / 1000.0,
+        cpu_seconds()
+    );
+    Ok(())
+}
