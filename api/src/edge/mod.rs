@@ -237,11 +237,7 @@ impl Edge {
         }
         let content_type = req.header("content-type").map(str::to_owned);
         let body = if route.reads_body {
-            let limit = match route.body_limit {
-                BodyLimit::Small => SMALL_BODY_BYTES,
-                BodyLimit::Large => state.settings.http.max_body_bytes,
-                BodyLimit::Bulk => state.settings.http.max_body_bytes.max(BULK_BODY_BYTES),
-            };
+            let limit = body_limit(route, state);
             if req
                 .header("content-length")
                 .and_then(|v| v.parse::<u64>().ok())
@@ -264,6 +260,15 @@ impl Edge {
             body,
         };
         route.call(state.clone(), call).await
+    }
+}
+
+/// The largest body `route` takes.
+fn body_limit(route: &Route, state: &AppState) -> u64 {
+    match route.body_limit {
+        BodyLimit::Small => SMALL_BODY_BYTES,
+        BodyLimit::Large => state.settings.http.max_body_bytes,
+        BodyLimit::Bulk => state.settings.http.max_body_bytes.max(BULK_BODY_BYTES),
     }
 }
 
@@ -348,6 +353,9 @@ pub async fn call_as(
         (true, Some(v)) => bytes::Bytes::from(serde_json::to_vec(v).map_err(ApiError::internal)?),
         _ => bytes::Bytes::new(),
     };
+    if body.len() as u64 > body_limit(route, state) {
+        return Err(ApiError::PayloadTooLarge);
+    }
     let call = Call {
         ctx: caller.ctx.clone(),
         caller: Caller::Staff(caller),

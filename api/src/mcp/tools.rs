@@ -177,7 +177,13 @@ impl Catalog {
                  command it runs.",
                 |(_, what, ..)| what,
             );
-            let body = command.and_then(|(_, _, method, path)| body_schema(&doc, method, path));
+            let body = command.and_then(|(_, _, method, path)| {
+                let schema = body_schema(&doc, method, path)?;
+                Some((
+                    schema,
+                    format!("The command's body, as `{method} {path}` takes it."),
+                ))
+            });
             let tool = Tool::new(
                 kind.clone(),
                 format!("{what}\n\n{WRITE_TOOL_NOTE}"),
@@ -395,25 +401,25 @@ fn body_schema(doc: &Value, method: &Method, path: &str) -> Option<Value> {
 }
 
 /// A propose tool's input: the body of `POST /v1/ai/actions` without `type` (the tool
-/// names it), `arguments` as the command route's body (`body`) when known, with every
-/// schema it refers to under `$defs`.
-fn propose_schema(doc: &Value, body: Option<Value>) -> JsonObject {
+/// names it), `arguments` as the command route's body (`body`: its schema and a
+/// description) when known, with every schema it refers to under `$defs`. Examples
+/// (the document's, written for the REST body) are left out.
+fn propose_schema(doc: &Value, body: Option<(Value, String)>) -> JsonObject {
     let mut schema = doc["components"]["schemas"]["AiProposeInput"].clone();
     if let Some(props) = schema["properties"].as_object_mut() {
         props.remove("type");
-        let described = props
-            .get("arguments")
-            .and_then(|a| a.get("description"))
-            .cloned();
         let arguments = match body {
-            Some(mut b) => {
-                if let (Some(d), Some(obj)) = (described, b.as_object_mut()) {
+            Some((mut b, description)) => {
+                if let Some(obj) = b.as_object_mut() {
                     // A `$ref` with siblings is fine in JSON Schema 2020-12.
-                    obj.insert("description".into(), d);
+                    obj.insert("description".into(), json!(description));
                 }
                 b
             }
-            None => json!({"type": "object", "description": described}),
+            None => json!({
+                "type": "object",
+                "description": "The body of the command the action runs (docs/ai.md)."
+            }),
         };
         props.insert("arguments".into(), arguments);
     }
@@ -422,6 +428,7 @@ fn propose_schema(doc: &Value, body: Option<Value>) -> JsonObject {
     }
     if let Some(obj) = schema.as_object_mut() {
         obj.remove("example");
+        obj.remove("description");
     }
     // Every schema referred to, transitively, under `$defs`, and the references
     // rewritten to point there.
@@ -439,6 +446,9 @@ fn propose_schema(doc: &Value, body: Option<Value>) -> JsonObject {
     let mut defs = Map::new();
     for name in names {
         let mut def = doc["components"]["schemas"][&name].clone();
+        if let Some(obj) = def.as_object_mut() {
+            obj.remove("example");
+        }
         rewrite_references(&mut def);
         defs.insert(name, def);
     }
