@@ -336,6 +336,24 @@ async fn only_an_agent_key_opens_the_endpoint() {
     let (s, _, body) = mcp(Some(&agent)).await;
     assert_eq!(s, 200, "{body}");
     assert_eq!(body["result"]["serverInfo"]["name"], "crm", "{body}");
+    // No session: a request stands on its own (docs/ai.md's curl example).
+    let r = app
+        .http
+        .post(app.url("/mcp"))
+        .bearer_auth(&agent)
+        .header("accept", "application/json, text/event-stream")
+        .json(&json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.headers().get("mcp-session-id").is_none());
+    let listed: Value = r.json().await.unwrap();
+    assert!(
+        listed["result"]["tools"]
+            .as_array()
+            .is_some_and(|t| t.iter().any(|t| t["name"] == "get_contact")),
+        "{listed}"
+    );
 
     // rmcp's client without a key does not get in either.
     let config = StreamableHttpClientTransportConfig::with_uri(app.url("/mcp"));
