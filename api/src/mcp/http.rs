@@ -43,9 +43,11 @@ pub const PATH: &str = "/mcp";
 /// whole bytes).
 pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
-/// `/mcp`: cheap to clone (shared parts behind `Arc`s).
+/// `/mcp`: cheap to clone (one `Arc`; the server loop clones it for every request).
 #[derive(Clone)]
-pub struct Endpoint {
+pub struct Endpoint(Arc<Shared>);
+
+struct Shared {
     state: AppState,
     sdk: StreamableHttpService<Server, NeverSessionManager>,
     stop: CancellationToken,
@@ -74,12 +76,12 @@ impl Endpoint {
             Arc::new(NeverSessionManager::default()),
             config,
         );
-        Self { state, sdk, stop }
+        Self(Arc::new(Shared { state, sdk, stop }))
     }
 
     /// Ends what the SDK still streams (server shutdown: the listener is closed).
     pub fn stop(&self) {
-        self.stop.cancel();
+        self.0.stop.cancel();
     }
 
     /// Answers one HTTP request to [`PATH`].
@@ -98,6 +100,7 @@ impl Endpoint {
         let span = tracing::info_span!("request", request_id = %ctx.request_id);
         let mut response = match self.admit(req, &ctx).instrument(span.clone()).await {
             Ok(req) => self
+                .0
                 .sdk
                 .handle(req)
                 .instrument(span)
@@ -139,7 +142,7 @@ impl Endpoint {
         B: warp::hyper::body::Body<Data = Bytes> + Send + 'static,
         B::Error: std::fmt::Display,
     {
-        let s = &self.state;
+        let s = &self.0.state;
         if let Some(addr) = ctx.ip.as_deref().and_then(|ip| ip.parse().ok()) {
             s.rate_limits
                 .check(ratelimit::Class::of(PATH), addr)
