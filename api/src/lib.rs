@@ -5,7 +5,8 @@
 //! ([`auth`]), the operations ([`routes`], one declaration each in `routes::table`, from
 //! which the OpenAPI document ([`openapi`]) is generated), parsing requests into domain
 //! commands, turning every error into one JSON shape with one status mapping
-//! ([`error`]), and process wiring ([`startup`]): the API server plus, by default, the
+//! ([`error`]), the MCP endpoint for AI agents ([`mcp`], tools over the same
+//! operations), and process wiring ([`startup`]): the API server plus, by default, the
 //! relay and the projectors in the same process.
 
 pub mod auth;
@@ -14,6 +15,7 @@ pub mod config;
 pub mod edge;
 pub mod error;
 pub mod mail;
+pub mod mcp;
 pub mod openapi;
 pub mod routes;
 pub mod startup;

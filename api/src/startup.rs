@@ -241,6 +241,7 @@ impl Application {
         let server = crate::edge::server::serve(
             self.listener,
             routes,
+            crate::mcp::Endpoint::new(self.state.clone()),
             self.state.settings.http.timeouts,
             async move { server_token.cancelled().await },
         );

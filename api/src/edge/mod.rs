@@ -187,27 +187,16 @@ impl Edge {
         ) {
             return ("preflight", answer);
         }
-        let parts: Vec<&str> = req.path.trim_start_matches('/').split('/').collect();
-        let mut allowed = Vec::new();
-        let mut found = None;
-        for r in &self.table {
-            if let Some(ids) = r.matches(&parts) {
-                if r.method == req.method {
-                    found = Some((r, ids));
-                    break;
+        let (route, ids) = match lookup(&self.table, &req.method, req.path) {
+            Lookup::Found(route, ids) => (route, ids),
+            Lookup::NoSuchPath => return ("-", Err(ApiError::NotFound("no such route"))),
+            Lookup::OtherMethods(allowed) => {
+                let mut response = ApiError::MethodNotAllowed.into_response(&ctx.request_id);
+                if let Ok(v) = HeaderValue::from_str(&allowed.join(", ")) {
+                    response.headers_mut().insert("allow", v);
                 }
-                allowed.push(r.method.as_str());
+                return ("-", Ok(response));
             }
-        }
-        let Some((route, ids)) = found else {
-            if allowed.is_empty() {
-                return ("-", Err(ApiError::NotFound("no such route")));
-            }
-            let mut response = ApiError::MethodNotAllowed.into_response(&ctx.request_id);
-            if let Ok(v) = HeaderValue::from_str(&allowed.join(", ")) {
-                response.headers_mut().insert("allow", v);
-            }
-            return ("-", Ok(response));
         };
         let result = self.run(route, req, ctx, ids, body, body_read).await;
         (route.path, result)
@@ -226,17 +215,7 @@ impl Edge {
         S: futures::Stream<Item = Result<B, warp::Error>> + Send,
         B: Buf,
     {
-        let mut ids = Vec::with_capacity(raw_ids.len());
-        for (name, raw) in raw_ids {
-            let id = uuid::Uuid::parse_str(raw).map_err(|_| {
-                ApiError::bad_request(
-                    "invalid_id",
-                    format!("`{name}` must be a UUID; `{raw}` is not one"),
-                )
-                .with_fields(vec![crate::error::FieldError::new(name, "must be a UUID")])
-            })?;
-            ids.push(id);
-        }
+        let ids = parse_ids(raw_ids)?;
         let state = &self.state;
         let authorization = req.header("authorization");
         let caller = match route.auth {
@@ -258,11 +237,7 @@ impl Edge {
         }
         let content_type = req.header("content-type").map(str::to_owned);
         let body = if route.reads_body {
-            let limit = match route.body_limit {
-                BodyLimit::Small => SMALL_BODY_BYTES,
-                BodyLimit::Large => state.settings.http.max_body_bytes,
-                BodyLimit::Bulk => state.settings.http.max_body_bytes.max(BULK_BODY_BYTES),
-            };
+            let limit = body_limit(route, state);
             if req
                 .header("content-length")
                 .and_then(|v| v.parse::<u64>().ok())
@@ -288,15 +263,119 @@ impl Edge {
     }
 }
 
+/// The largest body `route` takes.
+fn body_limit(route: &Route, state: &AppState) -> u64 {
+    match route.body_limit {
+        BodyLimit::Small => SMALL_BODY_BYTES,
+        BodyLimit::Large => state.settings.http.max_body_bytes,
+        BodyLimit::Bulk => state.settings.http.max_body_bytes.max(BULK_BODY_BYTES),
+    }
+}
+
+/// Where a request's method and path lead in `table`.
+enum Lookup<'t, 'p> {
+    /// The route, and its path's ids (`{name}` → the segment as sent).
+    Found(&'t Route, Vec<(&'static str, &'p str)>),
+    /// The path exists with these methods only (405 with `Allow`).
+    OtherMethods(Vec<&'t str>),
+    NoSuchPath,
+}
+
+fn lookup<'t, 'p>(table: &'t [Route], method: &Method, path: &'p str) -> Lookup<'t, 'p> {
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let mut allowed = Vec::new();
+    for r in table {
+        if let Some(ids) = r.matches(&parts) {
+            if r.method == method {
+                return Lookup::Found(r, ids);
+            }
+            allowed.push(r.method.as_str());
+        }
+    }
+    if allowed.is_empty() {
+        Lookup::NoSuchPath
+    } else {
+        Lookup::OtherMethods(allowed)
+    }
+}
+
+/// The path's ids as UUIDs (400 `invalid_id` naming the first that is not one).
+fn parse_ids(raw_ids: Vec<(&'static str, &str)>) -> Result<Vec<uuid::Uuid>, ApiError> {
+    raw_ids
+        .into_iter()
+        .map(|(name, raw)| {
+            uuid::Uuid::parse_str(raw).map_err(|_| {
+                ApiError::bad_request(
+                    "invalid_id",
+                    format!("`{name}` must be a UUID; `{raw}` is not one"),
+                )
+                .with_fields(vec![crate::error::FieldError::new(name, "must be a UUID")])
+            })
+        })
+        .collect()
+}
+
+/// Calls the operation at `method` `path` of `table` as `caller`, already
+/// authenticated, in this process: the route's declared permission (deny by default),
+/// then its query and body extractors and its handler, exactly as the dispatcher runs
+/// them after authentication. So another front end (the MCP tools, [`crate::mcp`]) is
+/// one more client of the same declarations, and answers what the API answers: the
+/// reply, or the error the API would send (the caller turns it into the one JSON shape
+/// with [`ApiError::into_response`]). Only staff routes can be called this way.
+pub async fn call_as(
+    state: &AppState,
+    table: &[Route],
+    caller: crate::routes::Authed,
+    method: Method,
+    path: &str,
+    query: String,
+    body: Option<&serde_json::Value>,
+) -> Result<Response, ApiError> {
+    let Lookup::Found(route, raw_ids) = lookup(table, &method, path) else {
+        return Err(ApiError::internal(format!(
+            "in-process call of {method} {path}: no such operation"
+        )));
+    };
+    let ids = parse_ids(raw_ids)?;
+    match route.auth {
+        Auth::Staff(permission) => caller.require(permission)?,
+        Auth::SignedIn => {}
+        Auth::Public | Auth::Portal => {
+            return Err(ApiError::internal(format!(
+                "in-process call of {method} {path}: not a staff operation"
+            )))
+        }
+    }
+    if !route.takes_query && !query.is_empty() {
+        return Err(crate::edge::extract::no_query_expected(&query));
+    }
+    let body = match (route.reads_body, body) {
+        (true, Some(v)) => bytes::Bytes::from(serde_json::to_vec(v).map_err(ApiError::internal)?),
+        _ => bytes::Bytes::new(),
+    };
+    if body.len() as u64 > body_limit(route, state) {
+        return Err(ApiError::PayloadTooLarge);
+    }
+    let call = Call {
+        ctx: caller.ctx.clone(),
+        caller: Caller::Staff(caller),
+        ids,
+        query,
+        content_type: Some("application/json".into()),
+        body,
+    };
+    route.call(state.clone(), call).await
+}
+
 /// Reads a body of at most `limit` bytes, with `body_read` between reads and
 /// `body_total` in all (408 `request_timeout` otherwise).
-async fn collect_body<S, B>(
+pub(crate) async fn collect_body<S, B, E>(
     stream: S,
     limit: u64,
     timeouts: &crate::config::HttpTimeouts,
 ) -> Result<bytes::Bytes, ApiError>
 where
-    S: futures::Stream<Item = Result<B, warp::Error>>,
+    S: futures::Stream<Item = Result<B, E>>,
     B: Buf,
 {
     let mut buf = bytes::BytesMut::new();

@@ -44,7 +44,7 @@ impl Class {
     pub fn of(path: &str) -> Self {
         if path.starts_with("/v1/auth/") || path.starts_with("/portal/auth/") {
             Self::Auth
-        } else if path.starts_with("/v1/") || path.starts_with("/portal/") {
+        } else if path.starts_with("/v1/") || path.starts_with("/portal/") || path == "/mcp" {
             Self::Api
         } else {
             Self::Unlimited

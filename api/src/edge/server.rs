@@ -1,5 +1,6 @@
 //! The HTTP server loop: hyper, with the edge's time limits, serving the one edge
-//! filter ([`super::serve`]).
+//! filter ([`super::serve`]) and, at `/mcp`, the MCP endpoint ([`crate::mcp`]), which
+//! reads its bodies with the same limits.
 //!
 //! - A request's head must arrive within `head` (hyper's header read timeout): a client
 //!   that trickles its headers, or never sends them, has its connection closed, and
@@ -11,11 +12,14 @@
 //!   process never waits on a stalled client. What a dropped request committed is in
 //!   the store; it was never acknowledged to the client.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::task::{Context, Poll};
 
 use crm_infra::metrics::METRICS;
+use http_body_util::Either;
+use hyper::body::Incoming;
+use hyper::Request;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -28,31 +32,6 @@ use crate::config::HttpTimeouts;
 /// The client's address, as the edge reads it (`warp::ext::optional`).
 #[derive(Clone, Copy, Debug)]
 pub struct ClientAddr(pub SocketAddr);
-
-/// Puts the peer's address into every request of a connection.
-#[derive(Clone)]
-struct WithAddr<S> {
-    inner: S,
-    addr: SocketAddr,
-}
-
-impl<S, B> tower_service::Service<warp::http::Request<B>> for WithAddr<S>
-where
-    S: tower_service::Service<warp::http::Request<B>>,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: warp::http::Request<B>) -> Self::Future {
-        req.extensions_mut().insert(ClientAddr(self.addr));
-        self.inner.call(req)
-    }
-}
 
 /// Whether a connection ended because its client was too slow with a request head.
 fn is_head_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
@@ -68,14 +47,16 @@ fn is_head_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// Serves `routes` on `listener` until `shutdown`, then drains within the grace period.
+/// Serves `routes`, and `mcp` at its path, on `listener` until `shutdown`, then drains
+/// within the grace period.
 pub async fn serve(
     listener: TcpListener,
     routes: BoxedFilter<(Response,)>,
+    mcp: crate::mcp::Endpoint,
     timeouts: HttpTimeouts,
     shutdown: impl Future<Output = ()>,
 ) {
-    let service = warp::service(routes);
+    let api = warp::service(routes);
     let graceful = GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -99,9 +80,20 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
-        let svc = hyper_util::service::TowerToHyperService::new(WithAddr {
-            inner: service.clone(),
-            addr,
+        let (api, mcp) = (api.clone(), mcp.clone());
+        // Every request carries its peer's address; `/mcp` goes to the MCP endpoint,
+        // everything else to the edge's filter. Both answer every request.
+        let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+            req.extensions_mut().insert(ClientAddr(addr));
+            let (mut api, mcp) = (api.clone(), mcp.clone());
+            async move {
+                if req.uri().path() == crate::mcp::http::PATH {
+                    return Ok::<_, Infallible>(mcp.answer(req).await.map(Either::Right));
+                }
+                // warp's service is always ready: no `poll_ready` to wait for.
+                let response = tower_service::Service::call(&mut api, req).await?;
+                Ok(response.map(Either::Left))
+            }
         });
         let conn = builder
             .serve_connection_with_upgrades(TokioIo::new(stream), svc)
@@ -118,6 +110,8 @@ pub async fn serve(
         });
     }
     drop(listener);
+    // What the MCP endpoint still streams ends now, as the API's requests do.
+    mcp.stop();
     tokio::select! {
         _ = graceful.shutdown() => {}
         _ = tokio::time::sleep(timeouts.shutdown_grace) => {
