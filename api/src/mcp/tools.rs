@@ -223,7 +223,7 @@ impl Catalog {
             let tool = Tool::new(
                 kind.clone(),
                 format!("{what}\n\n{WRITE_TOOL_NOTE}"),
-                Arc::new(propose_schema(&doc, body)),
+                Arc::new(propose_schema(&doc, &kind, body)),
             )
             .annotate(
                 ToolAnnotations::new()
@@ -440,10 +440,21 @@ fn body_schema(doc: &Value, method: &Method, path: &str) -> Option<Value> {
 /// names it), `arguments` as the command route's body (`body`: its schema and a
 /// description) when known, with every schema it refers to under `$defs`. Examples
 /// (the document's, written for the REST body) are left out.
-fn propose_schema(doc: &Value, body: Option<(Value, String)>) -> JsonObject {
+fn propose_schema(doc: &Value, kind: &str, body: Option<(Value, String)>) -> JsonObject {
     let mut schema = doc["components"]["schemas"]["AiProposeInput"].clone();
+    // What the kind is about: the one of the three targets it takes, required.
+    let about = match kind {
+        "bulk_update" => "contact_ids",
+        "change_permissions" => "user_id",
+        _ => "contact_id",
+    };
     if let Some(props) = schema["properties"].as_object_mut() {
         props.remove("type");
+        for target in ["contact_id", "contact_ids", "user_id"] {
+            if target != about {
+                props.remove(target);
+            }
+        }
         let arguments = match body {
             Some((mut b, description)) => {
                 if let Some(obj) = b.as_object_mut() {
@@ -461,6 +472,7 @@ fn propose_schema(doc: &Value, body: Option<(Value, String)>) -> JsonObject {
     }
     if let Some(required) = schema["required"].as_array_mut() {
         required.retain(|r| r != "type");
+        required.push(json!(about));
     }
     if let Some(obj) = schema.as_object_mut() {
         obj.remove("example");

@@ -24,8 +24,9 @@ use crm_domain::contact::Contact;
 use crm_domain::message::Message;
 use crm_domain::metadata::PrincipalKind;
 use crm_domain::user::User;
+use crm_infra::commands::executor::Loaded;
 use crm_infra::store::decode::decode;
-use crm_infra::store::event_store::{self, StreamId};
+use crm_infra::store::event_store::{self, StreamHead, StreamId};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -553,8 +554,9 @@ pub(crate) async fn propose(
         reasoning_summary: input.reasoning_summary,
     };
     let m = input.model;
-    s.executor
-        .execute::<AiAction>(
+    let (written, events) = s
+        .executor
+        .execute_returning::<AiAction>(
             org,
             &action_id.to_string(),
             AiActionCommand::Propose {
@@ -580,11 +582,37 @@ pub(crate) async fn propose(
             },
             &a.metadata(),
             Some(0),
+            None,
+            // A new stream: nothing to load.
+            Some(Loaded {
+                aggregate: AiAction::default(),
+                head: StreamHead {
+                    version: 0,
+                    last_hash: None,
+                },
+            }),
         )
         .await?;
-    let (action, _) = read(&s, org, action_id).await?;
+    let mut action = AiAction::default();
+    for e in &events {
+        action.apply(e.clone());
+    }
     if action.status == Some(ActionStatus::Approved) {
-        run(&s, &Runner::of(&a), org, action_id).await?;
+        // Run at once, on the state just written (no read back).
+        let head = StreamHead {
+            version: written.version,
+            last_hash: written
+                .appended
+                .last()
+                .and_then(|e| hex::decode(&e.hash).ok()),
+        };
+        let fresh = Fresh {
+            proposer: &a,
+            action,
+            events,
+            head,
+        };
+        run(&s, &Runner::of(&a), org, action_id, Some(fresh)).await?;
     }
     let doc = describe(&s, &a, action_id).await?;
     Ok(Created {
@@ -677,7 +705,7 @@ pub(crate) async fn approve(
             )
             .await?;
     }
-    run(&s, &Runner::of(&a), org, id).await?;
+    run(&s, &Runner::of(&a), org, id, None).await?;
     Ok(Ok200(describe(&s, &a, id).await?))
 }
 
@@ -692,7 +720,7 @@ pub(crate) async fn edit(
 ) -> Result<Ok200<AiActionDoc>, ApiError> {
     let org = a.caller.org_id;
     let (_, events) = read(&s, org, id).await?;
-    let Some((request, _)) = in_force(&events) else {
+    let Some((request, _)) = in_force(events.iter().map(|(_, e)| e)) else {
         return Err(ApiError::NotFound("AI action not found"));
     };
     let Some((kind, target)) =
@@ -1071,7 +1099,13 @@ impl Runner {
 /// records that instead of running again. Runs of one action never overlap: each holds
 /// the action's advisory lock, and one that cannot take it leaves the action to the
 /// run that holds it.
-async fn run(s: &AppState, by: &Runner, org: Uuid, id: Uuid) -> Result<(), ApiError> {
+async fn run(
+    s: &AppState,
+    by: &Runner,
+    org: Uuid,
+    id: Uuid,
+    fresh: Option<Fresh<'_>>,
+) -> Result<(), ApiError> {
     let mut lock_client = s.pool.get().await?;
     let lock = lock_client.transaction().await?;
     let held: bool = lock
@@ -1084,7 +1118,29 @@ async fn run(s: &AppState, by: &Runner, org: Uuid, id: Uuid) -> Result<(), ApiEr
     if !held {
         return Ok(());
     }
-    let (action, events) = read(s, org, id).await?;
+    // The action as it stands under the lock (as just written, for a fresh proposal).
+    let (action, events, proposer_kind, head, proposer) = match fresh {
+        Some(f) => (
+            f.action,
+            f.events,
+            f.proposer.kind,
+            Some(f.head),
+            Some(f.proposer),
+        ),
+        None => {
+            let (action, read) = read(s, org, id).await?;
+            let kind = read
+                .first()
+                .map_or(PrincipalKind::AiAgent, |(d, _)| d.metadata.principal.kind);
+            (
+                action,
+                read.into_iter().map(|(_, e)| e).collect(),
+                kind,
+                None,
+                None,
+            )
+        }
+    };
     if action.status != Some(ActionStatus::Approved) {
         return Ok(());
     }
@@ -1101,10 +1157,32 @@ async fn run(s: &AppState, by: &Runner, org: Uuid, id: Uuid) -> Result<(), ApiEr
             return record(s, by, org, id, hold).await;
         }
     }
-    let outcome = outcome_of(s, &by.ctx, org, id, &action, &events).await?;
-    record_outcome(s, by, org, id, outcome).await?;
+    let outcome = outcome_of(
+        s,
+        &by.ctx,
+        org,
+        id,
+        &action,
+        &events,
+        proposer_kind,
+        proposer,
+    )
+    .await?;
+    let loaded = head.map(|head| Loaded {
+        aggregate: action,
+        head,
+    });
+    record_outcome(s, by, org, id, outcome, loaded).await?;
     lock.commit().await?;
     Ok(())
+}
+
+/// An action its proposal's request runs at once: its state as just written.
+pub(crate) struct Fresh<'a> {
+    proposer: &'a Authed,
+    action: AiAction,
+    events: Vec<AiActionEvent>,
+    head: StreamHead,
 }
 
 /// What the service's sweep did: pending actions past their time recorded as expired,
@@ -1149,22 +1227,27 @@ pub async fn sweep(s: &AppState) -> Result<Swept, ApiError> {
         }
     }
     for (org, id) in stranded {
-        run(s, &Runner::sweep(org), org, id).await?;
+        run(s, &Runner::sweep(org), org, id, None).await?;
         swept.run += 1;
     }
     Ok(swept)
 }
 
-/// Runs the approved `action` (with its `events`) and says how it ended.
+/// Runs the approved `action` (with its `events`, the first caused by a principal of
+/// `proposer_kind`) and says how it ended. `fresh`: the request that proposed it runs
+/// it at once, as that proposer (its access is the one to use), and nothing can have
+/// run it before.
 async fn outcome_of(
     s: &AppState,
     ctx: &crate::edge::context::RequestContext,
     org: Uuid,
     id: Uuid,
     action: &AiAction,
-    events: &[(crm_infra::store::decode::DecodedEvent, AiActionEvent)],
+    events: &[AiActionEvent],
+    proposer_kind: PrincipalKind,
+    fresh: Option<&Authed>,
 ) -> Result<Outcome, ApiError> {
-    let Some((request, content)) = in_force(events) else {
+    let Some((request, content)) = in_force(events.iter()) else {
         return Err(ApiError::NotFound("AI action not found"));
     };
     let Some((kind, target)) =
@@ -1174,18 +1257,20 @@ async fn outcome_of(
     };
     let arguments = content.arguments;
     let proposer_id = action.agent_id.unwrap_or_default();
-    let proposer_kind = events
-        .first()
-        .map(|(d, _)| d.metadata.principal.kind)
-        .unwrap_or(PrincipalKind::AiAgent);
     // The proposer, with its rights now (an agent's capped by its user's now).
-    let access = {
-        let client = s.pool.get().await?;
-        match proposer_kind {
-            PrincipalKind::User => {
-                crm_infra::access::accounts::load_access(&client, proposer_id, org).await?
+    let access = match fresh {
+        Some(a) => Some(a.access.clone()),
+        None => {
+            let client = s.pool.get().await?;
+            match proposer_kind {
+                PrincipalKind::User => {
+                    crm_infra::access::accounts::load_access(&client, proposer_id, org).await?
+                }
+                _ => {
+                    crm_infra::access::api_keys::access_by_key_id(&client, org, proposer_id).await?
+                }
             }
-            _ => crm_infra::access::api_keys::access_by_key_id(&client, org, proposer_id).await?,
+            .map(std::sync::Arc::new)
         }
     };
     let Some(access) = access else {
@@ -1202,18 +1287,19 @@ async fn outcome_of(
             org_id: org,
             generation: 0,
         },
-        access: std::sync::Arc::new(access),
+        access,
         ctx,
         kind: proposer_kind,
     };
+    let fresh = fresh.is_some();
     Ok(match proposer.require(kind.permission()) {
         Err(e) => Outcome::refused(&e),
         Ok(()) => match kind {
             AiActionKind::UpdateContact => {
-                update_contact(s, proposer, org, id, target.contact(), arguments).await?
+                update_contact(s, proposer, org, id, target.contact(), arguments, fresh).await?
             }
             AiActionKind::BulkUpdate => {
-                bulk_update(s, proposer, org, id, &target.contacts, arguments).await?
+                bulk_update(s, proposer, org, id, &target.contacts, arguments, fresh).await?
             }
             AiActionKind::SendMessage => {
                 send_message(s, &proposer, org, id, target.contact(), arguments).await?
@@ -1233,10 +1319,10 @@ async fn outcome_of(
 
 /// What the action would run now: the last edit's request and arguments, else the
 /// proposal's (`None` without a proposal).
-fn in_force(
-    events: &[(crm_infra::store::decode::DecodedEvent, AiActionEvent)],
+fn in_force<'e>(
+    events: impl DoubleEndedIterator<Item = &'e AiActionEvent>,
 ) -> Option<(Request, Content)> {
-    events.iter().rev().find_map(|(_, e)| match e {
+    events.rev().find_map(|e| match e {
         AiActionEvent::AiActionProposed {
             request, content, ..
         }
@@ -1254,6 +1340,7 @@ async fn record_outcome(
     org: Uuid,
     id: Uuid,
     outcome: Outcome,
+    loaded: Option<Loaded<AiAction>>,
 ) -> Result<(), ApiError> {
     let command = match outcome {
         Outcome::Executed(event_ids) => AiActionCommand::RecordExecuted { event_ids },
@@ -1267,7 +1354,7 @@ async fn record_outcome(
             event_ids,
         },
     };
-    record(s, by, org, id, command).await
+    record_loaded(s, by, org, id, command, loaded).await
 }
 
 /// How a run ended.
@@ -1308,11 +1395,15 @@ async fn update_contact(
     id: Uuid,
     contact_id: Uuid,
     arguments: Value,
+    fresh: bool,
 ) -> Result<Outcome, ApiError> {
     let stream = contact_id.to_string();
-    let earlier = caused_events(s, org, Contact::TYPE, &stream, id).await?;
-    if !earlier.is_empty() {
-        return Ok(Outcome::Executed(earlier));
+    // A run of an action just proposed is its first: nothing to look for.
+    if !fresh {
+        let earlier = caused_events(s, org, Contact::TYPE, &stream, id).await?;
+        if !earlier.is_empty() {
+            return Ok(Outcome::Executed(earlier));
+        }
     }
     let input: ContactInput = match arguments_of(arguments) {
         Ok(i) => i,
@@ -1336,10 +1427,12 @@ async fn bulk_update(
     id: Uuid,
     contacts: &[Uuid],
     arguments: Value,
+    fresh: bool,
 ) -> Result<Outcome, ApiError> {
     let mut done = Vec::new();
     for (n, contact) in contacts.iter().enumerate() {
-        match update_contact(s, proposer.clone(), org, id, *contact, arguments.clone()).await? {
+        let arguments = arguments.clone();
+        match update_contact(s, proposer.clone(), org, id, *contact, arguments, fresh).await? {
             Outcome::Executed(ids) => done.extend(ids),
             Outcome::Failed { reason, detail, .. } => {
                 return Ok(Outcome::Failed {
@@ -1556,11 +1649,23 @@ async fn record(
     id: Uuid,
     command: AiActionCommand,
 ) -> Result<(), ApiError> {
+    record_loaded(s, by, org, id, command, None).await
+}
+
+/// [`record`], on the action as the caller loaded it (`None`: loaded here).
+async fn record_loaded(
+    s: &AppState,
+    by: &Runner,
+    org: Uuid,
+    id: Uuid,
+    command: AiActionCommand,
+    loaded: Option<Loaded<AiAction>>,
+) -> Result<(), ApiError> {
     let mut meta = by.meta.clone();
     meta.occurred_at = Utc::now();
     meta.causation_id = Some(id.to_string());
     s.executor
-        .execute::<AiAction>(org, &id.to_string(), command, &meta, None)
+        .execute_returning::<AiAction>(org, &id.to_string(), command, &meta, None, None, loaded)
         .await?;
     Ok(())
 }
