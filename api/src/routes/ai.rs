@@ -1157,17 +1157,11 @@ async fn run(
             return record(s, by, org, id, hold).await;
         }
     }
-    let outcome = outcome_of(
-        s,
-        &by.ctx,
-        org,
-        id,
-        &action,
-        &events,
-        proposer_kind,
-        proposer,
-    )
-    .await?;
+    let who = Proposer {
+        kind: proposer_kind,
+        fresh: proposer,
+    };
+    let outcome = outcome_of(s, &by.ctx, (org, id), &action, &events, who).await?;
     let loaded = head.map(|head| Loaded {
         aggregate: action,
         head,
@@ -1233,20 +1227,25 @@ pub async fn sweep(s: &AppState) -> Result<Swept, ApiError> {
     Ok(swept)
 }
 
-/// Runs the approved `action` (with its `events`, the first caused by a principal of
-/// `proposer_kind`) and says how it ended. `fresh`: the request that proposed it runs
-/// it at once, as that proposer (its access is the one to use), and nothing can have
-/// run it before.
+/// Who proposed an action: the principal kind of its first event, and, when the
+/// request that proposed it runs it at once, that request (its access is the one to
+/// use, and nothing can have run the action before).
+#[derive(Clone, Copy)]
+struct Proposer<'a> {
+    kind: PrincipalKind,
+    fresh: Option<&'a Authed>,
+}
+
+/// Runs the approved `action` (with its `events`) and says how it ended.
 async fn outcome_of(
     s: &AppState,
     ctx: &crate::edge::context::RequestContext,
-    org: Uuid,
-    id: Uuid,
+    (org, id): (Uuid, Uuid),
     action: &AiAction,
     events: &[AiActionEvent],
-    proposer_kind: PrincipalKind,
-    fresh: Option<&Authed>,
+    who: Proposer<'_>,
 ) -> Result<Outcome, ApiError> {
+    let (proposer_kind, fresh) = (who.kind, who.fresh);
     let Some((request, content)) = in_force(events.iter()) else {
         return Err(ApiError::NotFound("AI action not found"));
     };
