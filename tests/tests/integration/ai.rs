@@ -543,9 +543,36 @@ async fn an_edit_needs_a_fresh_decision_and_a_pending_action_expires_after_the_s
     app.stop().await;
 }
 
+/// Approves `action` (as proposed) straight in the store, as the test's owner: what a
+/// process that stopped between an approval and its run leaves. The action's id.
+async fn approved_in_the_store_only(app: &TestApp, action: &Value) -> String {
+    use crm_domain::ai::{AiAction, AiActionCommand};
+    use crm_domain::metadata::EventMetadata;
+    let id = action["id"].as_str().unwrap().to_owned();
+    let mut meta = EventMetadata::system(app.org_id, "test");
+    meta.causation_id = Some(id.clone());
+    app.state
+        .executor
+        .execute::<AiAction>(
+            app.org_id,
+            &id,
+            AiActionCommand::Approve {
+                by: app.user_id,
+                arguments_sha256: action["arguments_sha256"].as_str().unwrap().into(),
+                reason: None,
+                stopped: false,
+                now: chrono::Utc::now(),
+            },
+            &meta,
+            None,
+        )
+        .await
+        .unwrap();
+    id
+}
+
 #[tokio::test]
 async fn a_run_cut_short_by_a_stop_is_finished_once_when_approved_again() {
-    use crm_domain::ai::{AiAction, AiActionCommand};
     use crm_domain::contact::{Contact, ContactChanges, ContactCommand, ContactProfile};
     use crm_domain::metadata::EventMetadata;
     use crm_domain::values::Name;
@@ -573,44 +600,10 @@ async fn a_run_cut_short_by_a_stop_is_finished_once_when_approved_again() {
     };
     // The first was approved, then the service stopped before it ran: the approval is
     // in the store and nothing else.
-    let first_id = first["id"].as_str().unwrap().to_owned();
-    app.state
-        .executor
-        .execute::<AiAction>(
-            org,
-            &first_id,
-            AiActionCommand::Approve {
-                by: app.user_id,
-                arguments_sha256: first["arguments_sha256"].as_str().unwrap().into(),
-                reason: None,
-                stopped: false,
-                now: chrono::Utc::now(),
-            },
-            &meta(&first_id),
-            None,
-        )
-        .await
-        .unwrap();
+    let first_id = approved_in_the_store_only(&app, &first).await;
     // The second was approved and its command ran, then the service stopped before the
     // outcome was recorded.
-    let second_id = second["id"].as_str().unwrap().to_owned();
-    app.state
-        .executor
-        .execute::<AiAction>(
-            org,
-            &second_id,
-            AiActionCommand::Approve {
-                by: app.user_id,
-                arguments_sha256: second["arguments_sha256"].as_str().unwrap().into(),
-                reason: None,
-                stopped: false,
-                now: chrono::Utc::now(),
-            },
-            &meta(&second_id),
-            None,
-        )
-        .await
-        .unwrap();
+    let second_id = approved_in_the_store_only(&app, &second).await;
     app.state
         .executor
         .execute::<Contact>(
@@ -997,9 +990,6 @@ async fn the_approval_queue_shows_what_would_change_and_who_may_decide() {
 
 #[tokio::test]
 async fn the_sweep_records_expiries_and_finishes_runs_cut_short() {
-    use crm_domain::ai::{AiAction, AiActionCommand};
-    use crm_domain::metadata::EventMetadata;
-
     let app = TestApp::spawn().await;
     let (_, _, agent, _) = admin_and_agent(&app).await;
     let contact = new_contact(&app, json!({"given_name": "Ada"})).await;
@@ -1010,26 +1000,7 @@ async fn the_sweep_records_expiries_and_finishes_runs_cut_short() {
         update(&contact, json!({"family_name": "Byron"})),
     )
     .await;
-    let cut_id = cut["id"].as_str().unwrap().to_owned();
-    let mut meta = EventMetadata::system(app.org_id, "test");
-    meta.causation_id = Some(cut_id.clone());
-    app.state
-        .executor
-        .execute::<AiAction>(
-            app.org_id,
-            &cut_id,
-            AiActionCommand::Approve {
-                by: app.user_id,
-                arguments_sha256: cut["arguments_sha256"].as_str().unwrap().into(),
-                reason: None,
-                stopped: false,
-                now: chrono::Utc::now(),
-            },
-            &meta,
-            None,
-        )
-        .await
-        .unwrap();
+    let cut_id = approved_in_the_store_only(&app, &cut).await;
     // A proposal nobody decides, with one second to decide it.
     let (s, _) = call(
         &app,
