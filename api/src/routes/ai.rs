@@ -1396,24 +1396,42 @@ async fn update_contact(
     arguments: Value,
     fresh: bool,
 ) -> Result<Outcome, ApiError> {
-    let stream = contact_id.to_string();
-    // A run of an action just proposed is its first: nothing to look for.
-    if !fresh {
-        let earlier = caused_events(s, org, Contact::TYPE, &stream, id).await?;
-        if !earlier.is_empty() {
-            return Ok(Outcome::Executed(earlier));
-        }
-    }
     let input: ContactInput = match arguments_of(arguments) {
         Ok(i) => i,
         Err(o) => return Ok(o),
     };
-    Ok(
-        match super::contacts::update(s.clone(), proposer, Id(contact_id), Json(input)).await {
-            Ok(_) => Outcome::Executed(caused_events(s, org, Contact::TYPE, &stream, id).await?),
-            Err(e) => Outcome::refused(&e),
-        },
-    )
+    let stream = (Contact::TYPE, contact_id.to_string());
+    once(s, org, id, stream, fresh, async {
+        super::contacts::update(s.clone(), proposer, Id(contact_id), Json(input))
+            .await
+            .map(|_| ())
+    })
+    .await
+}
+
+/// Runs `command` (a route's handler, writing to stream `(aggregate type, id)` with the
+/// action as causation id) once: unless it is a fresh action's first run, what an
+/// earlier run of the action wrote there is recorded instead of running again. The
+/// events it caused, or its refusal.
+async fn once(
+    s: &AppState,
+    org: Uuid,
+    id: Uuid,
+    (aggregate_type, stream): (&str, String),
+    fresh: bool,
+    command: impl std::future::Future<Output = Result<(), ApiError>>,
+) -> Result<Outcome, ApiError> {
+    // A run of an action just proposed is its first: nothing to look for.
+    if !fresh {
+        let earlier = caused_events(s, org, aggregate_type, &stream, id).await?;
+        if !earlier.is_empty() {
+            return Ok(Outcome::Executed(earlier));
+        }
+    }
+    Ok(match command.await {
+        Ok(()) => Outcome::Executed(caused_events(s, org, aggregate_type, &stream, id).await?),
+        Err(e) => Outcome::refused(&e),
+    })
 }
 
 /// Updates each contact in turn, each once (a retry finds the contacts already done by
@@ -1459,39 +1477,33 @@ async fn consent_change(
     contact_id: Uuid,
     arguments: Value,
 ) -> Result<Outcome, ApiError> {
-    let stream = contact_id.to_string();
-    let earlier = caused_events(s, org, ConsentLedger::TYPE, &stream, id).await?;
-    if !earlier.is_empty() {
-        return Ok(Outcome::Executed(earlier));
+    let stream = (ConsentLedger::TYPE, contact_id.to_string());
+    let (s2, contact) = (s.clone(), Id(contact_id));
+    if kind == AiActionKind::ChangeConsent {
+        let input: ConsentInput = match arguments_of(arguments) {
+            Ok(i) => i,
+            Err(o) => return Ok(o),
+        };
+        let record = super::consent::record(s2, proposer, contact, Json(input));
+        return once(s, org, id, stream, false, async {
+            record.await.map(|_| ())
+        })
+        .await;
     }
-    let ran = match kind {
-        AiActionKind::ChangeConsent => match arguments_of::<ConsentInput>(arguments) {
-            Ok(input) => super::consent::record(s.clone(), proposer, Id(contact_id), Json(input))
-                .await
-                .map(|_| ()),
-            Err(o) => return Ok(o),
-        },
-        _ => match arguments_of::<ReasonInput>(arguments) {
-            Ok(input) if kind == AiActionKind::SetDoNotContact => {
-                super::consent::set_do_not_contact(s.clone(), proposer, Id(contact_id), Json(input))
-                    .await
-                    .map(|_| ())
-            }
-            Ok(input) => super::consent::lift_do_not_contact(
-                s.clone(),
-                proposer,
-                Id(contact_id),
-                Json(input),
-            )
-            .await
-            .map(|_| ()),
-            Err(o) => return Ok(o),
-        },
+    let input: ReasonInput = match arguments_of(arguments) {
+        Ok(i) => i,
+        Err(o) => return Ok(o),
     };
-    Ok(match ran {
-        Ok(()) => Outcome::Executed(caused_events(s, org, ConsentLedger::TYPE, &stream, id).await?),
-        Err(e) => Outcome::refused(&e),
+    let set = kind == AiActionKind::SetDoNotContact;
+    once(s, org, id, stream, false, async {
+        if set {
+            super::consent::set_do_not_contact(s2, proposer, contact, Json(input)).await
+        } else {
+            super::consent::lift_do_not_contact(s2, proposer, contact, Json(input)).await
+        }
+        .map(|_| ())
     })
+    .await
 }
 
 /// A user's role change, through its route (the proposer's grant must cover the role).
@@ -1503,21 +1515,17 @@ async fn change_permissions(
     user_id: Uuid,
     arguments: Value,
 ) -> Result<Outcome, ApiError> {
-    let stream = user_id.to_string();
-    let earlier = caused_events(s, org, User::TYPE, &stream, id).await?;
-    if !earlier.is_empty() {
-        return Ok(Outcome::Executed(earlier));
-    }
     let input: RoleChange = match arguments_of(arguments) {
         Ok(i) => i,
         Err(o) => return Ok(o),
     };
-    Ok(
-        match super::users::change_role(s.clone(), proposer, Id(user_id), Json(input)).await {
-            Ok(_) => Outcome::Executed(caused_events(s, org, User::TYPE, &stream, id).await?),
-            Err(e) => Outcome::refused(&e),
-        },
-    )
+    let stream = (User::TYPE, user_id.to_string());
+    once(s, org, id, stream, false, async {
+        super::users::change_role(s.clone(), proposer, Id(user_id), Json(input))
+            .await
+            .map(|_| ())
+    })
+    .await
 }
 
 /// 404 unless every contact (or the user) of `target` is the organisation's.
