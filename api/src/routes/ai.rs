@@ -608,6 +608,7 @@ pub(crate) async fn propose(
         };
         let fresh = Fresh {
             proposer: &a,
+            stopped: settings.stopped,
             action,
             events,
             head,
@@ -1105,7 +1106,7 @@ async fn run(
     org: Uuid,
     id: Uuid,
     fresh: Option<Fresh<'_>>,
-) -> Result<(), ApiError> {
+) -> Result<bool, ApiError> {
     let mut lock_client = s.pool.get().await?;
     let lock = lock_client.transaction().await?;
     let held: bool = lock
@@ -1116,9 +1117,10 @@ async fn run(
         .await?
         .get(0);
     if !held {
-        return Ok(());
+        return Ok(false);
     }
     // The action as it stands under the lock (as just written, for a fresh proposal).
+    let stopped_at_proposal = fresh.as_ref().map(|f| f.stopped);
     let (action, events, proposer_kind, head, proposer) = match fresh {
         Some(f) => (
             f.action,
@@ -1142,19 +1144,21 @@ async fn run(
         }
     };
     if action.status != Some(ActionStatus::Approved) {
-        return Ok(());
+        return Ok(false);
     }
     // Approved before the stop switch went on, not run yet (the service stopped in
-    // between): held for a fresh decision, never run by itself.
+    // between): held for a fresh decision, never run by itself. A fresh proposal was
+    // decided on the switch as its request read it (the proposal would have waited).
     let autonomous = action.initiator.map(|i| i.kind) == Some(InitiatorKind::Autonomous);
-    if autonomous {
+    if autonomous && stopped_at_proposal != Some(false) {
         let client = s.pool.get().await?;
         let settings = settings_of(s, &client, org).await?;
         if settings.stopped {
             let hold = AiActionCommand::Hold {
                 expires_at: Utc::now() + Duration::seconds(settings.approval_ttl_secs().into()),
             };
-            return record(s, by, org, id, hold).await;
+            record(s, by, org, id, hold).await?;
+            return Ok(true);
         }
     }
     let who = Proposer {
@@ -1168,12 +1172,14 @@ async fn run(
     });
     record_outcome(s, by, org, id, outcome, loaded).await?;
     lock.commit().await?;
-    Ok(())
+    Ok(true)
 }
 
 /// An action its proposal's request runs at once: its state as just written.
 pub(crate) struct Fresh<'a> {
     proposer: &'a Authed,
+    /// The stop switch as the proposal read it.
+    stopped: bool,
     action: AiAction,
     events: Vec<AiActionEvent>,
     head: StreamHead,
@@ -1221,8 +1227,9 @@ pub async fn sweep(s: &AppState) -> Result<Swept, ApiError> {
         }
     }
     for (org, id) in stranded {
-        run(s, &Runner::sweep(org), org, id, None).await?;
-        swept.run += 1;
+        if run(s, &Runner::sweep(org), org, id, None).await? {
+            swept.run += 1;
+        }
     }
     Ok(swept)
 }

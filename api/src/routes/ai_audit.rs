@@ -178,13 +178,27 @@ pub(crate) struct AiAuditPage {
     next_before: Option<Uuid>,
 }
 
-/// Opens the sealed members of entries: one data-key lookup per action.
+/// Opens the sealed members of entries with each action's data key.
 struct Opener<'a> {
     crypto: &'a Crypto,
     org: Uuid,
 }
 
 impl Opener<'_> {
+    /// Reads the keys of a page's actions in one query (cached for [`Self::key`]).
+    async fn prefetch(
+        &self,
+        client: &impl deadpool_postgres::GenericClient,
+        entries: &[AiAuditEntry],
+    ) -> Result<(), ApiError> {
+        let ids: Vec<String> = entries.iter().map(|e| e.action_id.to_string()).collect();
+        let subjects: Vec<(Uuid, &str)> = ids.iter().map(|i| (self.org, i.as_str())).collect();
+        self.crypto
+            .prefetch_keys(client, &subjects)
+            .await
+            .map_err(|e| crm_infra::store::event_store::StoreError::from(e).into())
+    }
+
     async fn key(
         &self,
         client: &impl deadpool_postgres::GenericClient,
@@ -328,6 +342,7 @@ pub(crate) async fn audit(
         crypto: s.executor.crypto(),
         org,
     };
+    opener.prefetch(&client, &entries).await?;
     let mut items = Vec::with_capacity(entries.len());
     for e in entries {
         let key = opener.key(&client, e.action_id).await?;
@@ -490,12 +505,31 @@ pub(crate) async fn approvals(
         org,
     };
     let policy = &a.access.policy;
-    let mut items = Vec::with_capacity(entries.len());
     // Past its time, an action can no longer be approved: the sweep records its expiry.
-    for e in entries
+    let entries: Vec<AiAuditEntry> = entries
         .into_iter()
         .filter(|e| e.expires_at.is_none_or(|t| t > now))
-    {
+        .collect();
+    opener.prefetch(&tx, &entries).await?;
+    // The contacts the updates would change, as they are now: one query for the page.
+    let changed: Vec<Uuid> = entries
+        .iter()
+        .filter(|e| e.kind == "update_contact")
+        .filter_map(|e| e.contacts.first().copied())
+        .collect();
+    let now_profiles: std::collections::HashMap<Uuid, Value> =
+        crm_infra::read_models::contacts::get_many(&tx, org, &changed)
+            .await?
+            .into_iter()
+            .map(|v| {
+                (
+                    v.id,
+                    serde_json::to_value(&v.profile).unwrap_or(Value::Null),
+                )
+            })
+            .collect();
+    let mut items = Vec::with_capacity(entries.len());
+    for e in entries {
         let key = opener.key(&tx, e.action_id).await?;
         let arguments = e
             .content
@@ -504,14 +538,12 @@ pub(crate) async fn approvals(
             .unwrap_or(Value::Null);
         let (changes, hidden_fields) = match e.kind.as_str() {
             "update_contact" => {
-                let current = match e.contacts.first() {
-                    Some(&c) => crm_infra::read_models::contacts::get(&tx, org, c)
-                        .await?
-                        .map(|v| serde_json::to_value(&v.profile).unwrap_or(Value::Null))
-                        .unwrap_or(Value::Null),
-                    None => Value::Null,
-                };
-                contact_changes(&arguments, &current, policy)
+                let current = e
+                    .contacts
+                    .first()
+                    .and_then(|c| now_profiles.get(c))
+                    .unwrap_or(&Value::Null);
+                contact_changes(&arguments, current, policy)
             }
             // The same change to each contact: from what each has now is per contact.
             "bulk_update" => contact_changes(&arguments, &Value::Null, policy),

@@ -303,6 +303,24 @@ pub async fn get(
     row.as_ref().map(view_from_row).transpose()
 }
 
+/// Some of an organisation's contacts, by id, in one query (those that exist).
+pub async fn get_many(
+    client: &impl GenericClient,
+    org_id: Uuid,
+    ids: &[Uuid],
+) -> Result<Vec<ContactView>, ProjectionError> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows = client
+        .query(
+            &format!("SELECT {VIEW_COLUMNS} FROM contacts WHERE org_id = $1 AND id = ANY($2)"),
+            &[&org_id, &ids],
+        )
+        .await?;
+    rows.iter().map(view_from_row).collect()
+}
+
 /// Contacts changed since `updated_since`, up to this many, are read whole (by the
 /// `updated_at` index) and sorted by id; more are found by walking the id order.
 pub const UPDATED_SINCE_CAP: i64 = 5_000;
