@@ -533,12 +533,27 @@ pub(crate) async fn propose(
         input.user_id,
     )?;
     let risk = risk_input(input.kind, &target, &input.arguments)?;
-    // What it is about must be the organisation's (the same 404 as the command's).
     let org = a.caller.org_id;
-    let settings = {
+    // What it is about must be the organisation's (the same 404 as the command's). A
+    // change of one contact loads that contact: should the policy let it run at once,
+    // it runs on the contact as loaded here.
+    let (settings, contact) = {
         let client = s.pool.get().await?;
-        require_target(&s, &client, org, &target).await?;
-        settings_of(&s, &client, org).await?
+        let contact = if input.kind == AiActionKind::UpdateContact {
+            let id = target.contact();
+            let loaded = s
+                .executor
+                .load::<Contact>(&client, org, &id.to_string())
+                .await?;
+            if loaded.head.version == 0 {
+                return Err(ApiError::NotFound("contact not found"));
+            }
+            Some((id, loaded))
+        } else {
+            require_target(&s, &client, org, &target).await?;
+            None
+        };
+        (settings_of(&s, &client, org).await?, contact)
     };
     let action_id = Uuid::now_v7();
     let now = Utc::now();
@@ -554,32 +569,44 @@ pub(crate) async fn propose(
         reasoning_summary: input.reasoning_summary,
     };
     let m = input.model;
+    let propose = AiActionCommand::Propose {
+        action_id,
+        org_id: org,
+        agent_id: a.caller.user_id,
+        initiator,
+        request,
+        content,
+        risk_input: risk,
+        oversight: settings.oversight,
+        stopped: settings.stopped,
+        model: ModelInfo {
+            provider: m.provider,
+            model: m.model,
+            model_version: m.model_version,
+            prompt_version: m.prompt_version,
+            input_tokens: m.input_tokens.and_then(|n| u64::try_from(n).ok()),
+            output_tokens: m.output_tokens.and_then(|n| u64::try_from(n).ok()),
+        },
+        expires_at: now + Duration::seconds(settings.approval_ttl_secs().into()),
+        now,
+    };
+    let created = |body: AiActionDoc| Created {
+        location: format!("/v1/ai/actions/{action_id}"),
+        body,
+    };
+    if let Some(contact) = contact {
+        if let Some(doc) = propose_and_run(&s, &a, action_id, propose.clone(), contact).await? {
+            return Ok(created(doc));
+        }
+        // The contact moved on meanwhile: nothing was written; the general path below
+        // proposes, then runs on the contact as it is now.
+    }
     let (written, events) = s
         .executor
         .execute_returning::<AiAction>(
             org,
             &action_id.to_string(),
-            AiActionCommand::Propose {
-                action_id,
-                org_id: org,
-                agent_id: a.caller.user_id,
-                initiator,
-                request,
-                content,
-                risk_input: risk,
-                oversight: settings.oversight,
-                stopped: settings.stopped,
-                model: ModelInfo {
-                    provider: m.provider,
-                    model: m.model,
-                    model_version: m.model_version,
-                    prompt_version: m.prompt_version,
-                    input_tokens: m.input_tokens.and_then(|n| u64::try_from(n).ok()),
-                    output_tokens: m.output_tokens.and_then(|n| u64::try_from(n).ok()),
-                },
-                expires_at: now + Duration::seconds(settings.approval_ttl_secs().into()),
-                now,
-            },
+            propose,
             &a.metadata(),
             Some(0),
             None,
@@ -615,11 +642,117 @@ pub(crate) async fn propose(
         };
         run(&s, &Runner::of(&a), org, action_id, Some(fresh)).await?;
     }
-    let doc = describe(&s, &a, action_id).await?;
-    Ok(Created {
-        location: format!("/v1/ai/actions/{action_id}"),
-        body: doc,
-    })
+    Ok(created(describe(&s, &a, action_id).await?))
+}
+
+/// An update of one contact, proposed and, when the policy approves it at once, run,
+/// in one unit (`crm_infra::commands::unit`): the proposal, the contact's change (or
+/// the refusal of it) and the outcome commit together or not at all, in one group-
+/// committed statement, and the answer is built from what was written. The run is the
+/// route's own (`contacts::update_command`: input, field-level checks) as the proposer,
+/// with the action as causation id. `None`, with nothing written, when a stream moved
+/// on meanwhile (the contact changed): the caller takes the general path.
+async fn propose_and_run(
+    s: &AppState,
+    a: &Authed,
+    action_id: Uuid,
+    propose: AiActionCommand,
+    (contact_id, mut contact): (Uuid, Loaded<Contact>),
+) -> Result<Option<AiActionDoc>, ApiError> {
+    use crm_infra::commands::unit::Unit;
+    use crm_infra::store::event_store::StoreError;
+    let org = a.caller.org_id;
+    let sid = action_id.to_string();
+    let mut unit = Unit::new();
+    let mut action = Loaded {
+        aggregate: AiAction::default(),
+        head: StreamHead::default(),
+    };
+    let meta = a.metadata();
+    let mut staged = s
+        .executor
+        .stage::<AiAction>(&mut unit, org, &sid, &mut action, propose, &meta)
+        .await?;
+    if action.aggregate.status == Some(ActionStatus::Approved) {
+        let arguments = in_force(staged.iter().map(|(_, e)| e))
+            .map(|(_, content)| content.arguments)
+            .unwrap_or_default();
+        let mut proposer = a.clone();
+        proposer.ctx.causation_id = Some(sid.clone());
+        let outcome = update_now(s, &mut unit, &proposer, contact_id, &mut contact, arguments).await?;
+        let mut meta = meta.clone();
+        meta.occurred_at = Utc::now();
+        meta.causation_id = Some(sid.clone());
+        let recorded = s
+            .executor
+            .stage::<AiAction>(&mut unit, org, &sid, &mut action, outcome.command(), &meta)
+            .await?;
+        staged.extend(recorded);
+    }
+    let appended = match s.executor.commit(unit).await {
+        Ok(appended) => appended,
+        Err(StoreError::Conflict | StoreError::KeyExists) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let by = by_of(&meta.principal);
+    let steps = staged.into_iter().map(|(event_id, event)| {
+        let recorded_at = appended
+            .iter()
+            .find(|w| w.event_id == event_id)
+            .map_or_else(Utc::now, |w| w.recorded_at);
+        let step = AiActionStep {
+            event_id,
+            event_type: cqrs_es::DomainEvent::event_type(&event),
+            recorded_at,
+            by: by.clone(),
+        };
+        (step, event)
+    });
+    Ok(Some(doc_of(action_id, &action.aggregate, steps)))
+}
+
+/// Stages in `unit` the update of `contact` that `arguments` ask for, as `proposer`
+/// (whose context names the action as causation id) through the route's own checks;
+/// how it ended. A refusal stages nothing.
+async fn update_now(
+    s: &AppState,
+    unit: &mut crm_infra::commands::unit::Unit,
+    proposer: &Authed,
+    contact_id: Uuid,
+    contact: &mut Loaded<Contact>,
+    arguments: Value,
+) -> Result<Outcome, ApiError> {
+    use crm_domain::contact::ContactError;
+    use crm_infra::commands::executor::CommandError;
+    if let Err(e) = proposer.require(AiActionKind::UpdateContact.permission()) {
+        return Ok(Outcome::refused(&e));
+    }
+    let input: ContactInput = match arguments_of(arguments) {
+        Ok(i) => i,
+        Err(o) => return Ok(o),
+    };
+    let (command, expected) = match super::contacts::update_command(proposer, input) {
+        Ok(c) => c,
+        Err(e) => return Ok(Outcome::refused(&e)),
+    };
+    let actual = contact.head.version;
+    if let Some(expected) = expected.filter(|&v| v != actual) {
+        let e = ApiError::from(CommandError::<ContactError>::VersionMismatch { expected, actual });
+        return Ok(Outcome::refused(&e));
+    }
+    let org = proposer.caller.org_id;
+    let meta = proposer.metadata();
+    match s
+        .executor
+        .stage::<Contact>(unit, org, &contact_id.to_string(), contact, command, &meta)
+        .await
+    {
+        Ok(staged) => Ok(Outcome::Executed(
+            staged.into_iter().map(|(id, _)| id).collect(),
+        )),
+        Err(CommandError::Store(e)) => Err(e.into()),
+        Err(e) => Ok(Outcome::refused(&ApiError::from(e))),
+    }
 }
 
 pub(crate) async fn get_one(
@@ -980,6 +1113,33 @@ async fn describe(s: &AppState, a: &Authed, id: Uuid) -> Result<AiActionDoc, Api
     if !sees {
         return Err(ApiError::NotFound("AI action not found"));
     }
+    let steps = events.into_iter().map(|(decoded, event)| {
+        let step = AiActionStep {
+            event_id: decoded.stored.event_id,
+            event_type: decoded.stored.event_type.clone(),
+            recorded_at: decoded.stored.recorded_at,
+            by: by_of(&decoded.metadata.principal),
+        };
+        (step, event)
+    });
+    Ok(doc_of(id, &action, steps))
+}
+
+/// How a step names who took it: `kind:id`.
+fn by_of(principal: &crm_domain::metadata::Principal) -> String {
+    format!(
+        "{}:{}",
+        super::schemas::wire_name(&principal.kind),
+        principal.id
+    )
+}
+
+/// The answer for action `id`, as `action` stands after its `steps` (each with its event).
+fn doc_of(
+    id: Uuid,
+    action: &AiAction,
+    steps: impl ExactSizeIterator<Item = (AiActionStep, AiActionEvent)>,
+) -> AiActionDoc {
     let mut doc = AiActionDoc {
         id,
         status: super::schemas::wire_name(&action.status.unwrap_or(ActionStatus::Failed)),
@@ -994,18 +1154,18 @@ async fn describe(s: &AppState, a: &Authed, id: Uuid) -> Result<AiActionDoc, Api
         rule: String::new(),
         arguments_sha256: action.arguments_sha256.clone(),
         arguments: None,
-        proposed_by: proposer.to_string(),
+        proposed_by: action.agent_id.unwrap_or_default().to_string(),
         initiated_by: String::new(),
-        on_behalf_of,
+        on_behalf_of: action.initiator.and_then(|i| i.on_behalf_of),
         expires_at: (action.status == Some(ActionStatus::PendingApproval))
             .then_some(action.expires_at)
             .flatten(),
         result_events: vec![],
         failure_reason: None,
         failure_detail: None,
-        steps: Vec::with_capacity(events.len()),
+        steps: Vec::with_capacity(steps.len()),
     };
-    for (decoded, event) in events {
+    for (step, event) in steps {
         match event {
             AiActionEvent::AiActionProposed {
                 request,
@@ -1044,19 +1204,9 @@ async fn describe(s: &AppState, a: &Authed, id: Uuid) -> Result<AiActionDoc, Api
             }
             _ => {}
         }
-        let principal = &decoded.metadata.principal;
-        doc.steps.push(AiActionStep {
-            event_id: decoded.stored.event_id,
-            event_type: decoded.stored.event_type.clone(),
-            recorded_at: decoded.stored.recorded_at,
-            by: format!(
-                "{}:{}",
-                super::schemas::wire_name(&principal.kind),
-                principal.id
-            ),
-        });
+        doc.steps.push(step);
     }
-    Ok(doc)
+    doc
 }
 
 /// Who runs an approved action and records its outcome: the request that approved it
@@ -1348,19 +1498,7 @@ async fn record_outcome(
     outcome: Outcome,
     loaded: Option<Loaded<AiAction>>,
 ) -> Result<(), ApiError> {
-    let command = match outcome {
-        Outcome::Executed(event_ids) => AiActionCommand::RecordExecuted { event_ids },
-        Outcome::Failed {
-            reason,
-            detail,
-            event_ids,
-        } => AiActionCommand::RecordFailed {
-            reason,
-            detail,
-            event_ids,
-        },
-    };
-    record_loaded(s, by, org, id, command, loaded).await
+    record_loaded(s, by, org, id, outcome.command(), loaded).await
 }
 
 /// How a run ended.
@@ -1379,6 +1517,22 @@ impl Outcome {
             reason: reason.to_owned(),
             detail: detail.to_owned(),
             event_ids: vec![],
+        }
+    }
+
+    /// The command that records it on the action.
+    fn command(self) -> AiActionCommand {
+        match self {
+            Self::Executed(event_ids) => AiActionCommand::RecordExecuted { event_ids },
+            Self::Failed {
+                reason,
+                detail,
+                event_ids,
+            } => AiActionCommand::RecordFailed {
+                reason,
+                detail,
+                event_ids,
+            },
         }
     }
 

@@ -616,6 +616,27 @@ pub(crate) async fn update(
     Id(id): Id,
     Json(input): Json<ContactInput>,
 ) -> Result<Ok200<Outcome>, ApiError> {
+    let (command, expected) = update_command(&a, input)?;
+    let outcome = s
+        .executor
+        .execute::<Contact>(
+            a.caller.org_id,
+            &id.to_string(),
+            command,
+            &a.metadata(),
+            expected,
+        )
+        .await?;
+    Ok(super::outcome(&outcome))
+}
+
+/// What `PATCH /v1/contacts/{id}` with `input` asks of the contact as caller `a`: the
+/// command and the version it expects, or the route's refusal (bad input, a field `a`
+/// may not write).
+pub(crate) fn update_command(
+    a: &Authed,
+    input: ContactInput,
+) -> Result<(ContactCommand, Option<i64>), ApiError> {
     let expected = input.expected_version;
     if expected.is_some_and(|v| v < 1) {
         return Err(ApiError::Validation(vec![FieldError::new(
@@ -636,22 +657,12 @@ pub(crate) async fn update(
         )]));
     }
     check_writes(
-        &a,
+        a,
         &changes.set,
         &changes.cleared,
         !changes.cleared_custom.is_empty(),
     )?;
-    let outcome = s
-        .executor
-        .execute::<Contact>(
-            a.caller.org_id,
-            &id.to_string(),
-            ContactCommand::Update { changes },
-            &a.metadata(),
-            expected,
-        )
-        .await?;
-    Ok(super::outcome(&outcome))
+    Ok((ContactCommand::Update { changes }, expected))
 }
 
 pub(crate) async fn archive(

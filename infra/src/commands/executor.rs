@@ -105,12 +105,12 @@ pub struct Loaded<A> {
 /// Executes commands: the only way events enter the store.
 #[derive(Clone)]
 pub struct Executor {
-    pool: Pool,
-    crypto: Arc<Crypto>,
-    notifier: event_store::Notifier,
-    committer: GroupCommitter,
+    pub(super) pool: Pool,
+    pub(super) crypto: Arc<Crypto>,
+    pub(super) notifier: event_store::Notifier,
+    pub(super) committer: GroupCommitter,
     /// Told of every commit, in this order (see [`crate::commands::hooks`]).
-    hooks: Vec<Arc<dyn CommitHook>>,
+    pub(super) hooks: Vec<Arc<dyn CommitHook>>,
 }
 
 impl Executor {
@@ -489,25 +489,37 @@ impl Executor {
         METRICS
             .append_seconds
             .observe(append_started.elapsed().as_secs_f64());
-        let new_head = StreamHead {
-            version: outcome.version,
-            last_hash: None,
-        };
-        if new_head.version / SNAPSHOT_EVERY > head.version / SNAPSHOT_EVERY {
-            // A snapshot is a cache: failing to write one never fails the command.
-            let written = match self.pool.get().await {
-                Ok(client) => match self.load::<A>(&client, org_id, id).await {
-                    Ok(l) => {
-                        snapshots::save(&self.crypto, &client, &stream, &l.aggregate, &l.head).await
-                    }
-                    Err(e) => Err(e),
-                },
-                Err(e) => Err(e.into()),
-            };
-            if let Err(e) = written {
-                tracing::warn!(error = %e, "snapshot not written");
-            }
+        if Self::snapshot_due(head.version, outcome.version) {
+            self.snapshot::<A>(org_id, id).await;
         }
         Ok((outcome, events))
+    }
+
+    /// Writes a snapshot of the stream as it stands. A snapshot is a cache: failing to
+    /// write one never fails the command (it is logged).
+    pub(super) async fn snapshot<A>(&self, org_id: Uuid, id: &str)
+    where
+        A: Aggregate,
+    {
+        let stream = StreamId {
+            org_id,
+            aggregate_type: A::TYPE,
+            aggregate_id: id,
+        };
+        let written = match self.pool.get().await {
+            Ok(client) => match self.load::<A>(&client, org_id, id).await {
+                Ok(l) => snapshots::save(&self.crypto, &client, &stream, &l.aggregate, &l.head).await,
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e.into()),
+        };
+        if let Err(e) = written {
+            tracing::warn!(error = %e, "snapshot not written");
+        }
+    }
+
+    /// Whether a stream that went from version `before` to `after` is due a snapshot.
+    pub(super) fn snapshot_due(before: i64, after: i64) -> bool {
+        after / SNAPSHOT_EVERY > before / SNAPSHOT_EVERY
     }
 }

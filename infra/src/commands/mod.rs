@@ -3,6 +3,9 @@
 //! - [`executor`]: loads an aggregate (snapshot and later events, decrypted), lets it
 //!   decide, encrypts the personal members of what it decided, and appends it in one
 //!   commit, optionally with an *effect* run in the same transaction;
+//! - [`unit`]: several commands, on several streams, decided in memory one after the
+//!   other and committed together, all or none, in one group-committed statement (an
+//!   AI action proposed, run and recorded in one request);
 //! - [`hooks`]: post-commit hooks, through which caches and waiting workers of a process
 //!   hear of what committed; the executor itself knows none of them.
 //!
@@ -14,3 +17,4 @@
 
 pub mod executor;
 pub mod hooks;
+pub mod unit;

@@ -13,11 +13,19 @@
 //! data key is inserted only if its key was (a subject that already has a key goes back
 //! to the caller as [`StoreError::KeyExists`]). Should the statement fail as a whole, the
 //! rows of that batch are retried one by one so that only the faulty one fails.
+//!
+//! A *unit* ([`GroupCommitter::append_unit`]) is several events, on one or several
+//! streams, that commit together or not at all (an AI action's proposal, the contact
+//! change it ran and its outcome). It shares a batch like a single row; a batch that
+//! holds one runs in an explicit transaction, and should any unit come out of the
+//! statement only partly written (one of its rows conflicted), the transaction is rolled
+//! back and run again without it, so that the unit gets its conflict and nothing of it
+//! is stored.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
-use deadpool_postgres::Pool;
+use deadpool_postgres::{GenericClient, Pool};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
@@ -29,8 +37,8 @@ pub const MAX_BATCH: usize = 512;
 /// Statements in flight at once (each on its own pooled connection).
 pub const FLUSHERS: usize = 3;
 
-/// One event to append, owned, with its hash-chain link already computed.
-struct Row {
+/// One event to append, owned, with its id and hash-chain link already computed.
+pub(crate) struct Row {
     event_id: Uuid,
     org_id: Uuid,
     aggregate_type: String,
@@ -46,9 +54,44 @@ struct Row {
     new_key: Option<(String, Vec<u8>)>,
 }
 
+impl Row {
+    /// `event` as the event after `head` on `stream`, with id `event_id`; `new_key`:
+    /// (kek id, wrapped key) of the stream's new subject, stored with it.
+    pub(crate) fn new(
+        stream: &StreamId<'_>,
+        head: &StreamHead,
+        event_id: Uuid,
+        event: PendingEvent,
+        new_key: Option<(&str, &[u8])>,
+    ) -> Self {
+        let sequence = head.version + 1;
+        let hash = event.hash(stream, &event_id, sequence, head.last_hash.as_deref());
+        Self {
+            event_id,
+            org_id: stream.org_id,
+            aggregate_type: stream.aggregate_type.to_owned(),
+            aggregate_id: stream.aggregate_id.to_owned(),
+            sequence,
+            event_type: event.event_type,
+            event_version: event.event_version,
+            payload: event.payload,
+            metadata: event.metadata,
+            prev_hash: head.last_hash.clone(),
+            hash: hash.to_vec(),
+            new_key: new_key.map(|(k, w)| (k.to_owned(), w.to_vec())),
+        }
+    }
+
+    /// Its hash-chain hash: the next row's previous hash.
+    pub(crate) fn hash(&self) -> &[u8] {
+        &self.hash
+    }
+}
+
+/// One append: a single row, or a unit of rows that commit together.
 struct Job {
-    row: Row,
-    reply: oneshot::Sender<Result<Appended, StoreError>>,
+    rows: Vec<Row>,
+    reply: oneshot::Sender<Result<Vec<Appended>, StoreError>>,
 }
 
 /// Hands single-event appends to the flusher tasks; cheap to clone. The tasks end when
@@ -77,26 +120,25 @@ impl GroupCommitter {
         event: PendingEvent,
         new_key: Option<(&str, &[u8])>,
     ) -> Result<Appended, StoreError> {
-        let event_id = Uuid::now_v7();
-        let sequence = head.version + 1;
-        let hash = event.hash(stream, &event_id, sequence, head.last_hash.as_deref());
-        let row = Row {
-            event_id,
-            org_id: stream.org_id,
-            aggregate_type: stream.aggregate_type.to_owned(),
-            aggregate_id: stream.aggregate_id.to_owned(),
-            sequence,
-            event_type: event.event_type,
-            event_version: event.event_version,
-            payload: event.payload,
-            metadata: event.metadata,
-            prev_hash: head.last_hash.clone(),
-            hash: hash.to_vec(),
-            new_key: new_key.map(|(k, w)| (k.to_owned(), w.to_vec())),
-        };
+        let row = Row::new(stream, head, Uuid::now_v7(), event, new_key);
+        let mut appended = self.send(vec![row]).await?;
+        appended.pop().ok_or(StoreError::Conflict)
+    }
+
+    /// Appends `rows` (in this order; each stream's rows in sequence, chained) all in
+    /// one commit or none: [`StoreError::Conflict`] if any stream moved on meanwhile,
+    /// [`StoreError::KeyExists`] if a new subject's key was there already.
+    pub(crate) async fn append_unit(&self, rows: Vec<Row>) -> Result<Vec<Appended>, StoreError> {
+        if rows.is_empty() {
+            return Ok(vec![]);
+        }
+        self.send(rows).await
+    }
+
+    async fn send(&self, rows: Vec<Row>) -> Result<Vec<Appended>, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.jobs
-            .send(Job { row, reply })
+            .send(Job { rows, reply })
             .await
             .map_err(|_| StoreError::Unavailable("the appender has stopped"))?;
         answer
@@ -134,28 +176,40 @@ RETURNING event_id, global_position, recorded_at";
 /// Where and when an inserted row was written.
 type Written = HashMap<Uuid, (i64, DateTime<Utc>)>;
 
-/// What a job's row came to, given the position and time it was written at (if it was).
-fn outcome(row: &Row, written: Option<(i64, DateTime<Utc>)>) -> Result<Appended, StoreError> {
-    match written {
-        Some((global_position, recorded_at)) => Ok(Appended {
+/// What a job came to, given where and when its rows were written (those that were):
+/// every row, or its error. A job not wholly written failed: with `KeyExists` if it
+/// brought a new subject's key that was not stored (the subject has one already; the
+/// caller takes the general path), else with `Conflict` (a stream moved on).
+fn outcome(job: &Job, written: &Written) -> Result<Vec<Appended>, StoreError> {
+    let mut appended = Vec::with_capacity(job.rows.len());
+    for row in &job.rows {
+        let Some(&(global_position, recorded_at)) = written.get(&row.event_id) else {
+            let key_refused = job
+                .rows
+                .iter()
+                .any(|r| r.new_key.is_some() && !written.contains_key(&r.event_id));
+            return Err(if key_refused {
+                StoreError::KeyExists
+            } else {
+                StoreError::Conflict
+            });
+        };
+        appended.push(Appended {
             event_id: row.event_id,
             sequence: row.sequence,
             global_position,
             hash: hex::encode(&row.hash),
             recorded_at,
-        }),
-        // Its key was not inserted: the subject has one already (or its stream moved
-        // on too); the caller takes the general path.
-        None if row.new_key.is_some() => Err(StoreError::KeyExists),
-        None => Err(StoreError::Conflict),
+        });
     }
+    Ok(appended)
 }
 
 async fn flush(pool: &Pool, jobs: Vec<Job>) {
-    match insert_batch(pool, &jobs).await {
+    match write(pool, &jobs).await {
         Ok(written) => {
             for job in jobs {
-                let result = outcome(&job.row, written.get(&job.row.event_id).copied());
+                let result = outcome(&job, &written);
                 let _ = job.reply.send(result);
             }
         }
@@ -164,21 +218,58 @@ async fn flush(pool: &Pool, jobs: Vec<Job>) {
             let _ = job.reply.send(Err(e));
         }
         Err(e) => {
-            tracing::warn!(error = %e, rows = jobs.len(), "batched append failed; retrying row by row");
+            tracing::warn!(error = %e, jobs = jobs.len(), "batched append failed; retrying job by job");
             for job in jobs {
-                let result = insert_batch(pool, std::slice::from_ref(&job))
+                let result = write(pool, std::slice::from_ref(&job))
                     .await
-                    .and_then(|w| outcome(&job.row, w.get(&job.row.event_id).copied()));
+                    .and_then(|w| outcome(&job, &w));
                 let _ = job.reply.send(result);
             }
         }
     }
 }
 
-/// Writes the rows in one statement; the global positions and times of those written,
-/// by event id.
-async fn insert_batch(pool: &Pool, jobs: &[Job]) -> Result<Written, StoreError> {
-    let n = jobs.len();
+/// Writes the jobs' rows in one statement: single rows on their own, units all or
+/// nothing (see the module's documentation). The global positions and times of the
+/// rows written, by event id.
+async fn write(pool: &Pool, jobs: &[Job]) -> Result<Written, StoreError> {
+    let mut client = pool.get().await?;
+    if jobs.iter().all(|j| j.rows.len() == 1) {
+        return insert(&client, jobs.iter()).await;
+    }
+    let mut left_out = HashSet::new();
+    loop {
+        let tx = client.transaction().await?;
+        let live = jobs
+            .iter()
+            .enumerate()
+            .filter(|(n, _)| !left_out.contains(n));
+        let written = insert(&tx, live.clone().map(|(_, j)| j)).await?;
+        let partial: Vec<usize> = live
+            .filter(|(_, j)| {
+                let n = j.rows.iter().filter(|r| written.contains_key(&r.event_id)).count();
+                n > 0 && n < j.rows.len()
+            })
+            .map(|(n, _)| n)
+            .collect();
+        if partial.is_empty() {
+            tx.commit().await.map_err(event_store::conflict_or_db)?;
+            return Ok(written);
+        }
+        // Undo the whole statement, and run it again without the units it cut in two:
+        // they get their conflict (a row of theirs is missing from what is returned).
+        tx.rollback().await?;
+        left_out.extend(partial);
+    }
+}
+
+/// The rows of `jobs`, inserted with one statement on `client`.
+async fn insert<'j>(
+    client: &impl GenericClient,
+    jobs: impl Iterator<Item = &'j Job>,
+) -> Result<Written, StoreError> {
+    let rows: Vec<&Row> = jobs.flat_map(|j| j.rows.iter()).collect();
+    let n = rows.len();
     let mut event_id = Vec::with_capacity(n);
     let mut org_id = Vec::with_capacity(n);
     let mut aggregate_type = Vec::with_capacity(n);
@@ -192,7 +283,7 @@ async fn insert_batch(pool: &Pool, jobs: &[Job]) -> Result<Written, StoreError> 
     let mut hash = Vec::with_capacity(n);
     let mut kek_id = Vec::with_capacity(n);
     let mut wrapped_key = Vec::with_capacity(n);
-    for Job { row: r, .. } in jobs {
+    for r in rows {
         event_id.push(r.event_id);
         org_id.push(r.org_id);
         aggregate_type.push(r.aggregate_type.as_str());
@@ -207,7 +298,6 @@ async fn insert_batch(pool: &Pool, jobs: &[Job]) -> Result<Written, StoreError> 
         kek_id.push(r.new_key.as_ref().map(|(k, _)| k.as_str()));
         wrapped_key.push(r.new_key.as_ref().map(|(_, w)| w.as_slice()));
     }
-    let client = pool.get().await?;
     let stmt = client.prepare_cached(INSERT).await?;
     let rows = client
         .query(
