@@ -650,14 +650,40 @@ pub(crate) async fn propose(
 /// the refusal of it) and the outcome commit together or not at all, in one group-
 /// committed statement, and the answer is built from what was written. The run is the
 /// route's own (`contacts::update_command`: input, field-level checks) as the proposer,
-/// with the action as causation id. `None`, with nothing written, when a stream moved
-/// on meanwhile (the contact changed): the caller takes the general path.
+/// with the action as causation id. Should the contact move on before the commit,
+/// nothing was written, and it is staged again on the contact as it is then (a few
+/// times; `None` after that: the caller takes the general path).
 async fn propose_and_run(
     s: &AppState,
     a: &Authed,
     action_id: Uuid,
     propose: AiActionCommand,
     (contact_id, mut contact): (Uuid, Loaded<Contact>),
+) -> Result<Option<AiActionDoc>, ApiError> {
+    const TRIES: usize = 3;
+    for attempt in 1..=TRIES {
+        let tried = stage_and_commit(s, a, action_id, propose.clone(), contact_id, contact).await?;
+        if tried.is_some() || attempt == TRIES {
+            return Ok(tried);
+        }
+        let client = s.pool.get().await?;
+        let id = contact_id.to_string();
+        contact = s
+            .executor
+            .load::<Contact>(&client, a.caller.org_id, &id)
+            .await?;
+    }
+    Ok(None)
+}
+
+/// One try of [`propose_and_run`]: `None`, with nothing written, when a stream moved on.
+async fn stage_and_commit(
+    s: &AppState,
+    a: &Authed,
+    action_id: Uuid,
+    propose: AiActionCommand,
+    contact_id: Uuid,
+    mut contact: Loaded<Contact>,
 ) -> Result<Option<AiActionDoc>, ApiError> {
     use crm_infra::commands::unit::Unit;
     use crm_infra::store::event_store::StoreError;
@@ -679,7 +705,8 @@ async fn propose_and_run(
             .unwrap_or_default();
         let mut proposer = a.clone();
         proposer.ctx.causation_id = Some(sid.clone());
-        let outcome = update_now(s, &mut unit, &proposer, contact_id, &mut contact, arguments).await?;
+        let outcome =
+            update_now(s, &mut unit, &proposer, contact_id, &mut contact, arguments).await?;
         let mut meta = meta.clone();
         meta.occurred_at = Utc::now();
         meta.causation_id = Some(sid.clone());

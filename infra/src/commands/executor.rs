@@ -508,7 +508,9 @@ impl Executor {
         };
         let written = match self.pool.get().await {
             Ok(client) => match self.load::<A>(&client, org_id, id).await {
-                Ok(l) => snapshots::save(&self.crypto, &client, &stream, &l.aggregate, &l.head).await,
+                Ok(l) => {
+                    snapshots::save(&self.crypto, &client, &stream, &l.aggregate, &l.head).await
+                }
                 Err(e) => Err(e),
             },
             Err(e) => Err(e.into()),

@@ -53,7 +53,11 @@ struct Staged {
 
 type SnapshotFn = fn(Executor, Uuid, String) -> BoxFuture<'static, ()>;
 
-fn snapshot_of<A: Aggregate + 'static>(ex: Executor, org: Uuid, id: String) -> BoxFuture<'static, ()> {
+fn snapshot_of<A: Aggregate + 'static>(
+    ex: Executor,
+    org: Uuid,
+    id: String,
+) -> BoxFuture<'static, ()> {
     Box::pin(async move { ex.snapshot::<A>(org, &id).await })
 }
 
@@ -97,8 +101,8 @@ impl Executor {
         if events.is_empty() {
             return Ok(vec![]);
         }
-        let meta_json = serde_json::to_value(metadata)
-            .map_err(|e| StoreError::Corrupt(0, e.to_string()))?;
+        let meta_json =
+            serde_json::to_value(metadata).map_err(|e| StoreError::Corrupt(0, e.to_string()))?;
         let stream = StreamId {
             org_id,
             aggregate_type: A::TYPE,
@@ -125,8 +129,8 @@ impl Executor {
         };
         let mut staged = Vec::with_capacity(events.len());
         for event in events {
-            let mut payload = serde_json::to_value(&event)
-                .map_err(|e| StoreError::Corrupt(0, e.to_string()))?;
+            let mut payload =
+                serde_json::to_value(&event).map_err(|e| StoreError::Corrupt(0, e.to_string()))?;
             let mut meta = meta_json.clone();
             let sections = event.personal_sections();
             let mut new_key = None;
@@ -134,7 +138,8 @@ impl Executor {
                 let key = match &unit.streams[slot].key {
                     Some((key, _)) => key.clone(),
                     None => {
-                        let (key, wrapped) = self.unit_key(&org_id, id, loaded.head.version).await?;
+                        let (key, wrapped) =
+                            self.unit_key(&org_id, id, loaded.head.version).await?;
                         // A new key goes with the stream's first row that uses it.
                         unit.streams[slot].key = Some((key.clone(), wrapped.is_some()));
                         new_key = wrapped;

@@ -22,7 +22,7 @@
 //! back and run again without it, so that the unit gets its conflict and nothing of it
 //! is stored.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::{GenericClient, Pool};
@@ -207,9 +207,12 @@ fn outcome(job: &Job, written: &Written) -> Result<Vec<Appended>, StoreError> {
 
 async fn flush(pool: &Pool, jobs: Vec<Job>) {
     match write(pool, &jobs).await {
-        Ok(written) => {
-            for job in jobs {
-                let result = outcome(&job, &written);
+        Ok((written, mut left_out)) => {
+            for (n, job) in jobs.into_iter().enumerate() {
+                let result = match left_out.remove(&n) {
+                    Some(e) => Err(e),
+                    None => outcome(&job, &written),
+                };
                 let _ = job.reply.send(result);
             }
         }
@@ -220,9 +223,13 @@ async fn flush(pool: &Pool, jobs: Vec<Job>) {
         Err(e) => {
             tracing::warn!(error = %e, jobs = jobs.len(), "batched append failed; retrying job by job");
             for job in jobs {
-                let result = write(pool, std::slice::from_ref(&job))
-                    .await
-                    .and_then(|w| outcome(&job, &w));
+                let result =
+                    write(pool, std::slice::from_ref(&job))
+                        .await
+                        .and_then(|(w, left_out)| match left_out.into_values().next() {
+                            Some(e) => Err(e),
+                            None => outcome(&job, &w),
+                        });
                 let _ = job.reply.send(result);
             }
         }
@@ -231,33 +238,40 @@ async fn flush(pool: &Pool, jobs: Vec<Job>) {
 
 /// Writes the jobs' rows in one statement: single rows on their own, units all or
 /// nothing (see the module's documentation). The global positions and times of the
-/// rows written, by event id.
-async fn write(pool: &Pool, jobs: &[Job]) -> Result<Written, StoreError> {
+/// rows written, by event id; the units left out, by index, with their error.
+async fn write(
+    pool: &Pool,
+    jobs: &[Job],
+) -> Result<(Written, HashMap<usize, StoreError>), StoreError> {
     let mut client = pool.get().await?;
     if jobs.iter().all(|j| j.rows.len() == 1) {
-        return insert(&client, jobs.iter()).await;
+        return Ok((insert(&client, jobs.iter()).await?, HashMap::new()));
     }
-    let mut left_out = HashSet::new();
+    let mut left_out = HashMap::new();
     loop {
         let tx = client.transaction().await?;
         let live = jobs
             .iter()
             .enumerate()
-            .filter(|(n, _)| !left_out.contains(n));
+            .filter(|(n, _)| !left_out.contains_key(n));
         let written = insert(&tx, live.clone().map(|(_, j)| j)).await?;
-        let partial: Vec<usize> = live
+        let partial: Vec<(usize, StoreError)> = live
             .filter(|(_, j)| {
-                let n = j.rows.iter().filter(|r| written.contains_key(&r.event_id)).count();
+                let n = j
+                    .rows
+                    .iter()
+                    .filter(|r| written.contains_key(&r.event_id))
+                    .count();
                 n > 0 && n < j.rows.len()
             })
-            .map(|(n, _)| n)
+            .filter_map(|(n, j)| outcome(j, &written).err().map(|e| (n, e)))
             .collect();
         if partial.is_empty() {
             tx.commit().await.map_err(event_store::conflict_or_db)?;
-            return Ok(written);
+            return Ok((written, left_out));
         }
         // Undo the whole statement, and run it again without the units it cut in two:
-        // they get their conflict (a row of theirs is missing from what is returned).
+        // they get the error of the row of theirs that was not written.
         tx.rollback().await?;
         left_out.extend(partial);
     }

@@ -152,6 +152,21 @@ async fn a_low_risk_change_runs_at_once_and_a_personal_one_waits_for_someone_els
             "AiActionExecuted"
         ]
     );
+    // The answer is what the action reads as afterwards; the proposal, the contact's
+    // change and the outcome were committed together.
+    let (s, read) = action(&app, &agent, id).await;
+    assert_eq!((s, &read), (200, &done));
+    let txs: i64 = app
+        .db()
+        .await
+        .query_one(
+            "SELECT count(DISTINCT tx_id) FROM events              WHERE aggregate_id = $1 OR metadata ->> 'causation_id' = $1",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(txs, 1, "one commit for the whole action");
 
     // A name change touches personal data: it waits, and nothing changes meanwhile.
     let (s, pending) = propose(
@@ -1262,5 +1277,61 @@ async fn consent_do_not_contact_bulk_and_role_changes_run_as_their_commands_once
         let (s, v) = propose(&app, ops, body.clone()).await;
         assert_eq!(s, status, "{body}: {v}");
     }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn concurrent_actions_on_one_contact_each_run_once_or_fail_whole() {
+    let app = TestApp::spawn().await;
+    let (_, _, agent, _) = admin_and_agent(&app).await;
+    let contact = new_contact(&app, json!({"given_name": "Ada"})).await;
+    // Twelve low-risk changes of the same contact at once: each runs at once, or (its
+    // contact moved on under it each time it tried) ends failed with the route's
+    // version conflict; none is lost, none is half written, none runs twice.
+    let answers = futures::future::join_all((0..12).map(|n| {
+        let (app, agent, contact) = (&app, &agent, &contact);
+        async move {
+            propose(
+                app,
+                agent,
+                update(contact, json!({"company": format!("Company {n}")})),
+            )
+            .await
+        }
+    }))
+    .await;
+    let mut executed = 0;
+    for (s, done) in &answers {
+        assert_eq!(*s, 201, "{done}");
+        let id = done["id"].as_str().unwrap();
+        let events = caused(&app, &contact, id).await;
+        match done["status"].as_str() {
+            Some("executed") => {
+                executed += 1;
+                assert_eq!(events.len(), 1, "{done}");
+                assert_eq!(done["result_events"], json!([events[0].0]));
+            }
+            Some("failed") => {
+                assert_eq!(done["failure_reason"], "version_conflict", "{done}");
+                assert!(events.is_empty(), "{done}");
+            }
+            other => panic!("{other:?}: {done}"),
+        }
+        let (_, read) = action(&app, &agent, id).await;
+        assert_eq!(&read, done);
+    }
+    assert!(executed >= 1);
+    // The contact holds every change that was recorded as executed.
+    let history: i64 = app
+        .db()
+        .await
+        .query_one(
+            "SELECT count(*) FROM events WHERE aggregate_id = $1 AND sequence > 1",
+            &[&contact],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(history, executed);
     app.stop().await;
 }

@@ -295,3 +295,162 @@ async fn a_cold_key_cache_is_filled_for_a_whole_batch_in_one_query() {
     assert!(cold.cached_key(&other_org, &subjects[0].1).is_none());
     app.stop().await;
 }
+
+/// A profile as the API would parse it.
+fn profile(v: serde_json::Value) -> crm_domain::contact::ContactProfile {
+    serde_json::from_value(v).unwrap()
+}
+
+#[tokio::test]
+async fn a_unit_commits_all_its_streams_together_or_nothing_when_one_moved_on() {
+    use crm_domain::contact::{Contact, ContactChanges, ContactCommand};
+    use crm_domain::metadata::EventMetadata;
+    use crm_infra::commands::executor::Loaded;
+    use crm_infra::commands::unit::Unit;
+    use crm_infra::store::event_store::StoreError;
+
+    let app = TestApp::spawn().await;
+    let ex = app.state.executor.clone();
+    let org = app.org_id;
+    let meta = EventMetadata::system(org, "test");
+    let (existing, _) = app
+        .create_contact(&json!({"given_name": "Ada", "email": "ada@example.com"}))
+        .await;
+    let existing_id = existing.to_string();
+    // A unit: a change of the existing contact, and a new contact.
+    let stage = |fresh: Uuid| {
+        let (ex, meta, existing_id) = (ex.clone(), meta.clone(), existing_id.clone());
+        async move {
+            let client = ex.pool().get().await.unwrap();
+            let mut loaded = ex
+                .load::<Contact>(&client, org, &existing_id)
+                .await
+                .unwrap();
+            let mut unit = Unit::new();
+            let changes = ContactChanges {
+                set: profile(json!({"title": "Countess"})),
+                ..ContactChanges::default()
+            };
+            ex.stage::<Contact>(
+                &mut unit,
+                org,
+                &existing_id,
+                &mut loaded,
+                ContactCommand::Update { changes },
+                &meta,
+            )
+            .await
+            .unwrap();
+            let mut new = Loaded {
+                aggregate: Contact::default(),
+                head: Default::default(),
+            };
+            let create = ContactCommand::Create {
+                contact_id: fresh,
+                org_id: org,
+                profile: profile(json!({"given_name": "Eve", "email": "eve@example.com"})),
+            };
+            ex.stage::<Contact>(&mut unit, org, &fresh.to_string(), &mut new, create, &meta)
+                .await
+                .unwrap();
+            unit
+        }
+    };
+    let db = app.db().await;
+    let count = |id: Uuid| {
+        let db = &db;
+        async move {
+            let n: i64 = db
+                .query_one(
+                    "SELECT count(*) FROM events WHERE aggregate_id = $1",
+                    &[&id.to_string()],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            n
+        }
+    };
+
+    // The existing contact moves on between staging and commit: nothing of the unit is
+    // stored, although the new contact's stream had nothing to conflict with; the single
+    // appends committed beside it (often in the same statement) are all stored.
+    let lost = Uuid::now_v7();
+    let unit = stage(lost).await;
+    let r = app
+        .patch(&format!("/v1/contacts/{existing}"), &json!({"title": "Dr"}))
+        .await;
+    assert_eq!(r.status(), 200);
+    let singles: Vec<Uuid> = (0..40).map(|_| Uuid::now_v7()).collect();
+    let creates = singles.iter().map(|id| {
+        let command = ContactCommand::Create {
+            contact_id: *id,
+            org_id: org,
+            profile: profile(json!({"given_name": "Bob"})),
+        };
+        let (ex, meta) = (&ex, &meta);
+        async move {
+            ex.execute::<Contact>(org, &id.to_string(), command, meta, Some(0))
+                .await
+        }
+    });
+    let (committed, created) = tokio::join!(ex.commit(unit), futures::future::join_all(creates));
+    assert!(
+        matches!(committed, Err(StoreError::Conflict)),
+        "{committed:?}"
+    );
+    assert_eq!(count(lost).await, 0, "no half of the unit is stored");
+    assert_eq!(
+        count(existing).await,
+        2,
+        "the contact has its create and the PATCH"
+    );
+    assert!(created.iter().all(Result::is_ok), "{created:?}");
+    for id in &singles {
+        assert_eq!(count(*id).await, 1);
+    }
+
+    // Staged on the contact as it is now: both streams are written, in one transaction,
+    // in staging order, chained, and readable like any command's events.
+    let fresh = Uuid::now_v7();
+    let appended = ex.commit(stage(fresh).await).await.unwrap();
+    assert_eq!(appended.len(), 2);
+    assert!(appended[0].global_position < appended[1].global_position);
+    assert_eq!(appended[0].sequence, 3, "after the create and the PATCH");
+    assert_eq!(appended[1].sequence, 1);
+    let txs: i64 = db
+        .query_one(
+            "SELECT count(DISTINCT tx_id) FROM events WHERE event_id = ANY($1)",
+            &[&appended.iter().map(|a| a.event_id).collect::<Vec<_>>()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(txs, 1, "one commit");
+    let report = verify_chains(&app.admin_pool().get().await.unwrap(), None)
+        .await
+        .unwrap();
+    assert!(report.ok(), "{:?}", report.breaks);
+    let r = app.get(&format!("/v1/contacts/{existing}/history")).await;
+    assert_eq!(r.status(), 200);
+    let history = r.text().await.unwrap();
+    assert!(history.contains("Countess"), "{history}");
+    let client = app.state.pool.get().await.unwrap();
+    let eve = ex
+        .load::<Contact>(&client, org, &fresh.to_string())
+        .await
+        .unwrap();
+    assert_eq!(eve.head.version, 1);
+    assert!(format!("{:?}", eve.aggregate).contains("eve@example.com"));
+    // Personal data is sealed at rest as for any append.
+    let raw: String = db
+        .query_one(
+            "SELECT payload::text FROM events WHERE event_id = $1",
+            &[&appended[1].event_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!raw.contains("eve@example.com"), "{raw}");
+    app.stop().await;
+}
