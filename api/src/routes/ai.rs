@@ -537,9 +537,14 @@ pub(crate) async fn propose(
     // What it is about must be the organisation's (the same 404 as the command's). A
     // change of one contact loads that contact: should the policy let it run at once,
     // it runs on the contact as loaded here.
+    // The two reads are pipelined on one connection (one round trip).
     let (settings, contact) = {
         let client = s.pool.get().await?;
-        let contact = if input.kind == AiActionKind::UpdateContact {
+        let contact = async {
+            if input.kind != AiActionKind::UpdateContact {
+                require_target(&s, &client, org, &target).await?;
+                return Ok(None);
+            }
             let id = target.contact();
             let loaded = s
                 .executor
@@ -548,12 +553,10 @@ pub(crate) async fn propose(
             if loaded.head.version == 0 {
                 return Err(ApiError::NotFound("contact not found"));
             }
-            Some((id, loaded))
-        } else {
-            require_target(&s, &client, org, &target).await?;
-            None
+            Ok(Some((id, loaded)))
         };
-        (settings_of(&s, &client, org).await?, contact)
+        let (settings, contact) = tokio::try_join!(settings_of(&s, &client, org), contact)?;
+        (settings, contact)
     };
     let action_id = Uuid::now_v7();
     let now = Utc::now();

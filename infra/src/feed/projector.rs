@@ -487,26 +487,23 @@ impl ProjectorWorker {
                 *take = true;
             }
             let takers = takes.iter().filter(|t| **t).count();
-            let mut event = Some(event);
-            let mut left = takers;
+            // Projections that read the event the same way (payload or not, decrypted or
+            // not) share one decoding: parsed, and decrypted, once per way.
+            let mut decoded: Vec<((bool, bool), DecodedEvent)> = Vec::with_capacity(2);
             for ((take, st), p) in takes.iter().zip(progress.iter_mut()).zip(&self.projections) {
-                if !*take {
-                    continue;
-                }
-                left -= 1;
-                let reads = event
-                    .as_ref()
-                    .is_some_and(|e| p.reads_type(&e.aggregate_type));
-                if !reads {
+                if !*take || !p.reads_type(&event.aggregate_type) {
                     continue; // applied by moving the checkpoint past it
                 }
-                let e = if left == 0 {
-                    event.take().expect("taken once")
-                } else {
-                    event.clone().expect("not taken yet")
+                let way = (p.reads_payload(), p.needs_personal_data());
+                let d = match decoded.iter().find(|(w, _)| *w == way) {
+                    Some((_, d)) => d.clone(),
+                    None => {
+                        let d = decode_for(event.clone(), p.as_ref(), &self.crypto, &tx).await?;
+                        decoded.push((way, d.clone()));
+                        d
+                    }
                 };
-                st.ready
-                    .push(decode_for(e, p.as_ref(), &self.crypto, &tx).await?);
+                st.ready.push(d);
             }
             if !from_message {
                 continue; // read from the store: no message to answer
