@@ -1321,6 +1321,34 @@ async fn concurrent_actions_on_one_contact_each_run_once_or_fail_whole() {
         assert_eq!(&read, done);
     }
     assert!(executed >= 1);
+    // A change the route refuses (the contact is archived) ends failed at once, with
+    // the route's code and message, in the same one commit, and changes nothing.
+    let archived = new_contact(&app, json!({"given_name": "Bob"})).await;
+    let r = app
+        .post(&format!("/v1/contacts/{archived}/archive"), &json!({}))
+        .await;
+    assert_eq!(r.status(), 200);
+    let (s, refused) = propose(&app, &agent, update(&archived, json!({"company": "X"}))).await;
+    assert_eq!(s, 201, "{refused}");
+    assert_eq!(
+        (
+            refused["status"].as_str(),
+            refused["failure_reason"].as_str()
+        ),
+        (Some("failed"), Some("version_conflict")),
+        "{refused}"
+    );
+    assert!(
+        refused["failure_detail"]
+            .as_str()
+            .unwrap()
+            .contains("archived"),
+        "{refused}"
+    );
+    let id = refused["id"].as_str().unwrap();
+    assert!(caused(&app, &archived, id).await.is_empty());
+    let (_, read) = action(&app, &agent, id).await;
+    assert_eq!(read, refused);
     // The contact holds every change that was recorded as executed.
     let history: i64 = app
         .db()
