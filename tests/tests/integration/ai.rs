@@ -1187,13 +1187,18 @@ async fn consent_do_not_contact_bulk_and_role_changes_run_as_their_commands_once
         let ids = caused_in(&app, "contact", c, &bulk).await;
         assert_eq!(ids.as_array().unwrap().len(), 1, "{c}");
         all.extend(ids.as_array().unwrap().clone());
-        let got: Value = app
-            .get(&format!("/v1/contacts/{c}"))
-            .await
-            .json()
-            .await
-            .unwrap();
-        assert_eq!(got["company"], "Acme");
+        // The read model follows the events.
+        eventually(Duration::from_secs(10), || async {
+            let got: Value = app
+                .get(&format!("/v1/contacts/{c}"))
+                .await
+                .json()
+                .await
+                .unwrap();
+            (got["company"] == "Acme").then_some(())
+        })
+        .await
+        .expect("the contact read model shows the bulk change");
     }
     assert_eq!(done["result_events"], json!(all));
 
