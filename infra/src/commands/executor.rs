@@ -96,6 +96,22 @@ where
     f
 }
 
+/// What `aggregate` decides on `command` (pure domain code: no I/O).
+pub(super) async fn decide<A>(
+    aggregate: &mut A,
+    command: A::Command,
+) -> Result<Vec<A::Event>, CommandError<A::Error>>
+where
+    A: Aggregate<Services = ()>,
+{
+    let sink = EventSink::<A>::default();
+    aggregate
+        .handle(command, &(), &sink)
+        .await
+        .map_err(CommandError::Domain)?;
+    Ok(sink.collect().await)
+}
+
 /// An aggregate with the head of its stream.
 pub struct Loaded<A> {
     pub aggregate: A,
@@ -431,12 +447,7 @@ impl Executor {
                 });
             }
         }
-        let sink = EventSink::<A>::default();
-        aggregate
-            .handle(command, &(), &sink)
-            .await
-            .map_err(CommandError::Domain)?;
-        let events = sink.collect().await;
+        let events = decide(&mut aggregate, command).await?;
         if events.is_empty() {
             let outcome = CommandOutcome {
                 id: id.to_owned(),

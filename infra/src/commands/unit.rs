@@ -14,14 +14,13 @@
 //! [`StoreError::Conflict`] (or [`StoreError::KeyExists`] when a subject it thought new
 //! had a key); the caller may load again and retry, or take another path.
 
-use cqrs_es::event_sink::EventSink;
 use cqrs_es::{Aggregate, DomainEvent};
 use crm_domain::metadata::EventMetadata;
 use crm_domain::PersonalData;
 use futures::future::BoxFuture;
 use uuid::Uuid;
 
-use crate::commands::executor::{CommandError, CommandOutcome, Executor, Loaded};
+use crate::commands::executor::{decide, CommandError, CommandOutcome, Executor, Loaded};
 use crate::commands::hooks::Committed;
 use crate::crypto::{Crypto, DataKey};
 use crate::metrics::METRICS;
@@ -91,13 +90,7 @@ impl Executor {
         A: Aggregate<Services = ()> + 'static,
         A::Event: PersonalData,
     {
-        let sink = EventSink::<A>::default();
-        loaded
-            .aggregate
-            .handle(command, &(), &sink)
-            .await
-            .map_err(CommandError::Domain)?;
-        let events = sink.collect().await;
+        let events = decide(&mut loaded.aggregate, command).await?;
         if events.is_empty() {
             return Ok(vec![]);
         }
