@@ -489,14 +489,28 @@ impl ProjectorWorker {
             let takers = takes.iter().filter(|t| **t).count();
             // Projections that read the event the same way (payload or not, decrypted or
             // not) share one decoding: parsed, and decrypted, once per way.
+            // Those that read the payload first: one that reads none may then take
+            // their decoding without it.
             let mut decoded: Vec<((bool, bool), DecodedEvent)> = Vec::with_capacity(2);
-            for ((take, st), p) in takes.iter().zip(progress.iter_mut()).zip(&self.projections) {
-                if !*take || !p.reads_type(&event.aggregate_type) {
-                    continue; // applied by moving the checkpoint past it
-                }
+            let order = takes
+                .iter()
+                .zip(progress.iter_mut())
+                .zip(&self.projections)
+                .filter(|((take, _), p)| **take && p.reads_type(&event.aggregate_type));
+            let (mut first, then): (Vec<_>, Vec<_>) = order.partition(|(_, p)| p.reads_payload());
+            first.extend(then);
+            for ((_, st), p) in first {
                 let way = (p.reads_payload(), p.needs_personal_data());
-                let d = match decoded.iter().find(|(w, _)| *w == way) {
-                    Some((_, d)) => d.clone(),
+                let found = decoded
+                    .iter()
+                    .find(|(w, _)| *w == way || (!way.0 && w.1 == way.1));
+                let d = match found {
+                    Some((w, d)) if *w == way => d.clone(),
+                    Some((_, d)) => DecodedEvent {
+                        stored: d.stored.clone(),
+                        payload: serde_json::Value::Null,
+                        metadata: d.metadata.clone(),
+                    },
                     None => {
                         let d = decode_for(event.clone(), p.as_ref(), &self.crypto, &tx).await?;
                         decoded.push((way, d.clone()));
