@@ -535,25 +535,19 @@ pub(crate) async fn propose(
     let risk = risk_input(input.kind, &target, &input.arguments)?;
     let org = a.caller.org_id;
     // What it is about must be the organisation's (the same 404 as the command's). A
-    // change of one contact loads that contact: should the policy let it run at once,
-    // it runs on the contact as loaded here.
+    // change of contacts loads them: should the policy let it run at once, it runs on
+    // the contacts as loaded here.
     // The two reads are pipelined on one connection (one round trip).
     let (settings, contact) = {
         let client = s.pool.get().await?;
         let contact = async {
-            if input.kind != AiActionKind::UpdateContact {
+            if !changes_contacts(input.kind) {
                 require_target(&s, &client, org, &target).await?;
                 return Ok(None);
             }
-            let id = target.contact();
-            let loaded = s
-                .executor
-                .load::<Contact>(&client, org, &id.to_string())
-                .await?;
-            if loaded.head.version == 0 {
-                return Err(ApiError::NotFound("contact not found"));
-            }
-            Ok(Some((id, loaded)))
+            load_contacts(&s, &client, org, &target.contacts)
+                .await
+                .map(Some)
         };
         let (settings, contact) = tokio::try_join!(settings_of(&s, &client, org), contact)?;
         (settings, contact)
@@ -597,12 +591,12 @@ pub(crate) async fn propose(
         location: format!("/v1/ai/actions/{action_id}"),
         body,
     };
-    if let Some(contact) = contact {
-        if let Some(doc) = propose_and_run(&s, &a, action_id, propose.clone(), contact).await? {
+    if let Some(contacts) = contact {
+        if let Some(doc) = propose_and_run(&s, &a, action_id, propose.clone(), contacts).await? {
             return Ok(created(doc));
         }
-        // The contact moved on meanwhile: nothing was written; the general path below
-        // proposes, then runs on the contact as it is now.
+        // A contact moved on meanwhile, each time: nothing was written; the general path
+        // below proposes, then runs on the contacts as they are now.
     }
     let (written, events) = s
         .executor
@@ -648,69 +642,132 @@ pub(crate) async fn propose(
     Ok(created(describe(&s, &a, action_id).await?))
 }
 
-/// An update of one contact, proposed and, when the policy approves it at once, run,
-/// in one unit (`crm_infra::commands::unit`): the proposal, the contact's change (or
-/// the refusal of it) and the outcome commit together or not at all, in one group-
-/// committed statement, and the answer is built from what was written. The run is the
-/// route's own (`contacts::update_command`: input, field-level checks) as the proposer,
-/// with the action as causation id. Should the contact move on before the commit,
-/// nothing was written, and it is staged again on the contact as it is then (a few
-/// times; `None` after that: the caller takes the general path).
+/// Whether `kind` changes contacts' fields (`PATCH /v1/contacts/{id}` on each): such an
+/// action runs as one unit with its steps (see [`propose_and_run`]).
+fn changes_contacts(kind: AiActionKind) -> bool {
+    matches!(kind, AiActionKind::UpdateContact | AiActionKind::BulkUpdate)
+}
+
+/// The contacts `ids`, loaded (the reads pipelined on `client`); 404 unless each is the
+/// organisation's.
+async fn load_contacts(
+    s: &AppState,
+    client: &deadpool_postgres::Object,
+    org: Uuid,
+    ids: &[Uuid],
+) -> Result<Vec<(Uuid, Loaded<Contact>)>, ApiError> {
+    let loads = ids.iter().map(|id| async move {
+        let loaded = s
+            .executor
+            .load::<Contact>(client, org, &id.to_string())
+            .await?;
+        if loaded.head.version == 0 {
+            return Err(ApiError::NotFound("contact not found"));
+        }
+        Ok((*id, loaded))
+    });
+    futures::future::try_join_all(loads).await
+}
+
+/// A change of contacts (`update_contact`, `bulk_update`), proposed and, when the policy
+/// approves it at once, run, in one unit (`crm_infra::commands::unit`): the proposal,
+/// the contacts' changes (or the refusal) and the outcome commit together or not at all,
+/// in one group-committed statement, and the answer is built from what was written.
+/// Should a contact move on before the commit, nothing was written, and it is staged
+/// again on the contacts as they are then (a few times; `None` after that: the caller
+/// takes the general path).
 async fn propose_and_run(
     s: &AppState,
     a: &Authed,
     action_id: Uuid,
     propose: AiActionCommand,
-    (contact_id, mut contact): (Uuid, Loaded<Contact>),
+    mut contacts: Vec<(Uuid, Loaded<Contact>)>,
 ) -> Result<Option<AiActionDoc>, ApiError> {
     const TRIES: usize = 3;
+    let org = a.caller.org_id;
+    let mut proposer = a.clone();
+    proposer.ctx.causation_id = Some(action_id.to_string());
     for attempt in 1..=TRIES {
-        let tried = stage_and_commit(s, a, action_id, propose.clone(), contact_id, contact).await?;
-        if tried.is_some() || attempt == TRIES {
-            return Ok(tried);
+        let action = Loaded {
+            aggregate: AiAction::default(),
+            head: StreamHead::default(),
+        };
+        let decided = Decided {
+            command: propose.clone(),
+            by: a.metadata(),
+        };
+        let tried = stage_and_commit(
+            s,
+            action_id,
+            (action, &[]),
+            decided,
+            Some(&proposer),
+            contacts,
+        )
+        .await?;
+        if let Some((action, steps)) = tried {
+            return Ok(Some(doc_of(action_id, &action, steps.into_iter())));
+        }
+        if attempt == TRIES {
+            break;
         }
         let client = s.pool.get().await?;
-        let id = contact_id.to_string();
-        contact = s
-            .executor
-            .load::<Contact>(&client, a.caller.org_id, &id)
-            .await?;
+        let ids: Vec<Uuid> = propose_contacts(&propose);
+        contacts = load_contacts(s, &client, org, &ids).await?;
     }
     Ok(None)
 }
 
-/// One try of [`propose_and_run`]: `None`, with nothing written, when a stream moved on.
+/// The contacts a proposal names.
+fn propose_contacts(propose: &AiActionCommand) -> Vec<Uuid> {
+    match propose {
+        AiActionCommand::Propose { request, .. } => request.contacts.clone(),
+        _ => vec![],
+    }
+}
+
+/// A decision on an action (its proposal, or a person's approval) and the metadata of
+/// whoever took it.
+struct Decided {
+    command: AiActionCommand,
+    by: crm_domain::metadata::EventMetadata,
+}
+
+/// One try of a unit: stages `decided` on `action`; if that approves it, the contacts'
+/// changes its arguments ask for, as `proposer` (whose context names the action as
+/// causation id; `None`: the proposer is gone, and the action fails), then the outcome
+/// (by whoever decided); commits. The action as it stands after, with the steps written,
+/// or `None`, with nothing written, when a stream moved on.
 async fn stage_and_commit(
     s: &AppState,
-    a: &Authed,
     action_id: Uuid,
-    propose: AiActionCommand,
-    contact_id: Uuid,
-    mut contact: Loaded<Contact>,
-) -> Result<Option<AiActionDoc>, ApiError> {
+    (mut action, earlier): (Loaded<AiAction>, &[AiActionEvent]),
+    decided: Decided,
+    proposer: Option<&Authed>,
+    mut contacts: Vec<(Uuid, Loaded<Contact>)>,
+) -> Result<Option<(AiAction, Vec<(AiActionStep, AiActionEvent)>)>, ApiError> {
     use crm_infra::commands::unit::Unit;
     use crm_infra::store::event_store::StoreError;
-    let org = a.caller.org_id;
+    let Decided { command, by } = decided;
+    let org = by.org_id;
     let sid = action_id.to_string();
     let mut unit = Unit::new();
-    let mut action = Loaded {
-        aggregate: AiAction::default(),
-        head: StreamHead::default(),
-    };
-    let meta = a.metadata();
     let mut staged = s
         .executor
-        .stage::<AiAction>(&mut unit, org, &sid, &mut action, propose, &meta)
+        .stage::<AiAction>(&mut unit, org, &sid, &mut action, command, &by)
         .await?;
     if action.aggregate.status == Some(ActionStatus::Approved) {
-        let arguments = in_force(staged.iter().map(|(_, e)| e))
-            .map(|(_, content)| content.arguments)
-            .unwrap_or_default();
-        let mut proposer = a.clone();
-        proposer.ctx.causation_id = Some(sid.clone());
-        let outcome =
-            update_now(s, &mut unit, &proposer, contact_id, &mut contact, arguments).await?;
-        let mut meta = meta.clone();
+        let Some((_, content)) = in_force(action_events(&staged, earlier)) else {
+            return Err(ApiError::NotFound("AI action not found"));
+        };
+        let outcome = match proposer {
+            Some(p) => change_contacts(s, &mut unit, p, &mut contacts, content.arguments).await?,
+            None => Outcome::failed(
+                "proposer_gone",
+                "the proposer's credential or account is no longer active",
+            ),
+        };
+        let mut meta = by.clone();
         meta.occurred_at = Utc::now();
         meta.causation_id = Some(sid.clone());
         let recorded = s
@@ -724,32 +781,42 @@ async fn stage_and_commit(
         Err(StoreError::Conflict | StoreError::KeyExists) => return Ok(None),
         Err(e) => return Err(e.into()),
     };
-    let by = by_of(&meta.principal);
-    let steps = staged.into_iter().map(|(event_id, event)| {
-        let recorded_at = appended
-            .iter()
-            .find(|w| w.event_id == event_id)
-            .map_or_else(Utc::now, |w| w.recorded_at);
-        let step = AiActionStep {
-            event_id,
-            event_type: cqrs_es::DomainEvent::event_type(&event),
-            recorded_at,
-            by: by.clone(),
-        };
-        (step, event)
-    });
-    Ok(Some(doc_of(action_id, &action.aggregate, steps)))
+    let who = by_of(&by.principal);
+    let steps = staged
+        .into_iter()
+        .map(|(event_id, event)| {
+            let recorded_at = appended
+                .iter()
+                .find(|w| w.event_id == event_id)
+                .map_or_else(Utc::now, |w| w.recorded_at);
+            let step = AiActionStep {
+                event_id,
+                event_type: cqrs_es::DomainEvent::event_type(&event),
+                recorded_at,
+                by: who.clone(),
+            };
+            (step, event)
+        })
+        .collect();
+    Ok(Some((action.aggregate, steps)))
 }
 
-/// Stages in `unit` the update of `contact` that `arguments` ask for, as `proposer`
-/// (whose context names the action as causation id) through the route's own checks;
-/// how it ended. A refusal stages nothing.
-async fn update_now(
+/// The events of an action: `earlier` ones (if any) and those just `staged`.
+fn action_events<'e>(
+    staged: &'e [(Uuid, AiActionEvent)],
+    earlier: &'e [AiActionEvent],
+) -> impl DoubleEndedIterator<Item = &'e AiActionEvent> {
+    earlier.iter().chain(staged.iter().map(|(_, e)| e))
+}
+
+/// Stages in `unit` the change `arguments` ask of each of `contacts`, as `proposer`
+/// through the route's own checks (`contacts::update_command`); how it ended. All or
+/// nothing: a refusal of any contact takes back what was staged for the others.
+async fn change_contacts(
     s: &AppState,
     unit: &mut crm_infra::commands::unit::Unit,
     proposer: &Authed,
-    contact_id: Uuid,
-    contact: &mut Loaded<Contact>,
+    contacts: &mut [(Uuid, Loaded<Contact>)],
     arguments: Value,
 ) -> Result<Outcome, ApiError> {
     use crm_domain::contact::ContactError;
@@ -765,24 +832,45 @@ async fn update_now(
         Ok(c) => c,
         Err(e) => return Ok(Outcome::refused(&e)),
     };
-    let actual = contact.head.version;
-    if let Some(expected) = expected.filter(|&v| v != actual) {
-        let e = ApiError::from(CommandError::<ContactError>::VersionMismatch { expected, actual });
-        return Ok(Outcome::refused(&e));
-    }
     let org = proposer.caller.org_id;
     let meta = proposer.metadata();
-    match s
-        .executor
-        .stage::<Contact>(unit, org, &contact_id.to_string(), contact, command, &meta)
-        .await
-    {
-        Ok(staged) => Ok(Outcome::Executed(
-            staged.into_iter().map(|(id, _)| id).collect(),
-        )),
-        Err(CommandError::Store(e)) => Err(e.into()),
-        Err(e) => Ok(Outcome::refused(&ApiError::from(e))),
+    let mark = unit.mark();
+    let total = contacts.len();
+    let mut done = Vec::with_capacity(total);
+    for (n, (id, contact)) in contacts.iter_mut().enumerate() {
+        let actual = contact.head.version;
+        let refusal = match expected.filter(|&v| v != actual) {
+            Some(expected) => Some(ApiError::from(
+                CommandError::<ContactError>::VersionMismatch { expected, actual },
+            )),
+            None => match s
+                .executor
+                .stage::<Contact>(unit, org, &id.to_string(), contact, command.clone(), &meta)
+                .await
+            {
+                Ok(staged) => {
+                    done.extend(staged.into_iter().map(|(event_id, _)| event_id));
+                    None
+                }
+                Err(CommandError::Store(e)) => return Err(e.into()),
+                Err(e) => Some(ApiError::from(e)),
+            },
+        };
+        if let Some(e) = refusal {
+            unit.rewind(mark);
+            if total == 1 {
+                return Ok(Outcome::refused(&e));
+            }
+            return Ok(Outcome::failed(
+                e.code(),
+                &format!(
+                    "contact {id} ({} of {total}) refused, so none was changed: {e}",
+                    n + 1
+                ),
+            ));
+        }
     }
+    Ok(Outcome::Executed(done))
 }
 
 pub(crate) async fn get_one(
@@ -853,6 +941,16 @@ pub(crate) async fn approve(
             let client = s.pool.get().await?;
             settings_of(&s, &client, org).await?.stopped
         };
+        let approve = AiActionCommand::Approve {
+            by: a.caller.user_id,
+            arguments_sha256: input.arguments_sha256.clone(),
+            reason: input.reason.clone(),
+            stopped,
+            now,
+        };
+        if approve_and_run(&s, &a, id, approve).await? {
+            return Ok(Ok200(describe(&s, &a, id).await?));
+        }
         s.executor
             .execute::<AiAction>(
                 org,
@@ -871,6 +969,65 @@ pub(crate) async fn approve(
     }
     run(&s, &Runner::of(&a), org, id, None).await?;
     Ok(Ok200(describe(&s, &a, id).await?))
+}
+
+/// Approves a pending change of contacts and runs it in one unit: the approval, the
+/// contacts' changes (as the proposer, with its rights now) and the outcome commit
+/// together or not at all. `false`, with nothing written, for another kind, or when a
+/// stream moved on meanwhile: the caller takes the general path.
+async fn approve_and_run(
+    s: &AppState,
+    a: &Authed,
+    id: Uuid,
+    approve: AiActionCommand,
+) -> Result<bool, ApiError> {
+    let org = a.caller.org_id;
+    let (action, read) = read(s, org, id).await?;
+    let events: Vec<AiActionEvent> = read.iter().map(|(_, e)| e.clone()).collect();
+    let Some((request, _)) = in_force(events.iter()) else {
+        return Ok(false);
+    };
+    let changes = AiActionKind::of(request.kind).is_some_and(changes_contacts);
+    if !changes || action.status != Some(ActionStatus::PendingApproval) {
+        return Ok(false);
+    }
+    let head = read
+        .last()
+        .map_or_else(StreamHead::default, |(d, _)| StreamHead {
+            version: d.stored.sequence,
+            last_hash: hex::decode(&d.stored.hash).ok(),
+        });
+    let kind = read
+        .first()
+        .map_or(PrincipalKind::AiAgent, |(d, _)| d.metadata.principal.kind);
+    let proposer = proposer_now(s, &a.ctx, (org, id), &action, kind).await?;
+    let contacts = {
+        let client = s.pool.get().await?;
+        match load_contacts(s, &client, org, &request.contacts).await {
+            Ok(contacts) => contacts,
+            // Gone since the proposal: the general path records the refusal.
+            Err(ApiError::NotFound(_)) => return Ok(false),
+            Err(e) => return Err(e),
+        }
+    };
+    let loaded = Loaded {
+        aggregate: action,
+        head,
+    };
+    let decided = Decided {
+        command: approve,
+        by: a.metadata(),
+    };
+    let done = stage_and_commit(
+        s,
+        id,
+        (loaded, &events),
+        decided,
+        proposer.as_ref(),
+        contacts,
+    )
+    .await?;
+    Ok(done.is_some())
 }
 
 /// Edits a pending action's arguments (a person holding `ai.approve`, not the one it was
@@ -1423,6 +1580,38 @@ struct Proposer<'a> {
     fresh: Option<&'a Authed>,
 }
 
+/// The proposer of `action` (principal kind `kind`) with its rights now (an agent's
+/// capped by its user's now), acting in `ctx` with the action as causation id; `None`
+/// once its credential or account is no longer active.
+async fn proposer_now(
+    s: &AppState,
+    ctx: &crate::edge::context::RequestContext,
+    (org, id): (Uuid, Uuid),
+    action: &AiAction,
+    kind: PrincipalKind,
+) -> Result<Option<Authed>, ApiError> {
+    let proposer_id = action.agent_id.unwrap_or_default();
+    let client = s.pool.get().await?;
+    let access = match kind {
+        PrincipalKind::User => {
+            crm_infra::access::accounts::load_access(&client, proposer_id, org).await?
+        }
+        _ => crm_infra::access::api_keys::access_by_key_id(&client, org, proposer_id).await?,
+    };
+    let mut ctx = ctx.clone();
+    ctx.causation_id = Some(id.to_string());
+    Ok(access.map(|access| Authed {
+        caller: Caller {
+            user_id: proposer_id,
+            org_id: org,
+            generation: 0,
+        },
+        access: std::sync::Arc::new(access),
+        ctx,
+        kind,
+    }))
+}
+
 /// Runs the approved `action` (with its `events`) and says how it ended.
 async fn outcome_of(
     s: &AppState,
@@ -1442,40 +1631,19 @@ async fn outcome_of(
         return Ok(Outcome::failed("unsupported", "not a served kind"));
     };
     let arguments = content.arguments;
-    let proposer_id = action.agent_id.unwrap_or_default();
-    // The proposer, with its rights now (an agent's capped by its user's now).
-    let access = match fresh {
-        Some(a) => Some(a.access.clone()),
-        None => {
-            let client = s.pool.get().await?;
-            match proposer_kind {
-                PrincipalKind::User => {
-                    crm_infra::access::accounts::load_access(&client, proposer_id, org).await?
-                }
-                _ => {
-                    crm_infra::access::api_keys::access_by_key_id(&client, org, proposer_id).await?
-                }
-            }
-            .map(std::sync::Arc::new)
+    let proposer = match fresh {
+        Some(a) => {
+            let mut a = a.clone();
+            a.ctx.causation_id = Some(id.to_string());
+            Some(a)
         }
+        None => proposer_now(s, ctx, (org, id), action, proposer_kind).await?,
     };
-    let Some(access) = access else {
+    let Some(proposer) = proposer else {
         return Ok(Outcome::failed(
             "proposer_gone",
             "the proposer's credential or account is no longer active",
         ));
-    };
-    let mut ctx = ctx.clone();
-    ctx.causation_id = Some(id.to_string());
-    let proposer = Authed {
-        caller: Caller {
-            user_id: proposer_id,
-            org_id: org,
-            generation: 0,
-        },
-        access,
-        ctx,
-        kind: proposer_kind,
     };
     let fresh = fresh.is_some();
     Ok(match proposer.require(kind.permission()) {

@@ -60,9 +60,41 @@ fn snapshot_of<A: Aggregate + 'static>(
     Box::pin(async move { ex.snapshot::<A>(org, &id).await })
 }
 
+/// Where a unit stood: [`Unit::rewind`] takes it back there.
+pub struct Mark {
+    rows: usize,
+    streams: Vec<(usize, bool)>,
+}
+
 impl Unit {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Where the unit stands now.
+    pub fn mark(&self) -> Mark {
+        Mark {
+            rows: self.rows.len(),
+            streams: self
+                .streams
+                .iter()
+                .map(|s| (s.rows.len(), s.key.is_some()))
+                .collect(),
+        }
+    }
+
+    /// Drops what was staged since `mark` (a later command was refused and the unit
+    /// must not hold part of it). The aggregates staged on since moved on: the caller
+    /// drops them too.
+    pub fn rewind(&mut self, mark: Mark) {
+        self.rows.truncate(mark.rows);
+        self.streams.truncate(mark.streams.len());
+        for (s, (rows, had_key)) in self.streams.iter_mut().zip(mark.streams) {
+            s.rows.truncate(rows);
+            if !had_key {
+                s.key = None;
+            }
+        }
     }
 
     /// Whether nothing is staged.

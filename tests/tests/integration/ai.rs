@@ -1201,6 +1201,52 @@ async fn consent_do_not_contact_bulk_and_role_changes_run_as_their_commands_once
         .expect("the contact read model shows the bulk change");
     }
     assert_eq!(done["result_events"], json!(all));
+    // The approval, the contacts' changes and the outcome are one commit.
+    let bulk_id = bulk["id"].as_str().unwrap();
+    let txs: i64 = app
+        .db()
+        .await
+        .query_one(
+            "SELECT count(DISTINCT tx_id) FROM events WHERE (aggregate_id = $1 AND sequence > 2)              OR metadata ->> 'causation_id' = $1",
+            &[&bulk_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(txs, 1, "one commit from the approval on");
+
+    // A bulk update one of whose contacts the route refuses (archived): all or none, so
+    // none is changed, and the failure names the contact.
+    let r = app
+        .post(&format!("/v1/contacts/{}/archive", contacts[2]), &json!({}))
+        .await;
+    assert_eq!(r.status(), 200);
+    let (s, partial) = propose(
+        &app,
+        &agent,
+        json!({"type": "bulk_update", "contact_ids": contacts, "arguments": {"company": "Globex"}}),
+    )
+    .await;
+    assert_eq!(s, 201, "{partial}");
+    let failed = approve(&app, &admin, &partial).await;
+    assert_eq!(
+        (failed["status"].as_str(), failed["failure_reason"].as_str()),
+        (Some("failed"), Some("version_conflict")),
+        "{failed}"
+    );
+    let detail = failed["failure_detail"].as_str().unwrap();
+    assert!(
+        detail.contains(&contacts[2]) && detail.contains("3 of 3") && detail.contains("none"),
+        "{detail}"
+    );
+    assert_eq!(failed["result_events"], json!([]));
+    for c in &contacts {
+        assert_eq!(
+            caused_in(&app, "contact", c, &partial).await,
+            json!([]),
+            "{c}"
+        );
+    }
 
     // A role change: high; the agent needs users.manage to propose it.
     let (target, _) = app.user_with_role(RoleRef::Builtin(Role::Team)).await;
