@@ -454,3 +454,80 @@ async fn a_unit_commits_all_its_streams_together_or_nothing_when_one_moved_on() 
     assert!(!raw.contains("eve@example.com"), "{raw}");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_rewound_unit_commits_only_what_was_staged_before_the_mark() {
+    use crm_domain::contact::{Contact, ContactCommand};
+    use crm_domain::metadata::EventMetadata;
+    use crm_infra::commands::executor::Loaded;
+    use crm_infra::commands::unit::Unit;
+
+    let app = TestApp::spawn().await;
+    let ex = app.state.executor.clone();
+    let org = app.org_id;
+    let meta = EventMetadata::system(org, "test");
+    let create = |id: Uuid, name: &str| ContactCommand::Create {
+        contact_id: id,
+        org_id: org,
+        profile: profile(json!({"given_name": name, "email": format!("{name}@example.com")})),
+    };
+    let fresh = || Loaded {
+        aggregate: Contact::default(),
+        head: Default::default(),
+    };
+    let (kept, dropped) = (Uuid::now_v7(), Uuid::now_v7());
+    let mut unit = Unit::new();
+    let mut a = fresh();
+    ex.stage::<Contact>(
+        &mut unit,
+        org,
+        &kept.to_string(),
+        &mut a,
+        create(kept, "ada"),
+        &meta,
+    )
+    .await
+    .unwrap();
+    let mark = unit.mark();
+    let mut b = fresh();
+    ex.stage::<Contact>(
+        &mut unit,
+        org,
+        &dropped.to_string(),
+        &mut b,
+        create(dropped, "bob"),
+        &meta,
+    )
+    .await
+    .unwrap();
+    unit.rewind(mark);
+    let appended = ex.commit(unit).await.unwrap();
+    assert_eq!(appended.len(), 1);
+    let db = app.db().await;
+    for (id, events, keys) in [(kept, 1, 1), (dropped, 0, 0)] {
+        let row = db
+            .query_one(
+                "SELECT (SELECT count(*) FROM events WHERE aggregate_id = $1), \
+                        (SELECT count(*) FROM data_keys WHERE subject_id = $1)",
+                &[&id.to_string()],
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            (row.get::<_, i64>(0), row.get::<_, i64>(1)),
+            (events, keys),
+            "{id}"
+        );
+    }
+    // The dropped contact can still be created later, with a key of its own.
+    ex.execute::<Contact>(
+        org,
+        &dropped.to_string(),
+        create(dropped, "bob"),
+        &meta,
+        Some(0),
+    )
+    .await
+    .unwrap();
+    app.stop().await;
+}
