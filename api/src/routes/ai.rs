@@ -1793,9 +1793,10 @@ async fn once(
     })
 }
 
-/// Updates each contact in turn, each once (a retry finds the contacts already done by
-/// their causation id). Contacts are separate streams, so a bulk update is not atomic:
-/// a refusal ends it, and the failure names what was done before it.
+/// The general path of a bulk update (a unit, [`change_contacts`], is all or none; this
+/// runs when a unit could not be committed, or for a run cut short): updates each contact
+/// in turn, each once (a retry finds the contacts already done by their causation id),
+/// so it is not atomic: a refusal ends it, and the failure names what was done before it.
 async fn bulk_update(
     s: &AppState,
     proposer: Authed,
