@@ -685,6 +685,7 @@ async fn propose_and_run(
 ) -> Result<Option<AiActionDoc>, ApiError> {
     const TRIES: usize = 3;
     let org = a.caller.org_id;
+    let ids: Vec<Uuid> = contacts.iter().map(|(id, _)| *id).collect();
     let mut proposer = a.clone();
     proposer.ctx.causation_id = Some(action_id.to_string());
     for attempt in 1..=TRIES {
@@ -712,18 +713,9 @@ async fn propose_and_run(
             break;
         }
         let client = s.pool.get().await?;
-        let ids: Vec<Uuid> = propose_contacts(&propose);
         contacts = load_contacts(s, &client, org, &ids).await?;
     }
     Ok(None)
-}
-
-/// The contacts a proposal names.
-fn propose_contacts(propose: &AiActionCommand) -> Vec<Uuid> {
-    match propose {
-        AiActionCommand::Propose { request, .. } => request.contacts.clone(),
-        _ => vec![],
-    }
 }
 
 /// A decision on an action (its proposal, or a person's approval) and the metadata of
@@ -1507,7 +1499,8 @@ async fn run(
         aggregate: action,
         head,
     });
-    record_outcome(s, by, org, id, outcome, loaded).await?;
+    // How the run ended, on the action.
+    record_loaded(s, by, org, id, outcome.command(), loaded).await?;
     lock.commit().await?;
     Ok(true)
 }
@@ -1685,18 +1678,6 @@ fn in_force<'e>(
         } => Some((request.clone(), content.clone())),
         _ => None,
     })
-}
-
-/// Records how a run ended on the action.
-async fn record_outcome(
-    s: &AppState,
-    by: &Runner,
-    org: Uuid,
-    id: Uuid,
-    outcome: Outcome,
-    loaded: Option<Loaded<AiAction>>,
-) -> Result<(), ApiError> {
-    record_loaded(s, by, org, id, outcome.command(), loaded).await
 }
 
 /// How a run ended.

@@ -489,35 +489,38 @@ impl ProjectorWorker {
             let takers = takes.iter().filter(|t| **t).count();
             // Projections that read the event the same way (payload or not, decrypted or
             // not) share one decoding: parsed, and decrypted, once per way.
-            // Those that read the payload first: one that reads none may then take
-            // their decoding without it.
+            // Those that read the payload first (pass one): one that reads none may
+            // then take their decoding without it (pass two).
             let mut decoded: Vec<((bool, bool), DecodedEvent)> = Vec::with_capacity(2);
-            let order = takes
-                .iter()
-                .zip(progress.iter_mut())
-                .zip(&self.projections)
-                .filter(|((take, _), p)| **take && p.reads_type(&event.aggregate_type));
-            let (mut first, then): (Vec<_>, Vec<_>) = order.partition(|(_, p)| p.reads_payload());
-            first.extend(then);
-            for ((_, st), p) in first {
-                let way = (p.reads_payload(), p.needs_personal_data());
-                let found = decoded
-                    .iter()
-                    .find(|(w, _)| *w == way || (!way.0 && w.1 == way.1));
-                let d = match found {
-                    Some((w, d)) if *w == way => d.clone(),
-                    Some((_, d)) => DecodedEvent {
-                        stored: d.stored.clone(),
-                        payload: serde_json::Value::Null,
-                        metadata: d.metadata.clone(),
-                    },
-                    None => {
-                        let d = decode_for(event.clone(), p.as_ref(), &self.crypto, &tx).await?;
-                        decoded.push((way, d.clone()));
-                        d
+            for payload_pass in [true, false] {
+                let takers = takes.iter().zip(progress.iter_mut()).zip(&self.projections);
+                for ((take, st), p) in takers {
+                    if !*take
+                        || p.reads_payload() != payload_pass
+                        || !p.reads_type(&event.aggregate_type)
+                    {
+                        continue; // another pass's, or applied by moving the checkpoint
                     }
-                };
-                st.ready.push(d);
+                    let way = (p.reads_payload(), p.needs_personal_data());
+                    let found = decoded
+                        .iter()
+                        .find(|(w, _)| *w == way || (!way.0 && w.1 == way.1));
+                    let d = match found {
+                        Some((w, d)) if *w == way => d.clone(),
+                        Some((_, d)) => DecodedEvent {
+                            stored: d.stored.clone(),
+                            payload: serde_json::Value::Null,
+                            metadata: d.metadata.clone(),
+                        },
+                        None => {
+                            let d =
+                                decode_for(event.clone(), p.as_ref(), &self.crypto, &tx).await?;
+                            decoded.push((way, d.clone()));
+                            d
+                        }
+                    };
+                    st.ready.push(d);
+                }
             }
             if !from_message {
                 continue; // read from the store: no message to answer

@@ -124,16 +124,9 @@ impl Projection for AiAuditProjection {
         table: &str,
         events: &[DecodedEvent],
     ) -> Result<(), ProjectionError> {
-        let mut keys: Vec<(Uuid, Uuid)> = events
-            .iter()
-            .filter_map(|e| action_id(e).map(|id| (e.stored.org_id, id)))
-            .collect();
-        keys.sort();
-        keys.dedup();
-        if keys.is_empty() {
+        let Some((orgs, ids)) = super::row_keys(events, action_id) else {
             return Ok(());
-        }
-        let (orgs, ids): (Vec<Uuid>, Vec<Uuid>) = keys.into_iter().unzip();
+        };
         // By primary key. No FOR UPDATE: every writer holds the projection's lock.
         let sql = format!(
             "SELECT to_jsonb(t) FROM {table} t \

@@ -194,28 +194,15 @@ impl Projection for ConsentStateProjection {
         table: &str,
         events: &[DecodedEvent],
     ) -> Result<(), ProjectionError> {
-        let mut keys: Vec<(Uuid, Uuid)> = events
-            .iter()
-            .filter(|e| {
-                matches!(
-                    e.stored.aggregate_type.as_str(),
-                    CONTACT_STREAM | CONSENT_STREAM
-                )
-            })
-            .filter_map(|e| {
-                e.stored
-                    .aggregate_id
-                    .parse()
-                    .ok()
-                    .map(|id| (e.stored.org_id, id))
-            })
-            .collect();
-        keys.sort();
-        keys.dedup();
-        if keys.is_empty() {
+        let of_contact = |e: &DecodedEvent| {
+            let stream = e.stored.aggregate_type.as_str();
+            matches!(stream, CONTACT_STREAM | CONSENT_STREAM)
+                .then(|| e.stored.aggregate_id.parse().ok())
+                .flatten()
+        };
+        let Some((orgs, ids)) = super::row_keys(events, of_contact) else {
             return Ok(());
-        }
-        let (orgs, ids): (Vec<Uuid>, Vec<Uuid>) = keys.into_iter().unzip();
+        };
         // By primary key; no FOR UPDATE: every writer of this table holds the
         // projection's lock.
         let sql = format!(

@@ -69,16 +69,9 @@ impl Projection for ContactsProjection {
         table: &str,
         events: &[DecodedEvent],
     ) -> Result<(), ProjectionError> {
-        let mut keys: Vec<(Uuid, Uuid)> = events
-            .iter()
-            .filter_map(|e| contact_id(e).map(|id| (e.stored.org_id, id)))
-            .collect();
-        keys.sort();
-        keys.dedup();
-        if keys.is_empty() {
+        let Some((orgs, ids)) = super::row_keys(events, contact_id) else {
             return Ok(());
-        }
-        let (orgs, ids): (Vec<Uuid>, Vec<Uuid>) = keys.into_iter().unzip();
+        };
         // By primary key (org_id, id), one index probe per contact. No FOR UPDATE: every
         // writer of this table holds the projection's lock.
         let sql = format!(

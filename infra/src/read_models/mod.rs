@@ -107,6 +107,22 @@ impl<'a> ListQuery<'a> {
     }
 }
 
+/// The rows a batch of events touches, by primary key (organisation, `row_of` the
+/// event), each once, as two arrays for `unnest`; `None` when it touches none. A
+/// projection reads these rows, folds the events into them and writes them back.
+pub(crate) fn row_keys(
+    events: &[DecodedEvent],
+    row_of: impl Fn(&DecodedEvent) -> Option<uuid::Uuid>,
+) -> Option<(Vec<uuid::Uuid>, Vec<uuid::Uuid>)> {
+    let mut keys: Vec<(uuid::Uuid, uuid::Uuid)> = events
+        .iter()
+        .filter_map(|e| row_of(e).map(|id| (e.stored.org_id, id)))
+        .collect();
+    keys.sort();
+    keys.dedup();
+    (!keys.is_empty()).then(|| keys.into_iter().unzip())
+}
+
 pub(crate) fn envelope(e: &DecodedEvent) -> Envelope<'_> {
     Envelope {
         event_id: e.stored.event_id,
