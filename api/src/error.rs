@@ -76,6 +76,13 @@ pub enum ApiError {
     NotFound(&'static str),
     #[error("{0}")]
     Conflict(String),
+    /// 409 with a code of its own: the record's state forbids the command (`erased`,
+    /// `legal_hold`).
+    #[error("{message}")]
+    StateConflict {
+        code: &'static str,
+        message: &'static str,
+    },
     /// 409 `secret_unreadable`: a stored secret does not open at its row (sealed for
     /// another row, altered, or under another key-encryption key); its decryption is
     /// on record, nothing was decrypted.
@@ -106,6 +113,14 @@ pub enum ApiError {
 }
 
 impl ApiError {
+    /// 409 `erased`: the contact was erased; nothing more is recorded about it.
+    pub fn erased() -> Self {
+        Self::StateConflict {
+            code: "erased",
+            message: "the contact was erased",
+        }
+    }
+
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
         Self::BadRequest {
             code,
@@ -144,7 +159,9 @@ impl ApiError {
             Self::Unauthorized(_) | Self::Unauthenticated { .. } => StatusCode::UNAUTHORIZED,
             Self::Forbidden { .. } => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
-            Self::Conflict(_) | Self::Unreadable(_) => StatusCode::CONFLICT,
+            Self::Conflict(_) | Self::Unreadable(_) | Self::StateConflict { .. } => {
+                StatusCode::CONFLICT
+            }
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -165,6 +182,7 @@ impl ApiError {
             Self::Forbidden { code, .. } => code,
             Self::NotFound(_) => "not_found",
             Self::Conflict(_) => "version_conflict",
+            Self::StateConflict { code, .. } => code,
             Self::Unreadable(_) => "secret_unreadable",
             Self::PayloadTooLarge => "payload_too_large",
             Self::RequestTimeout => "request_timeout",
@@ -241,6 +259,8 @@ impl From<StoreError> for ApiError {
             StoreError::Db(e) => e.into(),
             StoreError::Pool(e) => e.into(),
             StoreError::Unavailable(what) => Self::Unavailable(what.into()),
+            // Writing personal data of a subject whose key was destroyed.
+            StoreError::Crypto(crm_infra::crypto::CryptoError::Erased) => Self::erased(),
             other => Self::internal(other),
         }
     }
@@ -284,6 +304,14 @@ impl From<CommandError<ContactError>> for ApiError {
             }
             CommandError::Domain(ContactError::Archived) => {
                 Self::Conflict("contact is archived and cannot change".into())
+            }
+            CommandError::Domain(ContactError::Erased) => Self::erased(),
+            CommandError::Domain(ContactError::OnLegalHold) => Self::StateConflict {
+                code: "legal_hold",
+                message: "the contact is under a legal hold: it cannot be erased until the hold is lifted",
+            },
+            CommandError::Domain(d @ (ContactError::AlreadyOnHold | ContactError::NoLegalHold)) => {
+                Self::Conflict(d.to_string())
             }
             CommandError::Domain(ContactError::EmptyProfile) => {
                 Self::Validation(vec![FieldError::new(

@@ -24,9 +24,12 @@ pub const MAX_ATTEMPTS: u32 = 6;
 /// What the message says and where it goes: personal data.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Content {
+    /// Empty once the contact was erased (its key destroyed).
+    #[serde(deserialize_with = "crate::personal::erased_or_default")]
     pub to: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subject: Option<String>,
+    #[serde(deserialize_with = "crate::personal::erased_or_default")]
     pub body: String,
 }
 
@@ -128,6 +131,16 @@ impl PersonalData for MessageEvent {
         match self {
             Self::MessageQueued { .. } | Self::MessageBlocked { .. } => &["content"],
             _ => &[],
+        }
+    }
+
+    /// A message's data key goes with its recipient's erasure.
+    fn key_owners(&self) -> Vec<Uuid> {
+        match self {
+            Self::MessageQueued { contact_id, .. } | Self::MessageBlocked { contact_id, .. } => {
+                vec![*contact_id]
+            }
+            _ => vec![],
         }
     }
 }

@@ -122,3 +122,74 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
         None => e.to_string(),
     }
 }
+
+/// What a [`listen`] loop tells its owner.
+#[derive(Debug, Clone, Copy)]
+pub enum Heard<'a> {
+    /// The listening connection is up (`true`: every notification from now on will be
+    /// heard) or lost (`false`: some may be missed until it is back).
+    Live(bool),
+    /// `NOTIFY channel, 'payload'` was committed somewhere.
+    Notification { channel: &'a str, payload: &'a str },
+}
+
+/// LISTENs on `channels` until `shutdown`, reconnecting a second after each loss, and
+/// tells `on` what it hears; `what` names the listener in the log. For caches that
+/// other processes' commits invalidate: a cache trusts its entries only while live.
+pub async fn listen(
+    pg: tokio_postgres::Config,
+    channels: &'static [&'static str],
+    what: &'static str,
+    on: std::sync::Arc<dyn Fn(Heard<'_>) + Send + Sync>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    while !shutdown.is_cancelled() {
+        if let Err(e) = listen_session(&pg, channels, on.clone(), &shutdown).await {
+            tracing::warn!(listener = what, error = %describe(&e), "listener lost; cache off");
+        }
+        on(Heard::Live(false));
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+        }
+    }
+    on(Heard::Live(false));
+}
+
+async fn listen_session(
+    pg: &tokio_postgres::Config,
+    channels: &[&str],
+    on: std::sync::Arc<dyn Fn(Heard<'_>) + Send + Sync>,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> Result<(), tokio_postgres::Error> {
+    use futures::StreamExt;
+    let (client, mut connection) = pg.connect(NoTls).await?;
+    let (lost_tx, lost) = tokio::sync::oneshot::channel::<()>();
+    let heard = on.clone();
+    let driver = tokio::spawn(async move {
+        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(msg) = messages.next().await {
+            match msg {
+                Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                    heard(Heard::Notification {
+                        channel: n.channel(),
+                        payload: n.payload(),
+                    });
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        heard(Heard::Live(false));
+        let _ = lost_tx.send(());
+    });
+    let sql: String = channels.iter().map(|c| format!("LISTEN {c};")).collect();
+    client.batch_execute(&sql).await?;
+    on(Heard::Live(true));
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        _ = lost => {}
+    }
+    driver.abort();
+    Ok(())
+}

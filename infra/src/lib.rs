@@ -30,6 +30,7 @@ pub mod feed;
 pub mod metrics;
 pub mod read_models;
 pub mod receipts;
+pub mod rights;
 pub mod settings;
 pub mod store;
 pub mod vault;

@@ -122,7 +122,16 @@ pub fn update(
                     apply_changes(&mut next.points, changes);
                     next.points = points_of(&next.points);
                 }
-                ContactEvent::ContactArchived {} => {}
+                ContactEvent::ContactArchived {}
+                | ContactEvent::LegalHoldPlaced { .. }
+                | ContactEvent::LegalHoldLifted { .. } => {}
+                // Erasure purges the view: no contact point, no record (their points
+                // are personal). The gate then has nothing to send to; the suppression
+                // list keeps a later record of the same address from being marketed to.
+                ContactEvent::ContactErased { .. } => {
+                    next.points = ContactProfile::default();
+                    next.state = ConsentState::default();
+                }
             }
             next.state.time_zone = next.points.time_zone.map(|tz| tz.0);
             next.contact_version = env.sequence;

@@ -15,6 +15,11 @@ pub struct ContactView {
     pub version: i64,
     pub profile: ContactProfile,
     pub archived: bool,
+    /// Set by the erasure's tombstone; the profile is empty from then on.
+    #[serde(default)]
+    pub erased_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub legal_hold: bool,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub last_position: i64,
@@ -58,6 +63,8 @@ pub fn update(view: Option<&ContactView>, env: &Envelope<'_>, event: &ContactEve
             version: env.sequence,
             profile: profile.clone(),
             archived: false,
+            erased_at: None,
+            legal_hold: false,
             created_at: env.recorded_at,
             updated_at: env.recorded_at,
             last_position: env.global_position,
@@ -69,6 +76,19 @@ pub fn update(view: Option<&ContactView>, env: &Envelope<'_>, event: &ContactEve
         }
         (Some(v), ContactEvent::ContactArchived {}) => ContactView {
             archived: true,
+            ..v.clone()
+        },
+        (Some(v), ContactEvent::LegalHoldPlaced { .. }) => ContactView {
+            legal_hold: true,
+            ..v.clone()
+        },
+        (Some(v), ContactEvent::LegalHoldLifted { .. }) => ContactView {
+            legal_hold: false,
+            ..v.clone()
+        },
+        (Some(v), ContactEvent::ContactErased { .. }) => ContactView {
+            profile: ContactProfile::default(),
+            erased_at: Some(env.recorded_at),
             ..v.clone()
         },
         // A stream can only start with ContactCreated and never repeat it; anything else

@@ -8,6 +8,7 @@ pub mod activity;
 pub mod ai_audit;
 pub mod consent;
 pub mod contacts;
+pub mod erasure;
 
 use chrono::{DateTime, Utc};
 use uuid::Uuid;

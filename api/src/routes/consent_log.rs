@@ -15,6 +15,7 @@ use crm_domain::consent::gate::{ConsentState, Reason};
 use crm_domain::consent::proof::CaptureSource;
 use crm_domain::consent::{Channel, ConsentStatus, PurposeKey};
 use crm_infra::consent::{privacy, state};
+use crm_infra::crypto::org_secrets::SUPPRESSION;
 use crm_infra::read_models::consent_log::{self as log_rm, ConsentLogFilter};
 use crm_infra::read_models::consent_state::{self as state_rm, Checked, MAX_CHECK};
 use serde::{Deserialize, Serialize};
@@ -426,10 +427,24 @@ pub(crate) async fn check(
     let mut client = s.pool.get().await?;
     let tx = crm_infra::read_models::org_scope(&mut client, org).await?;
     let (settings, has_suppressions) = privacy::load_with_suppressions(&tx, org).await?;
+    // The suppression list's key, only when it has entries to compare (on a connection
+    // of its own: the read is read-only, and a first use creates the key).
+    let key = if has_suppressions {
+        let keys = s.pool.get().await?;
+        Some(
+            s.executor
+                .crypto()
+                .org_secret(&keys, &org, SUPPRESSION)
+                .await
+                .map_err(crm_infra::store::event_store::StoreError::from)?,
+        )
+    } else {
+        None
+    };
     let checked = state_rm::check(
         &tx,
         org,
-        (&settings.gate_settings(), has_suppressions),
+        (&settings.gate_settings(), key.as_deref()),
         state_rm::CheckFor {
             channel: input.channel,
             purpose: &purpose,

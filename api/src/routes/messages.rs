@@ -166,7 +166,10 @@ pub(crate) async fn submit(
     content: Content,
     meta: &EventMetadata,
 ) -> Result<(Decision, i64), ApiError> {
-    let decision = gate.decide(&s.pool, org_id, &request, Utc::now()).await?;
+    let crypto = s.executor.crypto();
+    let decision = gate
+        .decide(&s.pool, crypto, org_id, &request, Utc::now())
+        .await?;
     let outcome = s
         .executor
         .execute::<Message>(

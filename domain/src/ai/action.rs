@@ -267,6 +267,17 @@ impl PersonalData for AiActionEvent {
             _ => &[],
         }
     }
+
+    /// An action's data key (its arguments, summaries and notes) goes with the erasure
+    /// of any contact it touches.
+    fn key_owners(&self) -> Vec<Uuid> {
+        match self {
+            Self::AiActionProposed { request, .. } | Self::AiActionEdited { request, .. } => {
+                request.contacts.clone()
+            }
+            _ => vec![],
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

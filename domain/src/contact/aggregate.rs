@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::commands::ContactCommand;
-use super::events::{ContactChanges, ContactEvent, ContactField, ContactProfile};
+use super::events::{ContactChanges, ContactEvent, ContactField, ContactProfile, HoldReason};
 
 /// Why a contact command was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -17,6 +17,14 @@ pub enum ContactError {
     Archived,
     #[error("a contact needs at least one field")]
     EmptyProfile,
+    #[error("the contact was erased")]
+    Erased,
+    #[error("the contact is under a legal hold: it cannot be erased until the hold is lifted")]
+    OnLegalHold,
+    #[error("the contact is already under a legal hold")]
+    AlreadyOnHold,
+    #[error("the contact is not under a legal hold")]
+    NoLegalHold,
 }
 
 /// Current state of one contact, rebuilt from its events.
@@ -26,6 +34,10 @@ pub struct Contact {
     pub org_id: Option<Uuid>,
     pub profile: ContactProfile,
     pub archived: bool,
+    #[serde(default)]
+    pub legal_hold: bool,
+    #[serde(default)]
+    pub erased: bool,
 }
 
 impl Contact {
@@ -168,6 +180,42 @@ impl Aggregate for Contact {
                 self.must_be_active()?;
                 sink.write(ContactEvent::ContactArchived {}, self).await;
             }
+            ContactCommand::PlaceLegalHold { reason } => {
+                self.must_exist()?;
+                if self.legal_hold {
+                    return Err(ContactError::AlreadyOnHold);
+                }
+                let why = HoldReason { reason };
+                sink.write(ContactEvent::LegalHoldPlaced { why }, self)
+                    .await;
+            }
+            ContactCommand::LiftLegalHold { reason } => {
+                self.must_exist()?;
+                if !self.legal_hold {
+                    return Err(ContactError::NoLegalHold);
+                }
+                let why = HoldReason { reason };
+                sink.write(ContactEvent::LegalHoldLifted { why }, self)
+                    .await;
+            }
+            ContactCommand::Erase {
+                request_id,
+                source,
+                keys_destroyed,
+                suppressed,
+            } => {
+                self.must_exist()?;
+                if self.legal_hold {
+                    return Err(ContactError::OnLegalHold);
+                }
+                let event = ContactEvent::ContactErased {
+                    request_id,
+                    source,
+                    keys_destroyed,
+                    suppressed,
+                };
+                sink.write(event, self).await;
+            }
         }
         Ok(())
     }
@@ -185,15 +233,31 @@ impl Aggregate for Contact {
             }
             ContactEvent::ContactUpdated { changes } => apply_changes(&mut self.profile, &changes),
             ContactEvent::ContactArchived {} => self.archived = true,
+            ContactEvent::LegalHoldPlaced { .. } => self.legal_hold = true,
+            ContactEvent::LegalHoldLifted { .. } => self.legal_hold = false,
+            ContactEvent::ContactErased { .. } => {
+                self.erased = true;
+                self.profile = ContactProfile::default();
+            }
         }
     }
 }
 
 impl Contact {
-    fn must_be_active(&self) -> Result<(), ContactError> {
+    /// Exists and was not erased (archived or not).
+    fn must_exist(&self) -> Result<(), ContactError> {
         if !self.exists() {
             Err(ContactError::NotFound)
-        } else if self.archived {
+        } else if self.erased {
+            Err(ContactError::Erased)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn must_be_active(&self) -> Result<(), ContactError> {
+        self.must_exist()?;
+        if self.archived {
             Err(ContactError::Archived)
         } else {
             Ok(())

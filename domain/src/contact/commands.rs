@@ -1,6 +1,6 @@
 use uuid::Uuid;
 
-use super::events::{ContactChanges, ContactProfile};
+use super::events::{ContactChanges, ContactProfile, ErasureSource};
 
 /// Commands on a contact. Values are already parsed; the API rejects bad input before.
 #[derive(Debug, Clone, PartialEq)]
@@ -14,4 +14,17 @@ pub enum ContactCommand {
         changes: ContactChanges,
     },
     Archive,
+    PlaceLegalHold {
+        reason: Option<String>,
+    },
+    LiftLegalHold {
+        reason: Option<String>,
+    },
+    /// Records the erasure whose keys the same commit destroys (the executor's effect).
+    Erase {
+        request_id: Uuid,
+        source: ErasureSource,
+        keys_destroyed: Vec<String>,
+        suppressed: Vec<String>,
+    },
 }

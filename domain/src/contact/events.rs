@@ -4,6 +4,7 @@ use cqrs_es::DomainEvent;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::personal::erased_or_default;
 use crate::values::{
     Address, CustomFieldKey, CustomFieldValue, Email, Line, Name, Phone, TimeZone,
 };
@@ -30,7 +31,11 @@ pub struct ContactProfile {
     /// Where the contact lives, for quiet hours (sms, phone).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time_zone: Option<TimeZone>,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "erased_or_default"
+    )]
     pub custom: BTreeMap<CustomFieldKey, CustomFieldValue>,
 }
 
@@ -101,6 +106,41 @@ impl ContactChanges {
     }
 }
 
+/// Why a legal hold was placed or lifted: free text that may name someone, so personal.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct HoldReason {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Who asked for an erasure (GDPR Art. 17).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErasureSource {
+    /// A staff member holding `contacts.erase`.
+    Staff,
+    /// An AI action approved under the risk policy.
+    AiAction,
+    /// The contact, through the preference center (confirmed by a link).
+    PreferenceCenter,
+    /// The contact, signed in to the portal.
+    Portal,
+    /// The retention sweep: the contact's retention period ran out.
+    Retention,
+}
+
+impl ErasureSource {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Staff => "staff",
+            Self::AiAction => "ai_action",
+            Self::PreferenceCenter => "preference_center",
+            Self::Portal => "portal",
+            Self::Retention => "retention",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ContactEvent {
     ContactCreated {
@@ -113,6 +153,28 @@ pub enum ContactEvent {
         changes: ContactChanges,
     },
     ContactArchived {},
+    /// Erasure is refused while a hold is in place (litigation, an investigation).
+    LegalHoldPlaced {
+        why: HoldReason,
+    },
+    LegalHoldLifted {
+        why: HoldReason,
+    },
+    /// The tombstone of an erasure: the data keys named here were destroyed in the same
+    /// commit, so every earlier event's personal data (this stream's, its consent
+    /// stream's, its messages' and the AI actions' that touched it) is unreadable from
+    /// now on. It carries no personal data itself.
+    ContactErased {
+        /// The erasure request this fulfils (its receipt's id).
+        request_id: Uuid,
+        source: ErasureSource,
+        /// The subjects whose data keys were destroyed: the contact's own, then its
+        /// messages' and AI actions'.
+        keys_destroyed: Vec<String>,
+        /// The channels whose contact point went onto the suppression list.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        suppressed: Vec<String>,
+    },
 }
 
 impl DomainEvent for ContactEvent {
@@ -121,6 +183,9 @@ impl DomainEvent for ContactEvent {
             Self::ContactCreated { .. } => "ContactCreated",
             Self::ContactUpdated { .. } => "ContactUpdated",
             Self::ContactArchived { .. } => "ContactArchived",
+            Self::LegalHoldPlaced { .. } => "LegalHoldPlaced",
+            Self::LegalHoldLifted { .. } => "LegalHoldLifted",
+            Self::ContactErased { .. } => "ContactErased",
         }
         .to_owned()
     }
@@ -135,7 +200,8 @@ impl PersonalData for ContactEvent {
         match self {
             Self::ContactCreated { .. } => &["profile"],
             Self::ContactUpdated { .. } => &["set"],
-            Self::ContactArchived { .. } => &[],
+            Self::LegalHoldPlaced { .. } | Self::LegalHoldLifted { .. } => &["why"],
+            Self::ContactArchived { .. } | Self::ContactErased { .. } => &[],
         }
     }
 }

@@ -6,7 +6,9 @@ mod events;
 
 pub use aggregate::{apply_changes, Contact, ContactError};
 pub use commands::ContactCommand;
-pub use events::{ContactChanges, ContactEvent, ContactField, ContactProfile};
+pub use events::{
+    ContactChanges, ContactEvent, ContactField, ContactProfile, ErasureSource, HoldReason,
+};
 
 #[cfg(test)]
 mod tests;

@@ -452,6 +452,8 @@ fn replaying_created_updated_archived_rebuilds_the_state() {
                 ]),
             },
             archived: true,
+            legal_hold: false,
+            erased: false,
         }
     );
 }
@@ -565,4 +567,117 @@ fn event_types_and_versions() {
     for event in every_event() {
         assert_eq!(event.event_version(), "1");
     }
+}
+
+fn erase() -> ContactCommand {
+    ContactCommand::Erase {
+        request_id: Uuid::from_u128(0xE1),
+        source: ErasureSource::Staff,
+        keys_destroyed: vec![CONTACT_ID.to_string()],
+        suppressed: vec!["email".into()],
+    }
+}
+
+fn erased() -> ContactEvent {
+    ContactEvent::ContactErased {
+        request_id: Uuid::from_u128(0xE1),
+        source: ErasureSource::Staff,
+        keys_destroyed: vec![CONTACT_ID.to_string()],
+        suppressed: vec!["email".into()],
+    }
+}
+
+fn hold(reason: &str) -> ContactEvent {
+    ContactEvent::LegalHoldPlaced {
+        why: HoldReason {
+            reason: Some(reason.into()),
+        },
+    }
+}
+
+#[test]
+fn erasure_writes_a_tombstone_and_empties_the_profile() {
+    contact()
+        .given(vec![created(), archived()])
+        .when(erase())
+        .then_expect_events(vec![erased()]);
+    let mut c = Contact::default();
+    c.apply(created());
+    c.apply(erased());
+    assert!(c.erased && c.profile.is_empty());
+    assert!(erased().personal_sections().is_empty());
+}
+
+#[test]
+fn an_erased_contact_takes_no_further_command() {
+    for cmd in [
+        erase(),
+        update(set(ContactProfile {
+            title: Some(line("CEO")),
+            ..Default::default()
+        })),
+        ContactCommand::Archive,
+        ContactCommand::PlaceLegalHold { reason: None },
+    ] {
+        contact()
+            .given(vec![created(), erased()])
+            .when(cmd)
+            .then_expect_error(ContactError::Erased);
+    }
+}
+
+#[test]
+fn a_legal_hold_blocks_erasure_until_it_is_lifted() {
+    contact()
+        .given_no_previous_events()
+        .when(ContactCommand::PlaceLegalHold { reason: None })
+        .then_expect_error(ContactError::NotFound);
+    contact()
+        .given(vec![created()])
+        .when(ContactCommand::PlaceLegalHold {
+            reason: Some("litigation 2026-17".into()),
+        })
+        .then_expect_events(vec![hold("litigation 2026-17")]);
+    contact()
+        .given(vec![created(), hold("x")])
+        .when(ContactCommand::PlaceLegalHold { reason: None })
+        .then_expect_error(ContactError::AlreadyOnHold);
+    contact()
+        .given(vec![created(), hold("x")])
+        .when(erase())
+        .then_expect_error(ContactError::OnLegalHold);
+    let lifted = ContactEvent::LegalHoldLifted {
+        why: HoldReason {
+            reason: Some("settled".into()),
+        },
+    };
+    contact()
+        .given(vec![created(), hold("x")])
+        .when(ContactCommand::LiftLegalHold {
+            reason: Some("settled".into()),
+        })
+        .then_expect_events(vec![lifted.clone()]);
+    contact()
+        .given(vec![created()])
+        .when(ContactCommand::LiftLegalHold { reason: None })
+        .then_expect_error(ContactError::NoLegalHold);
+    contact()
+        .given(vec![created(), hold("x"), lifted])
+        .when(erase())
+        .then_expect_events(vec![erased()]);
+    assert_eq!(hold("x").personal_sections(), &["why"]);
+}
+
+#[test]
+fn an_event_read_after_its_key_was_destroyed_still_deserializes() {
+    // What the store hands back once the key is gone: every personal member null.
+    let v = serde_json::json!({"ContactCreated": {
+        "contact_id": CONTACT_ID, "org_id": ORG_ID,
+        "profile": {"given_name": null, "email": null, "address": null, "custom": null}
+    }});
+    let e: ContactEvent = serde_json::from_value(v).unwrap();
+    let ContactEvent::ContactCreated { profile, .. } = e else {
+        panic!("not a creation")
+    };
+    assert!(profile.is_empty());
 }

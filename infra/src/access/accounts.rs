@@ -809,7 +809,7 @@ pub async fn store_pending_totp(
 ) -> Result<bool, AccountError> {
     let subject = user_id.to_string();
     let key = crypto
-        .key_for_writing(client, &org_id, &subject)
+        .key_for_writing(client, &org_id, &subject, &[])
         .await
         .map_err(StoreError::from)?;
     let sealed = crate::crypto::Crypto::seal_bytes(&key, &org_id, &subject, TOTP_FIELD, secret)

@@ -32,14 +32,14 @@ use crm_domain::portal::PortalAccount;
 use crm_domain::role::CustomRole;
 use crm_domain::user::User;
 use crm_domain::PersonalData;
-use futures::{FutureExt, StreamExt};
-use tokio_postgres::{AsyncMessage, NoTls};
+use futures::FutureExt;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::access::accounts::Access;
 use crate::commands::executor::{self, CommandError, CommandOutcome, Effect, Executor};
 use crate::commands::hooks::{CommitHook, Committed};
+use crate::db::Heard;
 use crate::store::event_store::StoreError;
 
 pub const ACCESS_CHANNEL: &str = "crm_access";
@@ -137,52 +137,16 @@ impl AccessCache {
     /// LISTENs for access changes until `shutdown`, reconnecting after errors; the cache
     /// is used only while this listens.
     pub async fn listen(self: Arc<Self>, pg: tokio_postgres::Config, shutdown: CancellationToken) {
-        while !shutdown.is_cancelled() {
-            if let Err(e) = self.clone().session(&pg, &shutdown).await {
-                tracing::warn!(error = %crate::db::describe(&e), "access cache listener lost; caching off");
-            }
-            self.set_live(false);
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            }
-        }
-        self.set_live(false);
-    }
-
-    async fn session(
-        self: Arc<Self>,
-        pg: &tokio_postgres::Config,
-        shutdown: &CancellationToken,
-    ) -> Result<(), tokio_postgres::Error> {
-        let (client, mut connection) = pg.connect(NoTls).await?;
-        let (lost_tx, lost) = tokio::sync::oneshot::channel::<()>();
         let me = self.clone();
-        let driver = tokio::spawn(async move {
-            let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
-            while let Some(msg) = messages.next().await {
-                match msg {
-                    Ok(AsyncMessage::Notification(n)) => match n.payload().parse::<Uuid>() {
-                        Ok(org_id) => me.invalidate_org(org_id),
-                        Err(_) => me.invalidate(),
-                    },
-                    Ok(_) => {}
-                    Err(_) => break,
-                }
-            }
-            me.set_live(false);
-            let _ = lost_tx.send(());
+        let on = Arc::new(move |heard: Heard<'_>| match heard {
+            Heard::Live(live) => me.set_live(live),
+            Heard::Notification { payload, .. } => match payload.parse::<Uuid>() {
+                Ok(org_id) => me.invalidate_org(org_id),
+                Err(_) => me.invalidate(),
+            },
         });
-        client
-            .batch_execute(&format!("LISTEN {ACCESS_CHANNEL}"))
-            .await?;
-        self.set_live(true);
-        tokio::select! {
-            _ = shutdown.cancelled() => {}
-            _ = lost => {}
-        }
-        driver.abort();
-        Ok(())
+        crate::db::listen(pg, &[ACCESS_CHANNEL], "access cache", on, shutdown).await;
+        self.set_live(false);
     }
 }
 

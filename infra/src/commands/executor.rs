@@ -31,7 +31,7 @@ use crate::crypto::Crypto;
 use crate::metrics::METRICS;
 use crate::store::decode::decode;
 use crate::store::event_store::{self, PendingEvent, StoreError, StreamHead, StreamId};
-use crate::store::group_commit::GroupCommitter;
+use crate::store::group_commit::{GroupCommitter, KeyRow};
 use crate::store::snapshots;
 
 /// Snapshot a stream every this many events.
@@ -234,9 +234,16 @@ impl Executor {
             payload,
             metadata: meta,
         };
-        let key_row = new_key
-            .as_ref()
-            .map(|nk| (self.crypto.kek_id(), nk.wrapped.as_slice()));
+        let owners = if new_key.is_some() {
+            event.key_owners()
+        } else {
+            vec![]
+        };
+        let key_row = new_key.as_ref().map(|nk| KeyRow {
+            kek_id: self.crypto.kek_id(),
+            wrapped: nk.wrapped.as_slice(),
+            owners: &owners,
+        });
         match self.committer.append(stream, head, pending, key_row).await {
             Ok(appended) => {
                 if let Some(nk) = new_key {
@@ -270,9 +277,10 @@ impl Executor {
                 .map_err(|e| CommandError::from(StoreError::Corrupt(0, e.to_string())))?;
             let mut meta = meta_json.clone();
             let sections = event.personal_sections();
+            let owners = event.key_owners();
             let used = self
                 .crypto
-                .encrypt_event(&tx, &org_id, id, sections, &mut payload, &mut meta)
+                .encrypt_event(&tx, &org_id, id, &owners, sections, &mut payload, &mut meta)
                 .await
                 .map_err(StoreError::from)?;
             key = key.or(used);

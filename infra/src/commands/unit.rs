@@ -25,7 +25,7 @@ use crate::commands::hooks::Committed;
 use crate::crypto::{Crypto, DataKey};
 use crate::metrics::METRICS;
 use crate::store::event_store::{Appended, PendingEvent, StoreError, StreamId};
-use crate::store::group_commit::Row;
+use crate::store::group_commit::{KeyRow, Row};
 
 /// Commands staged to commit together (see the module's documentation).
 #[derive(Default)]
@@ -182,12 +182,21 @@ impl Executor {
             };
             let event_id = Uuid::now_v7();
             let kek = self.crypto.kek_id().to_owned();
+            let owners = if new_key.is_some() {
+                event.key_owners()
+            } else {
+                vec![]
+            };
             let row = Row::new(
                 &stream,
                 &loaded.head,
                 event_id,
                 pending,
-                new_key.as_deref().map(|w| (kek.as_str(), w)),
+                new_key.as_deref().map(|w| KeyRow {
+                    kek_id: kek.as_str(),
+                    wrapped: w,
+                    owners: &owners,
+                }),
             );
             loaded.head.version += 1;
             loaded.head.last_hash = Some(row.hash().to_vec());

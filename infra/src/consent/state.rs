@@ -37,6 +37,7 @@ use uuid::Uuid;
 
 use super::normalize_point;
 use crate::commands::executor::Executor;
+use crate::crypto::org_secrets::{keyed_hash, SUPPRESSION};
 use crate::crypto::Crypto;
 use crate::read_models::consent_state::JsonbIn;
 use crate::read_models::{begin_in_org, Scope};
@@ -118,28 +119,53 @@ pub fn contact_point(p: &ContactProfile, channel: Channel) -> Option<String> {
     }
 }
 
-/// SHA-256 (hex) of a contact point as the suppression list keys it.
+/// SHA-256 (hex) of a normalised contact point: how an import names a row's point
+/// without repeating it.
 pub fn point_sha256(channel: Channel, point: &str) -> String {
     hex::encode(Sha256::digest(normalize_point(channel, point).as_bytes()))
+}
+
+/// The suppression list's key of a contact point: HMAC-SHA256 of the normalised point
+/// under the organisation's own suppression key, so the list reveals no address.
+pub fn point_hmac(secret: &[u8; 32], channel: Channel, point: &str) -> String {
+    keyed_hash(secret, normalize_point(channel, point).as_bytes())
+}
+
+/// The channels that reach a contact point of `channel`'s kind: a phone number is
+/// texted, messaged and called, so suppressing it suppresses all three.
+pub fn channels_of_point(channel: Channel) -> &'static [Channel] {
+    match channel {
+        Channel::Email => &[Channel::Email],
+        Channel::Sms | Channel::Whatsapp | Channel::Phone => {
+            &[Channel::Sms, Channel::Whatsapp, Channel::Phone]
+        }
+        Channel::Postal => &[Channel::Postal],
+    }
 }
 
 /// The event that put `point` on the organisation's suppression list for `channel`.
 pub async fn suppressed_by(
     client: &impl GenericClient,
+    crypto: &Crypto,
     org_id: Uuid,
     channel: Channel,
     point: &str,
-) -> Result<Option<Uuid>, tokio_postgres::Error> {
+) -> Result<Option<Uuid>, StoreError> {
+    let secret = crypto.org_secret(client, &org_id, SUPPRESSION).await?;
     let stmt = client
         .prepare_cached(
             "SELECT event_id FROM suppression_list \
-             WHERE org_id = $1 AND channel = $2 AND point_sha256 = $3",
+             WHERE org_id = $1 AND channel = $2 AND point_hmac = $3",
         )
         .await?;
     let row = client
         .query_opt(
             &stmt,
-            &[&org_id, &channel.name(), &point_sha256(channel, point)],
+            &[
+                &org_id,
+                &channel.name(),
+                &point_hmac(&secret, channel, point),
+            ],
         )
         .await?;
     Ok(row.map(|r| r.get(0)))
@@ -363,13 +389,15 @@ impl GateInput {
     pub async fn decide(
         &mut self,
         pool: &Pool,
+        crypto: &Crypto,
         org_id: Uuid,
         request: &Request,
         now: DateTime<Utc>,
     ) -> Result<Decision, StoreError> {
         self.state.suppressed_by = if self.suppressions {
             let client = pool.get().await?;
-            suppressed_by(&client, org_id, request.channel, &request.contact_point).await?
+            let point = &request.contact_point;
+            suppressed_by(&client, crypto, org_id, request.channel, point).await?
         } else {
             None
         };

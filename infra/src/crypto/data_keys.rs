@@ -1,6 +1,7 @@
 //! Data keys: one random 256-bit key per subject, created on first use, stored only
 //! wrapped by the KEK in `data_keys`, unwrapped on demand and cached briefly.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,8 +12,14 @@ use rand::RngCore;
 use uuid::Uuid;
 
 use super::{open, seal, Crypto, CryptoError, DataKey};
+use crate::db::Heard;
 
 const CACHE_TTL: Duration = Duration::from_secs(300);
+
+/// `NOTIFY crm_keys, '<org id>'`: sent by the transaction that destroys data keys
+/// (an erasure), delivered with its commit; every process forgets the organisation's
+/// cached keys ([`Crypto::listen`]).
+pub const KEYS_CHANNEL: &str = "crm_keys";
 const CACHE_MAX: usize = 200_000;
 
 /// A data key made in memory, with its wrapped form, not stored yet.
@@ -46,6 +53,9 @@ impl Crypto {
     }
 
     fn cached(&self, org: &Uuid, subject: &str) -> Option<DataKey> {
+        if !self.cache_live.load(Ordering::Acquire) {
+            return None;
+        }
         let cache = self.cache.lock().expect("key cache poisoned");
         cache
             .get(&(*org, subject.to_owned()))
@@ -73,6 +83,34 @@ impl Crypto {
         cache.remove(&(*org, subject.to_owned()));
     }
 
+    /// Forgets every cached key of `org` (another process destroyed some).
+    pub fn forget_org(&self, org: &Uuid) {
+        let mut cache = self.cache.lock().expect("key cache poisoned");
+        cache.retain(|(o, _), _| o != org);
+    }
+
+    /// LISTENs for destroyed keys ([`KEYS_CHANNEL`]) until `shutdown`: each notification
+    /// empties the organisation's cached keys; while the listener is disconnected no
+    /// cached key is used.
+    pub async fn listen(
+        self: Arc<Self>,
+        pg: tokio_postgres::Config,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        let me = self.clone();
+        let on = Arc::new(move |heard: Heard<'_>| match heard {
+            Heard::Live(live) => {
+                me.cache.lock().expect("key cache poisoned").clear();
+                me.cache_live.store(live, Ordering::Release);
+            }
+            Heard::Notification { payload, .. } => match payload.parse::<Uuid>() {
+                Ok(org) => me.forget_org(&org),
+                Err(_) => me.cache.lock().expect("key cache poisoned").clear(),
+            },
+        });
+        crate::db::listen(pg, &[KEYS_CHANNEL], "data key cache", on, shutdown).await;
+    }
+
     pub(super) fn unwrap_key(
         &self,
         org: &Uuid,
@@ -94,6 +132,7 @@ impl Crypto {
         client: &impl GenericClient,
         org: &Uuid,
         subject: &str,
+        owners: &[Uuid],
     ) -> Result<DataKey, CryptoError> {
         if let Some(k) = self.cached(org, subject) {
             return Ok(k);
@@ -104,9 +143,9 @@ impl Crypto {
         let wrapped = seal(&self.kek, aad.as_bytes(), &raw)?;
         let inserted = client
             .execute(
-                "INSERT INTO data_keys (org_id, subject_id, kek_id, wrapped_key) \
-                 VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-                &[org, &subject, &self.kek_id, &wrapped],
+                "INSERT INTO data_keys (org_id, subject_id, kek_id, wrapped_key, owners) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                &[org, &subject, &self.kek_id, &wrapped, &owners],
             )
             .await?;
         if inserted == 1 {

@@ -124,12 +124,15 @@ impl Crypto {
         Ok(!paths.is_empty())
     }
 
-    /// Encrypts, in place, every personal member of an event about `subject`.
+    /// Encrypts, in place, every personal member of an event about `subject`; a key
+    /// created for it records `owners` (whose erasure destroys it too).
+    #[allow(clippy::too_many_arguments)]
     pub async fn encrypt_event(
         &self,
         client: &impl GenericClient,
         org: &Uuid,
         subject: &str,
+        owners: &[Uuid],
         sections: &[&str],
         payload: &mut Value,
         metadata: &mut Value,
@@ -138,7 +141,7 @@ impl Crypto {
         if paths.is_empty() {
             return Ok(None);
         }
-        let key = self.key_for_writing(client, org, subject).await?;
+        let key = self.key_for_writing(client, org, subject, owners).await?;
         for (path, field) in paths {
             let root = if field.starts_with("metadata.") {
                 &mut *metadata

@@ -12,7 +12,8 @@
 //!   ([`Crypto::wrap_secret`]: the consent receipts' signing keys);
 //! - [`data_keys`]: creating, wrapping, storing, finding and caching data keys;
 //! - [`fields`]: which members of an event are personal, and encrypting and
-//!   decrypting them (and opaque bytes such as snapshots) under a subject's key.
+//!   decrypting them (and opaque bytes such as snapshots) under a subject's key;
+//! - [`org_secrets`]: an organisation's own keys (the suppression list's HMAC key).
 //!
 //! Invariants: a data key leaves memory only wrapped by the KEK; a key is cached only
 //! once the transaction that stored it has committed (a rolled-back key never encrypts
@@ -34,6 +35,7 @@ use crate::settings::KeySettings;
 
 pub mod data_keys;
 pub mod fields;
+pub mod org_secrets;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CryptoError {
@@ -58,6 +60,12 @@ pub struct Crypto {
     kek: Aes256Gcm,
     kek_id: String,
     cache: Mutex<HashMap<(Uuid, String), (DataKey, Instant)>>,
+    /// Whether cached keys may be used: off while a started listener for destroyed keys
+    /// ([`Crypto::listen`]) is disconnected, so no process keeps decrypting with a key
+    /// another process destroyed.
+    cache_live: std::sync::atomic::AtomicBool,
+    /// Organisations' secrets ([`org_secrets`]), unwrapped; never destroyed.
+    secrets: Mutex<HashMap<(Uuid, &'static str), org_secrets::OrgSecret>>,
 }
 
 fn seal(cipher: &Aes256Gcm, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, CryptoError> {
@@ -107,6 +115,8 @@ impl Crypto {
             kek: Aes256Gcm::new_from_slice(&raw).map_err(|_| CryptoError::BadKek)?,
             kek_id: settings.kek_id.clone(),
             cache: Mutex::new(HashMap::new()),
+            cache_live: std::sync::atomic::AtomicBool::new(true),
+            secrets: Mutex::new(HashMap::new()),
         })
     }
 }

@@ -228,7 +228,11 @@ impl Dispatcher {
                     purpose: purpose.clone(),
                     contact_point: crate::consent::normalize_point(channel, &content.to),
                 };
-                Some(input.decide(&pool, org_id, &request, Utc::now()).await?)
+                Some(
+                    input
+                        .decide(&pool, self.executor.crypto(), org_id, &request, Utc::now())
+                        .await?,
+                )
             }
         };
         let Some(decision) = decision else {

@@ -4,7 +4,7 @@
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use crm_domain::consent::ledger::ConsentEvent;
-use crm_projections::consent::{log_entry, ConsentLogEntry, CONSENT_STREAM};
+use crm_projections::consent::{log_entry, ConsentLogEntry, CONSENT_STREAM, CONTACT_STREAM};
 use deadpool_postgres::GenericClient;
 use deadpool_postgres::Transaction;
 use futures::pin_mut;
@@ -139,7 +139,8 @@ impl Projection for ConsentLogProjection {
     }
 
     fn reads_type(&self, aggregate_type: &str) -> bool {
-        aggregate_type == CONSENT_STREAM
+        // Contact streams for their erasures' tombstones only.
+        aggregate_type == CONSENT_STREAM || aggregate_type == CONTACT_STREAM
     }
 
     async fn apply(
@@ -152,6 +153,39 @@ impl Projection for ConsentLogProjection {
         for e in events {
             entries.extend(entry_of(e)?);
         }
+        insert(tx, table, &entries).await?;
+        // An erasure purges the contact's entries of what was personal in them (a
+        // rebuild reads them as null already: their key is gone).
+        let erased: Vec<(Uuid, Uuid)> = events
+            .iter()
+            .filter(|e| {
+                e.stored.aggregate_type == CONTACT_STREAM && e.stored.event_type == "ContactErased"
+            })
+            .filter_map(|e| Some((e.stored.org_id, e.stored.aggregate_id.parse().ok()?)))
+            .collect();
+        if !erased.is_empty() {
+            let (orgs, ids): (Vec<Uuid>, Vec<Uuid>) = erased.into_iter().unzip();
+            let sql = format!(
+                "UPDATE {table} SET contact_point = NULL, ip = NULL, user_agent = NULL \
+                 WHERE (org_id, contact_id) IN (SELECT * FROM unnest($1::uuid[], $2::uuid[]))"
+            );
+            tx.execute(&sql, &[&orgs, &ids]).await?;
+        }
+        Ok(())
+    }
+
+    fn rebuilder(&self) -> Box<dyn Rebuilder> {
+        Box::new(ConsentLogRebuilder::default())
+    }
+}
+
+/// Inserts entries with one statement.
+async fn insert(
+    tx: &Transaction<'_>,
+    table: &str,
+    entries: &[ConsentLogEntry],
+) -> Result<(), ProjectionError> {
+    {
         if entries.is_empty() {
             return Ok(());
         }
@@ -206,10 +240,6 @@ impl Projection for ConsentLogProjection {
         )
         .await?;
         Ok(())
-    }
-
-    fn rebuilder(&self) -> Box<dyn Rebuilder> {
-        Box::new(ConsentLogRebuilder::default())
     }
 }
 

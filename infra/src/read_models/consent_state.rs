@@ -27,7 +27,7 @@ use uuid::Uuid;
 
 use super::envelope;
 use crate::consent::normalize_point;
-use crate::consent::state::{contact_point, point_sha256};
+use crate::consent::state::{contact_point, point_hmac};
 use crate::feed::projector::{Projection, ProjectionError, Rebuilder};
 use crate::store::decode::DecodedEvent;
 
@@ -402,13 +402,13 @@ pub struct CheckFor<'a> {
 
 /// The gate's answer, now, for each contact of `asked` (in their order): one statement
 /// reads every asked contact's state and point (`= ANY`), and, only when the
-/// organisation `has_suppressions`, one more the suppression list for all their points;
-/// the organisation's `settings` are passed in
-/// (`crate::consent::privacy::load_with_suppressions`).
+/// organisation has suppressions (`suppression_key`: its key, given only then), one
+/// more the suppression list for all their points; the organisation's `settings` are
+/// passed in (`crate::consent::privacy::load_with_suppressions`).
 pub async fn check(
     client: &impl GenericClient,
     org_id: Uuid,
-    (settings, has_suppressions): (&gate::Settings, bool),
+    (settings, suppression_key): (&gate::Settings, Option<&[u8; 32]>),
     asked: CheckFor<'_>,
     now: DateTime<Utc>,
 ) -> Result<Vec<Checked>, ProjectionError> {
@@ -439,8 +439,8 @@ pub async fn check(
         // Digests only when the suppression list has entries to compare them with.
         let hash = point
             .as_deref()
-            .filter(|_| has_suppressions)
-            .map(|p| point_sha256(channel, p));
+            .zip(suppression_key)
+            .map(|(p, key)| point_hmac(key, channel, p));
         found.insert(row.get(0), (state, point, hash));
     }
     let hashes: Vec<&str> = found
@@ -452,8 +452,8 @@ pub async fn check(
     } else {
         let stmt = client
             .prepare_cached(
-                "SELECT point_sha256, event_id FROM suppression_list \
-                 WHERE org_id = $1 AND channel = $2 AND point_sha256 = ANY($3)",
+                "SELECT point_hmac, event_id FROM suppression_list \
+                 WHERE org_id = $1 AND channel = $2 AND point_hmac = ANY($3)",
             )
             .await?;
         client

@@ -22,8 +22,8 @@ use crate::store::decode::DecodedEvent;
 
 pub struct ContactsProjection;
 
-const VIEW_COLUMNS: &str =
-    "id, org_id, version, profile, archived, created_at, updated_at, last_position";
+const VIEW_COLUMNS: &str = "id, org_id, version, profile, archived, created_at, updated_at, \
+    last_position, erased_at, legal_hold";
 
 fn view_from_row(row: &Row) -> Result<ContactView, ProjectionError> {
     let profile: serde_json::Value = row.try_get(3).map_err(|e| {
@@ -42,6 +42,8 @@ fn view_from_row(row: &Row) -> Result<ContactView, ProjectionError> {
         created_at: row.get(5),
         updated_at: row.get(6),
         last_position: row.get(7),
+        erased_at: row.get(8),
+        legal_hold: row.get(9),
     })
 }
 
@@ -148,19 +150,24 @@ async fn upsert(
     let created: Vec<DateTime<Utc>> = views.iter().map(|v| v.created_at).collect();
     let updated: Vec<DateTime<Utc>> = views.iter().map(|v| v.updated_at).collect();
     let positions: Vec<i64> = views.iter().map(|v| v.last_position).collect();
+    let erased: Vec<Option<DateTime<Utc>>> = views.iter().map(|v| v.erased_at).collect();
+    let holds: Vec<bool> = views.iter().map(|v| v.legal_hold).collect();
     let sql = format!(
         "INSERT INTO {table} ({VIEW_COLUMNS}) \
          SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::int8[], $4::jsonb[], $5::bool[], \
-                              $6::timestamptz[], $7::timestamptz[], $8::int8[]) \
+                              $6::timestamptz[], $7::timestamptz[], $8::int8[], \
+                              $9::timestamptz[], $10::bool[]) \
          ON CONFLICT (org_id, id) DO UPDATE SET version = EXCLUDED.version, \
          profile = EXCLUDED.profile, archived = EXCLUDED.archived, \
-         updated_at = EXCLUDED.updated_at, last_position = EXCLUDED.last_position"
+         updated_at = EXCLUDED.updated_at, last_position = EXCLUDED.last_position, \
+         erased_at = EXCLUDED.erased_at, legal_hold = EXCLUDED.legal_hold"
     );
     let stmt = tx.prepare_cached(&sql).await?;
     tx.execute(
         &stmt,
         &[
-            &ids, &orgs, &versions, &profiles, &archived, &created, &updated, &positions,
+            &ids, &orgs, &versions, &profiles, &archived, &created, &updated, &positions, &erased,
+            &holds,
         ],
     )
     .await?;
@@ -242,6 +249,8 @@ impl Rebuilder for ContactsRebuilder {
                 Type::TIMESTAMPTZ,
                 Type::TIMESTAMPTZ,
                 Type::INT8,
+                Type::TIMESTAMPTZ,
+                Type::BOOL,
             ],
         );
         pin_mut!(writer);
@@ -257,6 +266,8 @@ impl Rebuilder for ContactsRebuilder {
                     &v.created_at,
                     &v.updated_at,
                     &v.last_position,
+                    &v.erased_at,
+                    &v.legal_hold,
                 ])
                 .await?;
         }

@@ -5,6 +5,7 @@ pub mod ai_audit;
 pub mod consent_log;
 pub mod consent_state;
 pub mod contacts;
+pub mod erasure_receipts;
 
 use std::sync::Arc;
 
@@ -23,6 +24,7 @@ pub fn all() -> Vec<Arc<dyn Projection>> {
         Arc::new(consent_state::ConsentStateProjection),
         Arc::new(consent_log::ConsentLogProjection),
         Arc::new(ai_audit::AiAuditProjection),
+        Arc::new(erasure_receipts::ErasureReceiptsProjection),
     ]
 }
 

@@ -50,19 +50,35 @@ pub(crate) struct Row {
     metadata: Value,
     prev_hash: Option<Vec<u8>>,
     hash: Vec<u8>,
-    /// (kek id, wrapped data key) of a new subject, inserted with the event.
-    new_key: Option<(String, Vec<u8>)>,
+    /// (kek id, wrapped data key, owners as an array literal) of a new subject,
+    /// inserted with the event.
+    new_key: Option<(String, Vec<u8>, String)>,
+}
+
+/// A new subject's data key as it is stored with the event that first uses it.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyRow<'a> {
+    pub kek_id: &'a str,
+    pub wrapped: &'a [u8],
+    /// The contacts whose erasure also destroys it ([`crm_domain::PersonalData::key_owners`]).
+    pub owners: &'a [Uuid],
+}
+
+/// `owners` as a PostgreSQL array literal (`{a,b}`), for one element of a `text[]`.
+fn owners_literal(owners: &[Uuid]) -> String {
+    let ids: Vec<String> = owners.iter().map(Uuid::to_string).collect();
+    format!("{{{}}}", ids.join(","))
 }
 
 impl Row {
     /// `event` as the event after `head` on `stream`, with id `event_id`; `new_key`:
-    /// (kek id, wrapped key) of the stream's new subject, stored with it.
+    /// the stream's new subject's key, stored with it.
     pub(crate) fn new(
         stream: &StreamId<'_>,
         head: &StreamHead,
         event_id: Uuid,
         event: PendingEvent,
-        new_key: Option<(&str, &[u8])>,
+        new_key: Option<KeyRow<'_>>,
     ) -> Self {
         let sequence = head.version + 1;
         let hash = event.hash(stream, &event_id, sequence, head.last_hash.as_deref());
@@ -78,7 +94,13 @@ impl Row {
             metadata: event.metadata,
             prev_hash: head.last_hash.clone(),
             hash: hash.to_vec(),
-            new_key: new_key.map(|(k, w)| (k.to_owned(), w.to_vec())),
+            new_key: new_key.map(|k| {
+                (
+                    k.kek_id.to_owned(),
+                    k.wrapped.to_vec(),
+                    owners_literal(k.owners),
+                )
+            }),
         }
     }
 
@@ -118,7 +140,7 @@ impl GroupCommitter {
         stream: &StreamId<'_>,
         head: &StreamHead,
         event: PendingEvent,
-        new_key: Option<(&str, &[u8])>,
+        new_key: Option<KeyRow<'_>>,
     ) -> Result<Appended, StoreError> {
         let row = Row::new(stream, head, Uuid::now_v7(), event, new_key);
         let mut appended = self.send(vec![row]).await?;
@@ -151,13 +173,13 @@ const INSERT: &str = "\
 WITH input AS (
     SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::bigint[],
                          $6::text[], $7::text[], $8::jsonb[], $9::jsonb[], $10::bytea[],
-                         $11::bytea[], $12::text[], $13::bytea[])
+                         $11::bytea[], $12::text[], $13::bytea[], $14::text[])
         WITH ORDINALITY AS t(event_id, org_id, aggregate_type, aggregate_id, sequence,
                              event_type, event_version, payload, metadata, prev_hash,
-                             hash, kek_id, wrapped_key, ord)
+                             hash, kek_id, wrapped_key, owners, ord)
 ), new_keys AS (
-    INSERT INTO data_keys (org_id, subject_id, kek_id, wrapped_key)
-    SELECT org_id, aggregate_id, kek_id, wrapped_key FROM input
+    INSERT INTO data_keys (org_id, subject_id, kek_id, wrapped_key, owners)
+    SELECT org_id, aggregate_id, kek_id, wrapped_key, owners::uuid[] FROM input
     WHERE wrapped_key IS NOT NULL
     ORDER BY ord
     ON CONFLICT (org_id, subject_id) DO NOTHING
@@ -297,6 +319,7 @@ async fn insert<'j>(
     let mut hash = Vec::with_capacity(n);
     let mut kek_id = Vec::with_capacity(n);
     let mut wrapped_key = Vec::with_capacity(n);
+    let mut owners = Vec::with_capacity(n);
     for r in rows {
         event_id.push(r.event_id);
         org_id.push(r.org_id);
@@ -309,8 +332,9 @@ async fn insert<'j>(
         metadata.push(&r.metadata);
         prev_hash.push(r.prev_hash.as_deref());
         hash.push(r.hash.as_slice());
-        kek_id.push(r.new_key.as_ref().map(|(k, _)| k.as_str()));
-        wrapped_key.push(r.new_key.as_ref().map(|(_, w)| w.as_slice()));
+        kek_id.push(r.new_key.as_ref().map(|(k, _, _)| k.as_str()));
+        wrapped_key.push(r.new_key.as_ref().map(|(_, w, _)| w.as_slice()));
+        owners.push(r.new_key.as_ref().map(|(_, _, o)| o.as_str()));
     }
     let stmt = client.prepare_cached(INSERT).await?;
     let rows = client
@@ -330,6 +354,7 @@ async fn insert<'j>(
                 &hash,
                 &kek_id,
                 &wrapped_key,
+                &owners,
             ],
         )
         .await

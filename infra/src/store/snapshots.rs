@@ -97,7 +97,7 @@ pub async fn save<A: Aggregate>(
     head: &StreamHead,
 ) -> Result<(), StoreError> {
     let key = crypto
-        .key_for_writing(client, &stream.org_id, stream.aggregate_id)
+        .key_for_writing(client, &stream.org_id, stream.aggregate_id, &[])
         .await?;
     let bytes = serde_json::to_vec(aggregate)
         .map_err(|e| StoreError::Corrupt(head.version, e.to_string()))?;
