@@ -422,9 +422,10 @@ pub async fn run(
         Command::Dispatch => {
             let state = startup::connect(&common.settings()?).await?;
             run_workers(
-                vec![Background::Dispatcher(Box::new(startup::dispatcher(
-                    &state,
-                )))],
+                vec![
+                    Background::Dispatcher(Box::new(startup::dispatcher(&state))),
+                    startup::key_listener(&state)?,
+                ],
                 shutdown,
             )
             .await;
@@ -434,9 +435,10 @@ pub async fn run(
                 read_models::by_name(&name).with_context(|| unknown_projection(&name))?;
             let state = startup::connect(&common.settings()?).await?;
             run_workers(
-                vec![Background::Projector(Box::new(startup::projector(
-                    &state, projection,
-                )))],
+                vec![
+                    Background::Projector(Box::new(startup::projector(&state, projection))),
+                    startup::key_listener(&state)?,
+                ],
                 shutdown,
             )
             .await;

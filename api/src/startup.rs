@@ -33,6 +33,17 @@ pub enum Background {
     Relay(Box<Relay>),
     Projector(Box<ProjectorWorker>),
     Dispatcher(Box<Dispatcher>),
+    /// Forgets cached data keys when another process destroys some (an erasure).
+    KeyListener(Arc<Crypto>, Box<tokio_postgres::Config>),
+}
+
+/// The listener that keeps this process's cached data keys in step with erasures
+/// elsewhere: every process that decrypts (projectors, the dispatcher) runs one.
+pub fn key_listener(state: &AppState) -> anyhow::Result<Background> {
+    Ok(Background::KeyListener(
+        state.crypto.clone(),
+        Box::new(db::app_config(&state.settings.database)?),
+    ))
 }
 
 /// Connections and services every process of the service needs.
@@ -134,6 +145,7 @@ pub async fn run_background(workers: Vec<Background>, shutdown: CancellationToke
                 Background::Relay(r) => r.run(token).await,
                 Background::Projector(p) => p.run(token).await,
                 Background::Dispatcher(d) => d.run(token).await,
+                Background::KeyListener(crypto, pg) => crypto.listen(*pg, token).await,
             }
         }));
     }
@@ -232,7 +244,9 @@ impl Application {
         match db::app_config(&self.state.settings.database) {
             Ok(pg) => {
                 let cache = self.state.access_cache.clone();
-                tokio::spawn(cache.listen(pg, token.clone()));
+                tokio::spawn(cache.listen(pg.clone(), token.clone()));
+                // And data keys while erasures elsewhere can be heard.
+                tokio::spawn(self.state.crypto.clone().listen(pg, token.clone()));
             }
             Err(e) => tracing::warn!(error = %e, "no access cache: database settings"),
         }

@@ -99,6 +99,8 @@ permissions! {
     PrivacyManage = "privacy.manage", Core, false;
     ContactsExport = "contacts.export", Contacts, true;
     ContactsErase = "contacts.erase", Contacts, true;
+    ContactsLegalHold = "contacts.legal_hold", Contacts, true;
+    ErasuresRead = "erasures.read", Core, true;
     ConsentProofView = "consent.proof.view", Contacts, true;
     CredentialsDecrypt = "credentials.decrypt", Core, true;
     WebhooksManage = "webhooks.manage", Core, true;

@@ -2,4 +2,5 @@
 //! and a running application per test, against real PostgreSQL and NATS.
 
 pub mod harness;
+pub mod logs;
 pub mod sinks;

@@ -16,6 +16,7 @@ use crm_domain::message::Content;
 use crm_domain::metadata::{EventMetadata, Principal, PrincipalKind};
 use crm_domain::values::{InvalidValue, Line, TimeZone};
 use crm_infra::commands::executor::CommandOutcome;
+use crm_infra::consent::state::Presence;
 use crm_infra::consent::{ledger, privacy, state};
 use crm_infra::store::decode::decode;
 use serde::{Deserialize, Serialize};
@@ -349,12 +350,14 @@ fn registered<'s>(
     }
 }
 
+/// The contact exists and was not erased (409 `erased`: nothing more is recorded about
+/// an erased contact).
 async fn require_contact(s: &AppState, org_id: Uuid, contact_id: Uuid) -> Result<(), ApiError> {
     let client = s.pool.get().await?;
-    if state::contact_exists(&s.executor, &client, org_id, contact_id).await? {
-        Ok(())
-    } else {
-        Err(ApiError::NotFound("contact not found"))
+    match state::contact_presence(&s.executor, &client, org_id, contact_id).await? {
+        Presence::Live => Ok(()),
+        Presence::Missing => Err(ApiError::NotFound("contact not found")),
+        Presence::Erased => Err(ApiError::erased()),
     }
 }
 
@@ -523,7 +526,7 @@ pub(crate) async fn record(
         let id = contact_id.to_string();
         futures::try_join!(
             privacy::load(&client, org_id),
-            state::contact_exists(&s.executor, &client, org_id, contact_id),
+            state::contact_presence(&s.executor, &client, org_id, contact_id),
             s.executor.load::<ConsentLedger>(&client, org_id, &id),
         )?
     };
@@ -534,8 +537,10 @@ pub(crate) async fn record(
             format!("purpose `{purpose}` does not cover this channel"),
         )]));
     }
-    if !exists {
-        return Err(ApiError::NotFound("contact not found"));
+    match exists {
+        Presence::Live => {}
+        Presence::Missing => return Err(ApiError::NotFound("contact not found")),
+        Presence::Erased => return Err(ApiError::erased()),
     }
     let proof = ConsentProof {
         lawful_basis: input.lawful_basis.unwrap_or(def.purpose.default_basis),

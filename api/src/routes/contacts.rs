@@ -226,6 +226,10 @@ pub(crate) struct ContactDoc {
     updated_at: Option<chrono::DateTime<chrono::Utc>>,
     /// Only on `?as_of=` reads: the time asked for.
     as_of: Option<chrono::DateTime<chrono::Utc>>,
+    /// Whether a legal hold is in place (erasure is refused while it is).
+    legal_hold: Option<bool>,
+    /// When the contact was erased: its fields are gone for good (null: not erased).
+    erased_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// A page of contacts, by id.
@@ -505,6 +509,8 @@ pub(crate) fn view_json(v: &ContactView) -> Value {
     let mut out = contact_json(v.id, v.version, &v.profile, v.archived);
     out["created_at"] = json!(v.created_at);
     out["updated_at"] = json!(v.updated_at);
+    out["legal_hold"] = json!(v.legal_hold);
+    out["erased_at"] = json!(v.erased_at);
     out
 }
 
@@ -746,6 +752,9 @@ async fn as_of_read(
     let mut body = contact_json(id, version, &contact.profile, contact.archived);
     body["as_of"] = json!(as_of);
     body["updated_at"] = json!(updated_at);
+    body["legal_hold"] = json!(contact.legal_hold);
+    // The tombstone is a stream's last event.
+    body["erased_at"] = json!(contact.erased.then_some(updated_at).flatten());
     visibility::contact(&a.access.policy, &mut body);
     Ok(Ok200(Shaped::new(body)))
 }

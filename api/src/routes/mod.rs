@@ -18,6 +18,7 @@ pub mod messages;
 pub mod portal;
 pub mod receipts;
 pub mod reports;
+pub mod rights;
 pub mod roles;
 pub mod schemas;
 pub mod table;

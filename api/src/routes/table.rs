@@ -8,7 +8,7 @@ use warp::http::Method;
 
 use super::{
     activity, ai, ai_audit, api_keys, carriers, consent, consent_log, contacts, credentials,
-    health, login, messages, portal, receipts, reports, roles, users,
+    health, login, messages, portal, receipts, reports, rights, roles, users,
 };
 use crate::edge::route::{route, Auth, Route};
 
@@ -94,6 +94,34 @@ pub fn table() -> Vec<Route> {
             .summary("A contact's events, decrypted and redacted for the caller")
             .staff(P::ContactsHistory)
             .to(contacts::history),
+        // Data-subject rights.
+        route(post.clone(), "/v1/contacts/{id}/legal-hold", "rights")
+            .summary("Place a legal hold: the contact cannot be erased until it is lifted")
+            .staff(P::ContactsLegalHold)
+            .errors(&[404, 409])
+            .to(rights::place_legal_hold),
+        route(post.clone(), "/v1/contacts/{id}/legal-hold/lift", "rights")
+            .summary("Lift the contact's legal hold")
+            .staff(P::ContactsLegalHold)
+            .errors(&[404, 409])
+            .to(rights::lift_legal_hold),
+        route(post.clone(), "/v1/contacts/{id}/erase", "rights")
+            .summary(
+                "Erase a contact: destroy its data keys, write its tombstone, purge the read \
+                 models, suppress its addresses; answers the receipt",
+            )
+            .staff(P::ContactsErase)
+            .errors(&[404, 409])
+            .to(rights::erase),
+        route(get.clone(), "/v1/erasures", "rights")
+            .summary("Erasure receipts, newest first (no personal data)")
+            .staff(P::ErasuresRead)
+            .to(rights::list),
+        route(get.clone(), "/v1/erasures/{id}", "rights")
+            .summary("One erasure receipt, by its request id")
+            .staff(P::ErasuresRead)
+            .errors(&[404])
+            .to(rights::get_one),
         route(post.clone(), "/v1/contacts/{id}/portal-access", "portal")
             .summary("Give a contact portal access")
             .staff(P::PortalManage)

@@ -392,7 +392,8 @@ pub async fn run(
                         Some(RowError {
                             line: row.line,
                             field: Some("contact_id".into()),
-                            message: "no such contact in this organisation".into(),
+                            message: "no such contact in this organisation, or it was erased"
+                                .into(),
                         })
                     } else {
                         let command = ConsentCommand::Record {
@@ -451,9 +452,12 @@ pub async fn run(
     })
 }
 
+/// Whether a row's contact exists and may take consent changes (an erased one may
+/// not: nothing more is recorded about it).
 async fn exists(executor: &Executor, org_id: Uuid, contact_id: Uuid) -> Result<bool, StoreError> {
     let client = executor.pool().get().await?;
-    super::state::contact_exists(executor, &client, org_id, contact_id).await
+    let presence = super::state::contact_presence(executor, &client, org_id, contact_id).await?;
+    Ok(presence == super::state::Presence::Live)
 }
 
 #[cfg(test)]

@@ -75,6 +75,27 @@ pub async fn contact_exists(
     org_id: Uuid,
     contact_id: Uuid,
 ) -> Result<bool, StoreError> {
+    Ok(contact_presence(executor, client, org_id, contact_id).await? != Presence::Missing)
+}
+
+/// Whether a contact exists, and whether it was erased.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Presence {
+    Missing,
+    Live,
+    /// Its data key is destroyed: nothing more may be recorded about it.
+    Erased,
+}
+
+/// Whether the contact exists and was not erased: a contact is created with personal
+/// data, so its stream always has a data key, and a stream whose key is gone was
+/// erased.
+pub async fn contact_presence(
+    executor: &Executor,
+    client: &impl GenericClient,
+    org_id: Uuid,
+    contact_id: Uuid,
+) -> Result<Presence, StoreError> {
     let id = contact_id.to_string();
     let stream = StreamId {
         org_id,
@@ -84,14 +105,18 @@ pub async fn contact_exists(
     // The contact's data key, which its consent events share, is fetched beside (and
     // cached): the consent append that usually follows then takes the group-commit
     // fast path instead of finding the key taken and falling back to a transaction.
-    let (exists, _key) = futures::try_join!(event_store::stream_exists(client, &stream), async {
+    let (exists, key) = futures::try_join!(event_store::stream_exists(client, &stream), async {
         executor
             .crypto()
             .key_for_reading(client, &org_id, &id)
             .await
             .map_err(StoreError::from)
     },)?;
-    Ok(exists)
+    Ok(match (exists, key) {
+        (false, _) => Presence::Missing,
+        (true, Some(_)) => Presence::Live,
+        (true, None) => Presence::Erased,
+    })
 }
 
 /// Where `channel` reaches the contact: its e-mail address, its phone number, or its

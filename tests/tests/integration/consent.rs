@@ -611,17 +611,28 @@ async fn a_suppressed_contact_point_is_refused_on_every_purpose() {
         bulk_check(&app, c, "service").await,
         ("lawful_basis".into(), json!([]))
     );
-    // The suppression list is filled by erasure (a later issue); here by hand, keyed
-    // by the SHA-256 of the lower-cased address.
+    // The suppression list is filled by erasure (tests/integration/rights.rs); here by
+    // hand, keyed by the HMAC of the lower-cased address under the organisation's key.
     let marker = Uuid::now_v7();
-    let digest = crm_infra::consent::state::point_sha256(
+    let key = app
+        .state
+        .crypto
+        .org_secret(
+            &app.state.pool.get().await.unwrap(),
+            &app.org_id,
+            crm_infra::crypto::org_secrets::SUPPRESSION,
+        )
+        .await
+        .unwrap();
+    let digest = crm_infra::consent::state::point_hmac(
+        &key,
         crm_domain::consent::Channel::Email,
         &email.to_uppercase(),
     );
     app.db()
         .await
         .execute(
-            "INSERT INTO suppression_list (org_id, channel, point_sha256, event_id) \
+            "INSERT INTO suppression_list (org_id, channel, point_hmac, event_id) \
              VALUES ($1, 'email', $2, $3)",
             &[&app.org_id, &digest, &marker],
         )

@@ -27,6 +27,7 @@ mod portal;
 mod queries;
 mod ratelimit;
 mod receipts;
+mod rights;
 mod rls;
 mod scale;
 mod store;

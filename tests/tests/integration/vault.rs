@@ -6,7 +6,6 @@
 //! shut out.
 
 use std::convert::Infallible;
-use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -17,6 +16,7 @@ use crm_infra::dispatch::carriers::{CarrierDefaults, Carriers, Outbound};
 use crm_infra::vault::ai_credentials::{self, CredentialAdminError};
 use crm_infra::vault::VaultError;
 use crm_tests::harness::TestApp;
+use crm_tests::logs::Logs;
 use crm_tests::sinks::HttpReceiver;
 use http_body_util::Full;
 use hyper::{Request, Response};
@@ -95,38 +95,6 @@ impl Provider {
 impl Drop for Provider {
     fn drop(&mut self) {
         self.task.abort();
-    }
-}
-
-/// Every log line of this test's thread (the test runtime is single-threaded: the
-/// server's tasks run on it too), at debug level and above.
-#[derive(Clone, Default)]
-struct Logs(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Logs {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Logs {
-    fn capture() -> (Self, tracing::subscriber::DefaultGuard) {
-        let logs = Self::default();
-        let writer = logs.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::DEBUG)
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .finish();
-        (logs, tracing::subscriber::set_default(subscriber))
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
     }
 }
 

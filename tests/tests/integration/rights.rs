@@ -1,0 +1,440 @@
+//! Data-subject rights over HTTP (docs/rights.md): erasure by crypto-shredding, with
+//! legal holds, receipts and the suppression list; checked against every table, the
+//! JetStream stream, snapshots, the logs and a rebuild of every read model.
+
+use std::time::Duration;
+
+use crm_domain::access::{Role, RoleRef};
+use crm_infra::store::verify::verify_chains;
+use crm_tests::harness::{eventually, TestApp};
+use crm_tests::logs::Logs;
+use reqwest::Method;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+const NOTICE_SHA: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+
+/// Values nothing else in a test database holds: none may be found after the erasure.
+const GIVEN: &str = "Zanzibarqx";
+const EMAIL: &str = "canary.zq7@erasure.example";
+const PHONE: &str = "+14155550177";
+const NOTE: &str = "Quokkafjord";
+const BODY: &str = "Hello Quokkamail";
+const WHY: &str = "Wombatreason";
+
+async fn call(app: &TestApp, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
+    app.call_as(&app.token, method, path, body).await
+}
+
+async fn post(app: &TestApp, path: &str, body: Value) -> (u16, Value) {
+    call(app, Method::POST, path, Some(body)).await
+}
+
+async fn get(app: &TestApp, path: &str) -> (u16, Value) {
+    call(app, Method::GET, path, None).await
+}
+
+/// Where each canary value is found in the database, by table: `table: value`.
+async fn found_in_tables(db: &tokio_postgres::Client, values: &[&str]) -> Vec<String> {
+    let tables: Vec<String> = db
+        .query(
+            "SELECT quote_ident(table_name) FROM information_schema.tables \
+             WHERE table_schema = 'public' AND table_type = 'BASE TABLE'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(tables.len() > 20, "{tables:?}");
+    let mut found = Vec::new();
+    for t in &tables {
+        for v in values {
+            let n: i64 = db
+                .query_one(
+                    &format!("SELECT count(*) FROM {t} x WHERE x::text ILIKE '%' || $1 || '%'"),
+                    &[v],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if n > 0 {
+                found.push(format!("{t}: {v}"));
+            }
+        }
+    }
+    found
+}
+
+/// The rows each read model holds about `contact`, as text (what a rebuild must
+/// reproduce exactly).
+async fn read_model_rows(db: &tokio_postgres::Client, contact: Uuid) -> Vec<String> {
+    let mut out = Vec::new();
+    for sql in [
+        "SELECT to_jsonb(c) - 'last_position' - 'updated_at' FROM contacts c WHERE id = $1",
+        "SELECT to_jsonb(s) - 'last_position' - 'updated_at' FROM consent_state s \
+         WHERE contact_id = $1",
+        "SELECT to_jsonb(l) FROM consent_log l WHERE contact_id = $1 ORDER BY global_position",
+        "SELECT to_jsonb(r) FROM erasure_receipts r WHERE subject_id = $1",
+        "SELECT to_jsonb(a) - 'updated_at' FROM ai_audit a WHERE $1 = ANY(contacts)",
+    ] {
+        for row in db.query(sql, &[&contact]).await.unwrap() {
+            out.push(row.get::<_, Value>(0).to_string());
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn an_erased_contact_leaves_no_readable_trace_and_its_address_stays_suppressed() {
+    let (logs, _guard) = Logs::capture();
+    let app = TestApp::spawn().await;
+    let canaries = [GIVEN, EMAIL, PHONE, NOTE, BODY, WHY];
+
+    // A contact with consents, a message, an AI action, history and a legal hold.
+    let (c, _) = app
+        .create_contact(&json!({
+            "given_name": GIVEN, "email": EMAIL, "phone": PHONE,
+            "custom": {"note": NOTE}
+        }))
+        .await;
+    let (s, v) = post(
+        &app,
+        &format!("/v1/contacts/{c}/consent"),
+        json!({
+            "channel": "email", "purpose": "marketing", "status": "granted",
+            "source": "import", "contact_point": EMAIL,
+            "notice": {"id": "privacy-policy", "version": "2026-01", "sha256": NOTICE_SHA},
+            "language": "en", "jurisdiction": "EU"
+        }),
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    let (s, v) = post(
+        &app,
+        &format!("/v1/contacts/{c}/messages"),
+        json!({"channel": "email", "purpose": "marketing", "subject": "Hi", "body": BODY}),
+    )
+    .await;
+    assert_eq!((s, v["status"].as_str()), (201, Some("queued")), "{v}");
+    let message = v["id"].as_str().unwrap().to_owned();
+    let (s, v) = call(
+        &app,
+        Method::PATCH,
+        &format!("/v1/contacts/{c}"),
+        Some(json!({"title": "Dr"})),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let (s, agent) = post(
+        &app,
+        "/v1/api-keys",
+        json!({"name": "Assistant", "role": "team", "kind": "agent"}),
+    )
+    .await;
+    assert_eq!(s, 201, "{agent}");
+    let (s, action) = app
+        .call_as(
+            agent["key"].as_str().unwrap(),
+            Method::POST,
+            "/v1/ai/actions",
+            Some(json!({
+                "type": "update_contact", "contact_id": c,
+                "arguments": {"given_name": "Someone"},
+                "reasoning_summary": format!("{GIVEN} asked to be renamed"),
+            })),
+        )
+        .await;
+    assert_eq!(
+        (s, action["status"].as_str()),
+        (201, Some("pending_approval")),
+        "{action}"
+    );
+    let (s, v) = post(
+        &app,
+        &format!("/v1/contacts/{c}/legal-hold"),
+        json!({"reason": WHY}),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let held_at = v["positions"][0].as_i64().unwrap();
+
+    // Under the hold the erasure is refused and changes nothing.
+    let (s, v) = post(&app, &format!("/v1/contacts/{c}/erase"), json!({})).await;
+    assert_eq!((s, v["code"].as_str()), (409, Some("legal_hold")), "{v}");
+    let (s, v) = get(&app, &format!("/v1/contacts/{c}?min_position={held_at}")).await;
+    assert_eq!(
+        (s, v["email"].as_str(), v["legal_hold"].as_bool()),
+        (200, Some(EMAIL), Some(true))
+    );
+    let (s, v) = post(
+        &app,
+        &format!("/v1/contacts/{c}/legal-hold/lift"),
+        json!({}),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+
+    // A Team member may not erase; an Admin may.
+    let (_, team) = app.user_with_role(RoleRef::Builtin(Role::Team)).await;
+    let (s, v) = app
+        .call_as(
+            &team,
+            Method::POST,
+            &format!("/v1/contacts/{c}/erase"),
+            None,
+        )
+        .await;
+    assert_eq!(s, 403, "{v}");
+    let (s, receipt) = post(&app, &format!("/v1/contacts/{c}/erase"), json!({})).await;
+    assert_eq!(s, 200, "{receipt}");
+    assert_eq!(receipt["status"], "complete", "{receipt}");
+    assert_eq!(receipt["subject_id"], json!(c));
+    assert_eq!(receipt["source"], "staff");
+    let keys: Vec<String> = serde_json::from_value(receipt["keys_destroyed"].clone()).unwrap();
+    assert_eq!(
+        keys[0],
+        c.to_string(),
+        "the contact's own key first: {keys:?}"
+    );
+    for subject in [&message, action["id"].as_str().unwrap()] {
+        assert!(
+            keys.iter().any(|k| k == subject),
+            "{subject} not in {keys:?}"
+        );
+    }
+    assert_eq!(
+        receipt["suppressed"],
+        json!(["email", "phone", "sms", "whatsapp"])
+    );
+    let receipt_text = receipt.to_string();
+    for v in canaries {
+        assert!(!receipt_text.contains(v), "the receipt names {v}");
+    }
+
+    // Erased once: a second erasure, a change or a consent is refused.
+    let (s, v) = post(&app, &format!("/v1/contacts/{c}/erase"), json!({})).await;
+    assert_eq!((s, v["code"].as_str()), (409, Some("erased")), "{v}");
+    let (s, v) = call(
+        &app,
+        Method::PATCH,
+        &format!("/v1/contacts/{c}"),
+        Some(json!({"title": "Prof"})),
+    )
+    .await;
+    assert_eq!((s, v["code"].as_str()), (409, Some("erased")), "{v}");
+    let (s, v) = post(
+        &app,
+        &format!("/v1/contacts/{c}/do-not-contact"),
+        json!({"reason": "x"}),
+    )
+    .await;
+    assert_eq!((s, v["code"].as_str()), (409, Some("erased")), "{v}");
+
+    // Reads show the contact as erased; its history keeps every event, without the
+    // personal fields.
+    let (s, v) = get(&app, &format!("/v1/contacts/{c}")).await;
+    assert_eq!(s, 200, "{v}");
+    assert!(
+        v["erased_at"].is_string() && v.get("email").is_none_or(Value::is_null),
+        "{v}"
+    );
+    let (s, h) = get(&app, &format!("/v1/contacts/{c}/history")).await;
+    assert_eq!(s, 200, "{h}");
+    let types: Vec<&str> = h["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "ContactCreated",
+            "ContactUpdated",
+            "LegalHoldPlaced",
+            "LegalHoldLifted",
+            "ContactErased"
+        ]
+    );
+    assert!(
+        h["events"][0]["data"]["profile"]["given_name"].is_null(),
+        "{h}"
+    );
+    let (s, m) = get(&app, &format!("/v1/messages/{message}")).await;
+    assert_eq!(s, 200, "{m}");
+    let (s, audit) = get(&app, &format!("/v1/ai/audit?contact_id={c}")).await;
+    assert_eq!(s, 200, "{audit}");
+    assert!(audit["items"][0]["reasoning_summary"].is_null(), "{audit}");
+
+    // The receipt is stored and listed for auditors, its hash the tombstone's.
+    let (s, list) = get(
+        &app,
+        &format!(
+            "/v1/erasures?contact_id={c}&wait_ms=5000&min_position={}",
+            receipt["tombstone"]["position"]
+        ),
+    )
+    .await;
+    assert_eq!(s, 200, "{list}");
+    assert_eq!(
+        list["items"][0]["request_id"], receipt["request_id"],
+        "{list}"
+    );
+    let db = app.db().await;
+    let hash: String = db
+        .query_one(
+            "SELECT encode(hash, 'hex') FROM events WHERE event_id = $1",
+            &[&receipt["tombstone"]["event_id"]
+                .as_str()
+                .unwrap()
+                .parse::<Uuid>()
+                .unwrap()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(receipt["tombstone"]["hash"].as_str(), Some(hash.as_str()));
+    let (s, one) = get(
+        &app,
+        &format!("/v1/erasures/{}", receipt["request_id"].as_str().unwrap()),
+    )
+    .await;
+    assert_eq!((s, &one["tombstone"]), (200, &receipt["tombstone"]));
+
+    // The history still verifies.
+    let pool = app.admin_pool();
+    let report = verify_chains(&pool.get().await.unwrap(), None)
+        .await
+        .unwrap();
+    assert!(report.ok(), "{:?}", report.breaks);
+
+    // No table holds a canary value, nor the plain digest of the address.
+    assert_eq!(found_in_tables(&db, &canaries).await, Vec::<String>::new());
+    let digest = hex::encode(Sha256::digest(EMAIL.as_bytes()));
+    assert_eq!(found_in_tables(&db, &[&digest]).await, Vec::<String>::new());
+    let snapshots: i64 = db
+        .query_one(
+            "SELECT count(*) FROM snapshots WHERE aggregate_id = ANY($1)",
+            &[&keys],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(snapshots, 0);
+
+    // Every JetStream message of an erased subject holds ciphertext that no longer opens.
+    let client = app.state.pool.get().await.unwrap();
+    let mut sealed = 0;
+    for raw in app.stream_payloads().await {
+        let text = String::from_utf8_lossy(&raw);
+        for v in canaries {
+            assert!(!text.contains(v), "a JetStream message holds {v}");
+        }
+        let e: Value = serde_json::from_slice(&raw).unwrap();
+        let subject = e["aggregate_id"].as_str().unwrap();
+        if !keys.iter().any(|k| k == subject) || !text.contains("enc:v1:") {
+            continue;
+        }
+        sealed += 1;
+        let (mut payload, mut metadata) = (e["payload"].clone(), e["metadata"].clone());
+        app.state
+            .crypto
+            .decrypt_event(&client, &app.org_id, subject, &mut payload, &mut metadata)
+            .await
+            .unwrap();
+        let opened = format!("{payload}{metadata}");
+        assert!(!opened.contains("enc:v1:"), "{opened}");
+        for v in canaries {
+            assert!(!opened.contains(v), "{v} decrypts from JetStream: {opened}");
+        }
+    }
+    assert!(
+        sealed >= 5,
+        "only {sealed} sealed messages of the erased subjects"
+    );
+
+    // A rebuild of every read model yields the same purged state.
+    let before = read_model_rows(&db, c).await;
+    assert!(before.len() >= 4, "{before:?}");
+    for p in crm_infra::read_models::all() {
+        app.rebuild(p.name()).await;
+    }
+    assert_eq!(read_model_rows(&db, c).await, before);
+
+    // The same address again is not marketed to: the gate answers `suppressed`.
+    let (again, _) = app
+        .create_contact(&json!({"given_name": "New", "email": EMAIL.to_uppercase()}))
+        .await;
+    let (s, v) = post(
+        &app,
+        &format!("/v1/contacts/{again}/messages"),
+        json!({"channel": "email", "purpose": "marketing", "subject": "Hi", "body": "Hello"}),
+    )
+    .await;
+    assert_eq!(
+        (s, v["decision"]["reason"].as_str()),
+        (201, Some("suppressed")),
+        "{v}"
+    );
+    let tombstone = receipt["tombstone"]["event_id"].clone();
+    assert_eq!(v["decision"]["relied_on"], json!([tombstone]), "{v}");
+    // A new contact with the same address has a key of its own.
+    let key_rows: i64 = db
+        .query_one(
+            "SELECT count(*) FROM data_keys WHERE subject_id = $1 AND wrapped_key IS NOT NULL",
+            &[&again.to_string()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(key_rows, 1);
+
+    // Nothing was logged of the contact, at any level.
+    let logged = logs.text();
+    assert!(logged.len() > 1000, "the logs were not captured");
+    for v in canaries {
+        assert!(!logged.contains(v), "{v} was logged");
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn another_process_forgets_a_destroyed_key_at_once() {
+    let app = TestApp::spawn().await;
+    let (c, _) = app
+        .create_contact(&json!({"given_name": "Ada", "email": "ada.k@example.com"}))
+        .await;
+    // A second API process reads the contact (and caches its key).
+    let second = app.second_api().await;
+    let r = app
+        .http
+        .get(second.url(&format!("/v1/contacts/{c}/history")))
+        .bearer_auth(&app.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (s, v) = post(&app, &format!("/v1/contacts/{c}/erase"), json!({})).await;
+    assert_eq!(s, 200, "{v}");
+    // The second process heard of it: its history has no name left.
+    let cleared = eventually(Duration::from_secs(5), || async {
+        let r = app
+            .http
+            .get(second.url(&format!("/v1/contacts/{c}/history")))
+            .bearer_auth(&app.token)
+            .send()
+            .await
+            .unwrap();
+        let h: Value = r.json().await.unwrap();
+        h["events"][0]["data"]["profile"]["given_name"]
+            .is_null()
+            .then_some(())
+    })
+    .await;
+    assert!(cleared.is_some(), "the second process still decrypts");
+    second.stop().await;
+    app.stop().await;
+}
