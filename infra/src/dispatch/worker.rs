@@ -219,6 +219,18 @@ impl Dispatcher {
         };
         let attempt = message.attempts + 1;
         let meta = EventMetadata::system(org_id, "dispatch");
+        if content.to.is_empty() {
+            // Its key was destroyed with its recipient's erasure: there is nothing left
+            // to send, nor anyone to send it to.
+            let command = MessageCommand::RecordFailure {
+                attempt,
+                error: "the recipient was erased".into(),
+                retryable: false,
+                now: Utc::now(),
+            };
+            self.record(org_id, &id, command, &meta).await?;
+            return Ok(Handled::Done);
+        }
         // The gate again, now: what changed since the message was queued counts.
         let decision = match self.gate.load(org_id, contact_id).await? {
             None => None,

@@ -229,6 +229,40 @@ async fn a_withdrawal_between_queueing_and_dispatch_blocks_the_message_at_dispat
 }
 
 #[tokio::test]
+async fn a_message_queued_before_its_recipient_was_erased_is_never_sent() {
+    let sink = SmtpSink::start().await;
+    let app = TestApp::spawn_with(Options {
+        smtp_url: Some(sink.url()),
+        run_dispatcher: false,
+        ..Default::default()
+    })
+    .await;
+    let (contact, _) = consenting_contact(&app).await;
+    // A `service` message: allowed on its lawful basis, with or without consent.
+    let (s, v) = post(
+        &app,
+        &format!("/v1/contacts/{contact}/messages"),
+        json!({"channel": "email", "purpose": "service", "subject": "Hi", "body": "Hello"}),
+    )
+    .await;
+    assert_eq!((s, v["status"].as_str()), (201, Some("queued")), "{v}");
+    let id: Uuid = v["id"].as_str().unwrap().parse().unwrap();
+    let (s, v) = post(&app, &format!("/v1/contacts/{contact}/erase"), json!({})).await;
+    assert_eq!(s, 200, "{v}");
+
+    let (stop, handle) = run_dispatcher(&app, Duration::from_secs(5));
+    let doc = settled(&app, id, Duration::from_secs(15)).await;
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), handle).await;
+    assert_eq!(doc["status"], "failed", "{doc}");
+    assert_eq!(step_types(&doc), ["MessageQueued", "MessageFailed"], "{doc}");
+    assert_eq!(doc["steps"][1]["error"], "the recipient was erased", "{doc}");
+    assert!(sink.messages().is_empty(), "{:?}", sink.messages());
+    assert_eq!(sink.data_attempts(), 0);
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn a_deferred_attempt_is_retried_under_the_same_message_id() {
     let sink = SmtpSink::start().await;
     sink.defer_next_data(1);
