@@ -123,6 +123,7 @@ pub fn update(
                     next.points = points_of(&next.points);
                 }
                 ContactEvent::ContactArchived {}
+                | ContactEvent::ContactExported { .. }
                 | ContactEvent::LegalHoldPlaced { .. }
                 | ContactEvent::LegalHoldLifted { .. } => {}
                 // Erasure purges the view: no contact point, no record (their points

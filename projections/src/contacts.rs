@@ -78,6 +78,7 @@ pub fn update(view: Option<&ContactView>, env: &Envelope<'_>, event: &ContactEve
             archived: true,
             ..v.clone()
         },
+        (Some(v), ContactEvent::ContactExported { .. }) => v.clone(),
         (Some(v), ContactEvent::LegalHoldPlaced { .. }) => ContactView {
             legal_hold: true,
             ..v.clone()

@@ -78,7 +78,7 @@ pub fn receipt(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crm_domain::contact::ErasureSource;
+    use crm_domain::contact::RequestSource;
 
     #[test]
     fn only_a_tombstone_makes_a_receipt_and_it_names_no_one() {
@@ -99,7 +99,7 @@ mod tests {
         };
         let erased = ContactEvent::ContactErased {
             request_id: Uuid::from_u128(7),
-            source: ErasureSource::Retention,
+            source: RequestSource::Retention,
             keys_destroyed: vec![id.clone(), "m1".into()],
             suppressed: vec!["email".into()],
         };

@@ -111,25 +111,27 @@ pub(crate) async fn list(
     let next_before = (entries.len() as i64 == limit)
         .then(|| entries.last().map(|e| e.global_position))
         .flatten();
-    let items = entries
-        .into_iter()
-        .map(|e| ActivityItem {
-            event_id: e.event_id,
-            position: e.global_position,
-            occurred_at: e.occurred_at,
-            recorded_at: e.recorded_at,
-            actor: Actor {
-                kind: e.actor_kind,
-                id: e.actor_id,
-            },
-            action: e.action,
-            entity: Entity {
-                entity_type: e.entity_type,
-                id: e.entity_id,
-            },
-            request_id: e.request_id,
-            correlation_id: e.correlation_id,
-        })
-        .collect();
+    let items = entries.into_iter().map(item).collect();
     Ok(Ok200(ActivityPage { items, next_before }))
+}
+
+/// An entry as the API shows it.
+pub(crate) fn item(e: crm_projections::activity::ActivityEntry) -> ActivityItem {
+    ActivityItem {
+        event_id: e.event_id,
+        position: e.global_position,
+        occurred_at: e.occurred_at,
+        recorded_at: e.recorded_at,
+        actor: Actor {
+            kind: e.actor_kind,
+            id: e.actor_id,
+        },
+        action: e.action,
+        entity: Entity {
+            entity_type: e.entity_type,
+            id: e.entity_id,
+        },
+        request_id: e.request_id,
+        correlation_id: e.correlation_id,
+    }
 }

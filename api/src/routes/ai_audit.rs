@@ -351,6 +351,60 @@ pub(crate) async fn audit(
     Ok(Ok200(AiAuditPage { items, next_before }))
 }
 
+/// Every action touching `contact`, newest first, as a reader with `policy` sees it;
+/// the contacts it names are cut to `contact` alone (the others are not its data).
+impl AiAuditItem {
+    pub(crate) fn id(&self) -> Uuid {
+        self.id
+    }
+}
+
+pub(crate) async fn touching(
+    s: &AppState,
+    org: Uuid,
+    contact: Uuid,
+    policy: &Policy,
+) -> Result<Vec<AiAuditItem>, ApiError> {
+    let mut client = s.pool.get().await?;
+    let opener = Opener {
+        crypto: s.executor.crypto(),
+        org,
+    };
+    let mut out = Vec::new();
+    let mut before = None;
+    loop {
+        let filter = AiAuditFilter {
+            agent_id: None,
+            risk: None,
+            status: None,
+            kind: None,
+            contact_id: Some(contact),
+            since: None,
+            until: None,
+            before,
+            limit: 500,
+        };
+        let entries = {
+            let tx = crm_infra::read_models::org_scope(&mut client, org).await?;
+            let entries = audit_rm::list(&tx, org, &filter).await?;
+            tx.commit().await?;
+            entries
+        };
+        let full = entries.len() == 500;
+        before = entries.last().map(|e| e.action_id);
+        opener.prefetch(&client, &entries).await?;
+        for e in entries {
+            let key = opener.key(&client, e.action_id).await?;
+            let mut i = item(&opener, key.as_ref(), e, policy);
+            i.contacts = vec![contact];
+            out.push(i);
+        }
+        if !full {
+            return Ok(out);
+        }
+    }
+}
+
 // ---- GET /v1/ai/approvals --------------------------------------------------------------
 
 /// `GET /v1/ai/approvals` parameters.

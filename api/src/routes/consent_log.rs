@@ -171,53 +171,59 @@ pub(crate) async fn log(
     let next_before = (entries.len() as i64 == limit)
         .then(|| entries.last().map(|e| e.global_position))
         .flatten();
-    let policy = &a.access.policy;
-    let proof = policy.allows(Permission::ConsentProofView);
     let items = entries
         .into_iter()
-        .map(|e| {
-            let visible = e
-                .channel
-                .as_deref()
-                .and_then(Channel::parse)
-                .is_some_and(|c| visibility::sees_contact_point(policy, c));
-            let notice = match (e.notice_id, e.notice_version, e.notice_sha256) {
-                (Some(id), Some(version), Some(sha256)) => Some(NoticeDoc {
-                    id,
-                    version,
-                    sha256,
-                }),
-                _ => None,
-            };
-            ConsentLogItem {
-                event_id: e.event_id,
-                position: e.global_position,
-                contact_id: e.contact_id,
-                action: e.action,
-                channel: e.channel,
-                purpose: e.purpose,
-                status: e.status,
-                contact_point: visible.then_some(e.contact_point),
-                lawful_basis: e.lawful_basis,
-                source: e.source,
-                notice,
-                language: e.language,
-                jurisdiction: e.jurisdiction,
-                expires_at: e.expires_at,
-                import_id: e.import_id,
-                actor: ConsentActor {
-                    kind: e.actor_kind,
-                    id: e.actor_id,
-                },
-                occurred_at: e.occurred_at,
-                recorded_at: e.recorded_at,
-                ip: proof.then_some(e.ip),
-                user_agent: proof.then_some(e.user_agent),
-                event_hash: e.event_hash,
-            }
-        })
+        .map(|e| log_item(e, &a.access.policy))
         .collect();
     Ok(Ok200(ConsentLogPage { items, next_before }))
+}
+
+/// An entry as a reader with `policy` sees it: the contact point only with read access
+/// to its contact field, the proof (IP, user agent) only with `consent.proof.view`.
+pub(crate) fn log_item(
+    e: crm_projections::consent::ConsentLogEntry,
+    policy: &Policy,
+) -> ConsentLogItem {
+    let proof = policy.allows(Permission::ConsentProofView);
+    let visible = e
+        .channel
+        .as_deref()
+        .and_then(Channel::parse)
+        .is_some_and(|c| visibility::sees_contact_point(policy, c));
+    let notice = match (e.notice_id, e.notice_version, e.notice_sha256) {
+        (Some(id), Some(version), Some(sha256)) => Some(NoticeDoc {
+            id,
+            version,
+            sha256,
+        }),
+        _ => None,
+    };
+    ConsentLogItem {
+        event_id: e.event_id,
+        position: e.global_position,
+        contact_id: e.contact_id,
+        action: e.action,
+        channel: e.channel,
+        purpose: e.purpose,
+        status: e.status,
+        contact_point: visible.then_some(e.contact_point),
+        lawful_basis: e.lawful_basis,
+        source: e.source,
+        notice,
+        language: e.language,
+        jurisdiction: e.jurisdiction,
+        expires_at: e.expires_at,
+        import_id: e.import_id,
+        actor: ConsentActor {
+            kind: e.actor_kind,
+            id: e.actor_id,
+        },
+        occurred_at: e.occurred_at,
+        recorded_at: e.recorded_at,
+        ip: proof.then_some(e.ip),
+        user_agent: proof.then_some(e.user_agent),
+        event_hash: e.event_hash,
+    }
 }
 
 // ---- GET /v1/contacts/{id}/consent ---------------------------------------------------
@@ -280,7 +286,12 @@ pub(crate) struct ContactConsent {
 }
 
 impl ContactConsent {
-    fn new(contact_id: Uuid, state: &ConsentState, policy: &Policy, at: DateTime<Utc>) -> Self {
+    pub(crate) fn new(
+        contact_id: Uuid,
+        state: &ConsentState,
+        policy: &Policy,
+        at: DateTime<Utc>,
+    ) -> Self {
         let records = state
             .records
             .iter()

@@ -790,30 +790,39 @@ pub(crate) async fn history(
     let mut items = Vec::with_capacity(events.len());
     for stored in events {
         let d = decode(s.executor.crypto(), &client, stored).await?;
-        let mut data = d
-            .payload
-            .as_object()
-            .and_then(|o| o.values().next().cloned())
-            .unwrap_or(Value::Null);
-        let mut metadata = serde_json::to_value(&d.metadata).unwrap_or(Value::Null);
-        visibility::contact_event(&a.access.policy, &mut data, &mut metadata);
-        items.push(HistoryEvent {
-            event_id: d.stored.event_id,
-            sequence: d.stored.sequence,
-            position: d.stored.global_position,
-            event_type: d.stored.event_type,
-            version: d.stored.event_version,
-            recorded_at: d.stored.recorded_at,
-            data,
-            metadata,
-            hash: d.stored.hash,
-        });
+        items.push(history_event(d, &a.access.policy));
     }
     Ok(Ok200(History {
         id,
         events: items,
         next_after,
     }))
+}
+
+/// One event of a contact's streams, decrypted (a personal member whose key was
+/// destroyed reads null) and redacted for a reader with `policy`.
+pub(crate) fn history_event(
+    d: crm_infra::store::decode::DecodedEvent,
+    policy: &crm_domain::access::Policy,
+) -> HistoryEvent {
+    let mut data = d
+        .payload
+        .as_object()
+        .and_then(|o| o.values().next().cloned())
+        .unwrap_or(Value::Null);
+    let mut metadata = serde_json::to_value(&d.metadata).unwrap_or(Value::Null);
+    visibility::contact_event(policy, &mut data, &mut metadata);
+    HistoryEvent {
+        event_id: d.stored.event_id,
+        sequence: d.stored.sequence,
+        position: d.stored.global_position,
+        event_type: d.stored.event_type,
+        version: d.stored.event_version,
+        recorded_at: d.stored.recorded_at,
+        data,
+        metadata,
+        hash: d.stored.hash,
+    }
 }
 
 pub(crate) async fn list(

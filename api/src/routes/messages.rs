@@ -285,16 +285,31 @@ pub(crate) async fn get_one(
     Id(id): Id,
 ) -> Result<Ok200<MessageDoc>, ApiError> {
     let client = s.pool.get().await?;
+    message_doc(&s, &client, a.caller.org_id, id, &a.access.policy)
+        .await?
+        .map(Ok200)
+        .ok_or(ApiError::NotFound("message not found"))
+}
+
+/// A message of `org_id` as a reader with `policy` sees it, from its events (`None`:
+/// no such message).
+pub(crate) async fn message_doc(
+    s: &AppState,
+    client: &deadpool_postgres::Object,
+    org_id: Uuid,
+    id: Uuid,
+    policy: &crm_domain::access::Policy,
+) -> Result<Option<MessageDoc>, ApiError> {
     let sid = id.to_string();
     let stream = StreamId {
-        org_id: a.caller.org_id,
+        org_id,
         aggregate_type: Message::TYPE,
         aggregate_id: &sid,
     };
     let mut message = Message::default();
     let mut steps = Vec::new();
-    for stored in event_store::read_stream(&client, &stream, 0, None).await? {
-        let decoded = decode(s.executor.crypto(), &client, stored).await?;
+    for stored in event_store::read_stream(client, &stream, 0, None).await? {
+        let decoded = decode(s.executor.crypto(), client, stored).await?;
         let event: MessageEvent = decoded.typed()?;
         let mut step = MessageStep {
             event_id: decoded.stored.event_id,
@@ -341,11 +356,15 @@ pub(crate) async fn get_one(
     let (Some(contact_id), Some(channel), Some(purpose)) =
         (message.contact_id, message.channel, message.purpose.clone())
     else {
-        return Err(ApiError::NotFound("message not found"));
+        return Ok(None);
     };
-    let visible = visibility::sees_contact_point(&a.access.policy, channel);
-    let content = message.content.clone().filter(|_| visible);
-    Ok(Ok200(MessageDoc {
+    let visible = visibility::sees_contact_point(policy, channel);
+    // Empty once the recipient was erased.
+    let content = message
+        .content
+        .clone()
+        .filter(|c| visible && !c.to.is_empty());
+    Ok(Some(MessageDoc {
         id,
         contact_id,
         channel,

@@ -3,21 +3,42 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use crm_domain::contact::{Contact, ContactCommand, ErasureSource};
+use cqrs_es::Aggregate;
+use crm_domain::access::Policy;
+use crm_domain::consent::ledger::ConsentLedger;
+use crm_domain::contact::{Contact, ContactCommand, RequestSource};
 use crm_infra::feed::projector;
+use crm_infra::read_models::activity as activity_rm;
+use crm_infra::read_models::consent_log::{self as log_rm, ConsentLogFilter};
+use crm_infra::read_models::consent_state as consent_rm;
+use crm_infra::read_models::contacts as contacts_rm;
 use crm_infra::read_models::erasure_receipts as receipts_rm;
 use crm_infra::rights::erasure::{self, Erase};
+use crm_infra::rights::export;
+use crm_infra::store::decode::decode;
+use crm_infra::store::event_store::{self, StreamId};
 use crm_projections::erasure::{ErasureReceipt, PURGING_READ_MODELS, SHREDDED};
+use futures::SinkExt;
 use serde::{Deserialize, Serialize};
+use serde_json::json;
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
+use warp::Reply;
 
+use super::activity::ActivityItem;
+use super::ai_audit::{self, AiAuditItem};
 use super::consent::ReasonInput;
+use super::consent_log::{log_item, ConsentLogItem, ContactConsent};
+use super::contacts::{history_event, HistoryEvent};
+use super::messages::{message_doc, MessageDoc};
 use super::schemas::Outcome;
 use super::{consistency, parse_limit, Authed};
+use crate::auth::visibility;
 use crate::edge::extract::{Id, Json, Query};
-use crate::edge::reply::Ok200;
+use crate::edge::reply::{Ok200, RawAs, RawDoc};
+use crate::edge::route::OpDoc;
 use crate::error::{ApiError, FieldError};
 use crate::state::AppState;
 
@@ -179,7 +200,7 @@ pub(crate) async fn erase_contact(
     s: &AppState,
     org_id: Uuid,
     id: Uuid,
-    source: ErasureSource,
+    source: RequestSource,
     metadata: &crm_domain::metadata::EventMetadata,
 ) -> Result<ErasureReceiptDoc, ApiError> {
     let request = Erase {
@@ -229,7 +250,7 @@ pub(crate) async fn erase(
     Id(id): Id,
 ) -> Result<Ok200<ErasureReceiptDoc>, ApiError> {
     let receipt =
-        erase_contact(&s, a.caller.org_id, id, ErasureSource::Staff, &a.metadata()).await?;
+        erase_contact(&s, a.caller.org_id, id, RequestSource::Staff, &a.metadata()).await?;
     Ok(Ok200(receipt))
 }
 
@@ -296,4 +317,288 @@ pub(crate) async fn get_one(
     };
     let r = found.ok_or(ApiError::NotFound("erasure receipt not found"))?;
     Ok(Ok200(doc(&s, r).await?))
+}
+
+// ---- GET /v1/contacts/{id}/export ------------------------------------------------------
+
+/// The version of the export document's shape (docs/rights.md): a field is only ever
+/// added within a version.
+pub(crate) const EXPORT_SCHEMA: &str = "crm.contact-export.v1";
+
+/// One event of the contact's streams in an export.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct ExportedEvent {
+    /// `contact` or `consent`.
+    stream: String,
+    #[serde(flatten)]
+    event: HistoryEvent,
+}
+
+/// Everything held about one contact (GDPR Art. 15 and 20), as the exporter's role may
+/// read it, streamed in this order of members.
+#[derive(Serialize, ToSchema)]
+#[allow(dead_code)] // documents the JSON that `export_contact` streams
+pub(crate) struct ContactExport {
+    /// `crm.contact-export.v1`.
+    schema: String,
+    export_id: Uuid,
+    exported_at: DateTime<Utc>,
+    organization_id: Uuid,
+    /// The profile now (empty once erased).
+    #[schema(value_type = super::contacts::ContactDoc)]
+    contact: serde_json::Value,
+    /// Consent now: records, Do Not Contact, the sale/sharing opt-out.
+    consent: ContactConsent,
+    /// Every consent change with its proof, newest first.
+    consent_log: Vec<ConsentLogItem>,
+    /// Every message sent or refused to the contact, with each gate decision, oldest
+    /// first.
+    messages: Vec<MessageDoc>,
+    /// Every AI action that touched the contact, newest first.
+    ai_actions: Vec<AiAuditItem>,
+    /// Who did what to the contact, its messages and those actions, newest first.
+    activity: Vec<ActivityItem>,
+    /// The events of the contact's streams, oldest first, decrypted.
+    history: Vec<ExportedEvent>,
+}
+
+/// The export's answer in the document: `ContactExport`, streamed.
+pub(crate) struct ExportDocument;
+
+impl RawDoc for ExportDocument {
+    fn document(doc: &mut OpDoc) {
+        let schema = doc.schema::<ContactExport>();
+        doc.success(
+            200,
+            "The export, streamed (`content-disposition: attachment`)",
+            Some(("application/json", schema)),
+        );
+    }
+}
+
+pub(crate) async fn export(
+    s: AppState,
+    a: Authed,
+    Id(id): Id,
+) -> Result<RawAs<ExportDocument>, ApiError> {
+    let org = a.caller.org_id;
+    let response = export_contact(
+        &s,
+        org,
+        id,
+        RequestSource::Staff,
+        &a.metadata(),
+        &a.access.policy,
+    )
+    .await?;
+    Ok(RawAs::new(response))
+}
+
+/// The read models an export reads, caught up to the export's own event first.
+const EXPORT_READS: [&str; 5] = [
+    "contacts",
+    "consent_state",
+    "consent_log",
+    "ai_audit",
+    "activity",
+];
+
+/// Records the export (`ContactExported`) and streams the document. Shared by the
+/// staff route, AI actions and the preference center.
+pub(crate) async fn export_contact(
+    s: &AppState,
+    org: Uuid,
+    id: Uuid,
+    source: RequestSource,
+    metadata: &crm_domain::metadata::EventMetadata,
+    policy: &Policy,
+) -> Result<warp::reply::Response, ApiError> {
+    let export_id = Uuid::now_v7();
+    let outcome = s
+        .executor
+        .execute::<Contact>(
+            org,
+            &id.to_string(),
+            ContactCommand::RecordExport { export_id, source },
+            metadata,
+            None,
+        )
+        .await?;
+    let position = outcome.positions.last().copied();
+    for name in EXPORT_READS {
+        s.await_projection(name, position, None).await?;
+    }
+    // What is read before the first byte goes out: a failure here is still an error
+    // answer, not a cut stream.
+    let (contact, consent) = {
+        let mut client = s.pool.get().await?;
+        let tx = crm_infra::read_models::org_scope(&mut client, org).await?;
+        let view = contacts_rm::get(&tx, org, id)
+            .await?
+            .ok_or(ApiError::NotFound("contact not found"))?;
+        let state = consent_rm::get(&tx, org, id).await?;
+        let mut contact = super::contacts::view_json(&view);
+        visibility::contact(policy, &mut contact);
+        let consent = ContactConsent::new(
+            id,
+            &state.map(|v| v.state).unwrap_or_default(),
+            policy,
+            Utc::now(),
+        );
+        (contact, consent)
+    };
+    let head = json!({
+        "schema": EXPORT_SCHEMA,
+        "export_id": export_id,
+        "exported_at": Utc::now(),
+        "organization_id": org,
+        "contact": contact,
+        "consent": consent,
+    });
+    let (mut tx, rx) = futures::channel::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
+    let (s, policy) = (s.clone(), policy.clone());
+    tokio::spawn(async move {
+        if let Err(e) = stream_export(&s, org, id, &policy, head, &mut tx).await {
+            // The answer has begun: the stream is cut, so the client sees it incomplete.
+            tracing::warn!(export = %export_id, error = %e, "export cut short");
+            let _ = tx
+                .send(Err(std::io::Error::other("export cut short")))
+                .await;
+        }
+    });
+    let mut response = warp::reply::stream(rx).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        "content-type",
+        warp::http::HeaderValue::from_static("application/json"),
+    );
+    if let Ok(v) = warp::http::HeaderValue::from_str(&format!(
+        "attachment; filename=\"contact-{id}-export.json\""
+    )) {
+        headers.insert("content-disposition", v);
+    }
+    Ok(response)
+}
+
+type Chunks = futures::channel::mpsc::Sender<Result<Bytes, std::io::Error>>;
+
+async fn send(tx: &mut Chunks, text: String) -> Result<(), ApiError> {
+    tx.send(Ok(Bytes::from(text)))
+        .await
+        .map_err(|_| ApiError::internal("the client went away"))
+}
+
+/// Streams `items` as the members of a JSON array named `name` (after a comma).
+async fn array<T: Serialize>(tx: &mut Chunks, name: &str, items: &[T]) -> Result<(), ApiError> {
+    send(tx, format!(",\"{name}\":[")).await?;
+    for (n, item) in items.iter().enumerate() {
+        let json = serde_json::to_string(item).map_err(ApiError::internal)?;
+        send(tx, if n == 0 { json } else { format!(",{json}") }).await?;
+    }
+    send(tx, "]".into()).await
+}
+
+async fn stream_export(
+    s: &AppState,
+    org: Uuid,
+    id: Uuid,
+    policy: &Policy,
+    head: serde_json::Value,
+    tx: &mut Chunks,
+) -> Result<(), ApiError> {
+    let head = head.to_string();
+    // `head` is an object: everything but its closing brace, then the arrays.
+    send(tx, head[..head.len() - 1].to_owned()).await?;
+
+    let mut client = s.pool.get().await?;
+    let log = {
+        let t = crm_infra::read_models::org_scope(&mut client, org).await?;
+        let mut entries = Vec::new();
+        let mut before = None;
+        loop {
+            let filter = ConsentLogFilter {
+                contact_id: Some(id),
+                channel: None,
+                purpose: None,
+                source: None,
+                since: None,
+                until: None,
+                before,
+                limit: 500,
+            };
+            let page = log_rm::list(&t, org, &filter).await?;
+            let full = page.len() == 500;
+            before = page.last().map(|e| e.global_position);
+            entries.extend(page.into_iter().map(|e| log_item(e, policy)));
+            if !full {
+                break entries;
+            }
+        }
+    };
+    array(tx, "consent_log", &log).await?;
+    drop(log);
+
+    let message_ids = export::messages_of(&client, org, id).await?;
+    let mut messages = Vec::with_capacity(message_ids.len());
+    for m in &message_ids {
+        messages.extend(message_doc(s, &client, org, *m, policy).await?);
+    }
+    array(tx, "messages", &messages).await?;
+    drop(messages);
+
+    let actions = ai_audit::touching(s, org, id, policy).await?;
+    let mut entities: Vec<String> = vec![id.to_string()];
+    entities.extend(message_ids.iter().map(Uuid::to_string));
+    entities.extend(actions.iter().map(|a| a.id().to_string()));
+    array(tx, "ai_actions", &actions).await?;
+    drop(actions);
+
+    let activity = {
+        let t = crm_infra::read_models::org_scope(&mut client, org).await?;
+        let mut out = Vec::new();
+        let mut before = None;
+        loop {
+            let page = activity_rm::of_entities(&t, org, &entities, before, 500).await?;
+            let full = page.len() == 500;
+            before = page.last().map(|e| e.global_position);
+            out.extend(page.into_iter().map(super::activity::item));
+            if !full {
+                break out;
+            }
+        }
+    };
+    array(tx, "activity", &activity).await?;
+    drop(activity);
+
+    // The history, a page of events at a time.
+    send(tx, ",\"history\":[".into()).await?;
+    let sid = id.to_string();
+    let mut first = true;
+    for stream_type in [Contact::TYPE, ConsentLedger::TYPE] {
+        let stream = StreamId {
+            org_id: org,
+            aggregate_type: stream_type,
+            aggregate_id: &sid,
+        };
+        let mut after = 0;
+        loop {
+            let page = event_store::read_stream_page(&client, &stream, after, 500).await?;
+            let full = page.len() == 500;
+            for stored in page {
+                after = stored.sequence;
+                let d = decode(s.executor.crypto(), &client, stored).await?;
+                let event = ExportedEvent {
+                    stream: stream_type.to_owned(),
+                    event: history_event(d, policy),
+                };
+                let json = serde_json::to_string(&event).map_err(ApiError::internal)?;
+                send(tx, if first { json } else { format!(",{json}") }).await?;
+                first = false;
+            }
+            if !full {
+                break;
+            }
+        }
+    }
+    send(tx, "]}".into()).await
 }

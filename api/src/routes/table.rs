@@ -113,6 +113,13 @@ pub fn table() -> Vec<Route> {
             .staff(P::ContactsErase)
             .errors(&[404, 409])
             .to(rights::erase),
+        route(get.clone(), "/v1/contacts/{id}/export", "rights")
+            .summary(
+                "Everything held about a contact, as JSON, streamed (recorded as an event)",
+            )
+            .staff(P::ContactsExport)
+            .errors(&[404])
+            .to(rights::export),
         route(get.clone(), "/v1/erasures", "rights")
             .summary("Erasure receipts, newest first (no personal data)")
             .staff(P::ErasuresRead)

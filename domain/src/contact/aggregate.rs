@@ -198,6 +198,15 @@ impl Aggregate for Contact {
                 sink.write(ContactEvent::LegalHoldLifted { why }, self)
                     .await;
             }
+            ContactCommand::RecordExport { export_id, source } => {
+                // An erased contact may still be exported: what is left has no
+                // personal data, and the auditor may ask.
+                if !self.exists() {
+                    return Err(ContactError::NotFound);
+                }
+                let event = ContactEvent::ContactExported { export_id, source };
+                sink.write(event, self).await;
+            }
             ContactCommand::Erase {
                 request_id,
                 source,
@@ -235,6 +244,7 @@ impl Aggregate for Contact {
             ContactEvent::ContactArchived {} => self.archived = true,
             ContactEvent::LegalHoldPlaced { .. } => self.legal_hold = true,
             ContactEvent::LegalHoldLifted { .. } => self.legal_hold = false,
+            ContactEvent::ContactExported { .. } => {}
             ContactEvent::ContactErased { .. } => {
                 self.erased = true;
                 self.profile = ContactProfile::default();

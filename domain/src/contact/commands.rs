@@ -1,6 +1,6 @@
 use uuid::Uuid;
 
-use super::events::{ContactChanges, ContactProfile, ErasureSource};
+use super::events::{ContactChanges, ContactProfile, RequestSource};
 
 /// Commands on a contact. Values are already parsed; the API rejects bad input before.
 #[derive(Debug, Clone, PartialEq)]
@@ -20,10 +20,15 @@ pub enum ContactCommand {
     LiftLegalHold {
         reason: Option<String>,
     },
+    /// Records that everything held about the contact was exported.
+    RecordExport {
+        export_id: Uuid,
+        source: RequestSource,
+    },
     /// Records the erasure whose keys the same commit destroys (the executor's effect).
     Erase {
         request_id: Uuid,
-        source: ErasureSource,
+        source: RequestSource,
         keys_destroyed: Vec<String>,
         suppressed: Vec<String>,
     },

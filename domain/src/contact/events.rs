@@ -113,10 +113,10 @@ pub struct HoldReason {
     pub reason: Option<String>,
 }
 
-/// Who asked for an erasure (GDPR Art. 17).
+/// Who asked for a data-subject right to be exercised (an erasure, an export).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum ErasureSource {
+pub enum RequestSource {
     /// A staff member holding `contacts.erase`.
     Staff,
     /// An AI action approved under the risk policy.
@@ -125,11 +125,11 @@ pub enum ErasureSource {
     PreferenceCenter,
     /// The contact, signed in to the portal.
     Portal,
-    /// The retention sweep: the contact's retention period ran out.
+    /// The retention sweep: the contact's retention period ran out (erasure only).
     Retention,
 }
 
-impl ErasureSource {
+impl RequestSource {
     pub fn name(self) -> &'static str {
         match self {
             Self::Staff => "staff",
@@ -164,10 +164,16 @@ pub enum ContactEvent {
     /// commit, so every earlier event's personal data (this stream's, its consent
     /// stream's, its messages' and the AI actions' that touched it) is unreadable from
     /// now on. It carries no personal data itself.
+    /// A copy of everything held about the contact was handed out (GDPR Art. 15/20):
+    /// who exported whom is in the metadata, when in the event's times.
+    ContactExported {
+        export_id: Uuid,
+        source: RequestSource,
+    },
     ContactErased {
         /// The erasure request this fulfils (its receipt's id).
         request_id: Uuid,
-        source: ErasureSource,
+        source: RequestSource,
         /// The subjects whose data keys were destroyed: the contact's own, then its
         /// messages' and AI actions'.
         keys_destroyed: Vec<String>,
@@ -186,6 +192,7 @@ impl DomainEvent for ContactEvent {
             Self::LegalHoldPlaced { .. } => "LegalHoldPlaced",
             Self::LegalHoldLifted { .. } => "LegalHoldLifted",
             Self::ContactErased { .. } => "ContactErased",
+            Self::ContactExported { .. } => "ContactExported",
         }
         .to_owned()
     }
@@ -201,7 +208,9 @@ impl PersonalData for ContactEvent {
             Self::ContactCreated { .. } => &["profile"],
             Self::ContactUpdated { .. } => &["set"],
             Self::LegalHoldPlaced { .. } | Self::LegalHoldLifted { .. } => &["why"],
-            Self::ContactArchived { .. } | Self::ContactErased { .. } => &[],
+            Self::ContactArchived { .. }
+            | Self::ContactErased { .. }
+            | Self::ContactExported { .. } => &[],
         }
     }
 }

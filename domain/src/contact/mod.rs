@@ -7,7 +7,7 @@ mod events;
 pub use aggregate::{apply_changes, Contact, ContactError};
 pub use commands::ContactCommand;
 pub use events::{
-    ContactChanges, ContactEvent, ContactField, ContactProfile, ErasureSource, HoldReason,
+    ContactChanges, ContactEvent, ContactField, ContactProfile, HoldReason, RequestSource,
 };
 
 #[cfg(test)]

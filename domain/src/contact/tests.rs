@@ -572,7 +572,7 @@ fn event_types_and_versions() {
 fn erase() -> ContactCommand {
     ContactCommand::Erase {
         request_id: Uuid::from_u128(0xE1),
-        source: ErasureSource::Staff,
+        source: RequestSource::Staff,
         keys_destroyed: vec![CONTACT_ID.to_string()],
         suppressed: vec!["email".into()],
     }
@@ -581,7 +581,7 @@ fn erase() -> ContactCommand {
 fn erased() -> ContactEvent {
     ContactEvent::ContactErased {
         request_id: Uuid::from_u128(0xE1),
-        source: ErasureSource::Staff,
+        source: RequestSource::Staff,
         keys_destroyed: vec![CONTACT_ID.to_string()],
         suppressed: vec!["email".into()],
     }

@@ -229,3 +229,25 @@ pub async fn list(
     };
     Ok(rows.iter().map(from_row).collect())
 }
+
+/// A page of the entries about any of `entity_ids` (a contact, its messages, the AI
+/// actions that touched it), newest first: one probe of the entity index per id.
+pub async fn of_entities(
+    client: &impl GenericClient,
+    org_id: Uuid,
+    entity_ids: &[String],
+    before: Option<i64>,
+    limit: i64,
+) -> Result<Vec<ActivityEntry>, ProjectionError> {
+    let rows = client
+        .query(
+            &format!(
+                "SELECT {COLUMNS} FROM activity WHERE org_id = $1 AND entity_id = ANY($2) \
+                 AND ($3::int8 IS NULL OR global_position < $3) \
+                 ORDER BY global_position DESC LIMIT $4"
+            ),
+            &[&org_id, &entity_ids, &before, &limit],
+        )
+        .await?;
+    Ok(rows.iter().map(from_row).collect())
+}

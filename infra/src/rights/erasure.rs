@@ -22,7 +22,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use crm_domain::consent::Channel;
-use crm_domain::contact::{Contact, ContactCommand, ContactError, ContactProfile, ErasureSource};
+use crm_domain::contact::{Contact, ContactCommand, ContactError, ContactProfile, RequestSource};
 use crm_domain::metadata::EventMetadata;
 use deadpool_postgres::GenericClient;
 use futures::FutureExt;
@@ -45,7 +45,7 @@ pub struct Erase {
     pub contact_id: Uuid,
     /// The receipt's id.
     pub request_id: Uuid,
-    pub source: ErasureSource,
+    pub source: RequestSource,
 }
 
 /// What an erasure did.

@@ -255,8 +255,15 @@ async fn a_message_queued_before_its_recipient_was_erased_is_never_sent() {
     stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), handle).await;
     assert_eq!(doc["status"], "failed", "{doc}");
-    assert_eq!(step_types(&doc), ["MessageQueued", "MessageFailed"], "{doc}");
-    assert_eq!(doc["steps"][1]["error"], "the recipient was erased", "{doc}");
+    assert_eq!(
+        step_types(&doc),
+        ["MessageQueued", "MessageFailed"],
+        "{doc}"
+    );
+    assert_eq!(
+        doc["steps"][1]["error"], "the recipient was erased",
+        "{doc}"
+    );
     assert!(sink.messages().is_empty(), "{:?}", sink.messages());
     assert_eq!(sink.data_attempts(), 0);
     app.stop().await;

@@ -438,3 +438,221 @@ async fn another_process_forgets_a_destroyed_key_at_once() {
     second.stop().await;
     app.stop().await;
 }
+
+/// Gives `contact` (reached at `email`) a consent, a message, a history and an AI
+/// action; returns the message's and the action's ids.
+async fn lived(app: &TestApp, token: &str, contact: Uuid, email: &str) -> (String, String) {
+    let (s, v) = app
+        .call_as(
+            token,
+            Method::POST,
+            &format!("/v1/contacts/{contact}/consent"),
+            Some(json!({
+                "channel": "email", "purpose": "marketing", "status": "granted",
+                "source": "import", "contact_point": email,
+                "notice": {"id": "privacy-policy", "version": "2026-01", "sha256": NOTICE_SHA},
+            })),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let (s, m) = app
+        .call_as(
+            token,
+            Method::POST,
+            &format!("/v1/contacts/{contact}/messages"),
+            Some(json!({"channel": "email", "purpose": "marketing", "subject": "Hi", "body": "Hello"})),
+        )
+        .await;
+    assert_eq!(s, 201, "{m}");
+    let (s, v) = app
+        .call_as(
+            token,
+            Method::PATCH,
+            &format!("/v1/contacts/{contact}"),
+            Some(json!({"title": "Dr"})),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let (s, agent) = app
+        .call_as(
+            token,
+            Method::POST,
+            "/v1/api-keys",
+            Some(json!({"name": "Assistant", "role": "team", "kind": "agent"})),
+        )
+        .await;
+    assert_eq!(s, 201, "{agent}");
+    let (s, a) = app
+        .call_as(
+            agent["key"].as_str().unwrap(),
+            Method::POST,
+            "/v1/ai/actions",
+            Some(json!({
+                "type": "update_contact", "contact_id": contact,
+                "arguments": {"given_name": "Someone"}, "reasoning_summary": "asked by phone",
+            })),
+        )
+        .await;
+    assert_eq!(s, 201, "{a}");
+    (
+        m["id"].as_str().unwrap().to_owned(),
+        a["id"].as_str().unwrap().to_owned(),
+    )
+}
+
+#[tokio::test]
+async fn an_export_holds_every_category_of_the_contact_and_nothing_of_anyone_else() {
+    let app = TestApp::spawn().await;
+    let email = "export.subject@example.com";
+    let (c, _) = app
+        .create_contact(&json!({"given_name": "Exportina", "email": email}))
+        .await;
+    let (message, action) = lived(&app, &app.token, c, email).await;
+    // Another contact of the organisation, and a contact of another organisation, with
+    // lives of their own.
+    let other_email = "bystander.zz9@example.com";
+    let (other, _) = app
+        .create_contact(&json!({"given_name": "Bystanderina", "email": other_email}))
+        .await;
+    lived(&app, &app.token, other, other_email).await;
+    let (other_org, _, other_token) = app.another_org("Elsewhere").await;
+    let (s, v) = app
+        .call_as(
+            &other_token,
+            Method::POST,
+            "/v1/contacts",
+            Some(json!({"given_name": "Foreignina", "email": "foreign.yy8@example.com"})),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let foreign = v["id"].as_str().unwrap().to_owned();
+
+    // Who may not export, and what cannot be exported.
+    let (_, team) = app.user_with_role(RoleRef::Builtin(Role::Team)).await;
+    let (s, _) = app
+        .call_as(
+            &team,
+            Method::GET,
+            &format!("/v1/contacts/{c}/export"),
+            None,
+        )
+        .await;
+    assert_eq!(s, 403);
+    let (s, v) = get(&app, &format!("/v1/contacts/{foreign}/export")).await;
+    assert_eq!((s, v["code"].as_str()), (404, Some("not_found")), "{v}");
+
+    let r = app
+        .http
+        .get(app.url(&format!("/v1/contacts/{c}/export")))
+        .bearer_auth(&app.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-disposition"]
+        .to_str()
+        .unwrap()
+        .starts_with("attachment"));
+    let text = r.text().await.unwrap();
+    let doc: Value = serde_json::from_str(&text).expect("the export is one JSON document");
+    assert_eq!(doc["schema"], "crm.contact-export.v1");
+    assert_eq!(doc["organization_id"], json!(app.org_id));
+    assert_eq!(
+        (
+            doc["contact"]["id"].clone(),
+            doc["contact"]["email"].as_str()
+        ),
+        (json!(c), Some(email))
+    );
+    assert_eq!(
+        doc["consent"]["records"][0]["status"], "granted",
+        "{}",
+        doc["consent"]
+    );
+    let log = doc["consent_log"].as_array().unwrap();
+    assert!(!log.is_empty() && log.iter().all(|e| e["contact_id"] == json!(c)));
+    assert_eq!(
+        doc["messages"][0]["id"],
+        json!(message),
+        "{}",
+        doc["messages"]
+    );
+    assert_eq!(doc["messages"][0]["to"], email);
+    assert_eq!(
+        doc["messages"][0]["steps"][0]["decision"]["reason"],
+        "consent"
+    );
+    assert_eq!(doc["ai_actions"][0]["id"], json!(action));
+    assert_eq!(doc["ai_actions"][0]["reasoning_summary"], "asked by phone");
+    assert_eq!(doc["ai_actions"][0]["contacts"], json!([c]));
+    let entities: Vec<&str> = doc["activity"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["entity"]["id"].as_str().unwrap())
+        .collect();
+    for id in [c.to_string(), message.clone(), action.clone()] {
+        assert!(entities.contains(&id.as_str()), "{id} not in {entities:?}");
+    }
+    let history: Vec<(String, String)> = doc["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["stream"].as_str().unwrap().to_owned(),
+                e["type"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    for (stream, ty) in [
+        ("contact", "ContactCreated"),
+        ("contact", "ContactUpdated"),
+        ("contact", "ContactExported"),
+        ("consent", "ConsentRecorded"),
+    ] {
+        assert!(
+            history.contains(&(stream.to_owned(), ty.to_owned())),
+            "{stream}/{ty} not in {history:?}"
+        );
+    }
+    assert_eq!(history[0].1, "ContactCreated");
+    assert_eq!(
+        doc["history"][0]["data"]["profile"]["given_name"],
+        "Exportina"
+    );
+
+    // Nothing of the other contact or the other organisation.
+    for foreign_value in [
+        other.to_string(),
+        other_email.to_owned(),
+        "Bystanderina".to_owned(),
+        foreign.clone(),
+        "Foreignina".to_owned(),
+        other_org.to_string(),
+    ] {
+        assert!(
+            !text.contains(&foreign_value),
+            "the export holds {foreign_value}"
+        );
+    }
+
+    // The export itself is an event: who exported whom, when.
+    let exported: Vec<(String, Value)> = app
+        .db()
+        .await
+        .query(
+            "SELECT aggregate_id, metadata -> 'principal' FROM events \
+             WHERE event_type = 'ContactExported'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(exported.len(), 1);
+    assert_eq!(exported[0].0, c.to_string());
+    assert_eq!(exported[0].1["id"], json!(app.user_id.to_string()));
+    app.stop().await;
+}
