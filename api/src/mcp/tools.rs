@@ -135,6 +135,22 @@ pub(crate) const COMMANDS: &[(&str, &str, Method, &str)] = &[
         Method::POST,
         "/v1/users/{id}/role",
     ),
+    (
+        "export",
+        "Export everything held about one contact (profile, consent and its log, messages, \
+         AI actions, activity, history), `arguments` `{}`. High risk: waits for approval; \
+         once executed, you download it at `GET /v1/ai/actions/{id}/export`.",
+        Method::GET,
+        "/v1/contacts/{id}/export",
+    ),
+    (
+        "erase",
+        "Erase one contact for good (GDPR Art. 17): its data keys are destroyed, its \
+         personal data is gone from every read model, its addresses are suppressed; \
+         `arguments` `{}`. High risk: waits for approval; refused under a legal hold.",
+        Method::POST,
+        "/v1/contacts/{id}/erase",
+    ),
 ];
 
 /// What every write tool says about where its action goes.

@@ -20,7 +20,7 @@ use crm_domain::ai::{
     Initiator, ModelInfo, Request,
 };
 use crm_domain::consent::ledger::ConsentLedger;
-use crm_domain::contact::Contact;
+use crm_domain::contact::{Contact, RequestSource};
 use crm_domain::message::Message;
 use crm_domain::metadata::PrincipalKind;
 use crm_domain::user::User;
@@ -36,11 +36,12 @@ use uuid::Uuid;
 use super::consent::{ConsentInput, ReasonInput};
 use super::contacts::ContactInput;
 use super::messages::MessageInput;
+use super::rights::ExportDocument;
 use super::users::RoleChange;
 use super::Authed;
 use crate::auth::Caller;
 use crate::edge::extract::{Id, Json};
-use crate::edge::reply::{Created, Ok200};
+use crate::edge::reply::{Created, Ok200, RawAs};
 use crate::error::{ApiError, FieldError};
 use crate::state::AppState;
 
@@ -65,6 +66,11 @@ pub(crate) enum AiActionKind {
     LiftDoNotContact,
     /// `user_id`; `arguments` as `POST /v1/users/{id}/role` takes its body.
     ChangePermissions,
+    /// `contact_id`; `arguments` `{}`. Runs `GET /v1/contacts/{id}/export`'s export:
+    /// the proposer then downloads it at `GET /v1/ai/actions/{id}/export`.
+    Export,
+    /// `contact_id`; `arguments` `{}`. Runs `POST /v1/contacts/{id}/erase`.
+    Erase,
 }
 
 /// What an action is about, as its kind names it.
@@ -88,6 +94,8 @@ impl AiActionKind {
             Self::SetDoNotContact => ActionKind::SetDoNotContact,
             Self::LiftDoNotContact => ActionKind::LiftDoNotContact,
             Self::ChangePermissions => ActionKind::ChangePermissions,
+            Self::Export => ActionKind::Export,
+            Self::Erase => ActionKind::Erase,
         }
     }
 
@@ -101,6 +109,8 @@ impl AiActionKind {
             Self::SetDoNotContact,
             Self::LiftDoNotContact,
             Self::ChangePermissions,
+            Self::Export,
+            Self::Erase,
         ]
         .into_iter()
         .find(|k| k.kind() == kind)
@@ -115,6 +125,8 @@ impl AiActionKind {
                 Permission::ConsentManage
             }
             Self::ChangePermissions => Permission::UsersManage,
+            Self::Export => Permission::ContactsExport,
+            Self::Erase => Permission::ContactsErase,
         }
     }
 
@@ -249,7 +261,14 @@ pub(crate) enum AiActionArguments {
     DoNotContact(ReasonInput),
     /// `change_permissions`: as `POST /v1/users/{id}/role` takes it.
     ChangePermissions(RoleChange),
+    /// `export`, `erase`: nothing (`{}`).
+    Nothing(NoArguments),
 }
+
+/// The arguments of a kind that takes none: `{}`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct NoArguments {}
 
 /// `POST /v1/ai/actions`.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -452,6 +471,9 @@ fn risk_input(
         AiActionKind::ChangePermissions => {
             let body: RoleChange = serde_json::from_value(arguments.clone()).map_err(invalid)?;
             super::users::check_role_change(&body)?;
+        }
+        AiActionKind::Export | AiActionKind::Erase => {
+            let _: NoArguments = serde_json::from_value(arguments.clone()).map_err(invalid)?;
         }
     }
     Ok(input)
@@ -871,6 +893,57 @@ pub(crate) async fn get_one(
     Id(id): Id,
 ) -> Result<Ok200<AiActionDoc>, ApiError> {
     Ok(Ok200(describe(&s, &a, id).await?))
+}
+
+/// `GET /v1/ai/actions/{id}/export`: the export an executed `export` action made, for
+/// its proposer only (the document as `GET /v1/contacts/{id}/export` streams it, under
+/// the export's own id; downloading it again records nothing new).
+pub(crate) async fn export(
+    s: AppState,
+    a: Authed,
+    Id(id): Id,
+) -> Result<RawAs<ExportDocument>, ApiError> {
+    let org = a.caller.org_id;
+    let (action, events) = read(&s, org, id).await?;
+    // Someone else's action is as unknown as a missing one.
+    if action.agent_id != Some(a.caller.user_id) {
+        return Err(ApiError::NotFound("AI action not found"));
+    }
+    let request = in_force(events.iter().map(|(_, e)| e))
+        .map(|(r, _)| r)
+        .filter(|r| r.kind == ActionKind::Export)
+        .ok_or(ApiError::NotFound("not an export action"))?;
+    if action.status != Some(ActionStatus::Executed) {
+        return Err(ApiError::Conflict(format!(
+            "the action is {}: only an executed export can be downloaded",
+            super::schemas::wire_name(&action.status)
+        )));
+    }
+    let contact = request.contacts.first().copied().unwrap_or_default();
+    let client = s.pool.get().await?;
+    let row = client
+        .query_opt(
+            "SELECT payload -> 'ContactExported' ->> 'export_id', global_position FROM events \
+             WHERE org_id = $1 AND aggregate_type = $2 AND aggregate_id = $3 \
+               AND event_type = 'ContactExported' AND metadata ->> 'causation_id' = $4",
+            &[&org, &Contact::TYPE, &contact.to_string(), &id.to_string()],
+        )
+        .await?
+        .ok_or(ApiError::NotFound("the action's export was not recorded"))?;
+    let export_id: Uuid = row
+        .get::<_, String>(0)
+        .parse()
+        .map_err(ApiError::internal)?;
+    drop(client);
+    let response = super::rights::stream_export_of(
+        &s,
+        org,
+        contact,
+        (export_id, row.get(1)),
+        &a.access.policy,
+    )
+    .await?;
+    Ok(RawAs::new(response))
 }
 
 pub(crate) async fn approve(
@@ -1660,6 +1733,9 @@ async fn outcome_of(
                 let user = target.user_id.unwrap_or_default();
                 change_permissions(s, proposer, org, id, user, arguments).await?
             }
+            AiActionKind::Export | AiActionKind::Erase => {
+                subject_right(s, proposer, org, id, kind, target.contact(), fresh).await?
+            }
         },
     })
 }
@@ -1843,6 +1919,34 @@ async fn consent_change(
             super::consent::lift_do_not_contact(s2, proposer, contact, Json(input)).await
         }
         .map(|_| ())
+    })
+    .await
+}
+
+/// An export or an erasure of one contact, as the proposer (the tombstone's or the
+/// export's event caused by the action). An export is recorded here; the proposer
+/// downloads it at `GET /v1/ai/actions/{id}/export`.
+async fn subject_right(
+    s: &AppState,
+    proposer: Authed,
+    org: Uuid,
+    id: Uuid,
+    kind: AiActionKind,
+    contact: Uuid,
+    fresh: bool,
+) -> Result<Outcome, ApiError> {
+    let stream = (Contact::TYPE, contact.to_string());
+    let metadata = proposer.metadata();
+    once(s, org, id, stream, fresh, async {
+        if kind == AiActionKind::Erase {
+            super::rights::erase_contact(s, org, contact, RequestSource::AiAction, &metadata)
+                .await
+                .map(|_| ())
+        } else {
+            super::rights::record_export(s, org, contact, RequestSource::AiAction, &metadata)
+                .await
+                .map(|_| ())
+        }
     })
     .await
 }

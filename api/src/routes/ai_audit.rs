@@ -606,6 +606,23 @@ pub(crate) async fn approvals(
             "set_do_not_contact" => (do_not_contact(true, &arguments), 0),
             "lift_do_not_contact" => (do_not_contact(false, &arguments), 0),
             "change_permissions" => (new_members("user", &arguments), 0),
+            // What would happen to the contact as a whole.
+            "erase" => (
+                vec![AiChange {
+                    field: "contact".into(),
+                    from: Value::from("held"),
+                    to: Value::from("erased"),
+                }],
+                0,
+            ),
+            "export" => (
+                vec![AiChange {
+                    field: "contact".into(),
+                    from: Value::Null,
+                    to: Value::from("exported to the proposer"),
+                }],
+                0,
+            ),
             _ => (vec![], 0),
         };
         let can_decide = e.on_behalf_of != Some(a.caller.user_id);

@@ -404,7 +404,7 @@ const EXPORT_READS: [&str; 5] = [
 ];
 
 /// Records the export (`ContactExported`) and streams the document. Shared by the
-/// staff route, AI actions and the preference center.
+/// staff route and the preference center.
 pub(crate) async fn export_contact(
     s: &AppState,
     org: Uuid,
@@ -413,6 +413,19 @@ pub(crate) async fn export_contact(
     metadata: &crm_domain::metadata::EventMetadata,
     policy: &Policy,
 ) -> Result<warp::reply::Response, ApiError> {
+    let recorded = record_export(s, org, id, source, metadata).await?;
+    stream_export_of(s, org, id, recorded, policy).await
+}
+
+/// Records an export of contact `id` (404 if there is none): its id and the event's
+/// position.
+pub(crate) async fn record_export(
+    s: &AppState,
+    org: Uuid,
+    id: Uuid,
+    source: RequestSource,
+    metadata: &crm_domain::metadata::EventMetadata,
+) -> Result<(Uuid, i64), ApiError> {
     let export_id = Uuid::now_v7();
     let outcome = s
         .executor
@@ -424,9 +437,22 @@ pub(crate) async fn export_contact(
             None,
         )
         .await?;
-    let position = outcome.positions.last().copied();
+    let position = outcome.positions.last().copied().unwrap_or_default();
+    Ok((export_id, position))
+}
+
+/// Streams the document of export `export_id` of contact `id` (recorded at
+/// `position`) as a reader with `policy` sees it, once the read models it reads have
+/// applied the export's event.
+pub(crate) async fn stream_export_of(
+    s: &AppState,
+    org: Uuid,
+    id: Uuid,
+    (export_id, position): (Uuid, i64),
+    policy: &Policy,
+) -> Result<warp::reply::Response, ApiError> {
     for name in EXPORT_READS {
-        s.await_projection(name, position, None).await?;
+        s.await_projection(name, Some(position), None).await?;
     }
     // What is read before the first byte goes out: a failure here is still an error
     // answer, not a cut stream.

@@ -227,6 +227,11 @@ pub fn table() -> Vec<Route> {
             .auth(Auth::SignedIn)
             .errors(&[404])
             .to(ai::get_one),
+        route(get.clone(), "/v1/ai/actions/{id}/export", "ai")
+            .summary("The export an executed `export` action made (its proposer only), streamed")
+            .auth(Auth::SignedIn)
+            .errors(&[404, 409])
+            .to(ai::export),
         route(post.clone(), "/v1/ai/actions/{id}/approve", "ai")
             .summary("Approve an AI action's exact arguments (by their SHA-256); it then runs")
             .staff(P::AiApprove)

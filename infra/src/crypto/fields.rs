@@ -141,7 +141,22 @@ impl Crypto {
         if paths.is_empty() {
             return Ok(None);
         }
-        let key = self.key_for_writing(client, org, subject, owners).await?;
+        let key = match self.key_for_writing(client, org, subject, owners).await {
+            Ok(key) => key,
+            // The subject was erased. What is recorded about it from now on (an
+            // outcome, an export) carries no personal data of its own; the actor's IP
+            // address and user agent are left out rather than kept in clear. New
+            // personal data of an erased subject is refused.
+            Err(CryptoError::Erased) if paths.iter().all(|(_, f)| f.starts_with("metadata.")) => {
+                if let Value::Object(m) = metadata {
+                    for (path, _) in &paths {
+                        m.remove(&path[0]);
+                    }
+                }
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
         for (path, field) in paths {
             let root = if field.starts_with("metadata.") {
                 &mut *metadata

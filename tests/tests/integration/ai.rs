@@ -1414,3 +1414,140 @@ async fn concurrent_actions_on_one_contact_each_run_once_or_fail_whole() {
     assert_eq!(history, executed);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn an_export_and_an_erasure_wait_for_approval_then_run_as_the_proposer_once() {
+    let app = TestApp::spawn().await;
+    // An agent of the Owner with Admin rights (exports and erasures need them); a
+    // Team agent may not even propose them.
+    let (s, issued) = post(
+        &app,
+        &app.token,
+        "/v1/api-keys",
+        json!({"name": "Privacy assistant", "role": "admin", "kind": "agent"}),
+    )
+    .await;
+    assert_eq!(s, 201, "{issued}");
+    let agent = issued["key"].as_str().unwrap().to_owned();
+    let (_, _, team_agent, _) = admin_and_agent(&app).await;
+    let contact = new_contact(
+        &app,
+        json!({"given_name": "Grace", "email": format!("{}@example.com", Uuid::new_v4().simple())}),
+    )
+    .await;
+    for kind in ["export", "erase"] {
+        let (s, v) = propose(
+            &app,
+            &team_agent,
+            json!({"type": kind, "contact_id": contact, "arguments": {}}),
+        )
+        .await;
+        assert_eq!(s, 403, "{kind}: {v}");
+    }
+    let (s, v) = propose(
+        &app,
+        &agent,
+        json!({"type": "erase", "contact_id": contact, "arguments": {"why": "x"}}),
+    )
+    .await;
+    assert_eq!(s, 422, "erase takes no arguments: {v}");
+
+    // Export: high risk, so it waits; approved, it runs once as the agent.
+    let (s, pending) = propose(
+        &app,
+        &agent,
+        json!({"type": "export", "contact_id": contact, "arguments": {},
+               "reasoning_summary": "the contact asked for a copy"}),
+    )
+    .await;
+    assert_eq!(s, 201, "{pending}");
+    assert_eq!(
+        (pending["status"].as_str(), pending["risk"].as_str()),
+        (Some("pending_approval"), Some("high")),
+        "{pending}"
+    );
+    let id = pending["id"].as_str().unwrap().to_owned();
+    let r = app
+        .http
+        .get(app.url(&format!("/v1/ai/actions/{id}/export")))
+        .bearer_auth(&agent)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409, "not executed yet");
+    let done = approve(&app, &app.token, &pending).await;
+    assert_eq!(done["status"], "executed", "{done}");
+    let exported = caused_in(&app, "contact", &contact, &pending).await;
+    assert_eq!(done["result_events"], exported, "{done}");
+    let r = app
+        .http
+        .get(app.url(&format!("/v1/ai/actions/{id}/export")))
+        .bearer_auth(&agent)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let doc: Value = r.json().await.unwrap();
+    assert_eq!(doc["contact"]["given_name"], "Grace", "{doc}");
+    assert_eq!(doc["schema"], "crm.contact-export.v1");
+    // Only the proposer downloads it.
+    let r = app
+        .http
+        .get(app.url(&format!("/v1/ai/actions/{id}/export")))
+        .bearer_auth(&app.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+
+    // Erasure: waits, then runs the erasure with the action as causation.
+    let (s, pending) = propose(
+        &app,
+        &agent,
+        json!({"type": "erase", "contact_id": contact, "arguments": {}}),
+    )
+    .await;
+    assert_eq!(
+        (s, pending["status"].as_str(), pending["rule"].as_str()),
+        (201, Some("pending_approval"), Some("erase")),
+        "{pending}"
+    );
+    let done = approve(&app, &app.token, &pending).await;
+    assert_eq!(done["status"], "executed", "{done}");
+    let tombstone = caused_in(&app, "contact", &contact, &pending).await;
+    assert_eq!(done["result_events"], tombstone, "{done}");
+    let receipts = eventually(Duration::from_secs(5), || async {
+        let (s, v) = call(
+            &app,
+            &app.token,
+            reqwest::Method::GET,
+            &format!("/v1/erasures?contact_id={contact}"),
+            None,
+        )
+        .await;
+        (s == 200 && !v["items"].as_array().unwrap().is_empty()).then_some(v)
+    })
+    .await
+    .expect("the erasure's receipt is listed");
+    assert_eq!(receipts["items"][0]["source"], "ai_action", "{receipts}");
+    assert_eq!(receipts["items"][0]["tombstone"]["event_id"], tombstone[0]);
+    // The action's own record went with it: its key was the contact's to destroy.
+    let (s, audit) = call(
+        &app,
+        &app.token,
+        reqwest::Method::GET,
+        &format!("/v1/ai/audit?contact_id={contact}"),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{audit}");
+    assert!(
+        audit["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|i| i["reasoning_summary"].is_null()),
+        "{audit}"
+    );
+    app.stop().await;
+}
