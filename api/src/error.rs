@@ -310,9 +310,12 @@ impl From<CommandError<ContactError>> for ApiError {
                 code: "legal_hold",
                 message: "the contact is under a legal hold: it cannot be erased until the hold is lifted",
             },
-            CommandError::Domain(d @ (ContactError::AlreadyOnHold | ContactError::NoLegalHold)) => {
-                Self::Conflict(d.to_string())
-            }
+            CommandError::Domain(
+                d @ (ContactError::AlreadyOnHold
+                | ContactError::NoLegalHold
+                | ContactError::AlreadyRestricted
+                | ContactError::NotRestricted),
+            ) => Self::Conflict(d.to_string()),
             CommandError::Domain(ContactError::EmptyProfile) => {
                 Self::Validation(vec![FieldError::new(
                     "profile",

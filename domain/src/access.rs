@@ -100,6 +100,7 @@ permissions! {
     ContactsExport = "contacts.export", Contacts, true;
     ContactsErase = "contacts.erase", Contacts, true;
     ContactsLegalHold = "contacts.legal_hold", Contacts, true;
+    ContactsRestrict = "contacts.restrict", Contacts, true;
     ErasuresRead = "erasures.read", Core, true;
     ConsentProofView = "consent.proof.view", Contacts, true;
     CredentialsDecrypt = "credentials.decrypt", Core, true;

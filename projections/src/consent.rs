@@ -11,7 +11,7 @@
 //!   receipt is checked against).
 
 use chrono::{DateTime, Utc};
-use crm_domain::consent::gate::ConsentState;
+use crm_domain::consent::gate::{fold_contact, ConsentState};
 use crm_domain::consent::ledger::{fold, ConsentEvent};
 use crm_domain::contact::{apply_changes, ContactEvent, ContactProfile};
 use crm_domain::metadata::EventMetadata;
@@ -122,18 +122,15 @@ pub fn update(
                     apply_changes(&mut next.points, changes);
                     next.points = points_of(&next.points);
                 }
-                ContactEvent::ContactArchived {}
-                | ContactEvent::ContactExported { .. }
-                | ContactEvent::LegalHoldPlaced { .. }
-                | ContactEvent::LegalHoldLifted { .. } => {}
                 // Erasure purges the view: no contact point, no record (their points
                 // are personal). The gate then has nothing to send to; the suppression
                 // list keeps a later record of the same address from being marketed to.
-                ContactEvent::ContactErased { .. } => {
-                    next.points = ContactProfile::default();
-                    next.state = ConsentState::default();
-                }
+                ContactEvent::ContactErased { .. } => next.points = ContactProfile::default(),
+                _ => {}
             }
+            // Restriction of processing and erasure, as every reader of the gate's
+            // state folds them.
+            fold_contact(&mut next.state, env.event_id, e);
             next.state.time_zone = next.points.time_zone.map(|tz| tz.0);
             next.contact_version = env.sequence;
         }

@@ -78,7 +78,13 @@ pub fn update(view: Option<&ContactView>, env: &Envelope<'_>, event: &ContactEve
             archived: true,
             ..v.clone()
         },
-        (Some(v), ContactEvent::ContactExported { .. }) => v.clone(),
+        // Events the profile view does not show (the consent view does).
+        (
+            Some(v),
+            ContactEvent::ContactExported { .. }
+            | ContactEvent::ProcessingRestricted { .. }
+            | ContactEvent::ProcessingRestrictionLifted { .. },
+        ) => v.clone(),
         (Some(v), ContactEvent::LegalHoldPlaced { .. }) => ContactView {
             legal_hold: true,
             ..v.clone()

@@ -216,6 +216,9 @@ pub(crate) struct PurposeDoc {
     channels: Vec<Channel>,
     /// Sells or shares personal data (a CCPA opt-out refuses it).
     sells_or_shares: bool,
+    /// Its messages still go to a contact whose processing is restricted (GDPR Art.
+    /// 18), as the law may require of, say, a contract's notices.
+    allowed_when_restricted: bool,
     retired: bool,
 }
 
@@ -251,6 +254,10 @@ pub(crate) struct PurposeInput {
     channels: Vec<Channel>,
     #[serde(default)]
     sells_or_shares: bool,
+    /// Whether its messages still go to a contact whose processing is restricted
+    /// (default false).
+    #[serde(default)]
+    allowed_when_restricted: bool,
     #[schema(max_length = 300, pattern = "@line")]
     reason: String,
 }
@@ -951,6 +958,7 @@ fn privacy_doc(p: &PrivacySettings) -> PrivacyDoc {
                 default_basis: d.purpose.default_basis,
                 channels: d.purpose.channels.clone(),
                 sells_or_shares: d.purpose.sells_or_shares,
+                allowed_when_restricted: d.purpose.allowed_when_restricted,
                 retired: d.purpose.retired,
             })
             .collect(),
@@ -1027,6 +1035,7 @@ pub(crate) async fn define_purpose(
             channels: input.channels,
             retired: false,
             sells_or_shares: input.sells_or_shares,
+            allowed_when_restricted: input.allowed_when_restricted,
         },
         name,
         description,

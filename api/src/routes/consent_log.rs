@@ -276,6 +276,11 @@ pub(crate) struct ContactConsent {
     sale_or_sharing_opted_out: bool,
     /// The event of the opt-out, while it stands.
     sale_or_sharing_opt_out_event_id: Option<Uuid>,
+    /// Whether the contact's processing is restricted (GDPR Art. 18; current reads:
+    /// a read of the past does not fold it).
+    processing_restricted: bool,
+    /// The event that restricted it, while it stands.
+    restriction_event_id: Option<Uuid>,
     /// The time asked for (`?as_of=` reads only).
     #[serde(skip_serializing_if = "Option::is_none")]
     as_of: Option<DateTime<Utc>>,
@@ -315,6 +320,8 @@ impl ContactConsent {
             do_not_contact_event_id: state.do_not_contact,
             sale_or_sharing_opted_out: state.sale_or_sharing_opt_out.is_some(),
             sale_or_sharing_opt_out_event_id: state.sale_or_sharing_opt_out,
+            processing_restricted: state.restricted.is_some(),
+            restriction_event_id: state.restricted,
             as_of: None,
             position: None,
         }

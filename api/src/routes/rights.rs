@@ -102,6 +102,26 @@ pub(crate) async fn lift_legal_hold(
     hold_command(&s, &a, id, ContactCommand::LiftLegalHold { reason }).await
 }
 
+pub(crate) async fn restrict(
+    s: AppState,
+    a: Authed,
+    Id(id): Id,
+    Json(input): Json<ReasonInput>,
+) -> Result<Ok200<Outcome>, ApiError> {
+    let reason = reason(input.reason)?;
+    hold_command(&s, &a, id, ContactCommand::RestrictProcessing { reason }).await
+}
+
+pub(crate) async fn lift_restriction(
+    s: AppState,
+    a: Authed,
+    Id(id): Id,
+    Json(input): Json<ReasonInput>,
+) -> Result<Ok200<Outcome>, ApiError> {
+    let reason = reason(input.reason)?;
+    hold_command(&s, &a, id, ContactCommand::LiftRestriction { reason }).await
+}
+
 /// Who asked for an erasure.
 #[derive(Serialize, ToSchema)]
 pub(crate) struct Requester {

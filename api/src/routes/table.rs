@@ -105,6 +105,19 @@ pub fn table() -> Vec<Route> {
             .staff(P::ContactsLegalHold)
             .errors(&[404, 409])
             .to(rights::lift_legal_hold),
+        route(post.clone(), "/v1/contacts/{id}/restriction", "rights")
+            .summary(
+                "Restrict the contact's processing (GDPR Art. 18): the gate refuses every \
+                 purpose not allowed under restriction",
+            )
+            .staff(P::ContactsRestrict)
+            .errors(&[404, 409])
+            .to(rights::restrict),
+        route(post.clone(), "/v1/contacts/{id}/restriction/lift", "rights")
+            .summary("Lift the restriction of the contact's processing")
+            .staff(P::ContactsRestrict)
+            .errors(&[404, 409])
+            .to(rights::lift_restriction),
         route(post.clone(), "/v1/contacts/{id}/erase", "rights")
             .summary(
                 "Erase a contact: destroy its data keys, write its tombstone, purge the read \

@@ -10,12 +10,13 @@
 //! | 2 | the purpose is not retired | `purpose_retired` |
 //! | 3 | the purpose covers the channel | `channel_not_covered` |
 //! | 4 | the contact point is not on the suppression list | `suppressed` |
-//! | 5 | the contact is not marked Do Not Contact | `do_not_contact` |
-//! | 6 | no applicable record is withdrawn or denied (any mode, any basis: an objection is honoured) | `consent_withdrawn`, `consent_denied` |
-//! | 7 | no applicable record is pending confirmation (double opt-in) | `consent_pending_confirmation` |
-//! | 8 | GDPR mode and a purpose based on consent: an applicable record is granted and not expired | `consent_expired` (one had expired), `no_consent` |
-//! | 9 | a purpose that sells or shares data: no do-not-sell/share opt-out | `sale_or_sharing_opted_out` |
-//! | 10 | sms and phone: 08:00 to 21:00 in the contact's time zone (else the organisation's) | `quiet_hours` |
+//! | 5 | the contact's processing is not restricted (GDPR Art. 18), unless the purpose passes under restriction | `restricted` |
+//! | 6 | the contact is not marked Do Not Contact | `do_not_contact` |
+//! | 7 | no applicable record is withdrawn or denied (any mode, any basis: an objection is honoured) | `consent_withdrawn`, `consent_denied` |
+//! | 8 | no applicable record is pending confirmation (double opt-in) | `consent_pending_confirmation` |
+//! | 9 | GDPR mode and a purpose based on consent: an applicable record is granted and not expired | `consent_expired` (one had expired), `no_consent` |
+//! | 10 | a purpose that sells or shares data: no do-not-sell/share opt-out | `sale_or_sharing_opted_out` |
+//! | 11 | sms and phone: 08:00 to 21:00 in the contact's time zone (else the organisation's) | `quiet_hours` |
 //!
 //! A record applies when it is for the request's channel and purpose, and for the
 //! request's contact point or for the whole channel. Allowed decisions say why:
@@ -44,6 +45,7 @@ pub enum Reason {
     PurposeRetired,
     ChannelNotCovered,
     Suppressed,
+    Restricted,
     DoNotContact,
     ConsentWithdrawn,
     ConsentDenied,
@@ -55,7 +57,7 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 15] = [
+    pub const ALL: [Reason; 16] = [
         Self::Consent,
         Self::LawfulBasis,
         Self::OptOutModel,
@@ -63,6 +65,7 @@ impl Reason {
         Self::PurposeRetired,
         Self::ChannelNotCovered,
         Self::Suppressed,
+        Self::Restricted,
         Self::DoNotContact,
         Self::ConsentWithdrawn,
         Self::ConsentDenied,
@@ -104,6 +107,10 @@ pub struct ConsentState {
     pub sale_or_sharing_opt_out: Option<Uuid>,
     /// The event that put the request's contact point on the suppression list.
     pub suppressed_by: Option<Uuid>,
+    /// The event that restricted the contact's processing (GDPR Art. 18), while it
+    /// stands.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restricted: Option<Uuid>,
     /// The contact's IANA time zone, when known.
     pub time_zone: Option<Tz>,
 }
@@ -195,6 +202,12 @@ pub fn decide(
     if let Some(id) = state.suppressed_by {
         return Decision::refuse(Reason::Suppressed, vec![id]);
     }
+    if let Some(id) = state
+        .restricted
+        .filter(|_| !purpose.allowed_when_restricted)
+    {
+        return Decision::refuse(Reason::Restricted, vec![id]);
+    }
     if let Some(id) = state.do_not_contact {
         return Decision::refuse(Reason::DoNotContact, vec![id]);
     }
@@ -251,6 +264,24 @@ pub fn decide(
         }
     }
     Decision::allow(allowed_by, granted)
+}
+
+/// What a contact event changes of the gate's state (the contact points and time zone
+/// are the caller's to keep): a restriction of processing and its lift, and an
+/// erasure, after which nothing is left to decide on. One function for every reader
+/// (the read model, the gate's fallback read, a read of the past).
+pub fn fold_contact(
+    state: &mut ConsentState,
+    event_id: Uuid,
+    event: &crate::contact::ContactEvent,
+) {
+    use crate::contact::ContactEvent as E;
+    match event {
+        E::ProcessingRestricted { .. } => state.restricted = Some(event_id),
+        E::ProcessingRestrictionLifted { .. } => state.restricted = None,
+        E::ContactErased { .. } => *state = ConsentState::default(),
+        _ => {}
+    }
 }
 
 #[cfg(test)]

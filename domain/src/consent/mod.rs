@@ -169,6 +169,10 @@ pub struct Purpose {
     /// Whether it sells or shares personal data (CCPA): a do-not-sell/share opt-out
     /// refuses it.
     pub sells_or_shares: bool,
+    /// Whether its messages may still go to a contact whose processing is restricted
+    /// (GDPR Art. 18 allows what the law requires, say a contract's notices).
+    #[serde(default)]
+    pub allowed_when_restricted: bool,
 }
 
 #[cfg(test)]

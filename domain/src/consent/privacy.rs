@@ -56,6 +56,7 @@ impl PrivacySettings {
                         channels: all.clone(),
                         retired: false,
                         sells_or_shares: false,
+                        allowed_when_restricted: false,
                     },
                     name: "Marketing".into(),
                     description: "Newsletters, offers and announcements".into(),
@@ -67,6 +68,7 @@ impl PrivacySettings {
                         channels: all.clone(),
                         retired: false,
                         sells_or_shares: false,
+                        allowed_when_restricted: false,
                     },
                     name: "Service".into(),
                     description: "Transactional messages: confirmations, receipts, account notices"
@@ -79,6 +81,7 @@ impl PrivacySettings {
                         channels: vec![Channel::Email, Channel::Phone],
                         retired: false,
                         sells_or_shares: false,
+                        allowed_when_restricted: false,
                     },
                     name: "Research".into(),
                     description: "Surveys and user research".into(),

@@ -25,6 +25,10 @@ pub enum ContactError {
     AlreadyOnHold,
     #[error("the contact is not under a legal hold")]
     NoLegalHold,
+    #[error("the contact's processing is already restricted")]
+    AlreadyRestricted,
+    #[error("the contact's processing is not restricted")]
+    NotRestricted,
 }
 
 /// Current state of one contact, rebuilt from its events.
@@ -38,6 +42,8 @@ pub struct Contact {
     pub legal_hold: bool,
     #[serde(default)]
     pub erased: bool,
+    #[serde(default)]
+    pub restricted: bool,
 }
 
 impl Contact {
@@ -198,6 +204,24 @@ impl Aggregate for Contact {
                 sink.write(ContactEvent::LegalHoldLifted { why }, self)
                     .await;
             }
+            ContactCommand::RestrictProcessing { reason } => {
+                self.must_exist()?;
+                if self.restricted {
+                    return Err(ContactError::AlreadyRestricted);
+                }
+                let why = HoldReason { reason };
+                sink.write(ContactEvent::ProcessingRestricted { why }, self)
+                    .await;
+            }
+            ContactCommand::LiftRestriction { reason } => {
+                self.must_exist()?;
+                if !self.restricted {
+                    return Err(ContactError::NotRestricted);
+                }
+                let why = HoldReason { reason };
+                sink.write(ContactEvent::ProcessingRestrictionLifted { why }, self)
+                    .await;
+            }
             ContactCommand::RecordExport { export_id, source } => {
                 // An erased contact may still be exported: what is left has no
                 // personal data, and the auditor may ask.
@@ -245,6 +269,8 @@ impl Aggregate for Contact {
             ContactEvent::LegalHoldPlaced { .. } => self.legal_hold = true,
             ContactEvent::LegalHoldLifted { .. } => self.legal_hold = false,
             ContactEvent::ContactExported { .. } => {}
+            ContactEvent::ProcessingRestricted { .. } => self.restricted = true,
+            ContactEvent::ProcessingRestrictionLifted { .. } => self.restricted = false,
             ContactEvent::ContactErased { .. } => {
                 self.erased = true;
                 self.profile = ContactProfile::default();

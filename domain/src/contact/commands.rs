@@ -20,6 +20,12 @@ pub enum ContactCommand {
     LiftLegalHold {
         reason: Option<String>,
     },
+    RestrictProcessing {
+        reason: Option<String>,
+    },
+    LiftRestriction {
+        reason: Option<String>,
+    },
     /// Records that everything held about the contact was exported.
     RecordExport {
         export_id: Uuid,

@@ -160,6 +160,14 @@ pub enum ContactEvent {
     LegalHoldLifted {
         why: HoldReason,
     },
+    /// GDPR Art. 18: nothing is sent to the contact but what its purpose allows under
+    /// restriction (`Purpose::allowed_when_restricted`), until it is lifted.
+    ProcessingRestricted {
+        why: HoldReason,
+    },
+    ProcessingRestrictionLifted {
+        why: HoldReason,
+    },
     /// The tombstone of an erasure: the data keys named here were destroyed in the same
     /// commit, so every earlier event's personal data (this stream's, its consent
     /// stream's, its messages' and the AI actions' that touched it) is unreadable from
@@ -191,6 +199,8 @@ impl DomainEvent for ContactEvent {
             Self::ContactArchived { .. } => "ContactArchived",
             Self::LegalHoldPlaced { .. } => "LegalHoldPlaced",
             Self::LegalHoldLifted { .. } => "LegalHoldLifted",
+            Self::ProcessingRestricted { .. } => "ProcessingRestricted",
+            Self::ProcessingRestrictionLifted { .. } => "ProcessingRestrictionLifted",
             Self::ContactErased { .. } => "ContactErased",
             Self::ContactExported { .. } => "ContactExported",
         }
@@ -207,7 +217,10 @@ impl PersonalData for ContactEvent {
         match self {
             Self::ContactCreated { .. } => &["profile"],
             Self::ContactUpdated { .. } => &["set"],
-            Self::LegalHoldPlaced { .. } | Self::LegalHoldLifted { .. } => &["why"],
+            Self::LegalHoldPlaced { .. }
+            | Self::LegalHoldLifted { .. }
+            | Self::ProcessingRestricted { .. }
+            | Self::ProcessingRestrictionLifted { .. } => &["why"],
             Self::ContactArchived { .. }
             | Self::ContactErased { .. }
             | Self::ContactExported { .. } => &[],

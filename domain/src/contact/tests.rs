@@ -454,6 +454,7 @@ fn replaying_created_updated_archived_rebuilds_the_state() {
             archived: true,
             legal_hold: false,
             erased: false,
+            restricted: false,
         }
     );
 }

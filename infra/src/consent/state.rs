@@ -292,7 +292,9 @@ impl GateReader {
             let (event_id, is_contact) = (stored.event_id, stored.aggregate_type == Contact::TYPE);
             let decoded = decode(&self.crypto, &client, stored).await?;
             if is_contact {
-                contact.apply(decoded.typed::<ContactEvent>()?);
+                let event = decoded.typed::<ContactEvent>()?;
+                gate::fold_contact(&mut state, event_id, &event);
+                contact.apply(event);
             } else {
                 fold(&mut state, event_id, &decoded.typed::<ConsentEvent>()?);
             }

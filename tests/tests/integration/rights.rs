@@ -656,3 +656,130 @@ async fn an_export_holds_every_category_of_the_contact_and_nothing_of_anyone_els
     assert_eq!(exported[0].1["id"], json!(app.user_id.to_string()));
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_restriction_of_processing_blocks_the_gate_but_for_purposes_allowed_under_it() {
+    let app = TestApp::spawn().await;
+    let email = "restricted.r1@example.com";
+    let (c, _) = app
+        .create_contact(&json!({"given_name": "Rosa", "email": email}))
+        .await;
+    let (s, v) = post(
+        &app,
+        &format!("/v1/contacts/{c}/consent"),
+        json!({
+            "channel": "email", "purpose": "marketing", "status": "granted", "source": "import",
+            "notice": {"id": "privacy-policy", "version": "2026-01", "sha256": NOTICE_SHA},
+        }),
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    let send = |purpose: &'static str| {
+        let app = &app;
+        async move {
+            let (s, v) = post(
+                app,
+                &format!("/v1/contacts/{c}/messages"),
+                json!({"channel": "email", "purpose": purpose, "subject": "Hi", "body": "Hello"}),
+            )
+            .await;
+            assert_eq!(s, 201, "{v}");
+            v
+        }
+    };
+    assert_eq!(send("marketing").await["decision"]["reason"], "consent");
+
+    // Only holders of contacts.restrict restrict.
+    let (_, team) = app.user_with_role(RoleRef::Builtin(Role::Team)).await;
+    let (s, _) = app
+        .call_as(
+            &team,
+            Method::POST,
+            &format!("/v1/contacts/{c}/restriction"),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(s, 403);
+    let (s, v) = post(
+        &app,
+        &format!("/v1/contacts/{c}/restriction"),
+        json!({"reason": "accuracy contested"}),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let at = v["positions"][0].as_i64().unwrap();
+    let restriction = app
+        .db()
+        .await
+        .query_one(
+            "SELECT event_id FROM events WHERE global_position = $1",
+            &[&at],
+        )
+        .await
+        .unwrap()
+        .get::<_, Uuid>(0);
+    let (s, v) = post(&app, &format!("/v1/contacts/{c}/restriction"), json!({})).await;
+    assert_eq!(s, 409, "restricted twice: {v}");
+
+    // Every purpose is refused, naming the restriction, in the gate and the bulk check.
+    for purpose in ["marketing", "service"] {
+        let v = send(purpose).await;
+        assert_eq!(
+            (v["status"].as_str(), v["decision"]["reason"].as_str()),
+            (Some("blocked"), Some("restricted")),
+            "{v}"
+        );
+        assert_eq!(v["decision"]["relied_on"], json!([restriction]));
+    }
+    let (s, v) = get(
+        &app,
+        &format!("/v1/contacts/{c}/consent?min_position={at}&wait_ms=5000"),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        (
+            v["processing_restricted"].as_bool(),
+            v["restriction_event_id"].clone()
+        ),
+        (Some(true), json!(restriction))
+    );
+    let (s, v) = post(
+        &app,
+        "/v1/consent/check",
+        json!({"channel": "email", "purpose": "marketing", "contact_ids": [c]}),
+    )
+    .await;
+    assert_eq!(
+        (s, v["results"][0]["reason"].as_str()),
+        (200, Some("restricted")),
+        "{v}"
+    );
+
+    // The organisation lets service messages through under restriction.
+    let (s, v) = call(
+        &app,
+        Method::PUT,
+        "/v1/privacy/purposes",
+        Some(json!({
+            "key": "service", "name": "Service", "default_basis": "contract",
+            "channels": ["email", "sms", "whatsapp", "phone", "postal"],
+            "allowed_when_restricted": true, "reason": "contract notices must go out"
+        })),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(send("service").await["decision"]["reason"], "lawful_basis");
+    assert_eq!(send("marketing").await["decision"]["reason"], "restricted");
+
+    // Lifted, consent counts again.
+    let (s, v) = post(
+        &app,
+        &format!("/v1/contacts/{c}/restriction/lift"),
+        json!({"reason": "resolved"}),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(send("marketing").await["decision"]["reason"], "consent");
+    app.stop().await;
+}

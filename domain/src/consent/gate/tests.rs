@@ -18,6 +18,7 @@ fn purpose(k: &str, basis: LawfulBasis, channels: &[Channel]) -> Purpose {
         channels: channels.to_vec(),
         retired: false,
         sells_or_shares: false,
+        allowed_when_restricted: false,
     }
 }
 
@@ -289,6 +290,36 @@ fn rule_10_quiet_hours_in_the_contacts_time_zone_for_sms_and_phone() {
 }
 
 #[test]
+fn rule_5_a_restriction_of_processing_blocks_all_but_what_passes_under_it() {
+    let (mut state, _) = granted_marketing_email();
+    let restriction = Uuid::now_v7();
+    state.restricted = Some(restriction);
+    let mut s = settings(PrivacyMode::Gdpr);
+    let d = decide(&state, &s, &request(Channel::Email, "marketing"), noon());
+    assert_eq!(
+        (d.reason, d.relied_on),
+        (Reason::Restricted, vec![restriction])
+    );
+    let d = decide(&state, &s, &request(Channel::Email, "service"), noon());
+    assert_eq!(d.reason, Reason::Restricted);
+    // The organisation lets service messages pass under restriction.
+    s.purposes[1].allowed_when_restricted = true;
+    let d = decide(&state, &s, &request(Channel::Email, "service"), noon());
+    assert_eq!(d.reason, Reason::LawfulBasis);
+    // Suppression comes first; lifting the restriction restores the consent.
+    state.suppressed_by = Some(Uuid::now_v7());
+    let d = decide(&state, &s, &request(Channel::Email, "marketing"), noon());
+    assert_eq!(d.reason, Reason::Suppressed);
+    state.suppressed_by = None;
+    let lifted = crate::contact::ContactEvent::ProcessingRestrictionLifted {
+        why: Default::default(),
+    };
+    fold_contact(&mut state, Uuid::now_v7(), &lifted);
+    let d = decide(&state, &s, &request(Channel::Email, "marketing"), noon());
+    assert_eq!(d.reason, Reason::Consent);
+}
+
+#[test]
 fn reason_codes_are_stable_snake_case() {
     assert_eq!(
         serde_json::to_value(Reason::ConsentPendingConfirmation).unwrap(),
@@ -356,14 +387,18 @@ fn a_purpose() -> impl Strategy<Value = Purpose> {
         prop::sample::subsequence(Channel::ALL.to_vec(), 0..=5),
         prop::bool::weighted(0.15),
         prop::bool::weighted(0.3),
+        prop::bool::weighted(0.3),
     )
-        .prop_map(|(p, basis, channels, retired, sells)| Purpose {
-            key: key(PURPOSES[p]),
-            default_basis: basis,
-            channels,
-            retired,
-            sells_or_shares: sells,
-        })
+        .prop_map(
+            |(p, basis, channels, retired, sells, restricted_ok)| Purpose {
+                key: key(PURPOSES[p]),
+                default_basis: basis,
+                channels,
+                retired,
+                sells_or_shares: sells,
+                allowed_when_restricted: restricted_ok,
+            },
+        )
 }
 
 fn an_id() -> impl Strategy<Value = Option<Uuid>> {
@@ -373,7 +408,13 @@ fn an_id() -> impl Strategy<Value = Option<Uuid>> {
 fn a_case() -> impl Strategy<Value = (ConsentState, Settings, Request, DateTime<Utc>)> {
     (
         prop::collection::vec(a_record(), 0..6),
-        (an_id(), an_id(), an_id(), prop::option::of(0..ZONES.len())),
+        (
+            an_id(),
+            an_id(),
+            an_id(),
+            prop::option::of(0..ZONES.len()),
+            an_id(),
+        ),
         (
             prop::bool::ANY,
             prop::collection::vec(a_purpose(), 0..3),
@@ -388,7 +429,7 @@ fn a_case() -> impl Strategy<Value = (ConsentState, Settings, Request, DateTime<
         .prop_map(
             |(
                 mut records,
-                (dnc, opt_out, sup, zone),
+                (dnc, opt_out, sup, zone, restricted),
                 (gdpr, purposes, org_zone),
                 (ch, p, point),
                 (t, aim),
@@ -407,6 +448,7 @@ fn a_case() -> impl Strategy<Value = (ConsentState, Settings, Request, DateTime<
                         do_not_contact: dnc,
                         sale_or_sharing_opt_out: opt_out,
                         suppressed_by: sup,
+                        restricted,
                         time_zone: zone.map(|z| ZONES[z]),
                     },
                     Settings {
@@ -453,7 +495,7 @@ fn oracle(state: &ConsentState, s: &Settings, r: &Request, now: DateTime<Utc>) -
     let local = now
         .with_timezone(&state.time_zone.unwrap_or(s.time_zone))
         .time();
-    let rules: [(bool, Reason); 12] = [
+    let rules: [(bool, Reason); 13] = [
         (purpose.is_some(), Reason::PurposeUnknown),
         (purpose.is_some_and(|p| !p.retired), Reason::PurposeRetired),
         (
@@ -461,6 +503,10 @@ fn oracle(state: &ConsentState, s: &Settings, r: &Request, now: DateTime<Utc>) -
             Reason::ChannelNotCovered,
         ),
         (state.suppressed_by.is_none(), Reason::Suppressed),
+        (
+            state.restricted.is_none() || purpose.is_some_and(|p| p.allowed_when_restricted),
+            Reason::Restricted,
+        ),
         (state.do_not_contact.is_none(), Reason::DoNotContact),
         (!has(ConsentStatus::Withdrawn), Reason::ConsentWithdrawn),
         (!has(ConsentStatus::Denied), Reason::ConsentDenied),
@@ -511,6 +557,7 @@ proptest! {
         // Whatever it relied on is one of the events it was given.
         let known: Vec<Uuid> = state.records.iter().map(|r| r.event_id)
             .chain(state.do_not_contact).chain(state.sale_or_sharing_opt_out).chain(state.suppressed_by)
+            .chain(state.restricted)
             .collect();
         prop_assert!(d.relied_on.iter().all(|id| known.contains(id)));
     }
