@@ -186,6 +186,14 @@ pub struct Common {
         default_value_t = 10_000
     )]
     pub ai_sweep_interval_ms: u64,
+    /// How often `serve` runs the retention sweep, in seconds (docs/rights.md); 0: never.
+    #[arg(
+        long,
+        env = "CRM_RETENTION_SWEEP_SECS",
+        global = true,
+        default_value_t = 3_600
+    )]
+    pub retention_sweep_secs: u64,
     /// Requests per second per client IP on the API (0: no limit).
     #[arg(long, env = "CRM_RATE_LIMIT_API", global = true, default_value_t = 30)]
     pub rate_limit_api: u32,
@@ -234,6 +242,11 @@ pub enum Command {
     Audit {
         #[command(subcommand)]
         command: AuditCommand,
+    },
+    /// Retention: erase the contacts past their retention period.
+    Retention {
+        #[command(subcommand)]
+        command: RetentionCommand,
     },
     /// Consent receipt commands.
     Receipts {
@@ -293,6 +306,18 @@ pub enum AuditCommand {
     Verify {
         #[arg(long)]
         org: Option<Uuid>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RetentionCommand {
+    /// One pass of the retention sweep (as `serve` runs it): erases, through the
+    /// erasure's own path, every contact past its period, leaves those under a legal
+    /// hold; prints what it did.
+    Sweep {
+        /// The sweep's clock (RFC 3339; default now).
+        #[arg(long)]
+        now: Option<chrono::DateTime<chrono::Utc>>,
     },
 }
 
@@ -368,6 +393,8 @@ impl Common {
             run_projectors: true,
             run_dispatcher: true,
             ai_sweep_interval: Duration::from_millis(self.ai_sweep_interval_ms.max(100)),
+            retention_sweep_interval: (self.retention_sweep_secs > 0)
+                .then(|| Duration::from_secs(self.retention_sweep_secs)),
         })
     }
 }
@@ -528,6 +555,24 @@ pub async fn run(
                 report.recorded,
                 report.rows,
                 report.errors.len()
+            );
+        }
+        Command::Retention {
+            command: RetentionCommand::Sweep { now },
+        } => {
+            let state = startup::connect(&common.settings()?).await?;
+            let now = now.unwrap_or_else(chrono::Utc::now);
+            let swept = crm_infra::rights::retention::sweep(&state.executor, now, 1_000).await?;
+            for (org, contact) in &swept.erased {
+                println!("erased org={org} contact={contact}");
+            }
+            for (org, contact) in &swept.on_hold {
+                println!("on_hold org={org} contact={contact}");
+            }
+            eprintln!(
+                "retention sweep at {now}: {} erased, {} left under a legal hold",
+                swept.erased.len(),
+                swept.on_hold.len()
             );
         }
         Command::Receipts {

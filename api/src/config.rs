@@ -22,6 +22,8 @@ pub struct Settings {
     pub run_dispatcher: bool,
     /// How often `serve` sweeps AI actions (expiries, runs cut short).
     pub ai_sweep_interval: Duration,
+    /// How often `serve` runs the retention sweep (`None`: never).
+    pub retention_sweep_interval: Option<Duration>,
 }
 
 #[derive(Clone, Debug)]

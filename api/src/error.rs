@@ -306,6 +306,9 @@ impl From<CommandError<ContactError>> for ApiError {
                 Self::Conflict("contact is archived and cannot change".into())
             }
             CommandError::Domain(ContactError::Erased) => Self::erased(),
+            CommandError::Domain(d @ ContactError::BadRetention) => {
+                Self::Validation(vec![FieldError::new("days", d.to_string())])
+            }
             CommandError::Domain(ContactError::OnLegalHold) => Self::StateConflict {
                 code: "legal_hold",
                 message: "the contact is under a legal hold: it cannot be erased until the hold is lifted",
@@ -468,6 +471,9 @@ impl From<CommandError<crm_domain::consent::privacy::PrivacyError>> for ApiError
                 Self::Validation(vec![FieldError::new("channels", d.to_string())])
             }
             CommandError::Domain(d @ P::Retired(_)) => Self::Conflict(d.to_string()),
+            CommandError::Domain(d @ P::BadRetention) => {
+                Self::Validation(vec![FieldError::new("days", d.to_string())])
+            }
             other => command_conflict(other, "privacy settings"),
         }
     }

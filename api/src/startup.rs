@@ -240,6 +240,29 @@ impl Application {
                 }
             }
         });
+        // Retention: contacts past their period are erased (docs/rights.md).
+        if let Some(every) = self.state.settings.retention_sweep_interval {
+            let (state, token) = (self.state.clone(), token.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = token.cancelled() => break,
+                        _ = tokio::time::sleep(every) => {
+                            let now = chrono::Utc::now();
+                            match crm_infra::rights::retention::sweep(&state.executor, now, 1_000).await {
+                                Ok(s) if !s.erased.is_empty() => tracing::info!(
+                                    erased = s.erased.len(),
+                                    on_hold = s.on_hold.len(),
+                                    "retention sweep"
+                                ),
+                                Ok(_) => {}
+                                Err(e) => tracing::warn!(error = %e, "retention sweep failed; retried at the next"),
+                            }
+                        }
+                    }
+                }
+            });
+        }
         // Who may do what is cached while its invalidations can be heard.
         match db::app_config(&self.state.settings.database) {
             Ok(pg) => {

@@ -83,7 +83,8 @@ pub fn update(view: Option<&ContactView>, env: &Envelope<'_>, event: &ContactEve
             Some(v),
             ContactEvent::ContactExported { .. }
             | ContactEvent::ProcessingRestricted { .. }
-            | ContactEvent::ProcessingRestrictionLifted { .. },
+            | ContactEvent::ProcessingRestrictionLifted { .. }
+            | ContactEvent::RetentionPeriodSet { .. },
         ) => v.clone(),
         (Some(v), ContactEvent::LegalHoldPlaced { .. }) => ContactView {
             legal_hold: true,

@@ -260,6 +260,7 @@ impl TestApp {
             run_projectors: opts.run_projectors,
             run_dispatcher: opts.run_dispatcher,
             ai_sweep_interval: opts.ai_sweep_interval,
+            retention_sweep_interval: None,
         };
         crm_infra::db::migrate(&settings.database)
             .await

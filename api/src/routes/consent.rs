@@ -202,6 +202,9 @@ pub(crate) struct PrivacyDoc {
     #[schema(value_type = TimeZoneName)]
     time_zone: String,
     purposes: Vec<PurposeDoc>,
+    /// Days a contact is kept after its last change before the retention sweep erases
+    /// it (null: kept until erased); a contact's own period wins (docs/rights.md).
+    retention_days: Option<u32>,
 }
 
 /// A purpose of the registry.
@@ -948,6 +951,7 @@ fn privacy_doc(p: &PrivacySettings) -> PrivacyDoc {
         mode: p.mode,
         double_opt_in_for_marketing: p.double_opt_in_for_marketing,
         time_zone: p.time_zone.name().to_owned(),
+        retention_days: p.retention_days,
         purposes: p
             .purposes
             .iter()
@@ -1000,6 +1004,64 @@ pub(crate) async fn configure_privacy(
             time_zone: tz.expect("parsed").0,
             reason,
         },
+        &a.metadata(),
+    )
+    .await?;
+    Ok(super::outcome(&o))
+}
+
+/// `PUT /v1/privacy/retention`, and `PUT /v1/contacts/{id}/retention`: a period in
+/// days (1 to 36,500), or null for none (the organisation's) again.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RetentionInput {
+    #[serde(deserialize_with = "crate::edge::extract::whole_number")]
+    #[schema(value_type = Option<i64>, minimum = 1, maximum = 36500)]
+    days: Option<i64>,
+    /// Why (kept with the change; required for the organisation's).
+    #[serde(default)]
+    #[schema(max_length = 300, pattern = "@line")]
+    reason: Option<String>,
+}
+
+impl RetentionInput {
+    /// The period, checked: (days, reason).
+    pub(crate) fn parse(self) -> Result<(Option<u32>, Option<String>), ApiError> {
+        let days = match self.days {
+            None => None,
+            Some(d) if (1..=36_500).contains(&d) => Some(d as u32),
+            Some(_) => {
+                return Err(ApiError::Validation(vec![FieldError::new(
+                    "days",
+                    "1 to 36,500 days, or null",
+                )]))
+            }
+        };
+        let mut errors = Vec::new();
+        let reason = self
+            .reason
+            .map(|r| required_line(&mut errors, "reason", &r));
+        validation(errors)?;
+        Ok((days, reason))
+    }
+}
+
+pub(crate) async fn set_retention(
+    s: AppState,
+    a: Authed,
+    Json(input): Json<RetentionInput>,
+) -> Result<Ok200<Outcome>, ApiError> {
+    let (days, reason) = input.parse()?;
+    let Some(reason) = reason else {
+        return Err(ApiError::Validation(vec![FieldError::new(
+            "reason",
+            "is required",
+        )]));
+    };
+    let o = privacy::execute(
+        &s.executor,
+        a.caller.org_id,
+        PrivacyCommand::SetRetention { days, reason },
         &a.metadata(),
     )
     .await?;

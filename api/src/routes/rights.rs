@@ -122,6 +122,25 @@ pub(crate) async fn lift_restriction(
     hold_command(&s, &a, id, ContactCommand::LiftRestriction { reason }).await
 }
 
+pub(crate) async fn set_retention(
+    s: AppState,
+    a: Authed,
+    Id(id): Id,
+    Json(input): Json<super::consent::RetentionInput>,
+) -> Result<Ok200<Outcome>, ApiError> {
+    let (days, reason) = input.parse()?;
+    let outcome = crm_infra::rights::retention::set_contact_period(
+        &s.executor,
+        a.caller.org_id,
+        id,
+        days,
+        reason,
+        &a.metadata(),
+    )
+    .await?;
+    Ok(super::outcome(&outcome))
+}
+
 /// Who asked for an erasure.
 #[derive(Serialize, ToSchema)]
 pub(crate) struct Requester {

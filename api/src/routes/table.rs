@@ -118,6 +118,11 @@ pub fn table() -> Vec<Route> {
             .staff(P::ContactsRestrict)
             .errors(&[404, 409])
             .to(rights::lift_restriction),
+        route(put.clone(), "/v1/contacts/{id}/retention", "rights")
+            .summary("Set the contact's own retention period (null: the organisation's)")
+            .staff(P::ContactsErase)
+            .errors(&[404, 409])
+            .to(rights::set_retention),
         route(post.clone(), "/v1/contacts/{id}/erase", "rights")
             .summary(
                 "Erase a contact: destroy its data keys, write its tombstone, purge the read \
@@ -327,6 +332,14 @@ pub fn table() -> Vec<Route> {
             .staff(P::PrivacyManage)
             .errors(&[409])
             .to(consent::configure_privacy),
+        route(put.clone(), "/v1/privacy/retention", "privacy")
+            .summary(
+                "Set the organisation's retention period (days after a contact's last change; \
+                 null: none), with why",
+            )
+            .staff(P::PrivacyManage)
+            .errors(&[409])
+            .to(consent::set_retention),
         route(put.clone(), "/v1/privacy/purposes", "privacy")
             .summary("Define a purpose or change one (with why)")
             .staff(P::PrivacyManage)

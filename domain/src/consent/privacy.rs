@@ -8,6 +8,7 @@
 //! `research` (consent). An organisation from before this stream existed has the same
 //! defaults, recorded by its first change.
 
+use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use cqrs_es::event_sink::EventSink;
 use cqrs_es::{Aggregate, DomainEvent};
@@ -16,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use super::gate::Settings;
 use super::{Channel, LawfulBasis, PrivacyMode, Purpose, PurposeKey};
 use crate::PersonalData;
+use uuid::Uuid;
 
 /// A purpose as the registry holds it: what the gate needs, and how people read it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,7 +36,14 @@ pub struct PrivacySettings {
     /// For contacts without a time zone of their own (quiet hours).
     pub time_zone: Tz,
     pub purposes: Vec<PurposeDefinition>,
+    /// How many days a contact is kept after its last change, unless it has a period
+    /// of its own; then the retention sweep erases it (`None`: kept until erased).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention_days: Option<u32>,
 }
+
+/// The longest retention period: a hundred years.
+pub const MAX_RETENTION_DAYS: u32 = 36_500;
 
 fn key(s: &str) -> PurposeKey {
     PurposeKey::parse(s).expect("a built-in purpose key is valid")
@@ -87,6 +96,7 @@ impl PrivacySettings {
                     description: "Surveys and user research".into(),
                 },
             ],
+            retention_days: None,
         }
     }
 
@@ -123,6 +133,17 @@ pub enum PrivacyCommand {
         key: PurposeKey,
         reason: String,
     },
+    /// Sets (or, with `None`, removes) the organisation's retention period.
+    SetRetention {
+        days: Option<u32>,
+        reason: String,
+    },
+    /// Records what a retention sweep did in the organisation.
+    RecordRetentionSweep {
+        erased: Vec<Uuid>,
+        on_hold: Vec<Uuid>,
+        now: DateTime<Utc>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -144,6 +165,18 @@ pub enum PrivacyEvent {
         key: PurposeKey,
         reason: String,
     },
+    RetentionSet {
+        days: Option<u32>,
+        reason: String,
+    },
+    /// A retention sweep erased these contacts (each through the erasure's own path,
+    /// its tombstone naming source `retention`) and left these, due but under a legal
+    /// hold, in place; `now` is the sweep's clock.
+    RetentionSwept {
+        erased: Vec<Uuid>,
+        on_hold: Vec<Uuid>,
+        now: DateTime<Utc>,
+    },
 }
 
 impl DomainEvent for PrivacyEvent {
@@ -153,6 +186,8 @@ impl DomainEvent for PrivacyEvent {
             Self::PrivacySettingsChanged { .. } => "PrivacySettingsChanged",
             Self::PurposeDefined { .. } => "PurposeDefined",
             Self::PurposeRetired { .. } => "PurposeRetired",
+            Self::RetentionSet { .. } => "RetentionSet",
+            Self::RetentionSwept { .. } => "RetentionSwept",
         }
         .to_owned()
     }
@@ -176,6 +211,8 @@ pub enum PrivacyError {
     Retired(String),
     #[error("a purpose needs at least one channel")]
     NoChannel,
+    #[error("a retention period is 1 to 36,500 days")]
+    BadRetention,
 }
 
 /// The stream's state: the settings once recorded.
@@ -251,6 +288,23 @@ impl Aggregate for Privacy {
                     _ => events.push(PrivacyEvent::PurposeDefined { definition, reason }),
                 }
             }
+            PrivacyCommand::SetRetention { days, reason } => {
+                if days.is_some_and(|d| !(1..=MAX_RETENTION_DAYS).contains(&d)) {
+                    return Err(PrivacyError::BadRetention);
+                }
+                if current.retention_days != days {
+                    events.push(PrivacyEvent::RetentionSet { days, reason });
+                }
+            }
+            PrivacyCommand::RecordRetentionSweep {
+                erased,
+                on_hold,
+                now,
+            } => events.push(PrivacyEvent::RetentionSwept {
+                erased,
+                on_hold,
+                now,
+            }),
             PrivacyCommand::RetirePurpose { key, reason } => match current.purpose(&key) {
                 None => return Err(PrivacyError::UnknownPurpose(key.to_string())),
                 Some(p) if p.purpose.retired => {}
@@ -296,6 +350,8 @@ impl Aggregate for Privacy {
                     p.purpose.retired = true;
                 }
             }
+            PrivacyEvent::RetentionSet { days, .. } => s.retention_days = days,
+            PrivacyEvent::RetentionSwept { .. } => {}
         }
     }
 }

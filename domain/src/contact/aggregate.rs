@@ -29,6 +29,8 @@ pub enum ContactError {
     AlreadyRestricted,
     #[error("the contact's processing is not restricted")]
     NotRestricted,
+    #[error("a retention period is 1 to 36,500 days")]
+    BadRetention,
 }
 
 /// Current state of one contact, rebuilt from its events.
@@ -44,6 +46,9 @@ pub struct Contact {
     pub erased: bool,
     #[serde(default)]
     pub restricted: bool,
+    /// Its own retention period in days (`None`: the organisation's).
+    #[serde(default)]
+    pub retention_days: Option<u32>,
 }
 
 impl Contact {
@@ -222,6 +227,18 @@ impl Aggregate for Contact {
                 sink.write(ContactEvent::ProcessingRestrictionLifted { why }, self)
                     .await;
             }
+            ContactCommand::SetRetention { days, reason } => {
+                self.must_exist()?;
+                let max = crate::consent::privacy::MAX_RETENTION_DAYS;
+                if days.is_some_and(|d| !(1..=max).contains(&d)) {
+                    return Err(ContactError::BadRetention);
+                }
+                if self.retention_days != days {
+                    let why = HoldReason { reason };
+                    sink.write(ContactEvent::RetentionPeriodSet { days, why }, self)
+                        .await;
+                }
+            }
             ContactCommand::RecordExport { export_id, source } => {
                 // An erased contact may still be exported: what is left has no
                 // personal data, and the auditor may ask.
@@ -271,6 +288,7 @@ impl Aggregate for Contact {
             ContactEvent::ContactExported { .. } => {}
             ContactEvent::ProcessingRestricted { .. } => self.restricted = true,
             ContactEvent::ProcessingRestrictionLifted { .. } => self.restricted = false,
+            ContactEvent::RetentionPeriodSet { days, .. } => self.retention_days = days,
             ContactEvent::ContactErased { .. } => {
                 self.erased = true;
                 self.profile = ContactProfile::default();

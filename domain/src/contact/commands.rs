@@ -26,6 +26,10 @@ pub enum ContactCommand {
     LiftRestriction {
         reason: Option<String>,
     },
+    SetRetention {
+        days: Option<u32>,
+        reason: Option<String>,
+    },
     /// Records that everything held about the contact was exported.
     RecordExport {
         export_id: Uuid,

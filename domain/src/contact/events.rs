@@ -168,6 +168,12 @@ pub enum ContactEvent {
     ProcessingRestrictionLifted {
         why: HoldReason,
     },
+    /// The contact's own retention period, in days after its last change (`None`: the
+    /// organisation's again).
+    RetentionPeriodSet {
+        days: Option<u32>,
+        why: HoldReason,
+    },
     /// The tombstone of an erasure: the data keys named here were destroyed in the same
     /// commit, so every earlier event's personal data (this stream's, its consent
     /// stream's, its messages' and the AI actions' that touched it) is unreadable from
@@ -201,6 +207,7 @@ impl DomainEvent for ContactEvent {
             Self::LegalHoldLifted { .. } => "LegalHoldLifted",
             Self::ProcessingRestricted { .. } => "ProcessingRestricted",
             Self::ProcessingRestrictionLifted { .. } => "ProcessingRestrictionLifted",
+            Self::RetentionPeriodSet { .. } => "RetentionPeriodSet",
             Self::ContactErased { .. } => "ContactErased",
             Self::ContactExported { .. } => "ContactExported",
         }
@@ -220,7 +227,8 @@ impl PersonalData for ContactEvent {
             Self::LegalHoldPlaced { .. }
             | Self::LegalHoldLifted { .. }
             | Self::ProcessingRestricted { .. }
-            | Self::ProcessingRestrictionLifted { .. } => &["why"],
+            | Self::ProcessingRestrictionLifted { .. }
+            | Self::RetentionPeriodSet { .. } => &["why"],
             Self::ContactArchived { .. }
             | Self::ContactErased { .. }
             | Self::ContactExported { .. } => &[],

@@ -455,6 +455,7 @@ fn replaying_created_updated_archived_rebuilds_the_state() {
             legal_hold: false,
             erased: false,
             restricted: false,
+            retention_days: None,
         }
     );
 }

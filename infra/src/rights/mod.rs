@@ -8,3 +8,4 @@
 
 pub mod erasure;
 pub mod export;
+pub mod retention;

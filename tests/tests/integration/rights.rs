@@ -783,3 +783,164 @@ async fn a_restriction_of_processing_blocks_the_gate_but_for_purposes_allowed_un
     assert_eq!(send("marketing").await["decision"]["reason"], "consent");
     app.stop().await;
 }
+
+/// `crm retention sweep --now NOW` against the test's database, as an operator runs it.
+async fn sweep_at(app: &TestApp, now: chrono::DateTime<chrono::Utc>) {
+    use clap::Parser;
+    let cli = crm_api::cli::Cli::try_parse_from([
+        "crm",
+        "--database-url",
+        &app.db_url,
+        "--kek",
+        secrecy::ExposeSecret::expose_secret(&app.settings.keys.kek),
+        "--kek-id",
+        &app.settings.keys.kek_id,
+        "--jwt-secret",
+        "a-secret-only-for-parsing-the-command-line",
+        "retention",
+        "sweep",
+        "--now",
+        &now.to_rfc3339(),
+    ])
+    .unwrap();
+    crm_api::cli::run(cli, async {}).await.unwrap();
+}
+
+/// The contacts erased so far, by id.
+async fn erased(db: &tokio_postgres::Client) -> Vec<String> {
+    db.query(
+        "SELECT aggregate_id FROM events WHERE event_type = 'ContactErased' ORDER BY aggregate_id",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get::<_, String>(0))
+    .collect()
+}
+
+#[tokio::test]
+async fn the_retention_sweep_erases_contacts_past_their_period_but_not_under_a_legal_hold() {
+    let app = TestApp::spawn().await;
+    let (s, v) = call(
+        &app,
+        Method::PUT,
+        "/v1/privacy/retention",
+        Some(json!({"days": 0, "reason": "x"})),
+    )
+    .await;
+    assert_eq!(
+        (s, v["fields"][0]["field"].as_str()),
+        (422, Some("days")),
+        "{v}"
+    );
+    let (s, v) = call(
+        &app,
+        Method::PUT,
+        "/v1/privacy/retention",
+        Some(json!({"days": 30, "reason": "records schedule 4.2"})),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = get(&app, "/v1/privacy").await;
+    assert_eq!((s, v["retention_days"].as_i64()), (200, Some(30)), "{v}");
+
+    let mut ids = Vec::new();
+    for name in ["Default", "Longer", "Held", "Shorter"] {
+        ids.push(
+            app.create_contact(
+                &json!({"given_name": name, "email": format!("{name}@example.com")}),
+            )
+            .await
+            .0,
+        );
+    }
+    let (default, longer, held, shorter) = (ids[0], ids[1], ids[2], ids[3]);
+    for (c, days) in [(longer, json!(365)), (shorter, json!(10))] {
+        let (s, v) = call(
+            &app,
+            Method::PUT,
+            &format!("/v1/contacts/{c}/retention"),
+            Some(json!({"days": days})),
+        )
+        .await;
+        assert_eq!(s, 200, "{v}");
+    }
+    let (s, v) = post(&app, &format!("/v1/contacts/{held}/legal-hold"), json!({})).await;
+    assert_eq!(s, 200, "{v}");
+    // The sweep reads the contacts read model: let it apply the hold.
+    let at = v["positions"][0].as_i64().unwrap();
+    let (s, _) = get(
+        &app,
+        &format!("/v1/contacts/{held}?min_position={at}&wait_ms=5000"),
+    )
+    .await;
+    assert_eq!(s, 200);
+
+    // Now, nobody is past a period; 31 days on (a fixed clock), the organisation's
+    // 30 days and the contact's 10 have run out, the 365 have not.
+    let now = chrono::Utc::now();
+    sweep_at(&app, now).await;
+    let db = app.db().await;
+    assert!(erased(&db).await.is_empty());
+    let later = now + chrono::Duration::days(31);
+    sweep_at(&app, later).await;
+    let mut expected = vec![default.to_string(), shorter.to_string()];
+    expected.sort();
+    assert_eq!(erased(&db).await, expected);
+
+    // Each through the erasure's own path (its receipt says `retention`), the hold
+    // respected, and the run recorded on the organisation's privacy stream.
+    let receipt = eventually(Duration::from_secs(5), || async {
+        let (_, v) = get(&app, &format!("/v1/erasures?contact_id={default}")).await;
+        v["items"].get(0).cloned()
+    })
+    .await
+    .expect("a receipt");
+    assert_eq!(
+        (
+            receipt["source"].as_str(),
+            receipt["requested_by"]["id"].as_str()
+        ),
+        (Some("retention"), Some("retention"))
+    );
+    let swept: Vec<Value> = db
+        .query(
+            "SELECT payload -> 'RetentionSwept' FROM events WHERE event_type = 'RetentionSwept'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(swept.len(), 1, "{swept:?}");
+    let mut named: Vec<String> = serde_json::from_value(swept[0]["erased"].clone()).unwrap();
+    named.sort();
+    assert_eq!(named, expected);
+    assert_eq!(swept[0]["on_hold"], json!([held]));
+    assert_eq!(
+        swept[0]["now"]
+            .as_str()
+            .map(|t| t.parse::<chrono::DateTime<chrono::Utc>>().unwrap()),
+        Some(later)
+    );
+    for c in [longer, held] {
+        let (s, v) = get(&app, &format!("/v1/contacts/{c}")).await;
+        assert_eq!((s, v["erased_at"].is_null()), (200, true), "{v}");
+    }
+
+    // A second run at the same clock has nothing left to do and records nothing.
+    sweep_at(&app, later).await;
+    assert_eq!(erased(&db).await, expected);
+    let runs: i64 = db
+        .query_one(
+            "SELECT count(*) FROM events WHERE event_type = 'RetentionSwept'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(runs, 1);
+    app.stop().await;
+}
