@@ -72,7 +72,7 @@ fn operation(r: &Route) -> utoipa::openapi::path::Operation {
         b = b.request_body(Some(
             RequestBodyBuilder::new()
                 .content(
-                    "application/json",
+                    body.content_type,
                     ContentBuilder::new()
                         .schema(Some(body.schema.clone()))
                         .build(),

@@ -4,6 +4,7 @@
 #
 # They provide, on a bare Debian machine, everything the `crm` service needs:
 #   ensure_packages        install PostgreSQL / nats-server / a C compiler if missing
+#   ensure_browser         install Debian's chromium and chromium-driver if missing (tests)
 #   ensure_cargo           make sure `cargo` is on PATH (or explain how to get it)
 #   free_port              print a free TCP port on 127.0.0.1
 #   port_in_use PORT       true when something listens on PORT
@@ -162,6 +163,27 @@ ensure_packages() {
 
     pg_bin_dir >/dev/null || die "PostgreSQL was installed but no initdb/pg_ctl was found"
     nats_server_bin >/dev/null || die "nats-server was installed but cannot be found"
+}
+
+# Install Debian's chromium and chromium-driver (the preference center's browser
+# tests drive a real headless Chromium through WebDriver) when either is missing.
+ensure_browser() {
+    local -a want=()
+    command -v chromium >/dev/null 2>&1 || want+=(chromium)
+    command -v chromedriver >/dev/null 2>&1 || want+=(chromium-driver)
+    if [[ ${#want[@]} -eq 0 ]]; then
+        return 0
+    fi
+    command -v apt-get >/dev/null 2>&1 ||
+        die "missing packages (${want[*]}) and no apt-get here; install them by hand"
+    log "installing: ${want[*]} (apt-get)"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2 ||
+        die "apt-get update failed"
+    as_root env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y --no-install-recommends "${want[@]}" >&2 ||
+        die "apt-get install ${want[*]} failed"
+    command -v chromedriver >/dev/null 2>&1 ||
+        die "chromium-driver was installed but chromedriver cannot be found"
 }
 
 # Make sure cargo is usable (rustup installs into ~/.cargo/bin, which a

@@ -80,7 +80,39 @@ pub struct OptionalJson<T>(pub T);
 
 fn body_doc<T: ToSchema>(doc: &mut OpDoc, required: bool) {
     let schema = doc.schema::<T>();
-    doc.body = Some(BodyDoc { schema, required });
+    doc.body = Some(BodyDoc {
+        schema,
+        required,
+        content_type: "application/json",
+    });
+}
+
+/// An HTML form's body (`application/x-www-form-urlencoded`) of type `T`: for the
+/// pages people fill in without JavaScript (the preference center).
+pub struct Form<T>(pub T);
+
+impl<T: DeserializeOwned + ToSchema + Send + 'static> FromCall for Form<T> {
+    fn from_call(call: &mut Call) -> Result<Self, ApiError> {
+        let form = call.content_type.as_deref().is_some_and(|ct| {
+            ct.trim()
+                .to_ascii_lowercase()
+                .starts_with("application/x-www-form-urlencoded")
+        });
+        if !form {
+            return Err(ApiError::UnsupportedMediaType);
+        }
+        serde_urlencoded::from_bytes(&call.body)
+            .map(Form)
+            .map_err(|e| ApiError::bad_request("invalid_form", format!("the form: {e}")))
+    }
+    fn document(doc: &mut OpDoc) {
+        let schema = doc.schema::<T>();
+        doc.body = Some(BodyDoc {
+            schema,
+            required: true,
+            content_type: "application/x-www-form-urlencoded",
+        });
+    }
 }
 
 impl<T: DeserializeOwned + ToSchema + Send + 'static> FromCall for Json<T> {

@@ -33,8 +33,9 @@ use self::route::{Auth, BodyLimit, Call, Caller, Route, BULK_BODY_BYTES, SMALL_B
 use crate::error::ApiError;
 use crate::state::AppState;
 
-/// Headers every response carries, errors included. The API serves JSON only: no
-/// content may load, frame or be sniffed as anything else.
+/// Headers every response carries, errors included. The API serves JSON: no content
+/// may load, frame or be sniffed as anything else. The few HTML pages (the preference
+/// center) set a policy of their own, which is kept.
 pub const SECURITY_HEADERS: [(&str, &str); 5] = [
     (
         "content-security-policy",
@@ -137,7 +138,9 @@ impl Edge {
             headers.insert("x-request-id", v);
         }
         for (name, value) in SECURITY_HEADERS {
-            headers.insert(name, HeaderValue::from_static(value));
+            headers
+                .entry(name)
+                .or_insert(HeaderValue::from_static(value));
         }
         // An unread body the server would have to drain: say the connection ends.
         if !body_read && req.announces_large_body() {

@@ -82,6 +82,8 @@ pub struct ResponseDoc {
 pub struct BodyDoc {
     pub schema: RefOr<Schema>,
     pub required: bool,
+    /// `application/json`, or `application/x-www-form-urlencoded` for an HTML form.
+    pub content_type: &'static str,
 }
 
 /// What an operation's extractors and reply contribute to its description.

@@ -336,7 +336,7 @@ fn validation(errors: Vec<FieldError>) -> Result<(), ApiError> {
     }
 }
 
-fn rules(settings: &PrivacySettings) -> Rules {
+pub(crate) fn rules(settings: &PrivacySettings) -> Rules {
     Rules {
         mode: settings.mode,
         double_opt_in_for_marketing: settings.double_opt_in_for_marketing,
@@ -807,6 +807,55 @@ pub(crate) async fn request_double_opt_in(
     })
 }
 
+/// The one way a contact opts out (the RFC 8058 link, the preference center): a
+/// withdrawal of each (channel, purpose) of `targets` for the whole channel, each an
+/// event with `source` and the request's IP and user agent, then the CCPA opt-out when
+/// the request carries `Sec-GPC: 1`.
+pub(crate) async fn opt_out(
+    s: &AppState,
+    ctx: &RequestContext,
+    (org_id, contact_id): (Uuid, Uuid),
+    targets: &[(Channel, PurposeKey)],
+    source: CaptureSource,
+    meta: &EventMetadata,
+) -> Result<(), ApiError> {
+    let settings = {
+        let client = s.pool.get().await?;
+        privacy::load(&client, org_id).await?
+    };
+    for (channel, purpose) in targets {
+        let basis = settings
+            .purpose(purpose)
+            .map(|p| p.purpose.default_basis)
+            .unwrap_or(LawfulBasis::Consent);
+        ledger::execute(
+            &s.executor,
+            org_id,
+            contact_id,
+            ConsentCommand::Record {
+                contact_id,
+                channel: *channel,
+                purpose: purpose.clone(),
+                contact_point: None,
+                choice: Choice::Withdrawn,
+                proof: ConsentProof {
+                    lawful_basis: basis,
+                    source,
+                    notice: None,
+                    language: None,
+                    jurisdiction: None,
+                    expires_at: None,
+                    import_id: None,
+                },
+                rules: rules(&settings),
+            },
+            meta,
+        )
+        .await?;
+    }
+    honour_gpc(s, ctx, org_id, contact_id, source, meta).await
+}
+
 /// Records an opt-out of sale and sharing when the request carries `Sec-GPC: 1` and the
 /// contact has not opted out yet (a no-op otherwise).
 pub(crate) async fn honour_gpc(
@@ -835,7 +884,11 @@ pub(crate) async fn honour_gpc(
     Ok(())
 }
 
-fn contact_metadata(ctx: &RequestContext, org_id: Uuid, contact_id: Uuid) -> EventMetadata {
+pub(crate) fn contact_metadata(
+    ctx: &RequestContext,
+    org_id: Uuid,
+    contact_id: Uuid,
+) -> EventMetadata {
     super::event_metadata(
         ctx,
         org_id,
@@ -897,44 +950,12 @@ pub(crate) async fn unsubscribe(
     let Some(link) = s.tokens.verify_unsubscribe(&q.token) else {
         return Err(ApiError::NotFound("the unsubscribe link is unknown"));
     };
-    let settings = {
-        let client = s.pool.get().await?;
-        privacy::load(&client, link.org_id).await?
-    };
-    let basis = settings
-        .purpose(&link.purpose)
-        .map(|p| p.purpose.default_basis)
-        .unwrap_or(LawfulBasis::Consent);
     let meta = contact_metadata(&ctx, link.org_id, link.contact_id);
-    ledger::execute(
-        &s.executor,
-        link.org_id,
-        link.contact_id,
-        ConsentCommand::Record {
-            contact_id: link.contact_id,
-            channel: link.channel,
-            purpose: link.purpose.clone(),
-            contact_point: None,
-            choice: Choice::Withdrawn,
-            proof: ConsentProof {
-                lawful_basis: basis,
-                source: CaptureSource::UnsubscribeLink,
-                notice: None,
-                language: None,
-                jurisdiction: None,
-                expires_at: None,
-                import_id: None,
-            },
-            rules: rules(&settings),
-        },
-        &meta,
-    )
-    .await?;
-    honour_gpc(
+    opt_out(
         &s,
         &ctx,
-        link.org_id,
-        link.contact_id,
+        (link.org_id, link.contact_id),
+        &[(link.channel, link.purpose.clone())],
         CaptureSource::UnsubscribeLink,
         &meta,
     )

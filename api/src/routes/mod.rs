@@ -16,6 +16,7 @@ pub mod health;
 pub mod login;
 pub mod messages;
 pub mod portal;
+pub mod preferences;
 pub mod receipts;
 pub mod reports;
 pub mod rights;

@@ -188,6 +188,12 @@ pub(crate) struct ErasureReceiptDoc {
     status: String,
 }
 
+impl ErasureReceiptDoc {
+    pub(crate) fn request_id(&self) -> Uuid {
+        self.request_id
+    }
+}
+
 /// Which purging read models have applied the event at `position`.
 async fn purged(s: &AppState, position: i64) -> Result<(Vec<String>, Vec<String>), ApiError> {
     let client = s.pool.get().await?;

@@ -8,7 +8,7 @@ use warp::http::Method;
 
 use super::{
     activity, ai, ai_audit, api_keys, carriers, consent, consent_log, contacts, credentials,
-    health, login, messages, portal, receipts, reports, rights, roles, users,
+    health, login, messages, portal, preferences, receipts, reports, rights, roles, users,
 };
 use crate::edge::route::{route, Auth, Route};
 
@@ -358,6 +358,35 @@ pub fn table() -> Vec<Route> {
             .summary("One-click unsubscribe (RFC 8058): withdraws at once")
             .errors(&[404, 409])
             .to(consent::unsubscribe),
+        // The preference center: public pages at a contact's link (docs/rights.md).
+        route(post.clone(), "/v1/contacts/{id}/preference-link", "rights")
+            .summary("Issue a link to the contact's preference center (shown once)")
+            .staff(P::ConsentManage)
+            .errors(&[404, 409])
+            .to(preferences::issue_link),
+        route(
+            post.clone(),
+            "/v1/contacts/{id}/preference-link/revoke",
+            "rights",
+        )
+        .summary("Revoke every open preference-center link of the contact")
+        .staff(P::ConsentManage)
+        .to(preferences::revoke_links),
+        route(get.clone(), "/preferences", "preferences")
+            .summary("The contact's preference center (HTML)")
+            .to(preferences::page),
+        route(post.clone(), "/preferences", "preferences")
+            .summary("Save the contact's choices, opt out of everything, or ask for erasure (HTML form)")
+            .to(preferences::submit),
+        route(get.clone(), "/preferences/export", "preferences")
+            .summary("The contact's own copy of its data (JSON download)")
+            .to(preferences::export),
+        route(get.clone(), "/preferences/erase", "preferences")
+            .summary("Confirm an erasure asked for in the preference center (HTML)")
+            .to(preferences::erase_confirm_page),
+        route(post.clone(), "/preferences/erase", "preferences")
+            .summary("The confirmed erasure (HTML; the link works once)")
+            .to(preferences::erase_confirmed),
         // The activity log and reports.
         route(get.clone(), "/v1/activity", "activity")
             .summary("The organisation's activity log, newest first")

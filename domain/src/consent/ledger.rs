@@ -325,9 +325,11 @@ fn check_rules(
         return Err(ConsentError::NoticeRequired);
     }
     let marketing = purpose.as_str() == "marketing";
+    // A preference-center link is the contact's own (sent to it, bound to it): a yes
+    // given there is the contact's, as a confirmed double opt-in is.
     let confirmed_elsewhere = matches!(
         proof.source,
-        CaptureSource::DoubleOptIn | CaptureSource::Import
+        CaptureSource::DoubleOptIn | CaptureSource::Import | CaptureSource::PreferenceCenter
     );
     if rules.double_opt_in_for_marketing
         && marketing

@@ -42,6 +42,26 @@ pub struct PrivacySettings {
     pub retention_days: Option<u32>,
 }
 
+/// The key of the purpose every organisation has without registering it: the answers
+/// to a contact's own request about its rights (the link that confirms an erasure it
+/// asked for). Its basis is a legal obligation; no consent record can be kept for it
+/// (it is not in the registry the consent routes check), so opting out of everything
+/// does not stop the reply to the request just made, while the suppression list and
+/// Do Not Contact still do.
+pub const DATA_SUBJECT_REQUEST: &str = "data_subject_request";
+
+/// The built-in purpose of [`DATA_SUBJECT_REQUEST`]: e-mail only, never sold.
+pub fn data_subject_request() -> Purpose {
+    Purpose {
+        key: key(DATA_SUBJECT_REQUEST),
+        default_basis: LawfulBasis::LegalObligation,
+        channels: vec![Channel::Email],
+        retired: false,
+        sells_or_shares: false,
+        allowed_when_restricted: true,
+    }
+}
+
 /// The longest retention period: a hundred years.
 pub const MAX_RETENTION_DAYS: u32 = 36_500;
 
@@ -102,9 +122,11 @@ impl PrivacySettings {
 
     /// What the send gate reads.
     pub fn gate_settings(&self) -> Settings {
+        let mut purposes: Vec<Purpose> = self.purposes.iter().map(|p| p.purpose.clone()).collect();
+        purposes.push(data_subject_request());
         Settings {
             mode: self.mode,
-            purposes: self.purposes.iter().map(|p| p.purpose.clone()).collect(),
+            purposes,
             time_zone: self.time_zone,
         }
     }
@@ -441,7 +463,13 @@ mod tests {
     fn defaults_cover_marketing_service_and_research() {
         let s = PrivacySettings::defaults().gate_settings();
         let keys: Vec<&str> = s.purposes.iter().map(|p| p.key.as_str()).collect();
-        assert_eq!(keys, ["marketing", "service", "research"]);
+        // The registry's three, and the built-in one the gate always knows.
+        assert_eq!(
+            keys,
+            ["marketing", "service", "research", DATA_SUBJECT_REQUEST]
+        );
         assert_eq!(s.mode, PrivacyMode::Gdpr);
+        let registry = PrivacySettings::defaults();
+        assert!(registry.purpose(&key(DATA_SUBJECT_REQUEST)).is_none());
     }
 }

@@ -48,12 +48,23 @@ impl Crypto {
                  UNION ALL SELECT wrapped FROM org_secrets WHERE org_id = $1 AND purpose = $2",
             )
             .await?;
-        let row = client
+        let first = client
             .query(&stmt, &[org, &purpose, &self.kek_id, &wrapped])
             .await?
             .into_iter()
-            .next()
-            .ok_or(CryptoError::Unwrap)?;
+            .next();
+        let row = match first {
+            Some(row) => row,
+            // Another process inserted it meanwhile: its insert made ours skip, after
+            // this statement's snapshot was taken. A new statement sees it.
+            None => client
+                .query_opt(
+                    "SELECT wrapped FROM org_secrets WHERE org_id = $1 AND purpose = $2",
+                    &[org, &purpose],
+                )
+                .await?
+                .ok_or(CryptoError::Unwrap)?,
+        };
         let plain = self.unwrap_secret(&aad, &row.get::<_, Vec<u8>>(0))?;
         let secret: OrgSecret = Arc::new(plain.try_into().map_err(|_| CryptoError::Unwrap)?);
         self.secrets

@@ -12,6 +12,9 @@
 //! - `messages`, `consent-check`: the send gate and the bulk check (`consent.rs`).
 //! - `ai-actions`, `ai-approvals`: AI actions run at once beside plain commands, and
 //!   approval-to-execution latency (`ai.rs`).
+//! - `rights-seed`, `rights-erase`, `rights-read`: erasure of contacts with 20 events
+//!   each, and reads of erased contacts beside live ones (`scripts/bench --rights`, see
+//!   `rights.rs`).
 //! - `drop-stream`: deletes the JetStream stream a run used.
 //! - `scale-seed`, `scale-grow`, `read`: the scale phase (`scripts/bench --scale`, see
 //!   `scale.rs`).
@@ -34,6 +37,8 @@ use tokio::sync::{Mutex, Semaphore};
 mod ai;
 #[path = "crm-bench/consent.rs"]
 mod consent;
+#[path = "crm-bench/rights.rs"]
+mod rights;
 #[path = "crm-bench/scale.rs"]
 mod scale;
 
@@ -88,6 +93,13 @@ enum Command {
     AiActions(ai::ActionsArgs),
     /// Approvals of pending AI actions at a fixed rate: approval-to-execution latency.
     AiApprovals(ai::ApprovalsArgs),
+    /// Contacts with 20 events each (half to erase), their ids into --ids.
+    RightsSeed(rights::SeedArgs),
+    /// `POST /v1/contacts/{id}/erase` of the seeded contacts to erase: erasures/s.
+    RightsErase(rights::EraseArgs),
+    /// `GET /v1/contacts/{id}` of erased contacts beside live ones, alternating in 1 s
+    /// slices.
+    RightsRead(rights::ReadArgs),
     /// Scale phase, before the first step: long contacts and a second staff user.
     ScaleSeed(scale::SeedArgs),
     /// Scale phase: grow the organisation by contacts --from..--to, then a few markers
@@ -644,6 +656,9 @@ async fn main() -> anyhow::Result<()> {
         Command::ConsentCheck(args) => consent::check(args).await,
         Command::AiActions(args) => ai::actions(args).await,
         Command::AiApprovals(args) => ai::approvals(args).await,
+        Command::RightsSeed(args) => rights::seed(args).await,
+        Command::RightsErase(args) => rights::erase(args).await,
+        Command::RightsRead(args) => rights::read(args).await,
         Command::DropStream { nats_url, stream } => drop_stream(&nats_url, &stream).await,
         Command::ScaleSeed(args) => scale::seed(args).await,
         Command::ScaleGrow(args) => scale::grow(args).await,

@@ -24,6 +24,7 @@ mod openapi;
 mod permissions;
 mod pipeline;
 mod portal;
+mod preferences;
 mod queries;
 mod ratelimit;
 mod receipts;
