@@ -15,6 +15,8 @@ CREATE TABLE erasure_confirmations (
     token_sha256 text        PRIMARY KEY,
     org_id       uuid        NOT NULL,
     contact_id   uuid        NOT NULL,
+    -- Where the contact asked: `preference_center` or `portal`.
+    source       text        NOT NULL,
     expires_at   timestamptz NOT NULL
 );
 

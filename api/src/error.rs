@@ -474,6 +474,9 @@ impl From<CommandError<crm_domain::consent::privacy::PrivacyError>> for ApiError
             CommandError::Domain(d @ P::BadRetention) => {
                 Self::Validation(vec![FieldError::new("days", d.to_string())])
             }
+            CommandError::Domain(P::BadBranding(field, why)) => {
+                Self::Validation(vec![FieldError::new(field, why)])
+            }
             other => command_conflict(other, "privacy settings"),
         }
     }

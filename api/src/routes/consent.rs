@@ -205,6 +205,9 @@ pub(crate) struct PrivacyDoc {
     /// Days a contact is kept after its last change before the retention sweep erases
     /// it (null: kept until erased); a contact's own period wins (docs/rights.md).
     retention_days: Option<u32>,
+    /// The preference center's colour (`#rrggbb`) and logo (a data URL), if set.
+    branding_colour: Option<String>,
+    branding_logo: Option<String>,
 }
 
 /// A purpose of the registry.
@@ -973,6 +976,8 @@ fn privacy_doc(p: &PrivacySettings) -> PrivacyDoc {
         double_opt_in_for_marketing: p.double_opt_in_for_marketing,
         time_zone: p.time_zone.name().to_owned(),
         retention_days: p.retention_days,
+        branding_colour: p.branding.colour.clone(),
+        branding_logo: p.branding.logo.clone(),
         purposes: p
             .purposes
             .iter()
@@ -1083,6 +1088,44 @@ pub(crate) async fn set_retention(
         &s.executor,
         a.caller.org_id,
         PrivacyCommand::SetRetention { days, reason },
+        &a.metadata(),
+    )
+    .await?;
+    Ok(super::outcome(&o))
+}
+
+/// `PUT /v1/privacy/branding`: how the preference center looks (null: the service's).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct BrandingInput {
+    /// `#rrggbb`: the pages' accent (their text is black or white, whichever reads).
+    #[serde(default)]
+    #[schema(pattern = "^#[0-9a-fA-F]{6}$")]
+    colour: Option<String>,
+    /// A `data:image/png|jpeg|webp;base64,…` URL, at most 64 KiB.
+    #[serde(default)]
+    #[schema(max_length = 65536)]
+    logo: Option<String>,
+    #[schema(max_length = 300, pattern = "@line")]
+    reason: String,
+}
+
+pub(crate) async fn set_branding(
+    s: AppState,
+    a: Authed,
+    Json(input): Json<BrandingInput>,
+) -> Result<Ok200<Outcome>, ApiError> {
+    let mut errors = Vec::new();
+    let reason = required_line(&mut errors, "reason", &input.reason);
+    validation(errors)?;
+    let branding = crm_domain::consent::privacy::Branding {
+        colour: input.colour.map(|c| c.to_ascii_lowercase()),
+        logo: input.logo,
+    };
+    let o = privacy::execute(
+        &s.executor,
+        a.caller.org_id,
+        PrivacyCommand::SetBranding { branding, reason },
         &a.metadata(),
     )
     .await?;

@@ -17,7 +17,7 @@ use crm_infra::access::auth_tokens::{self, Purpose};
 use crm_infra::access::portal::{self, PortalCredential};
 use crm_infra::commands::executor::CommandError;
 use crm_infra::read_models::contacts as contacts_rm;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -529,4 +529,56 @@ pub(crate) async fn revoke(
     .await
     .map_err(portal_error)?;
     Ok(super::outcome(&o))
+}
+
+/// `GET /portal/export`: the signed-in contact's own copy of its data (recorded as an
+/// export with source `portal`): everything, every field (docs/rights.md).
+pub(crate) async fn portal_export(
+    s: AppState,
+    p: PortalAuthed,
+) -> Result<crate::edge::reply::RawAs<super::rights::ExportDocument>, ApiError> {
+    let everything = crm_domain::access::builtin_policy(crm_domain::access::Role::Owner);
+    let response = super::rights::export_contact(
+        &s,
+        p.org_id,
+        p.contact_id,
+        crm_domain::contact::RequestSource::Portal,
+        &p.metadata(),
+        &everything,
+    )
+    .await?;
+    Ok(crate::edge::reply::RawAs::new(response))
+}
+
+/// What asking for erasure did.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct ErasureAsked {
+    /// `confirmation_sent` (a single-use link went to the e-mail address on file:
+    /// nothing is erased until it is confirmed), `no_address` or `not_sent` (the gate
+    /// refused: the suppression list, Do Not Contact).
+    status: String,
+}
+
+/// `POST /portal/erase`: the signed-in contact asks for its erasure; a link to confirm
+/// it goes to the e-mail address on file (the same link as the preference center's).
+pub(crate) async fn portal_erase(
+    s: AppState,
+    p: PortalAuthed,
+) -> Result<crate::edge::reply::Accepted<ErasureAsked>, ApiError> {
+    let done = super::preferences::request_erasure(
+        &s,
+        (p.org_id, p.contact_id),
+        "en",
+        "portal",
+        &p.metadata(),
+    )
+    .await?;
+    let status = match done {
+        "erase_sent" => "confirmation_sent",
+        "erase_no_address" => "no_address",
+        _ => "not_sent",
+    };
+    Ok(crate::edge::reply::Accepted(ErasureAsked {
+        status: status.into(),
+    }))
 }

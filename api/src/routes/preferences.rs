@@ -142,7 +142,7 @@ pub(crate) const TEXTS: [(&str, Texts); 2] = [
 ];
 
 /// The texts of `lang` (English when it has none).
-fn texts(lang: Option<&str>) -> (&'static str, &'static Texts) {
+pub(crate) fn texts(lang: Option<&str>) -> (&'static str, &'static Texts) {
     let (code, t) = TEXTS
         .iter()
         .find(|(code, _)| Some(*code) == lang)
@@ -183,6 +183,8 @@ struct Page<'a> {
     org_name: String,
     logo: Option<String>,
     accent: String,
+    /// The text colour that reads on `accent`.
+    on_accent: &'static str,
     nonce: String,
     token: &'a str,
     note: Option<&'static str>,
@@ -195,6 +197,7 @@ struct Notice<'a> {
     lang: &'static str,
     org_name: String,
     accent: String,
+    on_accent: &'static str,
     nonce: String,
     heading: &'a str,
     text: String,
@@ -223,6 +226,26 @@ fn html(status: StatusCode, body: String, nonce: &str) -> warp::reply::Response 
     r
 }
 
+/// Black or white, whichever contrasts more with `#rrggbb` (WCAG relative luminance).
+fn on(colour: &str) -> &'static str {
+    let channel = |i: usize| {
+        let v = u8::from_str_radix(colour.get(i..i + 2).unwrap_or("00"), 16).unwrap_or(0);
+        let c = f64::from(v) / 255.0;
+        if c <= 0.03928 {
+            c / 12.92
+        } else {
+            ((c + 0.055) / 1.055).powf(2.4)
+        }
+    };
+    let l = 0.2126 * channel(1) + 0.7152 * channel(3) + 0.0722 * channel(5);
+    // Contrast with white (1.05 / (l + 0.05)) against black ((l + 0.05) / 0.05).
+    if 1.05 / (l + 0.05) >= (l + 0.05) / 0.05 {
+        "#ffffff"
+    } else {
+        "#000000"
+    }
+}
+
 fn nonce() -> String {
     let mut raw = [0u8; 16];
     rand::thread_rng().fill_bytes(&mut raw);
@@ -247,6 +270,7 @@ fn notice_page(
         lang,
         org_name,
         accent: ACCENT.to_owned(),
+        on_accent: "#ffffff",
         nonce: n.clone(),
         heading,
         text,
@@ -489,12 +513,18 @@ pub(crate) async fn page(
         _ => None,
     };
     let n = nonce();
+    let accent = settings
+        .branding
+        .colour
+        .clone()
+        .unwrap_or_else(|| ACCENT.to_owned());
     let body = Page {
         lang,
         t,
         org_name: org_name(&s, org_id).await?,
-        logo: None,
-        accent: ACCENT.to_owned(),
+        logo: settings.branding.logo.clone(),
+        on_accent: on(&accent),
+        accent,
         nonce: n.clone(),
         token: &q.token,
         note,
@@ -595,7 +625,9 @@ pub(crate) async fn submit(
             .await?;
             "saved"
         }
-        FormAction::Erase => request_erasure(&s, (org_id, contact_id), lang, &meta).await?,
+        FormAction::Erase => {
+            request_erasure(&s, (org_id, contact_id), lang, "preference_center", &meta).await?
+        }
     };
     let lang_q = q
         .lang
@@ -654,11 +686,13 @@ async fn grant(
 }
 
 /// Sends the erasure confirmation link to the contact's e-mail address on file, as a
-/// `service` message through the send gate; what the page then says.
-async fn request_erasure(
+/// message through the send gate; what came of it (`erase_sent`, `erase_no_address`,
+/// `erase_not_sent`). `source`: where the contact asked.
+pub(crate) async fn request_erasure(
     s: &AppState,
     (org_id, contact_id): (Uuid, Uuid),
     lang: &'static str,
+    source: &str,
     meta: &crm_domain::metadata::EventMetadata,
 ) -> Result<&'static str, ApiError> {
     let t = texts(Some(lang)).1;
@@ -670,7 +704,7 @@ async fn request_erasure(
     };
     let (token, _) = {
         let client = s.pool.get().await?;
-        links::issue_erasure(&client, org_id, contact_id).await?
+        links::issue_erasure(&client, org_id, contact_id, source).await?
     };
     let base = s.settings.mail.link_base.trim_end_matches('/');
     let content = Content {
@@ -717,7 +751,7 @@ pub(crate) async fn erase_confirm_page(
         let client = s.pool.get().await?;
         links::erasure_confirmation(&client, &q.token, Utc::now(), false).await?
     };
-    let Some((org_id, _)) = found else {
+    let Some((org_id, _, _)) = found else {
         let page = notice_page(
             StatusCode::NOT_FOUND,
             lang,
@@ -758,7 +792,7 @@ pub(crate) async fn erase_confirmed(
         let client = s.pool.get().await?;
         links::erasure_confirmation(&client, &q.token, Utc::now(), true).await?
     };
-    let Some((org_id, contact_id)) = found else {
+    let Some((org_id, contact_id, source)) = found else {
         let page = notice_page(
             StatusCode::NOT_FOUND,
             lang,
@@ -771,14 +805,12 @@ pub(crate) async fn erase_confirmed(
     };
     let name = org_name(&s, org_id).await?;
     let meta = contact_metadata(&ctx, org_id, contact_id);
-    let receipt = super::rights::erase_contact(
-        &s,
-        org_id,
-        contact_id,
-        RequestSource::PreferenceCenter,
-        &meta,
-    )
-    .await?;
+    let source = if source == "portal" {
+        RequestSource::Portal
+    } else {
+        RequestSource::PreferenceCenter
+    };
+    let receipt = super::rights::erase_contact(&s, org_id, contact_id, source, &meta).await?;
     // Its preference links die with it.
     {
         let client = s.pool.get().await?;

@@ -332,6 +332,12 @@ pub fn table() -> Vec<Route> {
             .staff(P::PrivacyManage)
             .errors(&[409])
             .to(consent::configure_privacy),
+        route(put.clone(), "/v1/privacy/branding", "privacy")
+            .summary("Set the preference center's colour and logo (with why)")
+            .staff(P::PrivacyManage)
+            .large_body()
+            .errors(&[409])
+            .to(consent::set_branding),
         route(put.clone(), "/v1/privacy/retention", "privacy")
             .summary(
                 "Set the organisation's retention period (days after a contact's last change; \
@@ -543,6 +549,16 @@ pub fn table() -> Vec<Route> {
             .auth(Auth::Portal)
             .errors(&[404])
             .to(portal::portal_me),
+        route(get.clone(), "/portal/export", "portal")
+            .summary("The contact's own copy of its data (JSON, streamed; recorded as an export)")
+            .auth(Auth::Portal)
+            .errors(&[404])
+            .to(portal::portal_export),
+        route(post.clone(), "/portal/erase", "portal")
+            .summary("The contact asks for its erasure: a link to confirm it goes to its e-mail address")
+            .auth(Auth::Portal)
+            .errors(&[404])
+            .to(portal::portal_erase),
         // Consent receipts: the keys that verify them.
         route(get.clone(), "/.well-known/jwks.json", "consent")
             .summary("The public keys of consent receipts (JWKS; retired keys included)")

@@ -40,6 +40,62 @@ pub struct PrivacySettings {
     /// of its own; then the retention sweep erases it (`None`: kept until erased).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention_days: Option<u32>,
+    /// How the preference center looks: the organisation's colour and logo.
+    #[serde(default, skip_serializing_if = "Branding::is_empty")]
+    pub branding: Branding,
+}
+
+/// The organisation's look on the pages its contacts see (the preference center).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Branding {
+    /// `#rrggbb`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub colour: Option<String>,
+    /// A `data:image/png|jpeg|webp;base64,…` URL of at most [`MAX_LOGO_BYTES`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logo: Option<String>,
+}
+
+/// The largest logo kept.
+pub const MAX_LOGO_BYTES: usize = 64 * 1024;
+
+impl Branding {
+    pub fn is_empty(&self) -> bool {
+        self.colour.is_none() && self.logo.is_none()
+    }
+
+    /// Why `self` cannot be kept, if it cannot: (field, message).
+    pub fn problem(&self) -> Option<(&'static str, &'static str)> {
+        if let Some(c) = &self.colour {
+            let ok = c.len() == 7
+                && c.starts_with('#')
+                && c[1..].chars().all(|ch| ch.is_ascii_hexdigit());
+            if !ok {
+                return Some(("colour", "must be #rrggbb"));
+            }
+        }
+        if let Some(l) = &self.logo {
+            let ok = [
+                "data:image/png;base64,",
+                "data:image/jpeg;base64,",
+                "data:image/webp;base64,",
+            ]
+            .iter()
+            .any(|p| l.starts_with(p))
+                && l.len() <= MAX_LOGO_BYTES
+                && l.split_once(',').is_some_and(|(_, b)| {
+                    b.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "+/=".contains(c))
+                });
+            if !ok {
+                return Some((
+                    "logo",
+                    "must be a data:image/png, jpeg or webp;base64 URL of at most 64 KiB",
+                ));
+            }
+        }
+        None
+    }
 }
 
 /// The key of the purpose every organisation has without registering it: the answers
@@ -117,6 +173,7 @@ impl PrivacySettings {
                 },
             ],
             retention_days: None,
+            branding: Branding::default(),
         }
     }
 
@@ -160,6 +217,11 @@ pub enum PrivacyCommand {
         days: Option<u32>,
         reason: String,
     },
+    /// Sets how the preference center looks.
+    SetBranding {
+        branding: Branding,
+        reason: String,
+    },
     /// Records what a retention sweep did in the organisation.
     RecordRetentionSweep {
         erased: Vec<Uuid>,
@@ -191,6 +253,10 @@ pub enum PrivacyEvent {
         days: Option<u32>,
         reason: String,
     },
+    BrandingSet {
+        branding: Branding,
+        reason: String,
+    },
     /// A retention sweep erased these contacts (each through the erasure's own path,
     /// its tombstone naming source `retention`) and left these, due but under a legal
     /// hold, in place; `now` is the sweep's clock.
@@ -209,6 +275,7 @@ impl DomainEvent for PrivacyEvent {
             Self::PurposeDefined { .. } => "PurposeDefined",
             Self::PurposeRetired { .. } => "PurposeRetired",
             Self::RetentionSet { .. } => "RetentionSet",
+            Self::BrandingSet { .. } => "BrandingSet",
             Self::RetentionSwept { .. } => "RetentionSwept",
         }
         .to_owned()
@@ -235,6 +302,8 @@ pub enum PrivacyError {
     NoChannel,
     #[error("a retention period is 1 to 36,500 days")]
     BadRetention,
+    #[error("{0}: {1}")]
+    BadBranding(&'static str, &'static str),
 }
 
 /// The stream's state: the settings once recorded.
@@ -318,6 +387,14 @@ impl Aggregate for Privacy {
                     events.push(PrivacyEvent::RetentionSet { days, reason });
                 }
             }
+            PrivacyCommand::SetBranding { branding, reason } => {
+                if let Some((field, why)) = branding.problem() {
+                    return Err(PrivacyError::BadBranding(field, why));
+                }
+                if current.branding != branding {
+                    events.push(PrivacyEvent::BrandingSet { branding, reason });
+                }
+            }
             PrivacyCommand::RecordRetentionSweep {
                 erased,
                 on_hold,
@@ -373,6 +450,7 @@ impl Aggregate for Privacy {
                 }
             }
             PrivacyEvent::RetentionSet { days, .. } => s.retention_days = days,
+            PrivacyEvent::BrandingSet { branding, .. } => s.branding = branding,
             PrivacyEvent::RetentionSwept { .. } => {}
         }
     }

@@ -104,41 +104,44 @@ pub async fn find(
     })
 }
 
-/// Issues the single-use token of an erasure confirmation link.
+/// Issues the single-use token of an erasure confirmation link, asked for from
+/// `source` (`preference_center`, `portal`).
 pub async fn issue_erasure(
     client: &impl GenericClient,
     org_id: Uuid,
     contact_id: Uuid,
+    source: &str,
 ) -> Result<(String, DateTime<Utc>), StoreError> {
     let token = new_token("ec_");
     let expires_at = Utc::now() + Duration::hours(ERASURE_CONFIRM_HOURS);
     client
         .execute(
-            "INSERT INTO erasure_confirmations (token_sha256, org_id, contact_id, expires_at) \
-             VALUES ($1, $2, $3, $4)",
-            &[&digest(&token), &org_id, &contact_id, &expires_at],
+            "INSERT INTO erasure_confirmations \
+               (token_sha256, org_id, contact_id, source, expires_at) \
+             VALUES ($1, $2, $3, $4, $5)",
+            &[&digest(&token), &org_id, &contact_id, &source, &expires_at],
         )
         .await?;
     Ok((token, expires_at))
 }
 
-/// The contact an erasure confirmation token names, if it is open at `now` (`take`:
-/// and uses it up: a link confirms once).
+/// The contact an erasure confirmation token names and where it asked, if the token is
+/// open at `now` (`take`: and uses it up: a link confirms once).
 pub async fn erasure_confirmation(
     client: &impl GenericClient,
     token: &str,
     now: DateTime<Utc>,
     take: bool,
-) -> Result<Option<(Uuid, Uuid)>, StoreError> {
+) -> Result<Option<(Uuid, Uuid, String)>, StoreError> {
     let sql = if take {
         "DELETE FROM erasure_confirmations WHERE token_sha256 = $1 AND expires_at > $2 \
-         RETURNING org_id, contact_id"
+         RETURNING org_id, contact_id, source"
     } else {
-        "SELECT org_id, contact_id FROM erasure_confirmations \
+        "SELECT org_id, contact_id, source FROM erasure_confirmations \
          WHERE token_sha256 = $1 AND expires_at > $2"
     };
     let row = client.query_opt(sql, &[&digest(token), &now]).await?;
-    Ok(row.map(|r| (r.get(0), r.get(1))))
+    Ok(row.map(|r| (r.get(0), r.get(1), r.get(2))))
 }
 
 #[cfg(test)]

@@ -497,3 +497,92 @@ async fn unknown_and_known_addresses_answer_alike() {
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_signed_in_contact_downloads_its_data_and_asks_for_erasure() {
+    let app = TestApp::spawn().await;
+    portal_on(&app).await;
+    let email = format!("{}@client.example.com", Uuid::new_v4().simple());
+    let (contact, _) = app
+        .create_contact(&json!({"given_name": "Dora", "email": email}))
+        .await;
+    let (s, _) = post(
+        &app,
+        Some(&app.token),
+        &format!("/v1/contacts/{contact}/portal-access"),
+        json!({}),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let (s, _) = post(
+        &app,
+        None,
+        "/portal/auth/magic-link",
+        json!({"org_id": app.org_id, "email": email}),
+    )
+    .await;
+    assert_eq!(s, 202);
+    let link = mailed_token(&app, &email, 1).await;
+    let (_, body) = post(
+        &app,
+        None,
+        "/portal/auth/magic-link/redeem",
+        json!({"token": link}),
+    )
+    .await;
+    let portal = body["access_token"].as_str().unwrap().to_owned();
+
+    // Its own copy, every field, recorded as an export by the contact itself.
+    let (s, doc) = get(&app, &portal, "/portal/export").await;
+    assert_eq!(s, 200, "{doc}");
+    assert_eq!(
+        (
+            doc["schema"].as_str(),
+            doc["contact"]["given_name"].as_str()
+        ),
+        (Some("crm.contact-export.v1"), Some("Dora"))
+    );
+    let by: Value = app
+        .db()
+        .await
+        .query_one(
+            "SELECT metadata -> 'principal' FROM events WHERE event_type = 'ContactExported'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(by, json!({"kind": "portal", "id": contact.to_string()}));
+
+    // Asking for erasure sends the confirmation link; nothing is erased yet.
+    let (s, v) = post(&app, Some(&portal), "/portal/erase", json!({})).await;
+    assert_eq!(
+        (s, v["status"].as_str()),
+        (202, Some("confirmation_sent")),
+        "{v}"
+    );
+    let queued: i64 = app
+        .db()
+        .await
+        .query_one(
+            "SELECT count(*) FROM events WHERE event_type = 'MessageQueued' \
+             AND payload -> 'MessageQueued' ->> 'purpose' = 'data_subject_request'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(queued, 1);
+    let erased: i64 = app
+        .db()
+        .await
+        .query_one(
+            "SELECT count(*) FROM events WHERE event_type = 'ContactErased'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(erased, 0);
+    app.stop().await;
+}

@@ -120,9 +120,38 @@ async fn a_link_opens_its_own_contact_only_until_it_expires_or_is_revoked() {
     let (b, _) = app
         .create_contact(&json!({"given_name": "Bea", "email": "bea.pc@example.com"}))
         .await;
+    // The organisation's colour and logo head the page; a light colour gets dark text.
+    let (s, v) = app
+        .call_as(
+            &app.token,
+            Method::PUT,
+            "/v1/privacy/branding",
+            Some(json!({"colour": "blue", "reason": "brand"})),
+        )
+        .await;
+    assert_eq!(
+        (s, v["fields"][0]["field"].as_str()),
+        (422, Some("colour")),
+        "{v}"
+    );
+    let logo = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8DwHwAFBQIAX8jx0gAAAABJRU5ErkJggg==";
+    let (s, v) = app
+        .call_as(
+            &app.token,
+            Method::PUT,
+            "/v1/privacy/branding",
+            Some(json!({"colour": "#FFD700", "logo": logo, "reason": "brand"})),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
     let token = link(&app, &app.token, a).await;
     let (s, html) = page(&app, &token).await;
     assert_eq!(s, 200, "{html}");
+    assert!(
+        html.contains("--accent: #ffd700; --on-accent: #000000")
+            && html.contains(&format!("<img src=\"{logo}\"")),
+        "the organisation's branding"
+    );
     assert!(
         html.contains("<fieldset>") && html.contains("<label for="),
         "{html}"
