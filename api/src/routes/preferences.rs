@@ -740,6 +740,21 @@ pub(crate) async fn request_erasure(
     })
 }
 
+/// The page of an erasure link that is unknown, used or expired.
+fn unknown_erasure_link(
+    lang: &'static str,
+    t: &'static Texts,
+) -> Result<warp::reply::Response, ApiError> {
+    notice_page(
+        StatusCode::NOT_FOUND,
+        lang,
+        String::new(),
+        t.erase_confirm_heading,
+        t.link_unknown.to_owned(),
+        None,
+    )
+}
+
 /// `GET /preferences/erase?token=`: asks the contact to confirm (a link a mail scanner
 /// opens must not erase anything: the erasure is the form's POST).
 pub(crate) async fn erase_confirm_page(
@@ -752,15 +767,7 @@ pub(crate) async fn erase_confirm_page(
         links::erasure_confirmation(&client, &q.token, Utc::now(), false).await?
     };
     let Some((org_id, _, _)) = found else {
-        let page = notice_page(
-            StatusCode::NOT_FOUND,
-            lang,
-            String::new(),
-            t.erase_confirm_heading,
-            t.link_unknown.to_owned(),
-            None,
-        )?;
-        return Ok(RawAs::new(page));
+        return Ok(RawAs::new(unknown_erasure_link(lang, t)?));
     };
     let lang_q = q
         .lang
@@ -793,15 +800,7 @@ pub(crate) async fn erase_confirmed(
         links::erasure_confirmation(&client, &q.token, Utc::now(), true).await?
     };
     let Some((org_id, contact_id, source)) = found else {
-        let page = notice_page(
-            StatusCode::NOT_FOUND,
-            lang,
-            String::new(),
-            t.erase_confirm_heading,
-            t.link_unknown.to_owned(),
-            None,
-        )?;
-        return Ok(RawAs::new(page));
+        return Ok(RawAs::new(unknown_erasure_link(lang, t)?));
     };
     let name = org_name(&s, org_id).await?;
     let meta = contact_metadata(&ctx, org_id, contact_id);

@@ -39,42 +39,29 @@ use crate::auth::visibility;
 use crate::edge::extract::{Id, Json, Query};
 use crate::edge::reply::{Ok200, RawAs, RawDoc};
 use crate::edge::route::OpDoc;
-use crate::error::{ApiError, FieldError};
+use crate::error::ApiError;
 use crate::state::AppState;
 
 /// How long an erasure waits for the read models to purge before it answers (it
 /// answers `purging` after that; the receipt shows them done later).
 const PURGE_WAIT: Duration = Duration::from_secs(5);
 
-fn reason(r: Option<String>) -> Result<Option<String>, ApiError> {
-    match r {
-        Some(r) if r.chars().count() > 300 => Err(ApiError::Validation(vec![FieldError::new(
-            "reason",
-            "must be at most 300 characters",
-        )])),
-        Some(r) if r.chars().any(char::is_control) => {
-            Err(ApiError::Validation(vec![FieldError::new(
-                "reason",
-                "must be one line of text",
-            )]))
-        }
-        Some(r) if r.trim().is_empty() => Ok(None),
-        other => Ok(other),
-    }
-}
-
-async fn hold_command(
-    s: &AppState,
-    a: &Authed,
+/// Runs a contact command that takes only a reason (holds, restrictions), checked as
+/// every reason is.
+async fn with_reason(
+    s: AppState,
+    a: Authed,
     id: Uuid,
-    command: ContactCommand,
+    input: ReasonInput,
+    command: fn(Option<String>) -> ContactCommand,
 ) -> Result<Ok200<Outcome>, ApiError> {
+    let reason = super::consent::reason(input.reason)?;
     let outcome = s
         .executor
         .execute::<Contact>(
             a.caller.org_id,
             &id.to_string(),
-            command,
+            command(reason),
             &a.metadata(),
             None,
         )
@@ -88,8 +75,10 @@ pub(crate) async fn place_legal_hold(
     Id(id): Id,
     Json(input): Json<ReasonInput>,
 ) -> Result<Ok200<Outcome>, ApiError> {
-    let reason = reason(input.reason)?;
-    hold_command(&s, &a, id, ContactCommand::PlaceLegalHold { reason }).await
+    with_reason(s, a, id, input, |reason| ContactCommand::PlaceLegalHold {
+        reason,
+    })
+    .await
 }
 
 pub(crate) async fn lift_legal_hold(
@@ -98,8 +87,10 @@ pub(crate) async fn lift_legal_hold(
     Id(id): Id,
     Json(input): Json<ReasonInput>,
 ) -> Result<Ok200<Outcome>, ApiError> {
-    let reason = reason(input.reason)?;
-    hold_command(&s, &a, id, ContactCommand::LiftLegalHold { reason }).await
+    with_reason(s, a, id, input, |reason| ContactCommand::LiftLegalHold {
+        reason,
+    })
+    .await
 }
 
 pub(crate) async fn restrict(
@@ -108,8 +99,10 @@ pub(crate) async fn restrict(
     Id(id): Id,
     Json(input): Json<ReasonInput>,
 ) -> Result<Ok200<Outcome>, ApiError> {
-    let reason = reason(input.reason)?;
-    hold_command(&s, &a, id, ContactCommand::RestrictProcessing { reason }).await
+    with_reason(s, a, id, input, |reason| {
+        ContactCommand::RestrictProcessing { reason }
+    })
+    .await
 }
 
 pub(crate) async fn lift_restriction(
@@ -118,8 +111,10 @@ pub(crate) async fn lift_restriction(
     Id(id): Id,
     Json(input): Json<ReasonInput>,
 ) -> Result<Ok200<Outcome>, ApiError> {
-    let reason = reason(input.reason)?;
-    hold_command(&s, &a, id, ContactCommand::LiftRestriction { reason }).await
+    with_reason(s, a, id, input, |reason| ContactCommand::LiftRestriction {
+        reason,
+    })
+    .await
 }
 
 pub(crate) async fn set_retention(
