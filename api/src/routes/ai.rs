@@ -330,8 +330,9 @@ pub(crate) struct AiActionDoc {
     /// SHA-256 (hex) of the arguments' JSON with sorted keys and no white space: an
     /// approval names it.
     arguments_sha256: String,
-    /// The command's body as proposed (or as last edited).
-    #[schema(value_type = Object)]
+    /// The command's body as proposed (or as last edited); null once a contact the
+    /// action touched was erased (its key went with it).
+    #[schema(value_type = Option<Object>)]
     arguments: Option<Value>,
     /// The proposer: an agent's key id, or a user's id.
     proposed_by: String,

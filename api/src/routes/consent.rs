@@ -1041,13 +1041,26 @@ pub(crate) async fn configure_privacy(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RetentionInput {
+    /// Days (null: none, or the organisation's again).
     #[serde(deserialize_with = "crate::edge::extract::whole_number")]
-    #[schema(value_type = Option<i64>, minimum = 1, maximum = 36500)]
+    #[schema(value_type = Option<i64>, required = true, minimum = 1, maximum = 36500)]
     days: Option<i64>,
-    /// Why (kept with the change; required for the organisation's).
+    /// Why (kept with the change).
     #[serde(default)]
     #[schema(max_length = 300, pattern = "@line")]
     reason: Option<String>,
+}
+
+/// `PUT /v1/privacy/retention`: the organisation's period in days (1 to 36,500), or
+/// null for none, and why.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct OrgRetentionInput {
+    #[serde(deserialize_with = "crate::edge::extract::whole_number")]
+    #[schema(value_type = Option<i64>, required = true, minimum = 1, maximum = 36500)]
+    days: Option<i64>,
+    #[schema(max_length = 300, pattern = "@line")]
+    reason: String,
 }
 
 impl RetentionInput {
@@ -1075,15 +1088,14 @@ impl RetentionInput {
 pub(crate) async fn set_retention(
     s: AppState,
     a: Authed,
-    Json(input): Json<RetentionInput>,
+    Json(input): Json<OrgRetentionInput>,
 ) -> Result<Ok200<Outcome>, ApiError> {
-    let (days, reason) = input.parse()?;
-    let Some(reason) = reason else {
-        return Err(ApiError::Validation(vec![FieldError::new(
-            "reason",
-            "is required",
-        )]));
-    };
+    let (days, reason) = RetentionInput {
+        days: input.days,
+        reason: Some(input.reason),
+    }
+    .parse()?;
+    let reason = reason.unwrap_or_default();
     let o = privacy::execute(
         &s.executor,
         a.caller.org_id,

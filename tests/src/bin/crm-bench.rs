@@ -12,9 +12,10 @@
 //! - `messages`, `consent-check`: the send gate and the bulk check (`consent.rs`).
 //! - `ai-actions`, `ai-approvals`: AI actions run at once beside plain commands, and
 //!   approval-to-execution latency (`ai.rs`).
-//! - `rights-seed`, `rights-erase`, `rights-read`: erasure of contacts with 20 events
-//!   each, and reads of erased contacts beside live ones (`scripts/bench --rights`, see
-//!   `rights.rs`).
+//! - `rights-seed`, `rights-erase`, `rights-read`, `rights-links`, `rights-page`:
+//!   erasure of contacts with 20 events each, reads of erased contacts beside live
+//!   ones, and the preference center page beside `GET /healthz` (`scripts/bench
+//!   --rights`, see `rights.rs`).
 //! - `drop-stream`: deletes the JetStream stream a run used.
 //! - `scale-seed`, `scale-grow`, `read`: the scale phase (`scripts/bench --scale`, see
 //!   `scale.rs`).
@@ -100,6 +101,12 @@ enum Command {
     /// `GET /v1/contacts/{id}` of erased contacts beside live ones, alternating in 1 s
     /// slices.
     RightsRead(rights::ReadArgs),
+    /// A preference-center link for each of the first --links live contacts, their
+    /// tokens into --out.
+    RightsLinks(rights::LinksArgs),
+    /// The preference center page (`GET /preferences?token=`) beside `GET /healthz`,
+    /// alternating in 1 s slices.
+    RightsPage(rights::PageArgs),
     /// Scale phase, before the first step: long contacts and a second staff user.
     ScaleSeed(scale::SeedArgs),
     /// Scale phase: grow the organisation by contacts --from..--to, then a few markers
@@ -659,6 +666,8 @@ async fn main() -> anyhow::Result<()> {
         Command::RightsSeed(args) => rights::seed(args).await,
         Command::RightsErase(args) => rights::erase(args).await,
         Command::RightsRead(args) => rights::read(args).await,
+        Command::RightsLinks(args) => rights::links(args).await,
+        Command::RightsPage(args) => rights::page(args).await,
         Command::DropStream { nats_url, stream } => drop_stream(&nats_url, &stream).await,
         Command::ScaleSeed(args) => scale::seed(args).await,
         Command::ScaleGrow(args) => scale::grow(args).await,

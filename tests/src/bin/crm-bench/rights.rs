@@ -23,6 +23,13 @@
 //!   `ai-actions` does: both rates, percentiles and their ratio. An erased answer counts
 //!   only with `erased_at` set and no e-mail; a live one only with its e-mail and
 //!   `erased_at` null.
+//! - `rights-links` (not timed as a figure): a preference-center link (`POST
+//!   /v1/contacts/{id}/preference-link`) for each of the first `--links` live contacts;
+//!   their tokens go to `--out`, and the first link's page is fetched once to check it.
+//! - `rights-page`: the preference center page (`GET /preferences?token=`, the links
+//!   in turn) beside `GET /healthz`, alternating in 1 s slices as `rights-read` does:
+//!   both rates, percentiles and their ratio. A page counts only if it is a 200 with a
+//!   `<fieldset>` (the form's; the page that says a link is unknown has none).
 //!
 //! Each prints one line of `key=value` fields ending with `cpu_s`.
 
@@ -345,10 +352,11 @@ pub(crate) struct ReadArgs {
     ids: std::path::PathBuf,
 }
 
-/// What one side of the alternation measured.
+/// What one side of the alternation measured, while it runs.
 struct Side {
     latency: Mutex<Histogram<u64>>,
     errors: AtomicU64,
+    bytes: AtomicU64,
     last_error: Mutex<Option<String>>,
 }
 
@@ -357,9 +365,125 @@ impl Side {
         Self {
             latency: Mutex::new(histogram()),
             errors: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
             last_error: Mutex::new(None),
         }
     }
+}
+
+/// What one side of the alternation measured: the latency of the answers counted,
+/// the requests that failed or were not as expected, and the bytes of the answers
+/// counted.
+struct Measured {
+    latency: Histogram<u64>,
+    errors: u64,
+    bytes: u64,
+}
+
+impl Measured {
+    /// Answers counted per second over `seconds`.
+    fn rate(&self, seconds: u64) -> f64 {
+        self.latency.len() as f64 / seconds as f64
+    }
+
+    /// The mean size of an answer counted, in bytes.
+    fn mean_bytes(&self) -> u64 {
+        self.bytes / self.latency.len().max(1)
+    }
+}
+
+/// `a / b`, or 0 when `b` is not positive.
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        a / b
+    } else {
+        0.0
+    }
+}
+
+/// Two kinds of GET over `connections` connections, alternating in 1 s slices so that
+/// both see the same machine, as `ai-actions` does: one slice of each first (warm-up,
+/// not counted), then `seconds` of each; slice k is side k % 2. `path(side, n)` is the
+/// path of request n (n counts the requests of both sides). An answer counts only if
+/// it is a 200 and `ok(side, body)`, and only if it was sent and answered inside one
+/// measured slice. `what` and `names` label the last error of each side (on stderr).
+async fn alternate(
+    t: &Target,
+    connections: usize,
+    seconds: u64,
+    (what, names): (&str, [&str; 2]),
+    path: impl Fn(usize, usize) -> String + Send + Sync + 'static,
+    ok: impl Fn(usize, &[u8]) -> bool + Send + Sync + 'static,
+) -> anyhow::Result<[Measured; 2]> {
+    let (path, ok) = (Arc::new(path), Arc::new(ok));
+    let counter = Arc::new(AtomicU64::new(0));
+    let sides = Arc::new([Side::new(), Side::new()]);
+    let slices = 2 * (seconds + 1);
+    let start = Instant::now();
+    let slice_of = move |at: Instant| (at - start).as_millis() as u64 / 1000;
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        let mut conn = Conn::new(t)?;
+        let (path, ok, counter, sides) = (path.clone(), ok.clone(), counter.clone(), sides.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let t0 = Instant::now();
+                let slice = slice_of(t0);
+                if slice >= slices {
+                    break;
+                }
+                let side = (slice % 2) as usize;
+                let n = counter.fetch_add(1, Ordering::Relaxed) as usize;
+                let result = conn.send(hyper::Method::GET, &path(side, n), None).await;
+                // Only requests sent and answered inside one measured slice count.
+                if slice < 2 || slice_of(Instant::now()) != slice {
+                    continue;
+                }
+                let s = &sides[side];
+                match result {
+                    Ok((status, answer))
+                        if status == hyper::StatusCode::OK && ok(side, &answer) =>
+                    {
+                        s.latency
+                            .lock()
+                            .await
+                            .record(t0.elapsed().as_micros() as u64)
+                            .unwrap();
+                        s.bytes.fetch_add(answer.len() as u64, Ordering::Relaxed);
+                    }
+                    Ok((status, answer)) => {
+                        s.errors.fetch_add(1, Ordering::Relaxed);
+                        *s.last_error.lock().await = Some(format!(
+                            "status {status}: {}",
+                            String::from_utf8_lossy(&answer[..answer.len().min(300)])
+                        ));
+                    }
+                    Err(e) => {
+                        s.errors.fetch_add(1, Ordering::Relaxed);
+                        *s.last_error.lock().await = Some(e);
+                    }
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        task.await?;
+    }
+    let mut measured = Vec::with_capacity(2);
+    for (name, s) in names.iter().zip(sides.iter()) {
+        if let Some(e) = s.last_error.lock().await.as_ref() {
+            eprintln!("crm-bench {what}: {name}: last error: {e}");
+        }
+        measured.push(Measured {
+            latency: s.latency.lock().await.clone(),
+            errors: s.errors.load(Ordering::Relaxed),
+            bytes: s.bytes.load(Ordering::Relaxed),
+        });
+    }
+    let [a, b]: [Measured; 2] = measured
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("two sides"))?;
+    Ok([a, b])
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
@@ -387,77 +511,22 @@ pub(crate) async fn read(args: ReadArgs) -> anyhow::Result<()> {
         seconds,
         ids,
     } = args;
-    // Side 0: live contacts; side 1: erased ones.
+    // Side 0 (even slices): live contacts; side 1 (odd): erased ones.
     let sets = Arc::new([read_ids(&ids, "live")?, read_ids(&ids, "erase")?]);
-    let counter = Arc::new(AtomicU64::new(0));
-    let sides = Arc::new([Side::new(), Side::new()]);
-    // One slice of each first (warm-up), then `seconds` of each: slice k is live
-    // contacts when k is even, erased ones when odd.
-    let slices = 2 * (seconds + 1);
-    let start = Instant::now();
-    let slice_of = move |at: Instant| (at - start).as_millis() as u64 / 1000;
-    let mut tasks = Vec::new();
-    for _ in 0..connections {
-        let mut conn = Conn::new(&t)?;
-        let (sets, counter, sides) = (sets.clone(), counter.clone(), sides.clone());
-        tasks.push(tokio::spawn(async move {
-            loop {
-                let t0 = Instant::now();
-                let slice = slice_of(t0);
-                if slice >= slices {
-                    break;
-                }
-                let side = (slice % 2) as usize;
-                let n = counter.fetch_add(1, Ordering::Relaxed) as usize;
-                let set = &sets[side];
-                let path = format!("/v1/contacts/{}", set[n % set.len()]);
-                let result = conn.send(hyper::Method::GET, &path, None).await;
-                // Only requests sent and answered inside one measured slice count.
-                if slice < 2 || slice_of(Instant::now()) != slice {
-                    continue;
-                }
-                let s = &sides[side];
-                match result {
-                    Ok((status, answer))
-                        if status == hyper::StatusCode::OK && as_expected(side == 1, &answer) =>
-                    {
-                        s.latency
-                            .lock()
-                            .await
-                            .record(t0.elapsed().as_micros() as u64)
-                            .unwrap();
-                    }
-                    Ok((status, answer)) => {
-                        s.errors.fetch_add(1, Ordering::Relaxed);
-                        *s.last_error.lock().await = Some(format!(
-                            "status {status}: {}",
-                            String::from_utf8_lossy(&answer[..answer.len().min(300)])
-                        ));
-                    }
-                    Err(e) => {
-                        s.errors.fetch_add(1, Ordering::Relaxed);
-                        *s.last_error.lock().await = Some(e);
-                    }
-                }
-            }
-        }));
-    }
-    for task in tasks {
-        task.await?;
-    }
-    for (name, s) in ["live", "erased"].iter().zip(sides.iter()) {
-        if let Some(e) = s.last_error.lock().await.as_ref() {
-            eprintln!("crm-bench rights-read: {name}: last error: {e}");
-        }
-    }
-    let (l, e) = (
-        sides[0].latency.lock().await.clone(),
-        sides[1].latency.lock().await.clone(),
-    );
-    let (l_rate, e_rate) = (
-        l.len() as f64 / seconds as f64,
-        e.len() as f64 / seconds as f64,
-    );
+    let paths = sets.clone();
+    let [l, e] = alternate(
+        &t,
+        connections,
+        seconds,
+        ("rights-read", ["live", "erased"]),
+        move |side, n| {
+            let set = &paths[side];
+            format!("/v1/contacts/{}", set[n % set.len()])
+        },
+        |side, body| as_expected(side == 1, body),
+    )
+    .await?;
+    let (l_rate, e_rate) = (l.rate(seconds), e.rate(seconds));
     println!(
         "rights-read connections={connections} seconds={seconds} erased_contacts={} \
          live_contacts={} erased_per_s={e_rate:.0} erased_p50_ms={:.2} erased_p99_ms={:.2} \
@@ -465,18 +534,175 @@ pub(crate) async fn read(args: ReadArgs) -> anyhow::Result<()> {
          live_errors={} ratio={:.2} p50_ratio={:.2} cpu_s={}",
         sets[1].len(),
         sets[0].len(),
-        ms(&e, 0.5),
-        ms(&e, 0.99),
-        sides[1].errors.load(Ordering::Relaxed),
-        ms(&l, 0.5),
-        ms(&l, 0.99),
-        sides[0].errors.load(Ordering::Relaxed),
-        if l_rate > 0.0 { e_rate / l_rate } else { 0.0 },
-        if ms(&l, 0.5) > 0.0 {
-            ms(&e, 0.5) / ms(&l, 0.5)
-        } else {
-            0.0
+        ms(&e.latency, 0.5),
+        ms(&e.latency, 0.99),
+        e.errors,
+        ms(&l.latency, 0.5),
+        ms(&l.latency, 0.99),
+        l.errors,
+        ratio(e_rate, l_rate),
+        ratio(ms(&e.latency, 0.5), ms(&l.latency, 0.5)),
+        cpu_seconds()
+    );
+    Ok(())
+}
+
+#[derive(Args)]
+pub(crate) struct LinksArgs {
+    #[command(flatten)]
+    target: Target,
+    /// The file `rights-seed` wrote: the first `--links` of its `live` contacts get a
+    /// link each.
+    #[arg(long)]
+    ids: std::path::PathBuf,
+    #[arg(long, default_value_t = 200)]
+    links: usize,
+    /// Where to write the links' tokens, one a line (created readable by its owner
+    /// only; the tokens open the contacts' pages).
+    #[arg(long)]
+    out: std::path::PathBuf,
+}
+
+/// Whether a 200 answer of `GET /preferences` is the contact's page: its form has one
+/// `<fieldset>` per purpose (a notice page, such as "link unknown", has none).
+fn is_page(body: &[u8]) -> bool {
+    contains(body, b"<fieldset>")
+}
+
+/// The path of the page a token opens.
+fn page_path(token: &str) -> String {
+    let token: String = form_urlencoded::byte_serialize(token.as_bytes()).collect();
+    format!("/preferences?token={token}")
+}
+
+pub(crate) async fn links(args: LinksArgs) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let LinksArgs {
+        target: t,
+        ids,
+        links,
+        out,
+    } = args;
+    let live = read_ids(&ids, "live")?;
+    anyhow::ensure!(
+        live.len() >= links,
+        "{links} links need as many live contacts ({} in {})",
+        live.len(),
+        ids.display()
+    );
+    let start = Instant::now();
+    let mut conn = Conn::new(&t)?;
+    let mut tokens = Vec::with_capacity(links);
+    for id in &live[..links] {
+        let path = format!("/v1/contacts/{id}/preference-link");
+        let link = call(
+            &mut conn,
+            hyper::Method::POST,
+            &path,
+            Some(&json!({})),
+            hyper::StatusCode::CREATED,
+        )
+        .await?;
+        let token = link["token"]
+            .as_str()
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| anyhow::anyhow!("POST {path}: no token in the answer"))?;
+        anyhow::ensure!(
+            link["expires_at"].is_string()
+                && link["url"].as_str().is_some_and(|u| u.ends_with(token)),
+            "POST {path}: no url or expires_at in the answer"
+        );
+        tokens.push(token.to_owned());
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    // The first page, once: fail here rather than count 10 s of errors.
+    let (status, body) = conn
+        .send(hyper::Method::GET, &page_path(&tokens[0]), None)
+        .await
+        .map_err(|e| anyhow::anyhow!("GET /preferences: {e}"))?;
+    anyhow::ensure!(
+        status == hyper::StatusCode::OK && is_page(&body),
+        "GET /preferences: status {status}, not the contact's page: {}",
+        String::from_utf8_lossy(&body[..body.len().min(300)])
+    );
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&out)?;
+    for token in &tokens {
+        writeln!(file, "{token}")?;
+    }
+    println!(
+        "rights-links links={} seconds={seconds:.2} page_bytes={} cpu_s={}",
+        tokens.len(),
+        body.len(),
+        cpu_seconds()
+    );
+    Ok(())
+}
+
+#[derive(Args)]
+pub(crate) struct PageArgs {
+    #[command(flatten)]
+    target: Target,
+    #[arg(long, default_value_t = 32)]
+    connections: usize,
+    /// Measured seconds of each of the two (alternating in 1 s slices).
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// The file `rights-links` wrote.
+    #[arg(long)]
+    tokens: std::path::PathBuf,
+}
+
+pub(crate) async fn page(args: PageArgs) -> anyhow::Result<()> {
+    let PageArgs {
+        target: t,
+        connections,
+        seconds,
+        tokens,
+    } = args;
+    let pages: Vec<String> = std::fs::read_to_string(&tokens)?
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(page_path)
+        .collect();
+    anyhow::ensure!(!pages.is_empty(), "no tokens in {}", tokens.display());
+    let links = pages.len();
+    // Side 0 (even slices): GET /healthz; side 1 (odd): the pages, in turn.
+    let [h, p] = alternate(
+        &t,
+        connections,
+        seconds,
+        ("rights-page", ["healthz", "page"]),
+        move |side, n| {
+            if side == 0 {
+                "/healthz".to_owned()
+            } else {
+                pages[n % pages.len()].clone()
+            }
         },
+        |side, body| side == 0 || is_page(body),
+    )
+    .await?;
+    let (h_rate, p_rate) = (h.rate(seconds), p.rate(seconds));
+    println!(
+        "rights-page connections={connections} seconds={seconds} links={links} \
+         page_per_s={p_rate:.0} page_p50_ms={:.2} page_p99_ms={:.2} page_errors={} \
+         page_bytes={} healthz_per_s={h_rate:.0} healthz_p50_ms={:.2} healthz_p99_ms={:.2} \
+         healthz_errors={} ratio={:.2} p50_ratio={:.2} cpu_s={}",
+        ms(&p.latency, 0.5),
+        ms(&p.latency, 0.99),
+        p.errors,
+        p.mean_bytes(),
+        ms(&h.latency, 0.5),
+        ms(&h.latency, 0.99),
+        h.errors,
+        ratio(p_rate, h_rate),
+        ratio(ms(&p.latency, 0.5), ms(&h.latency, 0.5)),
         cpu_seconds()
     );
     Ok(())
