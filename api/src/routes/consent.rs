@@ -1116,7 +1116,10 @@ pub(crate) struct BrandingInput {
     colour: Option<String>,
     /// A `data:image/png|jpeg|webp;base64,…` URL, at most 64 KiB.
     #[serde(default)]
-    #[schema(max_length = 65536)]
+    #[schema(
+        max_length = 65536,
+        pattern = "^data:image/(png|jpeg|webp);base64,[A-Za-z0-9+/=]+$"
+    )]
     logo: Option<String>,
     #[schema(max_length = 300, pattern = "@line")]
     reason: String,
