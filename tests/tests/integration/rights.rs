@@ -944,3 +944,38 @@ async fn the_retention_sweep_erases_contacts_past_their_period_but_not_under_a_l
     assert_eq!(runs, 1);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn an_organisations_suppression_key_is_made_once_under_concurrent_first_use() {
+    let app = TestApp::spawn().await;
+    // A fresh organisation: its key does not exist yet, and 16 requests want it at once
+    // (the first erasures of an organisation, the gate's lookups).
+    let (org, _, _) = app.another_org("Fresh").await;
+    let calls = (0..16).map(|_| {
+        let (crypto, pool) = (app.state.crypto.clone(), app.state.pool.clone());
+        tokio::spawn(async move {
+            let client = pool.get().await.unwrap();
+            crypto
+                .org_secret(&client, &org, crm_infra::crypto::org_secrets::SUPPRESSION)
+                .await
+        })
+    });
+    let keys: Vec<_> = futures::future::join_all(calls)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().expect("every first use gets the key"))
+        .collect();
+    assert!(keys.iter().all(|k| k == &keys[0]), "one key for all");
+    let rows: i64 = app
+        .db()
+        .await
+        .query_one(
+            "SELECT count(*) FROM org_secrets WHERE org_id = $1",
+            &[&org],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 1);
+    app.stop().await;
+}
