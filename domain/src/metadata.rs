@@ -15,6 +15,20 @@ pub enum PrincipalKind {
     System,
 }
 
+impl PrincipalKind {
+    /// Its wire name (`user`, `api_key`, `portal`, `ai_agent`, `system`), as the read
+    /// models and the API spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::User => "user",
+            Self::ApiKey => "api_key",
+            Self::Portal => "portal",
+            Self::AiAgent => "ai_agent",
+            Self::System => "system",
+        }
+    }
+}
+
 /// An authenticated actor.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Principal {
@@ -68,3 +82,15 @@ impl EventMetadata {
 
 /// Keys of [`EventMetadata`] that hold personal data.
 pub const PERSONAL_METADATA_FIELDS: &[&str] = &["ip", "user_agent"];
+
+#[cfg(test)]
+mod kind_names {
+    use super::PrincipalKind as K;
+
+    #[test]
+    fn a_kinds_name_is_its_serde_name() {
+        for k in [K::User, K::ApiKey, K::Portal, K::AiAgent, K::System] {
+            assert_eq!(serde_json::to_value(k).unwrap(), k.name());
+        }
+    }
+}

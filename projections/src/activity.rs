@@ -45,17 +45,13 @@ pub fn action_name(event_type: &str) -> &str {
 
 /// The activity entry an event produces. Personal metadata (IP, user agent) is left out.
 pub fn entry(env: &Envelope<'_>, meta: &EventMetadata) -> ActivityEntry {
-    let actor_kind = serde_json::to_value(meta.principal.kind)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_else(|| "unknown".to_owned());
     ActivityEntry {
         event_id: env.event_id,
         org_id: env.org_id,
         global_position: env.global_position,
         occurred_at: meta.occurred_at,
         recorded_at: env.recorded_at,
-        actor_kind,
+        actor_kind: meta.principal.kind.name().to_owned(),
         actor_id: meta.principal.id.clone(),
         action: action_name(env.event_type).to_owned(),
         entity_type: env.aggregate_type.to_owned(),

@@ -54,16 +54,12 @@ pub fn receipt(
     else {
         return None;
     };
-    let requested_by_kind = serde_json::to_value(meta.principal.kind)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_else(|| "unknown".to_owned());
     Some(ErasureReceipt {
         org_id: env.org_id,
         request_id: *request_id,
         subject_id: env.aggregate_id.parse().unwrap_or_default(),
         source: source.name().to_owned(),
-        requested_by_kind,
+        requested_by_kind: meta.principal.kind.name().to_owned(),
         requested_by: meta.principal.id.clone(),
         requested_at: meta.occurred_at,
         erased_at: env.recorded_at,

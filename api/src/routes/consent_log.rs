@@ -445,19 +445,21 @@ pub(crate) async fn check(
     let mut client = s.pool.get().await?;
     let tx = crm_infra::read_models::org_scope(&mut client, org).await?;
     let (settings, has_suppressions) = privacy::load_with_suppressions(&tx, org).await?;
-    // The suppression list's key, only when it has entries to compare (on a connection
-    // of its own: the read is read-only, and a first use creates the key).
-    let key = if has_suppressions {
-        let keys = s.pool.get().await?;
-        Some(
-            s.executor
-                .crypto()
-                .org_secret(&keys, &org, SUPPRESSION)
-                .await
-                .map_err(crm_infra::store::event_store::StoreError::from)?,
-        )
-    } else {
-        None
+    // The suppression list's key, only when it has entries to compare: from this
+    // process's memory, else on a connection of its own (the read is read-only, and a
+    // first use creates the key).
+    let crypto = s.executor.crypto();
+    let key = match (
+        has_suppressions,
+        crypto.cached_org_secret(&org, SUPPRESSION),
+    ) {
+        (false, _) => None,
+        (true, Some(key)) => Some(key),
+        (true, None) => {
+            let keys = s.pool.get().await?;
+            let key = crypto.org_secret(&keys, &org, SUPPRESSION).await;
+            Some(key.map_err(crm_infra::store::event_store::StoreError::from)?)
+        }
     };
     let checked = state_rm::check(
         &tx,

@@ -19,7 +19,10 @@ use crm_infra::rights::erasure::{self, Erase};
 use crm_infra::rights::export;
 use crm_infra::store::decode::decode;
 use crm_infra::store::event_store::{self, StreamId};
-use crm_projections::erasure::{ErasureReceipt, PURGING_READ_MODELS, SHREDDED};
+use crm_projections::erasure::{
+    receipt as erasure_receipt, ErasureReceipt, PURGING_READ_MODELS, SHREDDED,
+};
+use crm_projections::Envelope;
 use futures::SinkExt;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -255,24 +258,20 @@ pub(crate) async fn erase_contact(
         .appended
         .first()
         .ok_or_else(|| ApiError::internal("an erasure wrote no tombstone"))?;
-    let receipt = ErasureReceipt {
+    // The receipt as the projection `erasure_receipts` will keep it.
+    let sid = id.to_string();
+    let envelope = Envelope {
+        event_id: tombstone.event_id,
         org_id,
-        request_id: request.request_id,
-        subject_id: id,
-        source: source.name().to_owned(),
-        requested_by_kind: serde_json::to_value(metadata.principal.kind)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_owned))
-            .unwrap_or_default(),
-        requested_by: metadata.principal.id.clone(),
-        requested_at: metadata.occurred_at,
-        erased_at: tombstone.recorded_at,
-        keys_destroyed: erased.keys_destroyed,
-        suppressed: erased.suppressed,
-        tombstone_event_id: tombstone.event_id,
-        tombstone_position: tombstone.global_position,
-        tombstone_hash: tombstone.hash.clone(),
+        aggregate_type: Contact::TYPE,
+        aggregate_id: &sid,
+        event_type: "ContactErased",
+        sequence: tombstone.sequence,
+        global_position: tombstone.global_position,
+        recorded_at: tombstone.recorded_at,
     };
+    let receipt = erasure_receipt(&envelope, &erased.tombstone, metadata, &tombstone.hash)
+        .ok_or_else(|| ApiError::internal("an erasure wrote no tombstone"))?;
     let deadline = tokio::time::Instant::now() + PURGE_WAIT;
     loop {
         let (_, pending) = purged(s, tombstone.global_position).await?;

@@ -20,6 +20,12 @@ pub const SUPPRESSION: &str = "suppression";
 pub type OrgSecret = Arc<[u8; 32]>;
 
 impl Crypto {
+    /// `org`'s secret for `purpose` if this process has it already (no I/O).
+    pub fn cached_org_secret(&self, org: &Uuid, purpose: &'static str) -> Option<OrgSecret> {
+        let secrets = self.secrets.lock().expect("secrets poisoned");
+        secrets.get(&(*org, purpose)).cloned()
+    }
+
     /// `org`'s secret for `purpose`: cached, else read, else created.
     pub async fn org_secret(
         &self,

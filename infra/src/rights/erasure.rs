@@ -22,7 +22,9 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use crm_domain::consent::Channel;
-use crm_domain::contact::{Contact, ContactCommand, ContactError, ContactProfile, RequestSource};
+use crm_domain::contact::{
+    Contact, ContactCommand, ContactError, ContactEvent, ContactProfile, RequestSource,
+};
 use crm_domain::metadata::EventMetadata;
 use deadpool_postgres::GenericClient;
 use futures::FutureExt;
@@ -51,9 +53,10 @@ pub struct Erase {
 /// What an erasure did.
 #[derive(Debug, Clone)]
 pub struct Erased {
+    /// What was written: the tombstone alone.
     pub outcome: CommandOutcome,
-    pub keys_destroyed: Vec<String>,
-    pub suppressed: Vec<String>,
+    /// The tombstone (`ContactErased`: the keys destroyed, the channels suppressed).
+    pub tombstone: ContactEvent,
 }
 
 /// Erases a contact (see the module's documentation).
@@ -162,7 +165,7 @@ async fn erase_once(
         }
         .boxed()
     });
-    let (outcome, _) = executor
+    let (outcome, mut events) = executor
         .execute_returning::<Contact>(
             org_id,
             &id,
@@ -176,11 +179,11 @@ async fn erase_once(
     for subject in &keys {
         executor.crypto().forget(&org_id, subject);
     }
-    Ok(Erased {
-        outcome,
-        keys_destroyed: keys,
-        suppressed,
-    })
+    let tombstone = events.pop().ok_or(CommandError::Store(StoreError::Corrupt(
+        0,
+        "an erasure wrote no tombstone".into(),
+    )))?;
+    Ok(Erased { outcome, tombstone })
 }
 
 /// The subjects whose keys hold the contact's data: its own first, then those it owns
