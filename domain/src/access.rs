@@ -105,6 +105,7 @@ permissions! {
     ConsentProofView = "consent.proof.view", Contacts, true;
     CredentialsDecrypt = "credentials.decrypt", Core, true;
     WebhooksManage = "webhooks.manage", Core, true;
+    SecurityRead = "security.read", Core, true;
     RolesManage = "roles.manage", Core, true;
     AiApprove = "ai.approve", Core, true;
     AiAuditRead = "ai.audit.read", Core, true;

@@ -21,6 +21,7 @@ pub mod metadata;
 pub mod organization;
 pub mod personal;
 pub mod portal;
+pub mod public_events;
 pub mod role;
 pub mod user;
 pub mod values;
