@@ -25,5 +25,6 @@ pub mod public_events;
 pub mod role;
 pub mod user;
 pub mod values;
+pub mod webhook;
 
 pub use personal::PersonalData;

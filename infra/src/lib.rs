@@ -34,3 +34,4 @@ pub mod rights;
 pub mod settings;
 pub mod store;
 pub mod vault;
+pub mod webhooks;
