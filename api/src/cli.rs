@@ -194,6 +194,35 @@ pub struct Common {
         default_value_t = 3_600
     )]
     pub retention_sweep_secs: u64,
+    /// Networks webhooks may reach although they belong to the service's own (loopback,
+    /// private, link-local…): comma-separated CIDRs or addresses (docs/webhooks.md).
+    #[arg(long, env = "CRM_WEBHOOK_ALLOW_NETS", global = true, default_value = "")]
+    pub webhook_allow_nets: String,
+    /// Timeout of one webhook attempt, in seconds.
+    #[arg(long, env = "CRM_WEBHOOK_TIMEOUT_SECS", global = true, default_value_t = 10)]
+    pub webhook_timeout_secs: u64,
+    /// Webhook attempts in flight per delivery worker.
+    #[arg(long, env = "CRM_WEBHOOK_CONCURRENCY", global = true, default_value_t = 64)]
+    pub webhook_concurrency: usize,
+    /// Failed attempts in a row that disable an endpoint (with the next setting).
+    #[arg(
+        long,
+        env = "CRM_WEBHOOK_DISABLE_AFTER_FAILURES",
+        global = true,
+        default_value_t = 50
+    )]
+    pub webhook_disable_after_failures: u32,
+    /// ...when the first of them is at least this many seconds old (5 days).
+    #[arg(
+        long,
+        env = "CRM_WEBHOOK_DISABLE_AFTER_SECS",
+        global = true,
+        default_value_t = 432_000
+    )]
+    pub webhook_disable_after_secs: u64,
+    /// Days the webhook delivery log is kept.
+    #[arg(long, env = "CRM_WEBHOOK_LOG_DAYS", global = true, default_value_t = 30)]
+    pub webhook_log_days: u32,
     /// Requests per second per client IP on the API (0: no limit).
     #[arg(long, env = "CRM_RATE_LIMIT_API", global = true, default_value_t = 30)]
     pub rate_limit_api: u32,
@@ -220,7 +249,11 @@ pub enum Command {
         no_projectors: bool,
         #[arg(long, env = "CRM_NO_DISPATCHER")]
         no_dispatcher: bool,
+        #[arg(long, env = "CRM_NO_DELIVERER")]
+        no_deliverer: bool,
     },
+    /// Run only the webhook delivery worker (docs/webhooks.md).
+    Deliver,
     /// Run only the dispatcher: sends queued messages through their carriers.
     Dispatch,
     /// Run only the relay (Postgres → JetStream).
@@ -395,6 +428,19 @@ impl Common {
             ai_sweep_interval: Duration::from_millis(self.ai_sweep_interval_ms.max(100)),
             retention_sweep_interval: (self.retention_sweep_secs > 0)
                 .then(|| Duration::from_secs(self.retention_sweep_secs)),
+            run_deliverer: true,
+            webhooks: crate::config::WebhookSettings {
+                allow_nets: crm_infra::webhooks::net::NetPolicy::parse(&self.webhook_allow_nets)
+                    .map_err(|e| anyhow::anyhow!("CRM_WEBHOOK_ALLOW_NETS: {e}"))?,
+                delivery: crm_infra::webhooks::worker::DeliverySettings {
+                    attempt_timeout: Duration::from_secs(self.webhook_timeout_secs.clamp(1, 300)),
+                    concurrency: self.webhook_concurrency.clamp(1, 1024),
+                    disable_after_failures: self.webhook_disable_after_failures.max(1),
+                    disable_after: Duration::from_secs(self.webhook_disable_after_secs),
+                    log_days: self.webhook_log_days.max(1),
+                    ..Default::default()
+                },
+            },
         })
     }
 }
@@ -429,11 +475,13 @@ pub async fn run(
             no_relay,
             no_projectors,
             no_dispatcher,
+            no_deliverer,
         } => {
             let mut settings = common.settings()?;
             settings.run_relay = !no_relay;
             settings.run_projectors = !no_projectors;
             settings.run_dispatcher = !no_dispatcher;
+            settings.run_deliverer = !no_deliverer;
             let app = Application::build(settings).await?;
             tracing::info!(addr = %app.local_addr(), "listening");
             app.run_until_stopped(shutdown).await;
@@ -442,6 +490,17 @@ pub async fn run(
             let state = startup::connect(&common.settings()?).await?;
             run_workers(
                 vec![Background::Relay(Box::new(startup::relay(&state)?))],
+                shutdown,
+            )
+            .await;
+        }
+        Command::Deliver => {
+            let state = startup::connect(&common.settings()?).await?;
+            run_workers(
+                vec![
+                    Background::Deliverer(Box::new(startup::deliverer(&state)?)),
+                    startup::key_listener(&state)?,
+                ],
                 shutdown,
             )
             .await;

@@ -24,6 +24,18 @@ pub struct Settings {
     pub ai_sweep_interval: Duration,
     /// How often `serve` runs the retention sweep (`None`: never).
     pub retention_sweep_interval: Option<Duration>,
+    /// Run the webhook delivery worker inside `serve`.
+    pub run_deliverer: bool,
+    pub webhooks: WebhookSettings,
+}
+
+/// Outbound webhooks (docs/webhooks.md, "Settings").
+#[derive(Clone, Debug, Default)]
+pub struct WebhookSettings {
+    /// Networks webhooks may reach although they are the service's own
+    /// (`CRM_WEBHOOK_ALLOW_NETS`); none by default.
+    pub allow_nets: crm_infra::webhooks::net::NetPolicy,
+    pub delivery: crm_infra::webhooks::worker::DeliverySettings,
 }
 
 #[derive(Clone, Debug)]

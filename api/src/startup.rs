@@ -13,6 +13,9 @@ use crm_infra::dispatch::worker::{Dispatcher, UnsubscribeLinks};
 use crm_infra::feed::bus::Bus;
 use crm_infra::feed::projector::{Projection, ProjectorWorker};
 use crm_infra::feed::relay::Relay;
+use crm_infra::webhooks::endpoints::EndpointRow;
+use crm_infra::webhooks::net::WebhookClient;
+use crm_infra::webhooks::worker::{Clock, Deliverer, DisabledNotice, SystemClock};
 use crm_infra::{db, read_models};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -33,6 +36,7 @@ pub enum Background {
     Relay(Box<Relay>),
     Projector(Box<ProjectorWorker>),
     Dispatcher(Box<Dispatcher>),
+    Deliverer(Box<crm_infra::webhooks::worker::Deliverer>),
     /// Forgets cached data keys when another process destroys some (an erasure).
     KeyListener(Arc<Crypto>, Box<tokio_postgres::Config>),
 }
@@ -121,6 +125,69 @@ pub fn dispatcher(state: &AppState) -> Dispatcher {
     }
 }
 
+/// The webhook delivery worker, with the system clock; an endpoint it disables is
+/// mailed to its organisation's Owners and Admins.
+pub fn deliverer(state: &AppState) -> anyhow::Result<Deliverer> {
+    deliverer_with_clock(state, Arc::new(SystemClock))
+}
+
+pub fn deliverer_with_clock(state: &AppState, clock: Arc<dyn Clock>) -> anyhow::Result<Deliverer> {
+    let settings = &state.settings.webhooks;
+    let client = WebhookClient::new(settings.allow_nets.clone(), settings.delivery.attempt_timeout)
+        .map_err(anyhow::Error::msg)?;
+    let s = state.clone();
+    let notice: DisabledNotice = Arc::new(move |row| {
+        let s = s.clone();
+        Box::pin(async move {
+            if let Err(e) = mail_admins_disabled(&s, &row).await {
+                tracing::warn!(error = %e, "the admins were not told of a disabled webhook endpoint");
+            }
+        })
+    });
+    Ok(Deliverer::new(
+        state.executor.clone(),
+        state.bus.clone(),
+        client,
+        settings.delivery.clone(),
+        clock,
+        Some(notice),
+    ))
+}
+
+/// Mails every active Owner and Admin of the endpoint's organisation that it was
+/// disabled, and how to turn it on again.
+async fn mail_admins_disabled(state: &AppState, row: &EndpointRow) -> anyhow::Result<()> {
+    let client = state.pool.get().await?;
+    let rows = client
+        .query(
+            "SELECT email_lower FROM credentials \
+             WHERE org_id = $1 AND active AND role IN ('owner', 'admin')",
+            &[&row.org_id],
+        )
+        .await?;
+    for r in rows {
+        state.mailer.send(crate::mail::Mail {
+            to: r.get(0),
+            subject: "A webhook endpoint was disabled".into(),
+            body: format!(
+                "The webhook endpoint {id} ({url}) failed {n} times in a row since {since} and \
+                 was disabled. Nothing more is sent to it; what it misses is kept.\n\n\
+                 When the receiver works again: POST /v1/webhooks/{id}/enable, then \
+                 POST /v1/webhooks/{id}/replay with {{\"since\": \"<time>\"}} to send what \
+                 it missed. Its delivery log: GET /v1/webhooks/{id}/messages.\n",
+                id = row.id,
+                url = row.url,
+                n = row.consecutive_failures,
+                since = row
+                    .failing_since
+                    .map(|t| t.to_rfc3339())
+                    .unwrap_or_else(|| "-".into()),
+            ),
+        });
+    }
+    Ok(())
+}
+
 pub fn projector(state: &AppState, projection: Arc<dyn Projection>) -> ProjectorWorker {
     projectors(state, vec![projection])
 }
@@ -145,6 +212,7 @@ pub async fn run_background(workers: Vec<Background>, shutdown: CancellationToke
                 Background::Relay(r) => r.run(token).await,
                 Background::Projector(p) => p.run(token).await,
                 Background::Dispatcher(d) => d.run(token).await,
+                Background::Deliverer(d) => d.run(token).await,
                 Background::KeyListener(crypto, pg) => crypto.listen(*pg, token).await,
             }
         }));
@@ -169,6 +237,9 @@ impl Application {
         }
         if settings.run_dispatcher {
             background.push(Background::Dispatcher(Box::new(dispatcher(&state))));
+        }
+        if settings.run_deliverer {
+            background.push(Background::Deliverer(Box::new(deliverer(&state)?)));
         }
         let listener = TcpListener::bind(settings.http.bind)
             .await

@@ -117,6 +117,12 @@ pub struct Options {
     /// The NATS server to use (default: [`nats_url`]); a test that stops its server
     /// gives its [`PrivateNats`]'s.
     pub nats_url: Option<String>,
+    /// The webhook delivery worker in the process (off by default: most tests have no
+    /// endpoint, and a webhook test may run its own with a controllable clock).
+    pub run_deliverer: bool,
+    /// The webhook settings: loopback is allowlisted (tests' receivers listen there),
+    /// jitter is off and the queue is polled often.
+    pub webhooks: crm_api::config::WebhookSettings,
 }
 
 impl Default for Options {
@@ -138,6 +144,16 @@ impl Default for Options {
             timeouts: crm_api::config::HttpTimeouts::default(),
             admin_url: None,
             nats_url: None,
+            run_deliverer: false,
+            webhooks: crm_api::config::WebhookSettings {
+                allow_nets: crm_infra::webhooks::net::NetPolicy::parse("127.0.0.0/8").unwrap(),
+                delivery: crm_infra::webhooks::worker::DeliverySettings {
+                    attempt_timeout: Duration::from_secs(5),
+                    jitter: false,
+                    poll: Duration::from_millis(50),
+                    ..Default::default()
+                },
+            },
         }
     }
 }
@@ -261,6 +277,8 @@ impl TestApp {
             run_dispatcher: opts.run_dispatcher,
             ai_sweep_interval: opts.ai_sweep_interval,
             retention_sweep_interval: None,
+            run_deliverer: opts.run_deliverer,
+            webhooks: opts.webhooks.clone(),
         };
         crm_infra::db::migrate(&settings.database)
             .await

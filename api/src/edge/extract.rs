@@ -72,6 +72,19 @@ impl FromCall for Id {
     }
 }
 
+/// The path's second id (`/v1/webhooks/{id}/messages/{message_id}`), a UUID.
+pub struct SecondId(pub uuid::Uuid);
+
+impl FromCall for SecondId {
+    fn from_call(call: &mut Call) -> Result<Self, ApiError> {
+        call.ids
+            .get(1)
+            .copied()
+            .map(SecondId)
+            .ok_or_else(|| ApiError::internal("route takes a second id its path does not have"))
+    }
+}
+
 /// A JSON object body of type `T` (required).
 pub struct Json<T>(pub T);
 

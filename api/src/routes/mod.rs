@@ -24,6 +24,7 @@ pub mod roles;
 pub mod schemas;
 pub mod table;
 pub mod users;
+pub mod webhooks;
 
 use std::time::Duration;
 

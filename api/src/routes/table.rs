@@ -9,6 +9,7 @@ use warp::http::Method;
 use super::{
     activity, ai, ai_audit, api_keys, carriers, consent, consent_log, contacts, credentials,
     health, login, messages, portal, preferences, receipts, reports, rights, roles, users,
+    webhooks,
 };
 use crate::edge::route::{route, Auth, Route};
 
@@ -311,7 +312,7 @@ pub fn table() -> Vec<Route> {
             .staff(P::OrganizationManage)
             .errors(&[404, 409])
             .to(credentials::rotate),
-        route(delete, "/v1/ai/credentials/{id}", "ai")
+        route(delete.clone(), "/v1/ai/credentials/{id}", "ai")
             .summary("Delete a credential and its sealed key")
             .staff(P::OrganizationManage)
             .errors(&[404, 409])
@@ -323,6 +324,64 @@ pub fn table() -> Vec<Route> {
             .staff(P::CredentialsDecrypt)
             .errors(&[404, 409])
             .to(credentials::verify),
+        // Outbound webhooks (docs/webhooks.md).
+        route(get.clone(), "/v1/events/types", "webhooks")
+            .summary("The catalogue of public event types (webhooks and the live stream)")
+            .auth(Auth::SignedIn)
+            .to(webhooks::event_types),
+        route(post.clone(), "/v1/webhooks", "webhooks")
+            .summary("Register a webhook endpoint (its signing secret is answered once)")
+            .staff(P::WebhooksManage)
+            .to(webhooks::create),
+        route(get.clone(), "/v1/webhooks", "webhooks")
+            .summary("The organisation's webhook endpoints")
+            .staff(P::WebhooksManage)
+            .to(webhooks::list),
+        route(get.clone(), "/v1/webhooks/{id}", "webhooks")
+            .summary("A webhook endpoint")
+            .staff(P::WebhooksManage)
+            .errors(&[404])
+            .to(webhooks::get_one),
+        route(patch.clone(), "/v1/webhooks/{id}", "webhooks")
+            .summary("Change a webhook endpoint's URL, event types, role, description or ordering")
+            .staff(P::WebhooksManage)
+            .errors(&[404, 409])
+            .to(webhooks::update),
+        route(delete.clone(), "/v1/webhooks/{id}", "webhooks")
+            .summary("Delete a webhook endpoint and its secrets (its log stays for its period)")
+            .staff(P::WebhooksManage)
+            .errors(&[404, 409])
+            .to(webhooks::delete),
+        route(post.clone(), "/v1/webhooks/{id}/rotate", "webhooks")
+            .summary("A new signing secret; the previous one stays valid for a grace period")
+            .staff(P::WebhooksManage)
+            .errors(&[404, 409])
+            .to(webhooks::rotate),
+        route(post.clone(), "/v1/webhooks/{id}/disable", "webhooks")
+            .summary("Disable a webhook endpoint (what it misses can be replayed)")
+            .staff(P::WebhooksManage)
+            .errors(&[404, 409])
+            .to(webhooks::disable),
+        route(post.clone(), "/v1/webhooks/{id}/enable", "webhooks")
+            .summary("Enable a disabled webhook endpoint again")
+            .staff(P::WebhooksManage)
+            .errors(&[404, 409])
+            .to(webhooks::enable),
+        route(post.clone(), "/v1/webhooks/{id}/replay", "webhooks")
+            .summary("Send one message again, or every message since a time that was not delivered")
+            .staff(P::WebhooksManage)
+            .errors(&[404, 409])
+            .to(webhooks::replay),
+        route(get.clone(), "/v1/webhooks/{id}/messages", "webhooks")
+            .summary("An endpoint's delivery log: its messages, newest first")
+            .staff(P::WebhooksManage)
+            .errors(&[404])
+            .to(webhooks::messages),
+        route(get.clone(), "/v1/webhooks/{id}/messages/{message_id}", "webhooks")
+            .summary("A message of the delivery log with every attempt")
+            .staff(P::WebhooksManage)
+            .errors(&[404])
+            .to(webhooks::message),
         route(get.clone(), "/v1/privacy", "privacy")
             .summary("The organisation's privacy mode and purposes")
             .staff(P::ConsentRead)
