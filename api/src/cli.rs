@@ -196,13 +196,28 @@ pub struct Common {
     pub retention_sweep_secs: u64,
     /// Networks webhooks may reach although they belong to the service's own (loopback,
     /// private, link-local…): comma-separated CIDRs or addresses (docs/webhooks.md).
-    #[arg(long, env = "CRM_WEBHOOK_ALLOW_NETS", global = true, default_value = "")]
+    #[arg(
+        long,
+        env = "CRM_WEBHOOK_ALLOW_NETS",
+        global = true,
+        default_value = ""
+    )]
     pub webhook_allow_nets: String,
     /// Timeout of one webhook attempt, in seconds.
-    #[arg(long, env = "CRM_WEBHOOK_TIMEOUT_SECS", global = true, default_value_t = 10)]
+    #[arg(
+        long,
+        env = "CRM_WEBHOOK_TIMEOUT_SECS",
+        global = true,
+        default_value_t = 10
+    )]
     pub webhook_timeout_secs: u64,
     /// Webhook attempts in flight per delivery worker.
-    #[arg(long, env = "CRM_WEBHOOK_CONCURRENCY", global = true, default_value_t = 64)]
+    #[arg(
+        long,
+        env = "CRM_WEBHOOK_CONCURRENCY",
+        global = true,
+        default_value_t = 64
+    )]
     pub webhook_concurrency: usize,
     /// Failed attempts in a row that disable an endpoint (with the next setting).
     #[arg(
@@ -221,7 +236,12 @@ pub struct Common {
     )]
     pub webhook_disable_after_secs: u64,
     /// Days the webhook delivery log is kept.
-    #[arg(long, env = "CRM_WEBHOOK_LOG_DAYS", global = true, default_value_t = 30)]
+    #[arg(
+        long,
+        env = "CRM_WEBHOOK_LOG_DAYS",
+        global = true,
+        default_value_t = 30
+    )]
     pub webhook_log_days: u32,
     /// Requests per second per client IP on the API (0: no limit).
     #[arg(long, env = "CRM_RATE_LIMIT_API", global = true, default_value_t = 30)]

@@ -133,8 +133,11 @@ pub fn deliverer(state: &AppState) -> anyhow::Result<Deliverer> {
 
 pub fn deliverer_with_clock(state: &AppState, clock: Arc<dyn Clock>) -> anyhow::Result<Deliverer> {
     let settings = &state.settings.webhooks;
-    let client = WebhookClient::new(settings.allow_nets.clone(), settings.delivery.attempt_timeout)
-        .map_err(anyhow::Error::msg)?;
+    let client = WebhookClient::new(
+        settings.allow_nets.clone(),
+        settings.delivery.attempt_timeout,
+    )
+    .map_err(anyhow::Error::msg)?;
     let s = state.clone();
     let notice: DisabledNotice = Arc::new(move |row| {
         let s = s.clone();

@@ -794,6 +794,9 @@ ensure_schemathesis() {
 # the `cryptography` package's (OpenSSL's Ed25519), not the Rust code that signed it.
 CRM_PYJWT_VERSION=2.10.1
 CRM_PY_CRYPTOGRAPHY_VERSION=44.0.3
+# The webhooks tests verify every delivery with the official Standard Webhooks library
+# for Python (tests/py/webhook_receiver.py), not with the Rust code that signed it.
+CRM_PY_STANDARDWEBHOOKS_VERSION=1.3.0
 
 # Make $CRM_DATA_DIR/venv-jose once (again when the pins change); export
 # CRM_TEST_PYTHON (its python). tests/tests/integration/receipts.rs calls this too
@@ -801,7 +804,7 @@ CRM_PY_CRYPTOGRAPHY_VERSION=44.0.3
 # in parallel processes.
 ensure_jose_python() {
     local venv="$CRM_DATA_DIR/venv-jose"
-    local pins="pyjwt[crypto]==$CRM_PYJWT_VERSION cryptography==$CRM_PY_CRYPTOGRAPHY_VERSION"
+    local pins="pyjwt[crypto]==$CRM_PYJWT_VERSION cryptography==$CRM_PY_CRYPTOGRAPHY_VERSION standardwebhooks==$CRM_PY_STANDARDWEBHOOKS_VERSION"
     export CRM_TEST_PYTHON="$venv/bin/python"
     (
         flock -w 600 8 || die "timed out waiting for $CRM_DATA_DIR/.venv-jose.lock"
@@ -815,7 +818,8 @@ ensure_jose_python() {
         # shellcheck disable=SC2086 # $pins is two words on purpose
         "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-input $pins >&2 ||
             die "pip install $pins failed"
-        "$CRM_TEST_PYTHON" -c 'import jwt, cryptography' || die "PyJWT was installed but does not import"
+        "$CRM_TEST_PYTHON" -c 'import jwt, cryptography, standardwebhooks' ||
+            die "PyJWT or standardwebhooks was installed but does not import"
         printf '%s' "$pins" >"$venv/.complete"
     ) 8>"$CRM_DATA_DIR/.venv-jose.lock"
 }

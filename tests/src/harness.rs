@@ -146,7 +146,8 @@ impl Default for Options {
             nats_url: None,
             run_deliverer: false,
             webhooks: crm_api::config::WebhookSettings {
-                allow_nets: crm_infra::webhooks::net::NetPolicy::parse("127.0.0.0/8").unwrap(),
+                allow_nets: crm_infra::webhooks::net::NetPolicy::parse("127.0.0.0/8,::1/128")
+                    .unwrap(),
                 delivery: crm_infra::webhooks::worker::DeliverySettings {
                     attempt_timeout: Duration::from_secs(5),
                     jitter: false,

@@ -303,13 +303,15 @@ fn answer(e: WebhookAdminError) -> ApiError {
             }
         }
         WebhookAdminError::Command(CommandError::Domain(
-            e @ (WebhookError::AlreadyExists | WebhookError::BadPurpose | WebhookError::NoSuchSecret),
+            e @ (WebhookError::AlreadyExists
+            | WebhookError::BadPurpose
+            | WebhookError::NoSuchSecret),
         )) => ApiError::internal(e),
-        WebhookAdminError::Command(CommandError::Conflict | CommandError::VersionMismatch { .. }) => {
-            ApiError::Conflict(
-                "another command changed this endpoint first; reload and retry".into(),
-            )
-        }
+        WebhookAdminError::Command(
+            CommandError::Conflict | CommandError::VersionMismatch { .. },
+        ) => ApiError::Conflict(
+            "another command changed this endpoint first; reload and retry".into(),
+        ),
         WebhookAdminError::Command(CommandError::Store(e)) => e.into(),
         WebhookAdminError::Db(e) => e.into(),
         WebhookAdminError::Pool(e) => e.into(),
@@ -335,7 +337,7 @@ async fn settings_of(
         Ok(u) => match net::check_url(&s.settings.webhooks.allow_nets, u.as_str()).await {
             Ok(()) => Some(u),
             Err(why) => {
-                errors.push(FieldError::new("url", &why));
+                errors.push(FieldError::new("url", why));
                 None
             }
         },
@@ -345,7 +347,7 @@ async fn settings_of(
         }
     };
     let types = webhook::parse_event_types(event_types)
-        .map_err(|m| errors.push(FieldError::new("event_types", &m)))
+        .map_err(|m| errors.push(FieldError::new("event_types", m)))
         .ok();
     let description = webhook::parse_description(description)
         .map_err(|m| errors.push(FieldError::new("description", m)))
@@ -374,7 +376,7 @@ async fn settings_of(
                         }) {
                             errors.push(FieldError::new(
                                 "event_types",
-                                &format!(
+                                format!(
                                     "the role may not receive `{t}`: it needs `{}`",
                                     needs.name()
                                 ),
@@ -581,7 +583,14 @@ pub(crate) async fn replay(
     Ok(Accepted(ReplayQueued { queued }))
 }
 
-const STATUSES: [&str; 6] = ["pending", "sending", "delivered", "failed", "missed", "dropped"];
+const STATUSES: [&str; 6] = [
+    "pending",
+    "sending",
+    "delivered",
+    "failed",
+    "missed",
+    "dropped",
+];
 
 pub(crate) async fn messages(
     s: AppState,
@@ -600,7 +609,10 @@ pub(crate) async fn messages(
     }
     if let Some(t) = &q.event_type {
         if public_events::public_entry(t).is_none() {
-            return Err(query_error("event_type", "is not an event type of the catalogue"));
+            return Err(query_error(
+                "event_type",
+                "is not an event type of the catalogue",
+            ));
         }
     }
     let limit = parse_limit(q.limit)?;
@@ -641,14 +653,19 @@ pub(crate) async fn message(
 }
 
 /// The public event types.
-pub(crate) async fn event_types(_s: AppState, _a: Authed) -> Result<Ok200<EventTypeList>, ApiError> {
+pub(crate) async fn event_types(
+    _s: AppState,
+    _a: Authed,
+) -> Result<Ok200<EventTypeList>, ApiError> {
     let items = public_events::public_types()
         .into_iter()
-        .map(|(t, needs, security): (&str, Permission, bool)| EventTypeDoc {
-            r#type: t.to_owned(),
-            needs: needs.name().to_owned(),
-            security,
-        })
+        .map(
+            |(t, needs, security): (&str, Permission, bool)| EventTypeDoc {
+                r#type: t.to_owned(),
+                needs: needs.name().to_owned(),
+                security,
+            },
+        )
         .collect();
     Ok(Ok200(EventTypeList {
         version: public_events::VERSION.to_owned(),

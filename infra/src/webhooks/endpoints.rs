@@ -586,7 +586,9 @@ pub async fn get(
     let tx = crate::read_models::org_scope(&mut client, org_id).await?;
     let row = tx
         .query_opt(
-            &format!("SELECT {COLUMNS} FROM webhook_endpoints WHERE org_id = $1 AND endpoint_id = $2"),
+            &format!(
+                "SELECT {COLUMNS} FROM webhook_endpoints WHERE org_id = $1 AND endpoint_id = $2"
+            ),
             &[&org_id, &id],
         )
         .await?;

@@ -121,12 +121,7 @@ fn forbidden_v4(ip: Ipv4Addr) -> Option<&'static str> {
 /// IPv4-compatible (`::a.b.c.d`), NAT64 (`64:ff9b::/96`) and 6to4 (`2002::/16`).
 fn embedded_v4(v6: Ipv6Addr) -> Option<Ipv4Addr> {
     let s = v6.segments();
-    let tail = Ipv4Addr::new(
-        (s[6] >> 8) as u8,
-        s[6] as u8,
-        (s[7] >> 8) as u8,
-        s[7] as u8,
-    );
+    let tail = Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
     if let Some(v4) = v6.to_ipv4_mapped() {
         return Some(v4);
     }
@@ -167,9 +162,8 @@ impl reqwest::dns::Resolve for CheckedResolver {
         let policy = self.policy.clone();
         Box::pin(async move {
             let host = name.as_str().to_owned();
-            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
-                .await?
-                .collect();
+            let addrs: Vec<SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
             permitted(&policy, &host, addrs)
                 .map(|ok| Box::new(ok.into_iter()) as reqwest::dns::Addrs)
                 .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)

@@ -156,8 +156,11 @@ pub struct Deliverer {
     wake: Arc<Notify>,
     /// Decrypted signing keys by (endpoint, version): one recorded decryption per
     /// process and secret.
-    keys: Mutex<HashMap<(Uuid, u32), Arc<Vec<u8>>>>,
+    keys: Mutex<KeyCache>,
 }
+
+/// Signing keys by (endpoint, secret version).
+type KeyCache = HashMap<(Uuid, u32), Arc<Vec<u8>>>;
 
 /// A claimed message, with what its attempt needs of its endpoint.
 struct Claimed {
@@ -176,7 +179,9 @@ struct Claimed {
 /// How an attempt ended.
 enum Outcome {
     Delivered,
-    Failed { retry_at: Option<DateTime<Utc>> },
+    Failed {
+        retry_at: Option<DateTime<Utc>>,
+    },
     /// The role may not receive it (any more), or the event is gone: not sent.
     Dropped(&'static str),
 }
@@ -450,7 +455,9 @@ impl Deliverer {
         };
         let keys = self.keys(&m, started).await?;
         let msg_id = signer::message_id(m.id);
-        let timestamp = started.timestamp();
+        // The wall clock's time of sending (receivers check it against theirs); the
+        // worker's clock only decides what is due.
+        let timestamp = Utc::now().timestamp();
         let key_refs: Vec<&[u8]> = keys.iter().map(|k| k.as_slice()).collect();
         let signature = signer::sign(&key_refs, &msg_id, timestamp, &body);
         let headers = [
@@ -496,8 +503,7 @@ impl Deliverer {
         let Some(policy) = policy else {
             return Ok(Err("the endpoint's role no longer exists"));
         };
-        let decoded =
-            crate::store::decode::decode(self.executor.crypto(), &client, stored).await?;
+        let decoded = crate::store::decode::decode(self.executor.crypto(), &client, stored).await?;
         let timestamp = decoded
             .stored
             .recorded_at
@@ -523,7 +529,11 @@ impl Deliverer {
 
     /// The keys to sign with now: the current secret's, and the previous one's while
     /// its grace lasts.
-    async fn keys(&self, m: &Claimed, now: DateTime<Utc>) -> Result<Vec<Arc<Vec<u8>>>, DeliveryError> {
+    async fn keys(
+        &self,
+        m: &Claimed,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Arc<Vec<u8>>>, DeliveryError> {
         let current = m.secret_version.max(1) as u32;
         let mut versions = vec![current];
         if current > 1 && m.previous_valid_until.is_some_and(|until| until > now) {
@@ -541,8 +551,14 @@ impl Deliverer {
                 None => {
                     let meta = EventMetadata::system(m.org_id, "webhooks");
                     let key = Arc::new(
-                        endpoints::decrypt_key(&self.executor, m.org_id, m.endpoint_id, version, &meta)
-                            .await?,
+                        endpoints::decrypt_key(
+                            &self.executor,
+                            m.org_id,
+                            m.endpoint_id,
+                            version,
+                            &meta,
+                        )
+                        .await?,
                     );
                     if let Ok(mut k) = self.keys.lock() {
                         k.insert((m.endpoint_id, version), key.clone());
@@ -594,7 +610,9 @@ impl Deliverer {
             "UPDATE webhook_attempts SET finished_at = $3, status_code = $4, latency_ms = $5, \
                error = $6, response_excerpt = $7, next_attempt_at = $8 \
              WHERE message_id = $1 AND attempt = $2",
-            &[&m.id, &m.attempt, &now, &code, &latency, &error, &excerpt, &next],
+            &[
+                &m.id, &m.attempt, &now, &code, &latency, &error, &excerpt, &next,
+            ],
         )
         .await?;
         // Only the claim's holder records (a message disabled meanwhile stays missed,
@@ -653,8 +671,7 @@ impl Deliverer {
         since: DateTime<Utc>,
     ) -> Result<(), DeliveryError> {
         let meta = EventMetadata::system(org_id, "webhooks");
-        match endpoints::disable(&self.executor, org_id, id, Some((failures, since)), &meta).await
-        {
+        match endpoints::disable(&self.executor, org_id, id, Some((failures, since)), &meta).await {
             Ok(_) => {
                 tracing::warn!(endpoint = %id, failures, "webhook endpoint disabled after a run of failures");
                 if let (Some(notice), Some(row)) = (

@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 /// The `crm` binary next to this test binary (`scripts/test` builds every target first).
-fn crm_binary() -> std::path::PathBuf {
+pub(crate) fn crm_binary() -> std::path::PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().and_then(|d| d.parent()).unwrap();
     let bin = dir.join("crm");
@@ -29,7 +29,7 @@ fn crm_binary() -> std::path::PathBuf {
 }
 
 /// A `crm <command>` process on the test's database, stream and keys.
-fn crm(app: &TestApp, command: &str) -> std::process::Command {
+pub(crate) fn crm(app: &TestApp, command: &str) -> std::process::Command {
     let s = &app.settings;
     let mut c = std::process::Command::new(crm_binary());
     c.arg(command)
@@ -44,7 +44,7 @@ fn crm(app: &TestApp, command: &str) -> std::process::Command {
     c
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

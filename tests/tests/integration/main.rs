@@ -35,3 +35,4 @@ mod store;
 mod tenants;
 mod two_factor;
 mod vault;
+mod webhooks;

@@ -44,7 +44,7 @@ for token in given["tokens"]:
 print(json.dumps(out))
 "#;
 
-fn repo_root() -> PathBuf {
+pub(crate) fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("tests/ is inside the repository")
@@ -52,7 +52,7 @@ fn repo_root() -> PathBuf {
 }
 
 /// A python with PyJWT: `CRM_TEST_PYTHON`, else the virtualenv scripts/test makes.
-async fn jose_python() -> PathBuf {
+pub(crate) async fn jose_python() -> PathBuf {
     if let Some(py) = std::env::var_os("CRM_TEST_PYTHON").filter(|p| !p.is_empty()) {
         return py.into();
     }
