@@ -89,6 +89,11 @@ pub enum UserCommand {
         by: Grantor,
         holds: Policy,
     },
+    /// Too many failed logins: the account's logins are refused until `until` (the
+    /// lockout itself is the edge's; this puts it on the record).
+    RecordLockout {
+        until: chrono::DateTime<chrono::Utc>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -112,6 +117,10 @@ pub enum UserEvent {
     TwoFactorDisabled {},
     /// By another user (the actor is in the metadata).
     TwoFactorReset {},
+    /// Logins refused until `until` after too many failures.
+    UserLockedOut {
+        until: chrono::DateTime<chrono::Utc>,
+    },
 }
 
 impl DomainEvent for UserEvent {
@@ -126,6 +135,7 @@ impl DomainEvent for UserEvent {
             Self::TwoFactorEnabled { .. } => "TwoFactorEnabled",
             Self::TwoFactorDisabled { .. } => "TwoFactorDisabled",
             Self::TwoFactorReset { .. } => "TwoFactorReset",
+            Self::UserLockedOut { .. } => "UserLockedOut",
         }
         .to_owned()
     }
@@ -281,6 +291,10 @@ impl Aggregate for User {
                 self.existing()?;
                 UserEvent::UserSignedOut {}
             }
+            UserCommand::RecordLockout { until } => {
+                self.existing()?;
+                UserEvent::UserLockedOut { until }
+            }
             UserCommand::EnableTwoFactor => {
                 self.existing()?;
                 if self.two_factor {
@@ -326,7 +340,9 @@ impl Aggregate for User {
             UserEvent::TwoFactorDisabled {} | UserEvent::TwoFactorReset {} => {
                 self.two_factor = false
             }
-            UserEvent::PasswordChanged {} | UserEvent::UserSignedOut {} => {}
+            UserEvent::PasswordChanged {}
+            | UserEvent::UserSignedOut {}
+            | UserEvent::UserLockedOut { .. } => {}
         }
     }
 }

@@ -52,10 +52,12 @@ pub(crate) async fn login(
     let ok = tokio::task::spawn_blocking(move || verify_password(&password, &hash))
         .await
         .map_err(ApiError::internal)?;
+    let known = credential.as_ref().map(|c| (c.org_id, c.user_id));
     let Some(c) = credential.filter(|c| ok && c.active) else {
-        failures
-            .record_failure(&req.email)
-            .map_err(ApiError::too_many_requests)?;
+        failures.record_failure(&req.email).map_err(|wait| {
+            locked_out(&state, known, wait);
+            ApiError::too_many_requests(wait)
+        })?;
         return Err(ApiError::Unauthorized(BAD_LOGIN));
     };
     if c.totp_enabled {
@@ -67,9 +69,10 @@ pub(crate) async fn login(
             });
         };
         if !second_factor(&state, c.org_id, c.user_id, code).await? {
-            failures
-                .record_failure(&req.email)
-                .map_err(ApiError::too_many_requests)?;
+            failures.record_failure(&req.email).map_err(|wait| {
+                locked_out(&state, known, wait);
+                ApiError::too_many_requests(wait)
+            })?;
             return Err(ApiError::Unauthenticated {
                 code: "invalid_two_factor_code",
                 message: "the two-factor code is wrong, expired or already used",
@@ -77,6 +80,30 @@ pub(crate) async fn login(
         }
     }
     super::staff_token(&state, c.user_id, c.org_id, c.token_generation).map(Ok200)
+}
+
+/// An existing account was just locked out: `UserLockedOut` goes on the record (a
+/// security event), in the background so the answer takes no longer than for an
+/// unknown address.
+fn locked_out(
+    state: &AppState,
+    known: Option<(uuid::Uuid, uuid::Uuid)>,
+    wait: std::time::Duration,
+) {
+    let Some((org_id, user_id)) = known else {
+        return;
+    };
+    let executor = state.executor.clone();
+    let until = chrono::Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default();
+    tokio::spawn(async move {
+        let meta = crm_domain::metadata::EventMetadata::system(org_id, "login");
+        if let Err(e) =
+            crm_infra::access::accounts::record_lockout(&executor, org_id, user_id, until, &meta)
+                .await
+        {
+            tracing::warn!(error = %e, "a lockout was not recorded");
+        }
+    });
 }
 
 /// Checks a TOTP code (current or previous step, never twice) or a backup code (once).

@@ -439,7 +439,7 @@ fn user_effect(
                             None,
                         )
                     }
-                    UserEvent::UserRegistered { .. } => continue,
+                    UserEvent::UserRegistered { .. } | UserEvent::UserLockedOut { .. } => continue,
                 };
                 let sql = format!("{sql} RETURNING token_generation");
                 let row = match role {
@@ -499,6 +499,27 @@ pub async fn user_command(
 
 /// Changes a user's password: the new hash, the `PasswordChanged` event and the end
 /// of every token issued before, in one commit. Returns the new token generation.
+/// Puts a failed-login lockout of `user_id` on the record (`UserLockedOut`, a security
+/// event): the lockout itself is the edge's, in memory.
+pub async fn record_lockout(
+    executor: &Executor,
+    org_id: Uuid,
+    user_id: Uuid,
+    until: chrono::DateTime<chrono::Utc>,
+    meta: &EventMetadata,
+) -> Result<(), CommandError<UserError>> {
+    executor
+        .execute::<User>(
+            org_id,
+            &user_id.to_string(),
+            UserCommand::RecordLockout { until },
+            meta,
+            None,
+        )
+        .await
+        .map(|_| ())
+}
+
 pub async fn change_password(
     executor: &Executor,
     org_id: Uuid,

@@ -210,10 +210,12 @@ pub async fn check_url(policy: &NetPolicy, url: &str) -> Result<(), String> {
         Some(url::Host::Domain(d)) => d.to_owned(),
         None => return Err("the URL has no host".into()),
     };
-    let addrs: Vec<SocketAddr> = match tokio::net::lookup_host((host.as_str(), 0)).await {
-        Ok(a) => a.collect(),
-        // A name that does not resolve today may tomorrow; it is checked at each attempt.
-        Err(_) => return Ok(()),
+    let lookup = tokio::net::lookup_host((host.as_str(), 0));
+    let addrs: Vec<SocketAddr> = match tokio::time::timeout(Duration::from_secs(2), lookup).await {
+        Ok(Ok(a)) => a.collect(),
+        // A name that does not resolve now (or not in time) may later; it is checked
+        // at each attempt.
+        Ok(Err(_)) | Err(_) => return Ok(()),
     };
     for a in &addrs {
         if let Err(why) = policy.check(a.ip()) {

@@ -798,3 +798,51 @@ async fn payloads_hold_only_what_the_endpoints_role_may_read_and_nothing_of_an_e
         assert!(d["verified"].as_bool().unwrap());
     }
 }
+
+#[tokio::test]
+async fn a_failed_login_lockout_reaches_an_admins_security_endpoint() {
+    let mut opts = Options {
+        run_deliverer: true,
+        ..Default::default()
+    };
+    opts.rate_limits.failed_logins_per_hour = 2;
+    let app = TestApp::spawn_with(opts).await;
+    let rx = Receiver::start().await;
+    let (_, secret) = endpoint(
+        &app,
+        &rx.url("/sec"),
+        &["user.locked_out", "api_key.revoked"],
+        "admin",
+    )
+    .await;
+    rx.control("/sec", json!({"secrets": [secret]})).await;
+    let email: String = app
+        .db()
+        .await
+        .query_one(
+            "SELECT email_lower FROM credentials WHERE user_id = $1",
+            &[&app.user_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        let r = app
+            .http
+            .post(app.url("/v1/auth/login"))
+            .json(&json!({"email": email, "password": "not the password at all"}))
+            .send()
+            .await
+            .unwrap();
+        statuses.push(r.status().as_u16());
+    }
+    assert_eq!(statuses.last(), Some(&429), "{statuses:?}");
+    let got = rx.wait_for("/sec", 1, Duration::from_secs(20)).await;
+    let b = body_of(&got[0]);
+    assert_eq!(b["type"], "user.locked_out");
+    assert_eq!(b["data"]["user_id"], app.user_id.to_string());
+    assert!(b["data"]["until"].is_string(), "{b}");
+    assert!(got[0]["verified"].as_bool().unwrap());
+    assert!(!got[0]["body"].as_str().unwrap().contains(&email));
+}
