@@ -191,6 +191,20 @@ def seed(url: str) -> int:
         )
         out[f"CRM_FUZZ_CREDENTIAL_{name}"] = credential["id"]
 
+    # Webhook endpoints (docs/webhooks.md): one to read, change, rotate, disable, enable,
+    # replay and list messages of, one to delete. Their host is under .invalid (RFC
+    # 6761): it never resolves, so every attempt fails at once and nothing leaves the
+    # machine.
+    for name in ("ID", "DELETE"):
+        hook = api.call(
+            "POST",
+            "/v1/webhooks",
+            {"url": f"https://hooks.invalid/fuzz/{name.lower()}", "event_types": ["contact.created"],
+             "role": "admin", "description": f"Fuzz {name.lower()}"},
+            token=owner,
+        )
+        out[f"CRM_FUZZ_WEBHOOK_{name}"] = hook["id"]
+
     # Users whose sessions the session-ending operations may end.
     for name in ("LOGOUT", "PASSWORD", "2FA"):
         email = f"fuzz.session.{name.lower()}@example.com"
@@ -223,7 +237,7 @@ def seed(url: str) -> int:
         if not re.fullmatch(r"[A-Za-z0-9._~+/=-]+", v):
             sys.exit(f"[crm] seed: unexpected characters in {k}")
         print(f"export {k}={v}")
-    log(f"seeded {len(contacts)} contacts, 2 roles, 5 users, 1 API key, 2 AI credentials, portal access for 3 contacts")
+    log(f"seeded {len(contacts)} contacts, 2 roles, 5 users, 1 API key, 2 AI credentials, 2 webhook endpoints, portal access for 3 contacts")
     return 0
 
 

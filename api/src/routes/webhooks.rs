@@ -72,6 +72,7 @@ pub(crate) struct RotateInput {
     /// How long the previous secret stays valid (deliveries are signed with both), in
     /// hours: 0 to 168 (default 24).
     #[schema(minimum = 0, maximum = 168)]
+    #[serde(default, deserialize_with = "crate::edge::extract::whole_number")]
     grace_hours: Option<i64>,
 }
 
@@ -258,13 +259,42 @@ pub(crate) struct WebhookMessagePage {
     next_before: Option<i64>,
 }
 
+/// Where a message of the delivery log stands.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum MessageStatus {
+    /// Due at `next_attempt_at`.
+    Pending,
+    /// An attempt is under way.
+    Sending,
+    Delivered,
+    /// Every attempt of the schedule failed.
+    Failed,
+    /// The endpoint was disabled (a replay sends it).
+    Missed,
+    /// The endpoint's role may not receive it, or the endpoint was deleted.
+    Dropped,
+}
+
+impl MessageStatus {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Sending => "sending",
+            Self::Delivered => "delivered",
+            Self::Failed => "failed",
+            Self::Missed => "missed",
+            Self::Dropped => "dropped",
+        }
+    }
+}
+
 /// `GET /v1/webhooks/{id}/messages` parameters.
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub(crate) struct MessageQuery {
-    /// `pending`, `sending`, `delivered`, `failed`, `missed` or `dropped`.
-    status: Option<String>,
+    status: Option<MessageStatus>,
     event_type: Option<String>,
     /// Created at or after.
     since: Option<DateTime<Utc>>,
@@ -583,15 +613,6 @@ pub(crate) async fn replay(
     Ok(Accepted(ReplayQueued { queued }))
 }
 
-const STATUSES: [&str; 6] = [
-    "pending",
-    "sending",
-    "delivered",
-    "failed",
-    "missed",
-    "dropped",
-];
-
 pub(crate) async fn messages(
     s: AppState,
     a: Authed,
@@ -599,14 +620,6 @@ pub(crate) async fn messages(
     Query(q): Query<MessageQuery>,
 ) -> Result<Ok200<WebhookMessagePage>, ApiError> {
     let org = a.caller.org_id;
-    if let Some(st) = &q.status {
-        if !STATUSES.contains(&st.as_str()) {
-            return Err(query_error(
-                "status",
-                "must be pending, sending, delivered, failed, missed or dropped",
-            ));
-        }
-    }
     if let Some(t) = &q.event_type {
         if public_events::public_entry(t).is_none() {
             return Err(query_error(
@@ -618,7 +631,7 @@ pub(crate) async fn messages(
     let limit = parse_limit(q.limit)?;
     load(&s, org, id).await?;
     let filter = MessageFilter {
-        status: q.status,
+        status: q.status.map(|s| s.name().to_owned()),
         event_type: q.event_type,
         since: q.since,
         until: q.until,
