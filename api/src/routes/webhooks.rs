@@ -294,6 +294,7 @@ impl MessageStatus {
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub(crate) struct MessageQuery {
+    #[param(inline)]
     status: Option<MessageStatus>,
     event_type: Option<String>,
     /// Created at or after.

@@ -157,6 +157,10 @@ pub struct Deliverer {
     /// Decrypted signing keys by (endpoint, version): one recorded decryption per
     /// process and secret.
     keys: Mutex<KeyCache>,
+    /// One decryption at a time: concurrent first attempts at an endpoint wait for the
+    /// first one's key instead of each recording a decryption (and conflicting on the
+    /// endpoint's stream).
+    decrypting: tokio::sync::Mutex<()>,
 }
 
 /// Signing keys by (endpoint, secret version).
@@ -204,6 +208,7 @@ impl Deliverer {
             notice,
             wake: Arc::new(Notify::new()),
             keys: Mutex::default(),
+            decrypting: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -541,12 +546,18 @@ impl Deliverer {
         }
         let mut out = Vec::new();
         for version in versions {
-            let cached = self
-                .keys
-                .lock()
-                .ok()
-                .and_then(|k| k.get(&(m.endpoint_id, version)).cloned());
-            let key = match cached {
+            let cached = || {
+                self.keys
+                    .lock()
+                    .ok()
+                    .and_then(|k| k.get(&(m.endpoint_id, version)).cloned())
+            };
+            if let Some(k) = cached() {
+                out.push(k);
+                continue;
+            }
+            let _one = self.decrypting.lock().await;
+            let key = match cached() {
                 Some(k) => k,
                 None => {
                     let meta = EventMetadata::system(m.org_id, "webhooks");

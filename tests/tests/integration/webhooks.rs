@@ -484,6 +484,17 @@ async fn retries_follow_the_schedule_then_the_endpoint_is_disabled_and_a_replay_
     assert_eq!(codes, vec![500, 500, 500, 200, 200], "{one:#}");
     stop.cancel();
     worker.await.unwrap();
+
+    // The log is kept for its period (30 days by default), then pruned.
+    let pruner = crm_api::startup::deliverer_with_clock(&app.state, clock.clone()).unwrap();
+    assert_eq!(
+        pruner.prune().await.unwrap(),
+        0,
+        "nothing is old enough yet"
+    );
+    clock.advance(chrono::Duration::days(31));
+    assert!(pruner.prune().await.unwrap() > 0);
+    assert!(messages(&app, id, "").await.is_empty(), "the log is pruned");
 }
 
 #[tokio::test]
