@@ -3,10 +3,11 @@
 //! **Fan-out.** A durable JetStream consumer (`webhooks`, every subject of the events
 //! stream) hands over each event in commit order. An event of the public catalogue
 //! becomes one `webhook_messages` row per endpoint of its organisation subscribed to
-//! its type (`pending`, or `missed` while the endpoint is disabled), in one statement;
-//! the JetStream message is acknowledged only after that statement committed, so an
-//! event is never lost between the feed and the queue, and a redelivery adds nothing
-//! (one row per endpoint and event).
+//! its type (`pending`, or `missed` while the endpoint is disabled). The events that
+//! are at hand (up to [`FANOUT_BATCH`]) are queued by one statement in one
+//! transaction, in feed order; their JetStream messages are acknowledged only after it
+//! committed, so an event is never lost between the feed and the queue, and a
+//! redelivery adds nothing (one row per endpoint and event).
 //!
 //! **Delivery.** Due messages are claimed with `FOR UPDATE SKIP LOCKED` and a lease
 //! (any number of workers share the queue; a worker that dies leaves its claims to be
@@ -44,6 +45,10 @@ use crate::store::event_store::{self, RawEvent};
 
 /// The durable consumer's name.
 pub const CONSUMER: &str = "webhooks";
+
+/// Most events the fan-out queues in one transaction: those the consumer has at hand
+/// when it looks, so a quiet feed still goes one event at a time, without waiting.
+pub const FANOUT_BATCH: usize = 256;
 
 /// The wait after each failed attempt: 11 attempts over about 24 hours. Each wait is
 /// drawn within ±20 % of its value (jitter), so receivers coming back are not hit by
@@ -157,9 +162,9 @@ pub struct Deliverer {
     /// Decrypted signing keys by (endpoint, version): one recorded decryption per
     /// process and secret.
     keys: Mutex<KeyCache>,
-    /// One decryption at a time: concurrent first attempts at an endpoint wait for the
-    /// first one's key instead of each recording a decryption (and conflicting on the
-    /// endpoint's stream).
+    /// Held while a key is decrypted: concurrent first attempts at an endpoint wait
+    /// for the one decryption instead of racing to record their own (the losers'
+    /// appends conflicted, and their messages waited for the lease to pass).
     decrypting: tokio::sync::Mutex<()>,
 }
 
@@ -268,72 +273,94 @@ impl Deliverer {
             )
             .await
             .map_err(|e| DeliveryError::Bus(e.to_string()))?;
-        let mut messages = consumer
+        // The messages at hand, up to FANOUT_BATCH, without waiting for more.
+        let mut batches = consumer
             .messages()
             .await
-            .map_err(|e| DeliveryError::Bus(e.to_string()))?;
+            .map_err(|e| DeliveryError::Bus(e.to_string()))?
+            .ready_chunks(FANOUT_BATCH);
         loop {
             let next = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
-                m = messages.next() => m,
+                m = batches.next() => m,
             };
-            let Some(msg) = next else {
+            let Some(batch) = next else {
                 return Err(DeliveryError::Bus("message stream ended".into()));
             };
-            let msg = msg.map_err(|e| DeliveryError::Bus(e.to_string()))?;
-            match serde_json::from_slice::<RawEvent>(&msg.payload) {
-                Err(e) => {
-                    tracing::error!(subject = %msg.subject, error = %e, "not an event; skipped");
-                }
-                Ok(event) => {
-                    if let Err(e) = self.fan_out(&event).await {
-                        // Not acknowledged: JetStream hands it out again.
-                        tracing::warn!(error = %e, position = event.global_position, "fan-out failed; retried");
-                        let _ = msg
-                            .ack_with(async_nats::jetstream::AckKind::Nak(Some(
-                                Duration::from_secs(1),
-                            )))
-                            .await;
-                        continue;
+            let mut messages = Vec::with_capacity(batch.len());
+            let mut events = Vec::with_capacity(batch.len());
+            for msg in batch {
+                // (Those not acknowledged come again after the ack wait, and add nothing.)
+                let msg = msg.map_err(|e| DeliveryError::Bus(e.to_string()))?;
+                match serde_json::from_slice::<RawEvent>(&msg.payload) {
+                    Err(e) => {
+                        tracing::error!(subject = %msg.subject, error = %e, "not an event; skipped");
                     }
+                    Ok(event) => events.push(event),
                 }
+                messages.push(msg);
             }
-            if let Err(e) = msg.ack().await {
-                tracing::warn!(error = %e, "ack failed: the event comes back (and adds nothing)");
+            if let Err(e) = self.fan_out(&events).await {
+                // Not acknowledged: JetStream hands them out again.
+                tracing::warn!(error = %e, events = events.len(), "fan-out failed; retried");
+                for msg in &messages {
+                    let _ = msg
+                        .ack_with(async_nats::jetstream::AckKind::Nak(Some(
+                            Duration::from_secs(1),
+                        )))
+                        .await;
+                }
+                continue;
+            }
+            for msg in &messages {
+                if let Err(e) = msg.ack().await {
+                    tracing::warn!(error = %e, "ack failed: the event comes back (and adds nothing)");
+                }
             }
         }
     }
 
-    /// Queues `event` for every endpoint of its organisation subscribed to its type.
-    async fn fan_out(&self, event: &RawEvent) -> Result<(), DeliveryError> {
-        let Some(entry) = public_events::entry(&event.event_type) else {
+    /// Queues each of `events` for every endpoint of its organisation subscribed to its
+    /// type: one statement, one transaction, rows in the events' order (`seq`, which
+    /// ordered endpoints follow).
+    async fn fan_out(&self, events: &[RawEvent]) -> Result<(), DeliveryError> {
+        let mut orgs = Vec::new();
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        let mut types = Vec::new();
+        let mut recorded = Vec::new();
+        for event in events {
+            if let Some(entry) = public_events::entry(&event.event_type) {
+                orgs.push(event.org_id);
+                ids.push(event.event_id);
+                positions.push(event.global_position);
+                types.push(entry.public);
+                recorded.push(event.recorded_at);
+            }
+        }
+        if ids.is_empty() {
             return Ok(());
-        };
+        }
         let mut client = self.executor.pool().get().await?;
         let tx = client.transaction().await?;
-        tx.execute(
-            "SELECT set_config('crm.org_id', $1, true)",
-            &[&event.org_id.to_string()],
-        )
-        .await?;
+        // The events may be of several organisations: each joins its own endpoints.
+        tx.batch_execute("SELECT set_config('crm.scope', 'all', true)")
+            .await?;
         let added = tx
             .execute(
                 "INSERT INTO webhook_messages \
                    (id, org_id, endpoint_id, event_id, position, event_type, status, next_attempt_at) \
-                 SELECT gen_random_uuid(), org_id, endpoint_id, $2, $3, $4, \
-                        CASE WHEN status = 'enabled' THEN 'pending' ELSE 'missed' END, \
-                        CASE WHEN status = 'enabled' THEN $6::timestamptz END \
-                 FROM webhook_endpoints \
-                 WHERE org_id = $1 AND $4 = ANY(event_types) AND created_at <= $5 \
+                 SELECT gen_random_uuid(), e.org_id, e.endpoint_id, ev.event_id, ev.position, \
+                        ev.public_type, \
+                        CASE WHEN e.status = 'enabled' THEN 'pending' ELSE 'missed' END, \
+                        CASE WHEN e.status = 'enabled' THEN $6::timestamptz END \
+                 FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::text[], $5::timestamptz[]) \
+                        WITH ORDINALITY AS ev(org_id, event_id, position, public_type, recorded_at, n) \
+                 JOIN webhook_endpoints e ON e.org_id = ev.org_id \
+                   AND ev.public_type = ANY(e.event_types) AND e.created_at <= ev.recorded_at \
+                 ORDER BY ev.n, e.endpoint_id \
                  ON CONFLICT (endpoint_id, event_id) DO NOTHING",
-                &[
-                    &event.org_id,
-                    &event.event_id,
-                    &event.global_position,
-                    &entry.public,
-                    &event.recorded_at,
-                    &self.clock.now(),
-                ],
+                &[&orgs, &ids, &positions, &types, &recorded, &self.clock.now()],
             )
             .await?;
         tx.commit().await?;
@@ -398,21 +425,39 @@ impl Deliverer {
         let tx = client.transaction().await?;
         tx.batch_execute("SELECT set_config('crm.scope', 'all', true)")
             .await?;
+        // Expired claims and due messages are looked for apart, each in the order of an
+        // index (webhook_messages_leased, webhook_messages_due): a claim reads about
+        // as many rows as it takes, however long the queue. (One query with both
+        // conditions read and sorted every due message at each claim: its cost grew
+        // with the backlog.)
         let rows = tx
             .query(
-                "WITH due AS ( \
-                   SELECT m.id FROM webhook_messages m \
+                "WITH expired AS ( \
+                   SELECT m.id, m.next_attempt_at, m.seq FROM webhook_messages m \
                    JOIN webhook_endpoints e ON e.endpoint_id = m.endpoint_id \
-                   WHERE e.status = 'enabled' \
-                     AND ((m.status = 'pending' AND m.next_attempt_at <= $1) \
-                          OR (m.status = 'sending' AND m.lease_until < $1)) \
+                   WHERE e.status = 'enabled' AND m.status = 'sending' AND m.lease_until < $1 \
                      AND (NOT e.ordered OR NOT EXISTS ( \
                           SELECT 1 FROM webhook_messages o \
                           WHERE o.endpoint_id = m.endpoint_id AND o.seq < m.seq \
                             AND o.status IN ('pending', 'sending'))) \
-                   ORDER BY m.next_attempt_at NULLS FIRST, m.seq \
+                   ORDER BY m.lease_until \
                    LIMIT $2 \
-                   FOR UPDATE OF m SKIP LOCKED) \
+                   FOR UPDATE OF m SKIP LOCKED), \
+                 pending AS ( \
+                   SELECT m.id, m.next_attempt_at, m.seq FROM webhook_messages m \
+                   JOIN webhook_endpoints e ON e.endpoint_id = m.endpoint_id \
+                   WHERE e.status = 'enabled' AND m.status = 'pending' AND m.next_attempt_at <= $1 \
+                     AND (NOT e.ordered OR NOT EXISTS ( \
+                          SELECT 1 FROM webhook_messages o \
+                          WHERE o.endpoint_id = m.endpoint_id AND o.seq < m.seq \
+                            AND o.status IN ('pending', 'sending'))) \
+                   ORDER BY m.next_attempt_at, m.seq \
+                   LIMIT $2 \
+                   FOR UPDATE OF m SKIP LOCKED), \
+                 due AS ( \
+                   SELECT id FROM (SELECT * FROM expired UNION ALL SELECT * FROM pending) d \
+                   ORDER BY next_attempt_at NULLS FIRST, seq \
+                   LIMIT $2) \
                  UPDATE webhook_messages m \
                  SET status = 'sending', lease_until = $3, attempts = m.attempts + 1 \
                  FROM due, webhook_endpoints e \
@@ -552,29 +597,31 @@ impl Deliverer {
                     .ok()
                     .and_then(|k| k.get(&(m.endpoint_id, version)).cloned())
             };
-            if let Some(k) = cached() {
-                out.push(k);
-                continue;
-            }
-            let _one = self.decrypting.lock().await;
             let key = match cached() {
                 Some(k) => k,
                 None => {
-                    let meta = EventMetadata::system(m.org_id, "webhooks");
-                    let key = Arc::new(
-                        endpoints::decrypt_key(
-                            &self.executor,
-                            m.org_id,
-                            m.endpoint_id,
-                            version,
-                            &meta,
-                        )
-                        .await?,
-                    );
-                    if let Ok(mut k) = self.keys.lock() {
-                        k.insert((m.endpoint_id, version), key.clone());
+                    let _one = self.decrypting.lock().await;
+                    match cached() {
+                        // Another attempt decrypted it meanwhile.
+                        Some(k) => k,
+                        None => {
+                            let meta = EventMetadata::system(m.org_id, "webhooks");
+                            let key = Arc::new(
+                                endpoints::decrypt_key(
+                                    &self.executor,
+                                    m.org_id,
+                                    m.endpoint_id,
+                                    version,
+                                    &meta,
+                                )
+                                .await?,
+                            );
+                            if let Ok(mut k) = self.keys.lock() {
+                                k.insert((m.endpoint_id, version), key.clone());
+                            }
+                            key
+                        }
                     }
-                    key
                 }
             };
             out.push(key);

@@ -16,6 +16,10 @@
 //!   erasure of contacts with 20 events each, reads of erased contacts beside live
 //!   ones, and the preference center page beside `GET /healthz` (`scripts/bench
 //!   --rights`, see `rights.rs`).
+//! - `webhooks-throughput`, `webhooks-latency`: deliveries per second to a local
+//!   receiver (inside this process, verifying every signature) at 32 endpoints, and
+//!   commit-to-delivery latency at a paced rate (`scripts/bench --webhooks`, see
+//!   `webhooks.rs`).
 //! - `drop-stream`: deletes the JetStream stream a run used.
 //! - `scale-seed`, `scale-grow`, `read`: the scale phase (`scripts/bench --scale`, see
 //!   `scale.rs`).
@@ -42,6 +46,8 @@ mod consent;
 mod rights;
 #[path = "crm-bench/scale.rs"]
 mod scale;
+#[path = "crm-bench/webhooks.rs"]
+mod webhooks;
 
 #[derive(Parser)]
 #[command(name = "crm-bench", about = "Load generator for scripts/bench")]
@@ -107,6 +113,12 @@ enum Command {
     /// The preference center page (`GET /preferences?token=`) beside `GET /healthz`,
     /// alternating in 1 s slices.
     RightsPage(rights::PageArgs),
+    /// Endpoints at a receiver in this process, then contacts as fast as the API takes
+    /// them: deliveries per second (every signature verified).
+    WebhooksThroughput(webhooks::ThroughputArgs),
+    /// Contacts at a paced rate to an endpoint in this process: commit-to-delivery
+    /// latency.
+    WebhooksLatency(webhooks::LatencyArgs),
     /// Scale phase, before the first step: long contacts and a second staff user.
     ScaleSeed(scale::SeedArgs),
     /// Scale phase: grow the organisation by contacts --from..--to, then a few markers
@@ -668,6 +680,8 @@ async fn main() -> anyhow::Result<()> {
         Command::RightsRead(args) => rights::read(args).await,
         Command::RightsLinks(args) => rights::links(args).await,
         Command::RightsPage(args) => rights::page(args).await,
+        Command::WebhooksThroughput(args) => webhooks::throughput(args).await,
+        Command::WebhooksLatency(args) => webhooks::latency(args).await,
         Command::DropStream { nats_url, stream } => drop_stream(&nats_url, &stream).await,
         Command::ScaleSeed(args) => scale::seed(args).await,
         Command::ScaleGrow(args) => scale::grow(args).await,

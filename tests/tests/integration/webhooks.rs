@@ -857,3 +857,61 @@ async fn a_failed_login_lockout_reaches_an_admins_security_endpoint() {
     assert!(got[0]["verified"].as_bool().unwrap());
     assert!(!got[0]["body"].as_str().unwrap().contains(&email));
 }
+
+#[tokio::test]
+async fn an_ordered_endpoint_gets_its_messages_in_feed_order_and_every_endpoint_gets_each_once() {
+    let app = TestApp::spawn_with(Options {
+        run_deliverer: true,
+        ..Default::default()
+    })
+    .await;
+    let rx = Receiver::start().await;
+    let r = app
+        .post(
+            "/v1/webhooks",
+            &json!({"url": rx.url("/ordered"), "event_types": ["contact.created"],
+                    "role": "admin", "ordered": true}),
+        )
+        .await;
+    let v = json_of(r, 201, "create the ordered endpoint").await;
+    assert_eq!(v["ordered"], true, "{v}");
+    rx.control(
+        "/ordered",
+        json!({"secrets": [v["secret"]], "delay_ms": 40}),
+    )
+    .await;
+    let (_, loose) = endpoint(&app, &rx.url("/loose"), &["contact.created"], "admin").await;
+    rx.control("/loose", json!({"secrets": [loose], "delay_ms": 40}))
+        .await;
+
+    // Created one after the other, faster than the receiver answers: the queue grows,
+    // and the fan-out queues several events at once.
+    let mut positions = Vec::new();
+    for i in 0..12 {
+        let (_, p) = app
+            .create_contact(&json!({"given_name": format!("Order {i}")}))
+            .await;
+        positions.push(p);
+    }
+    let ordered = rx.wait_for("/ordered", 12, Duration::from_secs(30)).await;
+    let loose = rx.wait_for("/loose", 12, Duration::from_secs(30)).await;
+    let arrived: Vec<i64> = ordered
+        .iter()
+        .map(|d| body_of(d)["data"]["position"].as_i64().unwrap())
+        .collect();
+    assert_eq!(arrived, positions, "the ordered endpoint, in arrival order");
+    for (name, got) in [("ordered", &ordered), ("loose", &loose)] {
+        assert!(
+            got.iter().all(|d| d["verified"].as_bool().unwrap()),
+            "{name}"
+        );
+        let ids: BTreeSet<&str> = got
+            .iter()
+            .map(|d| d["webhook_id"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids.len(), 12, "{name}: each message once");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(rx.deliveries("/ordered").await.len(), 12, "nothing more");
+    assert_eq!(rx.deliveries("/loose").await.len(), 12, "nothing more");
+}
