@@ -24,6 +24,8 @@ pub struct Settings {
     pub ai_sweep_interval: Duration,
     /// How often `serve` runs the retention sweep (`None`: never).
     pub retention_sweep_interval: Option<Duration>,
+    /// The live event stream (`GET /v1/events/stream`, docs/live.md).
+    pub live: crm_infra::live::LiveSettings,
 }
 
 #[derive(Clone, Debug)]

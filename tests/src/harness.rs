@@ -117,6 +117,9 @@ pub struct Options {
     /// The NATS server to use (default: [`nats_url`]); a test that stops its server
     /// gives its [`PrivateNats`]'s.
     pub nats_url: Option<String>,
+    /// The live event stream's settings (the service's defaults unless a test changes
+    /// them).
+    pub live: crm_infra::live::LiveSettings,
 }
 
 impl Default for Options {
@@ -138,6 +141,7 @@ impl Default for Options {
             timeouts: crm_api::config::HttpTimeouts::default(),
             admin_url: None,
             nats_url: None,
+            live: crm_infra::live::LiveSettings::default(),
         }
     }
 }
@@ -261,6 +265,7 @@ impl TestApp {
             run_dispatcher: opts.run_dispatcher,
             ai_sweep_interval: opts.ai_sweep_interval,
             retention_sweep_interval: None,
+            live: opts.live,
         };
         crm_infra::db::migrate(&settings.database)
             .await

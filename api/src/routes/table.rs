@@ -8,7 +8,7 @@ use warp::http::Method;
 
 use super::{
     activity, ai, ai_audit, api_keys, carriers, consent, consent_log, contacts, credentials,
-    health, login, messages, portal, preferences, receipts, reports, rights, roles, users,
+    events, health, login, messages, portal, preferences, receipts, reports, rights, roles, users,
 };
 use crate::edge::route::{route, Auth, Route};
 
@@ -393,6 +393,15 @@ pub fn table() -> Vec<Route> {
         route(post.clone(), "/preferences/erase", "preferences")
             .summary("The confirmed erasure (HTML; the link works once)")
             .to(preferences::erase_confirmed),
+        // The live event stream (docs/live.md).
+        route(get.clone(), "/v1/events/stream", "events")
+            .summary(
+                "The organisation's public events as Server-Sent Events, shaped for the caller; \
+                 resumes after Last-Event-ID",
+            )
+            .auth(Auth::SignedIn)
+            .errors(&[403, 429])
+            .to(events::stream),
         // The activity log and reports.
         route(get.clone(), "/v1/activity", "activity")
             .summary("The organisation's activity log, newest first")
