@@ -245,9 +245,10 @@ fn filter(a: &Authed, q: &StreamQuery) -> Result<Filter, ApiError> {
 /// `after`), if any.
 fn resume_position(last: &LastEventId, q: &StreamQuery) -> Result<Option<i64>, ApiError> {
     if let Some(raw) = &last.0 {
-        let raw = raw.trim();
+        // As documented: 1 to 18 digits (so always an i64), nothing else.
+        let digits = !raw.is_empty() && raw.len() <= 18 && raw.chars().all(|c| c.is_ascii_digit());
         return match raw.parse::<i64>() {
-            Ok(p) if p >= 0 && raw.chars().all(|c| c.is_ascii_digit()) => Ok(Some(p)),
+            Ok(p) if digits => Ok(Some(p)),
             _ => Err(ApiError::bad_request(
                 "invalid_last_event_id",
                 "`Last-Event-ID` must be the id of an event this stream sent (a position: digits)",

@@ -16,6 +16,8 @@
 //!   erasure of contacts with 20 events each, reads of erased contacts beside live
 //!   ones, and the preference center page beside `GET /healthz` (`scripts/bench
 //!   --rights`, see `rights.rs`).
+//! - `live`: SSE clients on `GET /v1/events/stream`: memory per connection and
+//!   commit-to-client latency (`scripts/bench --live`, see `live.rs`).
 //! - `drop-stream`: deletes the JetStream stream a run used.
 //! - `scale-seed`, `scale-grow`, `read`: the scale phase (`scripts/bench --scale`, see
 //!   `scale.rs`).
@@ -38,6 +40,8 @@ use tokio::sync::{Mutex, Semaphore};
 mod ai;
 #[path = "crm-bench/consent.rs"]
 mod consent;
+#[path = "crm-bench/live.rs"]
+mod live;
 #[path = "crm-bench/rights.rs"]
 mod rights;
 #[path = "crm-bench/scale.rs"]
@@ -94,6 +98,9 @@ enum Command {
     AiActions(ai::ActionsArgs),
     /// Approvals of pending AI actions at a fixed rate: approval-to-execution latency.
     AiApprovals(ai::ApprovalsArgs),
+    /// SSE clients on the live event stream: memory per connection, then
+    /// commit-to-client latency at a fixed rate of contacts (`scripts/bench --live`).
+    Live(live::LiveArgs),
     /// Contacts with 20 events each (half to erase), their ids into --ids.
     RightsSeed(rights::SeedArgs),
     /// `POST /v1/contacts/{id}/erase` of the seeded contacts to erase: erasures/s.
@@ -663,6 +670,7 @@ async fn main() -> anyhow::Result<()> {
         Command::ConsentCheck(args) => consent::check(args).await,
         Command::AiActions(args) => ai::actions(args).await,
         Command::AiApprovals(args) => ai::approvals(args).await,
+        Command::Live(args) => live::live(args).await,
         Command::RightsSeed(args) => rights::seed(args).await,
         Command::RightsErase(args) => rights::erase(args).await,
         Command::RightsRead(args) => rights::read(args).await,

@@ -370,7 +370,7 @@ async fn the_organisations_connection_limit_answers_429() {
 async fn a_slow_consumer_is_cut_off_while_another_client_keeps_receiving() {
     let app = TestApp::spawn_with(Options {
         live: LiveSettings {
-            buffer_events: 4,
+            buffer_events: 64,
             ..LiveSettings::default()
         },
         ..Options::default()
@@ -386,7 +386,7 @@ async fn a_slow_consumer_is_cut_off_while_another_client_keeps_receiving() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     slow.write_all(
         format!(
-            "GET {PATH}?types=contact.created HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {t}\r\n\r\n"
+            "GET {PATH}?types=contact.created HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {t}\r\n\r\n"
         )
         .as_bytes(),
     )
@@ -402,7 +402,7 @@ async fn a_slow_consumer_is_cut_off_while_another_client_keeps_receiving() {
     let custom: serde_json::Map<String, Value> = (0..25)
         .map(|i| (format!("note_{i}"), json!("x".repeat(2000))))
         .collect();
-    let total = 120;
+    let total = 200;
     let reader = tokio::spawn(async move {
         let got = fast.events(total, Duration::from_secs(60)).await;
         got.len()
