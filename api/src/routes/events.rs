@@ -348,11 +348,10 @@ pub(crate) async fn stream(
 
 /// The body stream, `Sync` as warp asks: only the connection's task polls it, so the
 /// lock is never contended (its futures hold database clients, which are not `Sync`).
-struct SyncBody(
-    std::sync::Mutex<
-        std::pin::Pin<Box<dyn futures::Stream<Item = Result<Bytes, std::io::Error>> + Send>>,
-    >,
-);
+struct SyncBody(std::sync::Mutex<BodyStream>);
+
+type BodyStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<Bytes, std::io::Error>> + Send>>;
 
 impl futures::Stream for SyncBody {
     type Item = Result<Bytes, std::io::Error>;
