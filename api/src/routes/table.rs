@@ -399,6 +399,12 @@ pub fn table() -> Vec<Route> {
                 "The organisation's public events as Server-Sent Events, shaped for the caller; \
                  resumes after Last-Event-ID",
             )
+            .describe(
+                "Needs one of contacts.read, consent.read, messages.read, ai.audit.read; each \
+                 event type needs its own permission and is shaped by the caller's field \
+                 policy. `stream=security` needs security.read. 429 `too_many_streams` when \
+                 the organisation has CRM_LIVE_MAX_PER_ORG streams open (docs/live.md).",
+            )
             .auth(Auth::SignedIn)
             .errors(&[403, 429])
             .to(events::stream),
