@@ -243,6 +243,38 @@ pub struct Common {
         default_value_t = 30
     )]
     pub webhook_log_days: u32,
+    /// Live event stream: recent events kept in memory for resumes (docs/live.md).
+    #[arg(
+        long,
+        env = "CRM_LIVE_RING_EVENTS",
+        global = true,
+        default_value_t = 10_000
+    )]
+    pub live_ring_events: usize,
+    /// Live event stream: events a connection may have waiting before it is cut off.
+    #[arg(
+        long,
+        env = "CRM_LIVE_BUFFER_EVENTS",
+        global = true,
+        default_value_t = 1_024
+    )]
+    pub live_buffer_events: usize,
+    /// Live event stream: seconds between heartbeats (comment lines) of an idle stream.
+    #[arg(
+        long,
+        env = "CRM_LIVE_HEARTBEAT_SECS",
+        global = true,
+        default_value_t = 15
+    )]
+    pub live_heartbeat_secs: u64,
+    /// Live event stream: open streams per organisation in this process.
+    #[arg(
+        long,
+        env = "CRM_LIVE_MAX_PER_ORG",
+        global = true,
+        default_value_t = 100
+    )]
+    pub live_max_per_org: usize,
     /// Requests per second per client IP on the API (0: no limit).
     #[arg(long, env = "CRM_RATE_LIMIT_API", global = true, default_value_t = 30)]
     pub rate_limit_api: u32,
@@ -460,6 +492,13 @@ impl Common {
                     log_days: self.webhook_log_days.max(1),
                     ..Default::default()
                 },
+            },
+            live: crm_infra::live::LiveSettings {
+                ring_events: self.live_ring_events.max(1),
+                buffer_events: self.live_buffer_events.max(1),
+                heartbeat: Duration::from_secs(self.live_heartbeat_secs.max(1)),
+                max_per_org: self.live_max_per_org,
+                ..Default::default()
             },
         })
     }

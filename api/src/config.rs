@@ -27,6 +27,8 @@ pub struct Settings {
     /// Run the webhook delivery worker inside `serve`.
     pub run_deliverer: bool,
     pub webhooks: WebhookSettings,
+    /// The live event stream (`GET /v1/events/stream`, docs/live.md).
+    pub live: crm_infra::live::LiveSettings,
 }
 
 /// Outbound webhooks (docs/webhooks.md, "Settings").

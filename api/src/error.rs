@@ -99,6 +99,12 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error("too many requests: retry after {retry_after_secs} s")]
     TooManyRequests { retry_after_secs: u64 },
+    /// 429 `too_many_streams`: the organisation has as many live event streams open as
+    /// it may (`CRM_LIVE_MAX_PER_ORG`).
+    #[error(
+        "your organisation already has {limit} live event streams open; close one or retry later"
+    )]
+    TooManyStreams { limit: usize },
     #[error("the {projection} view has not reached position {position} yet")]
     NotCaughtUp {
         projection: &'static str,
@@ -166,7 +172,9 @@ impl ApiError {
             Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Self::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::TooManyRequests { .. } | Self::TooManyStreams { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             Self::NotCaughtUp { .. } | Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -189,6 +197,7 @@ impl ApiError {
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::TooManyRequests { .. } => "rate_limited",
+            Self::TooManyStreams { .. } => "too_many_streams",
             Self::NotCaughtUp { .. } => "projection_behind",
             Self::Unavailable(_) => "unavailable",
             Self::Internal(_) => "internal",
@@ -238,6 +247,9 @@ impl ApiError {
             }
             Self::TooManyRequests { retry_after_secs } => {
                 headers.insert("retry-after", (*retry_after_secs).into());
+            }
+            Self::TooManyStreams { .. } => {
+                headers.insert("retry-after", "5".parse().expect("static header"));
             }
             // The rest of the body is not read: say so, so the client does not send
             // its next request on a connection the server is about to close.

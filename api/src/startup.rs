@@ -78,6 +78,7 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<AppState> {
         access_cache,
         receipts: crm_infra::receipts::ReceiptSigner::new(pool.clone(), crypto.clone()),
         gate: crm_infra::consent::state::GateReader::spawn(pool.clone(), crypto.clone()),
+        live: crm_infra::live::Hub::new(settings.live, bus.clone(), pool.clone(), crypto.clone()),
         pool,
         crypto,
         bus,
@@ -347,6 +348,8 @@ impl Application {
             }
             Err(e) => tracing::warn!(error = %e, "no access cache: database settings"),
         }
+        // The live event stream's one consumer; its streams end when it stops.
+        tokio::spawn(self.state.live.clone().run(token.clone()));
         let routes = crate::routes::routes(self.state.clone());
         let server_token = token.clone();
         let server = crate::edge::server::serve(

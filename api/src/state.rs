@@ -48,6 +48,8 @@ pub struct Services {
     pub receipts: crm_infra::receipts::ReceiptSigner,
     /// The send gate's one read path (concurrent loads share a round trip).
     pub gate: crm_infra::consent::state::GateReader,
+    /// The live event stream's hub (one consumer, fanned out to every SSE client).
+    pub live: Arc<crm_infra::live::Hub>,
 }
 
 impl AppState {

@@ -10,6 +10,8 @@
 //!   access cache and field-access history;
 //! - [`consent`]: privacy settings, consent commands and the gate's read path;
 //! - [`crypto`]: field encryption of personal data under per-subject data keys;
+//! - [`live`]: the live event stream's hub (one JetStream consumer fanned out to SSE
+//!   clients, a ring of recent events, per-connection bounded buffers);
 //! - [`receipts`]: consent receipts (JWS, EdDSA), their signing keys and the JWKS;
 //! - [`vault`]: every secret kept for an organisation (AI provider keys, carrier
 //!   secrets), sealed per value and bound to its row, decrypted only on the record;
@@ -27,6 +29,7 @@ pub mod crypto;
 pub mod db;
 pub mod dispatch;
 pub mod feed;
+pub mod live;
 pub mod metrics;
 pub mod read_models;
 pub mod receipts;

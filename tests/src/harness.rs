@@ -123,6 +123,9 @@ pub struct Options {
     /// The webhook settings: loopback is allowlisted (tests' receivers listen there),
     /// jitter is off and the queue is polled often.
     pub webhooks: crm_api::config::WebhookSettings,
+    /// The live event stream's settings (the service's defaults unless a test changes
+    /// them).
+    pub live: crm_infra::live::LiveSettings,
 }
 
 impl Default for Options {
@@ -155,6 +158,7 @@ impl Default for Options {
                     ..Default::default()
                 },
             },
+            live: crm_infra::live::LiveSettings::default(),
         }
     }
 }
@@ -280,6 +284,7 @@ impl TestApp {
             retention_sweep_interval: None,
             run_deliverer: opts.run_deliverer,
             webhooks: opts.webhooks.clone(),
+            live: opts.live,
         };
         crm_infra::db::migrate(&settings.database)
             .await

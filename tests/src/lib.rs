@@ -4,3 +4,4 @@
 pub mod harness;
 pub mod logs;
 pub mod sinks;
+pub mod sse;

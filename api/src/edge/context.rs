@@ -16,6 +16,9 @@ pub struct RequestContext {
     pub global_privacy_control: bool,
     pub correlation_id: Option<String>,
     pub causation_id: Option<String>,
+    /// `Last-Event-ID`: where a reconnecting event-stream client left off (read only
+    /// by `GET /v1/events/stream`; at most 64 characters kept, so it can be named).
+    pub last_event_id: Option<String>,
 }
 
 /// An id supplied by a client is kept only if short and plain; otherwise a new one.
@@ -58,6 +61,12 @@ impl RequestContext {
             ip: addr.map(|a| a.ip().to_string()),
             user_agent: header(headers, "user-agent").and_then(clean_user_agent),
             global_privacy_control: header(headers, "sec-gpc").is_some_and(|v| v.trim() == "1"),
+            last_event_id: headers.get("last-event-id").map(|v| {
+                String::from_utf8_lossy(v.as_bytes())
+                    .chars()
+                    .take(64)
+                    .collect()
+            }),
         }
     }
 }

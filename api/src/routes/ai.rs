@@ -1490,6 +1490,7 @@ impl Runner {
                 global_privacy_control: false,
                 correlation_id: None,
                 causation_id: None,
+                last_event_id: None,
             },
             meta,
         }

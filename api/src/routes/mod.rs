@@ -12,6 +12,7 @@ pub mod consent;
 pub mod consent_log;
 pub mod contacts;
 pub mod credentials;
+pub mod events;
 pub mod health;
 pub mod login;
 pub mod messages;

@@ -8,7 +8,7 @@ use warp::http::Method;
 
 use super::{
     activity, ai, ai_audit, api_keys, carriers, consent, consent_log, contacts, credentials,
-    health, login, messages, portal, preferences, receipts, reports, rights, roles, users,
+    events, health, login, messages, portal, preferences, receipts, reports, rights, roles, users,
     webhooks,
 };
 use crate::edge::route::{route, Auth, Route};
@@ -452,6 +452,21 @@ pub fn table() -> Vec<Route> {
         route(post.clone(), "/preferences/erase", "preferences")
             .summary("The confirmed erasure (HTML; the link works once)")
             .to(preferences::erase_confirmed),
+        // The live event stream (docs/live.md).
+        route(get.clone(), "/v1/events/stream", "events")
+            .summary(
+                "The organisation's public events as Server-Sent Events, shaped for the caller; \
+                 resumes after Last-Event-ID",
+            )
+            .describe(
+                "Needs one of contacts.read, consent.read, messages.read, ai.audit.read; each \
+                 event type needs its own permission and is shaped by the caller's field \
+                 policy. `stream=security` needs security.read. 429 `too_many_streams` when \
+                 the organisation has CRM_LIVE_MAX_PER_ORG streams open (docs/live.md).",
+            )
+            .auth(Auth::SignedIn)
+            .errors(&[403, 429])
+            .to(events::stream),
         // The activity log and reports.
         route(get.clone(), "/v1/activity", "activity")
             .summary("The organisation's activity log, newest first")

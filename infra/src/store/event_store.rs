@@ -492,6 +492,41 @@ pub async fn read_committed_raw(
         .collect()
 }
 
+/// [`read_committed_raw`] for one organisation and some event types: its events of
+/// those types after `after` in commit order, below the visibility horizon (so the
+/// answer is a prefix of commit order: nothing can later commit before its last
+/// event). For the live stream's catch-up (`crate::live`).
+pub async fn read_committed_raw_in_org(
+    client: &impl GenericClient,
+    org_id: Uuid,
+    after: CommitKey,
+    event_types: &[&str],
+    limit: i64,
+) -> Result<Vec<RawEvent>, StoreError> {
+    use tokio_postgres::types::Json;
+    let sql = format!(
+        "SELECT {COLUMNS} FROM events \
+         WHERE tx_id < pg_snapshot_xmin(pg_current_snapshot()) \
+           AND (tx_id, global_position) > ($1::bigint::text::xid8, $2) \
+           AND org_id = $3 AND event_type = ANY($4) \
+         ORDER BY events.tx_id, events.global_position LIMIT $5"
+    );
+    let stmt = client.prepare_cached(&sql).await?;
+    client
+        .query(
+            &stmt,
+            &[&after.tx_id, &after.position, &org_id, &event_types, &limit],
+        )
+        .await?
+        .iter()
+        .map(|row| {
+            let Json(payload) = row.try_get(9)?;
+            let Json(metadata) = row.try_get(10)?;
+            Ok(with_row_envelope(row, payload, metadata))
+        })
+        .collect()
+}
+
 /// Number of committed events after `after` in commit order (capped at `cap`).
 pub async fn count_after(
     client: &impl GenericClient,

@@ -20,6 +20,8 @@
 //!   receiver (inside this process, verifying every signature) at 32 endpoints, and
 //!   commit-to-delivery latency at a paced rate (`scripts/bench --webhooks`, see
 //!   `webhooks.rs`).
+//! - `live`: SSE clients on `GET /v1/events/stream`: memory per connection and
+//!   commit-to-client latency (`scripts/bench --live`, see `live.rs`).
 //! - `drop-stream`: deletes the JetStream stream a run used.
 //! - `scale-seed`, `scale-grow`, `read`: the scale phase (`scripts/bench --scale`, see
 //!   `scale.rs`).
@@ -42,6 +44,8 @@ use tokio::sync::{Mutex, Semaphore};
 mod ai;
 #[path = "crm-bench/consent.rs"]
 mod consent;
+#[path = "crm-bench/live.rs"]
+mod live;
 #[path = "crm-bench/rights.rs"]
 mod rights;
 #[path = "crm-bench/scale.rs"]
@@ -100,6 +104,9 @@ enum Command {
     AiActions(ai::ActionsArgs),
     /// Approvals of pending AI actions at a fixed rate: approval-to-execution latency.
     AiApprovals(ai::ApprovalsArgs),
+    /// SSE clients on the live event stream: memory per connection, then
+    /// commit-to-client latency at a fixed rate of contacts (`scripts/bench --live`).
+    Live(live::LiveArgs),
     /// Contacts with 20 events each (half to erase), their ids into --ids.
     RightsSeed(rights::SeedArgs),
     /// `POST /v1/contacts/{id}/erase` of the seeded contacts to erase: erasures/s.
@@ -675,6 +682,7 @@ async fn main() -> anyhow::Result<()> {
         Command::ConsentCheck(args) => consent::check(args).await,
         Command::AiActions(args) => ai::actions(args).await,
         Command::AiApprovals(args) => ai::approvals(args).await,
+        Command::Live(args) => live::live(args).await,
         Command::RightsSeed(args) => rights::seed(args).await,
         Command::RightsErase(args) => rights::erase(args).await,
         Command::RightsRead(args) => rights::read(args).await,

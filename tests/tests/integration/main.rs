@@ -19,6 +19,7 @@ mod faults;
 mod fields;
 mod headers;
 mod health;
+mod live;
 mod mcp;
 mod openapi;
 mod permissions;
