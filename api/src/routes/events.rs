@@ -123,11 +123,36 @@ impl RawDoc for EventStreamDoc {
              stream, or `caught_up` with `follow=false` (docs/live.md)",
             Some((
                 "text/event-stream",
-                utoipa::openapi::RefOr::T(utoipa::openapi::Schema::Object(
-                    utoipa::openapi::schema::ObjectBuilder::new()
-                        .schema_type(utoipa::openapi::schema::Type::String)
-                        .build(),
-                )),
+                // One Server-Sent Event (OpenAPI 3.2's reading of an event stream's
+                // schema: each event, with its fields, is an instance).
+                utoipa::openapi::RefOr::T(utoipa::openapi::Schema::Object({
+                    use utoipa::openapi::schema::{ObjectBuilder, Type};
+                    let text = |d: &str| {
+                        ObjectBuilder::new()
+                            .schema_type(Type::String)
+                            .description(Some(d))
+                            .build()
+                    };
+                    ObjectBuilder::new()
+                        .schema_type(Type::Object)
+                        .property(
+                            "event",
+                            text("The public type, or `cutoff`, `caught_up`"),
+                        )
+                        .property(
+                            "data",
+                            text("JSON: `{type, timestamp, data}`, or the final event's `{reason, last_event_id}`"),
+                        )
+                        .property("id", text("The event's global position"))
+                        .property(
+                            "retry",
+                            ObjectBuilder::new()
+                                .schema_type(Type::Integer)
+                                .description(Some("Milliseconds to wait before reconnecting"))
+                                .build(),
+                        )
+                        .build()
+                })),
             )),
         );
     }
