@@ -157,7 +157,10 @@ pub fn open(crypto: &Crypto, at: &SecretRef, stored: &Stored) -> Result<SecretSt
 }
 
 /// Names the organisation for the rest of the transaction (row-level security).
-async fn name_org(tx: &Transaction<'_>, org_id: Uuid) -> Result<(), tokio_postgres::Error> {
+pub(crate) async fn name_org(
+    tx: &Transaction<'_>,
+    org_id: Uuid,
+) -> Result<(), tokio_postgres::Error> {
     tx.execute(
         "SELECT set_config('crm.org_id', $1, true)",
         &[&org_id.to_string()],

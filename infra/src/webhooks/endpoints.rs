@@ -60,13 +60,7 @@ fn db(e: tokio_postgres::Error) -> CommandError<WebhookError> {
 }
 
 async fn name_org(tx: &Transaction<'_>, org_id: Uuid) -> Result<(), CommandError<WebhookError>> {
-    tx.execute(
-        "SELECT set_config('crm.org_id', $1, true)",
-        &[&org_id.to_string()],
-    )
-    .await
-    .map(|_| ())
-    .map_err(db)
+    vault::name_org(tx, org_id).await.map_err(db)
 }
 
 /// Creates endpoint `id` with a new signing secret: `WebhookEndpointCreated`, its row
