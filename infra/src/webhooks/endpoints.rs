@@ -193,6 +193,7 @@ pub async fn rotate(
         effect(move |tx, events: &[WebhookEvent]| {
             // Sealed here: the version is the event's.
             let mut work = Vec::new();
+            let mut unsealed = false;
             for event in events {
                 if let WebhookEvent::WebhookSecretRotated {
                     secret_version,
@@ -210,6 +211,7 @@ pub async fn rotate(
                             *previous_valid_until,
                         )),
                         Err(e) => {
+                            unsealed = true;
                             if let Ok(mut f) = failed.lock() {
                                 *f = Some(e);
                             }
@@ -218,6 +220,13 @@ pub async fn rotate(
                 }
             }
             async move {
+                // No rotation on record without its secret in the vault: roll back.
+                if unsealed {
+                    return Err(CommandError::Store(StoreError::Corrupt(
+                        0,
+                        "the new signing secret could not be sealed".into(),
+                    )));
+                }
                 for (at, sealed, version, last4, until) in work {
                     vault::put(tx, &at, &sealed).await.map_err(db)?;
                     if version > 2 {
@@ -240,7 +249,7 @@ pub async fn rotate(
             .boxed()
         })
     };
-    let outcome = executor
+    let result = executor
         .execute_with::<WebhookEndpoint>(
             org_id,
             &id.to_string(),
@@ -252,11 +261,11 @@ pub async fn rotate(
             None,
             &write,
         )
-        .await?;
+        .await;
     if let Some(e) = failed.lock().ok().and_then(|mut f| f.take()) {
         return Err(e.into());
     }
-    Ok((outcome, secret))
+    Ok((result?, secret))
 }
 
 /// Disables an endpoint by hand, or automatically (`auto`: the run of failures): its

