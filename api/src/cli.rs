@@ -267,6 +267,10 @@ pub struct Common {
         default_value_t = 15
     )]
     pub live_heartbeat_secs: u64,
+    /// Live event stream: seconds the hub keeps reading the feed after the last
+    /// following stream closed (0: stop at once).
+    #[arg(long, env = "CRM_LIVE_IDLE_SECS", global = true, default_value_t = 60)]
+    pub live_idle_secs: u64,
     /// Live event stream: open streams per organisation in this process.
     #[arg(
         long,
@@ -498,6 +502,7 @@ impl Common {
                 buffer_events: self.live_buffer_events.max(1),
                 heartbeat: Duration::from_secs(self.live_heartbeat_secs.max(1)),
                 max_per_org: self.live_max_per_org,
+                idle_stop: Duration::from_secs(self.live_idle_secs),
                 ..Default::default()
             },
         })

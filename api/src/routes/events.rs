@@ -332,10 +332,20 @@ pub(crate) async fn stream(
         }
     };
     let hub = s.live.clone();
-    let Some(permit) = hub.admit(org) else {
+    let Some(permit) = hub.admit(org, follow) else {
         return Err(ApiError::TooManyStreams {
             limit: hub.settings.max_per_org,
         });
+    };
+    // A new client takes what commits from now on. With the hub's consumer running,
+    // that is its live tail; else (nobody followed the feed for a while, and this
+    // stream just started it) from the store's horizon, read until the ring covers it.
+    let resume = match resume {
+        None if follow && !hub.is_running() => {
+            let client = s.pool.get().await?;
+            Some(catch_up::horizon(&client).await?)
+        }
+        resume => resume,
     };
     let heartbeat = hub.settings.heartbeat;
     let conn = Conn {
@@ -547,10 +557,13 @@ impl Conn {
                 .is_empty()
                 .then(|| self.end("caught_up", "caught_up"))
         } else if short && !self.hub.is_running() {
-            // No feed to join (NATS away): poll the store meanwhile.
+            // No feed to join yet (the consumer is starting, or NATS is away): poll
+            // the store meanwhile, and try again as soon as the consumer runs.
+            let hub = self.hub.clone();
             tokio::select! {
                 _ = self.closing.cancelled() => {}
                 _ = self.heartbeat.tick() => return Some(Bytes::from_static(b": heartbeat\n\n")),
+                _ = hub.running() => {}
                 _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
             }
             None

@@ -55,3 +55,14 @@ pub async fn resume_key(
             position,
         }))
 }
+
+/// The store's visibility horizon as a commit key: every event before it is committed
+/// (or never will be), and every later one is after it in commit order. A new stream
+/// that starts while the hub reads nothing resumes from here.
+pub async fn horizon(client: &impl GenericClient) -> Result<CommitKey, StoreError> {
+    let stmt = client
+        .prepare_cached("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
+        .await?;
+    let tx_id: i64 = client.query_one(&stmt, &[]).await?.get(0);
+    Ok(CommitKey { tx_id, position: 0 })
+}

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::{pull, DeliverPolicy};
 use futures::StreamExt;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -81,6 +81,11 @@ struct State {
     last: CommitKey,
     subs: HashMap<Uuid, Vec<Sub>>,
     open: HashMap<Uuid, usize>,
+    /// Open streams that follow the feed (`follow=true`): while there are none, for
+    /// [`LiveSettings::idle_stop`], the hub reads nothing.
+    following: usize,
+    /// Since when no stream follows (`None` while one does).
+    idle_since: Option<Instant>,
     next_id: u64,
     stopped: bool,
 }
@@ -93,12 +98,17 @@ pub struct Hub {
     pub pool: deadpool_postgres::Pool,
     bus: Bus,
     closing: CancellationToken,
+    /// Told when a stream that follows the feed opens (the consumer is wanted).
+    demand: Notify,
+    /// Told when the consumer starts (streams waiting for the live tail try again).
+    started: Notify,
 }
 
 /// One open stream counted against its organisation's limit; released when dropped.
 pub struct Permit {
     hub: Weak<Hub>,
     org: Uuid,
+    follows: bool,
 }
 
 impl Drop for Permit {
@@ -109,6 +119,12 @@ impl Drop for Permit {
                 *n = n.saturating_sub(1);
                 if *n == 0 {
                     st.open.remove(&self.org);
+                }
+            }
+            if self.follows {
+                st.following = st.following.saturating_sub(1);
+                if st.following == 0 {
+                    st.idle_since = Some(Instant::now());
                 }
             }
         }
@@ -159,6 +175,13 @@ impl Drop for Subscription {
     }
 }
 
+/// Why a consumer session ended without failing.
+enum Ended {
+    Stop,
+    /// Nobody followed the feed for `idle_stop`.
+    Idle,
+}
+
 /// The answer to [`Hub::join`].
 pub enum Join {
     /// Subscribed: first `replay` (the ring's events after the resume key), then the
@@ -186,6 +209,8 @@ impl Hub {
                 last: CommitKey::default(),
                 subs: HashMap::new(),
                 open: HashMap::new(),
+                following: 0,
+                idle_since: Some(Instant::now()),
                 next_id: 0,
                 stopped: false,
             }),
@@ -194,6 +219,8 @@ impl Hub {
             pool,
             bus,
             closing: CancellationToken::new(),
+            demand: Notify::new(),
+            started: Notify::new(),
         })
     }
 
@@ -207,19 +234,37 @@ impl Hub {
     }
 
     /// Counts a new stream of `org`; `None` when the organisation has its
-    /// `max_per_org` open already.
-    pub fn admit(self: &Arc<Self>, org: Uuid) -> Option<Permit> {
+    /// `max_per_org` open already. A stream that `follows` the feed starts the hub's
+    /// consumer if it is not running (see [`Hub::run`]).
+    pub fn admit(self: &Arc<Self>, org: Uuid, follows: bool) -> Option<Permit> {
         let mut st = self.lock();
         let n = st.open.entry(org).or_default();
         if *n >= self.settings.max_per_org {
             return None;
         }
         *n += 1;
+        if follows {
+            st.following += 1;
+            st.idle_since = None;
+            self.demand.notify_one();
+        }
         METRICS.connections.inc();
         Some(Permit {
             hub: Arc::downgrade(self),
             org,
+            follows,
         })
+    }
+
+    /// Resolves when the consumer has (re)started, or at once if it runs.
+    pub async fn running(&self) {
+        let started = self.started.notified();
+        tokio::pin!(started);
+        started.as_mut().enable();
+        if self.is_running() {
+            return;
+        }
+        started.await;
     }
 
     /// Subscribes a connection of `org` that has delivered everything up to `after`
@@ -330,12 +375,35 @@ impl Hub {
         }
     }
 
-    /// Consumes the events stream until `stop`; then ends every stream.
+    /// Consumes the events stream while any stream follows it, until `stop`; then ends
+    /// every stream. With nobody following for [`LiveSettings::idle_stop`] the consumer
+    /// is dropped (a process without live clients pays nothing per event) and the ring
+    /// emptied; the next following stream starts it again, and reads the store until
+    /// the ring covers it (as any resume older than the ring does).
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
         let mut failures = 0u32;
         while !stop.is_cancelled() {
+            // Wait for a following stream.
+            let wanted = self.demand.notified();
+            tokio::pin!(wanted);
+            wanted.as_mut().enable();
+            if self.lock().following == 0 {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = wanted => {}
+                }
+                continue;
+            }
             match self.session(&stop).await {
-                Ok(()) => break,
+                Ok(Ended::Stop) => break,
+                Ok(Ended::Idle) => {
+                    failures = 0;
+                    let mut st = self.lock();
+                    st.floor = Floor::NotRunning;
+                    st.ring.clear();
+                    METRICS.consuming.set(0);
+                    tracing::info!("live hub: no stream follows the feed; consumer stopped");
+                }
                 Err(e) => {
                     failures += 1;
                     tracing::warn!(error = %e, "live hub: feed consumer ended; restarting");
@@ -345,6 +413,7 @@ impl Hub {
                         st.ring.clear();
                         Self::cut_all(&mut st, CutReason::Restarted);
                     }
+                    METRICS.consuming.set(0);
                     let wait = Duration::from_millis(200 * u64::from(failures.min(10)));
                     tokio::select! {
                         _ = stop.cancelled() => break,
@@ -358,11 +427,22 @@ impl Hub {
         st.floor = Floor::NotRunning;
         Self::cut_all(&mut st, CutReason::Shutdown);
         drop(st);
+        METRICS.consuming.set(0);
         self.closing.cancel();
+        self.started.notify_waiters();
         tracing::info!("live hub stopped");
     }
 
-    async fn session(&self, stop: &CancellationToken) -> Result<(), String> {
+    /// Whether no stream has followed the feed for `idle_stop`.
+    fn idle(&self) -> bool {
+        let st = self.lock();
+        st.following == 0
+            && st
+                .idle_since
+                .is_some_and(|t| t.elapsed() >= self.settings.idle_stop)
+    }
+
+    async fn session(&self, stop: &CancellationToken) -> Result<Ended, String> {
         let stream = self
             .bus
             .jetstream
@@ -385,10 +465,23 @@ impl Hub {
             st.ring.clear();
             st.floor = Floor::Since(Instant::now());
         }
+        METRICS.consuming.set(1);
+        self.started.notify_waiters();
         tracing::info!("live hub: consuming the feed");
+        let every = self
+            .settings
+            .idle_stop
+            .clamp(Duration::from_millis(50), Duration::from_secs(1));
+        let mut idle_check = tokio::time::interval(every);
         loop {
             let msg = tokio::select! {
-                _ = stop.cancelled() => return Ok(()),
+                _ = stop.cancelled() => return Ok(Ended::Stop),
+                _ = idle_check.tick() => {
+                    if self.idle() {
+                        return Ok(Ended::Idle);
+                    }
+                    continue;
+                }
                 m = messages.next() => m,
             };
             let Some(msg) = msg else {

@@ -54,6 +54,9 @@ pub struct LiveSettings {
     pub max_per_org: usize,
     /// Events per store read of a catch-up.
     pub catch_up_page: i64,
+    /// How long the hub keeps consuming the feed after the last following stream
+    /// closed (a reconnect within it resumes from the ring).
+    pub idle_stop: Duration,
 }
 
 impl Default for LiveSettings {
@@ -64,6 +67,7 @@ impl Default for LiveSettings {
             heartbeat: Duration::from_secs(15),
             max_per_org: 100,
             catch_up_page: 500,
+            idle_stop: Duration::from_secs(60),
         }
     }
 }
@@ -75,6 +79,9 @@ pub(crate) struct LiveMetrics {
     pub connections: prometheus::IntGauge,
     /// `crm_live_cutoffs_total`: streams cut off because their client read too slowly.
     pub cutoffs: prometheus::IntCounter,
+    /// `crm_live_feed_consuming`: 1 while the hub reads the feed (a stream follows it,
+    /// or did within `idle_stop`).
+    pub consuming: prometheus::IntGauge,
 }
 
 pub(crate) static LIVE_METRICS: std::sync::LazyLock<LiveMetrics> = std::sync::LazyLock::new(|| {
@@ -85,11 +92,18 @@ pub(crate) static LIVE_METRICS: std::sync::LazyLock<LiveMetrics> = std::sync::La
         "Live event streams cut off because their client read too slowly",
     )
     .expect("metric");
+    let consuming = prometheus::IntGauge::new(
+        "crm_live_feed_consuming",
+        "1 while the live event stream's hub reads the feed",
+    )
+    .expect("metric");
     let registry = &crate::metrics::METRICS.registry;
     let _ = registry.register(Box::new(connections.clone()));
     let _ = registry.register(Box::new(cutoffs.clone()));
+    let _ = registry.register(Box::new(consuming.clone()));
     LiveMetrics {
         connections,
         cutoffs,
+        consuming,
     }
 });

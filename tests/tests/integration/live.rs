@@ -468,3 +468,105 @@ async fn streams_end_with_a_cutoff_when_the_server_shuts_down() {
         started.elapsed()
     );
 }
+
+/// Polls `cond` every 20 ms for up to `WAIT`.
+async fn eventually(what: &str, cond: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_hub_reads_the_feed_only_while_a_stream_follows_it_and_loses_nothing_starting() {
+    let app = TestApp::spawn_with(Options {
+        live: LiveSettings {
+            idle_stop: Duration::from_millis(200),
+            ..LiveSettings::default()
+        },
+        ..Options::default()
+    })
+    .await;
+    let t = app.token.clone();
+    let q = "?types=contact.created";
+    let hub = app.state.live.clone();
+
+    // Nobody listens: no consumer, whatever is written.
+    contact(&app, &t, 0).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !hub.is_running(),
+        "the hub consumes the feed with no stream open"
+    );
+    // A stream that reads stored events and ends does not start it either.
+    let mut bounded = open(&app, &format!("{q}&follow=false"), &t, None).await;
+    connected(&mut bounded).await;
+    assert_eq!(bounded.events(1, WAIT).await.len(), 1);
+    drop(bounded);
+    assert!(
+        !hub.is_running(),
+        "a follow=false stream started the consumer"
+    );
+
+    // A new client while the hub is idle: everything committed after it connected,
+    // nothing from before, nothing twice, while the consumer starts under it.
+    let mut client = open(&app, q, &t, None).await;
+    connected(&mut client).await;
+    let mut written = Vec::new();
+    for n in 1..6 {
+        written.push(contact(&app, &t, n).await);
+    }
+    let seen = client.events(5, WAIT).await;
+    let all = created_in_commit_order(&app, app.org_id).await;
+    assert_eq!(positions(&seen), all[1..].to_vec());
+    assert!(client
+        .next_event(Duration::from_millis(300))
+        .await
+        .is_none());
+    eventually("the consumer runs while a stream follows", || {
+        hub.is_running()
+    })
+    .await;
+    // More events arrive live.
+    contact(&app, &t, 6).await;
+    let live = client.events(1, WAIT).await;
+    let last = live[0].position().unwrap();
+    drop(client);
+
+    // Nobody follows any more: after the idle time the consumer stops.
+    eventually("the consumer stops when nobody follows", || {
+        !hub.is_running()
+    })
+    .await;
+    let metrics = app
+        .http
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("crm_live_feed_consuming 0"),
+        "the gauge says the hub still consumes"
+    );
+
+    // A resume while idle reads the gap from the store and follows on.
+    contact(&app, &t, 7).await;
+    let mut again = open(&app, q, &t, Some(&last.to_string())).await;
+    let gap = again.events(1, WAIT).await;
+    contact(&app, &t, 8).await;
+    let after = again.events(1, WAIT).await;
+    let all = created_in_commit_order(&app, app.org_id).await;
+    assert_eq!(
+        positions(&gap)
+            .into_iter()
+            .chain(positions(&after))
+            .collect::<Vec<_>>(),
+        all[7..].to_vec()
+    );
+    assert!(again.next_event(Duration::from_millis(300)).await.is_none());
+    app.stop().await;
+}

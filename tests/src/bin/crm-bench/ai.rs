@@ -56,6 +56,17 @@ pub(crate) struct ActionsArgs {
     /// The database `crm serve` writes to (read directly, as its owner).
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     database_url: String,
+    /// Only one of the two, in every slice (a diagnostic: the CPU one operation of that
+    /// side costs, `BENCH_AI_SPLIT=1 scripts/bench --ai`); the other side reads 0.
+    #[arg(long, value_enum)]
+    only: Option<OnlySide>,
+}
+
+/// The side `--only` keeps.
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub(crate) enum OnlySide {
+    Contacts,
+    Ai,
 }
 
 /// What one side of the alternation measured.
@@ -81,6 +92,7 @@ pub(crate) async fn actions(args: ActionsArgs) -> anyhow::Result<()> {
         connections,
         seconds,
         database_url,
+        only,
     } = args;
     let ids = contacts(&database_url, 20_000).await?;
     let tag = run_tag();
@@ -88,7 +100,11 @@ pub(crate) async fn actions(args: ActionsArgs) -> anyhow::Result<()> {
     let sides = Arc::new([Side::new(), Side::new()]);
     // One slice of each first (warm-up), then `seconds` of each: slice k is contacts
     // when k is even, AI actions when odd.
-    let slices = 2 * (seconds + 1);
+    // With `--only`, two warm-up slices and then `seconds` of that side.
+    let slices = match only {
+        Some(_) => seconds + 2,
+        None => 2 * (seconds + 1),
+    };
     let start = Instant::now();
     let slice_of = move |at: Instant| (at - start).as_millis() as u64 / 1000;
     let mut tasks = Vec::new();
@@ -102,7 +118,11 @@ pub(crate) async fn actions(args: ActionsArgs) -> anyhow::Result<()> {
                 if slice >= slices {
                     break;
                 }
-                let side = (slice % 2) as usize;
+                let side = match only {
+                    Some(OnlySide::Contacts) => 0,
+                    Some(OnlySide::Ai) => 1,
+                    None => (slice % 2) as usize,
+                };
                 let n = counter.fetch_add(1, Ordering::Relaxed);
                 let (path, body, want) = if side == 0 {
                     ("/v1/contacts", contact(tag, n), "\"id\"")
