@@ -7,7 +7,11 @@
 //! are at hand (up to [`FANOUT_BATCH`]) are queued by one statement in one
 //! transaction, in feed order; their JetStream messages are acknowledged only after it
 //! committed, so an event is never lost between the feed and the queue, and a
-//! redelivery adds nothing (one row per endpoint and event).
+//! redelivery adds nothing (one row per endpoint and event). While no organisation has
+//! an endpoint the consumer is not read at all (checked every [`ENDPOINTS_CHECK`]): a
+//! deployment without webhooks pays nothing per event, and what waits in the stream is
+//! read when an endpoint appears (an event goes only to endpoints created before it was
+//! recorded, so nothing of the pause is owed to the new one).
 //!
 //! **Delivery.** Due messages are claimed with `FOR UPDATE SKIP LOCKED` and a lease
 //! (any number of workers share the queue; a worker that dies leaves its claims to be
@@ -49,6 +53,9 @@ pub const CONSUMER: &str = "webhooks";
 /// Most events the fan-out queues in one transaction: those the consumer has at hand
 /// when it looks, so a quiet feed still goes one event at a time, without waiting.
 pub const FANOUT_BATCH: usize = 256;
+/// How often the fan-out looks whether any endpoint exists (it reads the feed only
+/// while one does).
+pub const ENDPOINTS_CHECK: Duration = Duration::from_secs(1);
 
 /// The wait after each failed attempt: 11 attempts over about 24 hours. Each wait is
 /// drawn within ±20 % of its value (jitter), so receivers coming back are not hit by
@@ -273,15 +280,65 @@ impl Deliverer {
             )
             .await
             .map_err(|e| DeliveryError::Bus(e.to_string()))?;
+        loop {
+            // While no endpoint exists at all, nothing is read: the consumer keeps its
+            // place, and what arrives meanwhile waits in the stream. An event can only
+            // go to an endpoint created before it was recorded, so when one appears,
+            // the events read then (those of the pause first) go exactly where they
+            // would have gone. A deployment without webhooks pays one query a second.
+            if !self.any_endpoint().await? {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(ENDPOINTS_CHECK) => {}
+                }
+                continue;
+            }
+            if self.fan_out_while_wanted(&consumer, shutdown).await? {
+                return Ok(());
+            }
+            tracing::info!("no webhook endpoint left: the fan-out pauses");
+        }
+    }
+
+    /// Whether any organisation has an endpoint (of any status: a disabled one keeps
+    /// its messages as `missed`).
+    async fn any_endpoint(&self) -> Result<bool, DeliveryError> {
+        let mut client = self.executor.pool().get().await?;
+        let tx = client.build_transaction().read_only(true).start().await?;
+        tx.batch_execute("SELECT set_config('crm.scope', 'all', true)")
+            .await?;
+        let any: bool = tx
+            .query_one("SELECT EXISTS (SELECT 1 FROM webhook_endpoints)", &[])
+            .await?
+            .get(0);
+        tx.commit().await?;
+        Ok(any)
+    }
+
+    /// Fans out what the consumer hands over until `shutdown` (`true`) or until no
+    /// endpoint is left (`false`; messages taken and not acknowledged come again).
+    async fn fan_out_while_wanted(
+        &self,
+        consumer: &async_nats::jetstream::consumer::Consumer<pull::Config>,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, DeliveryError> {
         // The messages at hand, up to FANOUT_BATCH, without waiting for more.
         let mut batches = consumer
             .messages()
             .await
             .map_err(|e| DeliveryError::Bus(e.to_string()))?
             .ready_chunks(FANOUT_BATCH);
+        let mut checked = tokio::time::Instant::now();
         loop {
             let next = tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
+                _ = shutdown.cancelled() => return Ok(true),
+                _ = tokio::time::sleep_until(checked + ENDPOINTS_CHECK) => {
+                    if !self.any_endpoint().await? {
+                        return Ok(false);
+                    }
+                    checked = tokio::time::Instant::now();
+                    continue;
+                }
                 m = batches.next() => m,
             };
             let Some(batch) = next else {

@@ -469,13 +469,14 @@ async fn streams_end_with_a_cutoff_when_the_server_shuts_down() {
     );
 }
 
-/// Polls `cond` every 20 ms for up to `WAIT`.
-async fn eventually(what: &str, cond: impl Fn() -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !cond() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+/// Waits up to `WAIT` for `cond`.
+async fn until(what: &str, cond: impl Fn() -> bool) {
+    let hit = crm_tests::harness::eventually(WAIT, || {
+        let v = cond().then_some(());
+        async move { v }
+    })
+    .await;
+    assert!(hit.is_some(), "timed out: {what}");
 }
 
 #[tokio::test]
@@ -524,7 +525,7 @@ async fn the_hub_reads_the_feed_only_while_a_stream_follows_it_and_loses_nothing
         .next_event(Duration::from_millis(300))
         .await
         .is_none());
-    eventually("the consumer runs while a stream follows", || {
+    until("the consumer runs while a stream follows", || {
         hub.is_running()
     })
     .await;
@@ -535,7 +536,7 @@ async fn the_hub_reads_the_feed_only_while_a_stream_follows_it_and_loses_nothing
     drop(client);
 
     // Nobody follows any more: after the idle time the consumer stops.
-    eventually("the consumer stops when nobody follows", || {
+    until("the consumer stops when nobody follows", || {
         !hub.is_running()
     })
     .await;

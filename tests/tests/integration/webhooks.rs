@@ -915,3 +915,78 @@ async fn an_ordered_endpoint_gets_its_messages_in_feed_order_and_every_endpoint_
     assert_eq!(rx.deliveries("/ordered").await.len(), 12, "nothing more");
     assert_eq!(rx.deliveries("/loose").await.len(), 12, "nothing more");
 }
+
+/// The `webhooks` consumer's (delivered stream sequence, pending messages).
+async fn fan_out_consumer(app: &TestApp) -> (u64, u64) {
+    let client = async_nats::connect(app.settings.nats.url.as_str())
+        .await
+        .unwrap();
+    let js = async_nats::jetstream::new(client);
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer = js
+        .get_consumer_from_stream(
+            crm_infra::webhooks::worker::CONSUMER,
+            &app.settings.nats.stream,
+        )
+        .await
+        .unwrap();
+    let info = consumer.info().await.unwrap();
+    (info.delivered.stream_sequence, info.num_pending)
+}
+
+#[tokio::test]
+async fn without_any_endpoint_the_fan_out_reads_nothing_and_a_new_endpoint_gets_what_follows() {
+    let app = TestApp::spawn_with(Options {
+        run_deliverer: true,
+        ..Default::default()
+    })
+    .await;
+    let rx = Receiver::start().await;
+    for i in 0..3 {
+        app.create_contact(&json!({"given_name": format!("Before {i}")}))
+            .await;
+    }
+    // Published, and left in the stream: the consumer takes nothing while no
+    // organisation has an endpoint.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (delivered, pending) = fan_out_consumer(&app).await;
+        assert_eq!(delivered, 0, "the fan-out read the feed with no endpoint");
+        if pending >= 3 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never published");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(crm_infra::webhooks::worker::ENDPOINTS_CHECK * 2).await;
+    assert_eq!(fan_out_consumer(&app).await.0, 0);
+
+    let (_, secret) = endpoint(&app, &rx.url("/late"), &["contact.created"], "admin").await;
+    rx.control("/late", json!({"secrets": [secret], "status": 204}))
+        .await;
+    let mut after = Vec::new();
+    for i in 0..2 {
+        let (c, _) = app
+            .create_contact(&json!({"given_name": format!("After {i}")}))
+            .await;
+        after.push(c.to_string());
+    }
+    // Exactly the events recorded after the endpoint: the pause owes it nothing.
+    let got = rx.wait_for("/late", 2, Duration::from_secs(20)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let got_now = rx.deliveries("/late").await;
+    assert_eq!(got_now.len(), 2, "{got_now:#?}");
+    let ids: BTreeSet<String> = got
+        .iter()
+        .map(|d| {
+            body_of(d)["data"]["contact_id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(ids, after.into_iter().collect::<BTreeSet<_>>());
+    // And the stream was read to its end.
+    let (delivered, pending) = fan_out_consumer(&app).await;
+    assert!(delivered > 0 && pending == 0, "{delivered} {pending}");
+    app.stop().await;
+}
