@@ -334,6 +334,18 @@ impl TestApp {
         format!("{}{path}", self.base)
     }
 
+    /// The text of `GET /metrics`.
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// A request with `token` (a JWT or an API key) as the bearer: (status, JSON body or
     /// null).
     pub async fn call_as(

@@ -69,15 +69,7 @@ async fn fifty_concurrent_updates_each_version_won_once() {
     assert_eq!(h["events"].as_array().unwrap().len(), 1 + won.len());
 
     // The conflicts are counted.
-    let metrics = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     if conflicts > 0 {
         assert!(metrics.contains("crm_command_conflicts_total"));
     }

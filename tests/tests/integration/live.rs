@@ -540,15 +540,7 @@ async fn the_hub_reads_the_feed_only_while_a_stream_follows_it_and_loses_nothing
         !hub.is_running()
     })
     .await;
-    let metrics = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     assert!(
         metrics.contains("crm_live_feed_consuming 0"),
         "the gauge says the hub still consumes"

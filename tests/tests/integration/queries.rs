@@ -356,15 +356,7 @@ async fn health_readiness_and_metrics() {
     assert!(ready["relay_lag_events"].is_i64());
     assert!(ready["projector_lag_events"]["contacts"].is_i64());
     assert!(ready["projector_lag_events"]["activity"].is_i64());
-    let m = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = app.metrics().await;
     for name in [
         "crm_commands_total",
         "crm_command_duration_seconds",
