@@ -398,9 +398,6 @@ impl Hub {
                 Ok(Ended::Stop) => break,
                 Ok(Ended::Idle) => {
                     failures = 0;
-                    let mut st = self.lock();
-                    st.floor = Floor::NotRunning;
-                    st.ring.clear();
                     METRICS.consuming.set(0);
                     tracing::info!("live hub: no stream follows the feed; consumer stopped");
                 }
@@ -433,13 +430,21 @@ impl Hub {
         tracing::info!("live hub stopped");
     }
 
-    /// Whether no stream has followed the feed for `idle_stop`.
-    fn idle(&self) -> bool {
-        let st = self.lock();
-        st.following == 0
+    /// If no stream has followed the feed for `idle_stop`: marks the hub as not
+    /// running and empties the ring, in the same critical section as the check, so a
+    /// stream admitted meanwhile either keeps the consumer running or finds the hub
+    /// not running (and reads the store); `true` then.
+    fn stop_if_idle(&self) -> bool {
+        let mut st = self.lock();
+        let idle = st.following == 0
             && st
                 .idle_since
-                .is_some_and(|t| t.elapsed() >= self.settings.idle_stop)
+                .is_some_and(|t| t.elapsed() >= self.settings.idle_stop);
+        if idle {
+            st.floor = Floor::NotRunning;
+            st.ring.clear();
+        }
+        idle
     }
 
     async fn session(&self, stop: &CancellationToken) -> Result<Ended, String> {
@@ -477,7 +482,7 @@ impl Hub {
             let msg = tokio::select! {
                 _ = stop.cancelled() => return Ok(Ended::Stop),
                 _ = idle_check.tick() => {
-                    if self.idle() {
+                    if self.stop_if_idle() {
                         return Ok(Ended::Idle);
                     }
                     continue;
