@@ -143,10 +143,16 @@ pub struct Source<'a> {
     pub aggregate_id: &'a str,
     /// The payload as stored: `{"<EventType>": {…}}`.
     pub payload: &'a Value,
-    /// RFC 3339, when the event was recorded.
+    /// RFC 3339, when the event was recorded ([`timestamp`]).
     pub timestamp: &'a str,
     pub actor_kind: &'a str,
     pub actor_id: &'a str,
+}
+
+/// A body's `timestamp`: when the event was recorded, RFC 3339 in UTC with
+/// microseconds (what the store keeps), the same in webhooks and the live stream.
+pub fn timestamp(recorded_at: &chrono::DateTime<chrono::Utc>) -> String {
+    recorded_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 
 /// A public event, shaped for one role.
@@ -343,6 +349,14 @@ fn visible_fields(section: Option<&Value>, policy: &Policy) -> Map<String, Value
 mod tests {
     use super::*;
     use crate::access::{builtin_policy, Role};
+
+    #[test]
+    fn the_timestamp_keeps_the_stores_microseconds_in_utc() {
+        let at = chrono::DateTime::parse_from_rfc3339("2026-12-06T11:00:00.123456+01:00")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        assert_eq!(timestamp(&at), "2026-12-06T10:00:00.123456Z");
+    }
 
     fn source<'a>(event_type: &'a str, payload: &'a Value) -> Source<'a> {
         Source {

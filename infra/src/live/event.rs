@@ -6,7 +6,6 @@
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use chrono::SecondsFormat;
 use crm_domain::access::Policy;
 use crm_domain::public_events::{self, Entry, Source};
 use serde_json::Value;
@@ -132,10 +131,7 @@ impl LiveEvent {
             return self.remember(policy, None);
         }
         let decoded = self.decoded(crypto, pool).await?;
-        let timestamp = self
-            .raw
-            .recorded_at
-            .to_rfc3339_opts(SecondsFormat::Micros, true);
+        let timestamp = public_events::timestamp(&self.raw.recorded_at);
         let source = Source {
             event_id: self.raw.event_id,
             position: self.key.position,

@@ -480,16 +480,19 @@ pub async fn read_committed_raw(
     after: CommitKey,
     limit: i64,
 ) -> Result<Vec<RawEvent>, StoreError> {
-    use tokio_postgres::types::Json;
     committed_rows(client, after, limit)
         .await?
         .iter()
-        .map(|row| {
-            let Json(payload) = row.try_get(9)?;
-            let Json(metadata) = row.try_get(10)?;
-            Ok(with_row_envelope(row, payload, metadata))
-        })
+        .map(raw_of)
         .collect()
+}
+
+/// A row of [`COLUMNS`] as a [`RawEvent`] (payload and metadata as their JSON text).
+fn raw_of(row: &Row) -> Result<RawEvent, StoreError> {
+    use tokio_postgres::types::Json;
+    let Json(payload) = row.try_get(9)?;
+    let Json(metadata) = row.try_get(10)?;
+    Ok(with_row_envelope(row, payload, metadata))
 }
 
 /// [`read_committed_raw`] for one organisation and some event types: its events of
@@ -503,7 +506,6 @@ pub async fn read_committed_raw_in_org(
     event_types: &[&str],
     limit: i64,
 ) -> Result<Vec<RawEvent>, StoreError> {
-    use tokio_postgres::types::Json;
     let sql = format!(
         "SELECT {COLUMNS} FROM events \
          WHERE tx_id < pg_snapshot_xmin(pg_current_snapshot()) \
@@ -519,11 +521,7 @@ pub async fn read_committed_raw_in_org(
         )
         .await?
         .iter()
-        .map(|row| {
-            let Json(payload) = row.try_get(9)?;
-            let Json(metadata) = row.try_get(10)?;
-            Ok(with_row_envelope(row, payload, metadata))
-        })
+        .map(raw_of)
         .collect()
 }
 

@@ -611,10 +611,7 @@ impl Deliverer {
             return Ok(Err("the endpoint's role no longer exists"));
         };
         let decoded = crate::store::decode::decode(self.executor.crypto(), &client, stored).await?;
-        let timestamp = decoded
-            .stored
-            .recorded_at
-            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let timestamp = public_events::timestamp(&decoded.stored.recorded_at);
         let source = Source {
             event_id: decoded.stored.event_id,
             position: decoded.stored.global_position,
