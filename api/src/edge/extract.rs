@@ -53,6 +53,27 @@ impl FromCall for PortalAuthed {
     }
 }
 
+/// The credential the caller presented (its `Authorization` header), for a handler
+/// whose work outlives the request and must check the caller's access again (a live
+/// stream). A secret: no `Debug`, never logged.
+pub(crate) struct Credential(String);
+
+impl Credential {
+    /// The header's value, as [`crate::routes::authenticate`] takes it.
+    pub(crate) fn header(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromCall for Credential {
+    fn from_call(call: &mut Call) -> Result<Self, ApiError> {
+        call.credential
+            .take()
+            .map(Self)
+            .ok_or_else(|| ApiError::internal("route takes a credential it was not given"))
+    }
+}
+
 impl FromCall for RequestContext {
     fn from_call(call: &mut Call) -> Result<Self, ApiError> {
         Ok(call.ctx.clone())

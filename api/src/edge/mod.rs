@@ -261,6 +261,7 @@ impl Edge {
             query: req.query.clone(),
             content_type,
             body,
+            credential: authorization.map(str::to_owned),
         };
         route.call(state.clone(), call).await
     }
@@ -366,6 +367,7 @@ pub async fn call_as(
         query,
         content_type: Some("application/json".into()),
         body,
+        credential: None,
     };
     route.call(state.clone(), call).await
 }

@@ -52,6 +52,9 @@ pub struct Call {
     pub query: String,
     pub content_type: Option<String>,
     pub body: bytes::Bytes,
+    /// The `Authorization` header as presented, for a handler that checks it again
+    /// later ([`super::extract::Credential`]); `None` for a call made inside the service.
+    pub credential: Option<String>,
 }
 
 /// How large a body an operation takes.

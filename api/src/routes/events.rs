@@ -6,8 +6,15 @@
 //! the store (a resume older than the ring), then the ring's events after the resume
 //! point, then the live tail, with a heartbeat comment while idle. It ends with a
 //! `cutoff` event when its buffer overflowed (a slow client), when the server shuts
-//! down or when the store cannot be read; the event names the last id delivered so the
-//! client resumes exactly there.
+//! down, when the store cannot be read or when the caller's access no longer allows
+//! it; the event names the last id delivered so the client resumes exactly there.
+//!
+//! The caller's access is checked again whenever it may have changed: before the next
+//! event after this process heard of an access change (the access cache's epoch moved),
+//! and at least every [`RECHECK`]. A revoked key, a deactivated user, a logout or an
+//! expired token ends the stream (`unauthorized`); a role that no longer reads what the
+//! stream asked for ends it (`forbidden`); a role that reads less narrows the types
+//! and fields from the next event on.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
@@ -27,12 +34,18 @@ use utoipa::openapi::Required;
 use utoipa::{IntoParams, ToSchema};
 use warp::Reply;
 
-use crate::edge::extract::Query;
+use crate::edge::context::RequestContext;
+use crate::edge::extract::{Credential, Query};
 use crate::edge::reply::{RawAs, RawDoc};
 use crate::edge::route::{Call, FromCall, OpDoc};
 use crate::error::{ApiError, FieldError};
 use crate::routes::Authed;
 use crate::state::AppState;
+
+/// The longest a stream goes on without checking its caller's access again (a change
+/// this process heard of is checked before the next event; this bounds what it did not
+/// hear of, and a token's expiry). The access cache's own bound.
+const RECHECK: std::time::Duration = crm_infra::access::cache::TTL;
 
 /// The permissions of the default stream: a caller needs at least one.
 const READ_PERMISSIONS: [Permission; 4] = [
@@ -296,7 +309,10 @@ pub(crate) async fn stream(
     a: Authed,
     Query(q): Query<StreamQuery>,
     last: LastEventId,
+    credential: Credential,
 ) -> Result<RawAs<EventStreamDoc>, ApiError> {
+    // Read before the caller's access was loaded: a change from here on is seen.
+    let access_epoch = s.access_cache.epoch();
     let filter = filter(&a, &q)?;
     let org = a.caller.org_id;
     let follow = q.follow.unwrap_or(true);
@@ -353,6 +369,14 @@ pub(crate) async fn stream(
         hub,
         org,
         policy: Arc::new(a.access.policy.clone()),
+        access: AccessCheck {
+            ctx: a.ctx.clone(),
+            state: s,
+            credential,
+            query: q,
+            epoch: access_epoch,
+            at: Instant::now(),
+        },
         filter,
         follow,
         _permit: permit,
@@ -419,11 +443,46 @@ enum Phase {
     Ended,
 }
 
+/// What a stream needs to check its caller's access again.
+struct AccessCheck {
+    state: AppState,
+    credential: Credential,
+    ctx: RequestContext,
+    query: StreamQuery,
+    /// The access cache's epoch when the access in use was loaded.
+    epoch: u64,
+    at: Instant,
+}
+
+/// Why a stream's caller may no longer receive it.
+enum Denied {
+    /// The credential no longer authenticates (revoked, deactivated, logged out,
+    /// expired).
+    Unauthorized,
+    /// It does, but its permissions no longer allow the stream as asked.
+    Forbidden,
+    /// The check could not be made (the database is away): deny by default.
+    Unavailable,
+}
+
+impl Denied {
+    fn code(&self) -> &'static str {
+        match self {
+            Self::Unauthorized => "unauthorized",
+            Self::Forbidden => "forbidden",
+            Self::Unavailable => "unavailable",
+        }
+    }
+}
+
 /// One open stream.
 struct Conn {
     hub: Arc<Hub>,
     org: uuid::Uuid,
+    /// Shapes each event for the caller (its field policy), and `filter` (its readable
+    /// types): both as of the last access check.
     policy: Arc<Policy>,
+    access: AccessCheck,
     filter: Filter,
     follow: bool,
     _permit: Permit,
@@ -453,6 +512,10 @@ impl Conn {
             while let Some(e) = self.pending.pop_front() {
                 if self.cursor.is_some_and(|k| e.key <= k) {
                     continue; // already delivered (or skipped) from the store or the ring
+                }
+                if let Err(denied) = self.check_access().await {
+                    // Not sent: the client resumes after the last event it got.
+                    return Some(self.end("cutoff", denied.code()));
                 }
                 self.cursor = Some(e.key);
                 if !self.filter.passes(&e) {
@@ -498,7 +561,13 @@ impl Conn {
             };
             match woke {
                 Woke::Closing => return Some(self.end("cutoff", CutReason::Shutdown.code())),
-                Woke::Heartbeat => return Some(Bytes::from_static(b": heartbeat\n\n")),
+                Woke::Heartbeat => {
+                    // An idle stream, too, ends once its caller may no longer have it.
+                    if let Err(denied) = self.check_access().await {
+                        return Some(self.end("cutoff", denied.code()));
+                    }
+                    return Some(Bytes::from_static(b": heartbeat\n\n"));
+                }
                 Woke::Events => self.heartbeat.reset(),
                 Woke::Cut(reason) => return Some(self.end("cutoff", reason.code())),
             }
@@ -570,6 +639,30 @@ impl Conn {
         } else {
             None
         }
+    }
+
+    /// Checks the caller's access again if it may have changed (see the module's
+    /// documentation), and takes the policy and readable types it has now.
+    async fn check_access(&mut self) -> Result<(), Denied> {
+        let c = &mut self.access;
+        let epoch = c.state.access_cache.epoch();
+        if epoch == c.epoch && c.at.elapsed() < RECHECK {
+            return Ok(());
+        }
+        let authed = match super::authenticate(&c.state, Some(c.credential.header()), &c.ctx).await
+        {
+            Ok(a) if a.caller.org_id == self.org => a,
+            Ok(_) | Err(ApiError::Unauthorized(_)) => return Err(Denied::Unauthorized),
+            Err(e) => {
+                tracing::warn!(error = %e, "live stream: the caller's access could not be checked; stream ended");
+                return Err(Denied::Unavailable);
+            }
+        };
+        let filter = filter(&authed, &c.query).map_err(|_| Denied::Forbidden)?;
+        (c.epoch, c.at) = (epoch, Instant::now());
+        self.filter = filter;
+        self.policy = Arc::new(authed.access.policy.clone());
+        Ok(())
     }
 
     /// The stream's last event: `cutoff` (`{reason, last_event_id}`) or `caught_up`.

@@ -563,3 +563,106 @@ async fn the_hub_reads_the_feed_only_while_a_stream_follows_it_and_loses_nothing
     assert!(again.next_event(Duration::from_millis(300)).await.is_none());
     app.stop().await;
 }
+
+/// The next frame that is an event, which must be a `cutoff` for `reason`, naming
+/// `last` as the last event delivered.
+async fn cut_off(s: &mut SseClient, reason: &str, last: Option<i64>) {
+    let f = s.next_event(WAIT).await.expect("a cutoff");
+    assert_eq!(f.event.as_deref(), Some("cutoff"), "{f:?}");
+    assert_eq!(f.json()["reason"], reason, "{f:?}");
+    assert_eq!(f.json()["last_event_id"].as_i64(), last, "{f:?}");
+    assert!(
+        s.next(Duration::from_millis(300)).await.is_none(),
+        "the stream went on"
+    );
+}
+
+#[tokio::test]
+async fn a_stream_follows_its_callers_access_revoked_demoted_or_deactivated() {
+    let app = TestApp::spawn_with(Options {
+        live: LiveSettings {
+            heartbeat: Duration::from_secs(1),
+            ..LiveSettings::default()
+        },
+        ..Options::default()
+    })
+    .await;
+    let admin = RoleRef::Builtin(Role::Admin);
+    let (demoted, demoted_token) = app.user_with_role(admin).await;
+    let (idle, idle_token) = app.user_with_role(admin).await;
+    let (auditor, auditor_token) = app.user_with_role(admin).await;
+    let (status, issued) = app
+        .call_as(
+            &app.token,
+            Method::POST,
+            "/v1/api-keys",
+            Some(json!({"name": "Dashboard", "role": "team"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{issued}");
+    let key = issued["key"].as_str().unwrap().to_owned();
+    let key_id = issued["id"].as_str().unwrap().to_owned();
+
+    let mut by_demoted = open(&app, "", &demoted_token, None).await;
+    let mut by_idle = open(&app, "", &idle_token, None).await;
+    let mut by_key = open(&app, "", &key, None).await;
+    let mut security = open(&app, "?stream=security", &auditor_token, None).await;
+    for s in [&mut by_demoted, &mut by_idle, &mut by_key, &mut security] {
+        connected(s).await;
+    }
+    contact(&app, &app.token, 1).await;
+    let first = by_demoted.events(1, WAIT).await;
+    assert_eq!(
+        first[0].json()["data"]["fields"]["email"],
+        "ada1@example.com"
+    );
+    let first_id = first[0].position();
+    assert_eq!(
+        positions(&by_idle.events(1, WAIT).await),
+        [first_id.unwrap()]
+    );
+    assert_eq!(
+        positions(&by_key.events(1, WAIT).await),
+        [first_id.unwrap()]
+    );
+
+    let post = |path: String, body: Value| {
+        let app = &app;
+        async move {
+            let (status, v) = app
+                .call_as(&app.token, Method::POST, &path, Some(body))
+                .await;
+            assert!(status < 300, "{path}: {status} {v}");
+        }
+    };
+    // Without security.read, the security stream is over, before the event of the very
+    // change that took it away.
+    post(
+        format!("/v1/users/{auditor}/role"),
+        json!({"role": "viewer"}),
+    )
+    .await;
+    cut_off(&mut security, "forbidden", None).await;
+    // A deactivated user's idle stream ends at its next heartbeat.
+    post(format!("/v1/users/{idle}/deactivate"), json!({})).await;
+    cut_off(&mut by_idle, "unauthorized", first_id).await;
+
+    post(
+        format!("/v1/users/{demoted}/role"),
+        json!({"role": "viewer"}),
+    )
+    .await;
+    post(format!("/v1/api-keys/{key_id}/revoke"), json!({})).await;
+    contact(&app, &app.token, 2).await;
+    // The demoted user goes on receiving contact events, shaped for a Viewer now.
+    let next = by_demoted.events(1, WAIT).await;
+    assert_eq!(next[0].json()["data"]["fields"]["given_name"], "Ada 2");
+    assert!(
+        !next[0].data.contains("ada2@example.com"),
+        "a Viewer received an e-mail address: {}",
+        next[0].data
+    );
+    // The revoked key's stream gets nothing more.
+    cut_off(&mut by_key, "unauthorized", first_id).await;
+    app.stop().await;
+}
