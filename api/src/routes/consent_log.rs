@@ -276,8 +276,8 @@ pub(crate) struct ContactConsent {
     sale_or_sharing_opted_out: bool,
     /// The event of the opt-out, while it stands.
     sale_or_sharing_opt_out_event_id: Option<Uuid>,
-    /// Whether the contact's processing is restricted (GDPR Art. 18; current reads:
-    /// a read of the past does not fold it).
+    /// Whether the contact's processing is restricted (GDPR Art. 18); with `?as_of=`,
+    /// whether it was then.
     processing_restricted: bool,
     /// The event that restricted it, while it stands.
     restriction_event_id: Option<Uuid>,

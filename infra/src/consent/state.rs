@@ -44,8 +44,10 @@ use crate::read_models::{begin_in_org, Scope};
 use crate::store::decode::decode;
 use crate::store::event_store::{self, StoreError, StreamId};
 
-/// A contact's consent, folded from its events recorded up to `as_of` (all of them
-/// when `None`).
+/// A contact's consent, folded from the events of its `consent` and `contact` streams
+/// recorded up to `as_of` (all of them when `None`): the records, Do Not Contact and
+/// the opt-out, and the restriction of processing and its lift (GDPR Art. 18) as they
+/// stood then, as the gate folds them.
 pub async fn consent_state(
     executor: &Executor,
     client: &impl GenericClient,
@@ -53,19 +55,43 @@ pub async fn consent_state(
     contact_id: Uuid,
     as_of: Option<DateTime<Utc>>,
 ) -> Result<ConsentState, StoreError> {
-    let id = contact_id.to_string();
-    let stream = StreamId {
-        org_id,
-        aggregate_type: ConsentLedger::TYPE,
-        aggregate_id: &id,
-    };
-    let mut state = ConsentState::default();
-    for stored in event_store::read_stream(client, &stream, 0, as_of).await? {
-        let event_id = stored.event_id;
-        let decoded = decode(executor.crypto(), client, stored).await?;
-        fold(&mut state, event_id, &decoded.typed::<ConsentEvent>()?);
-    }
+    let (_, state) = fold_streams(executor.crypto(), client, org_id, contact_id, as_of).await?;
     Ok(state)
+}
+
+/// The contact and its consent state folded from both of its streams (recorded by
+/// `as_of` if given), read in one statement: the one fold of every read that does not
+/// take the read model.
+async fn fold_streams(
+    crypto: &Crypto,
+    client: &impl GenericClient,
+    org_id: Uuid,
+    contact_id: Uuid,
+    as_of: Option<DateTime<Utc>>,
+) -> Result<(Contact, ConsentState), StoreError> {
+    let id = contact_id.to_string();
+    let events = event_store::read_sibling_streams(
+        client,
+        org_id,
+        &[Contact::TYPE, ConsentLedger::TYPE],
+        &id,
+        as_of,
+    )
+    .await?;
+    let mut contact = Contact::default();
+    let mut state = ConsentState::default();
+    for stored in events {
+        let (event_id, is_contact) = (stored.event_id, stored.aggregate_type == Contact::TYPE);
+        let decoded = decode(crypto, client, stored).await?;
+        if is_contact {
+            let event = decoded.typed::<ContactEvent>()?;
+            gate::fold_contact(&mut state, event_id, &event);
+            contact.apply(event);
+        } else {
+            fold(&mut state, event_id, &decoded.typed::<ConsentEvent>()?);
+        }
+    }
+    Ok((contact, state))
 }
 
 /// Whether the contact exists in `org_id` (archived ones included).
@@ -278,27 +304,8 @@ impl GateReader {
         // Not projected yet (or being rebuilt): the contact's two streams, in one
         // statement, folded here.
         let client = self.pool.get().await?;
-        let id = contact_id.to_string();
-        let events = event_store::read_sibling_streams(
-            &client,
-            org_id,
-            &[Contact::TYPE, ConsentLedger::TYPE],
-            &id,
-        )
-        .await?;
-        let mut contact = Contact::default();
-        let mut state = ConsentState::default();
-        for stored in events {
-            let (event_id, is_contact) = (stored.event_id, stored.aggregate_type == Contact::TYPE);
-            let decoded = decode(&self.crypto, &client, stored).await?;
-            if is_contact {
-                let event = decoded.typed::<ContactEvent>()?;
-                gate::fold_contact(&mut state, event_id, &event);
-                contact.apply(event);
-            } else {
-                fold(&mut state, event_id, &decoded.typed::<ConsentEvent>()?);
-            }
-        }
+        let (contact, mut state) =
+            fold_streams(&self.crypto, &client, org_id, contact_id, None).await?;
         if !contact.exists() {
             return Ok(None);
         }

@@ -700,6 +700,7 @@ async fn a_restriction_of_processing_blocks_the_gate_but_for_purposes_allowed_un
         )
         .await;
     assert_eq!(s, 403);
+    let before_restriction = chrono::Utc::now();
     let (s, v) = post(
         &app,
         &format!("/v1/contacts/{c}/restriction"),
@@ -707,6 +708,7 @@ async fn a_restriction_of_processing_blocks_the_gate_but_for_purposes_allowed_un
     )
     .await;
     assert_eq!(s, 200, "{v}");
+    let while_restricted = chrono::Utc::now();
     let at = v["positions"][0].as_i64().unwrap();
     let restriction = app
         .db()
@@ -781,6 +783,30 @@ async fn a_restriction_of_processing_blocks_the_gate_but_for_purposes_allowed_un
     .await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(send("marketing").await["decision"]["reason"], "consent");
+
+    // The consent as it stood at a past moment shows the restriction that stood then.
+    for (when, restricted) in [
+        (before_restriction, None),
+        (while_restricted, Some(restriction)),
+        (chrono::Utc::now(), None),
+    ] {
+        let as_of = when.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        let (s, v) = get(&app, &format!("/v1/contacts/{c}/consent?as_of={as_of}")).await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(
+            (
+                v["processing_restricted"].as_bool(),
+                v["restriction_event_id"].clone(),
+                v["records"][0]["status"].as_str()
+            ),
+            (
+                Some(restricted.is_some()),
+                json!(restricted),
+                Some("granted")
+            ),
+            "as of {as_of}: {v}"
+        );
+    }
     app.stop().await;
 }
 
