@@ -20,6 +20,13 @@ pub struct ContactView {
     pub erased_at: Option<DateTime<Utc>>,
     #[serde(default)]
     pub legal_hold: bool,
+    /// GDPR Art. 18: restricted until lifted (the send gate refuses what its purpose
+    /// does not allow under restriction).
+    #[serde(default)]
+    pub processing_restricted: bool,
+    /// The contact's own retention period in days (`None`: the organisation's).
+    #[serde(default)]
+    pub retention_days: Option<u32>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub last_position: i64,
@@ -65,6 +72,8 @@ pub fn update(view: Option<&ContactView>, env: &Envelope<'_>, event: &ContactEve
             archived: false,
             erased_at: None,
             legal_hold: false,
+            processing_restricted: false,
+            retention_days: None,
             created_at: env.recorded_at,
             updated_at: env.recorded_at,
             last_position: env.global_position,
@@ -79,13 +88,19 @@ pub fn update(view: Option<&ContactView>, env: &Envelope<'_>, event: &ContactEve
             ..v.clone()
         },
         // Events the profile view does not show (the consent view does).
-        (
-            Some(v),
-            ContactEvent::ContactExported { .. }
-            | ContactEvent::ProcessingRestricted { .. }
-            | ContactEvent::ProcessingRestrictionLifted { .. }
-            | ContactEvent::RetentionPeriodSet { .. },
-        ) => v.clone(),
+        (Some(v), ContactEvent::ContactExported { .. }) => v.clone(),
+        (Some(v), ContactEvent::ProcessingRestricted { .. }) => ContactView {
+            processing_restricted: true,
+            ..v.clone()
+        },
+        (Some(v), ContactEvent::ProcessingRestrictionLifted { .. }) => ContactView {
+            processing_restricted: false,
+            ..v.clone()
+        },
+        (Some(v), ContactEvent::RetentionPeriodSet { days, .. }) => ContactView {
+            retention_days: *days,
+            ..v.clone()
+        },
         (Some(v), ContactEvent::LegalHoldPlaced { .. }) => ContactView {
             legal_hold: true,
             ..v.clone()
@@ -94,9 +109,12 @@ pub fn update(view: Option<&ContactView>, env: &Envelope<'_>, event: &ContactEve
             legal_hold: false,
             ..v.clone()
         },
+        // Nothing is left to process or keep: the restriction and the period go too.
         (Some(v), ContactEvent::ContactErased { .. }) => ContactView {
             profile: ContactProfile::default(),
             erased_at: Some(env.recorded_at),
+            processing_restricted: false,
+            retention_days: None,
             ..v.clone()
         },
         // A stream can only start with ContactCreated and never repeat it; anything else

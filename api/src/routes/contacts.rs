@@ -228,6 +228,11 @@ pub(crate) struct ContactDoc {
     as_of: Option<chrono::DateTime<chrono::Utc>>,
     /// Whether a legal hold is in place (erasure is refused while it is).
     legal_hold: Option<bool>,
+    /// Whether the contact's processing is restricted (GDPR Art. 18; the send gate
+    /// refuses every purpose not allowed under restriction until it is lifted).
+    processing_restricted: Option<bool>,
+    /// The contact's own retention period in days; null: the organisation's.
+    retention_days: Option<u32>,
     /// When the contact was erased: its fields are gone for good (null: not erased).
     erased_at: Option<chrono::DateTime<chrono::Utc>>,
 }
@@ -510,6 +515,8 @@ pub(crate) fn view_json(v: &ContactView) -> Value {
     out["created_at"] = json!(v.created_at);
     out["updated_at"] = json!(v.updated_at);
     out["legal_hold"] = json!(v.legal_hold);
+    out["processing_restricted"] = json!(v.processing_restricted);
+    out["retention_days"] = json!(v.retention_days);
     out["erased_at"] = json!(v.erased_at);
     out
 }
@@ -753,6 +760,8 @@ async fn as_of_read(
     body["as_of"] = json!(as_of);
     body["updated_at"] = json!(updated_at);
     body["legal_hold"] = json!(contact.legal_hold);
+    body["processing_restricted"] = json!(contact.restricted && !contact.erased);
+    body["retention_days"] = json!(contact.retention_days.filter(|_| !contact.erased));
     // The tombstone is a stream's last event.
     body["erased_at"] = json!(contact.erased.then_some(updated_at).flatten());
     visibility::contact(&a.access.policy, &mut body);

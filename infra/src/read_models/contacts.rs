@@ -23,7 +23,7 @@ use crate::store::decode::DecodedEvent;
 pub struct ContactsProjection;
 
 const VIEW_COLUMNS: &str = "id, org_id, version, profile, archived, created_at, updated_at, \
-    last_position, erased_at, legal_hold";
+    last_position, erased_at, legal_hold, processing_restricted, retention_days";
 
 fn view_from_row(row: &Row) -> Result<ContactView, ProjectionError> {
     let profile: serde_json::Value = row.try_get(3).map_err(|e| {
@@ -44,6 +44,10 @@ fn view_from_row(row: &Row) -> Result<ContactView, ProjectionError> {
         last_position: row.get(7),
         erased_at: row.get(8),
         legal_hold: row.get(9),
+        processing_restricted: row.get(10),
+        retention_days: row
+            .get::<_, Option<i32>>(11)
+            .and_then(|d| u32::try_from(d).ok()),
     })
 }
 
@@ -152,26 +156,46 @@ async fn upsert(
     let positions: Vec<i64> = views.iter().map(|v| v.last_position).collect();
     let erased: Vec<Option<DateTime<Utc>>> = views.iter().map(|v| v.erased_at).collect();
     let holds: Vec<bool> = views.iter().map(|v| v.legal_hold).collect();
+    let restricted: Vec<bool> = views.iter().map(|v| v.processing_restricted).collect();
+    let retention: Vec<Option<i32>> = views.iter().map(|v| retention_days(v)).collect();
     let sql = format!(
         "INSERT INTO {table} ({VIEW_COLUMNS}) \
          SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::int8[], $4::jsonb[], $5::bool[], \
                               $6::timestamptz[], $7::timestamptz[], $8::int8[], \
-                              $9::timestamptz[], $10::bool[]) \
+                              $9::timestamptz[], $10::bool[], $11::bool[], $12::int4[]) \
          ON CONFLICT (org_id, id) DO UPDATE SET version = EXCLUDED.version, \
          profile = EXCLUDED.profile, archived = EXCLUDED.archived, \
          updated_at = EXCLUDED.updated_at, last_position = EXCLUDED.last_position, \
-         erased_at = EXCLUDED.erased_at, legal_hold = EXCLUDED.legal_hold"
+         erased_at = EXCLUDED.erased_at, legal_hold = EXCLUDED.legal_hold, \
+         processing_restricted = EXCLUDED.processing_restricted, \
+         retention_days = EXCLUDED.retention_days"
     );
     let stmt = tx.prepare_cached(&sql).await?;
     tx.execute(
         &stmt,
         &[
-            &ids, &orgs, &versions, &profiles, &archived, &created, &updated, &positions, &erased,
+            &ids,
+            &orgs,
+            &versions,
+            &profiles,
+            &archived,
+            &created,
+            &updated,
+            &positions,
+            &erased,
             &holds,
+            &restricted,
+            &retention,
         ],
     )
     .await?;
     Ok(())
+}
+
+/// A view's retention period as its column stores it (a domain value fits: at most
+/// [`crm_domain::consent::privacy::MAX_RETENTION_DAYS`]).
+fn retention_days(v: &ContactView) -> Option<i32> {
+    v.retention_days.and_then(|d| i32::try_from(d).ok())
 }
 
 /// The aggregate type a rebuild of `contacts` reads (the other events change nothing).
@@ -251,10 +275,13 @@ impl Rebuilder for ContactsRebuilder {
                 Type::INT8,
                 Type::TIMESTAMPTZ,
                 Type::BOOL,
+                Type::BOOL,
+                Type::INT4,
             ],
         );
         pin_mut!(writer);
         for (_, v) in self.views.drain() {
+            let retention = retention_days(&v);
             writer
                 .as_mut()
                 .write(&[
@@ -268,6 +295,8 @@ impl Rebuilder for ContactsRebuilder {
                     &v.last_position,
                     &v.erased_at,
                     &v.legal_hold,
+                    &v.processing_restricted,
+                    &retention,
                 ])
                 .await?;
         }

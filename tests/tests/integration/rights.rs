@@ -746,6 +746,17 @@ async fn a_restriction_of_processing_blocks_the_gate_but_for_purposes_allowed_un
         ),
         (Some(true), json!(restriction))
     );
+    // The contact itself says so (its read model), once it has applied the restriction.
+    let (s, v) = get(
+        &app,
+        &format!("/v1/contacts/{c}?min_position={at}&wait_ms=5000"),
+    )
+    .await;
+    assert_eq!(
+        (s, v["processing_restricted"].as_bool()),
+        (200, Some(true)),
+        "{v}"
+    );
     let (s, v) = post(
         &app,
         "/v1/consent/check",
@@ -782,7 +793,26 @@ async fn a_restriction_of_processing_blocks_the_gate_but_for_purposes_allowed_un
     )
     .await;
     assert_eq!(s, 200, "{v}");
+    let lifted_at = v["positions"][0].as_i64().unwrap();
     assert_eq!(send("marketing").await["decision"]["reason"], "consent");
+    let (s, v) = get(
+        &app,
+        &format!("/v1/contacts/{c}?min_position={lifted_at}&wait_ms=5000"),
+    )
+    .await;
+    assert_eq!(
+        (s, v["processing_restricted"].as_bool()),
+        (200, Some(false)),
+        "{v}"
+    );
+    // A read of the past shows the restriction that stood then.
+    let as_of = while_restricted.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    let (s, v) = get(&app, &format!("/v1/contacts/{c}?as_of={as_of}")).await;
+    assert_eq!(
+        (s, v["processing_restricted"].as_bool()),
+        (200, Some(true)),
+        "{v}"
+    );
 
     // The consent as it stood at a past moment shows the restriction that stood then.
     for (when, restricted) in [
@@ -891,7 +921,17 @@ async fn the_retention_sweep_erases_contacts_past_their_period_but_not_under_a_l
         )
         .await;
         assert_eq!(s, 200, "{v}");
+        // The contact shows its own period (its read model, once applied).
+        let at = v["positions"][0].as_i64().unwrap();
+        let (s, v) = get(
+            &app,
+            &format!("/v1/contacts/{c}?min_position={at}&wait_ms=5000"),
+        )
+        .await;
+        assert_eq!((s, &v["retention_days"]), (200, &days), "{v}");
     }
+    let (s, v) = get(&app, &format!("/v1/contacts/{default}")).await;
+    assert_eq!((s, &v["retention_days"]), (200, &Value::Null), "{v}");
     let (s, v) = post(&app, &format!("/v1/contacts/{held}/legal-hold"), json!({})).await;
     assert_eq!(s, 200, "{v}");
     // The sweep reads the contacts read model: let it apply the hold.
