@@ -311,8 +311,6 @@ pub(crate) async fn stream(
     last: LastEventId,
     credential: Credential,
 ) -> Result<RawAs<EventStreamDoc>, ApiError> {
-    // Read before the caller's access was loaded: a change from here on is seen.
-    let access_epoch = s.access_cache.epoch();
     let filter = filter(&a, &q)?;
     let org = a.caller.org_id;
     let follow = q.follow.unwrap_or(true);
@@ -374,7 +372,9 @@ pub(crate) async fn stream(
             state: s,
             credential,
             query: q,
-            epoch: access_epoch,
+            // The access was loaded before this handler ran, at an epoch not known
+            // here: the first event (or heartbeat) checks it again.
+            epoch: None,
             at: Instant::now(),
         },
         filter,
@@ -449,8 +449,8 @@ struct AccessCheck {
     credential: Credential,
     ctx: RequestContext,
     query: StreamQuery,
-    /// The access cache's epoch when the access in use was loaded.
-    epoch: u64,
+    /// The access cache's epoch when the access in use was loaded (`None`: unknown).
+    epoch: Option<u64>,
     at: Instant,
 }
 
@@ -646,7 +646,7 @@ impl Conn {
     async fn check_access(&mut self) -> Result<(), Denied> {
         let c = &mut self.access;
         let epoch = c.state.access_cache.epoch();
-        if epoch == c.epoch && c.at.elapsed() < RECHECK {
+        if c.epoch == Some(epoch) && c.at.elapsed() < RECHECK {
             return Ok(());
         }
         let authed = match super::authenticate(&c.state, Some(c.credential.header()), &c.ctx).await
@@ -659,7 +659,7 @@ impl Conn {
             }
         };
         let filter = filter(&authed, &c.query).map_err(|_| Denied::Forbidden)?;
-        (c.epoch, c.at) = (epoch, Instant::now());
+        (c.epoch, c.at) = (Some(epoch), Instant::now());
         self.filter = filter;
         self.policy = Arc::new(authed.access.policy.clone());
         Ok(())

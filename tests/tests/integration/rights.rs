@@ -657,6 +657,13 @@ async fn an_export_holds_every_category_of_the_contact_and_nothing_of_anyone_els
     app.stop().await;
 }
 
+/// `processing_restricted` of the contact `GET path` answers (which must be a 200).
+async fn restricted(app: &TestApp, path: &str) -> Option<bool> {
+    let (s, v) = get(app, path).await;
+    assert_eq!(s, 200, "{path}: {v}");
+    v["processing_restricted"].as_bool()
+}
+
 #[tokio::test]
 async fn a_restriction_of_processing_blocks_the_gate_but_for_purposes_allowed_under_it() {
     let app = TestApp::spawn().await;
@@ -747,16 +754,9 @@ async fn a_restriction_of_processing_blocks_the_gate_but_for_purposes_allowed_un
         (Some(true), json!(restriction))
     );
     // The contact itself says so (its read model), once it has applied the restriction.
-    let (s, v) = get(
-        &app,
-        &format!("/v1/contacts/{c}?min_position={at}&wait_ms=5000"),
-    )
-    .await;
-    assert_eq!(
-        (s, v["processing_restricted"].as_bool()),
-        (200, Some(true)),
-        "{v}"
-    );
+    let contact_at =
+        |position: i64| format!("/v1/contacts/{c}?min_position={position}&wait_ms=5000");
+    assert_eq!(restricted(&app, &contact_at(at)).await, Some(true));
     let (s, v) = post(
         &app,
         "/v1/consent/check",
@@ -795,24 +795,11 @@ async fn a_restriction_of_processing_blocks_the_gate_but_for_purposes_allowed_un
     assert_eq!(s, 200, "{v}");
     let lifted_at = v["positions"][0].as_i64().unwrap();
     assert_eq!(send("marketing").await["decision"]["reason"], "consent");
-    let (s, v) = get(
-        &app,
-        &format!("/v1/contacts/{c}?min_position={lifted_at}&wait_ms=5000"),
-    )
-    .await;
-    assert_eq!(
-        (s, v["processing_restricted"].as_bool()),
-        (200, Some(false)),
-        "{v}"
-    );
+    assert_eq!(restricted(&app, &contact_at(lifted_at)).await, Some(false));
     // A read of the past shows the restriction that stood then.
     let as_of = while_restricted.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-    let (s, v) = get(&app, &format!("/v1/contacts/{c}?as_of={as_of}")).await;
-    assert_eq!(
-        (s, v["processing_restricted"].as_bool()),
-        (200, Some(true)),
-        "{v}"
-    );
+    let past = format!("/v1/contacts/{c}?as_of={as_of}");
+    assert_eq!(restricted(&app, &past).await, Some(true));
 
     // The consent as it stood at a past moment shows the restriction that stood then.
     for (when, restricted) in [

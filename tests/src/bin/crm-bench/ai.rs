@@ -58,15 +58,19 @@ pub(crate) struct ActionsArgs {
     database_url: String,
     /// Only one of the two, in every slice (a diagnostic: the CPU one operation of that
     /// side costs, `BENCH_AI_SPLIT=1 scripts/bench --ai`); the other side reads 0.
+    /// `update`: instead of either, the plain command an AI action runs
+    /// (`PATCH /v1/contacts/{id}` of `company` on the same contacts), reported on the
+    /// AI side.
     #[arg(long, value_enum)]
     only: Option<OnlySide>,
 }
 
 /// The side `--only` keeps.
-#[derive(Clone, Copy, clap::ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub(crate) enum OnlySide {
     Contacts,
     Ai,
+    Update,
 }
 
 /// What one side of the alternation measured.
@@ -120,23 +124,38 @@ pub(crate) async fn actions(args: ActionsArgs) -> anyhow::Result<()> {
                 }
                 let side = match only {
                     Some(OnlySide::Contacts) => 0,
-                    Some(OnlySide::Ai) => 1,
+                    Some(OnlySide::Ai | OnlySide::Update) => 1,
                     None => (slice % 2) as usize,
                 };
                 let n = counter.fetch_add(1, Ordering::Relaxed);
-                let (path, body, want) = if side == 0 {
-                    ("/v1/contacts", contact(tag, n), "\"id\"")
+                let id = ids[n as usize % ids.len()];
+                let company = format!("Company {n}");
+                let (method, path, body, created, want) = if side == 0 {
+                    let path = "/v1/contacts".to_owned();
+                    (hyper::Method::POST, path, contact(tag, n), true, "\"id\"")
+                } else if only == Some(OnlySide::Update) {
+                    let path = format!("/v1/contacts/{id}");
+                    let body = json!({ "company": company });
+                    (hyper::Method::PATCH, path, body, false, "\"version\"")
                 } else {
-                    let id = ids[n as usize % ids.len()];
+                    let path = "/v1/ai/actions".to_owned();
+                    let body = json!({"type": "update_contact", "contact_id": id,
+                                      "arguments": {"company": company}});
                     (
-                        "/v1/ai/actions",
-                        json!({"type": "update_contact", "contact_id": id,
-                               "arguments": {"company": format!("Company {n}")}}),
+                        hyper::Method::POST,
+                        path,
+                        body,
+                        true,
                         "\"status\":\"executed\"",
                     )
                 };
                 let body = bytes::Bytes::from(serde_json::to_vec(&body).expect("json"));
-                let result = conn.send(hyper::Method::POST, path, Some(body)).await;
+                let result = conn.send(method, &path, Some(body)).await;
+                let ok = if created {
+                    hyper::StatusCode::CREATED
+                } else {
+                    hyper::StatusCode::OK
+                };
                 // Only requests sent and answered inside one measured slice count.
                 if slice < 2 || slice_of(Instant::now()) != slice {
                     continue;
@@ -144,7 +163,7 @@ pub(crate) async fn actions(args: ActionsArgs) -> anyhow::Result<()> {
                 let s = &sides[side];
                 match result {
                     Ok((status, answer))
-                        if status == hyper::StatusCode::CREATED
+                        if status == ok
                             && answer.windows(want.len()).any(|w| w == want.as_bytes()) =>
                     {
                         s.latency
