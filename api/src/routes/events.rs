@@ -9,9 +9,10 @@
 //! down, when the store cannot be read or when the caller's access no longer allows
 //! it; the event names the last id delivered so the client resumes exactly there.
 //!
-//! The caller's access is checked again whenever it may have changed: before the next
-//! event after this process heard of an access change (the access cache's epoch moved),
-//! and at least every [`RECHECK`]. A revoked key, a deactivated user, a logout or an
+//! The caller's access is checked again whenever it may have changed: at the first
+//! event, before the next event after this process heard of an access change in the
+//! organisation ([`crm_infra::access::cache::AccessCache::changes`]), and at least
+//! every [`RECHECK`]. A revoked key, a deactivated user, a logout or an
 //! expired token ends the stream (`unauthorized`); a role that no longer reads what the
 //! stream asked for ends it (`forbidden`); a role that reads less narrows the types
 //! and fields from the next event on.
@@ -449,7 +450,8 @@ struct AccessCheck {
     credential: Credential,
     ctx: RequestContext,
     query: StreamQuery,
-    /// The access cache's epoch when the access in use was loaded (`None`: unknown).
+    /// The access cache's count of the organisation's access changes when the access
+    /// in use was loaded (`None`: unknown).
     epoch: Option<u64>,
     at: Instant,
 }
@@ -645,7 +647,7 @@ impl Conn {
     /// documentation), and takes the policy and readable types it has now.
     async fn check_access(&mut self) -> Result<(), Denied> {
         let c = &mut self.access;
-        let epoch = c.state.access_cache.epoch();
+        let epoch = c.state.access_cache.changes(self.org);
         if c.epoch == Some(epoch) && c.at.elapsed() < RECHECK {
             return Ok(());
         }

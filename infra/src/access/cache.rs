@@ -64,6 +64,10 @@ pub struct AccessCache {
     entries: Mutex<Entries>,
     epoch: AtomicU64,
     live: AtomicBool,
+    /// How often everything was forgotten ([`Self::invalidate`]).
+    resets: AtomicU64,
+    /// How often each organisation's entries were forgotten (an access change there).
+    org_changes: Mutex<HashMap<Uuid, u64>>,
 }
 
 impl AccessCache {
@@ -103,10 +107,24 @@ impl AccessCache {
         }
     }
 
+    /// A number that changes whenever this process hears of an access change in
+    /// `org_id` (or forgets everything): what a long-lived holder of an access (a live
+    /// stream) compares to know it must check it again. Other organisations' changes
+    /// leave it alone.
+    pub fn changes(&self, org_id: Uuid) -> u64 {
+        let own = self
+            .org_changes
+            .lock()
+            .map_or(0, |m| m.get(&org_id).copied().unwrap_or(0));
+        // Both only grow: any change of either changes the sum.
+        self.resets.load(Ordering::Acquire).wrapping_add(own)
+    }
+
     /// Forgets everything.
     pub fn invalidate(&self) {
         if let Ok(mut entries) = self.entries.lock() {
             self.epoch.fetch_add(1, Ordering::AcqRel);
+            self.resets.fetch_add(1, Ordering::AcqRel);
             entries.clear();
         }
     }
@@ -117,6 +135,9 @@ impl AccessCache {
     pub fn invalidate_org(&self, org_id: Uuid) {
         if let Ok(mut entries) = self.entries.lock() {
             self.epoch.fetch_add(1, Ordering::AcqRel);
+            if let Ok(mut changes) = self.org_changes.lock() {
+                *changes.entry(org_id).or_default() += 1;
+            }
             entries.retain(|(_, org), _| *org != org_id);
         }
     }
@@ -199,4 +220,28 @@ where
     executor
         .execute_with::<A>(org_id, id, command, metadata, expected_version, &and_notify)
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_organisations_change_count_moves_with_its_own_changes_and_resets_only() {
+        let cache = AccessCache::new();
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        let start = cache.changes(a);
+        cache.invalidate_org(b);
+        assert_eq!(cache.changes(a), start, "another organisation's change");
+        cache.invalidate_org(a);
+        let (after_own, b_before) = (cache.changes(a), cache.changes(b));
+        assert_ne!(after_own, start);
+        cache.invalidate();
+        assert_ne!(cache.changes(a), after_own, "everything forgotten");
+        assert_ne!(
+            cache.changes(b),
+            b_before,
+            "a reset moves every organisation's count"
+        );
+    }
 }

@@ -511,16 +511,23 @@ async fn the_hub_reads_the_feed_only_while_a_stream_follows_it_and_loses_nothing
     );
 
     // A new client while the hub is idle: everything committed after it connected,
-    // nothing from before, nothing twice, while the consumer starts under it.
+    // nothing twice, in commit order, while the consumer starts under it. It starts at
+    // the store's visibility horizon, which another transaction of the server (another
+    // test's) may hold before the moment it connected: the one contact created before
+    // may come first (docs/live.md), nothing older.
     let mut client = open(&app, q, &t, None).await;
     connected(&mut client).await;
     let mut written = Vec::new();
     for n in 1..6 {
         written.push(contact(&app, &t, n).await);
     }
-    let seen = client.events(5, WAIT).await;
     let all = created_in_commit_order(&app, app.org_id).await;
-    assert_eq!(positions(&seen), all[1..].to_vec());
+    let mut seen = positions(&client.events(5, WAIT).await);
+    if seen.first() == all.first() {
+        seen.remove(0);
+        seen.extend(positions(&client.events(1, WAIT).await));
+    }
+    assert_eq!(seen, all[1..].to_vec());
     assert!(client
         .next_event(Duration::from_millis(300))
         .await
