@@ -560,20 +560,40 @@ pub(crate) async fn propose(
     // What it is about must be the organisation's (the same 404 as the command's). A
     // change of contacts loads them: should the policy let it run at once, it runs on
     // the contacts as loaded here.
-    // The two reads are pipelined on one connection (one round trip).
+    // One contact to change (the usual case): its stream and the settings' are read
+    // with one statement. Else the reads are pipelined on one connection (one round
+    // trip).
     let (settings, contact) = {
         let client = s.pool.get().await?;
-        let contact = async {
-            if !changes_contacts(input.kind) {
-                require_target(&s, &client, org, &target).await?;
-                return Ok(None);
+        match target.contacts.as_slice() {
+            [id] if changes_contacts(input.kind) => {
+                let (settings, contact) = s
+                    .executor
+                    .load_two::<AiSettings, Contact>(
+                        &client,
+                        org,
+                        &org.to_string(),
+                        &id.to_string(),
+                    )
+                    .await?;
+                if contact.head.version == 0 {
+                    return Err(ApiError::NotFound("contact not found"));
+                }
+                (settings.aggregate, Some(vec![(*id, contact)]))
             }
-            load_contacts(&s, &client, org, &target.contacts)
-                .await
-                .map(Some)
-        };
-        let (settings, contact) = tokio::try_join!(settings_of(&s, &client, org), contact)?;
-        (settings, contact)
+            _ => {
+                let contact = async {
+                    if !changes_contacts(input.kind) {
+                        require_target(&s, &client, org, &target).await?;
+                        return Ok(None);
+                    }
+                    load_contacts(&s, &client, org, &target.contacts)
+                        .await
+                        .map(Some)
+                };
+                tokio::try_join!(settings_of(&s, &client, org), contact)?
+            }
+        }
     };
     let action_id = Uuid::now_v7();
     let now = Utc::now();

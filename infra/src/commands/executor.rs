@@ -177,18 +177,60 @@ impl Executor {
             aggregate_type: A::TYPE,
             aggregate_id: id,
         };
-        // Most streams are shorter than a snapshot's interval: read from the start, one
-        // statement; only a stream with a full first page may have a snapshot to start
-        // from (the page is then not used).
         let first = event_store::read_stream_page(client, &stream, 0, SNAPSHOT_EVERY).await?;
+        self.load_from_first_page(client, &stream, first).await
+    }
+
+    /// Two aggregates of one organisation, their streams' first pages read with one
+    /// statement ([`event_store::read_two_stream_pages`]); as [`Self::load`] each.
+    pub async fn load_two<A, B>(
+        &self,
+        client: &impl GenericClient,
+        org_id: Uuid,
+        id_a: &str,
+        id_b: &str,
+    ) -> Result<(Loaded<A>, Loaded<B>), StoreError>
+    where
+        A: Aggregate,
+        B: Aggregate,
+    {
+        let (a, b) = event_store::read_two_stream_pages(
+            client,
+            org_id,
+            ((A::TYPE, id_a), (B::TYPE, id_b)),
+            SNAPSHOT_EVERY,
+        )
+        .await?;
+        let stream = |aggregate_type, aggregate_id| StreamId {
+            org_id,
+            aggregate_type,
+            aggregate_id,
+        };
+        Ok((
+            self.load_from_first_page(client, &stream(A::TYPE, id_a), a)
+                .await?,
+            self.load_from_first_page(client, &stream(B::TYPE, id_b), b)
+                .await?,
+        ))
+    }
+
+    /// An aggregate from the first page of its stream's events: folded from them when
+    /// the page is not full (most streams are shorter than a snapshot's interval), else
+    /// from its latest snapshot and the events after it (the page is then not used).
+    async fn load_from_first_page<A: Aggregate>(
+        &self,
+        client: &impl GenericClient,
+        stream: &StreamId<'_>,
+        first: Vec<event_store::StoredEvent>,
+    ) -> Result<Loaded<A>, StoreError> {
         let (mut aggregate, mut head, events) = if (first.len() as i64) < SNAPSHOT_EVERY {
             (A::default(), StreamHead::default(), first)
         } else {
-            let (aggregate, head) = snapshots::load::<A>(&self.crypto, client, &stream)
+            let (aggregate, head) = snapshots::load::<A>(&self.crypto, client, stream)
                 .await?
                 .map(|s| (s.aggregate, s.head))
                 .unwrap_or_default();
-            let rest = event_store::read_stream(client, &stream, head.version, None).await?;
+            let rest = event_store::read_stream(client, stream, head.version, None).await?;
             (aggregate, head, rest)
         };
         for stored in events {

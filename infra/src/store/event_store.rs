@@ -327,6 +327,44 @@ pub async fn read_stream_page(
     read_stream_part(client, stream, after_sequence, None, Some(limit)).await
 }
 
+/// The first `limit` events of each of two streams of one organisation, in one
+/// statement (one round trip, one snapshot: a command that needs both reads them as of
+/// the same moment): each stream's events in sequence order, the first stream's first.
+pub async fn read_two_stream_pages(
+    client: &impl GenericClient,
+    org_id: Uuid,
+    (first, second): ((&str, &str), (&str, &str)),
+    limit: i64,
+) -> Result<(Vec<StoredEvent>, Vec<StoredEvent>), StoreError> {
+    let sql = format!(
+        "(SELECT {COLUMNS}, 1 AS which FROM events WHERE aggregate_type = $1 \
+            AND aggregate_id = $2 AND org_id = $5 ORDER BY sequence LIMIT $6) \
+         UNION ALL \
+         (SELECT {COLUMNS}, 2 AS which FROM events WHERE aggregate_type = $3 \
+            AND aggregate_id = $4 AND org_id = $5 ORDER BY sequence LIMIT $6)"
+    );
+    let stmt = client.prepare_cached(&sql).await?;
+    let rows = client
+        .query(
+            &stmt,
+            &[&first.0, &first.1, &second.0, &second.1, &org_id, &limit],
+        )
+        .await?;
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for row in &rows {
+        let which: i32 = row.get(14);
+        let stored = from_row(row);
+        if which == 1 {
+            a.push(stored);
+        } else {
+            b.push(stored);
+        }
+    }
+    a.sort_by_key(|e| e.sequence);
+    b.sort_by_key(|e| e.sequence);
+    Ok((a, b))
+}
+
 /// One statement for both: `LIMIT NULL` is no limit.
 async fn read_stream_part(
     client: &impl GenericClient,
