@@ -375,7 +375,7 @@ pub(crate) async fn stream(
             query: q,
             // The access was loaded before this handler ran, at an epoch not known
             // here: the first event (or heartbeat) checks it again.
-            epoch: None,
+            seen: None,
             at: Instant::now(),
         },
         filter,
@@ -450,9 +450,9 @@ struct AccessCheck {
     credential: Credential,
     ctx: RequestContext,
     query: StreamQuery,
-    /// The access cache's count of the organisation's access changes when the access
-    /// in use was loaded (`None`: unknown).
-    epoch: Option<u64>,
+    /// The access cache's epoch (any change) and count of the organisation's access
+    /// changes when the access in use was last checked (`None`: never).
+    seen: Option<(u64, u64)>,
     at: Instant,
 }
 
@@ -647,10 +647,20 @@ impl Conn {
     /// documentation), and takes the policy and readable types it has now.
     async fn check_access(&mut self) -> Result<(), Denied> {
         let c = &mut self.access;
-        let epoch = c.state.access_cache.changes(self.org);
-        if c.epoch == Some(epoch) && c.at.elapsed() < RECHECK {
-            return Ok(());
+        let cache = &c.state.access_cache;
+        // Per event: one atomic load while nothing changed anywhere; the organisation's
+        // own count (a lock) only once something did.
+        let epoch = cache.epoch();
+        let fresh = c.at.elapsed() < RECHECK;
+        match c.seen {
+            Some((e, _)) if e == epoch && fresh => return Ok(()),
+            Some((_, own)) if own == cache.changes(self.org) && fresh => {
+                c.seen = Some((epoch, own));
+                return Ok(());
+            }
+            _ => {}
         }
+        let own = cache.changes(self.org);
         let authed = match super::authenticate(&c.state, Some(c.credential.header()), &c.ctx).await
         {
             Ok(a) if a.caller.org_id == self.org => a,
@@ -661,7 +671,7 @@ impl Conn {
             }
         };
         let filter = filter(&authed, &c.query).map_err(|_| Denied::Forbidden)?;
-        (c.epoch, c.at) = (Some(epoch), Instant::now());
+        (c.seen, c.at) = (Some((epoch, own)), Instant::now());
         self.filter = filter;
         self.policy = Arc::new(authed.access.policy.clone());
         Ok(())

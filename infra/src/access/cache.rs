@@ -110,7 +110,8 @@ impl AccessCache {
     /// A number that changes whenever this process hears of an access change in
     /// `org_id` (or forgets everything): what a long-lived holder of an access (a live
     /// stream) compares to know it must check it again. Other organisations' changes
-    /// leave it alone.
+    /// leave it alone. It takes a lock: a frequent caller reads it only once
+    /// [`Self::epoch`] (any change anywhere, one atomic load) moved.
     pub fn changes(&self, org_id: Uuid) -> u64 {
         let own = self
             .org_changes
@@ -123,8 +124,9 @@ impl AccessCache {
     /// Forgets everything.
     pub fn invalidate(&self) {
         if let Ok(mut entries) = self.entries.lock() {
-            self.epoch.fetch_add(1, Ordering::AcqRel);
+            // The count first, then the epoch: who sees the new epoch sees the count.
             self.resets.fetch_add(1, Ordering::AcqRel);
+            self.epoch.fetch_add(1, Ordering::AcqRel);
             entries.clear();
         }
     }
@@ -134,10 +136,11 @@ impl AccessCache {
     /// merely conservative.
     pub fn invalidate_org(&self, org_id: Uuid) {
         if let Ok(mut entries) = self.entries.lock() {
-            self.epoch.fetch_add(1, Ordering::AcqRel);
+            // The count first, then the epoch: who sees the new epoch sees the count.
             if let Ok(mut changes) = self.org_changes.lock() {
                 *changes.entry(org_id).or_default() += 1;
             }
+            self.epoch.fetch_add(1, Ordering::AcqRel);
             entries.retain(|(_, org), _| *org != org_id);
         }
     }
