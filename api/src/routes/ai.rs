@@ -576,10 +576,7 @@ pub(crate) async fn propose(
                         &id.to_string(),
                     )
                     .await?;
-                if contact.head.version == 0 {
-                    return Err(ApiError::NotFound("contact not found"));
-                }
-                (settings.aggregate, Some(vec![(*id, contact)]))
+                (settings.aggregate, Some(vec![found(*id, contact)?]))
             }
             _ => {
                 let contact = async {
@@ -704,12 +701,17 @@ async fn load_contacts(
             .executor
             .load::<Contact>(client, org, &id.to_string())
             .await?;
-        if loaded.head.version == 0 {
-            return Err(ApiError::NotFound("contact not found"));
-        }
-        Ok((*id, loaded))
+        found(*id, loaded)
     });
     futures::future::try_join_all(loads).await
+}
+
+/// The contact `id` as loaded; 404 if its stream is empty (not the organisation's).
+fn found(id: Uuid, loaded: Loaded<Contact>) -> Result<(Uuid, Loaded<Contact>), ApiError> {
+    if loaded.head.version == 0 {
+        return Err(ApiError::NotFound("contact not found"));
+    }
+    Ok((id, loaded))
 }
 
 /// A change of contacts (`update_contact`, `bulk_update`), proposed and, when the policy
@@ -1632,9 +1634,7 @@ pub async fn sweep(s: &AppState) -> Result<Swept, ApiError> {
     let now = Utc::now();
     let (expired, stranded) = {
         let mut client = s.pool.get().await?;
-        let tx = client.build_transaction().read_only(true).start().await?;
-        tx.batch_execute("SELECT set_config('crm.scope', 'all', true)")
-            .await?;
+        let tx = crm_infra::read_models::all_orgs_scope(&mut client, true).await?;
         let expired = audit_rm::past_their_time(&tx, now, 100).await?;
         let stranded =
             audit_rm::approved_not_run(&tx, now - Duration::seconds(STRANDED_AFTER), 100).await?;

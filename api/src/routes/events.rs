@@ -652,15 +652,14 @@ impl Conn {
         // own count (a lock) only once something did.
         let epoch = cache.epoch();
         let fresh = c.at.elapsed() < RECHECK;
-        match c.seen {
-            Some((e, _)) if e == epoch && fresh => return Ok(()),
-            Some((_, own)) if own == cache.changes(self.org) && fresh => {
-                c.seen = Some((epoch, own));
-                return Ok(());
-            }
-            _ => {}
+        if fresh && c.seen.is_some_and(|(e, _)| e == epoch) {
+            return Ok(());
         }
         let own = cache.changes(self.org);
+        if fresh && c.seen.is_some_and(|(_, o)| o == own) {
+            c.seen = Some((epoch, own));
+            return Ok(());
+        }
         let authed = match super::authenticate(&c.state, Some(c.credential.header()), &c.ctx).await
         {
             Ok(a) if a.caller.org_id == self.org => a,

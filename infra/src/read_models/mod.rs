@@ -170,6 +170,23 @@ pub enum Scope {
     UnflushedWrite,
 }
 
+/// A transaction that sees every organisation's rows through row-level security
+/// (`crm.scope = all`): for the service's own sweeps and fan-out, never for a caller's
+/// request. `read_only` for those that only read.
+pub async fn all_orgs_scope(
+    client: &mut deadpool_postgres::Object,
+    read_only: bool,
+) -> Result<deadpool_postgres::Transaction<'_>, tokio_postgres::Error> {
+    let tx = client
+        .build_transaction()
+        .read_only(read_only)
+        .start()
+        .await?;
+    tx.batch_execute("SELECT set_config('crm.scope', 'all', true)")
+        .await?;
+    Ok(tx)
+}
+
 /// The `BEGIN` and naming of `org_id` that [`pipelined_in_org`] sends first (simple
 /// protocol: a Uuid prints as hex digits and dashes, nothing to quote).
 pub fn begin_in_org(org_id: uuid::Uuid, scope: Scope) -> String {

@@ -157,9 +157,7 @@ pub async fn sweep(
         let mut client = executor.pool().get().await?;
         // The read models are behind row-level security: the sweep reads every
         // organisation's, read-only.
-        let tx = client.build_transaction().read_only(true).start().await?;
-        tx.batch_execute("SELECT set_config('crm.scope', 'all', true)")
-            .await?;
+        let tx = crate::read_models::all_orgs_scope(&mut client, true).await?;
         let found = due(&tx, now, limit).await?;
         tx.commit().await?;
         found

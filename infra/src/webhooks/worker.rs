@@ -304,9 +304,7 @@ impl Deliverer {
     /// its messages as `missed`).
     async fn any_endpoint(&self) -> Result<bool, DeliveryError> {
         let mut client = self.executor.pool().get().await?;
-        let tx = client.build_transaction().read_only(true).start().await?;
-        tx.batch_execute("SELECT set_config('crm.scope', 'all', true)")
-            .await?;
+        let tx = crate::read_models::all_orgs_scope(&mut client, true).await?;
         let any: bool = tx
             .query_one("SELECT EXISTS (SELECT 1 FROM webhook_endpoints)", &[])
             .await?
@@ -399,10 +397,8 @@ impl Deliverer {
             return Ok(());
         }
         let mut client = self.executor.pool().get().await?;
-        let tx = client.transaction().await?;
         // The events may be of several organisations: each joins its own endpoints.
-        tx.batch_execute("SELECT set_config('crm.scope', 'all', true)")
-            .await?;
+        let tx = crate::read_models::all_orgs_scope(&mut client, false).await?;
         let added = tx
             .execute(
                 "INSERT INTO webhook_messages \
@@ -479,9 +475,7 @@ impl Deliverer {
             + chrono::Duration::from_std(self.settings.attempt_timeout * 3)
                 .unwrap_or(chrono::Duration::seconds(30));
         let mut client = self.executor.pool().get().await?;
-        let tx = client.transaction().await?;
-        tx.batch_execute("SELECT set_config('crm.scope', 'all', true)")
-            .await?;
+        let tx = crate::read_models::all_orgs_scope(&mut client, false).await?;
         // Expired claims and due messages are looked for apart, each in the order of an
         // index (webhook_messages_leased, webhook_messages_due): a claim reads about
         // as many rows as it takes, however long the queue. (One query with both
@@ -819,9 +813,7 @@ impl Deliverer {
     pub async fn prune(&self) -> Result<u64, DeliveryError> {
         let cutoff = self.clock.now() - chrono::Duration::days(i64::from(self.settings.log_days));
         let mut client = self.executor.pool().get().await?;
-        let tx = client.transaction().await?;
-        tx.batch_execute("SELECT set_config('crm.scope', 'all', true)")
-            .await?;
+        let tx = crate::read_models::all_orgs_scope(&mut client, false).await?;
         let a = tx
             .execute(
                 "DELETE FROM webhook_attempts WHERE started_at < $1",
