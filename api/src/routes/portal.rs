@@ -468,11 +468,15 @@ async fn current_contact(
         .executor
         .load::<crm_domain::contact::Contact>(&client, org_id, &contact_id.to_string())
         .await?;
-    if loaded.aggregate.exists() {
-        Ok(loaded.aggregate)
-    } else {
-        Err(ApiError::NotFound("contact not found"))
+    if !loaded.aggregate.exists() {
+        return Err(ApiError::NotFound("contact not found"));
     }
+    // Nothing more is recorded about an erased contact; its portal stream's login is
+    // unreadable too (its key was destroyed with the contact's).
+    if loaded.aggregate.erased {
+        return Err(ApiError::erased());
+    }
+    Ok(loaded.aggregate)
 }
 
 /// Gives a contact of the caller's organisation portal access, with its current email
