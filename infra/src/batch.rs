@@ -1,6 +1,7 @@
-//! Batching of concurrent requests: what group commit does for appends and the send
-//! gate's reader for loads. Callers hand jobs to a channel; a few worker tasks each take
-//! whatever jobs are waiting and handle them together (one statement, one round trip).
+//! Batching of concurrent requests: what group commit does for appends, and the stream
+//! reader and the send gate's reader for loads. Callers hand jobs to a channel; a few
+//! worker tasks each take whatever jobs are waiting and handle them together (one
+//! statement, one round trip).
 //! Under load that turns N round trips into one; with a single caller the batch is that
 //! one job, and the cost is one channel hop.
 

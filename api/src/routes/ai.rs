@@ -560,36 +560,33 @@ pub(crate) async fn propose(
     // What it is about must be the organisation's (the same 404 as the command's). A
     // change of contacts loads them: should the policy let it run at once, it runs on
     // the contacts as loaded here.
-    // One contact to change (the usual case): its stream and the settings' are read
-    // with one statement. Else the reads are pipelined on one connection (one round
-    // trip).
-    let (settings, contact) = {
-        let client = s.pool.get().await?;
-        match target.contacts.as_slice() {
-            [id] if changes_contacts(input.kind) => {
-                let (settings, contact) = s
-                    .executor
-                    .load_two::<AiSettings, Contact>(
-                        &client,
-                        org,
-                        &org.to_string(),
-                        &id.to_string(),
-                    )
-                    .await?;
-                (settings.aggregate, Some(vec![found(*id, contact)?]))
-            }
-            _ => {
-                let contact = async {
-                    if !changes_contacts(input.kind) {
-                        require_target(&s, &client, org, &target).await?;
-                        return Ok(None);
-                    }
-                    load_contacts(&s, &client, org, &target.contacts)
-                        .await
-                        .map(Some)
-                };
-                tokio::try_join!(settings_of(&s, &client, org), contact)?
-            }
+    // A change of contacts: their streams and the settings' are read together, batched
+    // with the reads of concurrent commands (`Executor::load_two`, `load_many`). Else
+    // the reads are pipelined on one connection (one round trip).
+    let (settings, contact) = match target.contacts.as_slice() {
+        [id] if changes_contacts(input.kind) => {
+            let (settings, contact) = s
+                .executor
+                .load_two::<AiSettings, Contact>(org, &org.to_string(), &id.to_string())
+                .await?;
+            (settings.aggregate, Some(vec![found(*id, contact)?]))
+        }
+        ids if changes_contacts(input.kind) => {
+            let (settings, contacts) = tokio::try_join!(
+                async {
+                    let id = org.to_string();
+                    let settings = s.executor.load_batched::<AiSettings>(org, &id).await?;
+                    Ok::<_, ApiError>(settings.aggregate)
+                },
+                load_contacts(&s, org, ids)
+            )?;
+            (settings, Some(contacts))
+        }
+        _ => {
+            let client = s.pool.get().await?;
+            let target_found = require_target(&s, &client, org, &target);
+            let (settings, ()) = tokio::try_join!(settings_of(&s, &client, org), target_found)?;
+            (settings, None)
         }
     };
     let action_id = Uuid::now_v7();
@@ -688,22 +685,19 @@ fn changes_contacts(kind: AiActionKind) -> bool {
     matches!(kind, AiActionKind::UpdateContact | AiActionKind::BulkUpdate)
 }
 
-/// The contacts `ids`, loaded (the reads pipelined on `client`); 404 unless each is the
-/// organisation's.
+/// The contacts `ids`, loaded as of one moment (one read, batched); 404 unless each is
+/// the organisation's.
 async fn load_contacts(
     s: &AppState,
-    client: &deadpool_postgres::Object,
     org: Uuid,
     ids: &[Uuid],
 ) -> Result<Vec<(Uuid, Loaded<Contact>)>, ApiError> {
-    let loads = ids.iter().map(|id| async move {
-        let loaded = s
-            .executor
-            .load::<Contact>(client, org, &id.to_string())
-            .await?;
-        found(*id, loaded)
-    });
-    futures::future::try_join_all(loads).await
+    let names: Vec<String> = ids.iter().map(Uuid::to_string).collect();
+    let loaded = s.executor.load_many::<Contact>(org, &names).await?;
+    ids.iter()
+        .zip(loaded)
+        .map(|(id, loaded)| found(*id, loaded))
+        .collect()
 }
 
 /// The contact `id` as loaded; 404 if its stream is empty (not the organisation's).
@@ -757,8 +751,7 @@ async fn propose_and_run(
         if attempt == TRIES {
             break;
         }
-        let client = s.pool.get().await?;
-        contacts = load_contacts(s, &client, org, &ids).await?;
+        contacts = load_contacts(s, org, &ids).await?;
     }
     Ok(None)
 }
@@ -1089,14 +1082,11 @@ async fn approve_and_run(
         .first()
         .map_or(PrincipalKind::AiAgent, |(d, _)| d.metadata.principal.kind);
     let proposer = proposer_now(s, &a.ctx, (org, id), &action, kind).await?;
-    let contacts = {
-        let client = s.pool.get().await?;
-        match load_contacts(s, &client, org, &request.contacts).await {
-            Ok(contacts) => contacts,
-            // Gone since the proposal: the general path records the refusal.
-            Err(ApiError::NotFound(_)) => return Ok(false),
-            Err(e) => return Err(e),
-        }
+    let contacts = match load_contacts(s, org, &request.contacts).await {
+        Ok(contacts) => contacts,
+        // Gone since the proposal: the general path records the refusal.
+        Err(ApiError::NotFound(_)) => return Ok(false),
+        Err(e) => return Err(e),
     };
     let loaded = Loaded {
         aggregate: action,

@@ -29,10 +29,11 @@ use uuid::Uuid;
 use crate::commands::hooks::{CommitHook, Committed};
 use crate::crypto::Crypto;
 use crate::metrics::METRICS;
-use crate::store::decode::decode;
+use crate::store::decode::{decode, DecodedEvent};
 use crate::store::event_store::{self, PendingEvent, StoreError, StreamHead, StreamId};
 use crate::store::group_commit::{GroupCommitter, KeyRow};
 use crate::store::snapshots;
+use crate::store::stream_reader::{Page, StreamReader};
 
 /// Snapshot a stream every this many events.
 /// (The fast path below and the general path must produce identical events.)
@@ -125,6 +126,8 @@ pub struct Executor {
     pub(super) crypto: Arc<Crypto>,
     pub(super) notifier: event_store::Notifier,
     pub(super) committer: GroupCommitter,
+    /// The reads before commands, batched ([`Self::load_batched`]).
+    reader: StreamReader,
     /// Told of every commit, in this order (see [`crate::commands::hooks`]).
     pub(super) hooks: Vec<Arc<dyn CommitHook>>,
 }
@@ -136,6 +139,7 @@ impl Executor {
         Self {
             notifier: event_store::Notifier::spawn(pool.clone()),
             committer: GroupCommitter::spawn(pool.clone()),
+            reader: StreamReader::spawn(pool.clone(), SNAPSHOT_EVERY),
             hooks: Vec::new(),
             pool,
             crypto,
@@ -181,11 +185,44 @@ impl Executor {
         self.load_from_first_page(client, &stream, first).await
     }
 
-    /// Two aggregates of one organisation, their streams' first pages read with one
-    /// statement ([`event_store::read_two_stream_pages`]); as [`Self::load`] each.
+    /// [`Self::load`] through the batched reader ([`StreamReader`]): concurrent loads
+    /// share one statement, and the subject's key comes with the events. For a caller
+    /// that holds no connection (it must not, while it waits for the reader's).
+    pub async fn load_batched<A>(&self, org_id: Uuid, id: &str) -> Result<Loaded<A>, StoreError>
+    where
+        A: Aggregate,
+    {
+        let mut pages = self
+            .reader
+            .first_pages(org_id, vec![(A::TYPE, id.to_owned())])
+            .await?;
+        let page = pages.pop().unwrap_or_default();
+        self.load_from_page(org_id, A::TYPE, id, page).await
+    }
+
+    /// Several aggregates of one type and organisation, as of one moment, through the
+    /// batched reader; as [`Self::load_batched`] each, in the order of `ids`.
+    pub async fn load_many<A>(
+        &self,
+        org_id: Uuid,
+        ids: &[String],
+    ) -> Result<Vec<Loaded<A>>, StoreError>
+    where
+        A: Aggregate,
+    {
+        let streams = ids.iter().map(|id| (A::TYPE, id.clone())).collect();
+        let pages = self.reader.first_pages(org_id, streams).await?;
+        let mut loaded = Vec::with_capacity(ids.len());
+        for (id, page) in ids.iter().zip(pages) {
+            loaded.push(self.load_from_page(org_id, A::TYPE, id, page).await?);
+        }
+        Ok(loaded)
+    }
+
+    /// Two aggregates of one organisation, as of one moment (their first pages are read
+    /// by one statement of the batched reader); as [`Self::load_batched`] each.
     pub async fn load_two<A, B>(
         &self,
-        client: &impl GenericClient,
         org_id: Uuid,
         id_a: &str,
         id_b: &str,
@@ -194,24 +231,64 @@ impl Executor {
         A: Aggregate,
         B: Aggregate,
     {
-        let (a, b) = event_store::read_two_stream_pages(
-            client,
-            org_id,
-            ((A::TYPE, id_a), (B::TYPE, id_b)),
-            SNAPSHOT_EVERY,
-        )
-        .await?;
-        let stream = |aggregate_type, aggregate_id| StreamId {
+        let pages = self
+            .reader
+            .first_pages(
+                org_id,
+                vec![(A::TYPE, id_a.to_owned()), (B::TYPE, id_b.to_owned())],
+            )
+            .await?;
+        let mut pages = pages.into_iter();
+        let (a, b) = (
+            pages.next().unwrap_or_default(),
+            pages.next().unwrap_or_default(),
+        );
+        Ok((
+            self.load_from_page(org_id, A::TYPE, id_a, a).await?,
+            self.load_from_page(org_id, B::TYPE, id_b, b).await?,
+        ))
+    }
+
+    /// An aggregate from a page of the batched reader: folded from its events when the
+    /// page is not full (no I/O), else from a pooled connection as [`Self::load`] does.
+    async fn load_from_page<A: Aggregate>(
+        &self,
+        org_id: Uuid,
+        aggregate_type: &'static str,
+        id: &str,
+        page: Page,
+    ) -> Result<Loaded<A>, StoreError> {
+        let stream = StreamId {
             org_id,
             aggregate_type,
-            aggregate_id,
+            aggregate_id: id,
         };
-        Ok((
-            self.load_from_first_page(client, &stream(A::TYPE, id_a), a)
-                .await?,
-            self.load_from_first_page(client, &stream(B::TYPE, id_b), b)
-                .await?,
-        ))
+        if page.events.len() as i64 >= self.reader.limit() {
+            let client = self.pool.get().await?;
+            return self
+                .load_from_first_page(&client, &stream, page.events)
+                .await;
+        }
+        let mut loaded = Loaded {
+            aggregate: A::default(),
+            head: StreamHead::default(),
+        };
+        if page.events.is_empty() {
+            return Ok(loaded);
+        }
+        let key = self
+            .crypto
+            .key_from_wrapped(&org_id, id, page.wrapped_key.as_deref())?;
+        for mut stored in page.events {
+            loaded.head.version = stored.sequence;
+            loaded.head.last_hash = Some(hex::decode(&stored.hash).unwrap_or_default());
+            let mut payload = std::mem::take(&mut stored.payload);
+            let mut metadata = std::mem::take(&mut stored.metadata);
+            Crypto::decrypt_event_with_key(key.as_ref(), &org_id, id, &mut payload, &mut metadata);
+            let decoded = DecodedEvent::new(stored, payload, metadata)?;
+            loaded.aggregate.apply(decoded.typed::<A::Event>()?);
+        }
+        Ok(loaded)
     }
 
     /// An aggregate from the first page of its stream's events: folded from them when
@@ -486,8 +563,7 @@ impl Executor {
                 head: StreamHead::default(),
             }
         } else {
-            let client = self.pool.get().await.map_err(StoreError::from)?;
-            self.load::<A>(&client, org_id, id).await?
+            self.load_batched::<A>(org_id, id).await?
         };
         if let Some(expected) = expected_version {
             if expected != head.version {

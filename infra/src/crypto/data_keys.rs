@@ -168,6 +168,26 @@ impl Crypto {
         self.fetch_key(client, org, subject, true).await
     }
 
+    /// The subject's key: the cached one, else `wrapped` (as read from `data_keys` in
+    /// the reader's snapshot; `None`: destroyed or never created) unwrapped and cached,
+    /// as [`Self::key_for_reading`] caches what it reads. No I/O.
+    pub fn key_from_wrapped(
+        &self,
+        org: &Uuid,
+        subject: &str,
+        wrapped: Option<&[u8]>,
+    ) -> Result<Option<DataKey>, CryptoError> {
+        if let Some(k) = self.cached(org, subject) {
+            return Ok(Some(k));
+        }
+        let Some(wrapped) = wrapped else {
+            return Ok(None);
+        };
+        let key = self.unwrap_key(org, subject, wrapped)?;
+        self.remember(org, subject, &key);
+        Ok(Some(key))
+    }
+
     /// Reads the keys of `subjects` that are not cached, in one query, and caches them
     /// (a destroyed key stays absent): for a batch of events about to be decrypted one
     /// by one, which would otherwise each wait for a query of its own.

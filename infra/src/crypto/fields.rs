@@ -191,6 +191,24 @@ impl Crypto {
 }
 
 impl Crypto {
+    /// Decrypts, in place, every `enc:v1:` member of a stored event with `key` (`None`:
+    /// destroyed or never created, so they become `null`). No I/O: for readers that
+    /// found the key already ([`Crypto::key_from_wrapped`]).
+    pub fn decrypt_event_with_key(
+        key: Option<&DataKey>,
+        org: &Uuid,
+        subject: &str,
+        payload: &mut Value,
+        metadata: &mut Value,
+    ) {
+        let targets = encrypted_members(payload, metadata);
+        if !targets.is_empty() {
+            decrypt_members(key, org, subject, targets, payload, metadata);
+        }
+    }
+}
+
+impl Crypto {
     /// Like [`Crypto::decrypt_event`], with the subject's wrapped key as read from
     /// `data_keys` by the caller (`None`: destroyed or never created, so the personal
     /// members become `null`). No I/O and no cache: for bulk readers (a rebuild) that

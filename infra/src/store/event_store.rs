@@ -138,26 +138,35 @@ pub(crate) const COLUMNS: &str = "global_position, tx_id::text::bigint, event_id
     recorded_at, prev_hash, hash";
 
 pub(crate) fn from_row(row: &Row) -> StoredEvent {
-    with_row_envelope(row, row.get(9), row.get(10))
+    from_row_at(row, 0)
+}
+
+/// The event of a row whose [`COLUMNS`] start at column `at`.
+pub(crate) fn from_row_at(row: &Row, at: usize) -> StoredEvent {
+    with_row_envelope_at(row, at, row.get(at + 9), row.get(at + 10))
 }
 
 /// The event of a row selected with [`COLUMNS`], with the given payload and metadata.
 fn with_row_envelope<P>(row: &Row, payload: P, metadata: P) -> StoredEvent<P> {
+    with_row_envelope_at(row, 0, payload, metadata)
+}
+
+fn with_row_envelope_at<P>(row: &Row, at: usize, payload: P, metadata: P) -> StoredEvent<P> {
     StoredEvent {
-        global_position: row.get(0),
-        tx_id: row.get(1),
-        event_id: row.get(2),
-        org_id: row.get(3),
-        aggregate_type: row.get(4),
-        aggregate_id: row.get(5),
-        sequence: row.get(6),
-        event_type: row.get(7),
-        event_version: row.get(8),
+        global_position: row.get(at),
+        tx_id: row.get(at + 1),
+        event_id: row.get(at + 2),
+        org_id: row.get(at + 3),
+        aggregate_type: row.get(at + 4),
+        aggregate_id: row.get(at + 5),
+        sequence: row.get(at + 6),
+        event_type: row.get(at + 7),
+        event_version: row.get(at + 8),
         payload,
         metadata,
-        recorded_at: row.get(11),
-        prev_hash: row.get::<_, Option<Vec<u8>>>(12).map(hex::encode),
-        hash: hex::encode(row.get::<_, Vec<u8>>(13)),
+        recorded_at: row.get(at + 11),
+        prev_hash: row.get::<_, Option<Vec<u8>>>(at + 12).map(hex::encode),
+        hash: hex::encode(row.get::<_, Vec<u8>>(at + 13)),
     }
 }
 
@@ -325,44 +334,6 @@ pub async fn read_stream_page(
     limit: i64,
 ) -> Result<Vec<StoredEvent>, StoreError> {
     read_stream_part(client, stream, after_sequence, None, Some(limit)).await
-}
-
-/// The first `limit` events of each of two streams of one organisation, in one
-/// statement (one round trip, one snapshot: a command that needs both reads them as of
-/// the same moment): each stream's events in sequence order, the first stream's first.
-pub async fn read_two_stream_pages(
-    client: &impl GenericClient,
-    org_id: Uuid,
-    (first, second): ((&str, &str), (&str, &str)),
-    limit: i64,
-) -> Result<(Vec<StoredEvent>, Vec<StoredEvent>), StoreError> {
-    let sql = format!(
-        "(SELECT {COLUMNS}, 1 AS which FROM events WHERE aggregate_type = $1 \
-            AND aggregate_id = $2 AND org_id = $5 ORDER BY sequence LIMIT $6) \
-         UNION ALL \
-         (SELECT {COLUMNS}, 2 AS which FROM events WHERE aggregate_type = $3 \
-            AND aggregate_id = $4 AND org_id = $5 ORDER BY sequence LIMIT $6)"
-    );
-    let stmt = client.prepare_cached(&sql).await?;
-    let rows = client
-        .query(
-            &stmt,
-            &[&first.0, &first.1, &second.0, &second.1, &org_id, &limit],
-        )
-        .await?;
-    let (mut a, mut b) = (Vec::new(), Vec::new());
-    for row in &rows {
-        let which: i32 = row.get(14);
-        let stored = from_row(row);
-        if which == 1 {
-            a.push(stored);
-        } else {
-            b.push(stored);
-        }
-    }
-    a.sort_by_key(|e| e.sequence);
-    b.sort_by_key(|e| e.sequence);
-    Ok((a, b))
 }
 
 /// One statement for both: `LIMIT NULL` is no limit.

@@ -5,6 +5,7 @@
 //! - [`group_commit`]: single-event appends of concurrent commands in one statement;
 //! - [`hash_chain`]: the per-stream SHA-256 chain over what is stored;
 //! - [`snapshots`]: sealed aggregate states every few events, a cache for loading;
+//! - [`stream_reader`]: the reads before concurrent commands, batched into one statement;
 //! - [`decode`]: stored events read back with their personal data decrypted;
 //! - [`verify`]: walking the chains to name altered or missing events.
 //!
@@ -22,4 +23,5 @@ pub mod event_store;
 pub mod group_commit;
 pub mod hash_chain;
 pub mod snapshots;
+pub mod stream_reader;
 pub mod verify;

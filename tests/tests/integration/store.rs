@@ -1,6 +1,7 @@
 //! The event store's guarantees: append-only, tamper-evident, and no personal data in
 //! clear in the events table or on the bus.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use crm_infra::store::event_store::StoredEvent;
@@ -529,5 +530,92 @@ async fn a_rewound_unit_commits_only_what_was_staged_before_the_mark() {
     )
     .await
     .unwrap();
+    app.stop().await;
+}
+
+/// The reads before commands are batched (`crm_infra::store::stream_reader`): loads
+/// made at once each get their own streams, in their order, scoped by organisation,
+/// decrypted with the subject's key read in the same statement (here a process with
+/// nothing cached), and an erased subject's personal data reads as gone.
+#[tokio::test]
+async fn batched_loads_get_their_own_streams_decrypted_and_scoped_by_organisation() {
+    use crm_domain::contact::Contact;
+    use crm_domain::organization::Organization;
+    use crm_infra::commands::executor::Executor;
+
+    let app = TestApp::spawn().await;
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        let (id, _) = app
+            .create_contact(&json!({"given_name": "Ada", "email": format!("ada{i}@example.com")}))
+            .await;
+        ids.push(id);
+    }
+    let r = app
+        .patch(
+            &format!("/v1/contacts/{}", ids[1]),
+            &json!({"company": "Acme"}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let r = app
+        .post(&format!("/v1/contacts/{}/erase", ids[5]), &json!({}))
+        .await;
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+
+    // Another process: the same key-encryption key, no key cached.
+    let cold = Arc::new(crm_infra::crypto::Crypto::new(&app.settings.keys).unwrap());
+    let executor = Executor::new(app.state.pool.clone(), cold);
+    let org = app.org_id;
+    let names: Vec<String> = ids.iter().map(Uuid::to_string).collect();
+    let other_org = Uuid::now_v7();
+    let org_stream = org.to_string();
+    // All at once: one load of several, single loads, a pair of two types, and a
+    // load under another organisation.
+    let (many, single, pair, foreign) = tokio::join!(
+        executor.load_many::<Contact>(org, &names[..3]),
+        futures::future::join_all(
+            names[3..]
+                .iter()
+                .map(|id| executor.load_batched::<Contact>(org, id))
+        ),
+        executor.load_two::<Organization, Contact>(org, &org_stream, &names[2]),
+        executor.load_batched::<Contact>(other_org, &names[0]),
+    );
+    let many = many.unwrap();
+    let single: Vec<_> = single.into_iter().map(Result::unwrap).collect();
+    let (organisation, pair_contact) = pair.unwrap();
+    let email = |c: &Contact| c.profile.email.as_ref().map(|e| e.as_str().to_owned());
+    for (i, loaded) in many.iter().chain(&single).enumerate() {
+        assert_eq!(loaded.aggregate.id, Some(ids[i]), "stream {i} in its place");
+        if i == 5 {
+            assert!(loaded.aggregate.erased);
+            assert_eq!(email(&loaded.aggregate), None, "erased: the key is gone");
+        } else {
+            assert_eq!(
+                email(&loaded.aggregate),
+                Some(format!("ada{i}@example.com"))
+            );
+        }
+    }
+    assert_eq!(many[1].head.version, 2, "created, then updated");
+    let company = many[1]
+        .aggregate
+        .profile
+        .company
+        .as_ref()
+        .map(|c| c.as_str());
+    assert_eq!(company, Some("Acme"));
+    assert!(
+        organisation.head.version > 0,
+        "the organisation's own stream"
+    );
+    assert_eq!(pair_contact.aggregate.id, Some(ids[2]));
+    let foreign = foreign.unwrap();
+    assert_eq!(
+        (foreign.head.version, foreign.aggregate.id),
+        (0, None),
+        "another organisation's stream reads as empty"
+    );
     app.stop().await;
 }
