@@ -21,7 +21,7 @@ use crm_domain::metadata::EventMetadata;
 use crm_domain::PersonalData;
 use deadpool_postgres::GenericClient;
 use deadpool_postgres::Pool;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tracing::Instrument;
 use uuid::Uuid;
@@ -29,11 +29,11 @@ use uuid::Uuid;
 use crate::commands::hooks::{CommitHook, Committed};
 use crate::crypto::Crypto;
 use crate::metrics::METRICS;
-use crate::store::decode::{decode, DecodedEvent};
+use crate::store::decode::decode;
 use crate::store::event_store::{self, PendingEvent, StoreError, StreamHead, StreamId};
 use crate::store::group_commit::{GroupCommitter, KeyRow};
 use crate::store::snapshots;
-use crate::store::stream_reader::{Page, StreamReader};
+use crate::store::stream_reader::{Page, PageEvent, StreamReader};
 
 /// Snapshot a stream every this many events.
 /// (The fast path below and the general path must produce identical events.)
@@ -265,9 +265,7 @@ impl Executor {
         };
         if page.events.len() as i64 >= self.reader.limit() {
             let client = self.pool.get().await?;
-            return self
-                .load_from_first_page(&client, &stream, page.events)
-                .await;
+            return self.load_from_snapshot(&client, &stream).await;
         }
         let mut loaded = Loaded {
             aggregate: A::default(),
@@ -279,14 +277,25 @@ impl Executor {
         let key = self
             .crypto
             .key_from_wrapped(&org_id, id, page.wrapped_key.as_deref())?;
-        for mut stored in page.events {
-            loaded.head.version = stored.sequence;
-            loaded.head.last_hash = Some(hex::decode(&stored.hash).unwrap_or_default());
-            let mut payload = std::mem::take(&mut stored.payload);
-            let mut metadata = std::mem::take(&mut stored.metadata);
-            Crypto::decrypt_event_with_key(key.as_ref(), &org_id, id, &mut payload, &mut metadata);
-            let decoded = DecodedEvent::new(stored, payload, metadata)?;
-            loaded.aggregate.apply(decoded.typed::<A::Event>()?);
+        for PageEvent {
+            global_position,
+            sequence,
+            hash,
+            mut payload,
+        } in page.events
+        {
+            Crypto::decrypt_event_with_key(
+                key.as_ref(),
+                &org_id,
+                id,
+                &mut payload,
+                &mut Value::Null,
+            );
+            let event = A::Event::deserialize(payload)
+                .map_err(|e| StoreError::Corrupt(global_position, e.to_string()))?;
+            loaded.aggregate.apply(event);
+            loaded.head.version = sequence;
+            loaded.head.last_hash = Some(hash);
         }
         Ok(loaded)
     }
@@ -300,16 +309,36 @@ impl Executor {
         stream: &StreamId<'_>,
         first: Vec<event_store::StoredEvent>,
     ) -> Result<Loaded<A>, StoreError> {
-        let (mut aggregate, mut head, events) = if (first.len() as i64) < SNAPSHOT_EVERY {
-            (A::default(), StreamHead::default(), first)
+        if (first.len() as i64) < SNAPSHOT_EVERY {
+            self.fold(client, A::default(), StreamHead::default(), first)
+                .await
         } else {
-            let (aggregate, head) = snapshots::load::<A>(&self.crypto, client, stream)
-                .await?
-                .map(|s| (s.aggregate, s.head))
-                .unwrap_or_default();
-            let rest = event_store::read_stream(client, stream, head.version, None).await?;
-            (aggregate, head, rest)
-        };
+            self.load_from_snapshot(client, stream).await
+        }
+    }
+
+    /// An aggregate from its latest snapshot (if any) and the events after it.
+    async fn load_from_snapshot<A: Aggregate>(
+        &self,
+        client: &impl GenericClient,
+        stream: &StreamId<'_>,
+    ) -> Result<Loaded<A>, StoreError> {
+        let (aggregate, head) = snapshots::load::<A>(&self.crypto, client, stream)
+            .await?
+            .map(|s| (s.aggregate, s.head))
+            .unwrap_or_default();
+        let rest = event_store::read_stream(client, stream, head.version, None).await?;
+        self.fold(client, aggregate, head, rest).await
+    }
+
+    /// `aggregate` at `head`, with `events` (the stream's next ones) applied.
+    async fn fold<A: Aggregate>(
+        &self,
+        client: &impl GenericClient,
+        mut aggregate: A,
+        mut head: StreamHead,
+        events: Vec<event_store::StoredEvent>,
+    ) -> Result<Loaded<A>, StoreError> {
         for stored in events {
             head.version = stored.sequence;
             head.last_hash = Some(hex::decode(&stored.hash).unwrap_or_default());

@@ -138,35 +138,26 @@ pub(crate) const COLUMNS: &str = "global_position, tx_id::text::bigint, event_id
     recorded_at, prev_hash, hash";
 
 pub(crate) fn from_row(row: &Row) -> StoredEvent {
-    from_row_at(row, 0)
-}
-
-/// The event of a row whose [`COLUMNS`] start at column `at`.
-pub(crate) fn from_row_at(row: &Row, at: usize) -> StoredEvent {
-    with_row_envelope_at(row, at, row.get(at + 9), row.get(at + 10))
+    with_row_envelope(row, row.get(9), row.get(10))
 }
 
 /// The event of a row selected with [`COLUMNS`], with the given payload and metadata.
 fn with_row_envelope<P>(row: &Row, payload: P, metadata: P) -> StoredEvent<P> {
-    with_row_envelope_at(row, 0, payload, metadata)
-}
-
-fn with_row_envelope_at<P>(row: &Row, at: usize, payload: P, metadata: P) -> StoredEvent<P> {
     StoredEvent {
-        global_position: row.get(at),
-        tx_id: row.get(at + 1),
-        event_id: row.get(at + 2),
-        org_id: row.get(at + 3),
-        aggregate_type: row.get(at + 4),
-        aggregate_id: row.get(at + 5),
-        sequence: row.get(at + 6),
-        event_type: row.get(at + 7),
-        event_version: row.get(at + 8),
+        global_position: row.get(0),
+        tx_id: row.get(1),
+        event_id: row.get(2),
+        org_id: row.get(3),
+        aggregate_type: row.get(4),
+        aggregate_id: row.get(5),
+        sequence: row.get(6),
+        event_type: row.get(7),
+        event_version: row.get(8),
         payload,
         metadata,
-        recorded_at: row.get(at + 11),
-        prev_hash: row.get::<_, Option<Vec<u8>>>(at + 12).map(hex::encode),
-        hash: hex::encode(row.get::<_, Vec<u8>>(at + 13)),
+        recorded_at: row.get(11),
+        prev_hash: row.get::<_, Option<Vec<u8>>>(12).map(hex::encode),
+        hash: hex::encode(row.get::<_, Vec<u8>>(13)),
     }
 }
 

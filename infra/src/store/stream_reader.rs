@@ -20,7 +20,9 @@ use deadpool_postgres::{Object, Pool};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use crate::store::event_store::{self, StoreError, StoredEvent};
+use serde_json::Value;
+
+use crate::store::event_store::StoreError;
 
 /// Most streams in one statement.
 pub const MAX_STREAMS: usize = 256;
@@ -31,8 +33,19 @@ pub const WORKERS: usize = 2;
 /// wrapped data key (`None`: never created, or destroyed).
 #[derive(Debug, Default)]
 pub struct Page {
-    pub events: Vec<StoredEvent>,
+    pub events: Vec<PageEvent>,
     pub wrapped_key: Option<Vec<u8>>,
+}
+
+/// An event as a load folds it: its place, its hash (the next event's link) and its
+/// payload (personal members still encrypted). Not its envelope nor its metadata: an
+/// aggregate reads neither, so they are neither sent nor parsed nor decrypted.
+#[derive(Debug)]
+pub struct PageEvent {
+    pub global_position: i64,
+    pub sequence: i64,
+    pub hash: Vec<u8>,
+    pub payload: Value,
 }
 
 /// One read: streams (type, id) of one organisation.
@@ -125,19 +138,15 @@ impl Connections {
 /// Each stream's first `$4` events with its subject's wrapped key: one index scan per
 /// stream (`events_stream_sequence`), in one statement. Column 0 numbers the streams
 /// of the batch (from 1), column 1 is the key, the event's columns follow.
-fn read_sql() -> String {
-    format!(
-        "SELECT s.n::int, k.wrapped_key, e.* \
-         FROM unnest($1::uuid[], $2::text[], $3::text[]) WITH ORDINALITY \
-              AS s (org_id, aggregate_type, aggregate_id, n) \
-         LEFT JOIN data_keys k ON k.org_id = s.org_id AND k.subject_id = s.aggregate_id \
-         CROSS JOIN LATERAL (SELECT {} FROM events \
-             WHERE aggregate_type = s.aggregate_type AND aggregate_id = s.aggregate_id \
-               AND org_id = s.org_id \
-             ORDER BY sequence LIMIT $4) e",
-        event_store::COLUMNS
-    )
-}
+const READ: &str = "\
+    SELECT s.n::int, k.wrapped_key, e.global_position, e.sequence, e.hash, e.payload \
+    FROM unnest($1::uuid[], $2::text[], $3::text[]) WITH ORDINALITY \
+         AS s (org_id, aggregate_type, aggregate_id, n) \
+    LEFT JOIN data_keys k ON k.org_id = s.org_id AND k.subject_id = s.aggregate_id \
+    CROSS JOIN LATERAL (SELECT global_position, sequence, hash, payload FROM events \
+        WHERE aggregate_type = s.aggregate_type AND aggregate_id = s.aggregate_id \
+          AND org_id = s.org_id \
+        ORDER BY sequence LIMIT $4) e";
 
 /// Answers a batch with one statement; should it fail, each job alone (so that each
 /// gets its own error).
@@ -175,7 +184,7 @@ async fn read(
         }
     }
     let client = connections.take().await?;
-    let stmt = client.prepare_cached(&read_sql()).await?;
+    let stmt = client.prepare_cached(READ).await?;
     let rows = client.query(&stmt, &[&orgs, &types, &ids, &limit]).await?;
     connections.keep(client);
     let mut pages: Vec<Page> = (0..n).map(|_| Page::default()).collect();
@@ -187,7 +196,12 @@ async fn read(
         if page.events.is_empty() {
             page.wrapped_key = row.get(1);
         }
-        page.events.push(event_store::from_row_at(row, 2));
+        page.events.push(PageEvent {
+            global_position: row.get(2),
+            sequence: row.get(3),
+            hash: row.get(4),
+            payload: row.get(5),
+        });
     }
     for page in &mut pages {
         page.events.sort_by_key(|e| e.sequence);
