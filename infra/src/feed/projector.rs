@@ -74,7 +74,7 @@ pub trait Projection: Send + Sync + 'static {
         &self,
         tx: &Transaction<'_>,
         table: &str,
-        events: &[DecodedEvent],
+        events: &[Arc<DecodedEvent>],
     ) -> Result<(), ProjectionError>;
     /// An in-memory fold for rebuilds.
     fn rebuilder(&self) -> Box<dyn Rebuilder>;
@@ -192,7 +192,7 @@ struct Progress {
     start: CommitKey,
     expected: std::iter::Peekable<std::vec::IntoIter<CommitKey>>,
     blocked: bool,
-    ready: Vec<DecodedEvent>,
+    ready: Vec<Arc<DecodedEvent>>,
 }
 
 enum Verdict {
@@ -491,7 +491,8 @@ impl ProjectorWorker {
             // not) share one decoding: parsed, and decrypted, once per way.
             // Those that read the payload first (pass one): one that reads none may
             // then take their decoding without it (pass two).
-            let mut decoded: Vec<((bool, bool), DecodedEvent)> = Vec::with_capacity(2);
+            // Shared, not copied: each projection holds the same decoding.
+            let mut decoded: Vec<((bool, bool), Arc<DecodedEvent>)> = Vec::with_capacity(2);
             for payload_pass in [true, false] {
                 let takers = takes.iter().zip(progress.iter_mut()).zip(&self.projections);
                 for ((take, st), p) in takers {
@@ -504,17 +505,23 @@ impl ProjectorWorker {
                     let way = (p.reads_payload(), p.needs_personal_data());
                     let found = decoded
                         .iter()
-                        .find(|(w, _)| *w == way || (!way.0 && w.1 == way.1));
+                        .find(|(w, _)| *w == way)
+                        .or_else(|| decoded.iter().find(|(w, _)| !way.0 && w.1 == way.1));
                     let d = match found {
                         Some((w, d)) if *w == way => d.clone(),
-                        Some((_, d)) => DecodedEvent {
-                            stored: d.stored.clone(),
-                            payload: serde_json::Value::Null,
-                            metadata: d.metadata.clone(),
-                        },
+                        Some((_, d)) => {
+                            let d = Arc::new(DecodedEvent {
+                                stored: d.stored.clone(),
+                                payload: serde_json::Value::Null,
+                                metadata: d.metadata.clone(),
+                            });
+                            decoded.push((way, d.clone()));
+                            d
+                        }
                         None => {
-                            let d =
-                                decode_for(event.clone(), p.as_ref(), &self.crypto, &tx).await?;
+                            let d = Arc::new(
+                                decode_for(event.clone(), p.as_ref(), &self.crypto, &tx).await?,
+                            );
                             decoded.push((way, d.clone()));
                             d
                         }

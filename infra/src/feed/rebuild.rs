@@ -586,11 +586,11 @@ pub async fn rebuild(
         let mut decoded = Vec::with_capacity(batch.len());
         for stored in batch {
             last = stored.commit_key();
-            decoded.push(if personal {
+            decoded.push(std::sync::Arc::new(if personal {
                 decode(crypto, &tx, stored).await?
             } else {
                 decode_without_personal_data(stored)?
-            });
+            }));
         }
         done += decoded.len() as u64;
         projection.apply(&tx, &shadow, &decoded).await?;

@@ -1,5 +1,7 @@
 //! The `activity` table: persistence of `crm_projections::activity`.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use crm_projections::activity::{entry, ActivityEntry};
@@ -51,7 +53,7 @@ impl Projection for ActivityProjection {
         &self,
         tx: &Transaction<'_>,
         table: &str,
-        events: &[DecodedEvent],
+        events: &[Arc<DecodedEvent>],
     ) -> Result<(), ProjectionError> {
         let entries: Vec<ActivityEntry> = events
             .iter()

@@ -5,6 +5,8 @@
 //! The projection reads no personal data: events reach it undecrypted, so the sealed
 //! members it copies (arguments, summaries, reasons) are stored sealed.
 
+use std::sync::Arc;
+
 use std::collections::HashMap;
 
 use async_trait::async_trait;
@@ -122,7 +124,7 @@ impl Projection for AiAuditProjection {
         &self,
         tx: &Transaction<'_>,
         table: &str,
-        events: &[DecodedEvent],
+        events: &[Arc<DecodedEvent>],
     ) -> Result<(), ProjectionError> {
         let Some((orgs, ids)) = super::row_keys(events, action_id) else {
             return Ok(());

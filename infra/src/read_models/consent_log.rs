@@ -1,6 +1,8 @@
 //! The `consent_log` table: persistence of the ConsentLog
 //! (`crm_projections::consent::log_entry`), one row per consent event, and its list.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use crm_domain::consent::ledger::ConsentEvent;
@@ -147,7 +149,7 @@ impl Projection for ConsentLogProjection {
         &self,
         tx: &Transaction<'_>,
         table: &str,
-        events: &[DecodedEvent],
+        events: &[Arc<DecodedEvent>],
     ) -> Result<(), ProjectionError> {
         let mut entries = Vec::new();
         for e in events {

@@ -3,6 +3,8 @@
 //! the bulk check (`POST /v1/consent/check`), which reads every asked contact in one
 //! statement and decides with the one send gate.
 
+use std::sync::Arc;
+
 use std::collections::{HashMap, HashSet};
 
 use async_trait::async_trait;
@@ -192,7 +194,7 @@ impl Projection for ConsentStateProjection {
         &self,
         tx: &Transaction<'_>,
         table: &str,
-        events: &[DecodedEvent],
+        events: &[Arc<DecodedEvent>],
     ) -> Result<(), ProjectionError> {
         let of_contact = |e: &DecodedEvent| {
             let stream = e.stored.aggregate_type.as_str();

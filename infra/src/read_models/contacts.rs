@@ -1,5 +1,7 @@
 //! The `contacts` table: persistence of `crm_projections::contacts`.
 
+use std::sync::Arc;
+
 use std::collections::HashMap;
 
 use async_trait::async_trait;
@@ -73,7 +75,7 @@ impl Projection for ContactsProjection {
         &self,
         tx: &Transaction<'_>,
         table: &str,
-        events: &[DecodedEvent],
+        events: &[Arc<DecodedEvent>],
     ) -> Result<(), ProjectionError> {
         let Some((orgs, ids)) = super::row_keys(events, contact_id) else {
             return Ok(());

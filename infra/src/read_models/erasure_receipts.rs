@@ -1,6 +1,8 @@
 //! The `erasure_receipts` table: persistence of `crm_projections::erasure`, and the
 //! auditors' list.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use cqrs_es::Aggregate;
 use crm_domain::contact::{Contact, ContactEvent};
@@ -103,7 +105,7 @@ impl Projection for ErasureReceiptsProjection {
         &self,
         tx: &Transaction<'_>,
         table: &str,
-        events: &[DecodedEvent],
+        events: &[Arc<DecodedEvent>],
     ) -> Result<(), ProjectionError> {
         let mut receipts = Vec::new();
         for e in events {

@@ -113,12 +113,12 @@ impl<'a> ListQuery<'a> {
 /// event), each once, as two arrays for `unnest`; `None` when it touches none. A
 /// projection reads these rows, folds the events into them and writes them back.
 pub(crate) fn row_keys(
-    events: &[DecodedEvent],
+    events: &[Arc<DecodedEvent>],
     row_of: impl Fn(&DecodedEvent) -> Option<uuid::Uuid>,
 ) -> Option<(Vec<uuid::Uuid>, Vec<uuid::Uuid>)> {
     let mut keys: Vec<(uuid::Uuid, uuid::Uuid)> = events
         .iter()
-        .filter_map(|e| row_of(e).map(|id| (e.stored.org_id, id)))
+        .filter_map(|e| row_of(e.as_ref()).map(|id| (e.stored.org_id, id)))
         .collect();
     keys.sort();
     keys.dedup();
