@@ -1,6 +1,7 @@
 //! Data keys: one random 256-bit key per subject, created on first use, stored only
 //! wrapped by the KEK in `data_keys`, unwrapped on demand and cached briefly.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,6 +22,56 @@ const CACHE_TTL: Duration = Duration::from_secs(300);
 /// cached keys ([`Crypto::listen`]).
 pub const KEYS_CHANNEL: &str = "crm_keys";
 const CACHE_MAX: usize = 200_000;
+
+/// Unwrapped keys by organisation, then subject: a lookup borrows the subject's id (no
+/// key string is built for it), and an organisation's keys go at once.
+#[derive(Default)]
+pub(super) struct KeyCache {
+    by_org: HashMap<Uuid, HashMap<String, (DataKey, Instant)>>,
+    /// Keys held, over all organisations.
+    len: usize,
+}
+
+impl KeyCache {
+    fn insert(&mut self, org: &Uuid, subject: &str, key: DataKey) {
+        let keys = self.by_org.entry(*org).or_default();
+        let entry = (key, Instant::now());
+        match keys.get_mut(subject) {
+            Some(held) => *held = entry,
+            None => {
+                keys.insert(subject.to_owned(), entry);
+                self.len += 1;
+            }
+        }
+    }
+
+    fn remove(&mut self, org: &Uuid, subject: &str) {
+        if let Some(keys) = self.by_org.get_mut(org) {
+            if keys.remove(subject).is_some() {
+                self.len -= 1;
+            }
+        }
+    }
+
+    fn remove_org(&mut self, org: &Uuid) {
+        if let Some(keys) = self.by_org.remove(org) {
+            self.len -= keys.len();
+        }
+    }
+
+    fn drop_expired(&mut self) {
+        for keys in self.by_org.values_mut() {
+            keys.retain(|_, (_, at)| at.elapsed() < CACHE_TTL);
+        }
+        self.by_org.retain(|_, keys| !keys.is_empty());
+        self.len = self.by_org.values().map(HashMap::len).sum();
+    }
+
+    pub(super) fn clear(&mut self) {
+        self.by_org.clear();
+        self.len = 0;
+    }
+}
 
 /// A data key made in memory, with its wrapped form, not stored yet.
 pub struct NewDataKey {
@@ -58,7 +109,9 @@ impl Crypto {
         }
         let cache = self.cache.lock().expect("key cache poisoned");
         cache
-            .get(&(*org, subject.to_owned()))
+            .by_org
+            .get(org)
+            .and_then(|keys| keys.get(subject))
             .filter(|(_, at)| at.elapsed() < CACHE_TTL)
             .map(|(k, _)| k.clone())
     }
@@ -66,27 +119,27 @@ impl Crypto {
     /// Caches a key; call only once the key is committed.
     pub fn remember(&self, org: &Uuid, subject: &str, key: &DataKey) {
         let mut cache = self.cache.lock().expect("key cache poisoned");
-        if cache.len() >= CACHE_MAX {
+        if cache.len >= CACHE_MAX {
             // Expired entries first; everything only if the live ones fill it (rare:
             // emptying it at once makes every subject a query again).
-            cache.retain(|_, (_, at)| at.elapsed() < CACHE_TTL);
-            if cache.len() >= CACHE_MAX {
+            cache.drop_expired();
+            if cache.len >= CACHE_MAX {
                 cache.clear();
             }
         }
-        cache.insert((*org, subject.to_owned()), (key.clone(), Instant::now()));
+        cache.insert(org, subject, key.clone());
     }
 
     /// Forgets a cached key (after it was destroyed).
     pub fn forget(&self, org: &Uuid, subject: &str) {
         let mut cache = self.cache.lock().expect("key cache poisoned");
-        cache.remove(&(*org, subject.to_owned()));
+        cache.remove(org, subject);
     }
 
     /// Forgets every cached key of `org` (another process destroyed some).
     pub fn forget_org(&self, org: &Uuid) {
         let mut cache = self.cache.lock().expect("key cache poisoned");
-        cache.retain(|(o, _), _| o != org);
+        cache.remove_org(org);
     }
 
     /// LISTENs for destroyed keys ([`KEYS_CHANNEL`]) until `shutdown`: each notification
@@ -247,5 +300,36 @@ impl Crypto {
             self.remember(org, subject, &key);
         }
         Ok(Some(key))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> DataKey {
+        DataKey(Arc::new(Aes256Gcm::new_from_slice(&[7u8; 32]).unwrap()))
+    }
+
+    #[test]
+    fn the_key_cache_counts_what_it_holds_and_forgets_by_subject_or_organisation() {
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        let mut cache = KeyCache::default();
+        cache.insert(&a, "s1", key());
+        cache.insert(&a, "s1", key()); // again: replaced, not counted twice
+        cache.insert(&a, "s2", key());
+        cache.insert(&b, "s1", key());
+        assert_eq!(cache.len, 3);
+        assert!(cache.by_org[&b].contains_key("s1"));
+        cache.remove(&a, "s1");
+        cache.remove(&a, "nobody");
+        assert_eq!(cache.len, 2);
+        assert!(!cache.by_org[&a].contains_key("s1"));
+        cache.remove_org(&a);
+        assert_eq!((cache.len, cache.by_org.contains_key(&a)), (1, false));
+        cache.drop_expired();
+        assert_eq!(cache.len, 1, "nothing expired yet");
+        cache.clear();
+        assert_eq!((cache.len, cache.by_org.len()), (0, 0));
     }
 }

@@ -21,7 +21,6 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
@@ -59,7 +58,7 @@ pub struct DataKey(Arc<Aes256Gcm>);
 pub struct Crypto {
     kek: Aes256Gcm,
     kek_id: String,
-    cache: Mutex<HashMap<(Uuid, String), (DataKey, Instant)>>,
+    cache: Mutex<data_keys::KeyCache>,
     /// Whether cached keys may be used: off while a started listener for destroyed keys
     /// ([`Crypto::listen`]) is disconnected, so no process keeps decrypting with a key
     /// another process destroyed.
@@ -114,7 +113,7 @@ impl Crypto {
         Ok(Self {
             kek: Aes256Gcm::new_from_slice(&raw).map_err(|_| CryptoError::BadKek)?,
             kek_id: settings.kek_id.clone(),
-            cache: Mutex::new(HashMap::new()),
+            cache: Mutex::new(data_keys::KeyCache::default()),
             cache_live: std::sync::atomic::AtomicBool::new(true),
             secrets: Mutex::new(HashMap::new()),
         })
