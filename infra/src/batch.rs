@@ -8,7 +8,19 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, Mutex};
+use tokio::sync::{mpsc, oneshot, Mutex};
+
+/// Hands the job `job(reply)` to the workers behind `jobs` and waits for what they send
+/// on `reply`; `None` when the workers have stopped (the job was not taken, or dropped
+/// unanswered).
+pub async fn ask<J, T>(
+    jobs: &mpsc::Sender<J>,
+    job: impl FnOnce(oneshot::Sender<T>) -> J,
+) -> Option<T> {
+    let (reply, answer) = oneshot::channel();
+    jobs.send(job(reply)).await.ok()?;
+    answer.await.ok()
+}
 
 /// A channel for jobs of type `J`, and `workers` tasks that each take up to `max`
 /// waiting jobs at a time and hand them to `handle` as one batch (several batches are

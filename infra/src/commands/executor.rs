@@ -263,7 +263,7 @@ impl Executor {
             aggregate_type,
             aggregate_id: id,
         };
-        if page.events.len() as i64 >= self.reader.limit() {
+        if page.events.len() as i64 >= SNAPSHOT_EVERY {
             let client = self.pool.get().await?;
             return self.load_from_snapshot(&client, &stream).await;
         }
@@ -284,13 +284,7 @@ impl Executor {
             mut payload,
         } in page.events
         {
-            Crypto::decrypt_event_with_key(
-                key.as_ref(),
-                &org_id,
-                id,
-                &mut payload,
-                &mut Value::Null,
-            );
+            Crypto::decrypt_payload_with_key(key.as_ref(), &org_id, id, &mut payload);
             let event = A::Event::deserialize(payload)
                 .map_err(|e| StoreError::Corrupt(global_position, e.to_string()))?;
             loaded.aggregate.apply(event);

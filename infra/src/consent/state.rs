@@ -281,18 +281,14 @@ impl GateReader {
         org_id: Uuid,
         contact_id: Uuid,
     ) -> Result<Option<GateInput>, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.jobs
-            .send(Job {
-                org_id,
-                contact_id,
-                reply,
-            })
+        let job = |reply| Job {
+            org_id,
+            contact_id,
+            reply,
+        };
+        let read = crate::batch::ask(&self.jobs, job)
             .await
-            .map_err(|_| StoreError::Unavailable("the gate's reader has stopped"))?;
-        let read = answer
-            .await
-            .map_err(|_| StoreError::Unavailable("the gate's reader has stopped"))??;
+            .ok_or(StoreError::Unavailable("the gate's reader has stopped"))??;
         if let Some((state, points)) = read.current {
             return Ok(Some(GateInput {
                 points,

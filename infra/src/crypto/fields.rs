@@ -191,19 +191,20 @@ impl Crypto {
 }
 
 impl Crypto {
-    /// Decrypts, in place, every `enc:v1:` member of a stored event with `key` (`None`:
-    /// destroyed or never created, so they become `null`). No I/O: for readers that
-    /// found the key already ([`Crypto::key_from_wrapped`]).
-    pub fn decrypt_event_with_key(
+    /// Decrypts, in place, every `enc:v1:` member of a stored event's payload with `key`
+    /// (`None`: destroyed or never created, so they become `null`). No I/O: for readers
+    /// that found the key already ([`Crypto::key_from_wrapped`]) and read no metadata
+    /// (a load folding an aggregate).
+    pub fn decrypt_payload_with_key(
         key: Option<&DataKey>,
         org: &Uuid,
         subject: &str,
         payload: &mut Value,
-        metadata: &mut Value,
     ) {
-        let targets = encrypted_members(payload, metadata);
+        let mut no_metadata = Value::Null;
+        let targets = encrypted_members(payload, &no_metadata);
         if !targets.is_empty() {
-            decrypt_members(key, org, subject, targets, payload, metadata);
+            decrypt_members(key, org, subject, targets, payload, &mut no_metadata);
         }
     }
 }

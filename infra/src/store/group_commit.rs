@@ -158,14 +158,9 @@ impl GroupCommitter {
     }
 
     async fn send(&self, rows: Vec<Row>) -> Result<Vec<Appended>, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.jobs
-            .send(Job { rows, reply })
+        crate::batch::ask(&self.jobs, |reply| Job { rows, reply })
             .await
-            .map_err(|_| StoreError::Unavailable("the appender has stopped"))?;
-        answer
-            .await
-            .map_err(|_| StoreError::Unavailable("the appender has stopped"))?
+            .ok_or(StoreError::Unavailable("the appender has stopped"))?
     }
 }
 

@@ -60,12 +60,11 @@ struct Job {
 #[derive(Clone)]
 pub struct StreamReader {
     jobs: mpsc::Sender<Job>,
-    limit: i64,
 }
 
 impl StreamReader {
     /// Starts the workers on `pool` (inside a tokio runtime); each stream is read up to
-    /// `limit` events.
+    /// `limit` events (a full page: the stream may go on).
     pub fn spawn(pool: Pool, limit: i64) -> Self {
         let connections = Connections {
             pool,
@@ -75,12 +74,7 @@ impl StreamReader {
             let connections = connections.clone();
             async move { answer(&connections, limit, batch).await }
         });
-        Self { jobs, limit }
-    }
-
-    /// The most events a page holds: a full page means the stream may go on.
-    pub fn limit(&self) -> i64 {
-        self.limit
+        Self { jobs }
     }
 
     /// The first pages of `streams` (type, id) of `org_id`, in their order, all as of
@@ -90,18 +84,14 @@ impl StreamReader {
         org_id: Uuid,
         streams: Vec<(&'static str, String)>,
     ) -> Result<Vec<Page>, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.jobs
-            .send(Job {
-                org_id,
-                streams,
-                reply,
-            })
+        let job = |reply| Job {
+            org_id,
+            streams,
+            reply,
+        };
+        crate::batch::ask(&self.jobs, job)
             .await
-            .map_err(|_| StoreError::Unavailable("the stream reader has stopped"))?;
-        answer
-            .await
-            .map_err(|_| StoreError::Unavailable("the stream reader has stopped"))?
+            .ok_or(StoreError::Unavailable("the stream reader has stopped"))?
     }
 }
 
