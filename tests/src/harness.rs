@@ -446,6 +446,17 @@ impl TestApp {
         out
     }
 
+    /// Every event the test's JetStream stream carries, in stream order: a message is
+    /// one event or a commit's events of one stream (`crm_infra::feed::bus::events_of`).
+    pub async fn stream_events(&self) -> Vec<serde_json::Value> {
+        self.stream_payloads()
+            .await
+            .iter()
+            .flat_map(|body| crm_infra::feed::bus::events_of(body).expect("a feed message"))
+            .map(|e| serde_json::to_value(e).expect("an event"))
+            .collect()
+    }
+
     /// A superuser pool on this test's database (for infra calls that take a pooled client).
     pub fn admin_pool(&self) -> deadpool_postgres::Pool {
         crm_infra::db::admin_pool(&DatabaseSettings {

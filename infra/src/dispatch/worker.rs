@@ -34,7 +34,7 @@ use uuid::Uuid;
 use super::carriers::{Carriers, Outbound};
 use crate::commands::executor::{CommandError, Executor};
 use crate::consent::state::GateReader;
-use crate::feed::bus::Bus;
+use crate::feed::bus::{self, Bus};
 use crate::store::event_store::{RawEvent, StoreError};
 
 /// Makes the one-click unsubscribe URL of a message (organisation, contact, channel,
@@ -151,16 +151,17 @@ impl Dispatcher {
                 // Work starts now: the ack wait counts from here, not from the
                 // delivery (which may have waited for a free slot).
                 let _ = msg.ack_with(AckKind::Progress).await;
-                let ack = match serde_json::from_slice::<RawEvent>(&msg.payload) {
+                let ack = match bus::events_of(&msg.payload) {
                     Err(e) => {
                         tracing::error!(subject = %msg.subject, error = %e, "not an event; terminated");
                         AckKind::Term
                     }
-                    Ok(event) => match this.handle(&event).await {
+                    Ok(events) => match this.handle(&events).await {
                         Ok(Handled::Done) => AckKind::Ack,
                         Ok(Handled::Later(after)) => AckKind::Nak(Some(after)),
                         Err(e) => {
-                            tracing::warn!(error = %e, message = %event.aggregate_id, "dispatch failed; retried");
+                            let message = events.first().map(|e| e.aggregate_id.as_str());
+                            tracing::warn!(error = %e, message = message.unwrap_or_default(), "dispatch failed; retried");
                             AckKind::Nak(Some(Duration::from_secs(1)))
                         }
                     },
@@ -175,11 +176,17 @@ impl Dispatcher {
         Ok(())
     }
 
-    async fn handle(&self, event: &RawEvent) -> Result<Handled, DispatchError> {
-        match event.event_type.as_str() {
-            "MessageQueued" | "MessageAttemptFailed" => {}
-            _ => return Ok(Handled::Done),
-        }
+    /// A message's events (one, or a commit's events of one message's stream): one
+    /// attempt if any of them leaves it queued.
+    async fn handle(&self, events: &[RawEvent]) -> Result<Handled, DispatchError> {
+        let Some(event) = events.iter().rev().find(|e| {
+            matches!(
+                e.event_type.as_str(),
+                "MessageQueued" | "MessageAttemptFailed"
+            )
+        }) else {
+            return Ok(Handled::Done);
+        };
         let org_id = event.org_id;
         let Ok(message_id) = event.aggregate_id.parse::<Uuid>() else {
             return Ok(Handled::Done);

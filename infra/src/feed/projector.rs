@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::crypto::Crypto;
-use crate::feed::bus::Bus;
+use crate::feed::bus::{self, Bus};
 use crate::feed::checkpoint::{self, Owner};
 use crate::metrics::METRICS;
 use crate::store::decode::{decode, DecodedEvent};
@@ -174,7 +174,8 @@ pub async fn progress(
 
 /// A worker of one or more projections. Several are fed by one durable consumer (named
 /// after them all, `activity+contacts`) and applied in one transaction per batch: one
-/// delivery and one ack per event, and one commit per batch, for all of them.
+/// delivery and one ack per message (an event, or a commit's events of one stream), and
+/// one commit per batch, for all of them.
 pub struct ProjectorWorker {
     pub pool: Pool,
     pub crypto: Arc<Crypto>,
@@ -309,19 +310,25 @@ impl ProjectorWorker {
         &self,
         msgs: Vec<async_nats::jetstream::Message>,
     ) -> Result<(), ProjectionError> {
-        let mut parsed = Vec::with_capacity(msgs.len());
+        // A message carries one event, or a commit's events of one stream
+        // (`bus::events_of`): each event keeps the index of its message.
+        let mut parsed: Vec<(RawEvent, usize)> = Vec::with_capacity(msgs.len());
+        let mut kept = Vec::with_capacity(msgs.len());
         for m in msgs {
-            match serde_json::from_slice::<RawEvent>(&m.payload) {
-                Ok(e) => parsed.push((e, m)),
+            match bus::events_of(&m.payload) {
+                Ok(events) => {
+                    parsed.extend(events.into_iter().map(|e| (e, kept.len())));
+                    kept.push(m);
+                }
                 Err(e) => {
                     tracing::error!(subject = %m.subject, error = %e, "not an event; terminated");
                     let _ = m.ack_with(AckKind::Term).await;
                 }
             }
         }
+        let msgs = kept;
         parsed.sort_by_key(|(e, _)| e.commit_key());
-        let (events, msgs): (Vec<RawEvent>, Vec<async_nats::jetstream::Message>) =
-            parsed.into_iter().unzip();
+        let (events, of_message): (Vec<RawEvent>, Vec<usize>) = parsed.into_iter().unzip();
         let (n, started) = (events.len(), std::time::Instant::now());
         let result = self.apply_batch(events).await;
         tracing::debug!(
@@ -333,10 +340,17 @@ impl ProjectorWorker {
         );
         match result {
             Ok(verdicts) => {
-                for (m, v) in msgs.iter().zip(verdicts) {
-                    let r = match v {
-                        Verdict::Applied | Verdict::Duplicate => m.ack().await,
-                        Verdict::Deferred => m.ack_with(AckKind::Nak(Some(RETRY_DELAY))).await,
+                // A message comes back if any of its events could not be applied yet;
+                // those that were then read as redeliveries.
+                let mut deferred = vec![false; msgs.len()];
+                for (i, v) in of_message.into_iter().zip(verdicts) {
+                    deferred[i] |= matches!(v, Verdict::Deferred);
+                }
+                for (m, deferred) in msgs.iter().zip(deferred) {
+                    let r = if deferred {
+                        m.ack_with(AckKind::Nak(Some(RETRY_DELAY))).await
+                    } else {
+                        m.ack().await
                     };
                     if let Err(e) = r {
                         // Not acked: it will be redelivered and recognised as applied.

@@ -1,7 +1,9 @@
 //! The relay: publishes committed events to JetStream in commit order.
 //!
 //! It reads below the visibility horizon (see `event_store::read_committed`), publishes
-//! each event with `Nats-Msg-Id = event_id`, awaits every ack, then checkpoints (at most
+//! each event, a commit's events of one stream together in one message
+//! (`bus::message_body`), with `Nats-Msg-Id` naming them (`bus::message_id`), awaits
+//! every ack, then checkpoints (at most
 //! every 100 ms while busy: a checkpoint that lags only republishes duplicates after a
 //! restart). It wakes on LISTEN/NOTIFY, directly on appends made in its own process, and
 //! polls as a fallback; under load it reads at most every 2 ms. Running two relays is safe: a session-level
@@ -19,7 +21,7 @@ use tokio::sync::Notify;
 use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 
-use crate::feed::bus::Bus;
+use crate::feed::bus::{self, Bus};
 use crate::metrics::METRICS;
 use crate::store::event_store::{self, CommitKey, RawEvent, NOTIFY_CHANNEL};
 
@@ -179,20 +181,27 @@ impl Relay {
         Ok(())
     }
 
-    /// Publishes a batch in order and waits for every ack.
+    /// Publishes a batch in order, a commit's events of one stream in one message
+    /// (`bus::message_runs`), and waits for every ack.
     async fn publish(&self, batch: &[RawEvent]) -> Result<(), RelayError> {
-        let mut acks = Vec::with_capacity(batch.len());
-        for e in batch {
-            let subject = self
-                .bus
-                .settings
-                .subject(&e.org_id, &e.aggregate_type, &e.aggregate_id);
+        let runs = bus::message_runs(batch);
+        let mut acks = Vec::with_capacity(runs.len());
+        let mut rest = batch;
+        for n in runs {
+            let (events, after) = rest.split_at(n);
+            rest = after;
+            let first = &events[0];
+            let subject = self.bus.settings.subject(
+                &first.org_id,
+                &first.aggregate_type,
+                &first.aggregate_id,
+            );
             let mut headers = async_nats::HeaderMap::new();
             headers.insert(
                 async_nats::header::NATS_MESSAGE_ID,
-                e.event_id.to_string().as_str(),
+                bus::message_id(events).as_str(),
             );
-            let body = serde_json::to_vec(e).map_err(|e| RelayError::Publish(e.to_string()))?;
+            let body = bus::message_body(events).map_err(|e| RelayError::Publish(e.to_string()))?;
             let ack = self
                 .bus
                 .jetstream

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::crypto::Crypto;
-use crate::feed::bus::Bus;
+use crate::feed::bus::{self, Bus};
 use crate::live::event::LiveEvent;
 use crate::live::LiveSettings;
 use crate::live::LIVE_METRICS as METRICS;
@@ -493,8 +493,8 @@ impl Hub {
                 return Err("the ordered consumer ended".into());
             };
             let msg = msg.map_err(|e| e.to_string())?;
-            match serde_json::from_slice::<RawEvent>(&msg.payload) {
-                Ok(raw) => self.ingest(raw),
+            match bus::events_of(&msg.payload) {
+                Ok(group) => group.into_iter().for_each(|raw| self.ingest(raw)),
                 Err(e) => {
                     tracing::warn!(subject = %msg.subject, error = %e, "live hub: unreadable feed message skipped")
                 }

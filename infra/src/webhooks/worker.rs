@@ -44,7 +44,7 @@ use super::endpoints::{self, EndpointRow};
 use super::net::WebhookClient;
 use super::signer;
 use crate::commands::executor::Executor;
-use crate::feed::bus::Bus;
+use crate::feed::bus::{self, Bus};
 use crate::store::event_store::{self, RawEvent};
 
 /// The durable consumer's name.
@@ -347,11 +347,11 @@ impl Deliverer {
             for msg in batch {
                 // (Those not acknowledged come again after the ack wait, and add nothing.)
                 let msg = msg.map_err(|e| DeliveryError::Bus(e.to_string()))?;
-                match serde_json::from_slice::<RawEvent>(&msg.payload) {
+                match bus::events_of(&msg.payload) {
                     Err(e) => {
                         tracing::error!(subject = %msg.subject, error = %e, "not an event; skipped");
                     }
-                    Ok(event) => events.push(event),
+                    Ok(group) => events.extend(group),
                 }
                 messages.push(msg);
             }

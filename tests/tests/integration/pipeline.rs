@@ -14,12 +14,12 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-/// Every message of the test's stream, parsed, in stream order.
+/// Every event of the test's stream, parsed, in stream order.
 async fn published(app: &TestApp) -> Vec<StoredEvent> {
-    app.stream_payloads()
+    app.stream_events()
         .await
-        .iter()
-        .map(|b| serde_json::from_slice(b).unwrap())
+        .into_iter()
+        .map(|e| serde_json::from_value(e).unwrap())
         .collect()
 }
 
@@ -37,7 +37,7 @@ async fn store_order(app: &TestApp) -> Vec<Uuid> {
     .collect()
 }
 
-/// Waits until JetStream holds as many messages as the store has events.
+/// Waits until JetStream holds every event the store has.
 async fn wait_published(app: &TestApp, timeout: Duration) -> Vec<StoredEvent> {
     let want = store_order(app).await.len();
     eventually(timeout, || async {
@@ -501,4 +501,160 @@ fn all_read_models_consumer() -> String {
     let mut names: Vec<&str> = read_models::all().iter().map(|p| p.name()).collect();
     names.sort();
     names.join("+")
+}
+
+/// An AI action run at once commits its three steps on its own stream and the contact's
+/// change on the contact's, in one transaction: JetStream carries the consecutive
+/// events of one stream as one message (an array, in order, under that stream's
+/// subject). Read models apply every event of a group once, also when the whole group
+/// is delivered again.
+#[tokio::test]
+async fn a_commits_events_of_one_stream_travel_as_one_message_applied_once() {
+    let app = TestApp::spawn().await;
+    let (contact, _) = app
+        .create_contact(&json!({"given_name": "Ada", "company": "Old"}))
+        .await;
+    let r = app
+        .post(
+            "/v1/ai/actions",
+            &json!({"type": "update_contact", "contact_id": contact,
+                    "arguments": {"company": "Analytical Engines"}}),
+        )
+        .await;
+    assert_eq!(r.status(), 201);
+    let action: Value = r.json().await.unwrap();
+    assert_eq!(action["status"], "executed", "{action}");
+    let action_id = action["id"].as_str().unwrap().to_owned();
+
+    // Its steps before the change (proposed, auto-approved) are one message, an array in
+    // stream order under the action's subject; the change and the step after it
+    // (executed) follow in their own, so the messages keep commit order.
+    let messages = eventually(Duration::from_secs(20), || async {
+        let of_action: Vec<(Vec<u8>, Vec<_>)> = app
+            .stream_payloads()
+            .await
+            .into_iter()
+            .filter_map(|body| {
+                let events = crm_infra::feed::bus::events_of(&body).unwrap();
+                (events[0].aggregate_id == action_id).then_some((body, events))
+            })
+            .collect();
+        (of_action.len() == 2).then_some(of_action)
+    })
+    .await
+    .expect("the action's steps reached JetStream");
+    let steps: Vec<Vec<(i64, &str)>> = messages
+        .iter()
+        .map(|(_, events)| {
+            events
+                .iter()
+                .map(|e| (e.sequence, e.event_type.as_str()))
+                .collect()
+        })
+        .collect();
+    assert_eq!(
+        steps,
+        vec![
+            vec![(1, "AiActionProposed"), (2, "AiActionAutoApproved")],
+            vec![(3, "AiActionExecuted")]
+        ]
+    );
+    let (body, events) = messages[0].clone();
+    assert_eq!(body.first(), Some(&b'['), "a group is a JSON array");
+    // Every event of the store is carried exactly once.
+    let carried = published(&app).await;
+    assert_eq!(
+        carried.iter().map(|e| e.event_id).collect::<Vec<_>>(),
+        store_order(&app).await
+    );
+    assert!(
+        app.stream_payloads().await.len() < carried.len(),
+        "no message carried more than one event"
+    );
+
+    // The read models have the action whole, once.
+    let applied = eventually(Duration::from_secs(20), || async {
+        let (status, activity) = audit(&app, &action_id).await;
+        (status.as_deref() == Some("executed") && activity == 3).then_some(())
+    })
+    .await;
+    assert!(applied.is_some(), "{:?}", audit(&app, &action_id).await);
+
+    // The group delivered again (a new message id, as a redelivery), then a later event:
+    // nothing of the group is applied twice.
+    let first = &events[0];
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", Uuid::new_v4().to_string().as_str());
+    app.state
+        .bus
+        .jetstream
+        .publish_with_headers(
+            app.settings
+                .nats
+                .subject(&first.org_id, &first.aggregate_type, &first.aggregate_id),
+            headers,
+            Bytes::from(body),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let r = app
+        .patch(
+            &format!("/v1/contacts/{contact}"),
+            &json!({"title": "Countess"}),
+        )
+        .await;
+    let pos: i64 = r.json::<Value>().await.unwrap()["positions"][0]
+        .as_i64()
+        .unwrap();
+    let got: Value = app
+        .get(&format!("/v1/contacts/{contact}?min_position={pos}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(got["company"], "Analytical Engines");
+    let consumer_done = eventually(Duration::from_secs(10), || async {
+        let mut c: async_nats::jetstream::consumer::PullConsumer = app
+            .state
+            .bus
+            .stream
+            .get_consumer(&all_read_models_consumer())
+            .await
+            .unwrap();
+        let info = c.info().await.unwrap();
+        (info.num_pending == 0 && info.num_ack_pending == 0).then_some(())
+    })
+    .await;
+    assert!(consumer_done.is_some());
+    assert_eq!(
+        audit(&app, &action_id).await,
+        (Some("executed".to_owned()), 3),
+        "one activity entry per step despite the group's redelivery"
+    );
+    app.stop().await;
+}
+
+/// An AI action as the read models have it: its status in the AI audit log, and its
+/// activity entries.
+async fn audit(app: &TestApp, action_id: &str) -> (Option<String>, i64) {
+    let db = app.db().await;
+    let status: Option<String> = db
+        .query_opt(
+            "SELECT status FROM ai_audit WHERE action_id = $1::text::uuid",
+            &[&action_id],
+        )
+        .await
+        .unwrap()
+        .map(|r| r.get(0));
+    let activity: i64 = db
+        .query_one(
+            "SELECT count(*) FROM activity WHERE entity_id = $1",
+            &[&action_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    (status, activity)
 }
