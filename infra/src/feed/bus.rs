@@ -73,6 +73,16 @@ impl Bus {
 /// Most events one message carries: a commit of more events on one stream is published
 /// as several messages.
 pub const MAX_EVENTS_PER_MESSAGE: usize = 64;
+/// Most bytes of payload and metadata a group of events gathers in one message (far
+/// below nats-server's 1 MB `max_payload`); an event larger than this travels alone,
+/// as every event did before groups.
+pub const MAX_GROUP_BYTES: usize = 256 * 1024;
+
+/// What an event adds to a message, near enough: its payload and metadata, and room
+/// for the envelope.
+fn weight(e: &RawEvent) -> usize {
+    e.payload.get().len() + e.metadata.get().len() + 512
+}
 
 /// The body of a feed message: one event as a JSON object, or the events one commit
 /// wrote to one stream, in order, as a JSON array of them. Grouping a commit's events
@@ -98,9 +108,10 @@ pub fn events_of(body: &[u8]) -> Result<Vec<RawEvent>, serde_json::Error> {
 
 /// The lengths of the runs of `events` (in commit order) that go in one message each:
 /// consecutive events of one commit (transaction) and one stream, at most
-/// [`MAX_EVENTS_PER_MESSAGE`].
+/// [`MAX_EVENTS_PER_MESSAGE`] and [`MAX_GROUP_BYTES`].
 pub fn message_runs(events: &[RawEvent]) -> Vec<usize> {
     let mut runs: Vec<usize> = Vec::new();
+    let mut bytes = 0;
     let mut prev: Option<&RawEvent> = None;
     for e in events {
         let same = prev.is_some_and(|p| {
@@ -109,9 +120,16 @@ pub fn message_runs(events: &[RawEvent]) -> Vec<usize> {
                 && p.aggregate_type == e.aggregate_type
                 && p.aggregate_id == e.aggregate_id
         });
+        let w = weight(e);
         match runs.last_mut() {
-            Some(n) if same && *n < MAX_EVENTS_PER_MESSAGE => *n += 1,
-            _ => runs.push(1),
+            Some(n) if same && *n < MAX_EVENTS_PER_MESSAGE && bytes + w <= MAX_GROUP_BYTES => {
+                *n += 1;
+                bytes += w;
+            }
+            _ => {
+                runs.push(1);
+                bytes = w;
+            }
         }
         prev = Some(e);
     }
@@ -172,6 +190,22 @@ mod tests {
             .collect();
         assert_eq!(message_runs(&long), vec![MAX_EVENTS_PER_MESSAGE, 1]);
         assert!(message_runs(&[]).is_empty());
+        // Large events: as many as fit in the byte budget share a message; one larger
+        // than the budget travels alone.
+        let big = |p: i64, len: usize| {
+            let mut e = event(9, p, "a");
+            e.payload = RawValue::from_string(format!("\"{}\"", "x".repeat(len))).unwrap();
+            e
+        };
+        let third = MAX_GROUP_BYTES / 3;
+        let large = vec![
+            big(1, third),
+            big(2, third),
+            big(3, third),
+            big(4, MAX_GROUP_BYTES),
+            big(5, 10),
+        ];
+        assert_eq!(message_runs(&large), vec![2, 1, 1, 1]);
     }
 
     fn json(events: &[RawEvent]) -> String {
