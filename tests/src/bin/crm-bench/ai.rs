@@ -203,10 +203,11 @@ pub(crate) async fn actions(args: ActionsArgs) -> anyhow::Result<()> {
         c.len() as f64 / seconds as f64,
         a.len() as f64 / seconds as f64,
     );
+    let behind = backlog(&database_url).await?;
     println!(
         "ai-actions connections={connections} seconds={seconds} contacts_per_s={c_rate:.0} \
          contacts_p50_ms={:.2} contacts_p99_ms={:.2} contacts_errors={} ai_per_s={a_rate:.0} \
-         ai_p50_ms={:.2} ai_p99_ms={:.2} ai_errors={} ratio={:.2} cpu_s={}",
+         ai_p50_ms={:.2} ai_p99_ms={:.2} ai_errors={} ratio={:.2} backlog_events={behind} cpu_s={}",
         ms(&c, 0.5),
         ms(&c, 0.99),
         sides[0].errors.load(Ordering::Relaxed),
@@ -217,6 +218,21 @@ pub(crate) async fn actions(args: ActionsArgs) -> anyhow::Result<()> {
         cpu_seconds()
     );
     Ok(())
+}
+
+/// How far the slowest read model is behind the newest event (by position): what a
+/// phase left for the relay and the projectors to do after it.
+async fn backlog(database_url: &str) -> anyhow::Result<i64> {
+    let db = connect(database_url).await?;
+    let behind: i64 = db
+        .query_one(
+            "SELECT coalesce((SELECT max(global_position) FROM events), 0) \
+                  - coalesce((SELECT min(global_position) FROM projection_checkpoints), 0)",
+            &[],
+        )
+        .await?
+        .get(0);
+    Ok(behind.max(0))
 }
 
 #[derive(Args)]
