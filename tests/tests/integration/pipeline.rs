@@ -344,22 +344,8 @@ async fn a_redelivered_message_changes_the_read_model_once() {
         .into_iter()
         .filter(|e| [pos, pos2].contains(&e.global_position))
     {
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Msg-Id", Uuid::new_v4().to_string().as_str());
-        app.state
-            .bus
-            .jetstream
-            .publish_with_headers(
-                app.settings
-                    .nats
-                    .subject(&e.org_id, &e.aggregate_type, &e.aggregate_id),
-                headers,
-                Bytes::from(serde_json::to_vec(&e).unwrap()),
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
+        let body = serde_json::to_vec(&e).unwrap();
+        redeliver(&app, &e.org_id, &e.aggregate_type, &e.aggregate_id, body).await;
     }
     // A later event still goes through, so the duplicates were consumed before it.
     let r = app
@@ -375,19 +361,7 @@ async fn a_redelivered_message_changes_the_read_model_once() {
         .unwrap();
     assert_eq!(got["version"], 3);
     assert_eq!(got["custom"]["visits"], 1);
-    let consumer_done = eventually(Duration::from_secs(10), || async {
-        let mut c: async_nats::jetstream::consumer::PullConsumer = app
-            .state
-            .bus
-            .stream
-            .get_consumer(&all_read_models_consumer())
-            .await
-            .unwrap();
-        let info = c.info().await.unwrap();
-        (info.num_pending == 0 && info.num_ack_pending == 0).then_some(())
-    })
-    .await;
-    assert!(consumer_done.is_some());
+    consumer_drained(&app).await;
     let after = contacts_table(&app).await;
     assert_eq!(after[0].0, before[0].0);
     assert_eq!(after[0].1, 3);
@@ -495,6 +469,43 @@ async fn one_worker_feeds_read_models_at_different_checkpoints() {
     app.stop().await;
 }
 
+/// Publishes `body` to the stream's subject again under a new message id, as a
+/// redelivery would (JetStream does not drop it as a duplicate before the projector
+/// sees it).
+async fn redeliver(app: &TestApp, org: &Uuid, aggregate_type: &str, id: &str, body: Vec<u8>) {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", Uuid::new_v4().to_string().as_str());
+    app.state
+        .bus
+        .jetstream
+        .publish_with_headers(
+            app.settings.nats.subject(org, aggregate_type, id),
+            headers,
+            Bytes::from(body),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
+
+/// Waits until the read models' consumer has nothing pending or unacknowledged.
+async fn consumer_drained(app: &TestApp) {
+    let drained = eventually(Duration::from_secs(10), || async {
+        let mut c: async_nats::jetstream::consumer::PullConsumer = app
+            .state
+            .bus
+            .stream
+            .get_consumer(&all_read_models_consumer())
+            .await
+            .unwrap();
+        let info = c.info().await.unwrap();
+        (info.num_pending == 0 && info.num_ack_pending == 0).then_some(())
+    })
+    .await;
+    assert!(drained.is_some(), "the read models' consumer did not drain");
+}
+
 /// The consumer of the worker that `crm serve` runs: every read model's name, sorted,
 /// joined by `+`.
 fn all_read_models_consumer() -> String {
@@ -583,22 +594,14 @@ async fn a_commits_events_of_one_stream_travel_as_one_message_applied_once() {
     // The group delivered again (a new message id, as a redelivery), then a later event:
     // nothing of the group is applied twice.
     let first = &events[0];
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert("Nats-Msg-Id", Uuid::new_v4().to_string().as_str());
-    app.state
-        .bus
-        .jetstream
-        .publish_with_headers(
-            app.settings
-                .nats
-                .subject(&first.org_id, &first.aggregate_type, &first.aggregate_id),
-            headers,
-            Bytes::from(body),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    redeliver(
+        &app,
+        &first.org_id,
+        &first.aggregate_type,
+        &first.aggregate_id,
+        body,
+    )
+    .await;
     let r = app
         .patch(
             &format!("/v1/contacts/{contact}"),
@@ -615,19 +618,7 @@ async fn a_commits_events_of_one_stream_travel_as_one_message_applied_once() {
         .await
         .unwrap();
     assert_eq!(got["company"], "Analytical Engines");
-    let consumer_done = eventually(Duration::from_secs(10), || async {
-        let mut c: async_nats::jetstream::consumer::PullConsumer = app
-            .state
-            .bus
-            .stream
-            .get_consumer(&all_read_models_consumer())
-            .await
-            .unwrap();
-        let info = c.info().await.unwrap();
-        (info.num_pending == 0 && info.num_ack_pending == 0).then_some(())
-    })
-    .await;
-    assert!(consumer_done.is_some());
+    consumer_drained(&app).await;
     assert_eq!(
         audit(&app, &action_id).await,
         (Some("executed".to_owned()), 3),
