@@ -88,8 +88,9 @@ fn weight(e: &RawEvent) -> usize {
 /// wrote to one stream, in order, as a JSON array of them. Grouping a commit's events
 /// per stream keeps the subject the stream's own, so a consumer's subject filter means
 /// what it meant with one event per message; it takes one publish, one stored message,
-/// one delivery and one ack per group instead of one each (an AI action's three steps
-/// are one message).
+/// one delivery and one ack per group instead of one each (an AI action run at once:
+/// its proposed and auto-approved steps are one message; the contact's change and the
+/// executed step that follow it one each, as messages keep commit order).
 pub fn message_body(events: &[RawEvent]) -> Result<Vec<u8>, serde_json::Error> {
     match events {
         [one] => serde_json::to_vec(one),
