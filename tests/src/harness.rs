@@ -448,12 +448,11 @@ impl TestApp {
 
     /// Every event the test's JetStream stream carries, in stream order: a message is
     /// one event or a commit's events of one stream (`crm_infra::feed::bus::events_of`).
-    pub async fn stream_events(&self) -> Vec<serde_json::Value> {
+    pub async fn stream_events(&self) -> Vec<crm_infra::store::event_store::RawEvent> {
         self.stream_payloads()
             .await
             .iter()
             .flat_map(|body| crm_infra::feed::bus::events_of(body).expect("a feed message"))
-            .map(|e| serde_json::to_value(e).expect("an event"))
             .collect()
     }
 

@@ -196,9 +196,10 @@ struct Progress {
     ready: Vec<Arc<DecodedEvent>>,
 }
 
+/// What becomes of a message's event: applied or recognised as applied already (its
+/// message may be acknowledged), or deferred (its message comes back).
 enum Verdict {
-    Applied,
-    Duplicate,
+    Done,
     Deferred,
 }
 
@@ -500,7 +501,6 @@ impl ProjectorWorker {
                 st.ck = key;
                 *take = true;
             }
-            let takers = takes.iter().filter(|t| **t).count();
             // Projections that read the event the same way (payload or not, decrypted or
             // not) share one decoding: parsed, and decrypted, once per way.
             // Those that read the payload first (pass one): one that reads none may
@@ -550,10 +550,8 @@ impl ProjectorWorker {
             // apply it will then see a redelivery.
             verdicts.push(if deferred {
                 Verdict::Deferred
-            } else if takers > 0 {
-                Verdict::Applied
             } else {
-                Verdict::Duplicate
+                Verdict::Done
             });
         }
         // The projections write different tables: their statements are pipelined too,

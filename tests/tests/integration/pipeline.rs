@@ -8,19 +8,15 @@ use bytes::Bytes;
 use crm_api::startup;
 use crm_infra::feed::projector;
 use crm_infra::read_models;
-use crm_infra::store::event_store::{self, CommitKey, StoredEvent};
+use crm_infra::store::event_store::{self, CommitKey, RawEvent};
 use crm_tests::harness::{eventually, Options, TestApp};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 /// Every event of the test's stream, parsed, in stream order.
-async fn published(app: &TestApp) -> Vec<StoredEvent> {
-    app.stream_events()
-        .await
-        .into_iter()
-        .map(|e| serde_json::from_value(e).unwrap())
-        .collect()
+async fn published(app: &TestApp) -> Vec<RawEvent> {
+    app.stream_events().await
 }
 
 /// Event ids in commit order, as the store has them.
@@ -38,7 +34,7 @@ async fn store_order(app: &TestApp) -> Vec<Uuid> {
 }
 
 /// Waits until JetStream holds every event the store has.
-async fn wait_published(app: &TestApp, timeout: Duration) -> Vec<StoredEvent> {
+async fn wait_published(app: &TestApp, timeout: Duration) -> Vec<RawEvent> {
     let want = store_order(app).await.len();
     eventually(timeout, || async {
         let p = published(app).await;
@@ -110,7 +106,7 @@ async fn relay_skips_nothing_while_a_transaction_is_held_open() {
         "the late-committing event was delivered"
     );
     // Commit keys strictly increase along the stream.
-    let keys: Vec<CommitKey> = all.iter().map(StoredEvent::commit_key).collect();
+    let keys: Vec<CommitKey> = all.iter().map(RawEvent::commit_key).collect();
     assert!(keys.windows(2).all(|w| w[0] < w[1]));
     app.stop().await;
 }
