@@ -31,6 +31,9 @@
 #   DATABASE_URL   when set, no private PostgreSQL is started
 #   NATS_URL       when set, no private nats-server is started
 #   CRM_PG_BIN     PostgreSQL bin directory (default: newest /usr/lib/postgresql/*/bin)
+#   CRM_PG_OPTIONS more server options for a private PostgreSQL started now, e.g.
+#                  "-c shared_preload_libraries=pg_stat_statements" (scripts/bench's
+#                  BENCH_PG_STATS); a server already running keeps its own
 
 # Let `set -e` apply inside $(...) too, so a failing helper aborts the caller.
 shopt -s inherit_errexit
@@ -410,7 +413,7 @@ start_postgres() {
         log "PostgreSQL: starting on 127.0.0.1:$port (log: $_CRM_PG_LOG)"
         _CRM_STARTED_PG=1 # set before starting, so an interrupt still stops it
         _as_pg "$CRM_PG_BIN/pg_ctl" -D "$_CRM_PG_DATA" -l "$_CRM_PG_LOG" -w -t 60 \
-            -o "-p $port -k '$_CRM_PG_SOCK' -c listen_addresses=127.0.0.1 -c max_connections=300 -c idle_in_transaction_session_timeout=60000 -c fsync=on -c log_autovacuum_min_duration=1s $(_pg_settings)" \
+            -o "-p $port -k '$_CRM_PG_SOCK' -c listen_addresses=127.0.0.1 -c max_connections=300 -c idle_in_transaction_session_timeout=60000 -c fsync=on -c log_autovacuum_min_duration=1s $(_pg_settings) ${CRM_PG_OPTIONS:-}" \
             start 9>&- >/dev/null ||
             die "PostgreSQL did not start; last lines of $_CRM_PG_LOG:
 $(tail -n 30 "$_CRM_PG_LOG")"

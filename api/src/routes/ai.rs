@@ -674,7 +674,7 @@ pub(crate) async fn propose(
             events,
             head,
         };
-        run(&s, &Runner::of(&a), org, action_id, Some(fresh)).await?;
+        Box::pin(run(&s, &Runner::of(&a), org, action_id, Some(fresh))).await?;
     }
     Ok(created(describe(&s, &a, action_id).await?))
 }
@@ -1048,7 +1048,7 @@ pub(crate) async fn approve(
             )
             .await?;
     }
-    run(&s, &Runner::of(&a), org, id, None).await?;
+    Box::pin(run(&s, &Runner::of(&a), org, id, None)).await?;
     Ok(Ok200(describe(&s, &a, id).await?))
 }
 
@@ -1581,7 +1581,7 @@ async fn run(
         kind: proposer_kind,
         fresh: proposer,
     };
-    let outcome = outcome_of(s, &by.ctx, (org, id), &action, &events, who).await?;
+    let outcome = Box::pin(outcome_of(s, &by.ctx, (org, id), &action, &events, who)).await?;
     let loaded = head.map(|head| Loaded {
         aggregate: action,
         head,
@@ -1642,7 +1642,7 @@ pub async fn sweep(s: &AppState) -> Result<Swept, ApiError> {
         }
     }
     for (org, id) in stranded {
-        if run(s, &Runner::sweep(org), org, id, None).await? {
+        if Box::pin(run(s, &Runner::sweep(org), org, id, None)).await? {
             swept.run += 1;
         }
     }
@@ -1728,10 +1728,28 @@ async fn outcome_of(
         Err(e) => Outcome::refused(&e),
         Ok(()) => match kind {
             AiActionKind::UpdateContact => {
-                update_contact(s, proposer, org, id, target.contact(), arguments, fresh).await?
+                Box::pin(update_contact(
+                    s,
+                    proposer,
+                    org,
+                    id,
+                    target.contact(),
+                    arguments,
+                    fresh,
+                ))
+                .await?
             }
             AiActionKind::BulkUpdate => {
-                bulk_update(s, proposer, org, id, &target.contacts, arguments, fresh).await?
+                Box::pin(bulk_update(
+                    s,
+                    proposer,
+                    org,
+                    id,
+                    &target.contacts,
+                    arguments,
+                    fresh,
+                ))
+                .await?
             }
             AiActionKind::SendMessage => {
                 send_message(s, &proposer, org, id, target.contact(), arguments).await?
@@ -1739,14 +1757,32 @@ async fn outcome_of(
             AiActionKind::ChangeConsent
             | AiActionKind::SetDoNotContact
             | AiActionKind::LiftDoNotContact => {
-                consent_change(s, proposer, org, id, kind, target.contact(), arguments).await?
+                Box::pin(consent_change(
+                    s,
+                    proposer,
+                    org,
+                    id,
+                    kind,
+                    target.contact(),
+                    arguments,
+                ))
+                .await?
             }
             AiActionKind::ChangePermissions => {
                 let user = target.user_id.unwrap_or_default();
-                change_permissions(s, proposer, org, id, user, arguments).await?
+                Box::pin(change_permissions(s, proposer, org, id, user, arguments)).await?
             }
             AiActionKind::Export | AiActionKind::Erase => {
-                subject_right(s, proposer, org, id, kind, target.contact(), fresh).await?
+                Box::pin(subject_right(
+                    s,
+                    proposer,
+                    org,
+                    id,
+                    kind,
+                    target.contact(),
+                    fresh,
+                ))
+                .await?
             }
         },
     })
@@ -1829,11 +1865,11 @@ async fn update_contact(
         Err(o) => return Ok(o),
     };
     let stream = (Contact::TYPE, contact_id.to_string());
-    once(s, org, id, stream, fresh, async {
+    Box::pin(once(s, org, id, stream, fresh, async {
         super::contacts::update(s.clone(), proposer, Id(contact_id), Json(input))
             .await
             .map(|_| ())
-    })
+    }))
     .await
 }
 
@@ -1878,7 +1914,17 @@ async fn bulk_update(
     let mut done = Vec::new();
     for (n, contact) in contacts.iter().enumerate() {
         let arguments = arguments.clone();
-        match update_contact(s, proposer.clone(), org, id, *contact, arguments, fresh).await? {
+        match Box::pin(update_contact(
+            s,
+            proposer.clone(),
+            org,
+            id,
+            *contact,
+            arguments,
+            fresh,
+        ))
+        .await?
+        {
             Outcome::Executed(ids) => done.extend(ids),
             Outcome::Failed { reason, detail, .. } => {
                 return Ok(Outcome::Failed {
@@ -1914,9 +1960,9 @@ async fn consent_change(
             Err(o) => return Ok(o),
         };
         let record = super::consent::record(s2, proposer, contact, Json(input));
-        return once(s, org, id, stream, false, async {
+        return Box::pin(once(s, org, id, stream, false, async {
             record.await.map(|_| ())
-        })
+        }))
         .await;
     }
     let input: ReasonInput = match arguments_of(arguments) {
@@ -1949,7 +1995,7 @@ async fn subject_right(
 ) -> Result<Outcome, ApiError> {
     let stream = (Contact::TYPE, contact.to_string());
     let metadata = proposer.metadata();
-    once(s, org, id, stream, fresh, async {
+    Box::pin(once(s, org, id, stream, fresh, async {
         if kind == AiActionKind::Erase {
             super::rights::erase_contact(s, org, contact, RequestSource::AiAction, &metadata)
                 .await
@@ -1959,7 +2005,7 @@ async fn subject_right(
                 .await
                 .map(|_| ())
         }
-    })
+    }))
     .await
 }
 

@@ -102,22 +102,31 @@ pub fn lock_projections_sql(names: usize) -> String {
     )
 }
 
-/// Each of projections `names`' checkpoint (zero when there is none yet) beside the
-/// commit keys after it up to `($2, $3)`, at most `$4` of them: one row per key, or one
-/// with no key (`NULL`s) for a projection with none; ordered by projection (the
-/// 1-based index into `$1`), then key.
+/// Each of projections `names`' checkpoint (zero when there is none yet), and the commit
+/// keys after each distinct checkpoint up to `($2, $3)`, at most `$4` of them.
+///
+/// Rows `(i, tx, pos, NULL, NULL)`: projection `i` (the 1-based index into `$1`) stands
+/// at `(tx, pos)`. Rows `(0, tx, pos, key_tx, key_pos)`: a key that follows checkpoint
+/// `(tx, pos)`. Projections that stand at the same checkpoint (in steady state all of
+/// them: their checkpoints move together) share its keys, read from the events' commit
+/// order index once, not once each. Ordered by `i`, then checkpoint, then key: every
+/// checkpoint's keys come first, in commit order.
 pub const PROGRESS_SQL: &str = "\
-    SELECT u.i::int, coalesce(c.tx_id::text::bigint, 0), coalesce(c.global_position, 0), \
-           k.tx, k.pos \
-    FROM unnest($1::text[]) WITH ORDINALITY AS u (name, i) \
-    LEFT JOIN projection_checkpoints c ON c.name = u.name \
-    LEFT JOIN LATERAL ( \
+    WITH c AS ( \
+        SELECT u.i::int AS i, coalesce(c.tx_id, '0'::xid8) AS tx, \
+               coalesce(c.global_position, 0) AS pos \
+        FROM unnest($1::text[]) WITH ORDINALITY AS u (name, i) \
+        LEFT JOIN projection_checkpoints c ON c.name = u.name) \
+    SELECT c.i, c.tx::text::bigint, c.pos, NULL::bigint, NULL::bigint FROM c \
+    UNION ALL \
+    SELECT 0, d.tx::text::bigint, d.pos, k.tx, k.pos \
+    FROM (SELECT DISTINCT tx, pos FROM c) d \
+    CROSS JOIN LATERAL ( \
         SELECT e.tx_id::text::bigint AS tx, e.global_position AS pos FROM events e \
-        WHERE (e.tx_id, e.global_position) > \
-              (coalesce(c.tx_id, '0'::xid8), coalesce(c.global_position, 0)) \
+        WHERE (e.tx_id, e.global_position) > (d.tx, d.pos) \
           AND (e.tx_id, e.global_position) <= ($2::bigint::text::xid8, $3) \
-        ORDER BY e.tx_id, e.global_position LIMIT $4) k ON true \
-    ORDER BY u.i, k.tx, k.pos";
+        ORDER BY e.tx_id, e.global_position LIMIT $4) k \
+    ORDER BY 1, 2, 3, 4, 5";
 
 /// Sets the checkpoints of several projections in one statement (inside the caller's
 /// transaction).

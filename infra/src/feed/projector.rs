@@ -446,18 +446,41 @@ impl ProjectorWorker {
                     .map_err(|e| ProjectionError::from(StoreError::from(e)))
             },
         )?;
+        // The keys after each distinct checkpoint (rows with index 0, first), then each
+        // projection's checkpoint.
+        let mut after: Vec<(CommitKey, Vec<CommitKey>)> = Vec::with_capacity(1);
         let mut read: Vec<(CommitKey, Vec<CommitKey>)> = Vec::with_capacity(names.len());
         for row in rows {
-            let i = row.get::<_, i32>(0) as usize - 1;
-            if read.len() == i {
-                let ck = CommitKey {
-                    tx_id: row.get(1),
-                    position: row.get(2),
-                };
-                read.push((ck, Vec::new()));
-            }
-            if let (Some(tx_id), Some(position)) = (row.get(3), row.get(4)) {
-                read[i].1.push(CommitKey { tx_id, position });
+            let ck = CommitKey {
+                tx_id: row.get(1),
+                position: row.get(2),
+            };
+            match row.get::<_, i32>(0) {
+                0 => {
+                    let key = CommitKey {
+                        tx_id: row.get(3),
+                        position: row.get(4),
+                    };
+                    match after.last_mut() {
+                        Some((at, keys)) if *at == ck => keys.push(key),
+                        _ => after.push((ck, vec![key])),
+                    }
+                }
+                i if i as usize == read.len() + 1 => {
+                    let keys = after
+                        .iter()
+                        .find(|(at, _)| *at == ck)
+                        .map(|(_, keys)| keys.clone())
+                        .unwrap_or_default();
+                    read.push((ck, keys));
+                }
+                i => {
+                    return Err(ProjectionError::OutOfOrder(format!(
+                        "checkpoint row {i} after {} of {}",
+                        read.len(),
+                        names.len()
+                    )))
+                }
             }
         }
         if read.len() != names.len() {
