@@ -271,6 +271,58 @@ mod tests {
         assert_eq!(unique, served, "a route is declared twice");
     }
 
+    /// The body of `POST /v1/ai/actions` is one shape per type: every kind of action is
+    /// in exactly one shape, which requires its one target and its arguments and allows
+    /// nothing else; a change of contacts takes `PATCH`'s body without its version.
+    #[test]
+    fn an_ai_proposal_is_one_shape_per_type() {
+        let v: serde_json::Value = serde_json::from_str(json()).unwrap();
+        let schemas = &v["components"]["schemas"];
+        let shapes = schemas["AiProposeInput"]["oneOf"].as_array().unwrap();
+        let kinds = schemas["AiActionKind"]["enum"].as_array().unwrap();
+        assert_eq!(kinds.len(), 9);
+        for kind in kinds {
+            let kind = kind.as_str().unwrap();
+            let of_kind: Vec<&serde_json::Value> = shapes
+                .iter()
+                .filter(|s| {
+                    s["properties"]["type"]["enum"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|k| k == kind)
+                })
+                .collect();
+            assert_eq!(of_kind.len(), 1, "{kind}: one shape");
+            let shape = of_kind[0];
+            let target = match kind {
+                "bulk_update" => "contact_ids",
+                "change_permissions" => "user_id",
+                _ => "contact_id",
+            };
+            assert_eq!(
+                shape["required"],
+                serde_json::json!(["type", target, "arguments"]),
+                "{kind}"
+            );
+            for other in ["contact_id", "contact_ids", "user_id"] {
+                assert_eq!(
+                    shape["properties"][other].is_null(),
+                    other != target,
+                    "{kind}: {other}"
+                );
+            }
+            assert_eq!(shape["additionalProperties"], false, "{kind}");
+        }
+        let update = shapes
+            .iter()
+            .find(|s| s["properties"]["type"]["enum"][0] == "update_contact")
+            .unwrap();
+        let arguments = &update["properties"]["arguments"]["properties"];
+        assert!(arguments["company"].is_object());
+        assert!(arguments["expected_version"].is_null());
+    }
+
     #[test]
     fn every_reference_resolves() {
         let doc = json();

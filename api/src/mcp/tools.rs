@@ -416,20 +416,21 @@ fn input_schema<T: JsonSchema + 'static>() -> Arc<JsonObject> {
 }
 
 /// The kinds of AI action the API serves: the values of `type` in the body of
-/// `POST /v1/ai/actions`, as the document states them.
+/// `POST /v1/ai/actions` (one shape per type or two), as the document states them.
 fn action_kinds(doc: &Value) -> Vec<String> {
-    let kind = resolve(
-        doc,
-        &doc["components"]["schemas"]["AiProposeInput"]["properties"]["type"],
-    );
-    kind["enum"]
+    proposal_shapes(doc)
+        .iter()
+        .flat_map(|shape| shape["properties"]["type"]["enum"].as_array().cloned())
+        .flatten()
+        .filter_map(|k| k.as_str().map(str::to_owned))
+        .collect()
+}
+
+/// The shapes of the body of `POST /v1/ai/actions` (`oneOf`, one per type or two).
+fn proposal_shapes(doc: &Value) -> Vec<Value> {
+    doc["components"]["schemas"]["AiProposeInput"]["oneOf"]
         .as_array()
-        .map(|kinds| {
-            kinds
-                .iter()
-                .filter_map(|k| k.as_str().map(str::to_owned))
-                .collect()
-        })
+        .map(|shapes| shapes.iter().map(|s| resolve(doc, s).clone()).collect())
         .unwrap_or_default()
 }
 
@@ -457,20 +458,17 @@ fn body_schema(doc: &Value, method: &Method, path: &str) -> Option<Value> {
 /// description) when known, with every schema it refers to under `$defs`. Examples
 /// (the document's, written for the REST body) are left out.
 fn propose_schema(doc: &Value, kind: &str, body: Option<(Value, String)>) -> JsonObject {
-    let mut schema = doc["components"]["schemas"]["AiProposeInput"].clone();
-    // What the kind is about: the one of the three targets it takes, required.
-    let about = match kind {
-        "bulk_update" => "contact_ids",
-        "change_permissions" => "user_id",
-        _ => "contact_id",
-    };
+    // The kind's own shape: the one target it takes, required, and its arguments.
+    let mut schema = proposal_shapes(doc)
+        .into_iter()
+        .find(|shape| {
+            shape["properties"]["type"]["enum"]
+                .as_array()
+                .is_some_and(|kinds| kinds.iter().any(|k| k == kind))
+        })
+        .unwrap_or_else(|| json!({"type": "object", "properties": {}, "required": []}));
     if let Some(props) = schema["properties"].as_object_mut() {
         props.remove("type");
-        for target in ["contact_id", "contact_ids", "user_id"] {
-            if target != about {
-                props.remove(target);
-            }
-        }
         let arguments = match body {
             Some((mut b, description)) => {
                 if let Some(obj) = b.as_object_mut() {
@@ -488,7 +486,6 @@ fn propose_schema(doc: &Value, kind: &str, body: Option<(Value, String)>) -> Jso
     }
     if let Some(required) = schema["required"].as_array_mut() {
         required.retain(|r| r != "type");
-        required.push(json!(about));
     }
     if let Some(obj) = schema.as_object_mut() {
         obj.remove("example");

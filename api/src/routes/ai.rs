@@ -308,6 +308,192 @@ pub(crate) struct AiProposeInput {
     reasoning_summary: Option<String>,
 }
 
+/// The body of `POST /v1/ai/actions`, parsed as [`AiProposeInput`] and documented as
+/// one shape per `type` (`oneOf`, named `AiProposeInput` in the document): each shape
+/// requires the one target its type takes (`contact_id`, `contact_ids` or `user_id`)
+/// and the body its command's route takes as `arguments`, and allows nothing else, so
+/// a client generated from the document (or a fuzzer) builds only proposals the
+/// service can take.
+#[derive(Debug, Deserialize)]
+#[serde(transparent)]
+pub(crate) struct AiProposal(AiProposeInput);
+
+/// Each shape of [`AiProposal`]: its types, its target member, the schema of its
+/// `arguments`, and what it says.
+const PROPOSAL_SHAPES: &[(&[AiActionKind], &str, &str, &str)] = &[
+    (
+        &[AiActionKind::UpdateContact],
+        "contact_id",
+        "ContactInput",
+        "Change a contact's fields: `arguments` as `PATCH /v1/contacts/{id}` takes its body.",
+    ),
+    (
+        &[AiActionKind::BulkUpdate],
+        "contact_ids",
+        "ContactInput",
+        "Change the same fields of 1 to 1,000 contacts: `arguments` as `PATCH \
+         /v1/contacts/{id}` takes its body, applied to each.",
+    ),
+    (
+        &[AiActionKind::SendMessage],
+        "contact_id",
+        "MessageInput",
+        "Send a message through the consent gate: `arguments` as `POST \
+         /v1/contacts/{id}/messages` takes its body.",
+    ),
+    (
+        &[AiActionKind::ChangeConsent],
+        "contact_id",
+        "ConsentInput",
+        "Record a consent change: `arguments` as `POST /v1/contacts/{id}/consent` takes \
+         its body.",
+    ),
+    (
+        &[
+            AiActionKind::SetDoNotContact,
+            AiActionKind::LiftDoNotContact,
+        ],
+        "contact_id",
+        "ReasonInput",
+        "Set or lift Do Not Contact: `arguments` as `POST \
+         /v1/contacts/{id}/do-not-contact` (or `.../lift`) takes its body.",
+    ),
+    (
+        &[AiActionKind::ChangePermissions],
+        "user_id",
+        "RoleChange",
+        "Change a user's role: `arguments` as `POST /v1/users/{id}/role` takes its body.",
+    ),
+    (
+        &[AiActionKind::Export, AiActionKind::Erase],
+        "contact_id",
+        "NoArguments",
+        "Export or erase a contact's data: `arguments` `{}`.",
+    ),
+];
+
+impl utoipa::PartialSchema for AiProposal {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::Schema> {
+        use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Type};
+        use utoipa::openapi::{KnownFormat, Ref, RefOr, Schema, SchemaFormat};
+        // The members every shape has: the parsed struct's own schema, less the type,
+        // the targets and the arguments, which each shape states for itself.
+        let RefOr::T(Schema::Object(members)) = <AiProposeInput as utoipa::PartialSchema>::schema()
+        else {
+            unreachable!("a struct's schema is an object")
+        };
+        let uuid = || {
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .format(Some(SchemaFormat::KnownFormat(KnownFormat::Uuid)))
+        };
+        let mut one_of = OneOfBuilder::new().description(Some(
+            "`POST /v1/ai/actions`: one shape per `type` (docs/ai.md).",
+        ));
+        for (kinds, target, arguments, description) in PROPOSAL_SHAPES {
+            let mut shape = members.clone();
+            for member in ["type", "contact_id", "contact_ids", "user_id", "arguments"] {
+                shape.properties.shift_remove(member);
+            }
+            let names = kinds.iter().map(|k| {
+                serde_json::to_value(k)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default()
+            });
+            shape.properties.insert(
+                "type".into(),
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .enum_values(Some(names))
+                    .into(),
+            );
+            let about: RefOr<Schema> = match *target {
+                "contact_ids" => ArrayBuilder::new()
+                    .items(uuid())
+                    .min_items(Some(1))
+                    .max_items(Some(MAX_BULK))
+                    .unique_items(true)
+                    .description(Some("The contacts, each once."))
+                    .into(),
+                "user_id" => uuid()
+                    .description(Some("The user whose role changes."))
+                    .into(),
+                _ => uuid().description(Some("The contact.")).into(),
+            };
+            shape.properties.insert((*target).into(), about);
+            let arguments = match *arguments {
+                // A change of contacts runs on the contacts as they are when it runs:
+                // `PATCH`'s body without its `expected_version` (refused here).
+                "ContactInput" => match <ContactInput as utoipa::PartialSchema>::schema() {
+                    RefOr::T(Schema::Object(mut changes)) => {
+                        changes.properties.shift_remove("expected_version");
+                        changes.required.retain(|r| r != "expected_version");
+                        #[allow(deprecated)]
+                        let examples = changes.example.iter_mut().chain(&mut changes.examples);
+                        for example in examples {
+                            if let Some(example) = example.as_object_mut() {
+                                example.remove("expected_version");
+                            }
+                        }
+                        changes.description = Some(
+                            "As `PATCH /v1/contacts/{id}` takes its body, without \
+                             `expected_version`."
+                                .into(),
+                        );
+                        RefOr::T(Schema::Object(changes))
+                    }
+                    other => other,
+                },
+                name => RefOr::Ref(Ref::from_schema_name(name)),
+            };
+            shape.properties.insert("arguments".into(), arguments);
+            shape.required = vec!["type".into(), (*target).into(), "arguments".into()];
+            shape.description = Some((*description).into());
+            if kinds != &[AiActionKind::UpdateContact] {
+                #[allow(deprecated)]
+                {
+                    shape.example = None;
+                }
+            }
+            one_of = one_of.item(Schema::Object(shape));
+        }
+        RefOr::T(Schema::OneOf(one_of.build()))
+    }
+}
+
+impl ToSchema for AiProposal {
+    fn name() -> std::borrow::Cow<'static, str> {
+        std::borrow::Cow::Borrowed("AiProposeInput")
+    }
+
+    fn schemas(
+        schemas: &mut Vec<(
+            String,
+            utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>,
+        )>,
+    ) {
+        // What the members refer to (the model, who initiated it), and each shape's
+        // `arguments`.
+        <AiProposeInput as ToSchema>::schemas(schemas);
+        fn add<T: ToSchema>(
+            schemas: &mut Vec<(
+                String,
+                utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>,
+            )>,
+        ) {
+            schemas.push((T::name().into_owned(), T::schema()));
+            T::schemas(schemas);
+        }
+        add::<ContactInput>(schemas);
+        add::<MessageInput>(schemas);
+        add::<ConsentInput>(schemas);
+        add::<ReasonInput>(schemas);
+        add::<RoleChange>(schemas);
+        add::<NoArguments>(schemas);
+    }
+}
+
 /// An action's state: what it would run, its risk and the rule that set it, where it
 /// stands, and its outcome.
 #[derive(Debug, Serialize, ToSchema)]
@@ -483,7 +669,7 @@ fn risk_input(
 pub(crate) async fn propose(
     s: AppState,
     a: Authed,
-    Json(input): Json<AiProposeInput>,
+    Json(AiProposal(input)): Json<AiProposal>,
 ) -> Result<Created<AiActionDoc>, ApiError> {
     // Proposing needs what running needs: deny by default.
     a.require(input.kind.permission())?;

@@ -335,6 +335,9 @@ pub(crate) async fn contact_consent(
     Query(q): Query<ContactConsentQuery>,
 ) -> Result<Ok200<ContactConsent>, ApiError> {
     let org = a.caller.org_id;
+    // Checked also when `as_of` makes them moot: a bad parameter is refused, never
+    // ignored.
+    let (pos, wait) = consistency(q.min_position, q.wait_ms)?;
     if let Some(Time(as_of)) = q.as_of {
         let client = s.pool.get().await?;
         if !state::contact_exists(&s.executor, &client, org, id).await? {
@@ -345,7 +348,6 @@ pub(crate) async fn contact_consent(
         body.as_of = Some(as_of);
         return Ok(Ok200(body));
     }
-    let (pos, wait) = consistency(q.min_position, q.wait_ms)?;
     s.await_projection("consent_state", pos, wait).await?;
     let mut client = s.pool.get().await?;
     let tx = crm_infra::read_models::org_scope(&mut client, org).await?;

@@ -702,12 +702,14 @@ pub(crate) async fn get_one(
     Id(id): Id,
     Query(q): Query<GetQuery>,
 ) -> Result<Ok200<Shaped<ContactDoc>>, ApiError> {
+    // Checked also when `as_of` makes them moot: a bad parameter is refused, never
+    // ignored.
+    let (pos, wait) = consistency(q.min_position, q.wait_ms)?;
     if let Some(Time(as_of)) = q.as_of {
         // Reading the past is reading history.
         a.require(Permission::ContactsHistory)?;
         return as_of_read(s, a, id, as_of).await;
     }
-    let (pos, wait) = consistency(q.min_position, q.wait_ms)?;
     s.await_projection("contacts", pos, wait).await?;
     let mut client = s.pool.get().await?;
     let tx = crm_infra::read_models::org_scope(&mut client, a.caller.org_id).await?;

@@ -575,6 +575,16 @@ async fn as_of_shows_the_contact_as_it_was() {
     )
     .await;
     assert_eq!(v["title"], "Miss");
+    // A bad consistency parameter is refused also beside `as_of` (which makes it moot),
+    // on the contact and on its consent state.
+    for path in [
+        format!("/v1/contacts/{id}?as_of={offset}&min_position=-5"),
+        format!("/v1/contacts/{id}?as_of={offset}&wait_ms=600001"),
+        format!("/v1/contacts/{id}/consent?as_of={offset}&min_position=0"),
+    ] {
+        let v = expect(app.get(&path).await, 400).await;
+        assert_eq!(v["code"], "invalid_query", "{path}: {v}");
+    }
     app.stop().await;
 }
 
