@@ -81,6 +81,17 @@ enum TargetKind {
     User,
 }
 
+impl TargetKind {
+    /// The member of a proposal that names it.
+    fn member(self) -> &'static str {
+        match self {
+            Self::Contact => "contact_id",
+            Self::Contacts => "contact_ids",
+            Self::User => "user_id",
+        }
+    }
+}
+
 /// The most contacts one bulk update may touch.
 const MAX_BULK: usize = 1000;
 
@@ -157,11 +168,12 @@ impl Target {
     ) -> Result<Self, ApiError> {
         let mut errors = Vec::new();
         let wants = kind.target();
-        for (name, given, takes) in [
-            ("contact_id", contact_id.is_some(), TargetKind::Contact),
-            ("contact_ids", contact_ids.is_some(), TargetKind::Contacts),
-            ("user_id", user_id.is_some(), TargetKind::User),
+        for (given, takes) in [
+            (contact_id.is_some(), TargetKind::Contact),
+            (contact_ids.is_some(), TargetKind::Contacts),
+            (user_id.is_some(), TargetKind::User),
         ] {
+            let name = takes.member();
             if given && wants != takes {
                 errors.push(FieldError::new(name, "not taken by this type"));
             } else if !given && wants == takes {
@@ -318,32 +330,28 @@ pub(crate) struct AiProposeInput {
 #[serde(transparent)]
 pub(crate) struct AiProposal(AiProposeInput);
 
-/// Each shape of [`AiProposal`]: its types, its target member, the schema of its
-/// `arguments`, and what it says.
-const PROPOSAL_SHAPES: &[(&[AiActionKind], &str, &str, &str)] = &[
+/// Each shape of [`AiProposal`]: its types (their target is [`AiActionKind::target`]),
+/// the schema of its `arguments`, and what it says.
+const PROPOSAL_SHAPES: &[(&[AiActionKind], &str, &str)] = &[
     (
         &[AiActionKind::UpdateContact],
-        "contact_id",
         "ContactInput",
         "Change a contact's fields: `arguments` as `PATCH /v1/contacts/{id}` takes its body.",
     ),
     (
         &[AiActionKind::BulkUpdate],
-        "contact_ids",
         "ContactInput",
         "Change the same fields of 1 to 1,000 contacts: `arguments` as `PATCH \
          /v1/contacts/{id}` takes its body, applied to each.",
     ),
     (
         &[AiActionKind::SendMessage],
-        "contact_id",
         "MessageInput",
         "Send a message through the consent gate: `arguments` as `POST \
          /v1/contacts/{id}/messages` takes its body.",
     ),
     (
         &[AiActionKind::ChangeConsent],
-        "contact_id",
         "ConsentInput",
         "Record a consent change: `arguments` as `POST /v1/contacts/{id}/consent` takes \
          its body.",
@@ -353,20 +361,17 @@ const PROPOSAL_SHAPES: &[(&[AiActionKind], &str, &str, &str)] = &[
             AiActionKind::SetDoNotContact,
             AiActionKind::LiftDoNotContact,
         ],
-        "contact_id",
         "ReasonInput",
         "Set or lift Do Not Contact: `arguments` as `POST \
          /v1/contacts/{id}/do-not-contact` (or `.../lift`) takes its body.",
     ),
     (
         &[AiActionKind::ChangePermissions],
-        "user_id",
         "RoleChange",
         "Change a user's role: `arguments` as `POST /v1/users/{id}/role` takes its body.",
     ),
     (
         &[AiActionKind::Export, AiActionKind::Erase],
-        "contact_id",
         "NoArguments",
         "Export or erase a contact's data: `arguments` `{}`.",
     ),
@@ -390,7 +395,8 @@ impl utoipa::PartialSchema for AiProposal {
         let mut one_of = OneOfBuilder::new().description(Some(
             "`POST /v1/ai/actions`: one shape per `type` (docs/ai.md).",
         ));
-        for (kinds, target, arguments, description) in PROPOSAL_SHAPES {
+        for (kinds, arguments, description) in PROPOSAL_SHAPES {
+            let target = kinds[0].target();
             let mut shape = members.clone();
             for member in ["type", "contact_id", "contact_ids", "user_id", "arguments"] {
                 shape.properties.shift_remove(member);
@@ -408,20 +414,20 @@ impl utoipa::PartialSchema for AiProposal {
                     .enum_values(Some(names))
                     .into(),
             );
-            let about: RefOr<Schema> = match *target {
-                "contact_ids" => ArrayBuilder::new()
+            let about: RefOr<Schema> = match target {
+                TargetKind::Contacts => ArrayBuilder::new()
                     .items(uuid())
                     .min_items(Some(1))
                     .max_items(Some(MAX_BULK))
                     .unique_items(true)
                     .description(Some("The contacts, each once."))
                     .into(),
-                "user_id" => uuid()
+                TargetKind::User => uuid()
                     .description(Some("The user whose role changes."))
                     .into(),
-                _ => uuid().description(Some("The contact.")).into(),
+                TargetKind::Contact => uuid().description(Some("The contact.")).into(),
             };
-            shape.properties.insert((*target).into(), about);
+            shape.properties.insert(target.member().into(), about);
             let arguments = match *arguments {
                 // A change of contacts runs on the contacts as they are when it runs:
                 // `PATCH`'s body without its `expected_version` (refused here).
@@ -448,7 +454,7 @@ impl utoipa::PartialSchema for AiProposal {
                 name => RefOr::Ref(Ref::from_schema_name(name)),
             };
             shape.properties.insert("arguments".into(), arguments);
-            shape.required = vec!["type".into(), (*target).into(), "arguments".into()];
+            shape.required = vec!["type".into(), target.member().into(), "arguments".into()];
             shape.description = Some((*description).into());
             if kinds != &[AiActionKind::UpdateContact] {
                 #[allow(deprecated)]
