@@ -84,13 +84,11 @@ fn weight(e: &RawEvent) -> usize {
     e.payload.get().len() + e.metadata.get().len() + 512
 }
 
-/// The body of a feed message: one event as a JSON object, or the events one commit
-/// wrote to one stream, in order, as a JSON array of them. Grouping a commit's events
-/// per stream keeps the subject the stream's own, so a consumer's subject filter means
-/// what it meant with one event per message; it takes one publish, one stored message,
-/// one delivery and one ack per group instead of one each (an AI action run at once:
-/// its proposed and auto-approved steps are one message; the contact's change and the
-/// executed step that follow it one each, as messages keep commit order).
+/// The body of a feed message: one event as a JSON object, or a run of events
+/// ([`message_runs`]) as a JSON array of them. A run takes one publish, one stored
+/// message, one delivery and one ack instead of one each: a commit's events of one
+/// stream, or the events one request wrote to several streams in one unit (an AI
+/// action run at once: its steps and the contact changes it made, one message).
 pub fn message_body(events: &[RawEvent]) -> Result<Vec<u8>, serde_json::Error> {
     match events {
         [one] => serde_json::to_vec(one),
@@ -107,20 +105,55 @@ pub fn events_of(body: &[u8]) -> Result<Vec<RawEvent>, serde_json::Error> {
     }
 }
 
-/// The lengths of the runs of `events` (in commit order) that go in one message each:
-/// consecutive events of one commit (transaction) and one stream, at most
-/// [`MAX_EVENTS_PER_MESSAGE`] and [`MAX_GROUP_BYTES`].
+/// Aggregate types whose events travel only in messages of their own stream, under
+/// its own subject: a consumer selects them by subject (the dispatcher,
+/// `<prefix>.*.message.*`), so they never join a run of several streams.
+pub const OWN_SUBJECT_TYPES: &[&str] = &["message"];
+
+/// The request that wrote an event (its metadata's `request_id`), if it names one.
+fn request_of(e: &RawEvent) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Request {
+        #[serde(default)]
+        request_id: Option<String>,
+    }
+    serde_json::from_str::<Request>(e.metadata.get())
+        .ok()
+        .and_then(|r| r.request_id)
+}
+
+/// The lengths of the runs of `events` (in commit order) that go in one message each,
+/// at most [`MAX_EVENTS_PER_MESSAGE`] and [`MAX_GROUP_BYTES`]: consecutive events of
+/// one commit (transaction) and one organisation that are either of one stream, or of
+/// one request (a unit: an AI action's steps and the contacts' changes it ran),
+/// except that events of [`OWN_SUBJECT_TYPES`] join only runs of their own stream. A
+/// message's subject is its first event's stream's.
 pub fn message_runs(events: &[RawEvent]) -> Vec<usize> {
     let mut runs: Vec<usize> = Vec::new();
     let mut bytes = 0;
-    let mut prev: Option<&RawEvent> = None;
+    // The previous event, and its request once read.
+    let mut prev: Option<(&RawEvent, Option<Option<String>>)> = None;
     for e in events {
-        let same = prev.is_some_and(|p| {
-            p.tx_id == e.tx_id
-                && p.org_id == e.org_id
-                && p.aggregate_type == e.aggregate_type
-                && p.aggregate_id == e.aggregate_id
-        });
+        let mut request = None;
+        let same = match prev.as_mut() {
+            Some((p, _)) if p.tx_id != e.tx_id || p.org_id != e.org_id => false,
+            Some((p, _))
+                if p.aggregate_type == e.aggregate_type && p.aggregate_id == e.aggregate_id =>
+            {
+                true
+            }
+            Some((p, p_request)) => {
+                let own = |t: &str| OWN_SUBJECT_TYPES.contains(&t);
+                if own(&p.aggregate_type) || own(&e.aggregate_type) {
+                    false
+                } else {
+                    let mine = request.insert(request_of(e));
+                    let theirs = p_request.get_or_insert_with(|| request_of(p));
+                    mine.is_some() && mine == theirs
+                }
+            }
+            None => false,
+        };
         let w = weight(e);
         match runs.last_mut() {
             Some(n) if same && *n < MAX_EVENTS_PER_MESSAGE && bytes + w <= MAX_GROUP_BYTES => {
@@ -132,7 +165,7 @@ pub fn message_runs(events: &[RawEvent]) -> Vec<usize> {
                 bytes = w;
             }
         }
-        prev = Some(e);
+        prev = Some((e, request));
     }
     runs
 }
@@ -207,6 +240,43 @@ mod tests {
             big(5, 10),
         ];
         assert_eq!(message_runs(&large), vec![2, 1, 1, 1]);
+    }
+
+    #[test]
+    fn a_units_streams_share_a_message_but_other_requests_and_messages_do_not() {
+        let by = |mut e: RawEvent, ty: &str, request: Option<&str>| {
+            e.aggregate_type = ty.into();
+            e.metadata = RawValue::from_string(match request {
+                Some(r) => format!(r#"{{"ip":null,"request_id":"{r}"}}"#),
+                None => r#"{"request_id":null}"#.into(),
+            })
+            .unwrap();
+            e
+        };
+        // An AI action run at once (one request: its steps and the contact's change),
+        // then another request's change of the same contact in the same commit.
+        let unit = vec![
+            by(event(1, 1, "act"), "ai_action", Some("r1")),
+            by(event(1, 2, "act"), "ai_action", Some("r1")),
+            by(event(1, 3, "c"), "contact", Some("r1")),
+            by(event(1, 4, "act"), "ai_action", Some("r1")),
+            by(event(1, 5, "c"), "contact", Some("r2")),
+            // No request named: streams are not joined.
+            by(event(1, 6, "d"), "contact", None),
+            by(event(1, 7, "e"), "contact", None),
+            // A message stream travels under its own subject, even in its request's unit.
+            by(event(1, 8, "c"), "contact", Some("r3")),
+            by(event(1, 9, "m"), "message", Some("r3")),
+            by(event(1, 10, "m"), "message", Some("r3")),
+            by(event(1, 11, "c"), "contact", Some("r3")),
+            // The same request in another commit, or another organisation: apart.
+            by(event(2, 12, "c"), "contact", Some("r3")),
+        ];
+        let mut other_org = by(event(2, 13, "d"), "contact", Some("r3"));
+        other_org.org_id = Uuid::now_v7();
+        let mut all = unit;
+        all.push(other_org);
+        assert_eq!(message_runs(&all), vec![4, 1, 1, 1, 1, 2, 1, 1, 1]);
     }
 
     fn json(events: &[RawEvent]) -> String {

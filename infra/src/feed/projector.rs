@@ -174,7 +174,7 @@ pub async fn progress(
 
 /// A worker of one or more projections. Several are fed by one durable consumer (named
 /// after them all, `activity+contacts`) and applied in one transaction per batch: one
-/// delivery and one ack per message (an event, or a commit's events of one stream), and
+/// delivery and one ack per message (an event, or a run of one commit's events: `bus::message_runs`), and
 /// one commit per batch, for all of them.
 pub struct ProjectorWorker {
     pub pool: Pool,
@@ -311,7 +311,7 @@ impl ProjectorWorker {
         &self,
         msgs: Vec<async_nats::jetstream::Message>,
     ) -> Result<(), ProjectionError> {
-        // A message carries one event, or a commit's events of one stream
+        // A message carries one event, or a run of one commit's events
         // (`bus::events_of`): each event keeps the index of its message.
         let mut parsed: Vec<(RawEvent, usize)> = Vec::with_capacity(msgs.len());
         let mut kept = Vec::with_capacity(msgs.len());

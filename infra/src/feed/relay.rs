@@ -1,8 +1,8 @@
 //! The relay: publishes committed events to JetStream in commit order.
 //!
 //! It reads below the visibility horizon (see `event_store::read_committed`), publishes
-//! each event, a commit's events of one stream together in one message
-//! (`bus::message_body`), with `Nats-Msg-Id` naming them (`bus::message_id`), awaits
+//! each event, or a run of them in one message: a commit's events of one stream, or one
+//! request's unit across streams (`bus::message_runs`, `bus::message_body`), with `Nats-Msg-Id` naming them (`bus::message_id`), awaits
 //! every ack, then checkpoints (at most
 //! every 100 ms while busy: a checkpoint that lags only republishes duplicates after a
 //! restart). It wakes on LISTEN/NOTIFY, directly on appends made in its own process, and
@@ -181,8 +181,9 @@ impl Relay {
         Ok(())
     }
 
-    /// Publishes a batch in order, a commit's events of one stream in one message
-    /// (`bus::message_runs`), and waits for every ack.
+    /// Publishes a batch in order, a run of events in one message (`bus::message_runs`:
+    /// a commit's events of one stream, or one request's unit) under its first event's
+    /// subject, and waits for every ack.
     async fn publish(&self, batch: &[RawEvent]) -> Result<(), RelayError> {
         let runs = bus::message_runs(batch);
         let mut acks = Vec::with_capacity(runs.len());
