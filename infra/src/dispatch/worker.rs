@@ -108,7 +108,12 @@ impl Dispatcher {
     }
 
     async fn session(self: Arc<Self>, shutdown: &CancellationToken) -> Result<(), DispatchError> {
-        let filter = format!("{}.*.message.*", self.bus.settings.subject_prefix);
+        // Message streams travel under their own subject (`bus::OWN_SUBJECT_TYPES`).
+        let filter = format!(
+            "{}.*.{}.*",
+            self.bus.settings.subject_prefix,
+            <Message as cqrs_es::Aggregate>::TYPE
+        );
         let consumer: async_nats::jetstream::consumer::Consumer<pull::Config> = self
             .bus
             .stream

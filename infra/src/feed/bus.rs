@@ -108,7 +108,8 @@ pub fn events_of(body: &[u8]) -> Result<Vec<RawEvent>, serde_json::Error> {
 /// Aggregate types whose events travel only in messages of their own stream, under
 /// its own subject: a consumer selects them by subject (the dispatcher,
 /// `<prefix>.*.message.*`), so they never join a run of several streams.
-pub const OWN_SUBJECT_TYPES: &[&str] = &["message"];
+pub const OWN_SUBJECT_TYPES: &[&str] =
+    &[<crm_domain::message::Message as cqrs_es::Aggregate>::TYPE];
 
 /// The request that wrote an event (its metadata's `request_id`), if it names one.
 fn request_of(e: &RawEvent) -> Option<String> {
