@@ -1,5 +1,7 @@
 //! NATS JetStream: connection, the events stream and its subjects.
 
+use std::borrow::Cow;
+use std::cell::OnceCell;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
@@ -111,16 +113,39 @@ pub fn events_of(body: &[u8]) -> Result<Vec<RawEvent>, serde_json::Error> {
 pub const OWN_SUBJECT_TYPES: &[&str] =
     &[<crm_domain::message::Message as cqrs_es::Aggregate>::TYPE];
 
-/// The request that wrote an event (its metadata's `request_id`), if it names one.
-fn request_of(e: &RawEvent) -> Option<String> {
+/// The request that wrote an event (its metadata's `request_id`), if it names one;
+/// borrowed from the metadata's text unless it holds an escape.
+fn request_of(e: &RawEvent) -> Option<Cow<'_, str>> {
     #[derive(serde::Deserialize)]
-    struct Request {
-        #[serde(default)]
-        request_id: Option<String>,
+    struct Request<'a> {
+        #[serde(default, borrow)]
+        request_id: Option<Cow<'a, str>>,
     }
     serde_json::from_str::<Request>(e.metadata.get())
         .ok()
         .and_then(|r| r.request_id)
+}
+
+/// An event's request, read from its metadata once, when first needed.
+type LazyRequest<'a> = OnceCell<Option<Cow<'a, str>>>;
+
+/// Whether `e` may join the message of `p`, the event before it (see [`message_runs`]).
+fn joins<'a>(
+    (p, p_request): (&'a RawEvent, &LazyRequest<'a>),
+    (e, e_request): (&'a RawEvent, &LazyRequest<'a>),
+) -> bool {
+    if p.tx_id != e.tx_id || p.org_id != e.org_id {
+        return false;
+    }
+    if p.aggregate_type == e.aggregate_type && p.aggregate_id == e.aggregate_id {
+        return true;
+    }
+    let own = |t: &str| OWN_SUBJECT_TYPES.contains(&t);
+    if own(&p.aggregate_type) || own(&e.aggregate_type) {
+        return false;
+    }
+    let mine = e_request.get_or_init(|| request_of(e));
+    mine.is_some() && mine == p_request.get_or_init(|| request_of(p))
 }
 
 /// The lengths of the runs of `events` (in commit order) that go in one message each,
@@ -132,29 +157,12 @@ fn request_of(e: &RawEvent) -> Option<String> {
 pub fn message_runs(events: &[RawEvent]) -> Vec<usize> {
     let mut runs: Vec<usize> = Vec::new();
     let mut bytes = 0;
-    // The previous event, and its request once read.
-    let mut prev: Option<(&RawEvent, Option<Option<String>>)> = None;
+    let mut prev: Option<(&RawEvent, LazyRequest)> = None;
     for e in events {
-        let mut request = None;
-        let same = match prev.as_mut() {
-            Some((p, _)) if p.tx_id != e.tx_id || p.org_id != e.org_id => false,
-            Some((p, _))
-                if p.aggregate_type == e.aggregate_type && p.aggregate_id == e.aggregate_id =>
-            {
-                true
-            }
-            Some((p, p_request)) => {
-                let own = |t: &str| OWN_SUBJECT_TYPES.contains(&t);
-                if own(&p.aggregate_type) || own(&e.aggregate_type) {
-                    false
-                } else {
-                    let mine = request.insert(request_of(e));
-                    let theirs = p_request.get_or_insert_with(|| request_of(p));
-                    mine.is_some() && mine == theirs
-                }
-            }
-            None => false,
-        };
+        let request = LazyRequest::new();
+        let same = prev
+            .as_ref()
+            .is_some_and(|(p, p_request)| joins((p, p_request), (e, &request)));
         let w = weight(e);
         match runs.last_mut() {
             Some(n) if same && *n < MAX_EVENTS_PER_MESSAGE && bytes + w <= MAX_GROUP_BYTES => {
@@ -278,6 +286,14 @@ mod tests {
         let mut all = unit;
         all.push(other_org);
         assert_eq!(message_runs(&all), vec![4, 1, 1, 1, 1, 2, 1, 1, 1]);
+
+        // A request id is compared as text, escaped in the metadata or not.
+        let escaped = vec![
+            by(event(3, 14, "act"), "ai_action", Some(r"r\u0034")),
+            by(event(3, 15, "c"), "contact", Some("r4")),
+            by(event(3, 16, "d"), "contact", Some(r"r\u0035")),
+        ];
+        assert_eq!(message_runs(&escaped), vec![2, 1]);
     }
 
     fn json(events: &[RawEvent]) -> String {
