@@ -53,6 +53,15 @@ pub(crate) struct ActionsArgs {
     /// Measured seconds of each of the two (alternating in 1 s slices).
     #[arg(long, default_value_t = 10)]
     seconds: u64,
+    /// The length of a slice, in milliseconds (a diagnostic: how much the requests cut
+    /// off at each change of side weigh, `BENCH_AI_SLICE_MS`).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(100..))]
+    slice_ms: u64,
+    /// End each slice drained: its last answers in, and the relay and every read model
+    /// caught up with what it wrote, that time counted in the slice (a diagnostic:
+    /// each side pays for its own read models, `BENCH_AI_DRAIN=1`).
+    #[arg(long)]
+    drain: bool,
     /// The database `crm serve` writes to (read directly, as its owner).
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     database_url: String,
@@ -88,6 +97,95 @@ impl Side {
             last_error: Mutex::new(None),
         }
     }
+
+    /// Counts one request sent at `t0`: answered as it must be, or its error.
+    async fn record(&self, t0: Instant, outcome: Result<(), String>) {
+        match outcome {
+            Ok(()) => self
+                .latency
+                .lock()
+                .await
+                .record(t0.elapsed().as_micros() as u64)
+                .unwrap(),
+            Err(e) => {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+                *self.last_error.lock().await = Some(e);
+            }
+        }
+    }
+}
+
+/// What every connection shares: the contacts acted on, the run's tag and the request
+/// counter (each request changes another contact, with another value).
+#[derive(Clone)]
+struct Work {
+    ids: Arc<Vec<Uuid>>,
+    tag: u64,
+    counter: Arc<AtomicU64>,
+    only: Option<OnlySide>,
+}
+
+impl Work {
+    /// Sends one request of `side` (0: `POST /v1/contacts`; 1: an AI action, or with
+    /// `--only update` the plain `PATCH`) and checks its answer.
+    async fn send(&self, conn: &mut Conn, side: usize) -> Result<(), String> {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let id = self.ids[n as usize % self.ids.len()];
+        let company = format!("Company {n}");
+        let (method, path, body, created, want) = if side == 0 {
+            let path = "/v1/contacts".to_owned();
+            (
+                hyper::Method::POST,
+                path,
+                contact(self.tag, n),
+                true,
+                "\"id\"",
+            )
+        } else if self.only == Some(OnlySide::Update) {
+            let path = format!("/v1/contacts/{id}");
+            let body = json!({ "company": company });
+            (hyper::Method::PATCH, path, body, false, "\"version\"")
+        } else {
+            let path = "/v1/ai/actions".to_owned();
+            let body = json!({"type": "update_contact", "contact_id": id,
+                              "arguments": {"company": company}});
+            (
+                hyper::Method::POST,
+                path,
+                body,
+                true,
+                "\"status\":\"executed\"",
+            )
+        };
+        let body = bytes::Bytes::from(serde_json::to_vec(&body).expect("json"));
+        let ok = if created {
+            hyper::StatusCode::CREATED
+        } else {
+            hyper::StatusCode::OK
+        };
+        match conn.send(method, &path, Some(body)).await {
+            Ok((status, answer))
+                if status == ok && answer.windows(want.len()).any(|w| w == want.as_bytes()) =>
+            {
+                Ok(())
+            }
+            Ok((status, answer)) => Err(format!(
+                "status {status}: {}",
+                String::from_utf8_lossy(&answer[..answer.len().min(300)])
+            )),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The side slice `slice` runs (slice k is contacts when k is even, AI actions when
+    /// odd, unless `--only` keeps one).
+    fn side(&self, slice: u64) -> usize {
+        match self.only {
+            Some(OnlySide::Contacts) => 0,
+            Some(OnlySide::Ai | OnlySide::Update) => 1,
+            None => (slice % 2) as usize,
+        }
+    }
 }
 
 pub(crate) async fn actions(args: ActionsArgs) -> anyhow::Result<()> {
@@ -95,101 +193,35 @@ pub(crate) async fn actions(args: ActionsArgs) -> anyhow::Result<()> {
         target: t,
         connections,
         seconds,
+        slice_ms,
+        drain,
         database_url,
         only,
     } = args;
-    let ids = contacts(&database_url, 20_000).await?;
-    let tag = run_tag();
-    let counter = Arc::new(AtomicU64::new(0));
+    let work = Work {
+        ids: contacts(&database_url, 20_000).await?,
+        tag: run_tag(),
+        counter: Arc::new(AtomicU64::new(0)),
+        only,
+    };
     let sides = Arc::new([Side::new(), Side::new()]);
     // One slice of each first (warm-up), then `seconds` of each: slice k is contacts
     // when k is even, AI actions when odd.
     // With `--only`, two warm-up slices and then `seconds` of that side.
+    let per_side = (seconds * 1000).div_ceil(slice_ms);
     let slices = match only {
-        Some(_) => seconds + 2,
-        None => 2 * (seconds + 1),
+        Some(_) => per_side + 2,
+        None => 2 * (per_side + 1),
     };
-    let start = Instant::now();
-    let slice_of = move |at: Instant| (at - start).as_millis() as u64 / 1000;
-    let mut tasks = Vec::new();
-    for _ in 0..connections {
-        let mut conn = Conn::new(&t)?;
-        let (ids, counter, sides) = (ids.clone(), counter.clone(), sides.clone());
-        tasks.push(tokio::spawn(async move {
-            loop {
-                let t0 = Instant::now();
-                let slice = slice_of(t0);
-                if slice >= slices {
-                    break;
-                }
-                let side = match only {
-                    Some(OnlySide::Contacts) => 0,
-                    Some(OnlySide::Ai | OnlySide::Update) => 1,
-                    None => (slice % 2) as usize,
-                };
-                let n = counter.fetch_add(1, Ordering::Relaxed);
-                let id = ids[n as usize % ids.len()];
-                let company = format!("Company {n}");
-                let (method, path, body, created, want) = if side == 0 {
-                    let path = "/v1/contacts".to_owned();
-                    (hyper::Method::POST, path, contact(tag, n), true, "\"id\"")
-                } else if only == Some(OnlySide::Update) {
-                    let path = format!("/v1/contacts/{id}");
-                    let body = json!({ "company": company });
-                    (hyper::Method::PATCH, path, body, false, "\"version\"")
-                } else {
-                    let path = "/v1/ai/actions".to_owned();
-                    let body = json!({"type": "update_contact", "contact_id": id,
-                                      "arguments": {"company": company}});
-                    (
-                        hyper::Method::POST,
-                        path,
-                        body,
-                        true,
-                        "\"status\":\"executed\"",
-                    )
-                };
-                let body = bytes::Bytes::from(serde_json::to_vec(&body).expect("json"));
-                let result = conn.send(method, &path, Some(body)).await;
-                let ok = if created {
-                    hyper::StatusCode::CREATED
-                } else {
-                    hyper::StatusCode::OK
-                };
-                // Only requests sent and answered inside one measured slice count.
-                if slice < 2 || slice_of(Instant::now()) != slice {
-                    continue;
-                }
-                let s = &sides[side];
-                match result {
-                    Ok((status, answer))
-                        if status == ok
-                            && answer.windows(want.len()).any(|w| w == want.as_bytes()) =>
-                    {
-                        s.latency
-                            .lock()
-                            .await
-                            .record(t0.elapsed().as_micros() as u64)
-                            .unwrap();
-                    }
-                    Ok((status, answer)) => {
-                        s.errors.fetch_add(1, Ordering::Relaxed);
-                        *s.last_error.lock().await = Some(format!(
-                            "status {status}: {}",
-                            String::from_utf8_lossy(&answer[..answer.len().min(300)])
-                        ));
-                    }
-                    Err(e) => {
-                        s.errors.fetch_add(1, Ordering::Relaxed);
-                        *s.last_error.lock().await = Some(e);
-                    }
-                }
-            }
-        }));
-    }
-    for task in tasks {
-        task.await?;
-    }
+    let slice = Duration::from_millis(slice_ms);
+    let conns = (0..connections)
+        .map(|_| Conn::new(&t))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let measured = if drain {
+        drained(&work, &sides, conns, slices, slice, &database_url).await?
+    } else {
+        timed(&work, &sides, conns, slices, slice).await?
+    };
     for (name, s) in ["contacts", "ai actions"].iter().zip(sides.iter()) {
         if let Some(e) = s.last_error.lock().await.as_ref() {
             eprintln!("crm-bench ai-actions: {name}: last error: {e}");
@@ -199,15 +231,22 @@ pub(crate) async fn actions(args: ActionsArgs) -> anyhow::Result<()> {
         sides[0].latency.lock().await.clone(),
         sides[1].latency.lock().await.clone(),
     );
-    let (c_rate, a_rate) = (
-        c.len() as f64 / seconds as f64,
-        a.len() as f64 / seconds as f64,
-    );
+    let rate = |n: u64, d: Duration| {
+        if d.is_zero() {
+            0.0
+        } else {
+            n as f64 / d.as_secs_f64()
+        }
+    };
+    let (c_rate, a_rate) = (rate(c.len(), measured[0]), rate(a.len(), measured[1]));
     let behind = backlog(&database_url).await?;
     println!(
-        "ai-actions connections={connections} seconds={seconds} contacts_per_s={c_rate:.0} \
+        "ai-actions connections={connections} seconds={seconds} slice_ms={slice_ms} \
+         drained={drain} contacts_s={:.2} ai_s={:.2} contacts_per_s={c_rate:.0} \
          contacts_p50_ms={:.2} contacts_p99_ms={:.2} contacts_errors={} ai_per_s={a_rate:.0} \
          ai_p50_ms={:.2} ai_p99_ms={:.2} ai_errors={} ratio={:.2} backlog_events={behind} cpu_s={}",
+        measured[0].as_secs_f64(),
+        measured[1].as_secs_f64(),
         ms(&c, 0.5),
         ms(&c, 0.99),
         sides[0].errors.load(Ordering::Relaxed),
@@ -220,19 +259,118 @@ pub(crate) async fn actions(args: ActionsArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// How far the slowest read model is behind the newest event (by position): what a
-/// phase left for the relay and the projectors to do after it.
-async fn backlog(database_url: &str) -> anyhow::Result<i64> {
+/// Slices by the clock: each connection sends the side of the slice it is in; only
+/// requests sent and answered inside one measured slice count, over the slices' time.
+async fn timed(
+    work: &Work,
+    sides: &Arc<[Side; 2]>,
+    conns: Vec<Conn>,
+    slices: u64,
+    slice: Duration,
+) -> anyhow::Result<[Duration; 2]> {
+    let start = Instant::now();
+    let slice_ms = slice.as_millis() as u64;
+    let slice_of = move |at: Instant| (at - start).as_millis() as u64 / slice_ms;
+    let mut tasks = Vec::new();
+    for mut conn in conns {
+        let (work, sides) = (work.clone(), sides.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let t0 = Instant::now();
+                let k = slice_of(t0);
+                if k >= slices {
+                    break;
+                }
+                let side = work.side(k);
+                let outcome = work.send(&mut conn, side).await;
+                if k >= 2 && slice_of(Instant::now()) == k {
+                    sides[side].record(t0, outcome).await;
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        task.await?;
+    }
+    let mut measured = [Duration::ZERO; 2];
+    for k in 2..slices {
+        measured[work.side(k)] += slice;
+    }
+    Ok(measured)
+}
+
+/// Slices that each end drained (`--drain`): the connections send the slice's side
+/// until its time is up; then the slice waits for their last answers and for the
+/// relay and every read model to catch up with what it wrote. Every request of a
+/// measured slice counts, over the slice's whole time, the catching up included: each
+/// side pays for its own read models.
+async fn drained(
+    work: &Work,
+    sides: &Arc<[Side; 2]>,
+    mut conns: Vec<Conn>,
+    slices: u64,
+    slice: Duration,
+    database_url: &str,
+) -> anyhow::Result<[Duration; 2]> {
     let db = connect(database_url).await?;
-    let behind: i64 = db
+    let mut measured = [Duration::ZERO; 2];
+    for k in 0..slices {
+        let side = work.side(k);
+        let started = Instant::now();
+        let until = started + slice;
+        let mut tasks = Vec::with_capacity(conns.len());
+        for mut conn in conns.drain(..) {
+            let (work, sides) = (work.clone(), sides.clone());
+            tasks.push(tokio::spawn(async move {
+                while Instant::now() < until {
+                    let t0 = Instant::now();
+                    let outcome = work.send(&mut conn, side).await;
+                    if k >= 2 {
+                        sides[side].record(t0, outcome).await;
+                    }
+                }
+                conn
+            }));
+        }
+        for task in tasks {
+            conns.push(task.await?);
+        }
+        let caught_up = Instant::now() + Duration::from_secs(120);
+        while behind(&db).await? > 0 {
+            anyhow::ensure!(
+                Instant::now() < caught_up,
+                "the read models did not catch up within 2 minutes (are the relay and \
+                 the projectors running?)"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if k >= 2 {
+            measured[side] += started.elapsed();
+        }
+    }
+    Ok(measured)
+}
+
+/// How many events the slowest read model has still to apply: what a phase left for
+/// the relay and the projectors to do after it.
+async fn backlog(database_url: &str) -> anyhow::Result<i64> {
+    behind(&connect(database_url).await?).await
+}
+
+/// The events after the lowest projection checkpoint in commit order
+/// (`(tx_id, global_position)`, the order the relay publishes in): not the difference
+/// of positions, as a transaction that committed later may hold lower positions than
+/// the checkpoint's.
+async fn behind(db: &tokio_postgres::Client) -> anyhow::Result<i64> {
+    Ok(db
         .query_one(
-            "SELECT coalesce((SELECT max(global_position) FROM events), 0) \
-                  - coalesce((SELECT min(global_position) FROM projection_checkpoints), 0)",
+            "SELECT count(*) FROM events \
+             WHERE (tx_id, global_position) > (SELECT tx_id, global_position \
+                 FROM projection_checkpoints ORDER BY tx_id, global_position LIMIT 1)",
             &[],
         )
         .await?
-        .get(0);
-    Ok(behind.max(0))
+        .get(0))
 }
 
 #[derive(Args)]
