@@ -50,7 +50,7 @@ pub(crate) struct ActionsArgs {
     target: Target,
     #[arg(long, default_value_t = 32)]
     connections: usize,
-    /// Measured seconds of each of the two (alternating in 1 s slices).
+    /// Measured seconds of each of the two (alternating in slices of `--slice-ms`).
     #[arg(long, default_value_t = 10)]
     seconds: u64,
     /// The length of a slice, in milliseconds (a diagnostic: how much the requests cut
@@ -58,8 +58,8 @@ pub(crate) struct ActionsArgs {
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(100..))]
     slice_ms: u64,
     /// End each slice drained: its last answers in, and the relay and every read model
-    /// caught up with what it wrote, that time counted in the slice (a diagnostic:
-    /// each side pays for its own read models, `BENCH_AI_DRAIN=1`).
+    /// caught up with what it wrote, that time counted in the slice: each side pays
+    /// for its own read models (phase 8's second alternation).
     #[arg(long)]
     drain: bool,
     /// The database `crm serve` writes to (read directly, as its owner).
