@@ -188,6 +188,9 @@ impl Work {
     }
 }
 
+/// Slices not counted at the start of `ai-actions`.
+const WARM_UP_SLICES: u64 = 2;
+
 pub(crate) async fn actions(args: ActionsArgs) -> anyhow::Result<()> {
     let ActionsArgs {
         target: t,
@@ -205,14 +208,14 @@ pub(crate) async fn actions(args: ActionsArgs) -> anyhow::Result<()> {
         only,
     };
     let sides = Arc::new([Side::new(), Side::new()]);
-    // One slice of each first (warm-up), then `seconds` of each: slice k is contacts
-    // when k is even, AI actions when odd.
-    // With `--only`, two warm-up slices and then `seconds` of that side.
+    // The warm-up slices (one of each side, or two of the one `--only` keeps), then
+    // `seconds` of each side.
     let per_side = (seconds * 1000).div_ceil(slice_ms);
-    let slices = match only {
-        Some(_) => per_side + 2,
-        None => 2 * (per_side + 1),
-    };
+    let slices = WARM_UP_SLICES
+        + match only {
+            Some(_) => per_side,
+            None => 2 * per_side,
+        };
     let slice = Duration::from_millis(slice_ms);
     let conns = (0..connections)
         .map(|_| Conn::new(&t))
@@ -269,8 +272,7 @@ async fn timed(
     slice: Duration,
 ) -> anyhow::Result<[Duration; 2]> {
     let start = Instant::now();
-    let slice_ms = slice.as_millis() as u64;
-    let slice_of = move |at: Instant| (at - start).as_millis() as u64 / slice_ms;
+    let slice_of = move |at: Instant| ((at - start).as_millis() / slice.as_millis()) as u64;
     let mut tasks = Vec::new();
     for mut conn in conns {
         let (work, sides) = (work.clone(), sides.clone());
@@ -283,7 +285,7 @@ async fn timed(
                 }
                 let side = work.side(k);
                 let outcome = work.send(&mut conn, side).await;
-                if k >= 2 && slice_of(Instant::now()) == k {
+                if k >= WARM_UP_SLICES && slice_of(Instant::now()) == k {
                     sides[side].record(t0, outcome).await;
                 }
             }
@@ -293,7 +295,7 @@ async fn timed(
         task.await?;
     }
     let mut measured = [Duration::ZERO; 2];
-    for k in 2..slices {
+    for k in WARM_UP_SLICES..slices {
         measured[work.side(k)] += slice;
     }
     Ok(measured)
@@ -325,7 +327,7 @@ async fn drained(
                 while Instant::now() < until {
                     let t0 = Instant::now();
                     let outcome = work.send(&mut conn, side).await;
-                    if k >= 2 {
+                    if k >= WARM_UP_SLICES {
                         sides[side].record(t0, outcome).await;
                     }
                 }
@@ -344,7 +346,7 @@ async fn drained(
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        if k >= 2 {
+        if k >= WARM_UP_SLICES {
             measured[side] += started.elapsed();
         }
     }
