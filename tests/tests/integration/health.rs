@@ -71,23 +71,55 @@ async fn readyz_reports_projection_lag_when_projectors_are_stopped() {
         ..Default::default()
     })
     .await;
+    let mut positions = Vec::new();
     for i in 0..3 {
-        app.create_contact(&json!({"given_name": format!("P{i}")}))
+        let (_, pos) = app
+            .create_contact(&json!({"given_name": format!("P{i}")}))
             .await;
+        positions.push(pos);
     }
-    let v: Value = app
-        .http
-        .get(app.url("/readyz"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let readyz = || async {
+        let v: Value = app
+            .http
+            .get(app.url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v
+    };
+    let v = readyz().await;
     for p in ["contacts", "activity"] {
         let lag = v["projector_lag_events"][p].as_i64().unwrap();
         assert!(lag >= 3, "{p} lag counts the unprojected events: {v}");
     }
+
+    // Read models at different checkpoints each report their own lag (the lags are
+    // counted once per distinct checkpoint): `contacts` as if it had applied up to the
+    // second contact, the others still at the start.
+    app.db()
+        .await
+        .execute(
+            "INSERT INTO projection_checkpoints (name, tx_id, global_position) \
+             SELECT 'contacts', tx_id, global_position FROM events \
+             WHERE global_position = $1 \
+             ON CONFLICT (name) DO UPDATE \
+             SET tx_id = EXCLUDED.tx_id, global_position = EXCLUDED.global_position",
+            &[&positions[1]],
+        )
+        .await
+        .unwrap();
+    let v = readyz().await;
+    let lag = |p: &str| v["projector_lag_events"][p].as_i64().unwrap();
+    assert_eq!(
+        lag("contacts"),
+        1,
+        "only the third contact is after it: {v}"
+    );
+    assert!(lag("activity") >= 3, "{v}");
+    assert_eq!(lag("consent_log"), lag("activity"), "same checkpoint: {v}");
     app.stop().await;
 }
 
