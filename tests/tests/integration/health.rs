@@ -78,18 +78,7 @@ async fn readyz_reports_projection_lag_when_projectors_are_stopped() {
             .await;
         positions.push(pos);
     }
-    let readyz = || async {
-        let v: Value = app
-            .http
-            .get(app.url("/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        v
-    };
+    let readyz = || async { app.get("/readyz").await.json::<Value>().await.unwrap() };
     let v = readyz().await;
     for p in ["contacts", "activity"] {
         let lag = v["projector_lag_events"][p].as_i64().unwrap();
