@@ -88,16 +88,12 @@ async fn readyz_reports_projection_lag_when_projectors_are_stopped() {
     // Read models at different checkpoints each report their own lag (the lags are
     // counted once per distinct checkpoint): `contacts` as if it had applied up to the
     // second contact, the others still at the start.
-    app.db()
+    let db = app.state.pool.get().await.unwrap();
+    let second = crm_infra::store::event_store::commit_key_of(&db, positions[1])
         .await
-        .execute(
-            "INSERT INTO projection_checkpoints (name, tx_id, global_position) \
-             SELECT 'contacts', tx_id, global_position FROM events \
-             WHERE global_position = $1 \
-             ON CONFLICT (name) DO UPDATE \
-             SET tx_id = EXCLUDED.tx_id, global_position = EXCLUDED.global_position",
-            &[&positions[1]],
-        )
+        .unwrap()
+        .expect("the second contact's event");
+    crm_infra::feed::projector::set_checkpoint(&db, "contacts", second)
         .await
         .unwrap();
     let v = readyz().await;
